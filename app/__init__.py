@@ -1,0 +1,34 @@
+"""OrbMesh WireGuard node: the unprivileged API.
+
+gunicorn -k gevent 'app:create_app()'
+"""
+import logging
+
+from flask import Flask
+
+from . import config as settings
+from . import errors, health, helper, openapi, reconcile, store, wireguard
+
+
+def create_app(test_config=None):
+    """Build the app: defaults, then ORBMESH_CONFIG_FILE, then ORBMESH_* variables, then test_config."""
+    app = Flask(__name__)
+    values = settings.load(overrides=test_config)
+    settings.check_secrets(values)
+    app.config.update(values)
+    app.config.update({k: v for k, v in (test_config or {}).items() if k not in settings.SETTINGS})
+    app.config["MAX_CONTENT_LENGTH"] = values["MAX_BODY_BYTES"]
+    app.json.sort_keys = False
+    logging.basicConfig(level=values["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    errors.init_app(app)
+    store.init_app(app)
+    helper.init_app(app)
+    app.extensions["orbmesh_allocator"] = store.Allocator(values["POOL"], values["GATEWAY"])
+    app.extensions["orbmesh_server_key"] = {}
+
+    app.register_blueprint(wireguard.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
+    reconcile.init_app(app)
+    return app

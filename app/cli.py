@@ -1,0 +1,47 @@
+"""orbmesh-wg: operator commands.
+
+    orbmesh-wg token --user U --device D [--ttl SECONDS] [--private-key PEM]
+
+mints a device token the way OrbNET does, from the same settings the app
+reads (ORBMESH_CONFIG_FILE and ORBMESH_* variables).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from . import config as settings
+from .auth import mint_device_token
+
+
+def _token(args):
+    values = settings.load()
+    key = None
+    if args.private_key:
+        key = Path(args.private_key).read_text()
+    elif not values["JWT_ALGORITHM"].startswith("HS"):
+        raise settings.ConfigError("--private-key is required for %s" % values["JWT_ALGORITHM"])
+    else:
+        settings.check_secrets(values)
+    print(mint_device_token(values, args.user, args.device, ttl=args.ttl, signing_key=key))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="orbmesh-wg", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    token = commands.add_parser("token", help="mint a device token")
+    token.add_argument("--user", required=True)
+    token.add_argument("--device", required=True)
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--private-key", help="PEM private key for RS256/ES256/EdDSA")
+    token.set_defaults(func=_token)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (settings.ConfigError, OSError) as exc:
+        print("orbmesh-wg: %s" % exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

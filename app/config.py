@@ -1,0 +1,184 @@
+"""Settings: defaults, then the ORBMESH_CONFIG_FILE file, then ORBMESH_* variables.
+
+Every setting is listed in SETTINGS with its parser and default; the README
+table is written from this list.  The helper reads the same file and the
+same names for the settings it shares (interface, pool, ports, MTU, socket).
+"""
+import ipaddress
+import os
+from pathlib import Path
+
+from wghelper.settings import read_env_file
+
+PREFIX = "ORBMESH_"
+
+# Secrets that must never reach production; compared case-insensitively.
+PLACEHOLDER_SECRETS = {
+    "", "secret", "changeme", "change-me", "change_me", "changethis",
+    "placeholder", "your-secret", "your_secret", "jwt_secret", "test",
+    "password", "default", "example", "xxx",
+}
+MIN_SECRET_BYTES = 32
+MIN_API_KEY_CHARS = 16
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _int(low, high):
+    def parse(value):
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError("must be between %d and %d" % (low, high))
+        return number
+    return parse
+
+
+def _float(low, high):
+    def parse(value):
+        number = float(value)
+        if not low <= number <= high:
+            raise ValueError("must be between %s and %s" % (low, high))
+        return number
+    return parse
+
+
+def _list(value):
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [item.strip() for item in str(value).split(",") if item.strip()]
+
+
+def _networks(value):
+    return [str(ipaddress.ip_network(item, strict=False)) for item in _list(value)]
+
+
+def _addresses(value):
+    return [str(ipaddress.ip_address(item)) for item in _list(value)]
+
+
+def _pool(value):
+    pool = ipaddress.ip_network(value, strict=True)
+    if pool.version != 4 or pool.prefixlen > 30:
+        raise ValueError("must be an IPv4 network of /30 or larger")
+    return str(pool)
+
+
+def _str(value):
+    return str(value).strip()
+
+
+def _choice(*options):
+    def parse(value):
+        if value not in options:
+            raise ValueError("must be one of %s" % ", ".join(options))
+        return value
+    return parse
+
+
+# name: (parser, default, description).  None as default means "derived" or "unset".
+SETTINGS = {
+    "PUBLIC_HOST": (_str, "127.0.0.1", "Host or IP clients use to reach WireGuard (serverEndpoint)"),
+    "PUBLIC_PORT": (_int(1, 65535), None, "UDP port in serverEndpoint (default: LISTEN_PORT)"),
+    "LISTEN_PORT": (_int(1, 65535), 51820, "WireGuard listen port on the interface"),
+    "INTERFACE": (_str, "wg0", "WireGuard interface name"),
+    "POOL": (_pool, "10.8.0.0/16", "Client address pool (IPv4 CIDR)"),
+    "GATEWAY": (_str, None, "Gateway address on the interface (default: first host of POOL)"),
+    "DNS": (_addresses, None, "DNS servers for clients (default: GATEWAY,1.1.1.1)"),
+    "MTU": (_int(576, 9000), 1420, "Tunnel MTU"),
+    "KEEPALIVE": (_int(0, 65535), 25, "Persistent keepalive for clients, seconds (0 = off)"),
+    "CLIENT_ALLOWED_IPS": (_networks, "0.0.0.0/0,::/0", "allowedIPs handed to clients"),
+    "DB_PATH": (_str, "/var/lib/orbmesh/orbmesh.db", "SQLite database file"),
+    "HELPER_SOCKET": (_str, "/run/orbmesh/wghelper.sock", "Unix socket of the root helper"),
+    "HELPER_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds to wait for the helper"),
+    "JWT_ALGORITHM": (_choice(*JWT_ALGORITHMS), "HS256", "The only algorithm accepted for device tokens"),
+    "JWT_SECRET": (_str, "", "Shared secret for HS* device tokens"),
+    "JWT_SECRET_FILE": (_str, "", "File holding JWT_SECRET (wins over JWT_SECRET)"),
+    "JWT_PUBLIC_KEY_FILE": (_str, "", "PEM public key for RS256/ES256/EdDSA"),
+    "JWT_ISSUER": (_str, "orbnet", "Required iss claim"),
+    "JWT_AUDIENCE": (_str, "", "Required aud claim (empty: not checked)"),
+    "JWT_LEEWAY": (_int(0, 300), 30, "Clock leeway for exp/nbf/iat, seconds"),
+    "API_KEYS": (_list, "", "Internal API keys, comma-separated (several for rotation)"),
+    "API_KEYS_FILE": (_str, "", "File with one internal API key per line (added to API_KEYS)"),
+    "MAX_BODY_BYTES": (_int(256, 16 * 1024 * 1024), 65536, "Largest accepted request body"),
+    "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),
+    "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 5.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),
+    "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),
+}
+
+
+def _read_secret_file(path, name):
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError("%s%s: cannot read %s (%s)" % (PREFIX, name, path, exc.strerror)) from None
+
+
+def load(environ=None, overrides=None):
+    """Build the settings dict; raise ConfigError naming the bad setting."""
+    environ = os.environ if environ is None else environ
+    raw = {}
+    config_file = (overrides or {}).get("CONFIG_FILE") or environ.get(PREFIX + "CONFIG_FILE")
+    if config_file:
+        try:
+            raw.update(read_env_file(config_file))
+        except OSError as exc:
+            raise ConfigError("%sCONFIG_FILE: cannot read %s (%s)" % (PREFIX, config_file, exc.strerror)) from None
+    raw.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
+    raw.update({PREFIX + k: v for k, v in (overrides or {}).items()})
+
+    settings = {}
+    for name, (parse, default, _) in SETTINGS.items():
+        value = raw.get(PREFIX + name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            # An empty variable means "use the default", as in systemd files.
+            value = default
+        if value is None:
+            settings[name] = None
+            continue
+        try:
+            settings[name] = parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("%s%s: %s" % (PREFIX, name, exc)) from None
+    return _derive(settings)
+
+
+def _derive(s):
+    pool = ipaddress.ip_network(s["POOL"])
+    if s["GATEWAY"] in (None, ""):
+        s["GATEWAY"] = str(pool.network_address + 1)
+    gateway = ipaddress.ip_address(s["GATEWAY"])
+    if gateway not in pool or gateway in (pool.network_address, pool.broadcast_address):
+        raise ConfigError("%sGATEWAY: must be a host address inside %s" % (PREFIX, pool))
+    if s["PUBLIC_PORT"] is None:
+        s["PUBLIC_PORT"] = s["LISTEN_PORT"]
+    if s["DNS"] is None:
+        s["DNS"] = [s["GATEWAY"], "1.1.1.1"]
+    if s["JWT_SECRET_FILE"]:
+        s["JWT_SECRET"] = _read_secret_file(s["JWT_SECRET_FILE"], "JWT_SECRET_FILE")
+    if s["JWT_PUBLIC_KEY_FILE"]:
+        s["JWT_PUBLIC_KEY"] = _read_secret_file(s["JWT_PUBLIC_KEY_FILE"], "JWT_PUBLIC_KEY_FILE")
+    else:
+        s["JWT_PUBLIC_KEY"] = ""
+    if s["API_KEYS_FILE"]:
+        text = _read_secret_file(s["API_KEYS_FILE"], "API_KEYS_FILE")
+        s["API_KEYS"] = s["API_KEYS"] + [line.strip() for line in text.splitlines() if line.strip()]
+    return s
+
+
+def check_secrets(s):
+    """Refuse to run with a missing, short or placeholder secret or key."""
+    if s["JWT_ALGORITHM"].startswith("HS"):
+        secret = s["JWT_SECRET"]
+        if secret.lower() in PLACEHOLDER_SECRETS or len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                "%sJWT_SECRET: set a random secret of at least %d bytes "
+                "(empty and placeholder values are refused)" % (PREFIX, MIN_SECRET_BYTES))
+    elif not s["JWT_PUBLIC_KEY"]:
+        raise ConfigError("%sJWT_PUBLIC_KEY_FILE: required for %s" % (PREFIX, s["JWT_ALGORITHM"]))
+    for key in s["API_KEYS"]:
+        if key.lower() in PLACEHOLDER_SECRETS or len(key) < MIN_API_KEY_CHARS:
+            raise ConfigError("%sAPI_KEYS: every key needs at least %d characters and must not be a placeholder"
+                              % (PREFIX, MIN_API_KEY_CHARS))

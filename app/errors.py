@@ -1,0 +1,88 @@
+"""The one error envelope and every error handler.
+
+Every failure leaves the app as
+``{"success": false, "error": {"code": ..., "message": ..., "details"?: ...}}``.
+"""
+import logging
+
+from flask import jsonify
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# code -> HTTP status; the README lists the same table.
+CODES = {
+    "VALIDATION_ERROR": 400,
+    "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
+    "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "CONFLICT": 409,
+    "PAYLOAD_TOO_LARGE": 413,
+    "UNSUPPORTED_MEDIA_TYPE": 415,
+    "NOT_IMPLEMENTED": 501,
+    "INTERNAL_ERROR": 500,
+    "HELPER_ERROR": 502,
+    "POOL_EXHAUSTED": 503,
+    "HELPER_UNAVAILABLE": 503,
+}
+
+_HTTP_CODES = {
+    400: "VALIDATION_ERROR", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+class ApiError(Exception):
+    """An error the API reports on purpose."""
+
+    def __init__(self, code, message, details=None):
+        super().__init__(message)
+        self.code = code
+        self.status = CODES[code]
+        self.message = message
+        self.details = details
+
+
+def envelope(code, message, details=None):
+    error = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return {"success": False, "error": error}
+
+
+def error_response(code, message, details=None, status=None):
+    response = jsonify(envelope(code, message, details))
+    response.status_code = status or CODES[code]
+    return response
+
+
+def _api_error(exc):
+    return error_response(exc.code, exc.message, exc.details, exc.status)
+
+
+def _validation_error(exc):
+    messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+    return error_response("VALIDATION_ERROR", "Request validation failed", {"fields": messages})
+
+
+def _http_error(exc):
+    code = _HTTP_CODES.get(exc.code, "INTERNAL_ERROR" if exc.code >= 500 else "VALIDATION_ERROR")
+    response = error_response(code, exc.description or exc.name, status=exc.code)
+    if exc.code == 405 and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def _unexpected(exc):
+    log.exception("unhandled error: %s", type(exc).__name__)
+    return error_response("INTERNAL_ERROR", "Internal server error")
+
+
+def init_app(app):
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(ValidationError, _validation_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)

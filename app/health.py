@@ -1,0 +1,60 @@
+"""Blueprint: GET /health (no auth).
+
+healthy: database and helper answer and the interface is up.
+degraded: both answer but the interface is down or holds a different
+number of peers than the database (a reconcile is pending).
+unhealthy: the database or the helper does not answer; HTTP 503 so a
+load balancer stops sending clients here.
+"""
+import logging
+
+from flask import Blueprint, current_app
+
+from . import store
+from .errors import envelope
+from .helper import HelperFailed, HelperUnavailable, get_helper
+
+log = logging.getLogger(__name__)
+bp = Blueprint("health", __name__)
+
+
+def _database():
+    try:
+        return {"ok": True}, store.count(store.get_db())
+    except Exception as exc:  # any database failure is reported, not raised
+        log.warning("health: database check failed: %s", exc.__class__.__name__)
+        return {"ok": False, "error": "database unavailable"}, None
+
+
+def _wireguard(config):
+    block = {"interface": config["INTERFACE"], "running": False, "port": None, "publicKey": None,
+             "peerCount": None, "mtu": None, "rxBytes": None, "txBytes": None, "backend": None}
+    try:
+        live = get_helper().status()
+    except (HelperUnavailable, HelperFailed) as exc:
+        return block, {"ok": False, "error": exc.message}
+    block.update(interface=live.get("interface"), running=bool(live.get("running")),
+                 port=live.get("listen_port"), publicKey=live.get("public_key"),
+                 peerCount=live.get("peer_count"), mtu=live.get("mtu"), rxBytes=live.get("rx_bytes"),
+                 txBytes=live.get("tx_bytes"), backend=live.get("backend"))
+    return block, {"ok": True}
+
+
+@bp.get("/health")
+def health():
+    """Report on the database, the helper and the interface."""
+    database, rows = _database()
+    wireguard, helper = _wireguard(current_app.config)
+    if not (database["ok"] and helper["ok"]):
+        status = "unhealthy"
+    elif not wireguard["running"] or wireguard["peerCount"] != rows:
+        status = "degraded"
+    else:
+        status = "healthy"
+    body = {"success": status != "unhealthy", "status": status, "wireguard": wireguard,
+            "database": database, "helper": helper}
+    if status == "unhealthy":
+        failed = "HELPER_UNAVAILABLE" if not helper["ok"] else "INTERNAL_ERROR"
+        body["error"] = envelope(failed, "Service is unhealthy")["error"]
+        return body, 503
+    return body

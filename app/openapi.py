@@ -1,0 +1,93 @@
+"""GET /openapi.json: the OpenAPI 3 document, generated from the schemas."""
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, current_app
+
+from . import schemas
+from .errors import CODES
+
+bp = Blueprint("openapi", __name__)
+
+DEVICE = [{"deviceToken": []}]
+INTERNAL = [{"apiKey": []}]
+
+
+def _errors(*codes):
+    """Error responses by status, each naming the codes it may carry."""
+    by_status = {}
+    for code in codes + ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE", "INTERNAL_ERROR"):
+        by_status.setdefault(CODES[code], []).append(code)
+    return {str(status): {"description": " or ".join(sorted(set(names))), "content": {
+        "application/json": {"schema": "Error"}}} for status, names in by_status.items()}
+
+
+def _json(schema, description="OK"):
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema, required=True):
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+HELPER = ("HELPER_UNAVAILABLE", "HELPER_ERROR")
+
+PATHS = {
+    "/wireguard/connect": {"post": {
+        "summary": "Establish a WireGuard tunnel: register the client key, get the tunnel config",
+        "security": DEVICE, "requestBody": _body("Connect"),
+        "responses": {"200": _json("ConnectResponse"),
+                      **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "NOT_IMPLEMENTED", *HELPER)}}},
+    "/wireguard/disconnect": {"post": {
+        "summary": "Remove the device's peer and free its address (idempotent)",
+        "security": DEVICE, "requestBody": _body("Empty", required=False),
+        "responses": {"200": _json("Message"), **_errors("UNAUTHORIZED", *HELPER)}}},
+    "/wireguard/status": {"get": {
+        "summary": "Server public key and peer count from the live interface",
+        "security": INTERNAL,
+        "responses": {"200": _json("StatusResponse"), **_errors("UNAUTHORIZED", *HELPER)}}},
+    "/wireguard/add-peer": {"post": {
+        "summary": "Add a peer provisioned by OrbNET",
+        "security": INTERNAL, "requestBody": _body("AddPeer"),
+        "responses": {"200": _json("Message"), **_errors("UNAUTHORIZED", "CONFLICT", *HELPER)}}},
+    "/wireguard/remove-peer": {"post": {
+        "summary": "Remove every peer of a user",
+        "security": INTERNAL, "requestBody": _body("RemovePeer"),
+        "responses": {"200": _json("RemovePeerResponse"), **_errors("UNAUTHORIZED", "NOT_FOUND", *HELPER)}}},
+    "/health": {"get": {
+        "summary": "Health of the database, the helper and the interface",
+        "responses": {"200": _json("Health", "healthy or degraded"),
+                      "503": _json("Health", "unhealthy")}}},
+    "/openapi.json": {"get": {
+        "summary": "This document",
+        "responses": {"200": {"description": "OpenAPI 3 document",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+}
+
+SCHEMAS = {
+    "Connect": schemas.ConnectSchema, "Empty": schemas.EmptySchema, "AddPeer": schemas.AddPeerSchema,
+    "RemovePeer": schemas.RemovePeerSchema, "Error": schemas.ErrorSchema, "Message": schemas.MessageSchema,
+    "RemovePeerResponse": schemas.RemovePeerResponseSchema, "ConnectResponse": schemas.ConnectResponseSchema,
+    "StatusResponse": schemas.StatusResponseSchema, "Health": schemas.HealthSchema,
+}
+
+
+def build_spec():
+    spec = APISpec(title="OrbMesh WireGuard node", version="0.1.0", openapi_version="3.0.3",
+                   plugins=[MarshmallowPlugin()],
+                   info={"description": "WireGuard tunnels on an OrbMesh VPN server"})
+    spec.components.security_scheme("deviceToken", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
+    spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
+    for name, schema in SCHEMAS.items():
+        spec.components.schema(name, schema=schema)
+    for path, operations in PATHS.items():
+        spec.path(path=path, operations=operations)
+    return spec.to_dict()
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI document, built once per worker."""
+    cache = current_app.extensions.setdefault("orbmesh_openapi", {})
+    if "doc" not in cache:
+        cache["doc"] = build_spec()
+    return cache["doc"]

@@ -1,0 +1,105 @@
+"""Make the interface equal to the database.
+
+Runs at start, whenever the helper reports a new interface generation (the
+helper restarted or the interface was re-created), and every
+RECONCILE_INTERVAL seconds.  The rows are read and the sync is sent while
+holding the write lock, so no connect or disconnect can slip between the
+snapshot and the sync and be undone by it.  Several workers share the
+work through ``meta``: whoever syncs a generation first records it, and
+the others see that and skip.
+"""
+import logging
+import threading
+import time
+
+from . import store
+from .helper import HelperClient, HelperFailed, HelperUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(db, helper, generation=None, interval=None):
+    """Sync and return the helper's counts.
+
+    With `interval`, the need is re-checked under the lock and None is
+    returned when another worker has just done it.
+    """
+    with store.write(db):
+        if interval is not None and not due(db, generation, interval):
+            return None
+        peers = store.all_peers(db)
+        result = helper.sync([p.helper_spec() for p in peers])
+        if generation is not None:
+            store.set_meta(db, "reconciled_generation", generation)
+        store.set_meta(db, "reconciled_at", time.time())
+    log.info("reconcile peers=%d added=%s removed=%s updated=%s", len(peers),
+             result.get("added"), result.get("removed"), result.get("updated"))
+    return result
+
+
+def due(db, generation, interval, now=None):
+    """Whether a sync is needed for this generation, judged from meta."""
+    now = time.time() if now is None else now
+    if store.get_meta(db, "reconciled_generation") != generation:
+        return True
+    last = float(store.get_meta(db, "reconciled_at", 0))
+    return bool(interval) and now - last >= interval
+
+
+class Watcher:
+    """A background loop per worker: ask the helper for its generation, sync when due."""
+
+    def __init__(self, config):
+        self.db_path = config["DB_PATH"]
+        self.helper = HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
+        self.check_interval = config["RECONCILE_CHECK_INTERVAL"]
+        self.interval = config["RECONCILE_INTERVAL"]
+        self._stop = threading.Event()
+        self._thread = None
+        self.last_error = None
+        # At start and after the helper was unreachable, sync even when the
+        # generation is unchanged, unless another worker just did.
+        self._eager = True
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+    def check_once(self):
+        """One round: returns the sync result, or None when nothing was due."""
+        generation = self.helper.hello()["generation"]
+        db = store.connect(self.db_path)
+        try:
+            interval = self.check_interval if self._eager else self.interval
+            if not due(db, generation, interval):
+                result = None
+            else:
+                result = reconcile(db, self.helper, generation, interval)
+            self._eager = False
+            return result
+        finally:
+            db.close()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.check_once()
+                self.last_error = None
+            except (HelperUnavailable, HelperFailed) as exc:
+                if self.last_error != exc.code:
+                    log.warning("reconcile waiting for helper: %s", exc.message)
+                self.last_error = exc.code
+                self._eager = True
+            except Exception:  # the loop must outlive any one failure
+                log.exception("reconcile round failed")
+            self._stop.wait(self.check_interval)
+
+
+def init_app(app):
+    if app.config["RECONCILE_CHECK_INTERVAL"] > 0:
+        watcher = Watcher(app.config)
+        app.extensions["orbmesh_watcher"] = watcher
+        watcher.start()

@@ -1,0 +1,209 @@
+"""Marshmallow schemas for every request and response, and the shared fields.
+
+Views call ``load_body(schema)`` and get a clean dict; nothing else reads
+the request body.
+"""
+import base64
+import binascii
+import ipaddress
+import json
+import re
+
+from flask import current_app, request
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from .errors import ApiError
+
+_KEY_RE = re.compile(r"\A[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z")
+_ID_RE = r"\A[A-Za-z0-9_.:@-]{1,128}\Z"
+
+
+def is_wireguard_key(value):
+    if not isinstance(value, str) or not _KEY_RE.match(value):
+        return False
+    try:
+        return len(base64.b64decode(value, validate=True)) == 32
+    except binascii.Error:
+        return False
+
+
+class WireGuardKey(fields.String):
+    """Standard base64 of exactly 32 bytes, as `wg genkey | wg pubkey` prints."""
+
+    default_error_messages = {"key": "Must be a WireGuard key: base64 of exactly 32 bytes."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not is_wireguard_key(value):
+            raise self.make_error("key")
+        return value
+
+
+class StrictBoolean(fields.Boolean):
+    """Only JSON true/false; "yes", 1 and "true" are type errors."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class HostPort(fields.String):
+    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820."""
+
+    default_error_messages = {"hostport": "Must be IP:port, with [brackets] around IPv6."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]{2,45})\]:(\d{1,5})|([0-9.]{7,15}):(\d{1,5})", value)
+        if not match:
+            raise self.make_error("hostport")
+        host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise self.make_error("hostport") from None
+        if bool(match.group(1)) != (address.version == 6) or not 1 <= int(port) <= 65535:
+            raise self.make_error("hostport")
+        return value
+
+
+def _identifier(**kwargs):
+    return fields.String(validate=validate.Regexp(_ID_RE, error="Must be 1-128 characters of A-Z a-z 0-9 _ . : @ -."),
+                         **kwargs)
+
+
+def pool_host(value, field):
+    """Parse an address and check it is a client address of the pool."""
+    pool = ipaddress.ip_network(current_app.config["POOL"])
+    gateway = ipaddress.ip_address(current_app.config["GATEWAY"])
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValidationError("Must be an IPv4 address.", field) from None
+    if address not in pool:
+        raise ValidationError("Must lie inside the pool %s." % pool, field)
+    if address in (pool.network_address, pool.broadcast_address, gateway):
+        raise ValidationError("The network, gateway and broadcast addresses are reserved.", field)
+    return address
+
+
+class ConnectSchema(Schema):
+    publicKey = WireGuardKey(required=True)
+    exitServerId = _identifier()
+    force_direct = StrictBoolean(load_default=False)
+
+
+class EmptySchema(Schema):
+    """Bodies that carry nothing: `{}` or no body at all."""
+
+
+class AddPeerSchema(Schema):
+    userUuid = _identifier(required=True)
+    publicKey = WireGuardKey(required=True)
+    allowedIPs = fields.String(required=True, validate=validate.Length(max=64))
+    assignedIP = fields.String(required=True, validate=validate.Length(max=15))
+    endpoint = HostPort(load_default=None, allow_none=True)
+    noKeepalive = StrictBoolean(load_default=False)
+
+    @validates_schema
+    def _in_pool(self, data, **kwargs):
+        address = pool_host(data["assignedIP"], "assignedIP")
+        data["assignedIP"] = str(address)
+        allowed = [item.strip() for item in data["allowedIPs"].split(",")]
+        try:
+            networks = {ipaddress.IPv4Network(item) for item in allowed}
+        except ValueError:
+            raise ValidationError("Must be IPv4 CIDRs separated by commas.", "allowedIPs") from None
+        if networks != {ipaddress.IPv4Network(address)}:
+            raise ValidationError("Must be exactly the assignedIP as a /32 (e.g. %s/32)." % address, "allowedIPs")
+
+
+class RemovePeerSchema(Schema):
+    userUuid = _identifier(required=True)
+
+
+# Responses (documented in /openapi.json; views build them as plain dicts).
+
+class ErrorBodySchema(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+    details = fields.Dict()
+
+
+class ErrorSchema(Schema):
+    success = fields.Boolean(required=True, metadata={"example": False})
+    error = fields.Nested(ErrorBodySchema, required=True)
+
+
+class MessageSchema(Schema):
+    success = fields.Boolean(required=True)
+    message = fields.String(required=True)
+
+
+class RemovePeerResponseSchema(MessageSchema):
+    removed = fields.Integer(required=True)
+
+
+class ConnectResponseSchema(Schema):
+    success = fields.Boolean(required=True)
+    publicKey = fields.String(required=True)
+    serverPublicKey = fields.String(required=True)
+    ip = fields.String(required=True, metadata={"example": "10.8.0.42/32"})
+    gateway = fields.String(required=True)
+    serverEndpoint = fields.String(required=True)
+    dns = fields.List(fields.String(), required=True)
+    allowedIPs = fields.List(fields.String(), required=True)
+    mtu = fields.Integer(required=True)
+    keepalive = fields.Integer(required=True)
+
+
+class StatusResponseSchema(Schema):
+    success = fields.Boolean(required=True)
+    publicKey = fields.String(required=True)
+    peerCount = fields.Integer(required=True)
+
+
+class WireguardHealthSchema(Schema):
+    interface = fields.String(required=True)
+    running = fields.Boolean(required=True)
+    port = fields.Integer(allow_none=True)
+    publicKey = fields.String(allow_none=True)
+    peerCount = fields.Integer(allow_none=True)
+    mtu = fields.Integer(allow_none=True)
+    rxBytes = fields.Integer(allow_none=True)
+    txBytes = fields.Integer(allow_none=True)
+    backend = fields.String(allow_none=True)
+
+
+class ComponentHealthSchema(Schema):
+    ok = fields.Boolean(required=True)
+    error = fields.String()
+
+
+class HealthSchema(Schema):
+    success = fields.Boolean(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(["healthy", "degraded", "unhealthy"]))
+    wireguard = fields.Nested(WireguardHealthSchema, required=True)
+    database = fields.Nested(ComponentHealthSchema, required=True)
+    helper = fields.Nested(ComponentHealthSchema, required=True)
+    error = fields.Nested(ErrorBodySchema)
+
+
+def _reject_constant(name):
+    raise ValueError(name)
+
+
+def load_body(schema):
+    """Decode the JSON body (an absent body counts as {}) and load it with `schema`."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        data = {}
+    else:
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise ApiError("VALIDATION_ERROR", "Malformed JSON body") from None
+    if not isinstance(data, dict):
+        raise ApiError("VALIDATION_ERROR", "The JSON body must be an object")
+    return schema.load(data)

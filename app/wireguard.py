@@ -1,0 +1,93 @@
+"""Blueprint: /wireguard/connect, disconnect, status, add-peer, remove-peer."""
+import ipaddress
+
+from flask import Blueprint, current_app, g
+
+from . import peers, store
+from .auth import api_key_required, device_token_required
+from .errors import ApiError
+from .helper import get_helper
+from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema, load_body
+
+bp = Blueprint("wireguard", __name__, url_prefix="/wireguard")
+
+connect_schema = ConnectSchema()
+empty_schema = EmptySchema()
+add_peer_schema = AddPeerSchema()
+remove_peer_schema = RemovePeerSchema()
+
+
+def _allocator():
+    return current_app.extensions["orbmesh_allocator"]
+
+
+def server_endpoint(config):
+    host = config["PUBLIC_HOST"]
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = "[%s]" % host
+    except ValueError:
+        pass  # a DNS name goes out as it is
+    return "%s:%d" % (host, config["PUBLIC_PORT"])
+
+
+def server_public_key():
+    """The helper's public key; it never changes, so each worker asks once."""
+    cache = current_app.extensions["orbmesh_server_key"]
+    if "key" not in cache:
+        cache["key"] = get_helper().hello()["public_key"]
+    return cache["key"]
+
+
+@bp.post("/connect")
+@device_token_required
+def connect():
+    """Register the device's key on the interface and hand back its tunnel config."""
+    data = load_body(connect_schema)
+    if data.get("exitServerId"):
+        raise ApiError("NOT_IMPLEMENTED", "Bridge mode (exitServerId) is not available on this server yet")
+    config = current_app.config
+    key = server_public_key()
+    peer = peers.connect_device(store.get_db(), get_helper(), _allocator(), *g.device, data["publicKey"])
+    return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
+            "ip": peer.address + "/32", "gateway": config["GATEWAY"],
+            "serverEndpoint": server_endpoint(config), "dns": config["DNS"],
+            "allowedIPs": config["CLIENT_ALLOWED_IPS"], "mtu": config["MTU"],
+            "keepalive": config["KEEPALIVE"]}
+
+
+@bp.post("/disconnect")
+@device_token_required
+def disconnect():
+    """Remove the device's peer and free its address; a second call is a no-op."""
+    load_body(empty_schema)
+    peers.disconnect_device(store.get_db(), get_helper(), *g.device)
+    return {"success": True, "message": "Disconnected successfully"}
+
+
+@bp.get("/status")
+@api_key_required
+def status():
+    """Public key and peer count, read from the live interface."""
+    live = get_helper().status()
+    return {"success": True, "publicKey": live["public_key"], "peerCount": live["peer_count"]}
+
+
+@bp.post("/add-peer")
+@api_key_required
+def add_peer():
+    """Add a peer provisioned by OrbNET at the address OrbNET chose."""
+    data = load_body(add_peer_schema)
+    peers.add_orbnet_peer(store.get_db(), get_helper(), current_app.config, data)
+    return {"success": True, "message": "Peer added successfully"}
+
+
+@bp.post("/remove-peer")
+@api_key_required
+def remove_peer():
+    """Remove every peer of the user."""
+    data = load_body(remove_peer_schema)
+    removed = peers.remove_user_peers(store.get_db(), get_helper(), data["userUuid"])
+    if not removed:
+        raise ApiError("NOT_FOUND", "No peers found for this user")
+    return {"success": True, "message": "Peer removed successfully", "removed": removed}

@@ -1,0 +1,122 @@
+"""Fixtures for the app's unit tests: a real app and SQLite, a fake helper."""
+import base64
+import os
+import sqlite3
+
+import pytest
+
+from app import create_app
+from app.auth import mint_device_token
+from app.helper import HelperFailed, HelperUnavailable
+
+SECRET = "unit-test-secret-" + "x" * 32
+API_KEYS = ["orbnet-key-one-0123456789", "orbnet-key-two-0123456789"]
+SERVER_KEY = base64.b64encode(b"S" * 32).decode()
+
+
+def make_key(seed):
+    """A distinct, valid WireGuard public key for each seed."""
+    return base64.b64encode(seed.to_bytes(4, "big") * 8).decode()
+
+
+class FakeHelper:
+    """Stands in for the helper socket: keeps peers in memory, records calls."""
+
+    def __init__(self):
+        self.peers = {}
+        self.calls = []
+        self.fail = None  # None, "unavailable" or "failed"
+        self.generation = "gen-1"
+
+    def _maybe_fail(self):
+        if self.fail == "unavailable":
+            raise HelperUnavailable()
+        if self.fail == "failed":
+            raise HelperFailed({"code": "COMMAND_FAILED", "message": "wg exited 1"})
+
+    def hello(self):
+        self.calls.append(("hello",))
+        self._maybe_fail()
+        return {"generation": self.generation, "interface": "wg0", "public_key": SERVER_KEY,
+                "running": True, "listen_port": 51820, "mtu": 1420, "backend": "wireguard-go"}
+
+    def status(self):
+        self.calls.append(("status",))
+        info = self.hello()
+        info.update(peer_count=len(self.peers), rx_bytes=10, tx_bytes=20)
+        return info
+
+    def apply(self, add=(), remove=()):
+        self.calls.append(("apply", list(add), list(remove)))
+        self._maybe_fail()
+        for key in remove:
+            self.peers.pop(key, None)
+        for peer in add:
+            self.peers[peer["public_key"]] = peer
+        return {"applied": len(add), "removed": len(remove)}
+
+    def sync(self, peers):
+        self.calls.append(("sync", list(peers)))
+        self._maybe_fail()
+        self.peers = {p["public_key"]: p for p in peers}
+        return {"added": 0, "removed": 0, "updated": 0}
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return {"DB_PATH": str(tmp_path / "orbmesh.db"), "HELPER_SOCKET": str(tmp_path / "helper.sock"),
+            "JWT_SECRET": SECRET, "API_KEYS": API_KEYS, "PUBLIC_HOST": "198.51.100.1",
+            "RECONCILE_CHECK_INTERVAL": 0, "TESTING": True}
+
+
+@pytest.fixture
+def app(settings, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("ORBMESH_"):
+            monkeypatch.delenv(name)
+    application = create_app(settings)
+    application.extensions["orbmesh_helper"] = FakeHelper()
+    return application
+
+
+@pytest.fixture
+def fake_helper(app):
+    return app.extensions["orbmesh_helper"]
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def token(app):
+    def mint(user="user-1", device="device-1", **kwargs):
+        return mint_device_token(app.config, user, device, **kwargs)
+    return mint
+
+
+@pytest.fixture
+def auth(token):
+    def headers(user="user-1", device="device-1"):
+        return {"Authorization": "Bearer " + token(user, device)}
+    return headers
+
+
+@pytest.fixture
+def internal():
+    return {"X-API-Key": API_KEYS[0]}
+
+
+@pytest.fixture
+def snapshot(app, fake_helper):
+    """Everything a request could change: rows, meta and the helper's peers."""
+    def take():
+        db = sqlite3.connect(app.config["DB_PATH"])
+        try:
+            rows = db.execute("SELECT * FROM peers ORDER BY id").fetchall()
+            meta = db.execute("SELECT * FROM meta ORDER BY key").fetchall()
+        finally:
+            db.close()
+        return rows, meta, dict(fake_helper.peers)
+    return take

@@ -1,0 +1,208 @@
+"""The client and OrbNET endpoints against a real database and a fake helper."""
+import base64
+import sqlite3
+
+import pytest
+
+from tests.conftest import SERVER_KEY, make_key
+
+KEY_A, KEY_B, KEY_C = make_key(1), make_key(2), make_key(3)
+
+
+def rows(app):
+    db = sqlite3.connect(app.config["DB_PATH"])
+    try:
+        return db.execute("SELECT public_key, addr, user_id, device_id, source, keepalive, endpoint"
+                          " FROM peers ORDER BY addr").fetchall()
+    finally:
+        db.close()
+
+
+def connect(client, headers, key, **extra):
+    return client.post("/wireguard/connect", json={"publicKey": key, **extra}, headers=headers)
+
+
+def test_connect_returns_reference_fields(client, auth, fake_helper):
+    response = connect(client, auth(), KEY_A)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert list(body) == ["success", "publicKey", "serverPublicKey", "ip", "gateway", "serverEndpoint",
+                          "dns", "allowedIPs", "mtu", "keepalive"]
+    assert body == {"success": True, "publicKey": KEY_A, "serverPublicKey": SERVER_KEY, "ip": "10.8.0.2/32",
+                    "gateway": "10.8.0.1", "serverEndpoint": "198.51.100.1:51820",
+                    "dns": ["10.8.0.1", "1.1.1.1"], "allowedIPs": ["0.0.0.0/0", "::/0"], "mtu": 1420,
+                    "keepalive": 25}
+    assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
+
+
+def test_same_device_same_key_gets_same_address(client, auth, app):
+    first = connect(client, auth(), KEY_A).get_json()
+    again = connect(client, auth(), KEY_A).get_json()
+    assert first["ip"] == again["ip"]
+    assert len(rows(app)) == 1
+
+
+def test_same_device_new_key_replaces_peer_and_keeps_address(client, auth, app, fake_helper):
+    first = connect(client, auth(), KEY_A).get_json()
+    second = connect(client, auth(), KEY_B).get_json()
+    assert second["ip"] == first["ip"]
+    assert set(fake_helper.peers) == {KEY_B}
+    assert fake_helper.calls[-1] == ("apply", [fake_helper.peers[KEY_B]], [KEY_A])
+    assert [r[0] for r in rows(app)] == [KEY_B]
+
+
+def test_key_of_another_device_is_conflict(client, auth, snapshot):
+    connect(client, auth("user-1", "device-1"), KEY_A)
+    before = snapshot()
+    response = connect(client, auth("user-2", "device-9"), KEY_A)
+    assert response.status_code == 409
+    assert response.get_json()["error"]["code"] == "CONFLICT"
+    assert snapshot() == before
+
+
+def test_devices_get_distinct_addresses(client, auth):
+    ips = {connect(client, auth("u", "d%d" % i), make_key(100 + i)).get_json()["ip"] for i in range(20)}
+    assert len(ips) == 20
+
+
+@pytest.mark.parametrize("mode,status,code", [("unavailable", 503, "HELPER_UNAVAILABLE"),
+                                               ("failed", 502, "HELPER_ERROR")])
+def test_connect_helper_failure_allocates_nothing(client, auth, app, fake_helper, mode, status, code):
+    connect(client, auth(), KEY_A)  # warm the server-key cache
+    fake_helper.fail = mode
+    response = connect(client, auth("user-2", "device-2"), KEY_B)
+    assert response.status_code == status
+    assert response.get_json()["error"]["code"] == code
+    assert [r[0] for r in rows(app)] == [KEY_A]
+
+
+def test_rekey_helper_failure_restores_old_key(client, auth, app, fake_helper):
+    connect(client, auth(), KEY_A)
+    fake_helper.fail = "unavailable"
+    assert connect(client, auth(), KEY_B).status_code == 503
+    assert [r[0] for r in rows(app)] == [KEY_A]
+
+
+def test_exit_server_id_is_refused_until_bridge_mode(client, auth, snapshot):
+    before = snapshot()
+    response = connect(client, auth(), KEY_A, exitServerId="exit-de-1")
+    assert response.status_code == 501
+    assert response.get_json()["error"]["code"] == "NOT_IMPLEMENTED"
+    assert snapshot() == before
+
+
+def test_force_direct_true_connects(client, auth):
+    assert connect(client, auth(), KEY_A, force_direct=True).status_code == 200
+
+
+def test_disconnect_removes_peer_and_is_idempotent(client, auth, app, fake_helper):
+    connect(client, auth(), KEY_A)
+    for _ in range(2):
+        response = client.post("/wireguard/disconnect", headers=auth())
+        assert response.status_code == 200
+        assert response.get_json() == {"success": True, "message": "Disconnected successfully"}
+    assert rows(app) == [] and fake_helper.peers == {}
+
+
+def test_disconnect_helper_failure_keeps_peer(client, auth, app, fake_helper):
+    connect(client, auth(), KEY_A)
+    before = rows(app)
+    fake_helper.fail = "unavailable"
+    assert client.post("/wireguard/disconnect", headers=auth()).status_code == 503
+    assert rows(app) == before
+
+
+def test_status_reads_live_interface(client, internal, auth):
+    connect(client, auth(), KEY_A)
+    response = client.get("/wireguard/status", headers=internal)
+    assert response.get_json() == {"success": True, "publicKey": SERVER_KEY, "peerCount": 1}
+
+
+def test_status_accepts_every_rotated_key(client):
+    from tests.conftest import API_KEYS
+    for key in API_KEYS:
+        assert client.get("/wireguard/status", headers={"X-API-Key": key}).status_code == 200
+
+
+def add_peer_body(**changes):
+    body = {"userUuid": "usr_abc123", "publicKey": KEY_C, "allowedIPs": "10.8.0.42/32",
+            "assignedIP": "10.8.0.42", "noKeepalive": False}
+    body.update(changes)
+    return body
+
+
+def test_add_peer_and_remove_peer(client, internal, app, fake_helper):
+    response = client.post("/wireguard/add-peer", json=add_peer_body(endpoint="203.0.113.5:51820"),
+                           headers=internal)
+    assert response.get_json() == {"success": True, "message": "Peer added successfully"}
+    assert fake_helper.peers[KEY_C] == {"public_key": KEY_C, "allowed_ips": ["10.8.0.42/32"],
+                                        "endpoint": "203.0.113.5:51820", "keepalive": 25}
+    assert rows(app)[0][4] == "orbnet"
+    response = client.post("/wireguard/remove-peer", json={"userUuid": "usr_abc123"}, headers=internal)
+    assert response.get_json() == {"success": True, "message": "Peer removed successfully", "removed": 1}
+    assert fake_helper.peers == {} and rows(app) == []
+
+
+def test_add_peer_no_keepalive(client, internal, fake_helper):
+    client.post("/wireguard/add-peer", json=add_peer_body(noKeepalive=True), headers=internal)
+    assert fake_helper.peers[KEY_C]["keepalive"] == 0
+
+
+def test_add_peer_is_idempotent_and_allocator_skips_its_address(client, internal, auth, app):
+    for _ in range(2):
+        assert client.post("/wireguard/add-peer", json=add_peer_body(assignedIP="10.8.0.2",
+                           allowedIPs="10.8.0.2/32"), headers=internal).status_code == 200
+    assert connect(client, auth(), KEY_A).get_json()["ip"] == "10.8.0.3/32"
+
+
+@pytest.mark.parametrize("changes", [
+    {"publicKey": KEY_A},                                   # key of a client device
+    {"publicKey": make_key(77)},                            # address already taken
+    {"userUuid": "someone-else"},                           # same key, other user
+])
+def test_add_peer_conflicts(client, internal, auth, snapshot, changes):
+    connect(client, auth(), KEY_A)  # holds 10.8.0.2
+    client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal)
+    body = add_peer_body(**changes)
+    if changes.get("publicKey") == make_key(77):
+        body.update(assignedIP="10.8.0.42")
+    before = snapshot()
+    response = client.post("/wireguard/add-peer", json=body, headers=internal)
+    assert response.status_code == 409, response.get_json()
+    assert snapshot() == before
+
+
+def test_add_peer_helper_failure_adds_nothing(client, internal, app, fake_helper):
+    fake_helper.fail = "failed"
+    assert client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal).status_code == 502
+    assert rows(app) == []
+
+
+def test_remove_peer_removes_every_peer_of_user(client, internal, auth, app):
+    connect(client, auth("usr_abc123", "phone"), KEY_A)
+    connect(client, auth("usr_abc123", "laptop"), KEY_B)
+    connect(client, auth("other", "phone"), make_key(9))
+    client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal)
+    response = client.post("/wireguard/remove-peer", json={"userUuid": "usr_abc123"}, headers=internal)
+    assert response.get_json()["removed"] == 3
+    assert [r[2] for r in rows(app)] == ["other"]
+
+
+def test_remove_peer_unknown_user_is_404(client, internal):
+    response = client.post("/wireguard/remove-peer", json={"userUuid": "nobody"}, headers=internal)
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "NOT_FOUND"
+
+
+def test_remove_peer_helper_failure_restores_rows(client, internal, auth, app, fake_helper):
+    connect(client, auth("usr_abc123", "phone"), KEY_A)
+    before = rows(app)
+    fake_helper.fail = "unavailable"
+    assert client.post("/wireguard/remove-peer", json={"userUuid": "usr_abc123"},
+                       headers=internal).status_code == 503
+    assert rows(app) == before
+
+
+def test_server_key_is_base64_32(client, auth):
+    body = connect(client, auth(), KEY_A).get_json()
+    assert len(base64.b64decode(body["serverPublicKey"])) == 32

@@ -1,0 +1,126 @@
+"""Wire protocol between the app and the root helper.
+
+One request per line, one reply per line, on a Unix stream socket::
+
+    +------------------------------------------------------------+----+
+    | UTF-8 JSON object (no raw newlines inside)                 | \\n |
+    +------------------------------------------------------------+----+
+    |<------------------ at most MAX_FRAME bytes ----------------------->|
+
+    request: {"id": 7, "cmd": "add_peers", "args": {...}}
+    reply:   {"id": 7, "ok": true,  "result": {...}}
+             {"id": 7, "ok": false, "error": {"code": "...", "message": "...",
+                                              "details": {...}?}}
+
+A connection may carry many requests, strictly one after another: the
+client sends a line, then waits for its reply line.  ``id`` is echoed back
+(an integer the client picks; replies to unreadable frames carry null).
+A frame longer than MAX_FRAME is answered with TOO_LARGE and the
+connection is closed, because the rest of the stream cannot be trusted.
+
+The size limit is what a full ``sync_peers`` of a 65,534-address pool
+needs (about 100 bytes a peer) with room to spare, and no more.
+"""
+import json
+
+MAX_FRAME = 16 * 1024 * 1024
+MAX_DEPTH = 8
+
+# Error codes a reply may carry.
+BAD_FRAME = "BAD_FRAME"                # not JSON, not an object, wrong envelope
+TOO_LARGE = "TOO_LARGE"                # frame over MAX_FRAME
+UNKNOWN_COMMAND = "UNKNOWN_COMMAND"    # cmd not in the helper's table
+INVALID_ARGUMENT = "INVALID_ARGUMENT"  # an argument failed validation
+COMMAND_FAILED = "COMMAND_FAILED"      # wg or ip exited non-zero or timed out
+INTERFACE_DOWN = "INTERFACE_DOWN"      # the interface is not there right now
+FORBIDDEN = "FORBIDDEN"                # peer credentials not allowed
+INTERNAL = "INTERNAL"                  # a bug in the helper; details are logged
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded; carries the reply's error code."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _depth(value, limit):
+    """Reject nesting deeper than ``limit`` without recursing into it."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return True
+
+
+def encode(message):
+    """Serialise one message as a frame (bytes ending in a newline)."""
+    data = json.dumps(message, separators=(",", ":"), ensure_ascii=True).encode()
+    if len(data) + 1 > MAX_FRAME:
+        raise ProtocolError(TOO_LARGE, "frame exceeds %d bytes" % MAX_FRAME)
+    return data + b"\n"
+
+
+def decode(line):
+    """Parse one frame (without or with its newline) into a dict."""
+    if len(line) > MAX_FRAME:
+        raise ProtocolError(TOO_LARGE, "frame exceeds %d bytes" % MAX_FRAME)
+    try:
+        message = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError(BAD_FRAME, "frame is not valid UTF-8 JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(BAD_FRAME, "frame must be a JSON object")
+    if not _depth(message, MAX_DEPTH):
+        raise ProtocolError(BAD_FRAME, "frame nests deeper than %d" % MAX_DEPTH)
+    return message
+
+
+def parse_request(message):
+    """Split a decoded request into (id, cmd, args), checking the envelope."""
+    req_id = message.get("id")
+    if req_id is not None and (not isinstance(req_id, int) or isinstance(req_id, bool)):
+        raise ProtocolError(BAD_FRAME, "id must be an integer")
+    extra = set(message) - {"id", "cmd", "args"}
+    if extra:
+        raise ProtocolError(BAD_FRAME, "unknown envelope keys: %s" % ", ".join(sorted(extra)))
+    cmd = message.get("cmd")
+    if not isinstance(cmd, str):
+        raise ProtocolError(BAD_FRAME, "cmd must be a string")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError(BAD_FRAME, "args must be an object")
+    return req_id, cmd, args
+
+
+def ok(req_id, result):
+    return {"id": req_id, "ok": True, "result": result}
+
+
+def error(req_id, code, message, details=None):
+    err = {"code": code, "message": message}
+    if details:
+        err["details"] = details
+    return {"id": req_id, "ok": False, "error": err}
+
+
+def read_frame(sock_file):
+    """Read one frame from a binary file object; None at a clean EOF.
+
+    Reads at most MAX_FRAME + 1 bytes so an endless line cannot grow memory.
+    """
+    line = sock_file.readline(MAX_FRAME + 1)
+    if not line:
+        return None
+    if not line.endswith(b"\n"):
+        if len(line) > MAX_FRAME:
+            raise ProtocolError(TOO_LARGE, "frame exceeds %d bytes" % MAX_FRAME)
+        raise ProtocolError(BAD_FRAME, "connection closed inside a frame")
+    return line[:-1]
