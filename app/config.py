@@ -126,6 +126,8 @@ def load(environ=None, overrides=None):
             raw.update(read_env_file(config_file))
         except OSError as exc:
             raise ConfigError("%sCONFIG_FILE: cannot read %s (%s)" % (PREFIX, config_file, exc.strerror)) from None
+        except ValueError as exc:
+            raise ConfigError("%sCONFIG_FILE: %s" % (PREFIX, exc)) from None
     raw.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
     raw.update({PREFIX + k: v for k, v in (overrides or {}).items()})
 

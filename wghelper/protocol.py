@@ -119,8 +119,9 @@ def read_frame(sock_file):
     line = sock_file.readline(MAX_FRAME + 1)
     if not line:
         return None
+    # The limit counts the newline, as in encode().
+    if len(line) > MAX_FRAME:
+        raise ProtocolError(TOO_LARGE, "frame exceeds %d bytes" % MAX_FRAME)
     if not line.endswith(b"\n"):
-        if len(line) > MAX_FRAME:
-            raise ProtocolError(TOO_LARGE, "frame exceeds %d bytes" % MAX_FRAME)
         raise ProtocolError(BAD_FRAME, "connection closed inside a frame")
     return line[:-1]

@@ -150,3 +150,17 @@ def test_allocator_does_not_scan_the_pool(db):
     assert addr == first + 20000
     # A scan of 20,000 index entries would take well over 20 callbacks of 1,000 VM steps.
     assert len(steps) < 20
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+    readme = Path(__file__).parents[2].joinpath("README.md").read_text()
+    missing = [name for name in settings.SETTINGS if "`ORBMESH_%s`" % name not in readme]
+    assert missing == []
+
+
+def test_readme_lists_every_error_code():
+    from pathlib import Path
+    from app.errors import CODES
+    readme = Path(__file__).parents[2].joinpath("README.md").read_text()
+    assert [code for code in CODES if "| `%s` | %d |" % (code, CODES[code]) not in readme] == []

@@ -1,0 +1,91 @@
+"""End-to-end fixtures: namespaces that are always deleted, leak checks.
+
+Without root or the WireGuard tools these tests are skipped, except under
+CI (CI set and not "false"/"0"), where a missing requirement is a failure:
+a CI run that silently skips its end-to-end tests proves nothing.
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from .netns import Netns
+
+TOOLS = ("ip", "wg", "wireguard-go")
+
+
+def _missing_requirement():
+    if os.geteuid() != 0:
+        return "end-to-end tests need root (network namespaces, tun devices)"
+    for tool in TOOLS:
+        if shutil.which(tool) is None:
+            return "%s is not installed" % tool
+    return None
+
+
+def _under_ci():
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here + os.sep):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _e2e_requirements():
+    reason = _missing_requirement()
+    if reason:
+        if _under_ci():
+            pytest.fail("CI is set, so not skipping: " + reason, pytrace=False)
+        pytest.skip(reason)
+
+
+def wireguard_go_in(inodes):
+    """Pids of wireguard-go processes living in one of the given namespaces."""
+    out = subprocess.run(["pgrep", "-x", "wireguard-go"], capture_output=True, text=True)
+    found = []
+    for pid in (int(p) for p in out.stdout.split()):
+        try:
+            if os.stat("/proc/%d/ns/net" % pid).st_ino in inodes:
+                found.append(pid)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+@pytest.fixture
+def netns():
+    """Factory: netns("tag") -> a created Netns, deleted after the test.
+
+    Afterwards it checks that the namespaces are gone and that no
+    wireguard-go survived in any of them; other tests running in parallel
+    on the same machine are left alone (we look only at our namespaces).
+    """
+    made = []
+
+    def make(tag="t"):
+        ns = Netns(tag)
+        made.append(ns)
+        ns.create()
+        return ns
+
+    yield make
+
+    inodes = {ns.inode for ns in made if ns.inode is not None}
+    errors = []
+    for ns in reversed(made):
+        try:
+            ns.delete()
+        except Exception as exc:  # keep deleting the others
+            errors.append(exc)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    left = [ns.name for ns in made if ns.name in listed.split()]
+    leaked = wireguard_go_in(inodes)
+    if errors:
+        raise errors[0]
+    assert not left, "namespaces left behind: %s" % left
+    assert not leaked, "wireguard-go left running: %s" % leaked

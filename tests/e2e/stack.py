@@ -1,0 +1,171 @@
+"""The whole service in a "server" namespace, driven from a "client" namespace.
+
+The helper and gunicorn (gevent workers) run inside the server namespace
+with their socket, database and keys under the test's tmp_path; the
+client namespace reaches the API over a veth pair (192.0.2.0/24).
+"""
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.auth import mint_device_token
+
+from .netns import unique_ifname
+
+VENV_BIN = Path(sys.executable).parent
+SERVER_ADDR = "192.0.2.1"
+CLIENT_ADDR = "192.0.2.2"
+API_PORT = 8080
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1, what="condition"):
+    """Poll until predicate() is truthy; liveness only, never a performance check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(interval)
+
+
+class Stack:
+    def __init__(self, server_ns, client_ns, tmp_path, workers=2):
+        self.server = server_ns
+        self.client = client_ns
+        self.tmp = Path(tmp_path)
+        self.workers = workers
+        self.interface = unique_ifname("oms")
+        self.secret = secrets.token_urlsafe(48)
+        self.api_key = secrets.token_urlsafe(24)
+        self.access_log = self.tmp / "access.log"
+        self.helper_log = self.tmp / "helper.log"
+        self.app_log = self.tmp / "app.log"
+        self.helper_proc = None
+        self.app_proc = None
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "ORBMESH_INTERFACE": self.interface,
+            "ORBMESH_POOL": "10.8.0.0/16",
+            "ORBMESH_LISTEN_PORT": "51820",
+            "ORBMESH_PUBLIC_HOST": SERVER_ADDR,
+            "ORBMESH_DB_PATH": str(self.tmp / "orbmesh.db"),
+            "ORBMESH_HELPER_SOCKET": str(self.tmp / "wghelper.sock"),
+            "ORBMESH_HELPER_STATE_DIR": str(self.tmp / "helper-state"),
+            "ORBMESH_HELPER_ALLOWED_UIDS": "0",
+            "ORBMESH_JWT_SECRET": self.secret,
+            "ORBMESH_API_KEYS": self.api_key,
+            "ORBMESH_RECONCILE_CHECK_INTERVAL": "0.5",
+            "ORBMESH_HELPER_WATCH_INTERVAL": "0.5",
+        }
+        self.config = {"JWT_ALGORITHM": "HS256", "JWT_SECRET": self.secret, "JWT_ISSUER": "orbnet",
+                       "JWT_AUDIENCE": ""}
+
+    # processes
+
+    def start_helper(self):
+        log = open(self.helper_log, "ab")
+        self.helper_proc = self.server.popen([str(VENV_BIN / "orbmesh-wghelper")], env=self.env,
+                                             stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(lambda: self._helper_ready(), what="helper socket")
+
+    def _helper_ready(self):
+        if self.helper_proc.poll() is not None:
+            raise AssertionError("helper exited:\n" + self.helper_log.read_text()[-3000:])
+        return Path(self.env["ORBMESH_HELPER_SOCKET"]).is_socket()
+
+    def stop_helper(self):
+        self._stop(self.helper_proc)
+        self.helper_proc = None
+
+    def start_app(self):
+        log = open(self.app_log, "ab")
+        argv = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(self.workers),
+                "--bind", "%s:%d" % (SERVER_ADDR, API_PORT), "--chdir", str(Path(__file__).parents[2]),
+                "--access-logfile", str(self.access_log), "--access-logformat", '%(p)s "%(r)s" %(s)s',
+                "--graceful-timeout", "5", "app:create_app()"]
+        self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(self._app_ready, what="gunicorn")
+
+    def _app_ready(self):
+        if self.app_proc.poll() is not None:
+            raise AssertionError("gunicorn exited:\n" + self.app_log.read_text()[-3000:])
+        try:
+            status, _, _ = self.request("GET", "/health", timeout=2)
+        except OSError:
+            return False
+        return status in (200, 503)
+
+    def stop_app(self):
+        self._stop(self.app_proc)
+        self.app_proc = None
+
+    @staticmethod
+    def _stop(proc):
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def close(self):
+        self.stop_app()
+        self.stop_helper()
+
+    # API, called from the client namespace
+
+    def token(self, user, device):
+        return mint_device_token(self.config, user, device, ttl=600)
+
+    def request(self, method, path, body=None, headers=None, timeout=10):
+        headers = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        return self.client.http(method, "http://%s:%d%s" % (SERVER_ADDR, API_PORT, path),
+                                headers=headers, body=data, timeout=timeout)
+
+    def call(self, method, path, body=None, token=None, api_key=None):
+        headers = {}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        if api_key:
+            headers["X-API-Key"] = api_key
+        status, _, raw = self.request(method, path, body, headers)
+        return status, json.loads(raw)
+
+    def connect(self, user, device, public_key):
+        return self.call("POST", "/wireguard/connect", {"publicKey": public_key}, token=self.token(user, device))
+
+    # the interface, as wg sees it
+
+    def wg_peers(self):
+        """{public_key: allowed_ips} on the server interface."""
+        out = self.server.run("wg", "show", self.interface, "allowed-ips").stdout
+        peers = {}
+        for line in out.splitlines():
+            key, _, ips = line.partition("\t")
+            peers[key] = ips.strip()
+        return peers
+
+    def db_peers(self):
+        import sqlite3
+        db = sqlite3.connect(self.env["ORBMESH_DB_PATH"])
+        try:
+            rows = db.execute("SELECT public_key, addr FROM peers").fetchall()
+        finally:
+            db.close()
+        import ipaddress
+        return {key: "%s/32" % ipaddress.IPv4Address(addr) for key, addr in rows}

@@ -1,0 +1,152 @@
+"""The whole service end to end: real helper, gunicorn, WireGuard and packets."""
+import concurrent.futures
+import json
+import re
+import socket
+
+import pytest
+
+from wghelper import protocol
+
+from .netns import veth
+from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
+from .wgclient import WgClient, keypair
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def stack(netns, tmp_path):
+    server, client = netns("srv"), netns("cli")
+    veth(server, SERVER_ADDR + "/24", client, CLIENT_ADDR + "/24")
+    s = Stack(server, client, tmp_path)
+    try:
+        s.start_helper()
+        s.start_app()
+        yield s
+    finally:
+        s.close()
+
+
+def bring_up_client(stack, user, device):
+    """Connect over HTTP and configure a WireGuard client from the response alone."""
+    client = WgClient(stack.client, "omc" + device[-6:])
+    status, body = stack.connect(user, device, client.public_key)
+    assert status == 200, body
+    assert body["success"] is True and body["publicKey"] == client.public_key
+    client.configure(server_public_key=body["serverPublicKey"], endpoint=body["serverEndpoint"],
+                     address_cidr=body["ip"], allowed_ips=body["allowedIPs"], mtu=body["mtu"],
+                     keepalive=body["keepalive"])
+    return client, body
+
+
+def test_connect_ping_disconnect(stack):
+    client, body = bring_up_client(stack, "user-1", "dev001")
+    try:
+        assert body["gateway"] == "10.8.0.1" and body["serverEndpoint"] == "192.0.2.1:51820"
+        assert client.ping(body["gateway"], count=3, timeout=3), "no reply through the tunnel"
+        assert stack.wg_peers()[client.public_key] == body["ip"]
+
+        status, reply = stack.call("POST", "/wireguard/disconnect", token=stack.token("user-1", "dev001"))
+        assert (status, reply) == (200, {"success": True, "message": "Disconnected successfully"})
+        assert client.public_key not in stack.wg_peers()
+        assert not client.ping(body["gateway"], count=2, timeout=1), "tunnel still passes traffic"
+    finally:
+        client.close()
+
+
+def test_status_and_health_read_the_live_interface(stack):
+    status, body = stack.call("GET", "/wireguard/status", api_key=stack.api_key)
+    assert status == 200 and body["peerCount"] == 0
+    live_key = stack.server.run("wg", "show", stack.interface, "public-key").stdout.strip()
+    assert body["publicKey"] == live_key
+    status, health = stack.call("GET", "/health")
+    assert status == 200 and health["status"] == "healthy"
+    assert health["wireguard"]["publicKey"] == live_key and health["wireguard"]["running"] is True
+    assert health["wireguard"]["backend"] in ("kernel", "wireguard-go")
+
+
+def test_restarts_bring_every_peer_back(stack):
+    client, body = bring_up_client(stack, "user-1", "dev002")
+    others = [stack.connect("user-2", "other%d" % i, keypair()[1]) for i in range(3)]
+    assert all(status == 200 for status, _ in others)
+    server_key = body["serverPublicKey"]
+    try:
+        expected = stack.db_peers()
+        assert len(expected) == 4 and stack.wg_peers() == expected
+
+        for restart in ("helper", "app", "both"):
+            if restart in ("helper", "both"):
+                stack.stop_helper()
+            if restart in ("app", "both"):
+                stack.stop_app()
+            if restart in ("helper", "both"):
+                stack.start_helper()
+            if restart in ("app", "both"):
+                stack.start_app()
+            wait_for(lambda: stack.wg_peers() == expected, timeout=30, what="peers back after %s restart" % restart)
+            live_key = stack.server.run("wg", "show", stack.interface, "public-key").stdout.strip()
+            assert live_key == server_key, "server key changed across a %s restart" % restart
+            assert wait_for(lambda: client.ping("10.8.0.1", count=1, timeout=2), timeout=30,
+                            what="ping after %s restart" % restart)
+    finally:
+        client.close()
+
+
+def test_hundred_parallel_connects(stack):
+    keys = [keypair()[1] for _ in range(100)]
+
+    def one(i):
+        return stack.connect("bulk-user", "bulk%03d" % i, keys[i])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=25) as pool:
+        results = list(pool.map(one, range(100)))
+    assert [status for status, _ in results] == [200] * 100, [b for s, b in results if s != 200][:3]
+    ips = {body["ip"] for _, body in results}
+    assert len(ips) == 100
+    db = stack.db_peers()
+    assert db == {body["publicKey"]: body["ip"] for _, body in results}
+    assert stack.wg_peers() == db
+    pids = {line.split()[0] for line in stack.access_log.read_text().splitlines() if "/wireguard/connect" in line}
+    assert len(pids) >= 2, "all connects were served by one worker: %s" % pids
+
+
+def helper_exchange(stack, frames):
+    """Send raw frames to the helper socket as a compromised app would."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(stack.env["ORBMESH_HELPER_SOCKET"])
+    replies = []
+    with sock, sock.makefile("rb") as stream:
+        for frame in frames:
+            sock.sendall(frame)
+            line = stream.readline()
+            replies.append(json.loads(line) if line else None)
+    return replies
+
+
+def test_helper_refuses_what_a_compromised_app_sends(stack):
+    before = stack.wg_peers()
+    key = keypair()[1]
+    frames = [
+        b'{"id": 1, "cmd": "exec", "args": {"argv": ["sh", "-c", "id"]}}\n',
+        protocol.encode({"id": 2, "cmd": "add_peers", "args": {"peers": [
+            {"public_key": key, "allowed_ips": ["0.0.0.0/0"]}]}}),
+        protocol.encode({"id": 3, "cmd": "add_peers", "args": {"peers": [
+            {"public_key": key, "allowed_ips": ["192.0.2.1/32"]}]}}),
+        protocol.encode({"id": 4, "cmd": "add_peers", "args": {"peers": [
+            {"public_key": key[:-4] + "AA==", "allowed_ips": ["10.8.0.9/32"]}]}}),
+        protocol.encode({"id": 5, "cmd": "add_peers", "args": {"peers": [
+            {"public_key": key, "allowed_ips": ["10.8.0.9/32"], "endpoint": "evil.example:1"}]}}),
+        protocol.encode({"id": 6, "cmd": "add_peers", "args": {"interface": "eth0", "peers": [
+            {"public_key": key, "allowed_ips": ["10.8.0.9/32"]}]}}),
+        b"not json at all\n",
+        protocol.encode({"id": 8, "cmd": "hello"}),
+    ]
+    replies = helper_exchange(stack, frames)
+    assert [r["ok"] for r in replies] == [False] * 7 + [True]
+    assert replies[0]["error"]["code"] == protocol.UNKNOWN_COMMAND
+    assert {r["error"]["code"] for r in replies[1:6]} == {protocol.INVALID_ARGUMENT}
+    assert replies[6]["error"]["code"] == protocol.BAD_FRAME
+    assert stack.wg_peers() == before
+    assert re.fullmatch(r"[0-9a-f]+", replies[7]["result"]["generation"])

@@ -1,0 +1,89 @@
+import ipaddress
+import subprocess
+import sys
+
+import pytest
+
+from wghelper.settings import ConfigError, load, read_env_file
+
+
+def test_defaults():
+    s = load({})
+    assert s.interface == "wg0" and s.listen_port == 51820 and s.mtu == 1420
+    assert s.pool == ipaddress.ip_network("10.8.0.0/16")
+    assert s.gateway == ipaddress.ip_address("10.8.0.1")
+    assert s.socket_path == "/run/orbmesh/wghelper.sock" and s.socket_group is None
+    assert s.allowed_uids == frozenset({0})
+    assert s.state_dir == "/var/lib/orbmesh-wghelper"
+    assert (s.backend, s.wireguard_go) == ("auto", "wireguard-go")
+    assert (s.command_timeout, s.watch_interval, s.max_connections) == (10.0, 2.0, 256)
+
+
+def test_read_env_file(tmp_path):
+    path = tmp_path / "orbmesh.env"
+    path.write_text(
+        "# a comment\n"
+        "\n"
+        "ORBMESH_INTERFACE=wg7\n"
+        "ORBMESH_POOL = '10.9.0.0/24'\n"
+        'ORBMESH_MTU="1280"\n'
+        "export ORBMESH_LISTEN_PORT=4000\n"
+        "ORBMESH_GATEWAY=\n"
+        "  ; another comment\n")
+    assert read_env_file(path) == {"ORBMESH_INTERFACE": "wg7", "ORBMESH_POOL": "10.9.0.0/24",
+                                   "ORBMESH_MTU": "1280", "ORBMESH_LISTEN_PORT": "4000",
+                                   "ORBMESH_GATEWAY": ""}
+
+
+def test_read_env_file_refuses_garbage(tmp_path):
+    path = tmp_path / "bad.env"
+    path.write_text("ORBMESH_MTU=1280\nthis is not a setting\n")
+    with pytest.raises(ValueError, match=":2:"):
+        read_env_file(path)
+
+
+def test_file_then_environment(tmp_path):
+    path = tmp_path / "orbmesh.env"
+    path.write_text("ORBMESH_INTERFACE=wgfile\nORBMESH_MTU=1300\nORBMESH_POOL=10.9.0.0/24\n")
+    s = load({"ORBMESH_CONFIG_FILE": str(path), "ORBMESH_MTU": "1400", "ORBMESH_INTERFACE": ""})
+    assert s.mtu == 1400                 # the environment wins
+    assert s.interface == "wg0"          # empty means default, as in systemd files
+    assert str(s.gateway) == "10.9.0.1"  # derived from the file's pool
+
+
+def test_names_and_ids():
+    s = load({"ORBMESH_HELPER_ALLOWED_UIDS": "0, root,65534", "ORBMESH_HELPER_SOCKET_GROUP": "root"})
+    assert s.allowed_uids == frozenset({0, 65534}) and s.socket_group == 0
+    assert load({"ORBMESH_HELPER_SOCKET_GROUP": "1234"}).socket_group == 1234
+
+
+@pytest.mark.parametrize("name, value", [
+    ("INTERFACE", "wg 0"), ("INTERFACE", "a" * 16), ("INTERFACE", "wg0;rm"), ("INTERFACE", "wg\n0"),
+    ("LISTEN_PORT", "0"), ("LISTEN_PORT", "65536"), ("LISTEN_PORT", "x"),
+    ("POOL", "10.8.0.1/16"), ("POOL", "10.8.0.0/31"), ("POOL", "nope"),
+    ("GATEWAY", "10.9.0.1"), ("GATEWAY", "10.8.0.0"), ("GATEWAY", "10.8.255.255"), ("GATEWAY", "x"),
+    ("MTU", "575"), ("MTU", "9001"),
+    ("HELPER_SOCKET", "relative.sock"), ("HELPER_STATE_DIR", "state"),
+    ("HELPER_SOCKET_GROUP", "no-such-group-xyz"), ("HELPER_ALLOWED_UIDS", "no-such-user-xyz"),
+    ("HELPER_ALLOWED_UIDS", ","), ("WG_BACKEND", "magic"),
+    ("HELPER_COMMAND_TIMEOUT", "0"), ("HELPER_COMMAND_TIMEOUT", "nan"), ("HELPER_WATCH_INTERVAL", "-1"),
+    ("HELPER_MAX_CONNECTIONS", "0"),
+])
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError) as info:
+        load({"ORBMESH_" + name: value})
+    assert str(info.value).startswith("ORBMESH_%s: " % name)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="ORBMESH_CONFIG_FILE"):
+        load({"ORBMESH_CONFIG_FILE": "/nonexistent/orbmesh.env"})
+
+
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "bad.env"
+    config.write_text("ORBMESH_MTU=5\n")
+    done = subprocess.run([sys.executable, "-m", "wghelper", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["orbmesh-wghelper: ORBMESH_MTU: must be between 576 and 9000"]

@@ -1,0 +1,190 @@
+import base64
+import ipaddress
+
+import pytest
+
+from wghelper import validate
+from wghelper.validate import Invalid
+
+POOL = ipaddress.ip_network("10.8.0.0/16")
+GATEWAY = ipaddress.ip_address("10.8.0.1")
+POOL6 = ipaddress.ip_network("fd00:8::/64")
+GATEWAY6 = ipaddress.ip_address("fd00:8::1")
+
+
+def b64(raw):
+    return base64.b64encode(raw).decode()
+
+
+KEY = b64(bytes(range(32)))
+KEY2 = b64(bytes(range(1, 33)))
+
+
+@pytest.mark.parametrize("value", [KEY, b64(b"\xff" * 32), b64(b"\x00" * 32)])
+def test_public_key_good(value):
+    assert validate.public_key(value) == value
+
+
+@pytest.mark.parametrize("value", [
+    b64(b"x" * 31),                 # 31 bytes
+    b64(b"x" * 33),                 # 33 bytes
+    KEY[:-1],                       # no padding
+    KEY[:-2] + "==",                # wrong padding
+    "!" + KEY[1:],                  # not base64
+    KEY.replace("A", "-", 1) if "A" in KEY else "-" + KEY[1:],  # urlsafe alphabet
+    KEY[:-2] + "B=",                # last char carries non-zero spare bits
+    " " + KEY,                      # not anchored
+    KEY + "\n",
+    "",
+    None, 42, ["x"], b"x" * 44,
+])
+def test_public_key_bad(value):
+    with pytest.raises(Invalid) as info:
+        validate.public_key(value)
+    assert info.value.field == "public_key"
+
+
+def test_invalid_message_does_not_echo_the_value():
+    secret = b64(b"s" * 31)
+    with pytest.raises(Invalid) as info:
+        validate.public_key(secret)
+    assert secret not in str(info.value)
+    assert secret[:10] not in str(info.value)
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["10.8.0.42/32"], ["10.8.0.42/32"]),
+    (["10.8.0.2/32", "10.8.255.254/32"], ["10.8.0.2/32", "10.8.255.254/32"]),
+    (["10.8.1.%d/32" % i for i in range(8)], ["10.8.1.%d/32" % i for i in range(8)]),
+])
+def test_client_ips_good(values, expected):
+    assert validate.client_ips(values, POOL, GATEWAY) == expected
+
+
+@pytest.mark.parametrize("values", [
+    [],                                   # none
+    ["10.8.1.%d/32" % i for i in range(9)],  # more than 8
+    "10.8.0.42/32",                       # not a list
+    ["10.9.0.42/32"],                     # outside the pool
+    ["192.0.2.1/32"],
+    ["10.8.0.0/32"],                      # network
+    ["10.8.0.1/32"],                      # gateway
+    ["10.8.255.255/32"],                  # broadcast
+    ["10.8.0.42/24"],                     # not a host route
+    ["10.8.0.0/24"],
+    ["10.8.0.42"],                        # no prefix
+    ["10.8.0.042/32"],                    # leading zero
+    ["fd00:8::5/128"],                    # wrong family
+    ["10.8.0.42/32", "10.8.0.42/32"],     # duplicate
+    [42], [None], ["10.8.0.42/32 "], ["10.8.0.42/32,10.8.0.43/32"],
+])
+def test_client_ips_bad(values):
+    with pytest.raises(Invalid):
+        validate.client_ips(values, POOL, GATEWAY)
+
+
+def test_client_ips_v6_pool():
+    assert validate.client_ips(["fd00:8::0042/128"], POOL6, GATEWAY6) == ["fd00:8::42/128"]
+    for bad in (["fd00:8::/128"], ["fd00:8::1/128"], ["fd00:9::5/128"], ["fd00:8::5/64"]):
+        with pytest.raises(Invalid):
+            validate.client_ips(bad, POOL6, GATEWAY6)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None),
+    ("192.0.2.1:51820", "192.0.2.1:51820"),
+    ("192.0.2.1:1", "192.0.2.1:1"),
+    ("192.0.2.1:65535", "192.0.2.1:65535"),
+    ("[2001:db8::1]:51820", "[2001:db8::1]:51820"),
+    ("[2001:DB8:0::1]:7", "[2001:db8::1]:7"),
+])
+def test_endpoint_good(value, expected):
+    assert validate.endpoint(value) == expected
+
+
+@pytest.mark.parametrize("value", [
+    "example.com:51820", "localhost:51820", "vpn.example:1",   # hostnames
+    "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:99999",     # ports
+    "192.0.2.1", "192.0.2.1:", ":51820", "192.0.2.256:1",
+    "2001:db8::1:51820",                                      # v6 without brackets
+    "[2001:db8::1%eth0]:1", "[fe80::1]", "[::1]:-1",
+    "0.0.0.0:1", "224.0.0.1:1", "[::]:1",
+    "192.0.2.1:51820 ", "192.0.2.1:51820\n", "192.0.2.1:5e3",
+    42, ["192.0.2.1:1"], {"ip": "192.0.2.1"},
+])
+def test_endpoint_bad(value):
+    with pytest.raises(Invalid):
+        validate.endpoint(value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 25, 65535])
+def test_keepalive_good(value):
+    assert validate.keepalive(value) == value
+
+
+@pytest.mark.parametrize("value", [True, False, -1, 65536, 25.0, "25", None])
+def test_keepalive_bad(value):
+    with pytest.raises(Invalid):
+        validate.keepalive(value)
+
+
+def test_peer_normalises_and_defaults():
+    assert validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"]}, POOL, GATEWAY) == {
+        "public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": None, "keepalive": 0}
+    full = {"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": "192.0.2.1:5", "keepalive": 25}
+    assert validate.peer(full, POOL, GATEWAY) == full
+
+
+@pytest.mark.parametrize("value, field", [
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "preshared_key": KEY}, "peer"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "allowed-ips": []}, "peer"),
+    ({"allowed_ips": ["10.8.0.42/32"]}, "peer.public_key"),
+    ({"public_key": KEY}, "peer.allowed_ips"),
+    ({"public_key": KEY, "allowed_ips": ["10.9.0.1/32"]}, "peer.allowed_ips[0]"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "keepalive": True}, "peer.keepalive"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "endpoint": "h:1"}, "peer.endpoint"),
+    ([KEY], "peer"),
+])
+def test_peer_bad(value, field):
+    with pytest.raises(Invalid) as info:
+        validate.peer(value, POOL, GATEWAY)
+    assert info.value.field == field
+
+
+def test_peers_good():
+    peers = [{"public_key": KEY, "allowed_ips": ["10.8.0.2/32"]},
+             {"public_key": KEY2, "allowed_ips": ["10.8.0.3/32"]}]
+    assert [p["public_key"] for p in validate.peers(peers, POOL, GATEWAY)] == [KEY, KEY2]
+    assert validate.peers([], POOL, GATEWAY) == []
+
+
+@pytest.mark.parametrize("peers, field", [
+    ([{"public_key": KEY, "allowed_ips": ["10.8.0.2/32"]},
+      {"public_key": KEY, "allowed_ips": ["10.8.0.3/32"]}], "peers[1].public_key"),
+    ([{"public_key": KEY, "allowed_ips": ["10.8.0.2/32"]},
+      {"public_key": KEY2, "allowed_ips": ["10.8.0.2/32"]}], "peers[1].allowed_ips"),
+    ({"public_key": KEY}, "peers"),
+])
+def test_peers_bad(peers, field):
+    with pytest.raises(Invalid) as info:
+        validate.peers(peers, POOL, GATEWAY)
+    assert info.value.field == field
+
+
+def test_peers_limits():
+    with pytest.raises(Invalid):
+        validate.peers([], POOL, GATEWAY, min=1)
+    many = [{"public_key": b64(i.to_bytes(4, "big") * 8), "allowed_ips": ["10.8.1.%d/32" % i]}
+            for i in range(1, 4)]
+    with pytest.raises(Invalid):
+        validate.peers(many, POOL, GATEWAY, max=2)
+
+
+def test_key_list():
+    assert validate.key_list([KEY, KEY2]) == [KEY, KEY2]
+    assert validate.key_list([]) == []
+    for bad in ([KEY, KEY], [KEY, "x"], KEY, [None]):
+        with pytest.raises(Invalid):
+            validate.key_list(bad)
+    with pytest.raises(Invalid):
+        validate.key_list([], min=1)

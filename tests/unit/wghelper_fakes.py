@@ -1,0 +1,194 @@
+"""A fake Runner for the helper's unit tests: records every argv exactly and
+keeps a tiny model of links and peers so dump/sync see their own writes."""
+import base64
+import ipaddress
+import os
+import threading
+
+from wghelper.commands import CommandFailed
+from wghelper.handlers import Context, dispatch
+from wghelper.interface import Interface
+from wghelper.settings import load
+from wghelper.writer import Writer
+
+FAKE_IF = "wgt0"
+FAKE_KEYFILE = "/state/server.key"
+SERVER_PUBLIC = base64.b64encode(b"P" * 32).decode()
+# What the fake `wg show IF dump` prints as the private key: it must never
+# come back out of the helper.
+DUMP_PRIVATE = base64.b64encode(b"\x11" * 32).decode()
+
+
+def key(n):
+    """A distinct valid public key for each small integer."""
+    return base64.b64encode(n.to_bytes(4, "big") * 8).decode()
+
+
+def peer(k, *ips, **extra):
+    return dict({"public_key": k, "allowed_ips": list(ips) or ["10.8.0.2/32"]}, **extra)
+
+
+def settings(**overrides):
+    env = {"ORBMESH_INTERFACE": FAKE_IF, "ORBMESH_HELPER_STATE_DIR": "/nonexistent",
+           "ORBMESH_HELPER_SOCKET": "/nonexistent/s.sock"}
+    env.update({"ORBMESH_" + k.upper(): str(v) for k, v in overrides.items()})
+    return load(env)
+
+
+class FakeChild:
+    def __init__(self, runner, name):
+        self.runner = runner
+        self.name = name
+        self.pid = 424242
+        self.running = True
+
+    def alive(self):
+        return self.running
+
+    def exit_code(self):
+        return None if self.running else 0
+
+    def stop(self, timeout=5.0):
+        self.runner.calls.append(["stop-wireguard-go", self.name])
+        self.running = False
+        self.runner.links.discard(self.name)
+
+
+class FakeRunner:
+    def __init__(self, kernel=True, socket_dir=None):
+        self.calls = []        # every argv, e.g. ["wg", "set", "wgt0", ...]
+        self.stdins = []       # (argv, stdin) for commands fed on stdin
+        self.kernel = kernel
+        self.socket_dir = socket_dir
+        self.links = set()
+        self.peers = {}        # key -> {"allowed_ips", "endpoint", "keepalive"}
+        self.fail = None       # callable(argv) -> stderr string to fail with, or None
+        self.gate = None       # threading.Event wg set waits on, when set
+        self.entered = threading.Event()
+        self.children = []
+        self._lock = threading.Lock()
+
+    def clear(self):
+        with self._lock:
+            self.calls.clear()
+
+    def wg_sets(self):
+        return [c for c in self.calls if c[:2] == ["wg", "set"]]
+
+    def _record(self, argv, stdin):
+        with self._lock:
+            self.calls.append(argv)
+            if stdin is not None:
+                self.stdins.append((argv, stdin))
+        if self.fail is not None:
+            stderr = self.fail(argv)
+            if stderr:
+                raise CommandFailed(argv[0], 1, stderr)
+
+    # --- the Runner interface -------------------------------------------
+
+    def wg(self, *args, stdin=None):
+        argv = ["wg", *args]
+        if args[:1] == ("set",) and self.gate is not None:
+            self.entered.set()
+            assert self.gate.wait(10), "test never opened the gate"
+        self._record(argv, stdin)
+        if args == ("pubkey",):
+            return SERVER_PUBLIC + "\n"
+        name = args[1] if len(args) > 1 else None
+        if name not in self.links:
+            raise CommandFailed("wg", 1, "Unable to access interface: No such device")
+        if args[0] == "show" and args[2:] == ("dump",):
+            return self._dump()
+        if args[0] == "set":
+            self._set(list(args[2:]))
+        return ""
+
+    def ip(self, *args):
+        argv = ["ip", *args]
+        self._record(argv, None)
+        if args[:3] == ("link", "show", "dev"):
+            if args[3] not in self.links:
+                raise CommandFailed("ip", 1, 'Device "%s" does not exist.' % args[3])
+        elif args[:3] == ("link", "add", "dev"):
+            if not self.kernel:
+                raise CommandFailed("ip", 2, "Error: Unknown device type.")
+            self.links.add(args[3])
+        elif args[:3] == ("link", "del", "dev"):
+            if args[3] not in self.links:
+                raise CommandFailed("ip", 1, "Cannot find device")
+            self.links.discard(args[3])
+        return ""
+
+    def start_wireguard_go(self, ifname):
+        self._record(["wireguard-go", ifname], None)
+        self.links.add(ifname)
+        if self.socket_dir:
+            open(os.path.join(self.socket_dir, ifname + ".sock"), "w").close()
+        child = FakeChild(self, ifname)
+        self.children.append(child)
+        return child
+
+    # --- the model ------------------------------------------------------
+
+    def _dump(self):
+        lines = ["%s\t%s\t51820\toff" % (DUMP_PRIVATE, SERVER_PUBLIC)]
+        for k, p in self.peers.items():
+            lines.append("\t".join([
+                k, "(none)", p["endpoint"] or "(none)", ",".join(p["allowed_ips"]) or "(none)",
+                "0", "100", "200", str(p["keepalive"]) if p["keepalive"] else "off"]))
+        return "\n".join(lines) + "\n"
+
+    def _set(self, args):
+        i = 0
+        current = None
+        while i < len(args):
+            word = args[i]
+            if word == "peer":
+                current = args[i + 1]
+                self.peers.setdefault(current, {"allowed_ips": [], "endpoint": None, "keepalive": 0})
+                i += 2
+            elif word == "remove":
+                self.peers.pop(current, None)
+                i += 1
+            elif word == "allowed-ips":
+                nets = args[i + 1].split(",")
+                for other in self.peers.values():  # an address has one owner
+                    other["allowed_ips"] = [a for a in other["allowed_ips"] if a not in nets]
+                self.peers[current]["allowed_ips"] = [str(ipaddress.ip_network(n)) for n in nets]
+                i += 2
+            elif word == "endpoint":
+                self.peers[current]["endpoint"] = args[i + 1]
+                i += 2
+            elif word == "persistent-keepalive":
+                self.peers[current]["keepalive"] = int(args[i + 1])
+                i += 2
+            elif word in ("listen-port", "private-key"):
+                i += 2
+            else:
+                raise AssertionError("fake wg set cannot parse %r" % word)
+
+
+class Helper:
+    """The helper's parts wired together around a FakeRunner."""
+
+    def __init__(self, tmp_path, kernel=True, chunk=1000, **overrides):
+        self.runner = FakeRunner(kernel=kernel, socket_dir=str(tmp_path))
+        self.settings = settings(**overrides)
+        self.iface = Interface(self.settings, self.runner, FAKE_KEYFILE, socket_dir=str(tmp_path))
+        self.writer = Writer(self.runner, FAKE_IF, chunk=chunk)
+        self.ctx = Context(self.settings, self.runner, self.iface, self.writer, SERVER_PUBLIC)
+
+    def start(self):
+        self.iface.up()
+        self.writer.start()
+        self.runner.clear()
+        return self
+
+    def call(self, cmd, args=None):
+        return dispatch(self.ctx, 1, cmd, args or {})
+
+    def result(self, cmd, args=None):
+        reply = self.call(cmd, args)
+        assert reply["ok"], reply
+        return reply["result"]

@@ -1,0 +1,1 @@
+"""OrbMesh root helper: the only process that runs wg and ip."""

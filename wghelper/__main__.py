@@ -1,0 +1,87 @@
+"""orbmesh-wghelper: the root process that alone runs wg and ip."""
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from . import keys, settings
+from .commands import CommandFailed, Runner
+from .handlers import Context
+from .interface import Interface
+from .server import Server
+from .writer import Writer
+
+log = logging.getLogger("wghelper")
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="orbmesh-wghelper",
+        description="Privileged helper: manages the WireGuard interface for the OrbMesh app.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="KEY=VALUE settings file (sets ORBMESH_CONFIG_FILE)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    opts = _parse_args(argv)
+    logging.basicConfig(level=opts.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # sh logs every command line at INFO; ours are ours to log.
+    logging.getLogger("sh").setLevel(logging.WARNING)
+
+    environ = dict(os.environ)
+    if opts.config:
+        environ[settings.PREFIX + "CONFIG_FILE"] = opts.config
+    try:
+        cfg = settings.load(environ)
+    except settings.ConfigError as exc:
+        print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
+        return 2
+
+    server = iface = writer = None
+    stopping = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+        if server is not None:
+            server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    code = 0
+    try:
+        runner = Runner(cfg.command_timeout, cfg.wireguard_go)
+        key_path, public_key = keys.ensure_server_key(cfg.state_dir, runner)
+        log.info("server public key %s", public_key)
+        iface = Interface(cfg, runner, key_path)
+        iface.up()
+        writer = Writer(runner, cfg.interface)
+        writer.start()
+        iface.start_watcher()
+        server = Server(cfg, Context(cfg, runner, iface, writer, public_key))
+        server.bind()
+        if stopping:
+            server.stop()
+        server.serve_forever()
+        log.info("stopping on signal %s", stopping[0] if stopping else "?")
+    except (CommandFailed, keys.KeyFileError, OSError) as exc:
+        log.error("cannot run: %s", exc)
+        code = 1
+    finally:
+        if server is not None:
+            server.close()
+        if writer is not None:
+            writer.stop()
+        if iface is not None:
+            iface.down()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

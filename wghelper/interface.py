@@ -1,0 +1,173 @@
+"""The WireGuard interface: bring it up like wg-quick, watch it, tear it down.
+
+The helper keeps no peers.  Each time it (re)creates the interface it picks
+a new ``generation``; the app notices the change and refills the peers.
+"""
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+
+from .commands import CommandFailed
+
+log = logging.getLogger(__name__)
+
+WG_SOCKET_DIR = "/var/run/wireguard"
+# What `ip link add ... type wireguard` says when the kernel has no module.
+_NO_KERNEL_RE = re.compile(r"unknown device type|not supported|no such device", re.IGNORECASE)
+
+
+class Interface:
+    def __init__(self, settings, runner, key_path, socket_dir=WG_SOCKET_DIR, start_timeout=10.0):
+        self.name = settings.interface
+        self.settings = settings
+        self.runner = runner
+        self.key_path = key_path
+        self.socket_dir = socket_dir
+        self.start_timeout = start_timeout
+        self.generation = None
+        self.backend = None
+        self.running = False
+        self._child = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._watcher = None
+
+    @property
+    def uapi_socket(self):
+        return os.path.join(self.socket_dir, self.name + ".sock")
+
+    def exists(self):
+        try:
+            self.runner.ip("link", "show", "dev", self.name)
+            return True
+        except CommandFailed:
+            return False
+
+    def up(self):
+        """Create (or adopt) and configure the interface; new generation."""
+        with self._lock:
+            if self.exists():
+                if self._controllable():
+                    # Left over from a helper that died without cleaning up.
+                    self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
+                    log.info("adopting existing interface %s (%s)", self.name, self.backend)
+                else:
+                    log.warning("%s exists but wg cannot control it; re-creating it", self.name)
+                    self._delete_link()
+                    self._create()
+            else:
+                self._create()
+            try:
+                self._configure()
+            except Exception:
+                self._teardown()
+                raise
+            self.generation = secrets.token_hex(8)
+            self.running = True
+            log.info("interface %s is up (backend %s, generation %s)",
+                     self.name, self.backend, self.generation)
+
+    def _controllable(self):
+        try:
+            self.runner.wg("show", self.name)
+            return True
+        except CommandFailed:
+            return False
+
+    def _create(self):
+        backend = self.settings.backend
+        if backend != "userspace":
+            try:
+                self.runner.ip("link", "add", "dev", self.name, "type", "wireguard")
+                self.backend = "kernel"
+                return
+            except CommandFailed as exc:
+                if backend == "kernel" or not _NO_KERNEL_RE.search(exc.stderr or ""):
+                    raise
+                log.info("kernel has no WireGuard (%s); using %s", exc.stderr, self.settings.wireguard_go)
+        self._start_userspace()
+
+    def _start_userspace(self):
+        child = self.runner.start_wireguard_go(self.name)
+        self._child = child
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if not child.alive():
+                self._child = None
+                raise CommandFailed("wireguard-go", child.exit_code(), "exited while starting")
+            # Ready when both the tun device and its control socket are there.
+            if os.path.exists(self.uapi_socket) and self.exists():
+                break
+            if time.monotonic() > deadline:
+                child.stop()
+                self._child = None
+                raise CommandFailed("wireguard-go", None,
+                                    "no interface after %gs" % self.start_timeout)
+            time.sleep(0.05)
+        self.backend = "wireguard-go"
+
+    def _configure(self):
+        s = self.settings
+        family = "-4" if s.pool.version == 4 else "-6"
+        self.runner.wg("set", self.name, "listen-port", str(s.listen_port),
+                       "private-key", self.key_path)
+        self.runner.ip(family, "address", "replace", "%s/%d" % (s.gateway, s.pool.prefixlen),
+                       "dev", self.name)
+        self.runner.ip("link", "set", "dev", self.name, "mtu", str(s.mtu), "up")
+
+    def _delete_link(self):
+        try:
+            self.runner.ip("link", "del", "dev", self.name)
+        except CommandFailed as exc:
+            log.warning("could not delete %s: %s", self.name, exc.stderr)
+
+    def _teardown(self):
+        self.running = False
+        child, self._child = self._child, None
+        if child is not None:
+            # wireguard-go removes its tun device and socket when it exits.
+            child.stop()
+        if self.exists():
+            self._delete_link()
+
+    def check(self):
+        """One watcher tick: re-create the interface if it has gone."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            child = self._child
+            if self.running and (child is None or child.alive()) and self.exists():
+                return
+            if self.running:
+                log.warning("interface %s has gone (wireguard-go alive: %s); re-creating it",
+                            self.name, None if child is None else child.alive())
+            self._teardown()
+            try:
+                self.up()
+            except CommandFailed as exc:
+                log.error("could not re-create %s: %s; retrying in %gs",
+                          self.name, exc, self.settings.watch_interval)
+
+    def _watch(self):
+        while not self._stop.wait(self.settings.watch_interval):
+            try:
+                self.check()
+            except Exception:
+                log.exception("interface watcher failed; it keeps running")
+
+    def start_watcher(self):
+        self._watcher = threading.Thread(target=self._watch, name="wg-watcher", daemon=True)
+        self._watcher.start()
+
+    def down(self):
+        """Stop watching, then remove what we created."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
+        with self._lock:
+            self._teardown()
+            log.info("interface %s is down", self.name)

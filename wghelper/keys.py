@@ -1,0 +1,89 @@
+"""The server's WireGuard key: made once, kept 0600 in a 0700 directory.
+
+The private key never leaves this file except on the stdin of ``wg pubkey``;
+wg is given the path (``wg set IF private-key FILE``), never the key.
+"""
+import base64
+import logging
+import os
+import stat
+
+from . import validate
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "server.key"
+
+
+class KeyFileError(Exception):
+    """The state directory or key file is unusable."""
+
+
+def generate_private_key():
+    raw = bytearray(os.urandom(32))
+    # Curve25519 clamping, as `wg genkey` does.
+    raw[0] &= 248
+    raw[31] &= 127
+    raw[31] |= 64
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def _ensure_state_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise KeyFileError("state directory %s is not a directory" % path)
+    if info.st_uid != os.geteuid():
+        raise KeyFileError("state directory %s is not owned by uid %d" % (path, os.geteuid()))
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _read_key(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError("%s is not a regular file" % path)
+        if info.st_mode & 0o077:
+            log.warning("tightening permissions of %s to 0600", path)
+            os.fchmod(handle.fileno(), 0o600)
+        key = handle.read().strip()
+    try:
+        # A private key has the same shape as a public one.
+        validate.public_key(key, "server key")
+    except validate.Invalid:
+        raise KeyFileError("%s does not hold a WireGuard key" % path) from None
+    return key
+
+
+def _write_key(path, key):
+    # Written to a temporary name and renamed, so a crash never leaves a
+    # half-written key where the next start would find it.
+    tmp = path + ".tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(tmp, path)
+
+
+def ensure_server_key(state_dir, runner):
+    """Return (private key path, public key), creating the key on first start."""
+    _ensure_state_dir(state_dir)
+    path = os.path.join(state_dir, KEY_FILE)
+    try:
+        key = _read_key(path)
+        log.info("using the server key in %s", path)
+    except FileNotFoundError:
+        key = generate_private_key()
+        _write_key(path, key)
+        log.info("generated a new server key in %s", path)
+    public = runner.wg("pubkey", stdin=key + "\n").strip()
+    validate.public_key(public, "wg pubkey output")
+    return path, public

@@ -1,0 +1,195 @@
+"""The Unix socket the app talks to: one thread per connection.
+
+The kernel's SO_PEERCRED tells us who connected before we read a byte;
+anyone not in ORBMESH_HELPER_ALLOWED_UIDS gets FORBIDDEN and is dropped.
+"""
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+
+from . import handlers, protocol
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 60.0
+
+
+class Server:
+    def __init__(self, settings, ctx, idle_timeout=IDLE_TIMEOUT, dispatch=handlers.dispatch):
+        self.settings = settings
+        self.ctx = ctx
+        self.path = settings.socket_path
+        self.idle_timeout = idle_timeout
+        self._dispatch = dispatch
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self._stop = threading.Event()
+        self._listener = None
+        self._inode = None
+        self._conns = set()
+        self._conns_lock = threading.Lock()
+
+    # --- socket file ------------------------------------------------------
+
+    def bind(self):
+        parent = os.path.dirname(self.path)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        self._remove_stale()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Created owner-only, then opened up: nobody connects in between.
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o660)
+        if self.settings.socket_group is not None:
+            os.chown(self.path, -1, self.settings.socket_group)
+        listener.listen(128)
+        listener.settimeout(0.5)  # so serve_forever notices stop()
+        self._inode = os.stat(self.path).st_ino
+        self._listener = listener
+        log.info("listening on %s", self.path)
+
+    def _remove_stale(self):
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s", self.path)
+            os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE, "another helper is listening on %s" % self.path)
+
+    def close(self):
+        self._stop.set()
+        if self._listener is not None:
+            try:
+                # Wakes a thread blocked in accept() now, not at its next timeout.
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+            try:
+                if os.stat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # --- serving ----------------------------------------------------------
+
+    def stop(self):
+        """Ask serve_forever to return; safe to call from a signal handler."""
+        self._stop.set()
+
+    def serve_forever(self):
+        listener = self._listener
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set() or listener.fileno() == -1:
+                    break
+                log.error("accept failed: %s", exc)
+                self._stop.wait(0.1)
+                continue
+            if not self._slots.acquire(blocking=False):
+                log.warning("refusing a connection: %d already open", self.settings.max_connections)
+                conn.close()
+                continue
+            thread = threading.Thread(target=self._serve_conn, args=(conn,),
+                                      name="wg-conn", daemon=True)
+            thread.start()
+
+    def _serve_conn(self, conn):
+        with self._conns_lock:
+            self._conns.add(conn)
+        try:
+            self._handle(conn)
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+            self._slots.release()
+
+    def _handle(self, conn):
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in self.settings.allowed_uids:
+            log.warning("refused pid %d uid %d: not in ORBMESH_HELPER_ALLOWED_UIDS", pid, uid)
+            self._send(conn, protocol.error(None, protocol.FORBIDDEN,
+                                            "uid %d may not use this helper" % uid))
+            return
+        conn.settimeout(self.idle_timeout)
+        reader = conn.makefile("rb")
+        try:
+            while not self._stop.is_set():
+                try:
+                    line = protocol.read_frame(reader)
+                except protocol.ProtocolError as exc:
+                    # Oversized or cut short: the stream is out of step, so
+                    # answer once and hang up.
+                    self._send(conn, protocol.error(None, exc.code, exc.message))
+                    return
+                except OSError:  # idle timeout, reset
+                    return
+                if line is None:
+                    return
+                if not self._send(conn, self._answer(line)):
+                    return
+        finally:
+            reader.close()
+
+    def _answer(self, line):
+        req_id = None
+        try:
+            message = protocol.decode(line)
+            candidate = message.get("id")
+            if isinstance(candidate, int) and not isinstance(candidate, bool):
+                req_id = candidate
+            req_id, cmd, args = protocol.parse_request(message)
+        except protocol.ProtocolError as exc:
+            return protocol.error(req_id, exc.code, exc.message)
+        try:
+            return self._dispatch(self.ctx, req_id, cmd, args)
+        except Exception:
+            log.exception("dispatch of %s failed", cmd[:40])
+            return protocol.error(req_id, protocol.INTERNAL, "internal error; see the helper's log")
+
+    @staticmethod
+    def _send(conn, reply):
+        try:
+            data = protocol.encode(reply)
+        except protocol.ProtocolError as exc:
+            data = protocol.encode(protocol.error(reply.get("id"), exc.code,
+                                                  "reply too large: %s" % exc.message))
+        try:
+            conn.sendall(data)
+            return True
+        except OSError:
+            return False

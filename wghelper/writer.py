@@ -1,0 +1,192 @@
+"""One thread makes every peer change, merging queued requests.
+
+Each ``wg set`` is a fork+exec and, with wireguard-go, a full UAPI
+round-trip; a burst of 500 device registrations becomes one or a few calls
+instead of 500.  Requests block until their own job is done, and a merged
+call that fails is retried job by job so each request gets its own answer.
+"""
+import collections
+import logging
+import threading
+
+from .commands import CommandFailed
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000  # peers per argv: ~120 bytes each stays far below ARG_MAX
+
+
+class WriterStopped(Exception):
+    pass
+
+
+class Job:
+    def __init__(self, removes=(), adds=(), plan=None):
+        self.removes = list(removes)
+        self.adds = list(adds)
+        self.plan = plan  # callable run on the writer thread -> (removes, adds, result)
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+
+    def finish(self, result=None, error=None):
+        self.result, self.error = result, error
+        self.done.set()
+
+
+def merge(jobs):
+    """Merge jobs into (removes, adds), the last operation on a key winning."""
+    ops = {}
+    for job in jobs:
+        for key in job.removes:
+            ops.pop(key, None)
+            ops[key] = None
+        for peer in job.adds:
+            ops.pop(peer["public_key"], None)
+            ops[peer["public_key"]] = peer
+    removes = [key for key, op in ops.items() if op is None]
+    adds = [op for op in ops.values() if op is not None]
+    return removes, adds
+
+
+def clauses(removes, adds):
+    """The `wg set` peer clauses; removals first so a freed address can be reused."""
+    result = [["peer", key, "remove"] for key in removes]
+    for peer in adds:
+        clause = ["peer", peer["public_key"], "allowed-ips", ",".join(peer["allowed_ips"])]
+        if peer.get("endpoint"):
+            clause += ["endpoint", peer["endpoint"]]
+        # Always sent, so that an update can switch keepalive off with 0.
+        clause += ["persistent-keepalive", str(peer.get("keepalive", 0))]
+        result.append(clause)
+    return result
+
+
+class Writer:
+    def __init__(self, runner, ifname, chunk=CHUNK):
+        self.runner = runner
+        self.ifname = ifname
+        self.chunk = chunk
+        self.wg_set_calls = 0
+        self.jobs_applied = 0
+        self._queue = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="wg-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            pending, self._queue = list(self._queue), collections.deque()
+        for job in pending:
+            job.finish(error=WriterStopped("the helper is stopping"))
+
+    def pending(self):
+        with self._cond:
+            return len(self._queue)
+
+    def apply(self, removes=(), adds=()):
+        """Remove then add/update peers; returns {"removed": n, "applied": m}."""
+        return self._submit(Job(removes, adds))
+
+    def run_planned(self, plan):
+        """Run plan() on the writer thread, then apply what it returns.
+
+        Used by sync: reading the current peers and applying the difference
+        happen with no other change in between.
+        """
+        return self._submit(Job(plan=plan))
+
+    def _submit(self, job):
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise WriterStopped("the helper is stopping")
+            self._queue.append(job)
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch, self._queue = list(self._queue), collections.deque()
+            self._process(batch)
+
+    def _process(self, batch):
+        group = []
+        for job in batch:
+            if job.plan is None:
+                group.append(job)
+                continue
+            self._run_group(group)
+            group = []
+            self._run_planned(job)
+        self._run_group(group)
+
+    def _run_group(self, jobs):
+        if not jobs:
+            return
+        if len(jobs) == 1:
+            self._run_one(jobs[0])
+            return
+        try:
+            self._apply(*merge(jobs))
+        except CommandFailed as exc:
+            log.warning("merged wg set for %d jobs failed (%s); retrying them one by one",
+                        len(jobs), exc.stderr)
+            for job in jobs:
+                self._run_one(job)
+            return
+        except Exception as exc:  # finish every waiter, whatever happened
+            log.exception("writer failed")
+            for job in jobs:
+                job.finish(error=exc)
+            return
+        for job in jobs:
+            self.jobs_applied += 1
+            job.finish(result=self._counts(job))
+
+    def _run_one(self, job):
+        try:
+            self._apply(*merge([job]))
+        except Exception as exc:
+            job.finish(error=exc)
+            return
+        self.jobs_applied += 1
+        job.finish(result=self._counts(job))
+
+    def _run_planned(self, job):
+        try:
+            removes, adds, result = job.plan()
+            self._apply(removes, adds)
+        except Exception as exc:
+            job.finish(error=exc)
+            return
+        self.jobs_applied += 1
+        job.finish(result=result)
+
+    @staticmethod
+    def _counts(job):
+        return {"removed": len(job.removes), "applied": len(job.adds)}
+
+    def _apply(self, removes, adds):
+        todo = clauses(removes, adds)
+        for start in range(0, len(todo), self.chunk):
+            argv = [arg for clause in todo[start:start + self.chunk] for arg in clause]
+            self.wg_set_calls += 1
+            self.runner.wg("set", self.ifname, *argv)
