@@ -90,7 +90,7 @@ class Stack:
         argv = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(self.workers),
                 "--bind", "%s:%d" % (SERVER_ADDR, API_PORT), "--chdir", str(Path(__file__).parents[2]),
                 "--access-logfile", str(self.access_log), "--access-logformat", '%(p)s "%(r)s" %(s)s',
-                "--graceful-timeout", "5", "app:create_app()"]
+                "--graceful-timeout", "5", "--no-control-socket", "app:create_app()"]
         self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_for(self._app_ready, what="gunicorn")

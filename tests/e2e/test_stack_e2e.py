@@ -150,3 +150,50 @@ def test_helper_refuses_what_a_compromised_app_sends(stack):
     assert replies[6]["error"]["code"] == protocol.BAD_FRAME
     assert stack.wg_peers() == before
     assert re.fullmatch(r"[0-9a-f]+", replies[7]["result"]["generation"])
+
+
+def test_bad_input_changes_nothing_on_the_real_stack(stack):
+    _, good = stack.connect("user-1", "dev003", keypair()[1])
+    token = stack.token("user-1", "dev004")
+    before = (stack.db_peers(), stack.wg_peers())
+    short_key = keypair()[1][:-4] + "AA=="
+    cases = [
+        ("POST", "/wireguard/connect", {"publicKey": short_key}, {"Authorization": "Bearer " + token}, 400),
+        ("POST", "/wireguard/connect", {"publicKey": good["publicKey"]},
+         {"Authorization": "Bearer " + token}, 409),
+        ("POST", "/wireguard/connect", {"publicKey": keypair()[1]}, {"Authorization": "Bearer x.y.z"}, 401),
+        ("POST", "/wireguard/connect", {"publicKey": keypair()[1], "exitServerId": "exit-1"},
+         {"Authorization": "Bearer " + token}, 501),
+        ("POST", "/wireguard/add-peer", {"userUuid": "u", "publicKey": keypair()[1], "allowedIPs": "10.9.0.5/32",
+                                         "assignedIP": "10.9.0.5"}, {"X-API-Key": stack.api_key}, 400),
+        ("POST", "/wireguard/add-peer", {"userUuid": "u", "publicKey": keypair()[1],
+                                         "allowedIPs": good["ip"], "assignedIP": good["ip"][:-3]},
+         {"X-API-Key": stack.api_key}, 409),
+        ("POST", "/wireguard/remove-peer", {"userUuid": "user-1"}, {"X-API-Key": "wrong-key-0123456789"}, 401),
+        ("GET", "/wireguard/status", None, {}, 401),
+    ]
+    for method, path, body, headers, expected in cases:
+        status, _, raw = stack.request(method, path, body, headers)
+        reply = json.loads(raw)
+        assert status == expected, (path, reply)
+        assert reply["success"] is False and set(reply["error"]) >= {"code", "message"}
+    status, _, raw = stack.request("POST", "/wireguard/connect", None,
+                                   {"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    assert status == 400
+    assert (stack.db_peers(), stack.wg_peers()) == before
+
+
+def test_no_secret_reaches_any_log(stack):
+    token = stack.token("user-1", "dev005")
+    stack.call("POST", "/wireguard/connect", {"publicKey": keypair()[1]}, token=token)
+    stack.call("GET", "/wireguard/status", api_key=stack.api_key)
+    stack.call("GET", "/wireguard/status", api_key=stack.api_key + "-wrong")
+    stack.call("POST", "/wireguard/connect", {"publicKey": "junk"}, token=token + "x")
+    stack.stop_app()
+    stack.stop_helper()
+    private_key = (stack.tmp / "helper-state" / "server.key").read_text().strip()
+    secrets_used = {"jwt secret": stack.secret, "api key": stack.api_key, "device token": token,
+                    "token signature": token.rsplit(".", 1)[1], "server private key": private_key}
+    logs = "".join(path.read_text() for path in (stack.app_log, stack.helper_log, stack.access_log))
+    assert "connect" in logs and "listening on" in logs  # the logs are really there
+    assert [name for name, value in secrets_used.items() if value in logs] == []
