@@ -4,6 +4,7 @@ Every failure leaves the app as
 ``{"success": false, "error": {"code": ..., "message": ..., "details"?: ...}}``.
 """
 import logging
+import sqlite3
 
 from flask import jsonify
 from marshmallow import ValidationError
@@ -26,6 +27,7 @@ CODES = {
     "HELPER_ERROR": 502,
     "POOL_EXHAUSTED": 503,
     "HELPER_UNAVAILABLE": 503,
+    "DATABASE_UNAVAILABLE": 503,
 }
 
 _HTTP_CODES = {
@@ -76,6 +78,13 @@ def _http_error(exc):
     return response
 
 
+def _database_error(exc):
+    # Locked past the busy timeout, disk full, read-only: the transaction was
+    # rolled back, so the client may simply retry.
+    log.error("database error: %s", exc)
+    return error_response("DATABASE_UNAVAILABLE", "The database is busy or unavailable; retry shortly")
+
+
 def _unexpected(exc):
     log.exception("unhandled error: %s", type(exc).__name__)
     return error_response("INTERNAL_ERROR", "Internal server error")
@@ -85,4 +94,5 @@ def init_app(app):
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(ValidationError, _validation_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(sqlite3.Error, _database_error)
     app.register_error_handler(Exception, _unexpected)

@@ -15,7 +15,7 @@ INTERNAL = [{"apiKey": []}]
 def _errors(*codes):
     """Error responses by status, each naming the codes it may carry."""
     by_status = {}
-    for code in codes + ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE", "INTERNAL_ERROR"):
+    for code in codes + ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE", "INTERNAL_ERROR", "DATABASE_UNAVAILABLE"):
         by_status.setdefault(CODES[code], []).append(code)
     return {str(status): {"description": " or ".join(sorted(set(names))), "content": {
         "application/json": {"schema": "Error"}}} for status, names in by_status.items()}

@@ -49,16 +49,16 @@ def due(db, generation, interval, now=None):
 class Watcher:
     """A background loop per worker: ask the helper for its generation, sync when due."""
 
-    def __init__(self, config):
+    def __init__(self, config, helper=None):
         self.db_path = config["DB_PATH"]
-        self.helper = HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
+        self.helper = helper or HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
         self.check_interval = config["RECONCILE_CHECK_INTERVAL"]
         self.interval = config["RECONCILE_INTERVAL"]
         self._stop = threading.Event()
         self._thread = None
         self.last_error = None
         # At start and after the helper was unreachable, sync even when the
-        # generation is unchanged, unless another worker just did.
+        # generation is unchanged: changes may have failed in between.
         self._eager = True
 
     def start(self):
@@ -73,28 +73,33 @@ class Watcher:
         generation = self.helper.hello()["generation"]
         db = store.connect(self.db_path)
         try:
-            interval = self.check_interval if self._eager else self.interval
-            if not due(db, generation, interval):
-                result = None
+            if self._eager:
+                result = reconcile(db, self.helper, generation)
+            elif due(db, generation, self.interval):
+                result = reconcile(db, self.helper, generation, self.interval)
             else:
-                result = reconcile(db, self.helper, generation, interval)
+                result = None
             self._eager = False
             return result
         finally:
             db.close()
 
+    def round(self):
+        """check_once, with every failure logged instead of raised."""
+        try:
+            self.check_once()
+            self.last_error = None
+        except (HelperUnavailable, HelperFailed) as exc:
+            if self.last_error != exc.code:
+                log.warning("reconcile waiting for helper: %s", exc.message)
+            self.last_error = exc.code
+            self._eager = True
+        except Exception:  # the loop must outlive any one failure
+            log.exception("reconcile round failed")
+
     def _run(self):
         while not self._stop.is_set():
-            try:
-                self.check_once()
-                self.last_error = None
-            except (HelperUnavailable, HelperFailed) as exc:
-                if self.last_error != exc.code:
-                    log.warning("reconcile waiting for helper: %s", exc.message)
-                self.last_error = exc.code
-                self._eager = True
-            except Exception:  # the loop must outlive any one failure
-                log.exception("reconcile round failed")
+            self.round()
             self._stop.wait(self.check_interval)
 
 

@@ -3,40 +3,34 @@
 Views call ``load_body(schema)`` and get a clean dict; nothing else reads
 the request body.
 """
-import base64
-import binascii
 import ipaddress
 import json
-import re
 
 from flask import current_app, request
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from wghelper import validate as validate_helper
+
 from .errors import ApiError
 
-_KEY_RE = re.compile(r"\A[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z")
 _ID_RE = r"\A[A-Za-z0-9_.:@-]{1,128}\Z"
 
 
-def is_wireguard_key(value):
-    if not isinstance(value, str) or not _KEY_RE.match(value):
-        return False
-    try:
-        return len(base64.b64decode(value, validate=True)) == 32
-    except binascii.Error:
-        return False
-
-
 class WireGuardKey(fields.String):
-    """Standard base64 of exactly 32 bytes, as `wg genkey | wg pubkey` prints."""
+    """Standard base64 of exactly 32 bytes, as `wg genkey | wg pubkey` prints.
+
+    The helper's own validator decides, so the app never accepts a key the
+    helper would refuse.
+    """
 
     default_error_messages = {"key": "Must be a WireGuard key: base64 of exactly 32 bytes."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
-        if not is_wireguard_key(value):
-            raise self.make_error("key")
-        return value
+        try:
+            return validate_helper.public_key(value)
+        except validate_helper.Invalid:
+            raise self.make_error("key") from None
 
 
 class StrictBoolean(fields.Boolean):
@@ -49,23 +43,16 @@ class StrictBoolean(fields.Boolean):
 
 
 class HostPort(fields.String):
-    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820."""
+    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820 (the helper's rule)."""
 
-    default_error_messages = {"hostport": "Must be IP:port, with [brackets] around IPv6."}
+    default_error_messages = {"hostport": "Must be IP:port, with [brackets] around IPv6; no host names."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
-        match = re.fullmatch(r"\[([0-9A-Fa-f:.]{2,45})\]:(\d{1,5})|([0-9.]{7,15}):(\d{1,5})", value)
-        if not match:
-            raise self.make_error("hostport")
-        host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
         try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
+            return validate_helper.endpoint(value)
+        except validate_helper.Invalid:
             raise self.make_error("hostport") from None
-        if bool(match.group(1)) != (address.version == 6) or not 1 <= int(port) <= 65535:
-            raise self.make_error("hostport")
-        return value
 
 
 def _identifier(**kwargs):

@@ -149,11 +149,11 @@ def count(db):
 def insert(db, peer_fields):
     now = time.time()
     values = dict(peer_fields, created_at=now, updated_at=now)
-    cursor = db.execute(
+    db.execute(
         "INSERT INTO peers (public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at)"
         " VALUES (:public_key, :addr, :user_id, :device_id, :source, :endpoint, :keepalive, :created_at, :updated_at)",
         values)
-    return by_addr(db, values["addr"]) if cursor.lastrowid else None
+    return by_addr(db, values["addr"])
 
 
 def restore(db, peer):

@@ -164,3 +164,42 @@ def test_readme_lists_every_error_code():
     from app.errors import CODES
     readme = Path(__file__).parents[2].joinpath("README.md").read_text()
     assert [code for code in CODES if "| `%s` | %d |" % (code, CODES[code]) not in readme] == []
+
+
+def test_locked_database_is_a_clean_503(client, auth, app, snapshot, monkeypatch):
+    """Another process holds the write lock past the busy timeout: 503, nothing written."""
+    before = snapshot()
+    original = store.connect
+
+    def impatient(path):
+        db = original(path)
+        db.execute("PRAGMA busy_timeout = 50")
+        return db
+    monkeypatch.setattr("app.store.connect", impatient)
+    blocker = sqlite3.connect(app.config["DB_PATH"], isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        response = client.post("/wireguard/connect", json={"publicKey": make_key(1)}, headers=auth())
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE"
+    assert snapshot() == before
+
+
+def test_cli_mints_a_token_the_app_accepts(app, monkeypatch, capsys):
+    from app.auth import verify_device_token
+    from app.cli import main
+    monkeypatch.setenv("ORBMESH_JWT_SECRET", app.config["JWT_SECRET"])
+    assert main(["token", "--user", "u-7", "--device", "d-9", "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert verify_device_token(token, app.config) == ("u-7", "d-9")
+
+
+def test_cli_refuses_placeholder_secret(monkeypatch, capsys):
+    from app.cli import main
+    monkeypatch.setenv("ORBMESH_JWT_SECRET", "changeme")
+    assert main(["token", "--user", "u", "--device", "d"]) == 2
+    captured = capsys.readouterr()
+    assert "JWT_SECRET" in captured.err and captured.out == ""

@@ -1,0 +1,54 @@
+"""The reconcile watcher: when it syncs, and what it sends."""
+from app import reconcile
+from tests.conftest import make_key
+
+
+def connect(client, auth, n):
+    for i in range(n):
+        assert client.post("/wireguard/connect", json={"publicKey": make_key(i)},
+                           headers=auth("u", "d%d" % i)).status_code == 200
+
+
+def syncs(helper):
+    return [call for call in helper.calls if call[0] == "sync"]
+
+
+def test_first_round_syncs_the_whole_database(app, client, auth, fake_helper):
+    connect(client, auth, 3)
+    fake_helper.peers.clear()  # as if the interface had been re-created empty
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    assert watcher.check_once() is not None
+    assert sorted(fake_helper.peers) == sorted(make_key(i) for i in range(3))
+    assert fake_helper.peers[make_key(0)]["allowed_ips"] == ["10.8.0.2/32"]
+
+
+def test_same_generation_is_not_synced_again_until_interval(app, fake_helper):
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    watcher.check_once()
+    second = reconcile.Watcher(app.config, helper=fake_helper)  # another worker
+    second._eager = False
+    assert second.check_once() is None
+    assert len(syncs(fake_helper)) == 1
+
+
+def test_new_generation_is_synced_once(app, fake_helper):
+    workers = [reconcile.Watcher(app.config, helper=fake_helper) for _ in range(3)]
+    for watcher in workers:
+        watcher.check_once()  # each syncs once at start
+    assert len(syncs(fake_helper)) == 3
+    fake_helper.generation = "gen-2"
+    for watcher in workers:
+        watcher.check_once()
+    assert len(syncs(fake_helper)) == 4
+
+
+def test_helper_outage_makes_next_round_eager(app, fake_helper):
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    watcher.check_once()
+    assert watcher.check_once() is None
+    fake_helper.fail = "unavailable"
+    watcher.round()  # records the outage instead of raising
+    assert watcher.last_error == "HELPER_UNAVAILABLE"
+    fake_helper.fail = None
+    assert watcher._eager is True
+    assert watcher.check_once() is not None
