@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 
 from . import config as settings
-from . import errors, health, helper, openapi, reconcile, store, wireguard
+from . import errors, health, helper, openapi, reconcile, store, tunnel, wireguard, wsconn
 
 
 def create_app(test_config=None):
@@ -28,6 +28,9 @@ def create_app(test_config=None):
     app.extensions["orbmesh_server_key"] = {}
 
     app.register_blueprint(wireguard.bp)
+    app.register_blueprint(tunnel.bp)
+    wsconn.init_app(app)
+    tunnel.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     reconcile.init_app(app)

@@ -4,12 +4,17 @@
 
 mints a device token the way OrbNET does, from the same settings the app
 reads (ORBMESH_CONFIG_FILE and ORBMESH_* variables).
+
+    orbmesh-wg relay --transport ws|http --url URL --token TOKEN --listen ADDR:PORT
+
+carries a local WireGuard client's UDP over the server's tunnel (app/relay.py).
 """
 import argparse
 import sys
 from pathlib import Path
 
 from . import config as settings
+from . import relay
 from .auth import mint_device_token
 
 
@@ -34,13 +39,16 @@ def main(argv=None):
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.add_argument("--private-key", help="PEM private key for RS256/ES256/EdDSA")
     token.set_defaults(func=_token)
+    relay_parser = commands.add_parser("relay", help="relay local WireGuard UDP over the server's tunnel")
+    relay.add_arguments(relay_parser)
+    relay_parser.set_defaults(func=relay.main)
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (settings.ConfigError, OSError) as exc:
         print("orbmesh-wg: %s" % exc, file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ def _addresses(value):
     return [str(ipaddress.ip_address(item)) for item in _list(value)]
 
 
+def _address(value):
+    return str(ipaddress.ip_address(str(value).strip()))
+
+
 def _pool(value):
     pool = ipaddress.ip_network(value, strict=True)
     if pool.version != 4 or pool.prefixlen > 30:
@@ -103,6 +107,15 @@ SETTINGS = {
     "API_KEYS": (_list, "", "Internal API keys, comma-separated (several for rotation)"),
     "API_KEYS_FILE": (_str, "", "File with one internal API key per line (added to API_KEYS)"),
     "MAX_BODY_BYTES": (_int(256, 16 * 1024 * 1024), 65536, "Largest accepted request body"),
+    "WS_PING_INTERVAL": (_float(1, 3600), 20.0, "WebSocket tunnel: ping every this many seconds; no pong by the next one closes"),
+    "WS_IDLE_TIMEOUT": (_float(1, 86400), 300.0, "WebSocket tunnel: close after this long without a datagram, seconds"),
+    "TUNNEL_MAX_SESSIONS": (_int(1, 1000), 4, "Tunnel sessions per device (both transports, per worker)"),
+    "TUNNEL_HOLD": (_float(0, 120), 20.0, "HTTP tunnel: longest wait for downstream datagrams, seconds"),
+    "TUNNEL_MAX_BODY": (_int(1024, 16 * 1024 * 1024), 1048576, "HTTP tunnel: largest request body"),
+    "TUNNEL_MAX_RESPONSE": (_int(65537, 16 * 1024 * 1024), 1048576, "HTTP tunnel: largest response body"),
+    "TUNNEL_QUEUE": (_int(1, 65536), 1024, "HTTP tunnel: downstream datagrams queued per session (oldest dropped)"),
+    "TUNNEL_SESSION_IDLE": (_float(1, 86400), 60.0, "HTTP tunnel: close a session after this long without a request, seconds"),
+    "TUNNEL_TARGET_HOST": (_address, "127.0.0.1", "Where the tunnels reach WireGuard (with LISTEN_PORT)"),
     "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),
     "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 5.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),
     "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),

@@ -5,6 +5,7 @@ from flask import Blueprint, current_app
 
 from . import schemas
 from .errors import CODES
+from .framing import BATCH_TYPE, SINGLE_TYPE
 
 bp = Blueprint("openapi", __name__)
 
@@ -53,6 +54,27 @@ PATHS = {
         "summary": "Remove every peer of a user",
         "security": INTERNAL, "requestBody": _body("RemovePeer"),
         "responses": {"200": _json("RemovePeerResponse"), **_errors("UNAUTHORIZED", "NOT_FOUND", *HELPER)}}},
+    "/wireguard/ws": {"get": {
+        "summary": "WebSocket tunnel: one binary message per WireGuard datagram (docs/tunnel-protocol.md)",
+        "security": DEVICE,
+        "responses": {"101": {"description": "Switching Protocols"},
+                      **_errors("UNAUTHORIZED", "TOO_MANY_SESSIONS")}}},
+    "/wireguard/tunnel": {"post": {
+        "summary": "HTTP tunnel: datagrams up in the body, datagrams down in the response",
+        "security": DEVICE,
+        "parameters": [
+            {"name": "X-Tunnel-Session", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}},
+            {"name": "X-Tunnel-Wait", "in": "header", "required": False,
+             "schema": {"type": "number", "minimum": 0}}],
+        "requestBody": {"required": False, "content": {
+            SINGLE_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            BATCH_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "Datagrams from WireGuard", "content": {
+            SINGLE_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            BATCH_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+            "204": {"description": "No datagram within the wait (single form)"},
+            **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS")}}},
     "/health": {"get": {
         "summary": "Health of the database, the helper and the interface",
         "responses": {"200": _json("Health", "healthy or degraded"),

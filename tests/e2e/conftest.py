@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from .netns import Netns
+from .netns import Netns, veth
+from .stack import CLIENT_ADDR, SERVER_ADDR, Stack
 
 TOOLS = ("ip", "wg", "wireguard-go")
 
@@ -89,3 +90,24 @@ def netns():
         raise errors[0]
     assert not left, "namespaces left behind: %s" % left
     assert not leaked, "wireguard-go left running: %s" % leaked
+
+
+@pytest.fixture
+def stack_env():
+    """Extra ORBMESH_* settings for the stack; override in a test module."""
+    return {}
+
+
+@pytest.fixture
+def stack(netns, tmp_path, stack_env):
+    """Helper + gunicorn in a "server" namespace, reached from a "client" one."""
+    server, client = netns("srv"), netns("cli")
+    veth(server, SERVER_ADDR + "/24", client, CLIENT_ADDR + "/24")
+    s = Stack(server, client, tmp_path)
+    s.env.update(stack_env)
+    try:
+        s.start_helper()
+        s.start_app()
+        yield s
+    finally:
+        s.close()

@@ -8,24 +8,10 @@ import pytest
 
 from wghelper import protocol
 
-from .netns import veth
-from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
+from .stack import wait_for
 from .wgclient import WgClient, keypair
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stack(netns, tmp_path):
-    server, client = netns("srv"), netns("cli")
-    veth(server, SERVER_ADDR + "/24", client, CLIENT_ADDR + "/24")
-    s = Stack(server, client, tmp_path)
-    try:
-        s.start_helper()
-        s.start_app()
-        yield s
-    finally:
-        s.close()
 
 
 def bring_up_client(stack, user, device):

@@ -1,0 +1,210 @@
+"""HTTP transport of the client relay: POST /wireguard/tunnel with batch
+bodies (docs/tunnel-protocol.md).
+
+Threads: "reader" moves local UDP datagrams into a bounded queue; one
+"receiver" keeps a request parked (empty body, server's default wait) so
+downstream datagrams arrive as soon as WireGuard sends them; N "senders"
+each take what is queued, send it as one batch with X-Tunnel-Wait: 0 and
+deliver whatever the answer carries.  Each thread has its own keep-alive
+connection, so neither direction waits for the other.
+"""
+import collections
+import http.client
+import logging
+import socket
+import threading
+from urllib.parse import urlsplit
+
+from .framing import BATCH_TYPE, FramingError, decode_batch, encode_batch, record_size
+from .relay import Unauthorized, unauthorized_message
+
+log = logging.getLogger(__name__)
+
+PATH = "/wireguard/tunnel"
+MAX_BATCH_BYTES = 256 * 1024
+QUEUE_LIMIT = 1024  # datagrams; the same bound as the server's downstream queue
+PARKED_TIMEOUT = 90.0  # well above the server's default hold (20 s)
+SEND_TIMEOUT = 30.0
+
+
+class TunnelError(Exception):
+    """A response the relay cannot use; the thread backs off and retries."""
+
+
+class _Channel:
+    """One thread's keep-alive connection."""
+
+    def __init__(self, transport, timeout):
+        self.transport = transport
+        self.timeout = timeout
+        self.conn = None
+
+    def post(self, body, wait=None):
+        fresh = self.conn is None
+        if fresh:
+            self.conn = self.transport.connection(self.timeout)
+        try:
+            return self._exchange(body, wait)
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            if fresh or self.transport.relay.stopping.is_set():
+                raise
+        # The server may close an idle keep-alive connection at any moment;
+        # one retry on a new connection is routine, not a reconnect.
+        self.close()
+        self.conn = self.transport.connection(self.timeout)
+        return self._exchange(body, wait)
+
+    def _exchange(self, body, wait):
+        headers = {
+            "Authorization": "Bearer " + self.transport.relay.token,
+            "Content-Type": BATCH_TYPE,
+            "X-Tunnel-Session": self.transport.relay.session,
+        }
+        if wait is not None:
+            headers["X-Tunnel-Wait"] = wait
+        self.conn.request("POST", self.transport.path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        payload = response.read()
+        if response.status == 401:
+            raise Unauthorized(unauthorized_message())
+        if response.status == 204:
+            return []
+        if response.status != 200:
+            raise TunnelError("HTTP %d" % response.status)
+        if not (response.getheader("Content-Type") or "").startswith(BATCH_TYPE):
+            raise TunnelError("answer is not a batch: %r" % response.getheader("Content-Type"))
+        try:
+            return decode_batch(payload)
+        except FramingError as exc:
+            raise TunnelError(str(exc)) from None
+
+    def abort(self):
+        """From another thread: wake a blocked request so its thread can stop."""
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+class HttpTransport:
+    def __init__(self, relay):
+        self.relay = relay
+        parts = urlsplit(relay.url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = parts.path.rstrip("/") + PATH
+        self.queue = collections.deque()
+        self.ready = threading.Condition()
+        self.channels = []
+
+    def workers(self):
+        workers = [(self._reader, "relay-http-reader"), (self._receiver, "relay-http-receiver")]
+        workers += [(self._sender, "relay-http-sender-%d" % i) for i in range(self.relay.http_senders)]
+        return workers
+
+    def connection(self, timeout):
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.relay.ssl_context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def _reader(self):
+        relay = self.relay
+        while not relay.stopping.is_set():
+            try:
+                data = relay.local.receive()
+            except OSError:
+                if relay.stopping.is_set():
+                    return
+                raise
+            if not data:
+                if data is not None:
+                    relay.stats.drop()  # an empty datagram cannot be framed
+                continue
+            with self.ready:
+                if len(self.queue) >= QUEUE_LIMIT:
+                    # The oldest is the stalest; WireGuard copes with loss.
+                    self.queue.popleft()
+                    relay.stats.drop()
+                self.queue.append(data)
+                self.ready.notify()
+
+    def _take(self):
+        """Wait for at least one datagram, then take up to MAX_BATCH_BYTES of them."""
+        with self.ready:
+            while not self.queue:
+                if self.relay.stopping.is_set():
+                    return []
+                self.ready.wait(0.5)
+            batch = [self.queue.popleft()]
+            size = record_size(batch[0])
+            while self.queue and size + record_size(self.queue[0]) <= MAX_BATCH_BYTES:
+                size += record_size(self.queue[0])
+                batch.append(self.queue.popleft())
+            return batch
+
+    def _receiver(self):
+        self._loop(PARKED_TIMEOUT, self._receive_once)
+
+    def _receive_once(self, channel):
+        # The first request on a new connection does not wait: it opens the
+        # session and proves the token at once, instead of after a full hold.
+        wait = "0" if channel.conn is None else None
+        for datagram in channel.post(b"", wait=wait):
+            self.relay.deliver(datagram)
+
+    def _sender(self):
+        self._loop(SEND_TIMEOUT, self._send_once)
+
+    def _send_once(self, channel):
+        batch = self._take()
+        if not batch:
+            return
+        try:
+            answer = channel.post(encode_batch(batch), wait="0")
+        except BaseException:
+            self.relay.stats.drop(len(batch))
+            raise
+        self.relay.stats.up(len(batch), sum(map(len, batch)))
+        for datagram in answer:
+            self.relay.deliver(datagram)
+
+    def _loop(self, timeout, step):
+        """Run step until stop; on an error close the connection, back off, retry."""
+        relay = self.relay
+        channel = _Channel(self, timeout)
+        self.channels.append(channel)
+        backoff = relay.backoff()
+        try:
+            while not relay.stopping.is_set():
+                try:
+                    step(channel)
+                except (OSError, http.client.HTTPException, TunnelError) as exc:
+                    channel.close()
+                    if relay.stopping.is_set():
+                        return
+                    relay.stats.set_connected(False)
+                    relay.stats.reconnect()
+                    log.warning("%s: POST %s failed: %s; retrying",
+                                threading.current_thread().name, self.path, exc)
+                    backoff.wait(relay.stopping)
+                    continue
+                backoff.reset()
+                relay.stats.set_connected(True)
+        finally:
+            channel.close()
+
+    def close(self):
+        with self.ready:
+            self.ready.notify_all()
+        for channel in list(self.channels):
+            channel.abort()

@@ -1,0 +1,134 @@
+"""WebSocket transport of the client relay: GET /wireguard/ws, one binary
+message per WireGuard datagram (docs/tunnel-protocol.md).
+
+Two threads: "up" reads local UDP and sends; "down" owns the connection,
+(re)connects with backoff and delivers what it receives.
+"""
+import logging
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.sync.client import connect
+
+from .relay import MAX_DATAGRAM, Unauthorized, unauthorized_message
+
+log = logging.getLogger(__name__)
+
+PATH = "/wireguard/ws"
+
+
+def ws_uri(url):
+    parts = urlsplit(url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + PATH, "", ""))
+
+
+class WsTransport:
+    def __init__(self, relay):
+        self.relay = relay
+        self.uri = ws_uri(relay.url)
+        self._lock = threading.Lock()
+        self._ws = None
+
+    def workers(self):
+        return [(self._uplink, "relay-ws-up"), (self._downlink, "relay-ws-down")]
+
+    def _connect(self):
+        return connect(
+            self.uri,
+            ssl=self.relay.ssl_context if self.uri.startswith("wss:") else None,
+            additional_headers={"Authorization": "Bearer " + self.relay.token},
+            user_agent_header="orbmesh-wg-relay",
+            # The server never negotiates it; WireGuard data does not compress.
+            compression=None,
+            max_size=MAX_DATAGRAM,
+            # Same reach as the HTTP transport, which uses no proxy either.
+            proxy=None,
+            open_timeout=10,
+            close_timeout=2,
+            # A plain connection object: its lifetime spans two threads and
+            # close() comes from the stopping one, which a with-block cannot express.
+            legacy=True,
+        )
+
+    def _uplink(self):
+        relay = self.relay
+        while not relay.stopping.is_set():
+            try:
+                data = relay.local.receive()
+            except OSError:
+                if relay.stopping.is_set():
+                    return
+                raise
+            if data is None:
+                continue
+            ws = self._ws
+            if ws is None or not data:
+                # WireGuard retransmits its handshakes; queueing stale ones
+                # for a connection that may take 30 s would only add delay.
+                relay.stats.drop()
+                continue
+            try:
+                ws.send(data)
+            except (ConnectionClosed, OSError) as exc:
+                log.debug("send failed: %s", exc)
+                relay.stats.drop()
+                continue
+            relay.stats.up(1, len(data))
+
+    def _downlink(self):
+        relay = self.relay
+        backoff = relay.backoff()
+        first = True
+        while not relay.stopping.is_set():
+            if not first:
+                relay.stats.reconnect()
+                if backoff.wait(relay.stopping):
+                    return
+            first = False
+            try:
+                ws = self._connect()
+            except InvalidStatus as exc:
+                if exc.response.status_code == 401:
+                    raise Unauthorized(unauthorized_message()) from None
+                log.warning("websocket refused: HTTP %d; retrying", exc.response.status_code)
+                continue
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                log.warning("websocket connect to %s failed: %s; retrying", self.uri, exc)
+                continue
+            backoff.reset()
+            with self._lock:
+                if relay.stopping.is_set():
+                    ws.close()
+                    return
+                self._ws = ws
+            relay.stats.set_connected(True)
+            log.info("websocket connected to %s", self.uri)
+            try:
+                self._receive(ws)
+            finally:
+                with self._lock:
+                    self._ws = None
+                relay.stats.set_connected(False)
+                ws.close()
+
+    def _receive(self, ws):
+        relay = self.relay
+        try:
+            for message in ws:
+                if isinstance(message, str):
+                    relay.stats.drop()
+                else:
+                    relay.deliver(message)
+            if not relay.stopping.is_set():
+                log.warning("websocket closed (code %s); reconnecting", ws.close_code)
+        except (ConnectionClosed, OSError) as exc:
+            if not relay.stopping.is_set():
+                log.warning("websocket lost: %s; reconnecting", exc)
+
+    def close(self):
+        with self._lock:
+            ws = self._ws
+        if ws is not None:
+            ws.close()

@@ -1,0 +1,218 @@
+"""Tunnel sessions: a UDP socket to our WireGuard per session, and their limits.
+
+Everything here lives in one worker process: the sockets, the HTTP
+sessions' queues, and the per-device session count.  The README says how a
+deployment keeps one device's requests on one worker.
+"""
+import collections
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import ApiError
+from .framing import MAX_DATAGRAM, is_wireguard, record_size
+
+log = logging.getLogger(__name__)
+
+UDP_BUFFER = 1 << 20  # room for bursts between two reads of the session
+
+
+@dataclass
+class Counters:
+    up_packets: int = 0
+    up_bytes: int = 0
+    down_packets: int = 0
+    down_bytes: int = 0
+    dropped: int = 0  # not WireGuard, or pushed out of a full queue
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self):
+        return "up=%d/%d down=%d/%d dropped=%d" % (self.up_packets, self.up_bytes, self.down_packets,
+                                                    self.down_bytes, self.dropped)
+
+
+class UdpPipe:
+    """A UDP socket connected to the local WireGuard listen port.
+
+    Connected, so the kernel drops anything not coming from WireGuard itself.
+    """
+
+    def __init__(self, host, port):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+        self.sock.connect((host, port))
+        self.counters = Counters()
+
+    def send(self, datagrams):
+        """Pass WireGuard datagrams on; drop and count anything else."""
+        for datagram in datagrams:
+            if not is_wireguard(datagram):
+                self.counters.dropped += 1
+                continue
+            try:
+                self.sock.send(datagram)
+            except OSError:
+                # WireGuard not listening right now (ECONNREFUSED from an
+                # earlier ICMP): the datagram is lost, as on any UDP path.
+                self.counters.dropped += 1
+                continue
+            self.counters.up_packets += 1
+            self.counters.up_bytes += len(datagram)
+
+    def recv(self, timeout=None):
+        """One datagram from WireGuard, or None after `timeout` seconds."""
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                data = self.sock.recv(MAX_DATAGRAM)
+            except TimeoutError:
+                return None
+            except ConnectionRefusedError:
+                continue  # an ICMP error for an earlier send; keep reading
+            self.counters.down_packets += 1
+            self.counters.down_bytes += len(data)
+            return data
+
+    def close(self):
+        self.sock.close()
+
+
+class SessionSlots:
+    """How many tunnel sessions each device holds in this process."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._held = collections.Counter()
+        self._lock = threading.Lock()
+
+    def acquire(self, device):
+        with self._lock:
+            if self._held[device] >= self.limit:
+                raise ApiError("TOO_MANY_SESSIONS", "This device already has %d tunnel sessions" % self.limit)
+            self._held[device] += 1
+
+    def release(self, device):
+        with self._lock:
+            self._held[device] -= 1
+            if self._held[device] <= 0:
+                del self._held[device]
+
+    def held(self, device):
+        with self._lock:
+            return self._held[device]
+
+
+class HttpSession:
+    """A UDP pipe, a bounded downstream queue, and the requests waiting on it."""
+
+    def __init__(self, key, pipe, queue_size):
+        self.key = key
+        self.pipe = pipe
+        self.queue = collections.deque()
+        self.queue_size = queue_size
+        self.last_used = time.monotonic()
+        self.closed = False
+        self._ready = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="tunnel-http-read", daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while not self.closed:
+            try:
+                data = self.pipe.recv(timeout=1.0)
+            except OSError:
+                break
+            if data is None:
+                continue
+            with self._ready:
+                if len(self.queue) >= self.queue_size:
+                    self.queue.popleft()
+                    self.pipe.counters.dropped += 1
+                self.queue.append(data)
+                self._ready.notify_all()
+
+    def take(self, wait, max_count=None, max_bytes=1 << 20):
+        """Queued datagrams (waiting up to `wait` s for the first), within the limits."""
+        deadline = time.monotonic() + wait
+        with self._ready:
+            while not self.queue and not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+            out, size = [], 0
+            while self.queue and (max_count is None or len(out) < max_count):
+                if out and size + record_size(self.queue[0]) > max_bytes:
+                    break
+                datagram = self.queue.popleft()
+                size += record_size(datagram)
+                out.append(datagram)
+        self.last_used = time.monotonic()
+        return out
+
+    def close(self):
+        self.closed = True
+        with self._ready:
+            self._ready.notify_all()
+        self.pipe.close()
+
+
+class HttpSessions:
+    """The HTTP tunnel sessions of this worker, keyed by (user, device, name)."""
+
+    def __init__(self, config, slots):
+        self.target = (config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"])
+        self.queue_size = config["TUNNEL_QUEUE"]
+        self.idle = config["TUNNEL_SESSION_IDLE"]
+        self.slots = slots
+        self._sessions = {}
+        self._lock = threading.Lock()
+        self._reaper = None
+
+    def get(self, device, name):
+        key = device + (name,)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None or session.closed:
+                self.slots.acquire(device)
+                try:
+                    session = HttpSession(key, UdpPipe(*self.target), self.queue_size)
+                except OSError:
+                    self.slots.release(device)
+                    raise
+                self._sessions[key] = session
+                log.info("tunnel http session start user=%s device=%s session=%s", *key)
+                self._start_reaper()
+            session.last_used = time.monotonic()
+            return session
+
+    def _start_reaper(self):
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap_forever, name="tunnel-http-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_forever(self):
+        while True:
+            time.sleep(max(1.0, self.idle / 4))
+            self.reap()
+
+    def reap(self, now=None):
+        """Close sessions idle for longer than TUNNEL_SESSION_IDLE; return how many."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            expired = [s for s in self._sessions.values() if now - s.last_used > self.idle]
+            for session in expired:
+                del self._sessions[session.key]
+        for session in expired:
+            session.close()
+            self.slots.release(session.key[:2])
+            log.info("tunnel http session end user=%s device=%s session=%s %s", *session.key,
+                     session.pipe.counters.line())
+        return len(expired)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._sessions)

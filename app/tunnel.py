@@ -1,0 +1,150 @@
+"""Blueprint: /wireguard/ws and /wireguard/tunnel, WireGuard over HTTPS.
+
+Both relay datagrams between the client and our own WireGuard listen port on
+loopback (docs/tunnel-protocol.md has the wire formats).  The device token
+and the session cap are checked in before_request, so a refused WebSocket
+upgrade gets a JSON error and never a 101.
+"""
+import logging
+import re
+import threading
+import time
+
+import simple_websocket
+from flask import Blueprint, Response, current_app, g, request
+from flask_sock import Sock
+
+from .auth import bearer_token, verify_device_token
+from .errors import ApiError
+from .framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
+from .sessions import HttpSessions, SessionSlots, UdpPipe
+
+log = logging.getLogger(__name__)
+bp = Blueprint("tunnel", __name__, url_prefix="/wireguard")
+sock = Sock()
+_SESSION_NAME = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+
+
+def _slots():
+    return current_app.extensions["orbmesh_tunnel_slots"]
+
+
+@bp.before_request
+def _authenticate():
+    g.device = verify_device_token(bearer_token(), current_app.config)
+    if request.endpoint == "tunnel.ws":
+        _slots().acquire(g.device)
+        g.tunnel_slot = g.device
+
+
+@bp.teardown_request
+def _release(exc=None):
+    device = g.pop("tunnel_slot", None)
+    if device is not None:
+        _slots().release(device)
+
+
+def _downstream(ws, pipe, activity):
+    """UDP from WireGuard -> binary messages, until either side closes."""
+    while ws.connected:
+        try:
+            data = pipe.recv(timeout=1.0)
+        except OSError:
+            return
+        if data is None:
+            continue
+        try:
+            ws.send(data)
+        except simple_websocket.ConnectionClosed:
+            return
+        activity[0] = time.monotonic()
+
+
+@sock.route("/ws", bp=bp)
+def ws(connection):
+    """Relay one binary message per WireGuard datagram, both ways."""
+    config = current_app.config
+    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"])
+    activity = [time.monotonic()]
+    reader = threading.Thread(target=_downstream, args=(connection, pipe, activity), daemon=True)
+    reader.start()
+    reason = "client closed"
+    try:
+        while True:
+            idle_left = config["WS_IDLE_TIMEOUT"] - (time.monotonic() - activity[0])
+            if idle_left <= 0:
+                reason = "idle"
+                connection.close(1000, "idle")
+                break
+            data = connection.receive(timeout=min(idle_left, 5.0))
+            if data is not None:
+                pipe.send([data])
+                activity[0] = time.monotonic()
+    except simple_websocket.ConnectionClosed:
+        if connection.close_sent:
+            reason = "closed with %d" % connection.close_sent
+    finally:
+        pipe.close()
+        reader.join(timeout=2)
+        pipe.counters.dropped += connection.inbox_dropped
+        log.info("tunnel ws session end user=%s device=%s %s reason=%s", *g.device, pipe.counters.line(),
+                 reason)
+
+
+def _wait_seconds(config):
+    raw = request.headers.get("X-Tunnel-Wait")
+    if raw is None:
+        return config["TUNNEL_HOLD"]
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= config["TUNNEL_HOLD"]:
+        raise ApiError("VALIDATION_ERROR", "X-Tunnel-Wait must be 0 to %g seconds" % config["TUNNEL_HOLD"])
+    return wait
+
+
+def _datagrams(kind):
+    body = request.get_data(cache=False)
+    if kind == SINGLE_TYPE:
+        if len(body) > MAX_DATAGRAM:
+            raise ApiError("PAYLOAD_TOO_LARGE", "A datagram is at most %d bytes" % MAX_DATAGRAM)
+        return [body] if body else []
+    try:
+        return decode_batch(body)
+    except FramingError as exc:
+        raise ApiError("VALIDATION_ERROR", "Broken batch framing: %s" % exc) from None
+
+
+@bp.post("/tunnel")
+def http_tunnel():
+    """Send the body's datagrams to WireGuard; answer with what it sent back."""
+    config = current_app.config
+    kind = request.mimetype
+    if kind not in (SINGLE_TYPE, BATCH_TYPE):
+        raise ApiError("UNSUPPORTED_MEDIA_TYPE", "Content-Type must be %s or %s" % (SINGLE_TYPE, BATCH_TYPE))
+    name = request.headers.get("X-Tunnel-Session", "default")
+    if not _SESSION_NAME.match(name):
+        raise ApiError("VALIDATION_ERROR", "X-Tunnel-Session must be 1-64 characters of A-Z a-z 0-9 _ -")
+    wait = _wait_seconds(config)
+    request.max_content_length = config["TUNNEL_MAX_BODY"]
+    datagrams = _datagrams(kind)
+    session = current_app.extensions["orbmesh_http_sessions"].get(g.device, name)
+    session.pipe.send(datagrams)
+    single = kind == SINGLE_TYPE
+    out = session.take(wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
+    headers = {"X-Tunnel-Session": name, "Cache-Control": "no-store"}
+    if single:
+        if not out:
+            return Response(status=204, headers=headers)
+        return Response(out[0], mimetype=SINGLE_TYPE, headers=headers)
+    return Response(encode_batch(out), mimetype=BATCH_TYPE, headers=headers)
+
+
+def init_app(app):
+    slots = SessionSlots(app.config["TUNNEL_MAX_SESSIONS"])
+    app.extensions["orbmesh_tunnel_slots"] = slots
+    app.extensions["orbmesh_http_sessions"] = HttpSessions(app.config, slots)
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": app.config["WS_PING_INTERVAL"],
+                                         "max_message_size": MAX_DATAGRAM}
+    sock.init_app(app)

@@ -1,0 +1,275 @@
+"""Fakes for the client relay's tests: tiny tunnel servers that echo, a UDP
+stand-in for local WireGuard.  Everything on 127.0.0.1, every wait bounded."""
+import collections
+import http.server
+import socket
+import struct
+import threading
+import time
+
+from websockets.sync.server import serve
+
+TOKEN = "relay-test-token-0123456789"
+
+
+def wg_datagram(seq, size=64):
+    """WireGuard-shaped: type 4 (data), three zero bytes, a counter, padding."""
+    head = b"\x04\x00\x00\x00" + struct.pack("!Q", seq)
+    return head + bytes((seq + i) % 256 for i in range(max(32, size) - len(head)))
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for %s" % what)
+
+
+class UdpPeer:
+    """Plays local WireGuard: sends to the relay's port, reads what comes back."""
+
+    def __init__(self, relay_address):
+        self.relay_address = tuple(relay_address)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+
+    def send(self, datagram):
+        self.sock.sendto(datagram, self.relay_address)
+
+    def receive_all(self, count, timeout=10.0):
+        """Up to count datagrams, stopping at the timeout."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                data, _ = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            got.append(data)
+        return got
+
+    def close(self):
+        self.sock.close()
+
+
+def encode(datagrams):
+    return b"".join(struct.pack("!H", len(d)) + d for d in datagrams)
+
+
+def decode(body):
+    out, offset = [], 0
+    while offset < len(body):
+        (length,) = struct.unpack_from("!H", body, offset)
+        out.append(body[offset + 2:offset + 2 + length])
+        offset += 2 + length
+    assert offset == len(body), "batch body ends inside a record"
+    return out
+
+
+class FakeTunnelServer:
+    """POST /wireguard/tunnel with batch bodies; echoes each datagram after a
+    short hold, so echoes usually come back on the parked request.
+
+    `gate` (an Event, set by default) holds requests that carry datagrams
+    until the test opens it.
+    """
+
+    ECHO_DELAY = 0.05
+    HOLD = 2.0  # the default wait; short so a stop is quick
+
+    def __init__(self, port=0, tls=None):
+        self.lock = threading.Condition()
+        self.queues = collections.defaultdict(collections.deque)
+        self.requests = []  # (headers dict, datagrams) per request, in arrival order
+        self.upstream = []  # every datagram received
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.blocked = 0  # requests with datagrams waiting at the gate
+        self.gate = threading.Event()
+        self.gate.set()
+        self.stopped = False
+        self.connections = set()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _handler(self):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with fake.lock:
+                    fake.connections.add(self.connection)
+
+            def finish(self):
+                with fake.lock:
+                    fake.connections.discard(self.connection)
+                super().finish()
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Authorization") != "Bearer " + TOKEN:
+                    return self._answer(401, b'{"error": {"code": "UNAUTHORIZED"}}', "application/json")
+                datagrams = decode(body)
+                headers = dict(self.headers.items())
+                with fake.lock:
+                    fake.requests.append((headers, datagrams))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    self._tunnel(headers, datagrams)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _tunnel(self, headers, datagrams):
+                session = headers.get("X-Tunnel-Session", "default")
+                if datagrams:
+                    with fake.lock:
+                        fake.blocked += 1
+                    fake.gate.wait(10)
+                    with fake.lock:
+                        fake.blocked -= 1
+                        fake.upstream.extend(datagrams)
+                    timer = threading.Timer(fake.ECHO_DELAY, fake.echo, (session, datagrams))
+                    timer.daemon = True
+                    timer.start()
+                wait = float(headers.get("X-Tunnel-Wait", fake.HOLD))
+                deadline = time.monotonic() + wait
+                with fake.lock:
+                    queue = fake.queues[session]
+                    while not queue and not fake.stopped and time.monotonic() < deadline:
+                        fake.lock.wait(deadline - time.monotonic())
+                    answer = list(queue)
+                    queue.clear()
+                if fake.stopped:
+                    return
+                self._answer(200, encode(answer), "application/x-wireguard-batch")
+
+            def _answer(self, status, body, content_type):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the relay stopped or gave up on this request
+
+        return Handler
+
+    def echo(self, session, datagrams):
+        with self.lock:
+            self.queues[session].extend(datagrams)
+            self.lock.notify_all()
+
+    def posts_with_data(self):
+        with self.lock:
+            return [(h, d) for h, d in self.requests if d]
+
+    def stop(self):
+        """Like a server going away: listening socket and every connection."""
+        with self.lock:
+            self.stopped = True
+            self.lock.notify_all()
+            connections = list(self.connections)
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class FakeWsServer:
+    """GET /wireguard/ws: checks the token, echoes binary messages."""
+
+    def __init__(self, tls=None):
+        self.requests = []  # handshake request headers
+        self.connections = []
+        self.received = []
+        self.lock = threading.Lock()
+        # compression left at the library default (deflate offered if asked)
+        # so that a client asking for it would get it and the test would see.
+        self.server = serve(self._handler, "127.0.0.1", 0, process_request=self._check,
+                            max_size=65535, ssl=tls)
+        self.port = self.server.socket.getsockname()[1]
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _check(self, connection, request):
+        with self.lock:
+            self.requests.append(request)
+        if request.path != "/wireguard/ws":
+            return connection.respond(404, "not found\n")
+        if request.headers.get("Authorization") != "Bearer " + TOKEN:
+            return connection.respond(401, '{"error": {"code": "UNAUTHORIZED"}}\n')
+        return None
+
+    def _handler(self, connection):
+        with self.lock:
+            self.connections.append(connection)
+        for message in connection:
+            with self.lock:
+                self.received.append(message)
+            if isinstance(message, bytes):
+                connection.send(message)
+
+    def drop_all(self):
+        """Close every open connection from the server's side."""
+        with self.lock:
+            connections = list(self.connections)
+            self.connections.clear()
+        for connection in connections:
+            connection.close(1011, "test drop")
+
+    def stop(self):
+        self.drop_all()
+        self.server.shutdown()
+
+
+def self_signed(directory):
+    """A certificate for 127.0.0.1 and its key, as PEM files; returns (cert, key) paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path = directory / "cert.pem"
+    key_path = directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

@@ -1,0 +1,174 @@
+"""The relay's HTTP transport against a fake batch server (not the real app)."""
+import pytest
+
+from app.relay import Relay
+from app.relay_http import HttpTransport
+from tests.unit.relay_fakes import TOKEN, FakeTunnelServer, UdpPeer, wait_for, wg_datagram
+
+
+@pytest.fixture
+def server():
+    fake = FakeTunnelServer()
+    yield fake
+    fake.stop()
+
+
+def start_relay(url, token=TOKEN, **options):
+    options.setdefault("backoff_first", 0.05)
+    return Relay("http", url, token, ("127.0.0.1", 0), **options).start()
+
+
+@pytest.fixture
+def relay(server):
+    relay = start_relay(server.url)
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def peer(relay):
+    peer = UdpPeer(relay.local.address)
+    yield peer
+    peer.close()
+
+
+def test_datagrams_go_up_and_echoes_come_back(server, relay, peer):
+    sent = [wg_datagram(i, size=32 + i * 50) for i in range(5)]
+    for datagram in sent:
+        peer.send(datagram)
+    echoes = peer.receive_all(len(sent))
+    assert sorted(echoes) == sorted(sent)
+    assert sorted(server.upstream) == sorted(sent)
+    # A sender counts its datagrams once the answer is in, which may be
+    # after the echo came back on the parked request; a datagram is counted
+    # down just after it is handed to the local socket.
+    stats = relay.stats
+    total = sum(map(len, sent))
+    wait_for(lambda: (stats.up_packets, stats.up_bytes) == (5, total), what="up counted")
+    wait_for(lambda: (stats.down_packets, stats.down_bytes) == (5, total), what="down counted")
+    assert stats.connected and stats.dropped == 0
+
+
+def test_senders_batch(server, relay, peer):
+    server.gate.clear()
+    count = 200
+    # Hold each sender at the server with one datagram ...
+    for i in range(relay.http_senders):
+        peer.send(wg_datagram(i))
+        wait_for(lambda: server.blocked == i + 1, what="sender %d at the gate" % i)
+    # ... so that the rest waits in the relay's queue and must go in batches.
+    for i in range(relay.http_senders, count):
+        peer.send(wg_datagram(i))
+    wait_for(lambda: len(relay.transport.queue) == count - relay.http_senders, what="the rest queued")
+    server.gate.set()
+    echoes = peer.receive_all(count)
+    assert sorted(echoes) == sorted(wg_datagram(i) for i in range(count))
+    posts = server.posts_with_data()
+    assert sum(len(d) for _, d in posts) == count
+    assert len(posts) <= relay.http_senders + 2
+
+
+def test_parked_receiver_and_headers(server, relay, peer):
+    def parked():
+        with server.lock:
+            return server.in_flight and [h for h, d in server.requests if not d and "X-Tunnel-Wait" not in h]
+
+    # The first request on a connection is a wait-0 probe; then one parks
+    # with the server's default hold.
+    wait_for(parked, what="a parked request")
+    peer.send(wg_datagram(1))
+    assert peer.receive_all(1) == [wg_datagram(1)]
+    with server.lock:
+        requests = list(server.requests)
+    for headers, datagrams in requests:
+        assert headers["Content-Type"] == "application/x-wireguard-batch"
+        assert headers["Authorization"] == "Bearer " + TOKEN
+        assert headers["X-Tunnel-Session"] == relay.session
+        if datagrams:
+            assert headers["X-Tunnel-Wait"] == "0"
+    # The sender's request went while the parked one was held.
+    assert server.max_in_flight >= 2
+
+
+def test_echo_arrives_on_the_parked_request(server, relay, peer):
+    # The fake echoes after a short hold, so the sender's wait-0 answer is
+    # empty and only a parked request can bring the echo.
+    server.ECHO_DELAY = 0.3
+    peer.send(wg_datagram(7))
+    assert peer.receive_all(1) == [wg_datagram(7)]
+
+
+def test_session_name_option(server):
+    relay = start_relay(server.url, session="laptop-1")
+    peer = UdpPeer(relay.local.address)
+    try:
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1) == [wg_datagram(1)]
+        assert {h["X-Tunnel-Session"] for h, _ in server.requests} == {"laptop-1"}
+    finally:
+        peer.close()
+        relay.stop()
+
+
+def test_random_session_differs_per_relay(server):
+    one = start_relay(server.url)
+    two = start_relay(server.url)
+    one.stop()
+    two.stop()
+    assert one.session != two.session
+
+
+def test_bad_token_is_fatal(server):
+    relay = start_relay(server.url, token="wrong")
+    try:
+        assert relay.stopping.wait(10)
+        assert "401" in relay.fatal
+        assert relay.stats.reconnects == 0
+    finally:
+        relay.stop()
+
+
+def test_server_restart_reconnects(server, relay, peer):
+    peer.send(wg_datagram(1))
+    assert peer.receive_all(1) == [wg_datagram(1)]
+    port = server.port
+    server.stop()
+    wait_for(lambda: relay.stats.reconnects >= 1, what="a reconnect")
+    wait_for(lambda: not relay.stats.connected, what="connected=no")
+    again = FakeTunnelServer(port=port)
+    try:
+        # Datagrams sent while the server is away are lost, as over UDP:
+        # keep sending until one makes it (bounded).
+        echoes = []
+        for i in range(100):
+            peer.send(wg_datagram(1000 + i))
+            echoes = peer.receive_all(1, timeout=0.2)
+            if echoes:
+                break
+        assert echoes and echoes[0][:4] == b"\x04\x00\x00\x00"
+        wait_for(lambda: relay.stats.connected, what="connected=yes")
+    finally:
+        again.stop()
+
+
+def test_queue_is_bounded(server, relay, peer, monkeypatch):
+    monkeypatch.setattr("app.relay_http.QUEUE_LIMIT", 10)
+    server.gate.clear()
+    for i in range(60):
+        peer.send(wg_datagram(i))
+    wait_for(lambda: relay.stats.dropped > 0, what="drops")
+    assert len(relay.transport.queue) <= 10
+    server.gate.set()
+
+
+def test_base_path_and_default_port():
+    relay = Relay("http", "https://vpn.example:8443/base/", TOKEN, ("127.0.0.1", 0))
+    try:
+        assert isinstance(relay.transport, HttpTransport)
+        assert relay.transport.path == "/base/wireguard/tunnel"
+        assert (relay.transport.host, relay.transport.port, relay.transport.https) == ("vpn.example", 8443, True)
+        other = Relay("http", "http://vpn.example", TOKEN, ("127.0.0.1", 0))
+        assert (other.transport.port, other.transport.path) == (80, "/wireguard/tunnel")
+        other.stop()
+    finally:
+        relay.stop()

@@ -1,0 +1,97 @@
+"""The relay's WebSocket transport against a fake echo server (not the real app)."""
+import pytest
+
+from app.relay import Relay
+from app.relay_ws import ws_uri
+from tests.unit.relay_fakes import TOKEN, FakeWsServer, UdpPeer, wait_for, wg_datagram
+
+
+@pytest.fixture
+def server():
+    fake = FakeWsServer()
+    yield fake
+    fake.stop()
+
+
+def start_relay(url, token=TOKEN):
+    return Relay("ws", url, token, ("127.0.0.1", 0), backoff_first=0.05).start()
+
+
+@pytest.fixture
+def relay(server):
+    relay = start_relay(server.url)
+    wait_for(lambda: relay.stats.connected, what="connected")
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def peer(relay):
+    peer = UdpPeer(relay.local.address)
+    yield peer
+    peer.close()
+
+
+def test_forwards_both_ways(server, relay, peer):
+    sent = [wg_datagram(i, size=32 + 300 * i) for i in range(5)]
+    for datagram in sent:
+        peer.send(datagram)
+    assert peer.receive_all(len(sent)) == sent  # one TCP stream: order kept
+    assert server.received == sent
+    stats = relay.stats
+    total = sum(map(len, sent))
+    # each counted just after its send, so possibly after the echo is back
+    wait_for(lambda: (stats.up_packets, stats.up_bytes) == (5, total), what="up counted")
+    wait_for(lambda: (stats.down_packets, stats.down_bytes) == (5, total), what="down counted")
+    assert stats.dropped == 0 and stats.reconnects == 0
+
+
+def test_handshake_headers_and_no_compression(server, relay):
+    request = server.requests[0]
+    assert request.path == "/wireguard/ws"
+    assert request.headers["Authorization"] == "Bearer " + TOKEN
+    assert "Sec-WebSocket-Extensions" not in request.headers
+    assert "Sec-WebSocket-Protocol" not in request.headers
+    connection = server.connections[0]
+    assert "Sec-WebSocket-Extensions" not in connection.response.headers
+
+
+def test_bad_token_is_fatal(server):
+    relay = start_relay(server.url, token="wrong")
+    try:
+        assert relay.stopping.wait(10)
+        assert "401" in relay.fatal
+        assert relay.stats.reconnects == 0
+    finally:
+        relay.stop()
+
+
+def test_reconnects_after_server_drops(server, relay, peer):
+    peer.send(wg_datagram(1))
+    assert peer.receive_all(1) == [wg_datagram(1)]
+    server.drop_all()
+    wait_for(lambda: relay.stats.reconnects >= 1, what="a reconnect")
+    wait_for(lambda: relay.stats.connected and len(server.connections) == 1, what="connected again")
+    peer.send(wg_datagram(2))
+    assert peer.receive_all(1) == [wg_datagram(2)]
+
+
+def test_datagrams_while_disconnected_are_dropped():
+    # Nothing listens on this port: the relay never connects.
+    relay = Relay("ws", "http://127.0.0.1:9", TOKEN, ("127.0.0.1", 0), backoff_first=0.05).start()
+    peer = UdpPeer(relay.local.address)
+    try:
+        for i in range(3):
+            peer.send(wg_datagram(i))
+        wait_for(lambda: relay.stats.dropped == 3, what="three drops")
+        wait_for(lambda: relay.stats.reconnects >= 1, what="retries")
+        assert not relay.stats.connected and relay.stats.up_packets == 0
+    finally:
+        peer.close()
+        relay.stop()
+
+
+def test_uri():
+    assert ws_uri("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/wireguard/ws"
+    assert ws_uri("https://vpn.example:8443/") == "wss://vpn.example:8443/wireguard/ws"
+    assert ws_uri("https://[2001:db8::1]:8443/base") == "wss://[2001:db8::1]:8443/base/wireguard/ws"

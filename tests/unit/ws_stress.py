@@ -1,0 +1,89 @@
+"""100,000 frames server-to-client with pings in between, under gevent.
+
+Run as ``python -m tests.unit.ws_stress CLASS`` so that gevent patches the
+process first, as gunicorn's gevent worker does: that is where a plain
+``socket.send()`` writes part of a frame and a ping lands in the middle.
+Prints ``ok N`` or ``error ...``; exit 0 either way, the test reads the line.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import socket  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping  # noqa: E402
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError  # noqa: E402
+
+from app.wsconn import TunnelWebSocket  # noqa: E402
+from tests.unit.wspair import pair  # noqa: E402
+
+TOTAL = 100_000
+
+
+class SingleSend(TunnelWebSocket):
+    """simple-websocket's own way to write: one send(), no lock (the hazard)."""
+
+    def _write(self, event):
+        data = self.ws.send(event)
+        if data:
+            self.sock.send(data)
+
+
+def stress(server_class):
+    """Return (frames received in order, errors)."""
+    server, client, sock = pair(ping_interval=0.05, server_class=server_class)
+    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.settimeout(20)
+    while not any(isinstance(e, AcceptConnection) for e in _feed(client, sock)):
+        pass
+
+    def push():
+        try:
+            for i in range(TOTAL):
+                server.send(struct.pack("!I", i) + bytes(28 + (i * 7919) % 9000))
+        except Exception:  # the reader below reports what went wrong
+            pass
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    received, errors, pings, partial = [], [], 0, bytearray()
+    try:
+        while len(received) < TOTAL:
+            events = _feed(client, sock)
+            if events is None:
+                errors.append("server closed the connection after %d frames" % len(received))
+                break
+            for event in events:
+                if isinstance(event, Ping):
+                    pings += 1
+                    sock.sendall(client.send(event.response()))
+                elif isinstance(event, BytesMessage):
+                    # wsproto hands over a frame in pieces as they arrive.
+                    partial += event.data
+                    if event.message_finished:
+                        received.append(struct.unpack("!I", partial[:4])[0])
+                        partial = bytearray()
+                elif isinstance(event, CloseConnection):
+                    errors.append("closed with %s" % event.code)
+    except (LocalProtocolError, RemoteProtocolError, OSError) as exc:
+        errors.append(repr(exc))
+    pusher.join(timeout=30)
+    in_order = received == list(range(len(received)))
+    return len(received), in_order, pings, errors
+
+
+def _feed(client, sock):
+    data = sock.recv(1 << 20)
+    if not data:
+        return None
+    client.receive_data(data)
+    return list(client.events())
+
+
+if __name__ == "__main__":
+    cls = {"TunnelWebSocket": TunnelWebSocket, "SingleSend": SingleSend}[sys.argv[1]]
+    count, in_order, pings, errors = stress(cls)
+    print("frames=%d in_order=%s pings=%d errors=%s" % (count, in_order, pings, errors[:1]))
