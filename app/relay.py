@@ -11,7 +11,7 @@ The transports live in relay_ws.py and relay_http.py; this module holds what
 they share, the options and the main loop.
 
 Status line, printed to stdout every --status-interval seconds (0 = never),
-on SIGUSR1 and once more at a clean stop; its format is stable::
+on SIGUSR1 and once more when the relay stops; its format is stable::
 
     relay TRANSPORT up=PKTS/BYTES down=PKTS/BYTES dropped=N reconnects=N connected=yes|no
 

@@ -123,6 +123,24 @@ class Stack:
         self.stop_app()
         self.stop_helper()
 
+    def app_rss(self):
+        """Resident memory of gunicorn's master and workers, in bytes."""
+        pids = [self.app_proc.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path("/proc/%s/stat" % entry).read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.app_proc.pid:
+                    pids.append(int(entry))
+        total = 0
+        for pid in pids:
+            for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
     # API, called from the client namespace
 
     def token(self, user, device):
