@@ -99,11 +99,17 @@ def stack_env():
 
 
 @pytest.fixture
-def stack(netns, tmp_path, stack_env):
+def stack_workers():
+    """gunicorn workers for the stack; override in a test module."""
+    return 2
+
+
+@pytest.fixture
+def stack(netns, tmp_path, stack_env, stack_workers):
     """Helper + gunicorn in a "server" namespace, reached from a "client" one."""
     server, client = netns("srv"), netns("cli")
     veth(server, SERVER_ADDR + "/24", client, CLIENT_ADDR + "/24")
-    s = Stack(server, client, tmp_path)
+    s = Stack(server, client, tmp_path, workers=stack_workers)
     s.env.update(stack_env)
     try:
         s.start_helper()

@@ -33,6 +33,13 @@ def stack_env():
     return {"ORBMESH_WS_PING_INTERVAL": "2"}
 
 
+@pytest.fixture
+def stack_workers():
+    # HTTP tunnel sessions live in one worker process; the documented
+    # deployment gives each device one single-worker instance (README).
+    return 1
+
+
 class Relay:
     """`orbmesh-wg relay` in the client namespace, with its status lines collected."""
 
@@ -208,3 +215,24 @@ def test_broken_batch_leaves_the_http_session_intact(stack, tunnel):
         assert status in (400, 413)
     assert client.ping(GATEWAY, count=3, timeout=2), "the session broke after bad requests"
     assert relay.status()["reconnects"] == 0
+
+
+def test_generic_websocket_client_in_binary_mode(stack):
+    """websocat -b, as in the reference's example: one UDP datagram per binary message."""
+    client = WgClient(stack.client, unique_ifname("omg"))
+    try:
+        status, body = stack.connect("tunnel-user", "websocat", client.public_key)
+        assert status == 200, body
+        port = 40500
+        token = stack.token("tunnel-user", "websocat")
+        # -H takes several values, so it goes after the two addresses.
+        stack.client.popen([str(VENV_BIN / "websocat"), "-b", "udp-l:127.0.0.1:%d" % port,
+                            "ws://%s:%d/wireguard/ws" % (SERVER_ADDR, API_PORT),
+                            "-H", "Authorization: Bearer " + token],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client.configure(server_public_key=body["serverPublicKey"], endpoint="127.0.0.1:%d" % port,
+                         address_cidr=body["ip"], allowed_ips=[GATEWAY + "/32"], mtu=body["mtu"],
+                         keepalive=body["keepalive"])
+        ping_through(client, "ping through websocat")
+    finally:
+        client.close()
