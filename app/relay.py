@@ -196,6 +196,25 @@ class Relay:
     def backoff(self):
         return Backoff(first=self.backoff_first)
 
+    def local_datagrams(self):
+        """Datagrams from local WireGuard, until the relay stops.
+
+        Empty datagrams are counted as dropped: neither transport can carry one.
+        """
+        while not self.stopping.is_set():
+            try:
+                data = self.local.receive()
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                raise
+            if data is None:
+                continue
+            if not data:
+                self.stats.drop()
+                continue
+            yield data
+
     def deliver(self, datagram):
         """A datagram from the server, to local WireGuard."""
         if self.local.send(datagram):

@@ -119,17 +119,7 @@ class HttpTransport:
 
     def _reader(self):
         relay = self.relay
-        while not relay.stopping.is_set():
-            try:
-                data = relay.local.receive()
-            except OSError:
-                if relay.stopping.is_set():
-                    return
-                raise
-            if not data:
-                if data is not None:
-                    relay.stats.drop()  # an empty datagram cannot be framed
-                continue
+        for data in relay.local_datagrams():
             with self.ready:
                 if len(self.queue) >= QUEUE_LIMIT:
                     # The oldest is the stalest; WireGuard copes with loss.

@@ -54,17 +54,9 @@ class WsTransport:
 
     def _uplink(self):
         relay = self.relay
-        while not relay.stopping.is_set():
-            try:
-                data = relay.local.receive()
-            except OSError:
-                if relay.stopping.is_set():
-                    return
-                raise
-            if data is None:
-                continue
+        for data in relay.local_datagrams():
             ws = self._ws
-            if ws is None or not data:
+            if ws is None:
                 # WireGuard retransmits its handshakes; queueing stale ones
                 # for a connection that may take 30 s would only add delay.
                 relay.stats.drop()

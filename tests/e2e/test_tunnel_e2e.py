@@ -236,3 +236,29 @@ def test_generic_websocket_client_in_binary_mode(stack):
         ping_through(client, "ping through websocat")
     finally:
         client.close()
+
+
+def test_single_datagram_post_as_in_the_reference(stack):
+    """A real handshake initiation POSTed raw (curl --data-binary) gets WireGuard's response back."""
+    client = WgClient(stack.client, unique_ifname("oms"))
+    capture = stack.client.socket_in(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        capture.bind(("127.0.0.1", 0))
+        capture.settimeout(10)
+        status, body = stack.connect("tunnel-user", "single", client.public_key)
+        assert status == 200, body
+        client.configure(server_public_key=body["serverPublicKey"],
+                         endpoint="127.0.0.1:%d" % capture.getsockname()[1], address_cidr=body["ip"],
+                         allowed_ips=[GATEWAY + "/32"], mtu=body["mtu"], keepalive=0)
+        threading.Thread(target=client.ping, args=(GATEWAY, 1, 1), daemon=True).start()
+        initiation, _ = capture.recvfrom(65535)
+        assert initiation[0] == 1 and len(initiation) == 148
+        got, headers, raw = stack.client.http(
+            "POST", "http://%s:%d/wireguard/tunnel" % (SERVER_ADDR, API_PORT), body=initiation,
+            headers={"Authorization": "Bearer " + stack.token("tunnel-user", "single"),
+                     "Content-Type": "application/octet-stream"})
+        assert got == 200 and headers["Content-Type"] == "application/octet-stream"
+        assert raw[0] == 2 and len(raw) == 92, "expected a WireGuard handshake response"
+    finally:
+        capture.close()
+        client.close()
