@@ -117,3 +117,12 @@ def stack(netns, tmp_path, stack_env, stack_workers):
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def internet(netns, stack):
+    """The simulated internet behind the stack's server namespace (uplink veth)."""
+    from .internet import Internet
+    net = Internet(netns, stack.server)
+    yield net
+    net.close()
