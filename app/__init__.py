@@ -2,12 +2,10 @@
 
 gunicorn -k gevent 'app:create_app()'
 """
-import logging
-
 from flask import Flask
 
 from . import config as settings
-from . import errors, health, helper, openapi, reconcile, store, tunnel, wireguard, wsconn
+from . import errors, health, helper, logs, metrics, openapi, reconcile, store, tunnel, wireguard, wsconn
 
 
 def create_app(test_config=None):
@@ -19,8 +17,9 @@ def create_app(test_config=None):
     app.config.update({k: v for k, v in (test_config or {}).items() if k not in settings.SETTINGS})
     app.config["MAX_CONTENT_LENGTH"] = values["MAX_BODY_BYTES"]
     app.json.sort_keys = False
-    logging.basicConfig(level=values["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(values["LOG_LEVEL"], values["LOG_FORMAT"])
 
+    logs.init_app(app)
     errors.init_app(app)
     store.init_app(app)
     helper.init_app(app)
@@ -33,5 +32,6 @@ def create_app(test_config=None):
     tunnel.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(metrics.bp)
     reconcile.init_app(app)
     return app

@@ -59,6 +59,10 @@ def _addresses(value):
     return [str(ipaddress.ip_address(item)) for item in _list(value)]
 
 
+def _proxies(value):
+    return [item if item == "unix" else str(ipaddress.ip_address(item)) for item in _list(value)]
+
+
 def _address(value):
     return str(ipaddress.ip_address(str(value).strip()))
 
@@ -119,6 +123,8 @@ SETTINGS = {
     "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),
     "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 5.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),
     "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),
+    "LOG_FORMAT": (_choice("json", "text"), "json", "Log lines: one JSON object each, or plain text"),
+    "TRUSTED_PROXIES": (_proxies, "127.0.0.1,::1", "Peers whose X-Real-IP header is believed (IPs; unix: a Unix socket peer)"),
 }
 
 

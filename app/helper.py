@@ -13,6 +13,7 @@ from flask import current_app
 from wghelper import protocol
 
 from .errors import ApiError
+from .metrics import timed_helper_call
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class HelperClient:
         self.timeout = timeout
         self._ids = itertools.count(1)
 
+    @timed_helper_call
     def call(self, cmd, args=None, timeout=None):
         req_id = next(self._ids)
         frame = protocol.encode({"id": req_id, "cmd": cmd, "args": args or {}})

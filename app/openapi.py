@@ -79,6 +79,12 @@ PATHS = {
         "summary": "Health of the database, the helper and the interface",
         "responses": {"200": _json("Health", "healthy or degraded"),
                       "503": _json("Health", "unhealthy")}}},
+    "/metrics": {"get": {
+        "summary": "Prometheus metrics of every worker (text exposition format)",
+        "security": INTERNAL,
+        "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      **_errors("UNAUTHORIZED")}}},
     "/openapi.json": {"get": {
         "summary": "This document",
         "responses": {"200": {"description": "OpenAPI 3 document",

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import ApiError
+from .metrics import tunnel_meter
 from .framing import MAX_DATAGRAM, is_wireguard, record_size
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,20 @@ class UdpPipe:
     Connected, so the kernel drops anything not coming from WireGuard itself.
     """
 
-    def __init__(self, host, port):
+    def __init__(self, host, port, transport="http"):
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
         self.sock.connect((host, port))
         self.counters = Counters()
+        self.meter = tunnel_meter(transport)
 
     def send(self, datagrams):
         """Pass WireGuard datagrams on; drop and count anything else."""
         for datagram in datagrams:
             if not is_wireguard(datagram):
                 self.counters.dropped += 1
+                self.meter.dropped("not_wireguard")
                 continue
             try:
                 self.sock.send(datagram)
@@ -58,9 +61,11 @@ class UdpPipe:
                 # WireGuard not listening right now (ECONNREFUSED from an
                 # earlier ICMP): the datagram is lost, as on any UDP path.
                 self.counters.dropped += 1
+                self.meter.dropped("unreachable")
                 continue
             self.counters.up_packets += 1
             self.counters.up_bytes += len(datagram)
+            self.meter.up(len(datagram))
 
     def recv(self, timeout=None):
         """One datagram from WireGuard, or None after `timeout` seconds."""
@@ -74,6 +79,7 @@ class UdpPipe:
                 continue  # an ICMP error for an earlier send; keep reading
             self.counters.down_packets += 1
             self.counters.down_bytes += len(data)
+            self.meter.down(len(data))
             return data
 
     def close(self):
@@ -118,6 +124,7 @@ class HttpSession:
         self._ready = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="tunnel-http-read", daemon=True)
         self._reader.start()
+        pipe.meter.sessions.inc()
 
     def _read(self):
         while not self.closed:
@@ -131,6 +138,7 @@ class HttpSession:
                 if len(self.queue) >= self.queue_size:
                     self.queue.popleft()
                     self.pipe.counters.dropped += 1
+                    self.pipe.meter.dropped("queue_full")
                 self.queue.append(data)
                 self._ready.notify_all()
 
@@ -154,6 +162,8 @@ class HttpSession:
         return out
 
     def close(self):
+        if not self.closed:
+            self.pipe.meter.sessions.dec()
         self.closed = True
         with self._ready:
             self._ready.notify_all()
@@ -179,7 +189,7 @@ class HttpSessions:
             if session is None or session.closed:
                 self.slots.acquire(device)
                 try:
-                    session = HttpSession(key, UdpPipe(*self.target), self.queue_size)
+                    session = HttpSession(key, UdpPipe(*self.target, "http"), self.queue_size)
                 except OSError:
                     self.slots.release(device)
                     raise

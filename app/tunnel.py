@@ -14,6 +14,7 @@ import simple_websocket
 from flask import Blueprint, Response, current_app, g, request
 from flask_sock import Sock
 
+from . import metrics
 from .auth import bearer_token, verify_device_token
 from .errors import ApiError
 from .framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
@@ -61,10 +62,11 @@ def _downstream(ws, pipe, activity):
 
 
 @sock.route("/ws", bp=bp)
+@metrics.tunnel_session("ws")
 def ws(connection):
     """Relay one binary message per WireGuard datagram, both ways."""
     config = current_app.config
-    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"])
+    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"], "ws")
     activity = [time.monotonic()]
     reader = threading.Thread(target=_downstream, args=(connection, pipe, activity), daemon=True)
     reader.start()
@@ -87,6 +89,7 @@ def ws(connection):
         pipe.close()
         reader.join(timeout=2)
         pipe.counters.dropped += connection.inbox_dropped
+        pipe.meter.dropped("inbox_full", connection.inbox_dropped)
         log.info("tunnel ws session end user=%s device=%s %s reason=%s", *g.device, pipe.counters.line(),
                  reason)
 

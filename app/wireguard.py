@@ -3,7 +3,7 @@ import ipaddress
 
 from flask import Blueprint, current_app, g
 
-from . import peers, store
+from . import metrics, peers, store
 from .auth import api_key_required, device_token_required
 from .errors import ApiError
 from .helper import get_helper
@@ -40,6 +40,7 @@ def server_public_key():
 
 
 @bp.post("/connect")
+@metrics.counted(metrics.CONNECTS)
 @device_token_required
 def connect():
     """Register the device's key on the interface and hand back its tunnel config."""
@@ -57,6 +58,7 @@ def connect():
 
 
 @bp.post("/disconnect")
+@metrics.counted(metrics.DISCONNECTS)
 @device_token_required
 def disconnect():
     """Remove the device's peer and free its address; a second call is a no-op."""
@@ -74,6 +76,7 @@ def status():
 
 
 @bp.post("/add-peer")
+@metrics.counted(metrics.ADD_PEERS)
 @api_key_required
 def add_peer():
     """Add a peer provisioned by OrbNET at the address OrbNET chose."""
@@ -83,6 +86,7 @@ def add_peer():
 
 
 @bp.post("/remove-peer")
+@metrics.counted(metrics.REMOVE_PEERS)
 @api_key_required
 def remove_peer():
     """Remove every peer of the user."""

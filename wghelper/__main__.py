@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from . import keys, settings
+from . import keys, nat, settings
 from .commands import CommandFailed, Runner
 from .handlers import Context
 from .interface import Interface
@@ -43,7 +43,7 @@ def main(argv=None):
         print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
         return 2
 
-    server = iface = writer = None
+    server = iface = writer = forwarding = None
     stopping = []
 
     def on_signal(signum, _frame):
@@ -61,6 +61,11 @@ def main(argv=None):
         log.info("server public key %s", public_key)
         iface = Interface(cfg, runner, key_path)
         iface.up()
+        if cfg.nat_uplink:
+            # Fail closed: if NAT cannot be set up the helper does not run.
+            forwarding = nat.Nat(cfg, runner, os.path.join(cfg.state_dir, nat.STATE_FILE))
+            forwarding.apply()
+            iface.on_up = forwarding.interface_up
         writer = Writer(runner, cfg.interface)
         writer.start()
         iface.start_watcher()
@@ -70,7 +75,7 @@ def main(argv=None):
             server.stop()
         server.serve_forever()
         log.info("stopping on signal %s", stopping[0] if stopping else "?")
-    except (CommandFailed, keys.KeyFileError, OSError) as exc:
+    except (CommandFailed, keys.KeyFileError, nat.NatError, OSError) as exc:
         log.error("cannot run: %s", exc)
         code = 1
     finally:
@@ -78,6 +83,10 @@ def main(argv=None):
             server.close()
         if writer is not None:
             writer.stop()
+        if iface is not None:
+            iface.on_up = None  # the watcher must not switch forwarding back on
+        if forwarding is not None and not forwarding.remove():
+            code = code or 1
         if iface is not None:
             iface.down()
     return code

@@ -17,7 +17,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class CommandFailed(Exception):
-    """wg, ip or wireguard-go exited non-zero, timed out or could not start."""
+    """wg, ip, nft, sysctl or wireguard-go exited non-zero, timed out or could not start."""
 
     def __init__(self, command, exit_code, stderr):
         super().__init__("%s failed (exit %s): %s" % (command, exit_code, stderr))
@@ -91,6 +91,8 @@ class Runner:
         except sh.CommandNotFound as exc:
             raise CommandFailed(str(exc), None, "not found in PATH") from None
         self._wireguard_go = wireguard_go
+        self._common = common
+        self._optional = {}
 
     def wg(self, *args, stdin=None):
         return self._run("wg", self._wg, args, stdin)
@@ -98,12 +100,32 @@ class Runner:
     def ip(self, *args):
         return self._run("ip", self._ip, args, None)
 
-    def _run(self, name, command, args, stdin):
+    # nft and sysctl are looked up on first use: only NAT needs them, and a
+    # helper without ORBMESH_NAT_UPLINK must start on a host without nft.
+
+    def nft(self, *args, stdin=None):
+        # The ruleset on stdin holds no secret, and nft's errors quote it:
+        # keep them readable (no redaction).
+        return self._run("nft", self._tool("nft"), args, stdin, redact=False)
+
+    def sysctl(self, *args):
+        return self._run("sysctl", self._tool("sysctl"), args, None)
+
+    def _tool(self, name):
+        if name not in self._optional:
+            try:
+                self._optional[name] = sh.Command(name).bake(**self._common)
+            except sh.CommandNotFound:
+                raise CommandFailed(name, None, "not found in PATH") from None
+        return self._optional[name]
+
+    def _run(self, name, command, args, stdin, redact=True):
         kwargs = {} if stdin is None else {"_in": stdin}
         try:
             return str(command(*args, **kwargs))
         except sh.ErrorReturnCode as exc:
-            raise CommandFailed(name, exc.exit_code, clean_stderr(exc.stderr, stdin)) from None
+            stderr = clean_stderr(exc.stderr, stdin if redact else None)
+            raise CommandFailed(name, exc.exit_code, stderr) from None
         except sh.TimeoutException:
             raise CommandFailed(name, None, "timed out after %gs" % self.timeout) from None
 

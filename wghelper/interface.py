@@ -34,6 +34,10 @@ class Interface:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._watcher = None
+        # Called after each successful bring-up (also the watcher's
+        # re-creations); a failure tears the interface down like a failed
+        # configure.  NAT uses it to set per-interface forwarding again.
+        self.on_up = None
 
     @property
     def uapi_socket(self):
@@ -62,6 +66,8 @@ class Interface:
                 self._create()
             try:
                 self._configure()
+                if self.on_up is not None:
+                    self.on_up()
             except Exception:
                 self._teardown()
                 raise

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 PREFIX = "ORBMESH_"
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
+# nftables table name.  nft's parser takes no quoted or digit-first table
+# names, so the first character is a letter or "_" (a keyword such as
+# "chain" still fails, loudly, when the helper applies the table).
+NFT_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 
 DEFAULTS = {
@@ -29,6 +33,9 @@ DEFAULTS = {
     "HELPER_COMMAND_TIMEOUT": "10",
     "HELPER_WATCH_INTERVAL": "2",
     "HELPER_MAX_CONNECTIONS": "256",
+    "NAT_UPLINK": "",
+    "NAT_TABLE": "orbmesh",
+    "POOL6": "",
 }
 
 
@@ -74,6 +81,10 @@ class Settings:
     command_timeout: float
     watch_interval: float
     max_connections: int
+    # NAT and forwarding (wghelper/nat.py); no uplink means none of it.
+    nat_uplink: str | None = None
+    nat_table: str = "orbmesh"
+    pool6: ipaddress.IPv6Network | None = None
 
 
 def _int(value, low, high):
@@ -123,6 +134,31 @@ def _gateway(value, pool):
     if gateway not in pool or gateway in (pool.network_address, pool.broadcast_address):
         raise ValueError("must be a host address inside %s" % pool)
     return gateway
+
+
+def _uplink(value, interface):
+    if not value:
+        return None
+    _interface(value)
+    if value == interface:
+        raise ValueError("must not be the WireGuard interface (%s)" % interface)
+    return value
+
+
+def _nft_table(value):
+    if not NFT_TABLE_RE.fullmatch(value):
+        raise ValueError("must be 1-32 characters of A-Z a-z 0-9 _, not starting with a digit")
+    return value
+
+
+def _pool6(value):
+    if not value:
+        return None
+    try:
+        pool = ipaddress.IPv6Network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError("must be an IPv6 network in CIDR form (%s)" % exc) from None
+    return pool
 
 
 def _group(value):
@@ -210,6 +246,12 @@ def load(environ=None):
         values["command_timeout"] = parse("HELPER_COMMAND_TIMEOUT", _seconds, 0.1, 600)
         values["watch_interval"] = parse("HELPER_WATCH_INTERVAL", _seconds, 0.05, 3600)
         values["max_connections"] = parse("HELPER_MAX_CONNECTIONS", _int, 1, 65536)
+        current = "NAT_UPLINK"  # empty is a value here: no NAT (the default)
+        values["nat_uplink"] = _uplink(str(raw.get(PREFIX + current, "")).strip(),
+                                       values["interface"])
+        values["nat_table"] = parse("NAT_TABLE", _nft_table)
+        current = "POOL6"
+        values["pool6"] = _pool6(str(raw.get(PREFIX + current, "")).strip())
     except ValueError as exc:
         raise ConfigError("%s%s: %s" % (PREFIX, current, exc)) from None
     return Settings(**values)

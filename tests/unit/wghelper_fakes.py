@@ -66,6 +66,8 @@ class FakeRunner:
         self.gate = None       # threading.Event wg set waits on, when set
         self.entered = threading.Event()
         self.children = []
+        self.sysctls = {}      # "net/ipv4/conf/IF/forwarding" -> "0"; absent: no such key
+        self.nft_tables = {}   # "inet NAME" -> the stdin that defined it
         self._lock = threading.Lock()
 
     def clear(self):
@@ -119,6 +121,29 @@ class FakeRunner:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
         return ""
+
+    def nft(self, *args, stdin=None):
+        argv = ["nft", *args]
+        self._record(argv, stdin)
+        if args == ("-f", "-"):
+            first = stdin.splitlines()[0]          # "table inet NAME {}"
+            self.nft_tables[" ".join(first.split()[1:3])] = stdin
+        elif args[:2] == ("delete", "table"):
+            if self.nft_tables.pop(" ".join(args[2:4]), None) is None:
+                raise CommandFailed("nft", 1, "Error: Could not process rule: No such file or directory")
+        return ""
+
+    def sysctl(self, *args):
+        argv = ["sysctl", *args]
+        self._record(argv, None)
+        key, _, value = args[1].partition("=")
+        if key not in self.sysctls:
+            raise CommandFailed("sysctl", 255, "sysctl: cannot stat /proc/sys/%s: No such file or directory"
+                                % key)
+        if args[0] == "-w":
+            self.sysctls[key] = value
+            return "%s = %s\n" % (key.replace("/", "."), value)
+        return self.sysctls[key] + "\n"
 
     def start_wireguard_go(self, ifname):
         self._record(["wireguard-go", ifname], None)

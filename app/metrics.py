@@ -1,0 +1,223 @@
+"""Prometheus metrics, and GET /metrics (internal API key).
+
+Every metric is defined once, here.  Under gunicorn, set
+PROMETHEUS_MULTIPROC_DIR (an empty directory, writable by the app) in the
+environment before the app starts: prometheus_client then keeps each
+worker's values in files there, and a scrape of any worker sums them all
+(MultiProcessCollector).  gunicorn must call ``child_exit`` below when a
+worker dies so that its live gauges go away:
+
+    # deploy/gunicorn.conf.py
+    from app.metrics import child_exit  # noqa: F401
+
+Without the variable (tests, ``flask run``) the values live in this process.
+
+Peers and pool gauges are not kept anywhere: they are read from SQLite at
+scrape time, so every worker reports the same numbers.
+"""
+import functools
+import logging
+import os
+import sqlite3
+import time
+
+from flask import Blueprint, Response, current_app
+from marshmallow import ValidationError
+from prometheus_client import (CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily
+from werkzeug.exceptions import HTTPException
+
+from . import store
+from .auth import api_key_required
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+bp = Blueprint("metrics", __name__)
+
+# prometheus_client picks its value store when it is imported; this is the
+# same test, made at the same time.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+disable_created_metrics()  # no *_created series: they do not exist in multiprocess mode either
+REGISTRY = CollectorRegistry()
+
+# Results of the peer endpoints: "ok" or the error code in lower case, with
+# malformed and oversized input folded into "invalid".
+RESULTS = ("ok", "invalid", "unauthorized", "conflict", "not_found", "not_implemented", "pool_exhausted",
+           "helper_unavailable", "helper_error", "database_unavailable", "internal_error")
+_RESULT_OF_CODE = {"VALIDATION_ERROR": "invalid", "PAYLOAD_TOO_LARGE": "invalid"}
+
+
+def _results_counter(name, documentation):
+    counter = Counter(name, documentation, ["result"], registry=REGISTRY)
+    for result in RESULTS:
+        counter.labels(result)  # every series exists from the start, at 0
+    return counter
+
+
+CONNECTS = _results_counter("orbmesh_connect_requests", "POST /wireguard/connect requests by result")
+DISCONNECTS = _results_counter("orbmesh_disconnect_requests", "POST /wireguard/disconnect requests by result")
+ADD_PEERS = _results_counter("orbmesh_add_peer_requests", "POST /wireguard/add-peer requests by result")
+REMOVE_PEERS = _results_counter("orbmesh_remove_peer_requests", "POST /wireguard/remove-peer requests by result")
+
+HELPER_LATENCY = Histogram(
+    "orbmesh_helper_call_duration_seconds", "Round trip of one call to the root helper, by command",
+    ["command"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120))
+
+TRANSPORTS = ("ws", "http")
+TUNNEL_SESSIONS = Gauge("orbmesh_tunnel_sessions", "Open tunnel sessions by transport", ["transport"],
+                        registry=REGISTRY, multiprocess_mode="livesum")
+TUNNEL_BYTES = Counter("orbmesh_tunnel_bytes", "WireGuard datagram bytes carried by the tunnels "
+                       "(up: client to WireGuard, down: WireGuard to client)", ["transport", "direction"],
+                       registry=REGISTRY)
+TUNNEL_PACKETS = Counter("orbmesh_tunnel_packets", "WireGuard datagrams carried by the tunnels",
+                         ["transport", "direction"], registry=REGISTRY)
+DROP_REASONS = ("not_wireguard", "unreachable", "queue_full", "inbox_full")
+TUNNEL_DROPPED = Counter("orbmesh_tunnel_dropped_datagrams", "Tunnel datagrams dropped: not WireGuard, "
+                         "WireGuard unreachable, downstream queue full (HTTP), inbox full (WebSocket)",
+                         ["transport", "reason"], registry=REGISTRY)
+for _transport in TRANSPORTS:
+    TUNNEL_SESSIONS.labels(_transport)
+    for _direction in ("up", "down"):
+        TUNNEL_BYTES.labels(_transport, _direction)
+        TUNNEL_PACKETS.labels(_transport, _direction)
+    for _reason in DROP_REASONS:
+        TUNNEL_DROPPED.labels(_transport, _reason)
+
+
+def result_of(exc):
+    """The `result` label for an exception leaving a view."""
+    if isinstance(exc, ApiError):
+        return _RESULT_OF_CODE.get(exc.code, exc.code.lower())
+    if isinstance(exc, ValidationError):
+        return "invalid"
+    if isinstance(exc, HTTPException) and exc.code is not None and exc.code < 500:
+        return "invalid"
+    if isinstance(exc, sqlite3.Error):
+        return "database_unavailable"
+    return "internal_error"
+
+
+def counted(counter):
+    """Decorate a view: count each call in `counter` by result."""
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapped(*args, **kwargs):
+            try:
+                response = view(*args, **kwargs)
+            except Exception as exc:
+                counter.labels(result_of(exc)).inc()
+                raise
+            counter.labels("ok").inc()
+            return response
+        return wrapped
+    return decorate
+
+
+def timed_helper_call(call):
+    """Decorate HelperClient.call(cmd, ...): observe its duration by command."""
+    @functools.wraps(call)
+    def wrapped(self, cmd, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return call(self, cmd, *args, **kwargs)
+        finally:
+            HELPER_LATENCY.labels(cmd).observe(time.perf_counter() - start)
+    return wrapped
+
+
+def tunnel_session(transport):
+    """Context manager or decorator: one open tunnel session while inside."""
+    return TUNNEL_SESSIONS.labels(transport).track_inprogress()
+
+
+class TunnelMeter:
+    """The tunnel counters of one transport, bound once."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.sessions = TUNNEL_SESSIONS.labels(transport)
+        self._up = (TUNNEL_PACKETS.labels(transport, "up"), TUNNEL_BYTES.labels(transport, "up"))
+        self._down = (TUNNEL_PACKETS.labels(transport, "down"), TUNNEL_BYTES.labels(transport, "down"))
+
+    def up(self, size):
+        self._up[0].inc()
+        self._up[1].inc(size)
+
+    def down(self, size):
+        self._down[0].inc()
+        self._down[1].inc(size)
+
+    def dropped(self, reason, count=1):
+        if count:
+            TUNNEL_DROPPED.labels(self.transport, reason).inc(count)
+
+
+@functools.lru_cache(maxsize=None)
+def tunnel_meter(transport):
+    return TunnelMeter(transport)
+
+
+class StateCollector:
+    """Gauges read from the database and the allocator when scraped."""
+
+    def __init__(self, db, allocator):
+        self.db = db
+        self.allocator = allocator
+
+    def collect(self):
+        yield GaugeMetricFamily("orbmesh_pool_addresses", "Client addresses in the pool (without network, "
+                                "gateway and broadcast)", value=self.allocator.size)
+        try:
+            counts = dict(self.db.execute("SELECT source, count(*) FROM peers GROUP BY source").fetchall())
+            free = self.allocator.free(self.db)
+        except sqlite3.Error as exc:
+            log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
+            return
+        peers = GaugeMetricFamily("orbmesh_peers", "Peers in the database (and so on the interface) by source",
+                                  labels=["source"])
+        for source in ("client", "orbnet"):
+            peers.add_metric([source], counts.get(source, 0))
+        yield peers
+        yield GaugeMetricFamily("orbmesh_pool_free_addresses", "Client addresses not allocated", value=free)
+
+
+class _Local:
+    """This process's metrics, for single-process mode."""
+
+    def collect(self):
+        return REGISTRY.collect()
+
+
+def exposition(*collectors):
+    """The text exposition of every worker's metrics plus `collectors`."""
+    registry = CollectorRegistry()
+    if MULTIPROCESS:
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(_Local())
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+def _multiproc_dir():
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+def child_exit(server, worker):
+    """gunicorn hook (master process): drop the live gauges of a worker that exited."""
+    path = _multiproc_dir()
+    if path:
+        multiprocess.mark_process_dead(worker.pid, path)
+
+
+@bp.get("/metrics")
+@api_key_required
+def metrics():
+    """Prometheus text exposition, summed over the workers."""
+    state = StateCollector(store.get_db(), current_app.extensions["orbmesh_allocator"])
+    return Response(exposition(state), content_type=CONTENT_TYPE_PLAIN_0_0_4,
+                    headers={"Cache-Control": "no-store"})

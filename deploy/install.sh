@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# Install the OrbMesh WireGuard node on a fresh Debian 12 host, as root:
+#
+#   deploy/install.sh [--ports 8081,8082] [--orbnet-allow 198.51.100.7,2001:db8::/64]
+#                     [--listen 8443,[::]:8443] [--cert FULLCHAIN.pem --key KEY.pem]
+#                     [--server-name vpn.example.net] [--root DIR] [--no-venv]
+#
+# Debian packages, the system user "orbmesh", the code in /opt/orbmesh with its
+# virtualenv, /etc/orbmesh/orbmesh.env (made once, with random secrets), a TLS
+# certificate (self-signed unless --cert/--key), the nginx site, the systemd
+# units; then it enables and starts orbmesh.target and reloads nginx when
+# systemd is running (otherwise it only enables, and says so).
+#
+# Idempotent: a second run with the same choices changes no file.  The choices
+# (ports, OrbNET allow list, listen addresses) are kept in
+# /etc/orbmesh/deploy.conf, so a later run without options keeps them.
+#
+#   --ports LIST         gunicorn instances (orbmesh-api@PORT on 127.0.0.1);
+#                        default: one per CPU from 8081
+#   --orbnet-allow LIST  addresses/networks allowed to the internal endpoints
+#                        (status, add-peer, remove-peer, metrics); loopback always
+#   --listen LIST        nginx TLS listen addresses (default 8443,[::]:8443)
+#   --cert/--key FILE    a real certificate chain and key to install
+#   --server-name NAME   name (or IP) in the self-signed certificate (default: hostname -f)
+#   --root DIR           install into DIR instead of / (for tests and images): no
+#                        apt, no user creation, no chown, no service start; every
+#                        file is still rendered and placed, units enabled with
+#                        "systemctl --root"
+#   --no-venv            do not build /opt/orbmesh/venv (tests; building it is slow)
+set -euo pipefail
+umask 022
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT=""
+NO_VENV=0
+OPT_PORTS=""
+OPT_ALLOW=""
+OPT_ALLOW_SET=0
+OPT_LISTEN=""
+CERT_IN=""
+KEY_IN=""
+SERVER_NAME=""
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
+        --root=*) ROOT="${1#--root=}"; shift ;;
+        --no-venv) NO_VENV=1; shift ;;
+        --ports) OPT_PORTS="${2:?}"; shift 2 ;;
+        --orbnet-allow) OPT_ALLOW="${2-}"; OPT_ALLOW_SET=1; shift 2 ;;
+        --listen) OPT_LISTEN="${2:?}"; shift 2 ;;
+        --cert) CERT_IN="${2:?}"; shift 2 ;;
+        --key) KEY_IN="${2:?}"; shift 2 ;;
+        --server-name) SERVER_NAME="${2:?}"; shift 2 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+done
+[ -z "$ROOT" ] && [ -n "${DESTDIR:-}" ] && ROOT="$DESTDIR"
+if [ -n "$ROOT" ]; then
+    mkdir -p "$ROOT"
+    ROOT="$(cd "$ROOT" && pwd)"
+    [ "$ROOT" != "/" ] || ROOT=""
+fi
+if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
+    die "run as root (or use --root DIR to install into a directory)"
+fi
+if [ -n "$CERT_IN" ] || [ -n "$KEY_IN" ]; then
+    [ -f "$CERT_IN" ] && [ -f "$KEY_IN" ] || die "--cert and --key must both name existing files"
+fi
+
+R="$ROOT"            # prefix for every path written
+APP_USER=orbmesh
+CHANGED=0
+note() { echo "install.sh: $*"; }
+
+# --- helpers: write only what differs, so a second run changes nothing -----
+
+owner() {  # owner PATH USER:GROUP (skipped under --root: the users may not exist)
+    [ -n "$ROOT" ] || chown -h "$2" "$1"
+}
+
+dir() {  # dir PATH MODE [USER:GROUP]
+    local path="$R$1"
+    if [ ! -d "$path" ]; then
+        mkdir -p "$path"
+        CHANGED=$((CHANGED + 1))
+    fi
+    chmod "$2" "$path"
+    owner "$path" "${3:-root:root}"
+}
+
+put() {  # put SOURCE DEST MODE [USER:GROUP]
+    local src="$1" dest="$R$2"
+    if [ ! -f "$dest" ] || [ -L "$dest" ] || ! cmp -s "$src" "$dest"; then
+        mkdir -p "$(dirname "$dest")"
+        cp "$src" "$dest.new.$$"
+        chmod "$3" "$dest.new.$$"
+        mv -f "$dest.new.$$" "$dest"
+        CHANGED=$((CHANGED + 1))
+        note "wrote $2"
+    fi
+    chmod "$3" "$dest"
+    owner "$dest" "${4:-root:root}"
+}
+
+put_text() {  # put_text DEST MODE [USER:GROUP] < text
+    local tmp
+    tmp="$(mktemp)"
+    cat > "$tmp"
+    put "$tmp" "$@"
+    rm -f "$tmp"
+}
+
+link() {  # link TARGET NAME
+    if [ "$(readlink "$R$2" 2>/dev/null || true)" != "$1" ]; then
+        mkdir -p "$(dirname "$R$2")"
+        ln -sfn "$1" "$R$2"
+        CHANGED=$((CHANGED + 1))
+        note "linked $2 -> $1"
+    fi
+}
+
+# --- Debian packages ---------------------------------------------------------
+
+DEBS=(wireguard-tools wireguard-go iproute2 nftables nginx python3-venv openssl)
+if [ -n "$ROOT" ]; then
+    note "--root: skipping Debian packages (${DEBS[*]})"
+else
+    missing=()
+    for pkg in "${DEBS[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        note "installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # No recommends: wireguard-tools would otherwise pull in a kernel image.
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
+# --- the orbmesh system user -------------------------------------------------
+
+if [ -n "$ROOT" ]; then
+    note "--root: skipping the system user '$APP_USER' and ownership (chown)"
+else
+    getent group "$APP_USER" >/dev/null || groupadd --system "$APP_USER"
+    getent passwd "$APP_USER" >/dev/null || useradd --system --gid "$APP_USER" --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin "$APP_USER"
+fi
+
+# --- directories -------------------------------------------------------------
+
+dir /etc/orbmesh 0750 "root:$APP_USER"
+dir /etc/orbmesh/tls 0700 root:root
+dir /var/lib/orbmesh 0750 "$APP_USER:$APP_USER"
+dir /opt/orbmesh 0755 root:root
+dir /etc/systemd/system 0755 root:root
+dir /etc/nginx/sites-available 0755 root:root
+dir /etc/nginx/sites-enabled 0755 root:root
+
+# --- the code in /opt/orbmesh --------------------------------------------------
+
+DEST="$R/opt/orbmesh"
+CODE_DIRS=(app wghelper deploy docs)
+CODE_FILES=(setup.py setup.cfg requirements.txt README.md)
+source_files() {
+    (cd "$SRC" && find "${CODE_DIRS[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+        ! -path '*.egg-info/*' | LC_ALL=C sort; printf '%s\n' "${CODE_FILES[@]}")
+}
+if [ "$(cd "$DEST" && pwd -P)" = "$(cd "$SRC" && pwd -P)" ]; then
+    note "running from $DEST itself: code already in place"
+else
+    while IFS= read -r file; do
+        mode=0644
+        [ -x "$SRC/$file" ] && mode=0755
+        put "$SRC/$file" "/opt/orbmesh/$file" "$mode"
+    done < <(source_files)
+    # Files of an older version that this one no longer has.
+    wanted="$(source_files)"
+    while IFS= read -r file; do
+        if ! grep -qxF "$file" <<<"$wanted"; then
+            rm -f "$DEST/$file"
+            CHANGED=$((CHANGED + 1))
+            note "removed /opt/orbmesh/$file"
+        fi
+    done < <(cd "$DEST" && find "${CODE_DIRS[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+        ! -path '*.egg-info/*' 2>/dev/null | LC_ALL=C sort)
+fi
+
+VENV="$DEST/venv"
+if [ "$NO_VENV" = 1 ]; then
+    note "--no-venv: not building $VENV"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        note "creating virtualenv /opt/orbmesh/venv"
+        python3 -m venv "$VENV"
+        CHANGED=$((CHANGED + 1))
+    fi
+    stamp="$VENV/.orbmesh-installed"
+    if ! cat "$DEST/requirements.txt" "$DEST/setup.cfg" | cmp -s - "$stamp" \
+            || ! "$VENV/bin/python" -c "import app, wghelper" 2>/dev/null; then
+        note "installing Python packages into /opt/orbmesh/venv"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -r "$DEST/requirements.txt"
+        # Editable: the code in /opt/orbmesh is what runs; re-run install.sh to update it.
+        "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$DEST"
+        "$VENV/bin/python" -m compileall -q "$DEST/app" "$DEST/wghelper" >/dev/null
+        cat "$DEST/requirements.txt" "$DEST/setup.cfg" > "$stamp"
+        CHANGED=$((CHANGED + 1))
+    fi
+fi
+
+# --- settings: /etc/orbmesh/orbmesh.env, made once ----------------------------
+
+ENV_FILE=/etc/orbmesh/orbmesh.env
+if [ ! -e "$R$ENV_FILE" ]; then
+    secret="$(head -c 48 /dev/urandom | base64 | tr -d '\n=+/')"
+    api_key="$(head -c 24 /dev/urandom | base64 | tr -d '\n=+/')"
+    put_text "$ENV_FILE" 0640 "root:$APP_USER" <<EOF
+# OrbMesh WireGuard node settings (README, "Configuration"), read by
+# orbmesh-wghelper.service and every orbmesh-api@PORT.service.  Made once by
+# deploy/install.sh; never overwritten.  After a change:
+#   systemctl restart orbmesh.target
+
+# Device tokens: OrbNET's HS256 secret (this random one is a placeholder until
+# you paste OrbNET's), or ORBMESH_JWT_ALGORITHM + ORBMESH_JWT_PUBLIC_KEY_FILE.
+ORBMESH_JWT_SECRET=$secret
+# Internal API keys for OrbNET (X-API-Key), comma-separated.
+ORBMESH_API_KEYS=$api_key
+
+# Host or IP the apps use to reach WireGuard (serverEndpoint).  Set this.
+#ORBMESH_PUBLIC_HOST=vpn.example.net
+# Interface towards the internet: the helper enables forwarding and adds an
+# nftables masquerade for the pool out of it.  Set this for full tunnels.
+#ORBMESH_NAT_UPLINK=eth0
+#ORBMESH_INTERFACE=wg0
+#ORBMESH_LISTEN_PORT=51820
+#ORBMESH_POOL=10.8.0.0/16
+
+ORBMESH_DB_PATH=/var/lib/orbmesh/orbmesh.db
+ORBMESH_HELPER_SOCKET=/run/orbmesh/wghelper.sock
+ORBMESH_HELPER_SOCKET_GROUP=$APP_USER
+ORBMESH_HELPER_ALLOWED_UIDS=$APP_USER
+ORBMESH_HELPER_STATE_DIR=/var/lib/orbmesh-wghelper
+EOF
+else
+    chmod 0640 "$R$ENV_FILE"
+    owner "$R$ENV_FILE" "root:$APP_USER"
+fi
+
+# --- deployment choices: /etc/orbmesh/deploy.conf -----------------------------
+
+DEPLOY_CONF=/etc/orbmesh/deploy.conf
+API_PORTS=""
+ORBNET_ALLOW=""
+NGINX_LISTEN=""
+if [ -f "$R$DEPLOY_CONF" ]; then
+    while IFS='=' read -r key value; do
+        case "$key" in
+            API_PORTS) API_PORTS="$value" ;;
+            ORBNET_ALLOW) ORBNET_ALLOW="$value" ;;
+            NGINX_LISTEN) NGINX_LISTEN="$value" ;;
+        esac
+    done < "$R$DEPLOY_CONF"
+fi
+if [ -z "$API_PORTS" ]; then
+    cpus="$(nproc 2>/dev/null || echo 1)"
+    API_PORTS="$(seq -s, 8081 $((8080 + cpus)))"
+fi
+[ -n "$OPT_PORTS" ] && API_PORTS="$OPT_PORTS"
+[ "$OPT_ALLOW_SET" = 1 ] && ORBNET_ALLOW="$OPT_ALLOW"
+[ -n "$OPT_LISTEN" ] && NGINX_LISTEN="$OPT_LISTEN"
+[ -n "$NGINX_LISTEN" ] || NGINX_LISTEN="8443,[::]:8443"
+# Spaces and empty items out, so the file (and the second run) is canonical.
+canon() { tr -d ' \t' <<<"$1" | tr -s ',' | sed 's/^,//; s/,$//'; }
+API_PORTS="$(canon "$API_PORTS")"
+ORBNET_ALLOW="$(canon "$ORBNET_ALLOW")"
+NGINX_LISTEN="$(canon "$NGINX_LISTEN")"
+
+# Render first: it refuses malformed values before anything records them.
+SITE_TMP="$(mktemp)"
+trap 'rm -f "$SITE_TMP"' EXIT
+"$SRC/deploy/nginx/render" --ports "$API_PORTS" --allow "$ORBNET_ALLOW" --listen "$NGINX_LISTEN" \
+    --cert /etc/orbmesh/tls/cert.pem --key /etc/orbmesh/tls/key.pem > "$SITE_TMP"
+
+put_text "$DEPLOY_CONF" 0640 "root:$APP_USER" <<EOF
+# deploy/install.sh choices; change them here (or with its options) and run it again.
+# gunicorn instances on 127.0.0.1 (orbmesh-api@PORT), comma-separated
+API_PORTS=$API_PORTS
+# addresses/networks allowed to the internal endpoints besides loopback
+ORBNET_ALLOW=$ORBNET_ALLOW
+# nginx TLS listen addresses
+NGINX_LISTEN=$NGINX_LISTEN
+EOF
+
+# --- TLS certificate ------------------------------------------------------------
+
+CERT=/etc/orbmesh/tls/cert.pem
+KEY=/etc/orbmesh/tls/key.pem
+if [ -n "$CERT_IN" ]; then
+    put "$KEY_IN" "$KEY" 0600 root:root
+    put "$CERT_IN" "$CERT" 0644 root:root
+elif [ ! -s "$R$CERT" ] || [ ! -s "$R$KEY" ]; then
+    name="${SERVER_NAME:-$(hostname -f 2>/dev/null || hostname)}"
+    if [[ "$name" =~ ^[0-9.]+$ || "$name" == *:* ]]; then san="IP:$name"; else san="DNS:$name"; fi
+    tmpdir="$(mktemp -d)"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 825 \
+        -subj "/CN=$name" -addext "subjectAltName=$san" \
+        -keyout "$tmpdir/key.pem" -out "$tmpdir/cert.pem" 2>/dev/null
+    put "$tmpdir/key.pem" "$KEY" 0600 root:root
+    put "$tmpdir/cert.pem" "$CERT" 0644 root:root
+    rm -rf "$tmpdir"
+    note "made a self-signed certificate for $name (replace it: --cert/--key)"
+fi
+
+# --- nginx site -------------------------------------------------------------------
+
+put "$SITE_TMP" /etc/nginx/sites-available/orbmesh.conf 0644
+link /etc/nginx/sites-available/orbmesh.conf /etc/nginx/sites-enabled/orbmesh.conf
+
+# --- systemd units ------------------------------------------------------------------
+
+for unit in orbmesh-wghelper.service orbmesh-api@.service orbmesh.target; do
+    put "$SRC/deploy/systemd/$unit" "/etc/systemd/system/$unit" 0644
+done
+INSTANCES=()
+for port in ${API_PORTS//,/ }; do INSTANCES+=("orbmesh-api@$port.service"); done
+STALE=()
+for path in "$R"/etc/systemd/system/orbmesh.target.wants/orbmesh-api@*.service; do
+    [ -e "$path" ] || [ -L "$path" ] || continue
+    unit="$(basename "$path")"
+    [[ " ${INSTANCES[*]} " == *" $unit "* ]] || STALE+=("$unit")
+done
+
+is_enabled() {  # every unit given is already enabled (no systemctl call changes files)
+    local unit
+    for unit in "$@"; do
+        case "$unit" in
+            orbmesh.target) [ -L "$R/etc/systemd/system/multi-user.target.wants/$unit" ] || return 1 ;;
+            *) [ -L "$R/etc/systemd/system/orbmesh.target.wants/$unit" ] || return 1 ;;
+        esac
+    done
+}
+UNITS=(orbmesh.target orbmesh-wghelper.service "${INSTANCES[@]}")
+if [ -n "$ROOT" ]; then
+    if [ "${#STALE[@]}" -gt 0 ]; then
+        systemctl --root="$ROOT" disable "${STALE[@]}" >/dev/null 2>&1
+        CHANGED=$((CHANGED + 1))
+    fi
+    if ! is_enabled "${UNITS[@]}"; then
+        systemctl --root="$ROOT" enable "${UNITS[@]}" >/dev/null 2>&1
+        CHANGED=$((CHANGED + 1))
+    fi
+    note "--root: enabled ${UNITS[*]} in $ROOT; nothing started"
+elif [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    [ "${#STALE[@]}" -eq 0 ] || systemctl disable --now "${STALE[@]}"
+    systemctl enable --now "${UNITS[@]}"
+    nginx -t
+    systemctl enable --now nginx.service
+    if [ "$CHANGED" -gt 0 ]; then
+        # New code, units or site: restart the node (the helper puts every peer
+        # back and the API reconciles) and reload nginx without dropping tunnels.
+        systemctl restart orbmesh-wghelper.service "${INSTANCES[@]}"
+        systemctl reload nginx.service
+    fi
+else
+    [ "${#STALE[@]}" -eq 0 ] || systemctl disable "${STALE[@]}"
+    is_enabled "${UNITS[@]}" || systemctl enable "${UNITS[@]}"
+    command -v nginx >/dev/null && nginx -t
+    note "systemd is not running (no /run/systemd/system): units enabled, nothing started or reloaded"
+fi
+
+# --- what is left to the operator -------------------------------------------------------
+
+if [ "$CHANGED" -eq 0 ]; then
+    note "nothing changed"
+fi
+cat <<EOF
+
+OrbMesh installed${ROOT:+ under $ROOT}: code in /opt/orbmesh, settings in $ENV_FILE,
+choices in $DEPLOY_CONF, nginx on ${NGINX_LISTEN} -> 127.0.0.1:{${API_PORTS}}.
+Next:
+  1. In $ENV_FILE set ORBMESH_PUBLIC_HOST (the address apps dial for WireGuard)
+     and ORBMESH_NAT_UPLINK (the internet-facing interface, for NAT), and replace
+     ORBMESH_JWT_SECRET with OrbNET's secret; give OrbNET ORBMESH_API_KEYS.
+  2. Allow OrbNET's addresses to the internal endpoints:
+       deploy/install.sh --orbnet-allow 198.51.100.7,2001:db8::/64
+  3. Replace the self-signed certificate with a real one:
+       deploy/install.sh --cert /path/fullchain.pem --key /path/privkey.pem
+  4. Open UDP ${ORBMESH_LISTEN_PORT:-51820} (WireGuard) and TCP ${NGINX_LISTEN##*:} (HTTPS) in the host firewall.
+  5. systemctl restart orbmesh.target; check: curl -k https://127.0.0.1:${NGINX_LISTEN##*:}/health
+EOF

@@ -1,0 +1,171 @@
+"""deploy/install.sh into a temporary root (--root DIR --no-venv): files, modes, idempotence.
+
+Under --root it skips apt, the system user, chown and starting services, and
+--no-venv skips building /opt/orbmesh/venv (slow); every file is still
+rendered and placed, and units are enabled with `systemctl --root`.
+"""
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .test_deploy_files import DEPLOY, nginx_test, need
+
+INSTALL = DEPLOY / "install.sh"
+
+
+def install(root, *args):
+    need("openssl")
+    need("systemctl")
+    return subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-venv"] + list(args),
+                          capture_output=True, text=True, timeout=120)
+
+
+def tree(root):
+    """{path: (type, mode, mtime_ns, sha256 or link target)} for everything under root."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            info = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(info.st_mode):
+                found[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(info.st_mode):
+                found[rel] = ("dir", stat.S_IMODE(info.st_mode))
+            else:
+                found[rel] = ("file", stat.S_IMODE(info.st_mode), info.st_mtime_ns,
+                              hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def env_of(path):
+    return dict(re.findall(r"^([A-Z_]+)=(.*)$", path.read_text(), re.M))
+
+
+@pytest.fixture
+def installed(tmp_path):
+    root = tmp_path / "root"
+    first = install(root, "--ports", "8081,8082")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return root, first
+
+
+def test_install_places_every_file(installed):
+    root, first = installed
+    etc = root / "etc"
+    for path, mode in (("etc/orbmesh", 0o750), ("etc/orbmesh/tls", 0o700), ("etc/orbmesh/orbmesh.env", 0o640),
+                       ("etc/orbmesh/tls/key.pem", 0o600), ("etc/orbmesh/tls/cert.pem", 0o644),
+                       ("etc/orbmesh/deploy.conf", 0o640), ("var/lib/orbmesh", 0o750),
+                       ("etc/nginx/sites-available/orbmesh.conf", 0o644),
+                       ("etc/systemd/system/orbmesh-wghelper.service", 0o644),
+                       ("etc/systemd/system/orbmesh-api@.service", 0o644),
+                       ("etc/systemd/system/orbmesh.target", 0o644),
+                       ("opt/orbmesh/app/__init__.py", 0o644), ("opt/orbmesh/wghelper/server.py", 0o644),
+                       ("opt/orbmesh/deploy/gunicorn.conf.py", 0o644), ("opt/orbmesh/deploy/install.sh", 0o755),
+                       ("opt/orbmesh/setup.cfg", 0o644), ("opt/orbmesh/requirements.txt", 0o644)):
+        assert stat.S_IMODE((root / path).stat().st_mode) == mode, path
+    assert os.readlink(etc / "nginx/sites-enabled/orbmesh.conf") == "/etc/nginx/sites-available/orbmesh.conf"
+    wants = sorted(p.name for p in (etc / "systemd/system/orbmesh.target.wants").iterdir())
+    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-wghelper.service"]
+    assert (etc / "systemd/system/multi-user.target.wants/orbmesh.target").is_symlink()
+    assert not (root / "opt/orbmesh/venv").exists()
+    assert not list(root.rglob("__pycache__")) and not list(root.rglob("tests"))
+
+    env = env_of(etc / "orbmesh/orbmesh.env")
+    assert len(env["ORBMESH_JWT_SECRET"]) >= 43 and len(env["ORBMESH_API_KEYS"]) >= 16
+    assert env["ORBMESH_HELPER_SOCKET_GROUP"] == "orbmesh" and env["ORBMESH_HELPER_ALLOWED_UIDS"] == "orbmesh"
+    assert env["ORBMESH_DB_PATH"] == "/var/lib/orbmesh/orbmesh.db"
+    site = (etc / "nginx/sites-available/orbmesh.conf").read_text()
+    assert "server 127.0.0.1:8081 " in site and "server 127.0.0.1:8082 " in site
+    # It says what to configure next, and that it started nothing.
+    for word in ("ORBMESH_PUBLIC_HOST", "ORBMESH_NAT_UPLINK", "--orbnet-allow", "--cert", "nothing started"):
+        assert word in first.stdout, word
+
+
+def test_second_run_changes_nothing(installed):
+    root, _ = installed
+    before = tree(root)
+    second = install(root)  # no options: the choices come from /etc/orbmesh/deploy.conf
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "nothing changed" in second.stdout
+    assert tree(root) == before
+
+
+def test_changed_choices_are_applied_and_secrets_kept(installed, tmp_path):
+    root, _ = installed
+    env_before = (root / "etc/orbmesh/orbmesh.env").read_bytes()
+    key_before = (root / "etc/orbmesh/tls/key.pem").read_bytes()
+    third = install(root, "--ports", "8081,8083", "--orbnet-allow", "198.51.100.7")
+    assert third.returncode == 0, third.stdout + third.stderr
+    site = (root / "etc/nginx/sites-available/orbmesh.conf").read_text()
+    assert "allow 198.51.100.7;" in site and "8082" not in site and "server 127.0.0.1:8083 " in site
+    wants = sorted(p.name for p in (root / "etc/systemd/system/orbmesh.target.wants").iterdir())
+    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8083.service", "orbmesh-wghelper.service"]
+    assert (root / "etc/orbmesh/orbmesh.env").read_bytes() == env_before
+    assert (root / "etc/orbmesh/tls/key.pem").read_bytes() == key_before
+    assert env_of(root / "etc/orbmesh/deploy.conf")["ORBNET_ALLOW"] == "198.51.100.7"
+    # A given certificate replaces the self-signed one.
+    cert_dir = tmp_path / "given"
+    cert_dir.mkdir()
+    from .test_deploy_files import make_cert
+    cert, key = make_cert(cert_dir, "vpn.example.net")
+    fourth = install(root, "--cert", str(cert), "--key", str(key))
+    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
+    assert (root / "etc/orbmesh/tls/cert.pem").read_bytes() == cert.read_bytes()
+    assert stat.S_IMODE((root / "etc/orbmesh/tls/key.pem").stat().st_mode) == 0o600
+
+
+def test_bad_choice_is_refused_before_anything_is_recorded(installed):
+    root, _ = installed
+    before = tree(root)
+    bad = install(root, "--orbnet-allow", "1.2.3.4;allow all")
+    assert bad.returncode != 0
+    assert tree(root) == before
+
+
+def test_installed_site_passes_nginx_t(installed, tmp_path):
+    root, _ = installed
+    site = (root / "etc/nginx/sites-available/orbmesh.conf").read_text()
+    site = site.replace("/etc/orbmesh/tls/", str(root / "etc/orbmesh/tls") + "/")
+    path = tmp_path / "site.conf"
+    path.write_text(site)
+    checked = nginx_test(tmp_path, path)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_self_signed_certificate_names_the_server(tmp_path):
+    root = tmp_path / "root"
+    result = install(root, "--ports", "8081", "--server-name", "192.0.2.1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(root / "etc/orbmesh/tls/cert.pem")],
+                          check=True, capture_output=True, text=True).stdout
+    assert "IP Address:192.0.2.1" in text
+
+
+def test_destdir_works_like_root(tmp_path):
+    need("openssl")
+    root = tmp_path / "dest"
+    env = dict(os.environ, DESTDIR=str(root))
+    result = subprocess.run(["bash", str(INSTALL), "--no-venv", "--ports", "8081"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (root / "etc/nginx/sites-available/orbmesh.conf").is_file()
+
+
+def test_refuses_to_touch_the_system_without_root_or_privileges(tmp_path):
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv is not installed")
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(INSTALL)]
+    else:
+        argv = ["bash", str(INSTALL)]
+    env = {k: v for k, v in os.environ.items() if k != "DESTDIR"}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "run as root" in result.stderr
