@@ -111,12 +111,8 @@ def stack(netns, tmp_path, stack_env, stack_workers):
     veth(server, SERVER_ADDR + "/24", client, CLIENT_ADDR + "/24")
     s = Stack(server, client, tmp_path, workers=stack_workers)
     s.env.update(stack_env)
-    try:
-        s.start_helper()
-        s.start_app()
+    with s.running():
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

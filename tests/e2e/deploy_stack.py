@@ -189,13 +189,7 @@ http {{
         return status in (200, 503)
 
     def stop_nginx(self):
-        if self.nginx_proc is not None and self.nginx_proc.poll() is None:
-            self.nginx_proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-            try:
-                self.nginx_proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.nginx_proc.kill()
-                self.nginx_proc.wait(timeout=5)
+        self._stop(self.nginx_proc, signal.SIGQUIT)  # graceful: finish requests, then exit
         self.nginx_proc = None
 
     def start(self):

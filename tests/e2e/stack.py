@@ -4,6 +4,7 @@ The helper and gunicorn (gevent workers) run inside the server namespace
 with their socket, database and keys under the test's tmp_path; the
 client namespace reaches the API over a veth pair (192.0.2.0/24).
 """
+import contextlib
 import json
 import os
 import secrets
@@ -109,10 +110,10 @@ class Stack:
         self.app_proc = None
 
     @staticmethod
-    def _stop(proc):
+    def _stop(proc, sig=signal.SIGTERM):
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -122,6 +123,16 @@ class Stack:
     def close(self):
         self.stop_app()
         self.stop_helper()
+
+    @contextlib.contextmanager
+    def running(self):
+        """Helper and app up for the duration; always stopped afterwards."""
+        try:
+            self.start_helper()
+            self.start_app()
+            yield self
+        finally:
+            self.close()
 
     def app_rss(self):
         """Resident memory of gunicorn's master and workers, in bytes."""

@@ -64,12 +64,8 @@ def stack(uplinked, tmp_path, stack_env, stack_workers):
     s = Stack(server, client, tmp_path, workers=stack_workers)
     s.env["ORBMESH_NAT_UPLINK"] = net.uplink
     s.env.update(stack_env)
-    try:
-        s.start_helper()
-        s.start_app()
+    with s.running():
         yield s
-    finally:
-        s.close()
 
 
 def nat_on(stack, internet):
