@@ -13,6 +13,7 @@ import socket  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping  # noqa: E402
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError  # noqa: E402
@@ -33,22 +34,40 @@ class SingleSend(TunnelWebSocket):
 
 
 def stress(server_class):
-    """Return (frames received in order, errors)."""
-    server, client, sock = pair(ping_interval=0.05, server_class=server_class)
+    """Return (frames received, in order?, pings seen, errors)."""
+    server, client, sock = pair(server_class=server_class)
     server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock.settimeout(20)
     while not any(isinstance(e, AcceptConnection) for e in _feed(client, sock)):
         pass
+    done = threading.Event()
 
     def push():
         try:
             for i in range(TOTAL):
                 server.send(struct.pack("!I", i) + bytes(28 + (i * 7919) % 9000))
+                if i % 64 == 0:
+                    time.sleep(0)  # yield, as the real sender does while it waits for UDP
         except Exception:  # the reader below reports what went wrong
             pass
+        done.set()
+
+    def ping():
+        # What the connection's reader thread does at every ping interval,
+        # here as often as possible: a second writer racing the data frames.
+        # (No ping interval is set, so a late pong can never close the
+        # connection on a loaded machine.)
+        while not done.is_set():
+            try:
+                server._write(Ping(b"stress"))
+            except Exception:
+                return
+            time.sleep(0.001)
 
     pusher = threading.Thread(target=push)
+    pinger = threading.Thread(target=ping)
     pusher.start()
+    pinger.start()
     received, errors, pings, partial = [], [], 0, bytearray()
     try:
         while len(received) < TOTAL:
@@ -70,7 +89,9 @@ def stress(server_class):
                     errors.append("closed with %s" % event.code)
     except (LocalProtocolError, RemoteProtocolError, OSError) as exc:
         errors.append(repr(exc))
+    done.set()
     pusher.join(timeout=30)
+    pinger.join(timeout=30)
     in_order = received == list(range(len(received)))
     return len(received), in_order, pings, errors
 
