@@ -48,9 +48,10 @@ def test_hundred_thousand_frames_arrive_whole_while_pings_fly():
     assert int(result["pings"]) > 0, "no ping was interleaved, so serialised writes were not exercised"
 
 
-def test_the_stress_test_catches_single_send_writes():
-    """The same load breaks simple-websocket's way of writing, so the test above can fail."""
-    result = run_stress("SingleSend")
+@pytest.mark.parametrize("broken", ["SingleSend", "SendallNoLock"])
+def test_the_stress_test_catches_unsafe_writes(broken):
+    """The same load breaks one send() per frame, and sendall without the lock: the test above can fail."""
+    result = run_stress(broken)
     assert result["errors"] != "[]" or result["frames"] != "100000"
 
 

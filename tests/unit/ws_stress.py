@@ -3,7 +3,8 @@
 Run as ``python -m tests.unit.ws_stress CLASS`` so that gevent patches the
 process first, as gunicorn's gevent worker does: that is where a plain
 ``socket.send()`` writes part of a frame and a ping lands in the middle.
-Prints ``ok N`` or ``error ...``; exit 0 either way, the test reads the line.
+Prints one line, ``frames=N in_order=BOOL pings=N errors=[...]``, which the
+test reads; exit 0 either way.
 """
 from gevent import monkey
 
@@ -33,6 +34,15 @@ class SingleSend(TunnelWebSocket):
             self.sock.send(data)
 
 
+class SendallNoLock(TunnelWebSocket):
+    """Complete writes, but two writers may interleave their frames."""
+
+    def _write(self, event):
+        data = self.ws.send(event)
+        if data:
+            self.sock.sendall(data)
+
+
 def stress(server_class):
     """Return (frames received, in order?, pings seen, errors)."""
     server, client, sock = pair(server_class=server_class)
@@ -45,7 +55,7 @@ def stress(server_class):
     def push():
         try:
             for i in range(TOTAL):
-                server.send(struct.pack("!I", i) + bytes(28 + (i * 7919) % 9000))
+                server.send(struct.pack("!I", i) + bytes(28 + (i * 7919) % 1500))
                 if i % 64 == 0:
                     time.sleep(0)  # yield, as the real sender does while it waits for UDP
         except Exception:  # the reader below reports what went wrong
@@ -87,9 +97,12 @@ def stress(server_class):
                         partial = bytearray()
                 elif isinstance(event, CloseConnection):
                     errors.append("closed with %s" % event.code)
+            if errors:
+                break
     except (LocalProtocolError, RemoteProtocolError, OSError) as exc:
         errors.append(repr(exc))
     done.set()
+    sock.close()  # so a writer blocked on a full socket fails at once
     pusher.join(timeout=30)
     pinger.join(timeout=30)
     in_order = received == list(range(len(received)))
@@ -105,6 +118,6 @@ def _feed(client, sock):
 
 
 if __name__ == "__main__":
-    cls = {"TunnelWebSocket": TunnelWebSocket, "SingleSend": SingleSend}[sys.argv[1]]
+    cls = {"TunnelWebSocket": TunnelWebSocket, "SingleSend": SingleSend, "SendallNoLock": SendallNoLock}[sys.argv[1]]
     count, in_order, pings, errors = stress(cls)
     print("frames=%d in_order=%s pings=%d errors=%s" % (count, in_order, pings, errors[:1]))
