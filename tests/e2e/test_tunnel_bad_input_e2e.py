@@ -21,6 +21,13 @@ def stack_env():
     return {"ORBMESH_WS_PING_INTERVAL": "1", "ORBMESH_TUNNEL_MAX_SESSIONS": "2"}
 
 
+@pytest.fixture
+def stack_workers():
+    # The session cap is counted per worker process (README); with one
+    # worker every connection of the test meets the same count.
+    return 1
+
+
 def open_ws(stack, token=None, headers=(), extensions=()):
     sock = stack.client.socket_in(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(10)
