@@ -6,6 +6,7 @@ a CI run that silently skips its end-to-end tests proves nothing.
 """
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -58,6 +59,38 @@ def wireguard_go_in(inodes):
     return found
 
 
+WG_SOCKET_DIR = "/var/run/wireguard"
+
+
+def _wireguard_sockets():
+    try:
+        return {name for name in os.listdir(WG_SOCKET_DIR) if name.endswith(".sock")}
+    except FileNotFoundError:
+        return set()
+
+
+def _remove_dead_sockets(names):
+    """wireguard-go killed with its namespace leaves its control socket behind.
+
+    Only sockets that appeared during this test are looked at, and only
+    dead ones (nothing listening) are removed.
+    """
+    for name in names:
+        path = os.path.join(WG_SOCKET_DIR, name)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        except OSError:
+            pass
+        finally:
+            probe.close()
+
+
 @pytest.fixture
 def netns():
     """Factory: netns("tag") -> a created Netns, deleted after the test.
@@ -67,6 +100,7 @@ def netns():
     on the same machine are left alone (we look only at our namespaces).
     """
     made = []
+    sockets_before = _wireguard_sockets()
 
     def make(tag="t"):
         ns = Netns(tag)
@@ -83,6 +117,7 @@ def netns():
             ns.delete()
         except Exception as exc:  # keep deleting the others
             errors.append(exc)
+    _remove_dead_sockets(_wireguard_sockets() - sockets_before)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     left = [ns.name for ns in made if ns.name in listed.split()]
     leaked = wireguard_go_in(inodes)
