@@ -177,16 +177,7 @@ http {{
         self.nginx_proc = self.server.popen([nginx, "-g", "daemon off;", "-c", str(d / "nginx.conf"),
                                              "-e", str(self.nginx_log)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._nginx_ready, what="nginx")
-
-    def _nginx_ready(self):
-        if self.nginx_proc.poll() is not None:
-            raise AssertionError("nginx exited:\n" + self.nginx_log.read_text()[-3000:])
-        try:
-            status, _, _ = self.https("GET", "/health", timeout=2)
-        except OSError:
-            return False
-        return status in (200, 503)
+        wait_for(lambda: self._answers(self.nginx_proc, self.nginx_log, "nginx", self.https), what="nginx")
 
     def stop_nginx(self):
         self._stop(self.nginx_proc, signal.SIGQUIT)  # graceful: finish requests, then exit

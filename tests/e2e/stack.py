@@ -94,13 +94,15 @@ class Stack:
                 "--graceful-timeout", "5", "--no-control-socket", "app:create_app()"]
         self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for(self._app_ready, what="gunicorn")
+        wait_for(lambda: self._answers(self.app_proc, self.app_log, "gunicorn", self.request), what="gunicorn")
 
-    def _app_ready(self):
-        if self.app_proc.poll() is not None:
-            raise AssertionError("gunicorn exited:\n" + self.app_log.read_text()[-3000:])
+    @staticmethod
+    def _answers(proc, log_path, name, request):
+        """Whether `request` gets /health answered; fails at once if `proc` has exited."""
+        if proc.poll() is not None:
+            raise AssertionError("%s exited:\n%s" % (name, log_path.read_text()[-3000:]))
         try:
-            status, _, _ = self.request("GET", "/health", timeout=2)
+            status, _, _ = request("GET", "/health", timeout=2)
         except OSError:
             return False
         return status in (200, 503)
