@@ -7,6 +7,7 @@ Secrets never go into an argv: private keys travel on stdin or as a path.
 import logging
 import os
 import signal
+import threading
 
 import sh
 
@@ -79,12 +80,34 @@ class Child:
         return self.exit_code()
 
 
+class _Deadline:
+    """Kill a running command (by its own pid, only while it is alive) after `timeout` seconds."""
+
+    def __init__(self, running, timeout):
+        self.fired = False
+        self._running = running
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self):
+        if self._running.process.is_alive()[0]:
+            self.fired = True
+            self._running.signal(signal.SIGKILL)
+
+    def cancel(self):
+        self._timer.cancel()
+
+
 class Runner:
     def __init__(self, timeout=10.0, wireguard_go="wireguard-go"):
         self.timeout = timeout
         # LANG=C so the error texts we match and pass on are the English ones.
         self._env = {"LANG": "C", "PATH": os.environ.get("PATH") or DEFAULT_PATH}
-        common = {"_tty_out": False, "_timeout": timeout, "_env": self._env}
+        # No sh `_timeout`: sh then polls the child every 0.1 s, which added
+        # ~100 ms to every wg/ip call (profiled by bench/control_plane.py).
+        # _run enforces the timeout with a timer instead.
+        common = {"_tty_out": False, "_env": self._env}
         try:
             self._wg = sh.Command("wg").bake(**common)
             self._ip = sh.Command("ip").bake(**common)
@@ -121,13 +144,18 @@ class Runner:
 
     def _run(self, name, command, args, stdin, redact=True):
         kwargs = {} if stdin is None else {"_in": stdin}
+        running = command(*args, _bg=True, _bg_exc=False, **kwargs)
+        timer = _Deadline(running, self.timeout)
         try:
-            return str(command(*args, **kwargs))
+            running.wait()
+            return str(running)
         except sh.ErrorReturnCode as exc:
+            if timer.fired:
+                raise CommandFailed(name, None, "timed out after %gs" % self.timeout) from None
             stderr = clean_stderr(exc.stderr, stdin if redact else None)
             raise CommandFailed(name, exc.exit_code, stderr) from None
-        except sh.TimeoutException:
-            raise CommandFailed(name, None, "timed out after %gs" % self.timeout) from None
+        finally:
+            timer.cancel()
 
     def start_wireguard_go(self, ifname):
         """Start ``wireguard-go IFNAME`` as a foreground child we supervise."""

@@ -489,6 +489,15 @@ def test_real_runner_feeds_stdin():
     assert len(base64.b64decode(public)) == 32 and public != private
 
 
+def test_real_runner_kills_a_command_past_its_timeout():
+    # `ip monitor` only reads and never exits by itself.
+    runner = Runner(timeout=0.5)
+    with pytest.raises(CommandFailed) as info:
+        runner.ip("monitor", "link")
+    assert info.value.command == "ip" and info.value.exit_code is None
+    assert info.value.stderr == "timed out after 0.5s"
+
+
 def test_clean_stderr_redacts_and_truncates():
     secret = keys.generate_private_key()
     assert clean_stderr(("bad key %s\n" % secret).encode(), secret + "\n") == "bad key [redacted]"
