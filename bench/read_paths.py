@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Read paths at 10,000 peers: /wireguard/status and /health p50/p99, and reconcile time.
+
+One client asks, one request at a time, over a keep-alive connection from
+the client namespace.  Reconcile: the WireGuard interface is deleted in the
+server namespace; the helper re-creates it (new generation), a worker's
+watcher notices and syncs every peer back.  The time is from the deletion
+until `wg` shows every peer again with the right allowed IPs.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+from bench.load import Client  # noqa: E402
+
+NAME = "read_paths"
+
+
+def latencies(client, path, headers, count):
+    samples = []
+    for _ in range(count):
+        status, body, seconds = client.request("GET", path, headers=headers)
+        if status != 200:
+            raise RuntimeError("%s answered %s: %s" % (path, status, body))
+        samples.append(seconds)
+    return samples, body
+
+
+def reconcile_once(stack, expected):
+    """Delete the interface; seconds until every peer is back."""
+    stack.server.run("ip", "link", "del", "dev", stack.interface)
+    started = time.monotonic()
+    deadline = started + 120
+    while time.monotonic() < deadline:
+        result = stack.server.run("wg", "show", stack.interface, "allowed-ips", check=False)
+        if result.returncode == 0 and len(result.stdout.splitlines()) >= len(expected):
+            if stack.wg_peers() == expected:
+                return time.monotonic() - started
+        time.sleep(0.05)
+    raise RuntimeError("peers did not come back within 120 s")
+
+
+def main(argv=None):
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--peers", type=int, default=None)
+    p.add_argument("--requests", type=int, default=None, help="requests per path per run")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    peers = args.peers if args.peers is not None else (20 if smoke else 10000)
+    count = args.requests or (10 if smoke else 200)
+    runs = args.runs or (1 if smoke else 3)
+
+    result = {"benchmark": NAME, "smoke": smoke, "peers": peers, "requests": count, "runs": runs}
+    with common.Lab() as lab:
+        stack = lab.stack(workers=2, env={"ORBMESH_LOG_LEVEL": "WARNING"})
+        with stack.running():
+            result["seed_sync_s"] = round(common.seed_peers(stack, peers), 2)
+            expected = stack.db_peers()
+            client = Client(stack.client)
+            lab.on_exit(client.close)
+            key = {"X-API-Key": stack.api_key}
+            status_runs, health_runs, reconcile_s = [], [], []
+            for _ in range(runs):
+                samples, body = latencies(client, "/wireguard/status", key, count)
+                assert body["peerCount"] == peers, body
+                status_runs.append(common.latency_summary(samples))
+                samples, body = latencies(client, "/health", {}, count)
+                assert body["status"] == "healthy", body
+                health_runs.append(common.latency_summary(samples))
+                reconcile_s.append(round(reconcile_once(stack, expected), 2))
+                # health is healthy again once the watcher has recorded the generation
+                common_wait_healthy(client)
+            result.update(status=aggregate(status_runs), health=aggregate(health_runs),
+                          status_runs=status_runs, health_runs=health_runs, reconcile_runs_s=reconcile_s,
+                          reconcile_s=common.median(reconcile_s),
+                          consistent_after=stack.db_peers() == stack.wg_peers())
+    text = render(result, smoke)
+    common.write_result(args.out, NAME, result, text)
+    return 0
+
+
+def common_wait_healthy(client, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body, _ = client.request("GET", "/health")
+        if status == 200 and body["status"] == "healthy":
+            return
+        time.sleep(0.2)
+    raise RuntimeError("not healthy again after reconcile")
+
+
+def aggregate(runs):
+    return {"p50_ms": common.median([r["p50_ms"] for r in runs]),
+            "p99_ms": common.median([r["p99_ms"] for r in runs])}
+
+
+def render(result, smoke):
+    rows = [["GET /wireguard/status", result["status"]["p50_ms"], result["status"]["p99_ms"]],
+            ["GET /health", result["health"]["p50_ms"], result["health"]["p99_ms"]]]
+    text = ("Read paths at %d peers: %d sequential requests per path, median of %d runs\n\n" % (
+        result["peers"], result["requests"], result["runs"])
+        + common.table(["request", "p50 ms", "p99 ms"], rows)
+        + "\n\nReconcile of %d peers after the interface is re-created: median %s s (runs: %s)" % (
+            result["peers"], result["reconcile_s"], result["reconcile_runs_s"]))
+    if not smoke:
+        checks = [("status p99 < 20 ms", result["status"]["p99_ms"] < 20, result["status"]["p99_ms"]),
+                  ("health p99 < 20 ms", result["health"]["p99_ms"] < 20, result["health"]["p99_ms"]),
+                  ("reconcile < 10 s", result["reconcile_s"] < 10, result["reconcile_s"])]
+        result["targets"] = [{"target": n, "met": ok, "value": v} for n, ok, v in checks]
+        text += "\n\nTargets:\n" + common.targets_text(checks)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
