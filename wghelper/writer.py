@@ -68,6 +68,7 @@ class Writer:
         self.ifname = ifname
         self.chunk = chunk
         self.wg_set_calls = 0
+        self.version = 0  # bumped after every wg set has finished, failed or not (statuscache.py)
         self.jobs_applied = 0
         self._queue = collections.deque()
         self._cond = threading.Condition()
@@ -189,4 +190,7 @@ class Writer:
         for start in range(0, len(todo), self.chunk):
             argv = [arg for clause in todo[start:start + self.chunk] for arg in clause]
             self.wg_set_calls += 1
-            self.runner.wg("set", self.ifname, *argv)
+            try:
+                self.runner.wg("set", self.ifname, *argv)
+            finally:
+                self.version += 1
