@@ -103,11 +103,41 @@ def init_app(app):
     app.teardown_appcontext(close_db)
 
 
+def _begin_immediate(db):
+    """BEGIN IMMEDIATE, waiting for another process's write lock without blocking the process.
+
+    SQLite's own busy handler sleeps inside the C call, which stalls every
+    greenlet of a gevent worker, and backs off to sleeps of up to 100 ms
+    even when the lock is free again after one; under 50 concurrent
+    connects across two workers that was most of the latency tail
+    (bench/control_plane.py).  Here each retry sleeps 0.5-5 ms through
+    time.sleep (a greenlet switch under gevent), until the connection's
+    own busy_timeout has passed; then SQLite's "database is locked" error
+    is raised as before.
+    """
+    timeout_ms = db.execute("PRAGMA busy_timeout").fetchone()[0]
+    deadline = time.monotonic() + timeout_ms / 1000.0
+    delay = 0.0005
+    db.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+    finally:
+        db.execute("PRAGMA busy_timeout = %d" % timeout_ms)
+
+
 @contextlib.contextmanager
 def write(db):
     """One serialised write transaction; rolls back on any exception."""
     with _write_lock:
-        db.execute("BEGIN IMMEDIATE")
+        _begin_immediate(db)
         try:
             yield db
         except BaseException:
