@@ -133,7 +133,8 @@ def main(argv=None):
                     paths.use(path)
                     mbps = iperf(stack, seconds) / 1e6
                     rtts = ping_rtts(stack, pings)
-                    this_run[path] = (mbps, common.median(rtts))
+                    rtt = common.median(rtts)
+                    this_run[path] = (mbps, round(rtt, 3) if rtt is not None else None)
                     samples[path]["mbps"].append(round(mbps, 1))
                     samples[path]["rtt_ms"].append(this_run[path][1])
                     print("run %d %s: %.0f Mbit/s, median RTT %s ms" % (run, path, mbps, this_run[path][1]),
@@ -147,13 +148,17 @@ def main(argv=None):
                         round(rtt - udp_rtt, 3) if rtt is not None and udp_rtt is not None else None)
     result = {"benchmark": NAME, "smoke": smoke, "iperf_seconds": seconds, "pings": pings, "runs": runs,
               "paths": {path: dict(s, median_mbps=common.median(s["mbps"]),
-                                   median_rtt_ms=common.median(s["rtt_ms"]),
+                                   median_rtt_ms=round3(common.median(s["rtt_ms"])),
                                    median_ratio=common.median(s["ratio"]),
-                                   median_added_rtt_ms=common.median(s["added_rtt_ms"]))
+                                   median_added_rtt_ms=round3(common.median(s["added_rtt_ms"])))
                         for path, s in samples.items()}}
     text = render(result, smoke)
     common.write_result(args.out, NAME, result, text)
     return 0
+
+
+def round3(value):
+    return None if value is None else round(value, 3)
 
 
 def render(result, smoke):
