@@ -157,7 +157,10 @@ class Lab:
                 errors.append(err)
         _remove_dead_sockets(_wireguard_sockets() - self._sockets_before)
         leaked = wireguard_go_in(inodes)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc[0] is None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:  # keep the logs (helper.log, app.log) of a failed run
+            print("benchmark failed; logs kept in %s" % self.tmp, file=sys.stderr)
         if leaked:
             print("warning: wireguard-go left running in our namespaces: %s" % leaked, file=sys.stderr)
         if errors and exc[0] is None:

@@ -45,17 +45,39 @@ def status_after_change(stack, client, key, count, run):
 
 
 def reconcile_once(stack, expected):
-    """Delete the interface; seconds until every peer is back."""
+    """Delete the interface; seconds until every peer is back on the new one.
+
+    The old wireguard-go answers `wg show` with every peer for a moment
+    after its device is deleted, so the new interface is recognised by the
+    helper's new generation first.
+    """
+    from app.helper import HelperClient, HelperFailed, HelperUnavailable
+
+    helper = HelperClient(stack.env["ORBMESH_HELPER_SOCKET"], 10)
+    old = helper.hello()["generation"]
     stack.server.run("ip", "link", "del", "dev", stack.interface)
     started = time.monotonic()
     deadline = started + 120
+    new = False
     while time.monotonic() < deadline:
-        result = stack.server.run("wg", "show", stack.interface, "allowed-ips", check=False)
-        if result.returncode == 0 and len(result.stdout.splitlines()) >= len(expected):
-            if stack.wg_peers() == expected:
-                return time.monotonic() - started
+        if not new:
+            try:
+                new = helper.hello()["generation"] != old
+            except (HelperUnavailable, HelperFailed):
+                pass
+        if new and live_peers(stack) == expected:
+            return time.monotonic() - started
         time.sleep(0.05)
     raise RuntimeError("peers did not come back within 120 s")
+
+
+def live_peers(stack):
+    """{key: allowed ips} on the interface, or None while wg cannot read it."""
+    result = stack.server.run("wg", "show", stack.interface, "allowed-ips", check=False)
+    if result.returncode != 0:
+        return None
+    pairs = (line.split("\t", 1) for line in result.stdout.splitlines() if "\t" in line)
+    return {key: ips.strip() for key, ips in pairs}
 
 
 def main(argv=None):
