@@ -7,15 +7,16 @@ end-to-end tests' own (Stack, Netns, veth, WgClient).
 """
 import argparse
 import base64
-import contextlib
 import datetime
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,10 @@ def targets_text(checks):
 
 # --- namespaces and the stack -------------------------------------------------
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 class Lab:
     """Namespaces and scratch space for one benchmark, all removed on exit."""
 
@@ -118,6 +123,9 @@ class Lab:
         self._cleanups = []
 
     def __enter__(self):
+        # SIGTERM (say, from `timeout`) unwinds through __exit__, so the namespaces still go.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)
         self.tmp = Path(tempfile.mkdtemp(prefix="orbmesh-bench-"))
         self._sockets_before = _wireguard_sockets()
         return self
@@ -166,12 +174,6 @@ class Lab:
         if errors and exc[0] is None:
             raise errors[0]
         return False
-
-
-@contextlib.contextmanager
-def running(stack):
-    with stack.running():
-        yield stack
 
 
 def seed_peers(stack, total, batch=5000):
