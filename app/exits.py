@@ -121,6 +121,7 @@ class Registry:
         self._fetched = None     # monotonic time of the last attempt
         self._source_key = None  # the file's (mtime, size) last read
         self._failing = False
+        self._document = None    # the last document fetched, to skip unchanged ones
         self._lock = threading.Lock()
         if self.url:
             self._load_cache()
@@ -151,6 +152,8 @@ class Registry:
             status, document = http_json("GET", self.url, self.timeout)
             if status != 200 or document is None:
                 raise OSError("HTTP %s" % status)
+            if document == self._document and not self._failing:
+                return  # unchanged: no re-parse, no repeated log lines
             exits = parse(document)
         except (OSError, ValueError) as exc:
             if not self._failing:
@@ -162,6 +165,7 @@ class Registry:
             log.info("exit registry: %d exits from %s", len(exits), self.url)
         self._failing = False
         self.exits = exits
+        self._document = document
         self._save_cache(document)
 
     def _read_file(self):
