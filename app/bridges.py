@@ -104,7 +104,12 @@ class Bridges:
                 log.warning("bridge: cannot bring up the tunnel to %s: %s", exit_id, exc.message)
         rules = [{"address": p.address, "slot": slots[p.exit_id]}
                  for p in store.bridged_peers(db) if p.exit_id in slots]
-        result = helper.bridge_rules(add=rules, exclusive=True)
+        try:
+            result = helper.bridge_rules(add=rules, exclusive=True)
+        except HELPER_ERRORS as exc:
+            # The peers are synced; the rules are tried again next round.
+            log.warning("bridge: cannot sync the clients' rules: %s", exc.message)
+            return
         if result.get("added") or result.get("removed"):
             log.info("bridge: rules synced, %s added, %s removed", result.get("added"), result.get("removed"))
 

@@ -126,6 +126,7 @@ SETTINGS = {
     "LOG_FORMAT": (_choice("json", "text"), "json", "Log lines: one JSON object each, or plain text"),
     "TRUSTED_PROXIES": (_proxies, "127.0.0.1,::1", "Peers whose X-Real-IP header is believed (IPs; unix: a Unix socket peer)"),
     "EXIT_REGISTRY_URL": (_str, "", "OrbNET URL of the exit-server registry (JSON), polled"),
+    "EXIT_REGISTRY_API_KEY": (_str, "", "X-API-Key sent with each registry fetch (empty: none)"),
     "EXIT_REGISTRY_FILE": (_str, "", "Exit-server registry as a local JSON file (used when no URL is set)"),
     "EXIT_REGISTRY_INTERVAL": (_float(0.1, 86400), 300.0, "Fetch the registry URL this often, seconds"),
     "EXIT_REGISTRY_CACHE": (_str, None, "Last good copy of the registry (default: exit-registry.json beside DB_PATH)"),

@@ -113,6 +113,7 @@ def http_json(method, url, timeout, body=None, api_key=None):
 class Registry:
     def __init__(self, config):
         self.url = config["EXIT_REGISTRY_URL"]
+        self.api_key = config.get("EXIT_REGISTRY_API_KEY") or None
         self.file = config["EXIT_REGISTRY_FILE"]
         self.cache = config["EXIT_REGISTRY_CACHE"]
         self.interval = config["EXIT_REGISTRY_INTERVAL"]
@@ -149,7 +150,7 @@ class Registry:
 
     def _fetch(self):
         try:
-            status, document = http_json("GET", self.url, self.timeout)
+            status, document = http_json("GET", self.url, self.timeout, api_key=self.api_key)
             if status != 200 or document is None:
                 raise OSError("HTTP %s" % status)
             if document == self._document and not self._failing:

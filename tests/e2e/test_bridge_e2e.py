@@ -128,7 +128,9 @@ class Topology:
         return self.entry_ns.run("ip", "-o", "link").stdout
 
     def nothing_bridged(self):
-        return not self.rules() and not self.table_routes() and self.bridge_link not in self.links()
+        tables = self.entry_ns.run("nft", "list", "tables").stdout
+        return (not self.rules() and not self.table_routes() and self.bridge_link not in self.links()
+                and "orbmesh_b0" not in tables)
 
     def exit_endpoints(self):
         out = self.exit_ns.run("wg", "show", self.exit.interface, "endpoints").stdout

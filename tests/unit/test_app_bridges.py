@@ -306,3 +306,22 @@ def test_exit_client_never_follows_redirects_with_the_key(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_existing_database_gains_mode_and_exit_columns(tmp_path):
+    from app import store
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    old.executescript(store.SCHEMA.replace("CREATE TABLE IF NOT EXISTS bridges", "CREATE TABLE IF NOT EXISTS b_"))
+    old.execute("INSERT INTO peers (public_key, addr, user_id, device_id, source, keepalive, created_at, updated_at)"
+                " VALUES (?, 167772162, 'u', 'd', 'client', 0, 1, 1)", (KEY_A,))
+    old.commit()
+    old.close()
+    store.init_schema(path)
+    store.init_schema(path)  # twice: nothing to add the second time
+    db = store.connect(path)
+    try:
+        (peer,) = store.all_peers(db)
+    finally:
+        db.close()
+    assert (peer.public_key, peer.mode, peer.exit_id) == (KEY_A, "direct", None)
