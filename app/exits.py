@@ -114,6 +114,7 @@ class Registry:
     def __init__(self, config):
         self.url = config["EXIT_REGISTRY_URL"]
         self.api_key = config.get("EXIT_REGISTRY_API_KEY") or None
+        self.shown_url = self.url.split("?")[0]  # for logs: a query string may carry a token
         self.file = config["EXIT_REGISTRY_FILE"]
         self.cache = config["EXIT_REGISTRY_CACHE"]
         self.interval = config["EXIT_REGISTRY_INTERVAL"]
@@ -159,11 +160,11 @@ class Registry:
         except (OSError, ValueError) as exc:
             if not self._failing:
                 log.warning("exit registry: %s does not answer (%s); keeping the last good copy (%d exits)",
-                            self.url, exc, len(self.exits))
+                            self.shown_url, exc, len(self.exits))
             self._failing = True
             return
         if self._failing or exits.keys() != self.exits.keys():
-            log.info("exit registry: %d exits from %s", len(exits), self.url)
+            log.info("exit registry: %d exits from %s", len(exits), self.shown_url)
         self._failing = False
         self.exits = exits
         self._document = document

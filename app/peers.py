@@ -62,7 +62,7 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
         helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key else [])
         if current and current.mode == "bridge" and not bridge:
             helper.bridge_rules(remove=[peer.address])
-    except (ApiError, OSError):
+    except ApiError:
         _undo_connect(db, helper, peer, current, exit_id if new_bridge else None)
         raise
     if current and current.mode == "bridge" and current.exit_id != exit_id:
