@@ -159,7 +159,7 @@ class Bridges:
             except CommandFailed as exc:
                 if _NO_TABLE not in (exc.stderr or ""):
                     raise
-            link._teardown()
+            link.down()
             log.info("bridge %s down (table %s)", link.name, table)
             return {"interface": link.name}
 

@@ -208,7 +208,9 @@ def test_direct_bridge_and_smartconnect_side_by_side(topo):
         sees(t, INTERNET_ADDR, EXIT_ADDR, "the bridged client seen as the exit")
         assert whoami(t, WHOAMI_DIRECT) == SERVER_UPLINK_ADDR  # the direct client still goes out directly
 
-        # The exit knows the entry (its underlay address), never the client.
+        # The client cannot reach the exit itself; the exit knows the entry
+        # (its underlay address), never the client.
+        assert t.client.run("ping", "-n", "-c", "1", "-W", "1", EXIT_ADDR, check=False).returncode != 0
         bridge_key = t.entry_ns.run("wg", "show", t.bridge_link, "public-key").stdout.strip()
         endpoints = t.exit_endpoints()
         assert endpoints[bridge_key].startswith(SERVER_UPLINK_ADDR + ":")
