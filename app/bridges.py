@@ -15,7 +15,7 @@ from flask import current_app
 
 from wghelper.bridge import MAX_SLOTS
 
-from . import smartconnect, store
+from . import peers, smartconnect, store
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 from .logs import client_address
@@ -142,6 +142,21 @@ class Bridges:
             store.delete_bridge(db, exit_id)
         log.info("bridge: tunnel to %s closed after %gs without clients", exit_id,
                  self.config["BRIDGE_IDLE_GRACE"])
+
+
+def connect(db, helper, allocator, device, public_key, route):
+    """peers.connect_device along `route`; returns (peer, the route taken).
+
+    When SmartConnect only recommended the bridge and the exit fails, the
+    client gets a direct tunnel: a direct tunnel beats none.
+    """
+    try:
+        return peers.connect_device(db, helper, allocator, *device, public_key, bridge=route), route
+    except ApiError as exc:
+        if not (route and route.recommended and exc.code == "BRIDGE_UNAVAILABLE"):
+            raise
+    log.warning("smartconnect: exit %s unavailable, connecting directly", route.exit_id)
+    return peers.connect_device(db, helper, allocator, *device, public_key), None
 
 
 def get_bridges():

@@ -1,17 +1,14 @@
 """Blueprint: /wireguard/connect, disconnect, status, add-peer, remove-peer."""
 import ipaddress
-import logging
 
 from flask import Blueprint, current_app, g
 
-from . import metrics, peers, store
-from .bridges import get_bridges
+from . import bridges, metrics, peers, store
 from .auth import api_key_required, device_token_required
 from .errors import ApiError
 from .helper import get_helper
 from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema, load_body
 
-log = logging.getLogger(__name__)
 bp = Blueprint("wireguard", __name__, url_prefix="/wireguard")
 
 connect_schema = ConnectSchema()
@@ -50,17 +47,8 @@ def connect():
     data = load_body(connect_schema)
     config = current_app.config
     key = server_public_key()
-    route = get_bridges().route_for(data, get_helper())
-    try:
-        peer = peers.connect_device(store.get_db(), get_helper(), _allocator(), *g.device, data["publicKey"],
-                                    bridge=route)
-    except ApiError as exc:
-        if not (route and route.recommended and exc.code == "BRIDGE_UNAVAILABLE"):
-            raise
-        # SmartConnect only recommended the bridge: a direct tunnel beats none.
-        log.warning("smartconnect: exit %s unavailable, connecting directly", route.exit_id)
-        route = None
-        peer = peers.connect_device(store.get_db(), get_helper(), _allocator(), *g.device, data["publicKey"])
+    route = bridges.get_bridges().route_for(data, get_helper())
+    peer, route = bridges.connect(store.get_db(), get_helper(), _allocator(), g.device, data["publicKey"], route)
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
             "serverEndpoint": server_endpoint(config), "dns": config["DNS"],
