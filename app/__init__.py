@@ -5,7 +5,8 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import errors, health, helper, logs, metrics, openapi, reconcile, store, tunnel, wireguard, wsconn
+from . import (bridges, errors, exits, health, helper, logs, metrics, openapi, reconcile, smartconnect, store,
+               tunnel, wireguard, wsconn)
 
 
 def create_app(test_config=None):
@@ -25,6 +26,9 @@ def create_app(test_config=None):
     helper.init_app(app)
     app.extensions["orbmesh_allocator"] = store.Allocator(values["POOL"], values["GATEWAY"])
     app.extensions["orbmesh_server_key"] = {}
+    exits.init_app(app)
+    smartconnect.init_app(app)
+    bridges.init_app(app)
 
     app.register_blueprint(wireguard.bp)
     app.register_blueprint(tunnel.bp)

@@ -125,6 +125,16 @@ SETTINGS = {
     "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),
     "LOG_FORMAT": (_choice("json", "text"), "json", "Log lines: one JSON object each, or plain text"),
     "TRUSTED_PROXIES": (_proxies, "127.0.0.1,::1", "Peers whose X-Real-IP header is believed (IPs; unix: a Unix socket peer)"),
+    "EXIT_REGISTRY_URL": (_str, "", "OrbNET URL of the exit-server registry (JSON), polled"),
+    "EXIT_REGISTRY_API_KEY": (_str, "", "X-API-Key sent with each registry fetch (empty: none)"),
+    "EXIT_REGISTRY_FILE": (_str, "", "Exit-server registry as a local JSON file (used when no URL is set)"),
+    "EXIT_REGISTRY_INTERVAL": (_float(0.1, 86400), 300.0, "Fetch the registry URL this often, seconds"),
+    "EXIT_REGISTRY_CACHE": (_str, None, "Last good copy of the registry (default: exit-registry.json beside DB_PATH)"),
+    "EXIT_API_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds to wait for an exit server's API or the registry URL"),
+    "BRIDGE_USER": (_str, None, "userUuid this server registers under on exits (default: orbmesh-bridge@PUBLIC_HOST)"),
+    "BRIDGE_IDLE_GRACE": (_float(0, 86400), 300.0, "Take an exit tunnel down this long after its last client left, seconds"),
+    "SMARTCONNECT_POLICY": (_str, "", "SmartConnect policy file (JSON); empty: direct unless exitServerId is given"),
+    "SMARTCONNECT_HEALTH_TTL": (_float(0, 3600), 30.0, "How long an exit's /health answer is trusted, seconds"),
 }
 
 
@@ -183,6 +193,10 @@ def _derive(s):
         s["JWT_PUBLIC_KEY"] = _read_secret_file(s["JWT_PUBLIC_KEY_FILE"], "JWT_PUBLIC_KEY_FILE")
     else:
         s["JWT_PUBLIC_KEY"] = ""
+    if s["EXIT_REGISTRY_CACHE"] is None:
+        s["EXIT_REGISTRY_CACHE"] = os.path.join(os.path.dirname(os.path.abspath(s["DB_PATH"])), "exit-registry.json")
+    if s["BRIDGE_USER"] is None:
+        s["BRIDGE_USER"] = "orbmesh-bridge@" + s["PUBLIC_HOST"]
     if s["API_KEYS_FILE"]:
         text = _read_secret_file(s["API_KEYS_FILE"], "API_KEYS_FILE")
         s["API_KEYS"] = s["API_KEYS"] + [line.strip() for line in text.splitlines() if line.strip()]

@@ -85,6 +85,19 @@ class HelperClient:
     def sync(self, peers):
         return self.call("sync_peers", {"peers": list(peers)}, timeout=SYNC_TIMEOUT)
 
+    # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.
+
+    def bridge_up(self, slot, public_key, endpoint, address, keepalive):
+        return self.call("bridge_up", {"slot": slot, "public_key": public_key, "endpoint": endpoint,
+                                       "address": address, "keepalive": keepalive})
+
+    def bridge_down(self, slot):
+        return self.call("bridge_down", {"slot": slot})
+
+    def bridge_rules(self, add=(), remove=(), exclusive=False):
+        return self.call("bridge_rules", {"add": list(add), "remove": list(remove), "exclusive": exclusive},
+                         timeout=SYNC_TIMEOUT if exclusive else None)
+
 
 def get_helper():
     return current_app.extensions["orbmesh_helper"]

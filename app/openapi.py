@@ -37,7 +37,8 @@ PATHS = {
         "summary": "Establish a WireGuard tunnel: register the client key, get the tunnel config",
         "security": DEVICE, "requestBody": _body("Connect"),
         "responses": {"200": _json("ConnectResponse"),
-                      **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "NOT_IMPLEMENTED", *HELPER)}}},
+                      **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "EXIT_NOT_FOUND",
+                               "BRIDGE_UNAVAILABLE", *HELPER)}}},
     "/wireguard/disconnect": {"post": {
         "summary": "Remove the device's peer and free its address (idempotent)",
         "security": DEVICE, "requestBody": _body("Empty", required=False),

@@ -8,6 +8,7 @@ that runs in between never strips a peer that a client is being told about.
 import ipaddress
 import logging
 import sqlite3
+import time
 
 from . import store
 from .errors import ApiError
@@ -21,18 +22,25 @@ def _short(key):
     return key[:8] + "..."
 
 
-def connect_device(db, helper, allocator, user_id, device_id, public_key):
-    """Give the device a peer with `public_key`; return the Peer on the interface."""
+def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge=None):
+    """Give the device a peer with `public_key`; return the Peer on the interface.
+
+    With `bridge` (app/bridges.py Route) the peer's traffic goes to that exit:
+    its rule is in place before the peer is on the interface, so a bridged
+    client never sends a packet out directly.
+    """
+    mode, exit_id = ("bridge", bridge.exit_id) if bridge else ("direct", None)
     with store.write(db):
         owner = store.by_key(db, public_key)
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
         current = store.by_device(db, user_id, device_id)
-        if current and current.public_key == public_key:
-            peer, undo = current, None
-        elif current:
-            store.set_key(db, current.id, current.public_key, public_key)
-            peer, undo = store.by_key(db, public_key), ("rekey", current.public_key)
+        if current:
+            if current.public_key != public_key:
+                store.set_key(db, current.id, current.public_key, public_key)
+            if (current.mode, current.exit_id) != (mode, exit_id):
+                store.set_route(db, current.id, mode, exit_id)
+            peer = store.by_key(db, public_key)
         else:
             try:
                 addr = allocator.allocate(db)
@@ -40,28 +48,47 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key):
                 raise ApiError("POOL_EXHAUSTED", "No free addresses left in the pool") from None
             peer = store.insert(db, {"public_key": public_key, "addr": addr, "user_id": user_id,
                                      "device_id": device_id, "source": "client", "endpoint": None,
-                                     "keepalive": 0})
-            undo = ("insert", None)
-    old_key = undo[1] if undo and undo[0] == "rekey" else None
+                                     "keepalive": 0, "mode": mode, "exit_id": exit_id})
+        slot = new_bridge = None
+        if bridge:
+            slot, new_bridge = store.bridge_slot(db, exit_id, bridge.max_slots)
+            if slot is None:
+                raise ApiError("BRIDGE_UNAVAILABLE", "This server has no free bridge slot")
+    old_key = current.public_key if current and current.public_key != public_key else None
     try:
+        if bridge:
+            bridge.open(slot)
+            helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
         helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key else [])
-    except HELPER_ERRORS:
-        _undo_connect(db, peer, undo)
+        if current and current.mode == "bridge" and not bridge:
+            helper.bridge_rules(remove=[peer.address])
+    except ApiError:
+        _undo_connect(db, helper, peer, current, exit_id if new_bridge else None)
         raise
-    log.info("connect user=%s device=%s addr=%s key=%s%s", user_id, device_id, peer.address,
-             _short(public_key), " (rekeyed)" if old_key else "")
+    if current and current.mode == "bridge" and current.exit_id != exit_id:
+        with store.write(db):
+            store.mark_bridge_idle(db, current.exit_id, time.time())
+    log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s", user_id, device_id, peer.address,
+             _short(public_key), mode, " exit=%s" % exit_id if exit_id else "", " (rekeyed)" if old_key else "")
     return peer
 
 
-def _undo_connect(db, peer, undo):
-    if undo is None:
+def _undo_connect(db, helper, peer, previous, new_bridge):
+    """Put the row back as it was (or drop it) and forget a bridge row made for it."""
+    if previous == peer:
         return
     with store.write(db):
-        if undo[0] == "insert":
-            store.delete(db, peer)
-        else:
-            store.set_key(db, peer.id, peer.public_key, undo[1])
-    log.info("connect undone for addr=%s: helper failed", peer.address)
+        store.delete(db, peer)
+        if previous is not None:
+            store.restore(db, previous)
+        if new_bridge is not None:
+            store.mark_bridge_idle(db, new_bridge, 0)
+    if peer.mode == "bridge" and (previous is None or previous.mode != "bridge"):
+        try:  # best effort: a rule left here is dropped by the next reconcile
+            helper.bridge_rules(remove=[peer.address])
+        except HELPER_ERRORS:
+            pass
+    log.info("connect undone for addr=%s", peer.address)
 
 
 def disconnect_device(db, helper, user_id, device_id):
@@ -72,8 +99,24 @@ def disconnect_device(db, helper, user_id, device_id):
             return False
         store.delete(db, peer)
     _remove_or_restore(db, helper, [peer])
+    _unroute(db, helper, [peer])
     log.info("disconnect user=%s device=%s addr=%s", user_id, device_id, peer.address)
     return True
+
+
+def _unroute(db, helper, peers):
+    """After bridged peers are gone: drop their rules, start their bridges' idle clocks."""
+    bridged = [p for p in peers if p.mode == "bridge"]
+    if not bridged:
+        return
+    try:
+        helper.bridge_rules(remove=[p.address for p in bridged])
+    except HELPER_ERRORS as exc:
+        # The peer is already off the interface; reconcile drops the rule.
+        log.warning("could not remove bridge rules: %s", exc.message)
+    with store.write(db):
+        for exit_id in sorted({p.exit_id for p in bridged}):
+            store.mark_bridge_idle(db, exit_id, time.time())
 
 
 def _remove_or_restore(db, helper, peers):
@@ -130,5 +173,6 @@ def remove_user_peers(db, helper, user_id):
             store.delete(db, peer)
     if peers:
         _remove_or_restore(db, helper, peers)
+        _unroute(db, helper, peers)
         log.info("remove-peer user=%s removed=%d", user_id, len(peers))
     return len(peers)

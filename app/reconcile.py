@@ -18,17 +18,20 @@ from .helper import HelperClient, HelperFailed, HelperUnavailable
 log = logging.getLogger(__name__)
 
 
-def reconcile(db, helper, generation=None, interval=None):
+def reconcile(db, helper, generation=None, interval=None, bridges=None):
     """Sync and return the helper's counts.
 
     With `interval`, the need is re-checked under the lock and None is
-    returned when another worker has just done it.
+    returned when another worker has just done it.  With `bridges`
+    (app/bridges.py), exit tunnels and bridged clients' rules are synced too.
     """
     with store.write(db):
         if interval is not None and not due(db, generation, interval):
             return None
         peers = store.all_peers(db)
         result = helper.sync([p.helper_spec() for p in peers])
+        if bridges is not None:
+            bridges.sync(db, helper)
         if generation is not None:
             store.set_meta(db, "reconciled_generation", generation)
         store.set_meta(db, "reconciled_at", time.time())
@@ -49,8 +52,9 @@ def due(db, generation, interval, now=None):
 class Watcher:
     """A background loop per worker: ask the helper for its generation, sync when due."""
 
-    def __init__(self, config, helper=None):
+    def __init__(self, config, helper=None, bridges=None):
         self.db_path = config["DB_PATH"]
+        self.bridges = bridges
         self.helper = helper or HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
         self.check_interval = config["RECONCILE_CHECK_INTERVAL"]
         self.interval = config["RECONCILE_INTERVAL"]
@@ -74,12 +78,14 @@ class Watcher:
         db = store.connect(self.db_path)
         try:
             if self._eager:
-                result = reconcile(db, self.helper, generation)
+                result = reconcile(db, self.helper, generation, bridges=self.bridges)
             elif due(db, generation, self.interval):
-                result = reconcile(db, self.helper, generation, self.interval)
+                result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges)
             else:
                 result = None
             self._eager = False
+            if self.bridges is not None:
+                self.bridges.tick(db, self.helper)
             return result
         finally:
             db.close()
@@ -105,6 +111,6 @@ class Watcher:
 
 def init_app(app):
     if app.config["RECONCILE_CHECK_INTERVAL"] > 0:
-        watcher = Watcher(app.config)
+        watcher = Watcher(app.config, bridges=app.extensions.get("orbmesh_bridges"))
         app.extensions["orbmesh_watcher"] = watcher
         watcher.start()

@@ -143,6 +143,8 @@ class ConnectResponseSchema(Schema):
     allowedIPs = fields.List(fields.String(), required=True)
     mtu = fields.Integer(required=True)
     keepalive = fields.Integer(required=True)
+    mode = fields.String(required=True, validate=validate.OneOf(["direct", "bridge"]))
+    exitServerId = fields.String(required=True, allow_none=True)
 
 
 class StatusResponseSchema(Schema):

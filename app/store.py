@@ -33,7 +33,17 @@ CREATE TABLE IF NOT EXISTS peers (
 CREATE UNIQUE INDEX IF NOT EXISTS peers_device ON peers (user_id, device_id) WHERE source = 'client';
 CREATE INDEX IF NOT EXISTS peers_user ON peers (user_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bridges (
+    exit_id     TEXT PRIMARY KEY,
+    slot        INTEGER NOT NULL UNIQUE,
+    idle_since  REAL
+);
 """
+# Columns added after the first release: (name, definition), added by init_schema.
+ADDED_COLUMNS = (
+    ("mode", "TEXT NOT NULL DEFAULT 'direct' CHECK (mode IN ('direct', 'bridge'))"),
+    ("exit_id", "TEXT"),
+)
 
 _write_lock = threading.RLock()
 
@@ -54,6 +64,8 @@ class Peer:
     keepalive: int
     created_at: float
     updated_at: float
+    mode: str = "direct"
+    exit_id: str | None = None
 
     @property
     def address(self):
@@ -65,7 +77,8 @@ class Peer:
                 "endpoint": self.endpoint, "keepalive": self.keepalive}
 
 
-_COLUMNS = "id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at"
+_COLUMNS = ("id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at,"
+            " mode, exit_id")
 
 
 def connect(path):
@@ -82,6 +95,10 @@ def init_schema(path):
     db = connect(path)
     try:
         db.executescript(SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
+        for name, definition in ADDED_COLUMNS:
+            if name not in have:
+                db.execute("ALTER TABLE peers ADD COLUMN %s %s" % (name, definition))
     finally:
         db.close()
 
@@ -178,19 +195,20 @@ def count(db):
 
 def insert(db, peer_fields):
     now = time.time()
-    values = dict(peer_fields, created_at=now, updated_at=now)
+    values = dict({"mode": "direct", "exit_id": None}, **peer_fields, created_at=now, updated_at=now)
     db.execute(
-        "INSERT INTO peers (public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at)"
-        " VALUES (:public_key, :addr, :user_id, :device_id, :source, :endpoint, :keepalive, :created_at, :updated_at)",
+        "INSERT INTO peers (public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at,"
+        " mode, exit_id) VALUES (:public_key, :addr, :user_id, :device_id, :source, :endpoint, :keepalive,"
+        " :created_at, :updated_at, :mode, :exit_id)",
         values)
     return by_addr(db, values["addr"])
 
 
 def restore(db, peer):
     """Put back a row exactly as it was (undo of a delete)."""
-    db.execute("INSERT INTO peers (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" % _COLUMNS,
+    db.execute("INSERT INTO peers (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" % _COLUMNS,
                (peer.id, peer.public_key, peer.addr, peer.user_id, peer.device_id, peer.source,
-                peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at))
+                peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at, peer.mode, peer.exit_id))
 
 
 def set_key(db, peer_id, old_key, new_key):
@@ -202,6 +220,48 @@ def set_key(db, peer_id, old_key, new_key):
 def update_orbnet(db, peer_id, endpoint, keepalive):
     db.execute("UPDATE peers SET endpoint = ?, keepalive = ?, updated_at = ? WHERE id = ?",
                (endpoint, keepalive, time.time(), peer_id))
+
+
+def set_route(db, peer_id, mode, exit_id):
+    """How the peer's traffic leaves: directly, or through the bridge to `exit_id`."""
+    db.execute("UPDATE peers SET mode = ?, exit_id = ?, updated_at = ? WHERE id = ?",
+               (mode, exit_id, time.time(), peer_id))
+
+
+def bridged_peers(db):
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE mode = 'bridge' ORDER BY addr"
+                                             % _COLUMNS)]
+
+
+# --- bridges: one row per exit in use (slot -> interface and table in the helper)
+
+def bridge_rows(db):
+    """[(exit_id, slot, idle_since, clients)]"""
+    return db.execute("SELECT b.exit_id, b.slot, b.idle_since, (SELECT count(*) FROM peers p WHERE p.mode = 'bridge'"
+                      " AND p.exit_id = b.exit_id) FROM bridges b ORDER BY b.slot").fetchall()
+
+
+def bridge_slot(db, exit_id, max_slots):
+    """(slot, created): the exit's slot, the lowest free one for a new exit; (None, False) when all are taken."""
+    row = db.execute("SELECT slot FROM bridges WHERE exit_id = ?", (exit_id,)).fetchone()
+    if row:
+        db.execute("UPDATE bridges SET idle_since = NULL WHERE exit_id = ?", (exit_id,))
+        return row[0], False
+    taken = {r[0] for r in db.execute("SELECT slot FROM bridges")}
+    free = [n for n in range(max_slots) if n not in taken]
+    if not free:
+        return None, False
+    db.execute("INSERT INTO bridges (exit_id, slot, idle_since) VALUES (?, ?, NULL)", (exit_id, free[0]))
+    return free[0], True
+
+
+def mark_bridge_idle(db, exit_id, now):
+    db.execute("UPDATE bridges SET idle_since = ? WHERE exit_id = ? AND idle_since IS NULL AND NOT EXISTS"
+               " (SELECT 1 FROM peers WHERE mode = 'bridge' AND exit_id = ?)", (now, exit_id, exit_id))
+
+
+def delete_bridge(db, exit_id):
+    db.execute("DELETE FROM bridges WHERE exit_id = ?", (exit_id,))
 
 
 def delete(db, peer):

@@ -3,7 +3,7 @@ import ipaddress
 
 from flask import Blueprint, current_app, g
 
-from . import metrics, peers, store
+from . import bridges, metrics, peers, store
 from .auth import api_key_required, device_token_required
 from .errors import ApiError
 from .helper import get_helper
@@ -45,16 +45,16 @@ def server_public_key():
 def connect():
     """Register the device's key on the interface and hand back its tunnel config."""
     data = load_body(connect_schema)
-    if data.get("exitServerId"):
-        raise ApiError("NOT_IMPLEMENTED", "Bridge mode (exitServerId) is not available on this server yet")
     config = current_app.config
     key = server_public_key()
-    peer = peers.connect_device(store.get_db(), get_helper(), _allocator(), *g.device, data["publicKey"])
+    route = bridges.get_bridges().route_for(data, get_helper())
+    peer, route = bridges.connect(store.get_db(), get_helper(), _allocator(), g.device, data["publicKey"], route)
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
             "serverEndpoint": server_endpoint(config), "dns": config["DNS"],
             "allowedIPs": config["CLIENT_ALLOWED_IPS"], "mtu": config["MTU"],
-            "keepalive": config["KEEPALIVE"]}
+            "keepalive": config["KEEPALIVE"], "mode": "bridge" if route else "direct",
+            "exitServerId": route.exit_id if route else None}
 
 
 @bp.post("/disconnect")

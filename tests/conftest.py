@@ -12,6 +12,7 @@ from app.helper import HelperFailed, HelperUnavailable
 SECRET = "unit-test-secret-" + "x" * 32
 API_KEYS = ["orbnet-key-one-0123456789", "orbnet-key-two-0123456789"]
 SERVER_KEY = base64.b64encode(b"S" * 32).decode()
+BRIDGE_KEY = base64.b64encode(b"B" * 32).decode()
 
 
 def make_key(seed):
@@ -27,6 +28,8 @@ class FakeHelper:
         self.calls = []
         self.fail = None  # None, "unavailable" or "failed"
         self.generation = "gen-1"
+        self.bridges = {}  # slot -> bridge_up arguments
+        self.rules = {}    # client address -> slot
 
     def _maybe_fail(self):
         if self.fail == "unavailable":
@@ -38,7 +41,8 @@ class FakeHelper:
         self.calls.append(("hello",))
         self._maybe_fail()
         return {"generation": self.generation, "interface": "wg0", "public_key": SERVER_KEY,
-                "running": True, "listen_port": 51820, "mtu": 1420, "backend": "wireguard-go"}
+                "running": True, "listen_port": 51820, "mtu": 1420, "backend": "wireguard-go",
+                "bridge_public_key": BRIDGE_KEY, "bridges": sorted(self.bridges)}
 
     def status(self):
         self.calls.append(("status",))
@@ -60,6 +64,30 @@ class FakeHelper:
         self._maybe_fail()
         self.peers = {p["public_key"]: p for p in peers}
         return {"added": 0, "removed": 0, "updated": 0}
+
+    def bridge_up(self, slot, public_key, endpoint, address, keepalive):
+        self.calls.append(("bridge_up", slot, public_key, endpoint, address, keepalive))
+        self._maybe_fail()
+        self.bridges[slot] = (public_key, endpoint, address, keepalive)
+        return {"interface": "wg0b%d" % slot, "table": 51900 + slot, "public_key": BRIDGE_KEY}
+
+    def bridge_down(self, slot):
+        self.calls.append(("bridge_down", slot))
+        self._maybe_fail()
+        self.bridges.pop(slot, None)
+        self.rules = {a: s for a, s in self.rules.items() if s != slot}
+        return {"interface": "wg0b%d" % slot}
+
+    def bridge_rules(self, add=(), remove=(), exclusive=False):
+        self.calls.append(("bridge_rules", list(add), list(remove), exclusive))
+        self._maybe_fail()
+        if exclusive:
+            self.rules = {}
+        for address in remove:
+            self.rules.pop(address, None)
+        for rule in add:
+            self.rules[rule["address"]] = rule["slot"]
+        return {"added": len(add), "removed": len(remove), "rules": len(self.rules)}
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from . import keys, nat, settings
+from . import bridge, keys, nat, settings
 from .commands import CommandFailed, Runner
 from .handlers import Context
 from .interface import Interface
@@ -43,7 +43,7 @@ def main(argv=None):
         print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
         return 2
 
-    server = iface = writer = forwarding = None
+    server = iface = writer = forwarding = bridges = None
     stopping = []
 
     def on_signal(signum, _frame):
@@ -59,6 +59,8 @@ def main(argv=None):
         runner = Runner(cfg.command_timeout, cfg.wireguard_go)
         key_path, public_key = keys.ensure_server_key(cfg.state_dir, runner)
         log.info("server public key %s", public_key)
+        bridge_key_path, bridge_public = keys.ensure_server_key(cfg.state_dir, runner, keys.BRIDGE_KEY_FILE)
+        bridges = bridge.Bridges(cfg, runner, bridge_key_path, bridge_public)
         iface = Interface(cfg, runner, key_path)
         iface.up()
         if cfg.nat_uplink:
@@ -69,7 +71,7 @@ def main(argv=None):
         writer = Writer(runner, cfg.interface)
         writer.start()
         iface.start_watcher()
-        server = Server(cfg, Context(cfg, runner, iface, writer, public_key))
+        server = Server(cfg, Context(cfg, runner, iface, writer, public_key, bridges))
         server.bind()
         if stopping:
             server.stop()
@@ -83,6 +85,8 @@ def main(argv=None):
             server.close()
         if writer is not None:
             writer.stop()
+        if bridges is not None:
+            bridges.stop()
         if iface is not None:
             iface.on_up = None  # the watcher must not switch forwarding back on
         if forwarding is not None and not forwarding.remove():

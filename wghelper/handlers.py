@@ -9,7 +9,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field
 
-from . import protocol, validate
+from . import bridge, protocol, validate
 from .commands import CommandFailed
 from .statuscache import StatusCache
 from .writer import WriterStopped
@@ -33,6 +33,7 @@ class Context:
     writer: object
     public_key: str
     status_cache: StatusCache = field(default_factory=StatusCache)
+    bridges: object = None  # wghelper/bridge.py Bridges; None in tests that need none
 
 
 def _args(args, allowed=(), required=()):
@@ -159,6 +160,8 @@ def hello(ctx, args):
         "mtu": s.mtu,
         "pool": str(s.pool),
         "gateway": str(s.gateway),
+        "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
+        "bridges": ctx.bridges.running() if ctx.bridges else [],
     }
 
 
@@ -235,6 +238,45 @@ def sync_peers(ctx, args):
         raise
 
 
+def _bridges(ctx):
+    if ctx.bridges is None:
+        raise HelperError(protocol.INTERFACE_DOWN, "bridge mode is not available in this helper")
+    return ctx.bridges
+
+
+def bridge_up(ctx, args):
+    _args(args, ("slot", "public_key", "endpoint", "address", "keepalive"),
+          ("slot", "public_key", "endpoint", "address"))
+    slot = validate.slot(args["slot"], bridge.MAX_SLOTS)
+    spec = {
+        "public_key": validate.public_key(args["public_key"]),
+        "endpoint": validate.endpoint(args["endpoint"]),
+        "address": validate.tunnel_address(args["address"], ctx.settings.pool),
+        "keepalive": validate.keepalive(args.get("keepalive", 25)),
+    }
+    if spec["endpoint"] is None:
+        raise validate.Invalid("endpoint", "is required")
+    return _bridges(ctx).up(slot, spec)
+
+
+def bridge_down(ctx, args):
+    _args(args, ("slot",), ("slot",))
+    return _bridges(ctx).down(validate.slot(args["slot"], bridge.MAX_SLOTS))
+
+
+def bridge_rules(ctx, args):
+    _args(args, ("add", "remove", "exclusive"))
+    s = ctx.settings
+    add = validate.bridge_rules(args.get("add", []), s.pool, s.gateway, bridge.MAX_SLOTS)
+    remove = validate.client_addresses(args.get("remove", []), s.pool, s.gateway)
+    exclusive = args.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise validate.Invalid("exclusive", "must be true or false")
+    if set(add) & set(remove):
+        raise validate.Invalid("remove", "an address is also in add")
+    return _bridges(ctx).rules(add, remove, exclusive)
+
+
 HANDLERS = {
     "hello": hello,
     "status": status,
@@ -243,6 +285,9 @@ HANDLERS = {
     "apply_peers": apply_peers,
     "dump_peers": dump_peers,
     "sync_peers": sync_peers,
+    "bridge_up": bridge_up,
+    "bridge_down": bridge_down,
+    "bridge_rules": bridge_rules,
 }
 
 

@@ -13,6 +13,8 @@ from . import validate
 log = logging.getLogger(__name__)
 
 KEY_FILE = "server.key"
+# The key of this server's side of every bridge to an exit (wghelper/bridge.py).
+BRIDGE_KEY_FILE = "bridge.key"
 
 
 class KeyFileError(Exception):
@@ -73,17 +75,17 @@ def _write_key(path, key):
     os.rename(tmp, path)
 
 
-def ensure_server_key(state_dir, runner):
+def ensure_server_key(state_dir, runner, name=KEY_FILE):
     """Return (private key path, public key), creating the key on first start."""
     _ensure_state_dir(state_dir)
-    path = os.path.join(state_dir, KEY_FILE)
+    path = os.path.join(state_dir, name)
     try:
         key = _read_key(path)
-        log.info("using the server key in %s", path)
+        log.info("using the key in %s", path)
     except FileNotFoundError:
         key = generate_private_key()
         _write_key(path, key)
-        log.info("generated a new server key in %s", path)
+        log.info("generated a new key in %s", path)
     public = runner.wg("pubkey", stdin=key + "\n").strip()
     validate.public_key(public, "wg pubkey output")
     return path, public

@@ -36,6 +36,8 @@ DEFAULTS = {
     "NAT_UPLINK": "",
     "NAT_TABLE": "orbmesh",
     "POOL6": "",
+    "BRIDGE_TABLE_BASE": "51900",
+    "BRIDGE_RULE_PREF": "20000",
 }
 
 
@@ -85,6 +87,10 @@ class Settings:
     nat_uplink: str | None = None
     nat_table: str = "orbmesh"
     pool6: ipaddress.IPv6Network | None = None
+    # Bridge (multi-hop) mode (wghelper/bridge.py): routing table of slot N
+    # is bridge_table_base + N; every client rule has priority bridge_rule_pref.
+    bridge_table_base: int = 51900
+    bridge_rule_pref: int = 20000
 
 
 def _int(value, low, high):
@@ -252,6 +258,9 @@ def load(environ=None):
         values["nat_table"] = parse("NAT_TABLE", _nft_table)
         current = "POOL6"
         values["pool6"] = _pool6(str(raw.get(PREFIX + current, "")).strip())
+        # Clear of the kernel's own tables (253-255) for every slot.
+        values["bridge_table_base"] = parse("BRIDGE_TABLE_BASE", _int, 256, 2**31 - 1024)
+        values["bridge_rule_pref"] = parse("BRIDGE_RULE_PREF", _int, 1, 32765)
     except ValueError as exc:
         raise ConfigError("%s%s: %s" % (PREFIX, current, exc)) from None
     return Settings(**values)

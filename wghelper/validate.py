@@ -172,3 +172,66 @@ def key_list(values, max=MAX_PEERS, min=0, field="public_keys"):  # noqa: A002
         seen.add(key)
         result.append(key)
     return result
+
+
+# --- bridge mode (wghelper/bridge.py) -------------------------------------
+
+def slot(value, max_slots, field="slot"):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Invalid(field, "must be an integer")
+    if not 0 <= value < max_slots:
+        raise Invalid(field, "must be between 0 and %d" % (max_slots - 1))
+    return value
+
+
+def tunnel_address(value, pool, field="address"):
+    """This server's IPv4 address in an exit's pool: a unicast host outside our own pool."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}", value):
+        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value))
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise Invalid(field, "is not a valid IPv4 address") from None
+    if (address.is_unspecified or address.is_multicast or address.is_loopback
+            or address.is_link_local or address == ipaddress.IPv4Address("255.255.255.255")):
+        raise Invalid(field, "must be a unicast host address")
+    if pool.version == 4 and address in pool:
+        raise Invalid(field, "must lie outside this server's pool %s" % pool)
+    return str(address)
+
+
+def bridge_rules(values, pool, gateway, max_slots, field="add"):
+    """[{"address": "10.8.0.2", "slot": 0}, ...] -> {address: slot}; client addresses of the pool."""
+    if not isinstance(values, list):
+        raise Invalid(field, "must be a list")
+    if len(values) > MAX_PEERS:
+        raise Invalid(field, "must hold at most %d rules" % MAX_PEERS)
+    result = {}
+    for index, value in enumerate(values):
+        item = "%s[%d]" % (field, index)
+        if not isinstance(value, dict) or set(value) != {"address", "slot"}:
+            raise Invalid(item, "must be an object with exactly address and slot")
+        address = client_ips([value["address"] + "/32" if isinstance(value["address"], str)
+                              else value["address"]], pool, gateway, item + ".address")[0]
+        address = address.split("/")[0]
+        if address in result:
+            raise Invalid(item + ".address", "is listed twice")
+        result[address] = slot(value["slot"], max_slots, item + ".slot")
+    return result
+
+
+def client_addresses(values, pool, gateway, field="remove"):
+    if not isinstance(values, list):
+        raise Invalid(field, "must be a list")
+    if len(values) > MAX_PEERS:
+        raise Invalid(field, "must hold at most %d addresses" % MAX_PEERS)
+    result = []
+    for index, value in enumerate(values):
+        item = "%s[%d]" % (field, index)
+        if not isinstance(value, str):
+            raise Invalid(item, "must be a string")
+        address = client_ips([value + "/32"], pool, gateway, item)[0].split("/")[0]
+        if address in result:
+            raise Invalid(item, "is listed twice")
+        result.append(address)
+    return result

@@ -37,8 +37,9 @@ def wait_for(predicate, timeout=30.0, interval=0.1, what="condition"):
 
 
 class Stack:
-    def __init__(self, server_ns, client_ns, tmp_path, workers=2):
+    def __init__(self, server_ns, client_ns, tmp_path, workers=2, server_addr=SERVER_ADDR):
         self.server = server_ns
+        self.addr = server_addr
         self.client = client_ns
         self.tmp = Path(tmp_path)
         self.workers = workers
@@ -55,7 +56,7 @@ class Stack:
             "ORBMESH_INTERFACE": self.interface,
             "ORBMESH_POOL": "10.8.0.0/16",
             "ORBMESH_LISTEN_PORT": "51820",
-            "ORBMESH_PUBLIC_HOST": SERVER_ADDR,
+            "ORBMESH_PUBLIC_HOST": server_addr,
             "ORBMESH_DB_PATH": str(self.tmp / "orbmesh.db"),
             "ORBMESH_HELPER_SOCKET": str(self.tmp / "wghelper.sock"),
             "ORBMESH_HELPER_STATE_DIR": str(self.tmp / "helper-state"),
@@ -89,7 +90,7 @@ class Stack:
     def start_app(self):
         log = open(self.app_log, "ab")
         argv = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(self.workers),
-                "--bind", "%s:%d" % (SERVER_ADDR, API_PORT), "--chdir", str(Path(__file__).parents[2]),
+                "--bind", "%s:%d" % (self.addr, API_PORT), "--chdir", str(Path(__file__).parents[2]),
                 "--access-logfile", str(self.access_log), "--access-logformat", '%(p)s "%(r)s" %(s)s',
                 "--graceful-timeout", "5", "--no-control-socket", "app:create_app()"]
         self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
@@ -165,7 +166,7 @@ class Stack:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        return self.client.http(method, "http://%s:%d%s" % (SERVER_ADDR, API_PORT, path),
+        return self.client.http(method, "http://%s:%d%s" % (self.addr, API_PORT, path),
                                 headers=headers, body=data, timeout=timeout)
 
     def call(self, method, path, body=None, token=None, api_key=None):

@@ -27,11 +27,11 @@ def test_connect_returns_reference_fields(client, auth, fake_helper):
     assert response.status_code == 200
     body = response.get_json()
     assert list(body) == ["success", "publicKey", "serverPublicKey", "ip", "gateway", "serverEndpoint",
-                          "dns", "allowedIPs", "mtu", "keepalive"]
+                          "dns", "allowedIPs", "mtu", "keepalive", "mode", "exitServerId"]
     assert body == {"success": True, "publicKey": KEY_A, "serverPublicKey": SERVER_KEY, "ip": "10.8.0.2/32",
                     "gateway": "10.8.0.1", "serverEndpoint": "198.51.100.1:51820",
                     "dns": ["10.8.0.1", "1.1.1.1"], "allowedIPs": ["0.0.0.0/0", "::/0"], "mtu": 1420,
-                    "keepalive": 25}
+                    "keepalive": 25, "mode": "direct", "exitServerId": None}
     assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
 
 
@@ -83,11 +83,11 @@ def test_rekey_helper_failure_restores_old_key(client, auth, app, fake_helper):
     assert [r[0] for r in rows(app)] == [KEY_A]
 
 
-def test_exit_server_id_is_refused_until_bridge_mode(client, auth, snapshot):
+def test_unknown_exit_server_id_is_404_and_changes_nothing(client, auth, snapshot):
     before = snapshot()
     response = connect(client, auth(), KEY_A, exitServerId="exit-de-1")
-    assert response.status_code == 501
-    assert response.get_json()["error"]["code"] == "NOT_IMPLEMENTED"
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "EXIT_NOT_FOUND"
     assert snapshot() == before
 
 

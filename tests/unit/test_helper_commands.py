@@ -289,7 +289,8 @@ def test_hello_runs_no_command(helper):
     result = helper.result("hello")
     assert result == {"generation": helper.iface.generation, "interface": IF, "public_key": SERVER_PUBLIC,
                       "backend": "kernel", "running": True, "listen_port": 51820, "mtu": 1420,
-                      "pool": "10.8.0.0/16", "gateway": "10.8.0.1"}
+                      "pool": "10.8.0.0/16", "gateway": "10.8.0.1", "bridge_public_key": None,
+                      "bridges": []}
     assert helper.runner.calls == []
 
 

@@ -68,6 +68,7 @@ class FakeRunner:
         self.children = []
         self.sysctls = {}      # "net/ipv4/conf/IF/forwarding" -> "0"; absent: no such key
         self.nft_tables = {}   # "inet NAME" -> the stdin that defined it
+        self.rules = {}        # bridge rules: "10.8.0.2" -> (pref, table), as `ip -4 rule` keeps them
         self._lock = threading.Lock()
 
     def clear(self):
@@ -120,6 +121,14 @@ class FakeRunner:
             if args[3] not in self.links:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
+        elif args[:3] == ("-4", "rule", "show"):
+            return "".join("%s:\tfrom %s lookup %s\n" % (pref, a, table)
+                           for a, (pref, table) in sorted(self.rules.items()) if pref == args[4])
+        elif args[:3] == ("-4", "rule", "add"):
+            self.rules[args[6].split("/")[0]] = (args[4], args[8])
+        elif args[:3] == ("-4", "rule", "del"):
+            if self.rules.pop(args[6].split("/")[0], None) is None:
+                raise CommandFailed("ip", 2, "RTNETLINK answers: No such file or directory")
         return ""
 
     def nft(self, *args, stdin=None):

@@ -1,0 +1,175 @@
+"""Bridge commands of the helper (wghelper/bridge.py): exact argv and refusals, via the fake runner."""
+import pytest
+
+from wghelper import bridge
+from wghelper.bridge import Bridges, nft_script, parse_rules
+
+from .wghelper_fakes import FAKE_IF, SERVER_PUBLIC, Helper, key
+
+IF = FAKE_IF
+LINK = IF + "b3"
+EXIT_KEY = key(9)
+BRIDGE_KEYFILE = "/state/bridge.key"
+SPEC = {"slot": 3, "public_key": EXIT_KEY, "endpoint": "198.51.100.1:51820", "address": "10.9.255.1",
+        "keepalive": 25}
+SCRIPT = """\
+table ip orbmesh_b3 {}
+delete table ip orbmesh_b3
+table ip orbmesh_b3 {
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\toifname "wgt0b3" ip saddr 10.8.0.0/16 masquerade
+\t}
+
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname "wgt0b3" oifname "wgt0" ct state established,related accept
+\t\tiifname "wgt0b3" oifname "wgt0" drop
+\t}
+}
+"""
+UP_CALLS = [
+    ["ip", "link", "show", "dev", LINK],
+    ["ip", "link", "add", "dev", LINK, "type", "wireguard"],
+    ["wg", "show", LINK, "peers"],
+    ["wg", "set", LINK, "private-key", BRIDGE_KEYFILE, "peer", EXIT_KEY, "endpoint", "198.51.100.1:51820",
+     "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "25"],
+    ["ip", "-4", "address", "flush", "dev", LINK],
+    ["ip", "-4", "address", "add", "10.9.255.1/32", "dev", LINK],
+    ["ip", "link", "set", "dev", LINK, "mtu", "1420", "up"],
+    ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % IF],
+    ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % LINK],
+    ["nft", "-f", "-"],
+    ["ip", "-4", "route", "replace", "default", "dev", LINK, "table", "51903"],
+    ["ip", "-4", "route", "replace", "unreachable", "default", "metric", "4294967295", "table", "51903"],
+]
+
+
+@pytest.fixture
+def helper(tmp_path):
+    h = Helper(tmp_path).start()
+    h.ctx.bridges = Bridges(h.settings, h.runner, BRIDGE_KEYFILE, SERVER_PUBLIC, socket_dir=str(tmp_path))
+    for name in (IF, LINK, IF + "b0"):
+        h.runner.sysctls["net/ipv4/conf/%s/forwarding" % name] = "0"
+    yield h
+    h.writer.stop()
+
+
+def test_bridge_up_exact_argv_and_idempotent(helper):
+    result = helper.result("bridge_up", SPEC)
+    assert result == {"interface": LINK, "table": 51903, "public_key": SERVER_PUBLIC}
+    assert helper.runner.calls == UP_CALLS
+    assert helper.runner.stdins[-1] == (["nft", "-f", "-"], SCRIPT)
+    assert helper.result("hello")["bridges"] == [3]
+    helper.runner.clear()
+    helper.result("bridge_up", SPEC)  # the same again: only the existence check
+    assert helper.runner.calls == [["ip", "link", "show", "dev", LINK]]
+
+
+def test_bridge_rules_add_replace_remove_exclusive(helper):
+    r = helper.runner
+    assert helper.result("bridge_rules", {"add": [{"address": "10.8.0.2", "slot": 3}]})["added"] == 1
+    assert r.calls == [
+        ["ip", "-4", "rule", "show", "pref", "20000"],
+        ["ip", "-4", "route", "replace", "unreachable", "default", "metric", "4294967295", "table", "51903"],
+        ["ip", "-4", "rule", "add", "pref", "20000", "from", "10.8.0.2/32", "lookup", "51903"],
+    ]
+    r.clear()
+    assert helper.result("bridge_rules", {"add": [{"address": "10.8.0.2", "slot": 3}]})["added"] == 0
+    assert r.calls == [["ip", "-4", "rule", "show", "pref", "20000"]]  # already there: no duplicate
+    r.clear()
+    helper.result("bridge_rules", {"add": [{"address": "10.8.0.2", "slot": 5}]})  # moved to another exit
+    assert r.calls[1] == ["ip", "-4", "rule", "del", "pref", "20000", "from", "10.8.0.2/32"]
+    assert r.rules == {"10.8.0.2": ("20000", "51905")}
+    helper.result("bridge_rules", {"add": [{"address": "10.8.0.3", "slot": 5}]})
+    result = helper.result("bridge_rules", {"add": [{"address": "10.8.0.3", "slot": 5}], "exclusive": True})
+    assert result == {"added": 0, "removed": 1, "rules": 1}
+    assert r.rules == {"10.8.0.3": ("20000", "51905")}
+    r.clear()
+    assert helper.result("bridge_rules", {"remove": ["10.8.0.3", "10.8.0.9"]})["removed"] == 1
+    assert r.calls == [["ip", "-4", "rule", "show", "pref", "20000"],
+                       ["ip", "-4", "rule", "del", "pref", "20000", "from", "10.8.0.3/32"]]
+
+
+def test_bridge_down_removes_rules_table_nft_and_link(helper):
+    helper.result("bridge_up", SPEC)
+    helper.result("bridge_rules", {"add": [{"address": "10.8.0.2", "slot": 3}, {"address": "10.8.0.4", "slot": 1}]})
+    helper.runner.clear()
+    assert helper.result("bridge_down", {"slot": 3}) == {"interface": LINK}
+    assert helper.runner.calls == [
+        ["ip", "-4", "rule", "show", "pref", "20000"],
+        ["ip", "-4", "rule", "del", "pref", "20000", "from", "10.8.0.2/32"],
+        ["ip", "-4", "route", "flush", "table", "51903"],
+        ["nft", "delete", "table", "ip", "orbmesh_b3"],
+        ["ip", "link", "show", "dev", LINK],
+        ["ip", "link", "del", "dev", LINK],
+    ]
+    assert helper.runner.rules == {"10.8.0.4": ("20000", "51901")}  # another bridge's client stays
+    assert helper.result("hello")["bridges"] == []
+    helper.runner.clear()
+    helper.result("bridge_down", {"slot": 3})  # again: nothing there, still fine
+    assert ["ip", "link", "del", "dev", LINK] not in helper.runner.calls
+
+
+def test_stop_takes_every_bridge_down(helper):
+    helper.result("bridge_up", SPEC)
+    helper.result("bridge_up", dict(SPEC, slot=0))
+    helper.ctx.bridges.stop()
+    assert LINK not in helper.runner.links and IF + "b0" not in helper.runner.links
+    assert helper.runner.nft_tables == {}
+
+
+@pytest.mark.parametrize("args, field", [
+    (dict(SPEC, slot=64), "slot"),
+    (dict(SPEC, slot=-1), "slot"),
+    (dict(SPEC, slot=True), "slot"),
+    (dict(SPEC, slot="3"), "slot"),
+    (dict(SPEC, public_key="x"), "public_key"),
+    (dict(SPEC, endpoint=None), "endpoint"),
+    (dict(SPEC, endpoint="exit.example:51820"), "endpoint"),
+    (dict(SPEC, address="10.8.0.5"), "address"),          # inside our own pool
+    (dict(SPEC, address="10.9.255.1/32"), "address"),
+    (dict(SPEC, address="10.9.255.1; reboot"), "address"),
+    (dict(SPEC, address="224.0.0.1"), "address"),
+    (dict(SPEC, interface="eth0"), "interface"),
+    ({"slot": 3}, "public_key"),
+])
+def test_bridge_up_refuses_bad_arguments(helper, args, field):
+    reply = helper.call("bridge_up", args)
+    assert not reply["ok"] and reply["error"]["code"] == "INVALID_ARGUMENT"
+    assert reply["error"]["details"]["field"] == field
+    assert helper.runner.calls == []
+
+
+@pytest.mark.parametrize("args", [
+    {"add": [{"address": "192.0.2.7", "slot": 0}]},                 # not a client address of the pool
+    {"add": [{"address": "10.8.0.1", "slot": 0}]},                  # the gateway
+    {"add": [{"address": "10.8.0.2/32", "slot": 0}]},
+    {"add": [{"address": "10.8.0.2", "slot": 0, "table": "main"}]},
+    {"add": [{"address": "10.8.0.2", "slot": 0}, {"address": "10.8.0.2", "slot": 1}]},
+    {"add": [{"address": "10.8.0.2", "slot": 0}], "remove": ["10.8.0.2"]},
+    {"remove": ["10.8.0.2 lookup main"]},
+    {"exclusive": "yes"},
+    {"priority": 1},
+])
+def test_bridge_rules_refuse_bad_arguments(helper, args):
+    reply = helper.call("bridge_rules", args)
+    assert not reply["ok"] and reply["error"]["code"] == "INVALID_ARGUMENT"
+    assert helper.runner.calls == []
+
+
+def test_without_bridges_the_commands_answer_an_error(tmp_path):
+    h = Helper(tmp_path).start()
+    try:
+        reply = h.call("bridge_down", {"slot": 0})
+        assert not reply["ok"] and reply["error"]["code"] == "INTERFACE_DOWN"
+    finally:
+        h.writer.stop()
+
+
+def test_names_fit_and_rules_parse():
+    assert bridge.link_name("abcdefghijklmno", 63) == "abcdefghijklb63"
+    assert bridge.nft_table("t" * 32, 7) == "t" * 29 + "_b7"
+    assert nft_script("orbmesh_b3", LINK, IF, "10.8.0.0/16") == SCRIPT
+    text = "20000:\tfrom 10.8.0.2 lookup 51903\n20000:\tfrom all lookup main\n0:\tfrom all lookup local\n"
+    assert parse_rules(text, 20000) == {"10.8.0.2": 51903}
