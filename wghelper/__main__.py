@@ -71,7 +71,7 @@ def main(argv=None):
         writer = Writer(runner, cfg.interface)
         writer.start()
         iface.start_watcher()
-        server = Server(cfg, Context(cfg, runner, iface, writer, public_key, bridges))
+        server = Server(cfg, Context(cfg, runner, iface, writer, public_key, bridges=bridges))
         server.bind()
         if stopping:
             server.stop()
