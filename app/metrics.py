@@ -86,6 +86,15 @@ for _transport in TRANSPORTS:
     for _reason in DROP_REASONS:
         TUNNEL_DROPPED.labels(_transport, _reason)
 
+SWEEP_ACTIONS = ("quarantined", "freed", "released")
+SWEPT_PEERS = Counter("orbmesh_stale_peers", "Stale-peer sweep: client peers quarantined (taken off the "
+                      "interface), freed (address released) or released (reconnected during quarantine)",
+                      ["action"], registry=REGISTRY)
+for _action in SWEEP_ACTIONS:
+    SWEPT_PEERS.labels(_action)
+AUDIT_FAILURES = Counter("orbmesh_audit_write_failures", "Audit log lines that could not be written",
+                         registry=REGISTRY)
+
 
 def result_of(exc):
     """The `result` label for an exception leaving a view."""

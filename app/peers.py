@@ -4,12 +4,14 @@ Each operation commits its row first, then asks the helper; when the
 helper fails, the row change is undone, so a failed call leaves nothing
 allocated.  Rows go in before the helper call (not after) so a reconcile
 that runs in between never strips a peer that a client is being told about.
+A quarantined peer (see sweep.py) is off the interface but keeps its row
+and address: its device connecting again gets that same address back.
 """
 import ipaddress
 import logging
 import sqlite3
 
-from . import store
+from . import audit, metrics, store
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 
@@ -28,6 +30,9 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key):
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
         current = store.by_device(db, user_id, device_id)
+        quarantined_at = current.quarantined_at if current else None
+        if quarantined_at:
+            store.set_quarantined(db, current.id, None)
         if current and current.public_key == public_key:
             peer, undo = current, None
         elif current:
@@ -44,23 +49,29 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key):
             undo = ("insert", None)
     old_key = undo[1] if undo and undo[0] == "rekey" else None
     try:
-        helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key else [])
+        # A quarantined peer's old key is already off the interface.
+        helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key and not quarantined_at else [])
     except HELPER_ERRORS:
-        _undo_connect(db, peer, undo)
+        _undo_connect(db, peer, undo, quarantined_at)
         raise
-    log.info("connect user=%s device=%s addr=%s key=%s%s", user_id, device_id, peer.address,
-             _short(public_key), " (rekeyed)" if old_key else "")
+    if quarantined_at:
+        metrics.SWEPT_PEERS.labels("released").inc()
+    log.info("connect user=%s device=%s addr=%s key=%s%s%s", user_id, device_id, peer.address,
+             _short(public_key), " (rekeyed)" if old_key else "", " (back from quarantine)" if quarantined_at else "")
+    audit.record("connect", peer, rekeyed=bool(old_key), released_from_quarantine=bool(quarantined_at))
     return peer
 
 
-def _undo_connect(db, peer, undo):
-    if undo is None:
+def _undo_connect(db, peer, undo, quarantined_at):
+    if undo is None and not quarantined_at:
         return
     with store.write(db):
-        if undo[0] == "insert":
+        if undo and undo[0] == "insert":
             store.delete(db, peer)
-        else:
+        elif undo:
             store.set_key(db, peer.id, peer.public_key, undo[1])
+        if quarantined_at:
+            store.set_quarantined(db, peer.id, quarantined_at)
     log.info("connect undone for addr=%s: helper failed", peer.address)
 
 
@@ -73,12 +84,16 @@ def disconnect_device(db, helper, user_id, device_id):
         store.delete(db, peer)
     _remove_or_restore(db, helper, [peer])
     log.info("disconnect user=%s device=%s addr=%s", user_id, device_id, peer.address)
+    audit.record("disconnect", peer)
     return True
 
 
 def _remove_or_restore(db, helper, peers):
+    keys = [p.public_key for p in peers if not p.quarantined_at]  # the quarantined are off already
+    if not keys:
+        return
     try:
-        helper.apply(remove=[p.public_key for p in peers])
+        helper.apply(remove=keys)
     except HELPER_ERRORS:
         with store.write(db):
             for peer in peers:
@@ -119,6 +134,7 @@ def add_orbnet_peer(db, helper, config, data):
                 store.update_orbnet(db, undo.id, undo.endpoint, undo.keepalive)
         raise
     log.info("add-peer user=%s addr=%s key=%s", data["userUuid"], peer.address, _short(peer.public_key))
+    audit.record("add-peer", peer, updated=undo is not None)
     return peer
 
 
@@ -131,4 +147,6 @@ def remove_user_peers(db, helper, user_id):
     if peers:
         _remove_or_restore(db, helper, peers)
         log.info("remove-peer user=%s removed=%d", user_id, len(peers))
+        for peer in peers:
+            audit.record("remove-peer", peer)
     return len(peers)

@@ -12,28 +12,33 @@ import logging
 import threading
 import time
 
-from . import store
+from . import store, sweep
+from .audit import SYSTEM
 from .helper import HelperClient, HelperFailed, HelperUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def reconcile(db, helper, generation=None, interval=None):
+def reconcile(db, helper, generation=None, interval=None, audit_log=None):
     """Sync and return the helper's counts.
 
     With `interval`, the need is re-checked under the lock and None is
-    returned when another worker has just done it.
+    returned when another worker has just done it.  Quarantined peers
+    (sweep.py) stay off the interface.
     """
     with store.write(db):
         if interval is not None and not due(db, generation, interval):
             return None
-        peers = store.all_peers(db)
+        peers = store.live_peers(db)
         result = helper.sync([p.helper_spec() for p in peers])
         if generation is not None:
             store.set_meta(db, "reconciled_generation", generation)
         store.set_meta(db, "reconciled_at", time.time())
     log.info("reconcile peers=%d added=%s removed=%s updated=%s", len(peers),
              result.get("added"), result.get("removed"), result.get("updated"))
+    repairs = {k: result.get(k) for k in ("added", "removed", "updated") if result.get(k)}
+    if repairs and audit_log is not None:
+        audit_log.write("reconcile", SYSTEM, None, None, peers=len(peers), generation=generation, **repairs)
     return result
 
 
@@ -49,7 +54,9 @@ def due(db, generation, interval, now=None):
 class Watcher:
     """A background loop per worker: ask the helper for its generation, sync when due."""
 
-    def __init__(self, config, helper=None):
+    def __init__(self, config, helper=None, audit_log=None):
+        self.config = config
+        self.audit_log = audit_log
         self.db_path = config["DB_PATH"]
         self.helper = helper or HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
         self.check_interval = config["RECONCILE_CHECK_INTERVAL"]
@@ -71,12 +78,12 @@ class Watcher:
     def check_once(self):
         """One round: returns the sync result, or None when nothing was due."""
         generation = self.helper.hello()["generation"]
-        db = store.connect(self.db_path)
+        db = self._connect()
         try:
             if self._eager:
-                result = reconcile(db, self.helper, generation)
+                result = reconcile(db, self.helper, generation, audit_log=self.audit_log)
             elif due(db, generation, self.interval):
-                result = reconcile(db, self.helper, generation, self.interval)
+                result = reconcile(db, self.helper, generation, self.interval, self.audit_log)
             else:
                 result = None
             self._eager = False
@@ -84,10 +91,24 @@ class Watcher:
         finally:
             db.close()
 
+    def _connect(self):
+        return store.connect(self.db_path, self.config.get("DB_BUSY_TIMEOUT", store.DEFAULT_BUSY_TIMEOUT))
+
+    def sweep_once(self):
+        """The stale-peer sweep, when it is on and this worker wins the round."""
+        if not self.config.get("STALE_AFTER"):
+            return None
+        db = self._connect()
+        try:
+            return sweep.sweep(db, self.helper, self.config, self.audit_log)
+        finally:
+            db.close()
+
     def round(self):
-        """check_once, with every failure logged instead of raised."""
+        """check_once and sweep_once, with every failure logged instead of raised."""
         try:
             self.check_once()
+            self.sweep_once()
             self.last_error = None
         except (HelperUnavailable, HelperFailed) as exc:
             if self.last_error != exc.code:
@@ -105,6 +126,6 @@ class Watcher:
 
 def init_app(app):
     if app.config["RECONCILE_CHECK_INTERVAL"] > 0:
-        watcher = Watcher(app.config)
+        watcher = Watcher(app.config, audit_log=app.extensions.get("orbmesh_audit"))
         app.extensions["orbmesh_watcher"] = watcher
         watcher.start()

@@ -28,12 +28,21 @@ CREATE TABLE IF NOT EXISTS peers (
     keepalive   INTEGER NOT NULL DEFAULT 0,
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
+    quarantined_at REAL,
+    handshake_at   REAL,
     CHECK ((source = 'client') = (device_id IS NOT NULL))
 );
 CREATE UNIQUE INDEX IF NOT EXISTS peers_device ON peers (user_id, device_id) WHERE source = 'client';
 CREATE INDEX IF NOT EXISTS peers_user ON peers (user_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after the first release: (name, type), added to older files at start.
+_ADDED_COLUMNS = (("quarantined_at", "REAL"), ("handshake_at", "REAL"))
+# Seconds SQLite itself may wait on a lock.  It waits in C, which would stall
+# every greenlet of a gevent worker, so the long wait for the write lock is
+# done in write() instead, in short sleeps that yield.
+_C_BUSY_TIMEOUT = 0.05
+DEFAULT_BUSY_TIMEOUT = 10.0
 
 _write_lock = threading.RLock()
 
@@ -54,6 +63,10 @@ class Peer:
     keepalive: int
     created_at: float
     updated_at: float
+    # Set while a stale client peer is off the interface but keeps its address.
+    quarantined_at: float | None = None
+    # The newest handshake the stale-peer sweep has seen (survives interface re-creation).
+    handshake_at: float | None = None
 
     @property
     def address(self):
@@ -65,11 +78,19 @@ class Peer:
                 "endpoint": self.endpoint, "keepalive": self.keepalive}
 
 
-_COLUMNS = "id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at"
+_COLUMNS = ("id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at, "
+            "quarantined_at, handshake_at")
 
 
-def connect(path):
-    db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+class Connection(sqlite3.Connection):
+    """A connection that knows how long write() may wait for the write lock."""
+    busy_timeout = DEFAULT_BUSY_TIMEOUT
+
+
+def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
+    db = sqlite3.connect(path, timeout=_C_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
+                         factory=Connection)
+    db.busy_timeout = busy_timeout
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=ON")
@@ -82,13 +103,17 @@ def init_schema(path):
     db = connect(path)
     try:
         db.executescript(SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                db.execute("ALTER TABLE peers ADD COLUMN %s %s" % (name, kind))
     finally:
         db.close()
 
 
 def get_db():
     if "db" not in g:
-        g.db = connect(current_app.config["DB_PATH"])
+        g.db = connect(current_app.config["DB_PATH"], current_app.config["DB_BUSY_TIMEOUT"])
     return g.db
 
 
@@ -107,13 +132,31 @@ def init_app(app):
 def write(db):
     """One serialised write transaction; rolls back on any exception."""
     with _write_lock:
-        db.execute("BEGIN IMMEDIATE")
+        _begin(db)
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+
+def _begin(db):
+    """BEGIN IMMEDIATE, retried in yielding sleeps for up to db.busy_timeout.
+
+    Past that, SQLite's "database is locked" goes up (a 503 for a request).
+    """
+    deadline = time.monotonic() + getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT)
+    delay = 0.005
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _peer(row):
@@ -142,6 +185,26 @@ def all_peers(db):
     return [Peer(*row) for row in db.execute("SELECT %s FROM peers ORDER BY addr" % _COLUMNS)]
 
 
+def live_peers(db):
+    """The peers that belong on the interface (all but the quarantined)."""
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE quarantined_at IS NULL ORDER BY addr"
+                                             % _COLUMNS)]
+
+
+def client_peers(db):
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE source = 'client' ORDER BY addr"
+                                             % _COLUMNS)]
+
+
+def set_quarantined(db, peer_id, when):
+    """Quarantine (when = a time) or release (when = None) a peer."""
+    db.execute("UPDATE peers SET quarantined_at = ?, updated_at = ? WHERE id = ?", (when, time.time(), peer_id))
+
+
+def set_handshake(db, peer_id, when):
+    db.execute("UPDATE peers SET handshake_at = ? WHERE id = ?", (when, peer_id))
+
+
 def count(db):
     return db.execute("SELECT count(*) FROM peers").fetchone()[0]
 
@@ -158,9 +221,10 @@ def insert(db, peer_fields):
 
 def restore(db, peer):
     """Put back a row exactly as it was (undo of a delete)."""
-    db.execute("INSERT INTO peers (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" % _COLUMNS,
+    db.execute("INSERT INTO peers (%s) VALUES (%s)" % (_COLUMNS, ", ".join("?" * len(_COLUMNS.split(",")))),
                (peer.id, peer.public_key, peer.addr, peer.user_id, peer.device_id, peer.source,
-                peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at))
+                peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at, peer.quarantined_at,
+                peer.handshake_at))
 
 
 def set_key(db, peer_id, old_key, new_key):
