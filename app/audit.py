@@ -19,8 +19,9 @@ dropped), then one write() on an O_APPEND descriptor.  A worker whose
 descriptor still points at a file another worker rotated away sees the inode
 change and reopens, so no line lands in a rotated file and none is split.
 
-A failed write (say, a full disk) is logged and counted, and the request
-goes on: the peer change has already happened and is in the database.
+A failed write (say, a full disk) is counted and the line goes to the app
+log instead, and the request goes on: the peer change has already happened
+and is in the database.
 """
 import datetime
 import fcntl
@@ -87,7 +88,8 @@ class AuditLog:
             self._append(line)
         except OSError as exc:
             metrics.AUDIT_FAILURES.inc()
-            log.error("audit log write failed (%s): %s event lost", exc.strerror or exc, event)
+            # The line goes to the app log instead (journald, usually another disk).
+            log.error("audit log write failed (%s); the event: %s", exc.strerror or exc, line.decode().strip())
             self._close()
             return False
         return True
