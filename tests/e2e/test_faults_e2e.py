@@ -186,6 +186,8 @@ def test_everything_killed_at_once_and_interface_deleted(stack):
         wait_for(lambda: stack.wg_peers() == expected if interface_exists(stack) else False, timeout=60,
                  what="peers back after the interface was deleted")
         assert hello_generation(stack) != generation
+        repairs = [e for e in audit_events(stack) if e["event"] == "reconcile"]
+        assert repairs and repairs[-1]["added"] == len(expected) and repairs[-1]["actor"] == {"type": "system"}
         assert wait_for(lambda: client.ping("10.8.0.1", count=1, timeout=2), timeout=30,
                         what="ping after interface re-creation")
         report("kill9_everything", processes_killed=len(victims), peers=len(expected), peers_restored=len(expected),
@@ -193,6 +195,10 @@ def test_everything_killed_at_once_and_interface_deleted(stack):
         report("interface_deleted", peers=len(expected), peers_restored=len(expected), lost_peers=0)
     finally:
         client.close()
+
+
+def audit_events(stack):
+    return [json.loads(line) for line in (stack.tmp / "audit.log").read_text().splitlines()]
 
 
 def interface_exists(stack):
@@ -256,6 +262,13 @@ def test_database_locked_by_another_process(stack):
     assert snapshot(stack) == before
     assert [status for _, status, _ in mutations(stack, "after")] == [200] * 4
     assert agree(stack)
+    events = audit_events(stack)
+    assert [e["event"] for e in events[-4:]] == ["connect", "disconnect", "add-peer", "remove-peer"]
+    audit_text = (stack.tmp / "audit.log").read_text()
+    private_key = (stack.tmp / "helper-state" / "server.key").read_text().strip()
+    for secret in (stack.api_key, stack.secret, private_key):
+        assert secret not in audit_text
+    assert "eyJ" not in audit_text  # no device token (a JWT) either
     report("database_locked", requests=4, database_unavailable=4, health_answered_s=round(health_s, 3),
            half_written=0, leaked_allocations=0)
 
