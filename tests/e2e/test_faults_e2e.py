@@ -248,17 +248,27 @@ def test_database_locked_by_another_process(stack):
     before = snapshot(stack)
     blocker = sqlite3.connect(stack.env["ORBMESH_DB_PATH"], isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # held well past ORBMESH_DB_BUSY_TIMEOUT=1
+    health = []
+
+    def probe_health():
+        # While the writes wait for the lock: the waiting is done in yielding
+        # sleeps, so the same worker keeps answering other requests.
+        for _ in range(20):
+            start = time.monotonic()
+            status, _, _ = stack.request("GET", "/health", timeout=60)
+            health.append((status, time.monotonic() - start))
+
     try:
-        answers = mutations(stack, "b")
-        start = time.monotonic()
-        health, _, _ = stack.request("GET", "/health", timeout=60)
-        health_s = time.monotonic() - start
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            probing = pool.submit(probe_health)
+            answers = mutations(stack, "b")
+            probing.result()
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert [(name, status, body["error"]["code"]) for name, status, body in answers] == [
         (name, 503, "DATABASE_UNAVAILABLE") for name in ("connect", "disconnect", "add-peer", "remove-peer")]
-    assert health in (200, 503)
+    assert {status for status, _ in health} == {200}
     assert snapshot(stack) == before
     assert [status for _, status, _ in mutations(stack, "after")] == [200] * 4
     assert agree(stack)
@@ -269,7 +279,8 @@ def test_database_locked_by_another_process(stack):
     for secret in (stack.api_key, stack.secret, private_key):
         assert secret not in audit_text
     assert "eyJ" not in audit_text  # no device token (a JWT) either
-    report("database_locked", requests=4, database_unavailable=4, health_answered_s=round(health_s, 3),
+    report("database_locked", requests=4, database_unavailable=4, health_probes=len(health),
+           health_max_latency_s=round(max(t for _, t in health), 3),
            half_written=0, leaked_allocations=0)
 
 
