@@ -180,7 +180,9 @@ class StateCollector:
         yield GaugeMetricFamily("orbmesh_pool_addresses", "Client addresses in the pool (without network, "
                                 "gateway and broadcast)", value=self.allocator.size)
         try:
-            counts = dict(self.db.execute("SELECT source, count(*) FROM peers GROUP BY source").fetchall())
+            counts = dict(self.db.execute("SELECT source, count(*) FROM peers WHERE quarantined_at IS NULL "
+                                          "GROUP BY source").fetchall())
+            quarantined = self.db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NOT NULL").fetchone()[0]
             free = self.allocator.free(self.db)
         except sqlite3.Error as exc:
             log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
@@ -191,6 +193,8 @@ class StateCollector:
             peers.add_metric([source], counts.get(source, 0))
         yield peers
         yield GaugeMetricFamily("orbmesh_pool_free_addresses", "Client addresses not allocated", value=free)
+        yield GaugeMetricFamily("orbmesh_quarantined_peers", "Stale client peers off the interface that still "
+                                "hold their address", value=quarantined)
 
 
 class _Local:

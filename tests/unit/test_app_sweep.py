@@ -191,3 +191,16 @@ def test_older_database_gets_the_new_columns(tmp_path):
         assert [p.public_key for p in store.live_peers(db)] == ["k"]
     finally:
         db.close()
+
+
+def test_metrics_tell_quarantined_from_live_peers(app, client, auth, internal, fake_helper, cfg, db):
+    t0 = time.time()
+    connect(client, auth, 1)
+    connect(client, auth, 2)
+    run(db, fake_helper, cfg, t0)
+    fake_helper.handshakes[make_key(2)] = t0 + STALE
+    run(db, fake_helper, cfg, t0 + STALE + 1)
+    text = client.get("/metrics", headers=internal).get_data(as_text=True)
+    assert "orbmesh_quarantined_peers 1.0" in text
+    assert 'orbmesh_peers{source="client"} 1.0' in text
+    assert 'orbmesh_stale_peers_total{action="quarantined"}' in text
