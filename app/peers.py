@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import sqlite3
 
-from . import audit, metrics, store
+from . import audit, metrics, reconcile, store
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 
@@ -63,9 +63,8 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key):
 
 
 def _undo_connect(db, peer, undo, quarantined_at):
-    if undo is None and not quarantined_at:
-        return
     with store.write(db):
+        reconcile.schedule(db)
         if undo and undo[0] == "insert":
             store.delete(db, peer)
         elif undo:
@@ -96,6 +95,7 @@ def _remove_or_restore(db, helper, peers):
         helper.apply(remove=keys)
     except HELPER_ERRORS:
         with store.write(db):
+            reconcile.schedule(db)
             for peer in peers:
                 try:
                     store.restore(db, peer)
@@ -128,6 +128,7 @@ def add_orbnet_peer(db, helper, config, data):
         helper.apply(add=[peer.helper_spec()])
     except HELPER_ERRORS:
         with store.write(db):
+            reconcile.schedule(db)
             if undo is None:
                 store.delete(db, peer)
             else:

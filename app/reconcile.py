@@ -42,6 +42,15 @@ def reconcile(db, helper, generation=None, interval=None, audit_log=None):
     return result
 
 
+def schedule(db):
+    """Have the next watcher round, in whichever worker, sync in full (call inside write()).
+
+    After a failed helper call the interface may hold a change the database
+    undid (the helper ran it but its answer was lost).
+    """
+    store.set_meta(db, "reconciled_generation", "")
+
+
 def due(db, generation, interval, now=None):
     """Whether a sync is needed for this generation, judged from meta."""
     now = time.time() if now is None else now

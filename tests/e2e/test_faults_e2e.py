@@ -100,8 +100,13 @@ def agree(stack):
     return live_peers(stack) == stack.db_peers()
 
 
-def wait_agree(stack, what):
-    wait_for(lambda: agree(stack), timeout=60, what="interface == database after " + what)
+def wait_agree(stack, what, timeout=60):
+    try:
+        wait_for(lambda: agree(stack), timeout=timeout, what="interface == database after " + what)
+    except AssertionError:
+        live, db = live_peers(stack) or {}, stack.db_peers()
+        raise AssertionError("interface != database after %s: %d peers only on the interface, %d only in the "
+                             "database" % (what, len(set(live) - set(db)), len(set(db) - set(live)))) from None
 
 
 def jobs_for(tag, n):
@@ -138,6 +143,31 @@ def test_helper_killed_during_a_connect_storm(stack):
     report("helper_kill9_storm", requests=len(jobs), ok=len(ok_keys), helper_unavailable=len(failed),
            unanswered=statuses.count(None), max_latency_s=round(max(s for _, _, s in results), 3),
            leaked_allocations=0, lost_peers=0)
+
+
+def test_helper_frozen_during_connects(stack):
+    """SIGSTOP: the requests are queued in the helper's socket, unanswered, until the app's timeout."""
+    # Warm both workers (each asks the helper for the server key once) so
+    # the frozen helper is met in apply_peers, the call that changes things.
+    warm = jobs_for("hw", 8)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        assert {r[0] for r in pool.map(lambda job: connect_raw(stack, *job), warm)} == {200}
+    jobs = jobs_for("hf", 12)
+    os.kill(stack.helper_proc.pid, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+            results = list(pool.map(lambda job: connect_raw(stack, *job), jobs))
+    finally:
+        os.kill(stack.helper_proc.pid, signal.SIGCONT)
+    assert [(status, body["error"]["code"]) for status, body, _ in results] == [(503, "HELPER_UNAVAILABLE")] * 12
+    assert not set(stack.db_peers()) & {job[2] for job in jobs}
+    # Once it runs again the helper reads the requests the app gave up on;
+    # none of them may stay on the interface.
+    time.sleep(3)  # the helper runs (or drops) what it had queued; the watchers get a round
+    wait_agree(stack, "helper continued", timeout=15)
+    assert set(stack.db_peers()) == {job[2] for job in warm}
+    report("helper_frozen", requests=len(jobs), helper_unavailable=len(jobs),
+           max_latency_s=round(max(s for _, _, s in results), 3), leaked_allocations=0, stale_on_interface=0)
 
 
 def test_worker_killed_mid_request(stack):
