@@ -4,7 +4,11 @@ The database is the truth; the interface is made to match it.  Writers take
 ``BEGIN IMMEDIATE`` so allocation is serialised across gunicorn worker
 processes, and a per-process lock in front of it so that, under gevent,
 one greenlet waiting in SQLite's busy handler cannot stall the greenlet
-that holds the lock in the same process.
+that holds the lock in the same process.  The wait for another process's
+lock is done in write(), in sleeps that yield, for up to DB_BUSY_TIMEOUT.
+
+A client peer may be quarantined (sweep.py): its row and address stay, but
+it is not on the interface (live_peers leaves it out).
 """
 import contextlib
 import ipaddress

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 def _claim(db, interval, now):
     """Take this round if it is due (one worker per interval); False otherwise."""
+    if now - float(store.get_meta(db, "swept_at", 0)) < interval:
+        return False  # the common case, answered without the write lock
     with store.write(db):
         if now - float(store.get_meta(db, "swept_at", 0)) < interval:
             return False
