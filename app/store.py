@@ -91,8 +91,8 @@ class Connection(sqlite3.Connection):
     busy_timeout = DEFAULT_BUSY_TIMEOUT
 
 
-def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
-    db = sqlite3.connect(path, timeout=_C_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
+def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT, sqlite_wait=_C_BUSY_TIMEOUT):
+    db = sqlite3.connect(path, timeout=sqlite_wait, isolation_level=None, check_same_thread=False,
                          factory=Connection)
     db.busy_timeout = busy_timeout
     db.execute("PRAGMA journal_mode=WAL")
@@ -104,7 +104,9 @@ def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
 def init_schema(path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    db = connect(path)
+    # At start, workers may race to create the file and switch it to WAL;
+    # nothing else runs yet, so SQLite may wait in C for the full time.
+    db = connect(path, sqlite_wait=DEFAULT_BUSY_TIMEOUT)
     try:
         db.executescript(SCHEMA)
         have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}

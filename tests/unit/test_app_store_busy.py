@@ -55,3 +55,20 @@ def test_write_gives_up_after_the_timeout_and_leaves_no_transaction(path):
         store.set_meta(db, "k", "later")
     assert store.get_meta(db, "k") == "later"
     db.close()
+
+
+def test_schema_setup_waits_for_another_process_at_start(tmp_path):
+    """Workers start together: one may hold the lock while another upgrades the schema."""
+    path = str(tmp_path / "start.db")
+    old = sqlite3.connect(path)
+    old.executescript(store.SCHEMA.replace("    quarantined_at REAL,\n    handshake_at   REAL,\n", ""))
+    old.execute("PRAGMA journal_mode=WAL")
+    old.close()
+    thread = hold_lock(path, 0.5)
+    try:
+        store.init_schema(path)  # ALTER TABLE needs the write lock
+    finally:
+        thread.join()
+    db = store.connect(path)
+    assert {row[1] for row in db.execute("PRAGMA table_info(peers)")} >= {"quarantined_at", "handshake_at"}
+    db.close()
