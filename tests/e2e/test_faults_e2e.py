@@ -27,11 +27,14 @@ from .wgclient import WgClient, keypair
 pytestmark = pytest.mark.e2e
 
 HELPER_TIMEOUT = 3.0
+AUDIT_MAX_BYTES = 2048
 
 
 @pytest.fixture
 def stack_env():
-    return {"ORBMESH_HELPER_TIMEOUT": str(HELPER_TIMEOUT), "ORBMESH_DB_BUSY_TIMEOUT": "1"}
+    # A tiny audit log limit, so the two workers rotate it many times under load.
+    return {"ORBMESH_HELPER_TIMEOUT": str(HELPER_TIMEOUT), "ORBMESH_DB_BUSY_TIMEOUT": "1",
+            "ORBMESH_AUDIT_MAX_BYTES": str(AUDIT_MAX_BYTES), "ORBMESH_AUDIT_BACKUPS": "1000"}
 
 
 def report(name, **figures):
@@ -140,9 +143,14 @@ def test_helper_killed_during_a_connect_storm(stack):
     stack.start_helper()
     wait_agree(stack, "helper restart")
     assert set(stack.wg_peers()) == set(db)
+    # Audited exactly once each, whole lines, through many rotations by both workers.
+    files = audit_files(stack)
+    assert len(files) > 3 and all(path.stat().st_size <= AUDIT_MAX_BYTES for path in files)
+    connected = [e["peer"]["public_key"] for e in audit_events(stack) if e["event"] == "connect"]
+    assert sorted(connected) == sorted(db)
     report("helper_kill9_storm", requests=len(jobs), ok=len(ok_keys), helper_unavailable=len(failed),
            unanswered=statuses.count(None), max_latency_s=round(max(s for _, _, s in results), 3),
-           leaked_allocations=0, lost_peers=0)
+           leaked_allocations=0, lost_peers=0, audit_files=len(files), audit_connects=len(connected))
 
 
 def test_helper_frozen_during_connects(stack):
@@ -184,12 +192,16 @@ def test_worker_killed_mid_request(stack):
     wait_agree(stack, "worker kill")
 
     unanswered = [job for job, status in zip(jobs, statuses) if status is None]
+    audited = {e["peer"]["public_key"] for e in audit_events(stack) if e["event"] == "connect"}
+    rows_not_audited = len(set(stack.db_peers()) - audited)  # the worker died between commit and audit
     retried = [connect_raw(stack, *job) for job in unanswered]  # the client retries
     assert [status for status, _, _ in retried] == [200] * len(unanswered)
     db = stack.db_peers()
     assert set(db) == {job[2] for job in jobs}  # every device once, nothing extra
     assert agree(stack)
-    report("worker_kill9", requests=len(jobs), ok_first_try=statuses.count(200), unanswered=len(unanswered),
+    audited = {e["peer"]["public_key"] for e in audit_events(stack) if e["event"] == "connect"}
+    assert audited == set(db)  # the retries audited what the killed worker could not
+    report("worker_kill9", rows_not_audited_before_retry=rows_not_audited, requests=len(jobs), ok_first_try=statuses.count(200), unanswered=len(unanswered),
            ok_after_retry=len(unanswered), leaked_allocations=len(db) - len(jobs), lost_peers=0)
 
 
@@ -244,8 +256,14 @@ def test_everything_killed_at_once_and_interface_deleted(stack):
         client.close()
 
 
+def audit_files(stack):
+    """audit.log and its rotated files, oldest first."""
+    rotated = sorted(stack.tmp.glob("audit.log.[0-9]*"), key=lambda p: -int(p.name.rsplit(".", 1)[1]))
+    return rotated + [stack.tmp / "audit.log"]
+
+
 def audit_events(stack):
-    return [json.loads(line) for line in (stack.tmp / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for path in audit_files(stack) for line in path.read_text().splitlines()]
 
 
 def hello_generation(stack):
@@ -317,7 +335,7 @@ def test_database_locked_by_another_process(stack):
     assert agree(stack)
     events = audit_events(stack)
     assert [e["event"] for e in events[-4:]] == ["connect", "disconnect", "add-peer", "remove-peer"]
-    audit_text = (stack.tmp / "audit.log").read_text()
+    audit_text = "".join(path.read_text() for path in audit_files(stack))
     private_key = (stack.tmp / "helper-state" / "server.key").read_text().strip()
     for secret in (stack.api_key, stack.secret, private_key):
         assert secret not in audit_text
