@@ -135,6 +135,13 @@ SETTINGS = {
     "BRIDGE_IDLE_GRACE": (_float(0, 86400), 300.0, "Take an exit tunnel down this long after its last client left, seconds"),
     "SMARTCONNECT_POLICY": (_str, "", "SmartConnect policy file (JSON); empty: direct unless exitServerId is given"),
     "SMARTCONNECT_HEALTH_TTL": (_float(0, 3600), 30.0, "How long an exit's /health answer is trusted, seconds"),
+    "DB_BUSY_TIMEOUT": (_float(0, 120), 10.0, "Seconds a write waits for the database lock before a 503 DATABASE_UNAVAILABLE"),
+    "STALE_AFTER": (_float(0, 365 * 86400), 604800.0, "Quarantine a client peer after this long without a handshake, seconds (0 = never sweep)"),
+    "QUARANTINE": (_float(0, 365 * 86400), 86400.0, "A quarantined peer keeps its address this long before it is freed, seconds"),
+    "SWEEP_INTERVAL": (_float(1, 86400), 300.0, "Stale-peer sweep runs at most this often (once across all workers), seconds"),
+    "AUDIT_LOG": (_str, None, "Audit log file, JSON lines (default: audit.log beside DB_PATH; off: no audit log)"),
+    "AUDIT_MAX_BYTES": (_int(1024, 2 ** 40), 10485760, "Rotate the audit log when it would pass this size, bytes"),
+    "AUDIT_BACKUPS": (_int(1, 1000), 10, "Rotated audit log files kept (audit.log.1 is the newest)"),
 }
 
 
@@ -185,6 +192,8 @@ def _derive(s):
         raise ConfigError("%sGATEWAY: must be a host address inside %s" % (PREFIX, pool))
     if s["PUBLIC_PORT"] is None:
         s["PUBLIC_PORT"] = s["LISTEN_PORT"]
+    if s["AUDIT_LOG"] is None:
+        s["AUDIT_LOG"] = os.path.join(os.path.dirname(os.path.abspath(s["DB_PATH"])), "audit.log")
     if s["DNS"] is None:
         s["DNS"] = [s["GATEWAY"], "1.1.1.1"]
     if s["JWT_SECRET_FILE"]:

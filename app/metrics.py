@@ -86,6 +86,15 @@ for _transport in TRANSPORTS:
     for _reason in DROP_REASONS:
         TUNNEL_DROPPED.labels(_transport, _reason)
 
+SWEEP_ACTIONS = ("quarantined", "freed", "released")
+SWEPT_PEERS = Counter("orbmesh_stale_peers", "Stale-peer sweep: client peers quarantined (taken off the "
+                      "interface), freed (address released) or released (reconnected during quarantine)",
+                      ["action"], registry=REGISTRY)
+for _action in SWEEP_ACTIONS:
+    SWEPT_PEERS.labels(_action)
+AUDIT_FAILURES = Counter("orbmesh_audit_write_failures", "Audit log lines that could not be written",
+                         registry=REGISTRY)
+
 
 def result_of(exc):
     """The `result` label for an exception leaving a view."""
@@ -171,7 +180,9 @@ class StateCollector:
         yield GaugeMetricFamily("orbmesh_pool_addresses", "Client addresses in the pool (without network, "
                                 "gateway and broadcast)", value=self.allocator.size)
         try:
-            counts = dict(self.db.execute("SELECT source, count(*) FROM peers GROUP BY source").fetchall())
+            counts = dict(self.db.execute("SELECT source, count(*) FROM peers WHERE quarantined_at IS NULL "
+                                          "GROUP BY source").fetchall())
+            quarantined = self.db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NOT NULL").fetchone()[0]
             free = self.allocator.free(self.db)
         except sqlite3.Error as exc:
             log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
@@ -182,6 +193,8 @@ class StateCollector:
             peers.add_metric([source], counts.get(source, 0))
         yield peers
         yield GaugeMetricFamily("orbmesh_pool_free_addresses", "Client addresses not allocated", value=free)
+        yield GaugeMetricFamily("orbmesh_quarantined_peers", "Stale client peers off the interface that still "
+                                "hold their address", value=quarantined)
 
 
 class _Local:

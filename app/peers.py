@@ -4,13 +4,15 @@ Each operation commits its row first, then asks the helper; when the
 helper fails, the row change is undone, so a failed call leaves nothing
 allocated.  Rows go in before the helper call (not after) so a reconcile
 that runs in between never strips a peer that a client is being told about.
+A quarantined peer (see sweep.py) is off the interface but keeps its row
+and address: its device connecting again gets that same address back.
 """
 import ipaddress
 import logging
 import sqlite3
 import time
 
-from . import store
+from . import audit, metrics, reconcile, store
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 
@@ -35,6 +37,9 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
         current = store.by_device(db, user_id, device_id)
+        quarantined_at = current.quarantined_at if current else None
+        if quarantined_at:
+            store.set_quarantined(db, current.id, None)
         if current:
             if current.public_key != public_key:
                 store.set_key(db, current.id, current.public_key, public_key)
@@ -59,7 +64,8 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
         if bridge:
             bridge.open(slot)
             helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
-        helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key else [])
+        # A quarantined peer's old key is already off the interface.
+        helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key and not quarantined_at else [])
         if current and current.mode == "bridge" and not bridge:
             helper.bridge_rules(remove=[peer.address])
     except ApiError:
@@ -68,19 +74,24 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
     if current and current.mode == "bridge" and current.exit_id != exit_id:
         with store.write(db):
             store.mark_bridge_idle(db, current.exit_id, time.time())
-    log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s", user_id, device_id, peer.address,
-             _short(public_key), mode, " exit=%s" % exit_id if exit_id else "", " (rekeyed)" if old_key else "")
+    if quarantined_at:
+        metrics.SWEPT_PEERS.labels("released").inc()
+    log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s%s", user_id, device_id, peer.address,
+             _short(public_key), mode, " exit=%s" % exit_id if exit_id else "", " (rekeyed)" if old_key else "",
+             " (back from quarantine)" if quarantined_at else "")
+    audit.record("connect", peer, rekeyed=bool(old_key), released_from_quarantine=bool(quarantined_at))
     return peer
 
 
 def _undo_connect(db, helper, peer, previous, new_bridge):
     """Put the row back as it was (or drop it) and forget a bridge row made for it."""
-    if previous == peer:
-        return
     with store.write(db):
-        store.delete(db, peer)
-        if previous is not None:
-            store.restore(db, previous)
+        # The helper may have applied what it was asked before failing.
+        reconcile.schedule(db)
+        if previous != peer:
+            store.delete(db, peer)
+            if previous is not None:
+                store.restore(db, previous)
         if new_bridge is not None:
             store.mark_bridge_idle(db, new_bridge, 0)
     if peer.mode == "bridge" and (previous is None or previous.mode != "bridge"):
@@ -101,6 +112,7 @@ def disconnect_device(db, helper, user_id, device_id):
     _remove_or_restore(db, helper, [peer])
     _unroute(db, helper, [peer])
     log.info("disconnect user=%s device=%s addr=%s", user_id, device_id, peer.address)
+    audit.record("disconnect", peer)
     return True
 
 
@@ -120,10 +132,14 @@ def _unroute(db, helper, peers):
 
 
 def _remove_or_restore(db, helper, peers):
+    keys = [p.public_key for p in peers if not p.quarantined_at]  # the quarantined are off already
+    if not keys:
+        return
     try:
-        helper.apply(remove=[p.public_key for p in peers])
+        helper.apply(remove=keys)
     except HELPER_ERRORS:
         with store.write(db):
+            reconcile.schedule(db)
             for peer in peers:
                 try:
                     store.restore(db, peer)
@@ -156,12 +172,14 @@ def add_orbnet_peer(db, helper, config, data):
         helper.apply(add=[peer.helper_spec()])
     except HELPER_ERRORS:
         with store.write(db):
+            reconcile.schedule(db)
             if undo is None:
                 store.delete(db, peer)
             else:
                 store.update_orbnet(db, undo.id, undo.endpoint, undo.keepalive)
         raise
     log.info("add-peer user=%s addr=%s key=%s", data["userUuid"], peer.address, _short(peer.public_key))
+    audit.record("add-peer", peer, updated=undo is not None)
     return peer
 
 
@@ -175,4 +193,6 @@ def remove_user_peers(db, helper, user_id):
         _remove_or_restore(db, helper, peers)
         _unroute(db, helper, peers)
         log.info("remove-peer user=%s removed=%d", user_id, len(peers))
+        for peer in peers:
+            audit.record("remove-peer", peer)
     return len(peers)

@@ -12,23 +12,25 @@ import logging
 import threading
 import time
 
-from . import store
+from . import store, sweep
+from .audit import SYSTEM
 from .helper import HelperClient, HelperFailed, HelperUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def reconcile(db, helper, generation=None, interval=None, bridges=None):
+def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_log=None):
     """Sync and return the helper's counts.
 
     With `interval`, the need is re-checked under the lock and None is
     returned when another worker has just done it.  With `bridges`
     (app/bridges.py), exit tunnels and bridged clients' rules are synced too.
+    Quarantined peers (sweep.py) stay off the interface.
     """
     with store.write(db):
         if interval is not None and not due(db, generation, interval):
             return None
-        peers = store.all_peers(db)
+        peers = store.live_peers(db)
         result = helper.sync([p.helper_spec() for p in peers])
         if bridges is not None:
             bridges.sync(db, helper)
@@ -37,7 +39,19 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None):
         store.set_meta(db, "reconciled_at", time.time())
     log.info("reconcile peers=%d added=%s removed=%s updated=%s", len(peers),
              result.get("added"), result.get("removed"), result.get("updated"))
+    repairs = {k: result.get(k) for k in ("added", "removed", "updated") if result.get(k)}
+    if repairs and audit_log is not None:
+        audit_log.write("reconcile", SYSTEM, None, None, peers=len(peers), generation=generation, **repairs)
     return result
+
+
+def schedule(db):
+    """Have the next watcher round, in whichever worker, sync in full (call inside write()).
+
+    After a failed helper call the interface may hold a change the database
+    undid (the helper ran it but its answer was lost).
+    """
+    store.set_meta(db, "reconciled_generation", "")
 
 
 def due(db, generation, interval, now=None):
@@ -52,7 +66,9 @@ def due(db, generation, interval, now=None):
 class Watcher:
     """A background loop per worker: ask the helper for its generation, sync when due."""
 
-    def __init__(self, config, helper=None, bridges=None):
+    def __init__(self, config, helper=None, bridges=None, audit_log=None):
+        self.config = config
+        self.audit_log = audit_log
         self.db_path = config["DB_PATH"]
         self.bridges = bridges
         self.helper = helper or HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
@@ -75,12 +91,13 @@ class Watcher:
     def check_once(self):
         """One round: returns the sync result, or None when nothing was due."""
         generation = self.helper.hello()["generation"]
-        db = store.connect(self.db_path)
+        db = self._connect()
         try:
             if self._eager:
-                result = reconcile(db, self.helper, generation, bridges=self.bridges)
+                result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log)
             elif due(db, generation, self.interval):
-                result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges)
+                result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges,
+                                   audit_log=self.audit_log)
             else:
                 result = None
             self._eager = False
@@ -90,10 +107,24 @@ class Watcher:
         finally:
             db.close()
 
+    def _connect(self):
+        return store.connect(self.db_path, self.config.get("DB_BUSY_TIMEOUT", store.DEFAULT_BUSY_TIMEOUT))
+
+    def sweep_once(self):
+        """The stale-peer sweep, when it is on and this worker wins the round."""
+        if not self.config.get("STALE_AFTER"):
+            return None
+        db = self._connect()
+        try:
+            return sweep.sweep(db, self.helper, self.config, self.audit_log)
+        finally:
+            db.close()
+
     def round(self):
-        """check_once, with every failure logged instead of raised."""
+        """check_once and sweep_once, with every failure logged instead of raised."""
         try:
             self.check_once()
+            self.sweep_once()
             self.last_error = None
         except (HelperUnavailable, HelperFailed) as exc:
             if self.last_error != exc.code:
@@ -111,6 +142,7 @@ class Watcher:
 
 def init_app(app):
     if app.config["RECONCILE_CHECK_INTERVAL"] > 0:
-        watcher = Watcher(app.config, bridges=app.extensions.get("orbmesh_bridges"))
+        watcher = Watcher(app.config, bridges=app.extensions.get("orbmesh_bridges"),
+                          audit_log=app.extensions.get("orbmesh_audit"))
         app.extensions["orbmesh_watcher"] = watcher
         watcher.start()

@@ -4,7 +4,11 @@ The database is the truth; the interface is made to match it.  Writers take
 ``BEGIN IMMEDIATE`` so allocation is serialised across gunicorn worker
 processes, and a per-process lock in front of it so that, under gevent,
 one greenlet waiting in SQLite's busy handler cannot stall the greenlet
-that holds the lock in the same process.
+that holds the lock in the same process.  The wait for another process's
+lock is done in write(), in sleeps that yield, for up to DB_BUSY_TIMEOUT.
+
+A client peer may be quarantined (sweep.py): its row and address stay, but
+it is not on the interface (live_peers leaves it out).
 """
 import contextlib
 import ipaddress
@@ -28,6 +32,8 @@ CREATE TABLE IF NOT EXISTS peers (
     keepalive   INTEGER NOT NULL DEFAULT 0,
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
+    quarantined_at REAL,
+    handshake_at   REAL,
     CHECK ((source = 'client') = (device_id IS NOT NULL))
 );
 CREATE UNIQUE INDEX IF NOT EXISTS peers_device ON peers (user_id, device_id) WHERE source = 'client';
@@ -39,11 +45,18 @@ CREATE TABLE IF NOT EXISTS bridges (
     idle_since  REAL
 );
 """
-# Columns added after the first release: (name, definition), added by init_schema.
+# Columns added after the first release: (name, definition), added to older files at start.
 ADDED_COLUMNS = (
     ("mode", "TEXT NOT NULL DEFAULT 'direct' CHECK (mode IN ('direct', 'bridge'))"),
     ("exit_id", "TEXT"),
+    ("quarantined_at", "REAL"),
+    ("handshake_at", "REAL"),
 )
+# Seconds SQLite itself may wait on a lock.  It waits in C, which would stall
+# every greenlet of a gevent worker, so the long wait for the write lock is
+# done in write() instead, in short sleeps that yield.
+_C_BUSY_TIMEOUT = 0.05
+DEFAULT_BUSY_TIMEOUT = 10.0
 
 _write_lock = threading.RLock()
 
@@ -66,6 +79,10 @@ class Peer:
     updated_at: float
     mode: str = "direct"
     exit_id: str | None = None
+    # Set while a stale client peer is off the interface but keeps its address.
+    quarantined_at: float | None = None
+    # The newest handshake the stale-peer sweep has seen (survives interface re-creation).
+    handshake_at: float | None = None
 
     @property
     def address(self):
@@ -78,11 +95,18 @@ class Peer:
 
 
 _COLUMNS = ("id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at,"
-            " mode, exit_id")
+            " mode, exit_id, quarantined_at, handshake_at")
 
 
-def connect(path):
-    db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+class Connection(sqlite3.Connection):
+    """A connection that knows how long write() may wait for the write lock."""
+    busy_timeout = DEFAULT_BUSY_TIMEOUT
+
+
+def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT, sqlite_wait=_C_BUSY_TIMEOUT):
+    db = sqlite3.connect(path, timeout=sqlite_wait, isolation_level=None, check_same_thread=False,
+                         factory=Connection)
+    db.busy_timeout = busy_timeout
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=ON")
@@ -92,7 +116,9 @@ def connect(path):
 def init_schema(path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    db = connect(path)
+    # At start, workers may race to create the file and switch it to WAL;
+    # nothing else runs yet, so SQLite may wait in C for the full time.
+    db = connect(path, sqlite_wait=DEFAULT_BUSY_TIMEOUT)
     try:
         db.executescript(SCHEMA)
         have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
@@ -105,7 +131,7 @@ def init_schema(path):
 
 def get_db():
     if "db" not in g:
-        g.db = connect(current_app.config["DB_PATH"])
+        g.db = connect(current_app.config["DB_PATH"], current_app.config["DB_BUSY_TIMEOUT"])
     return g.db
 
 
@@ -120,21 +146,33 @@ def init_app(app):
     app.teardown_appcontext(close_db)
 
 
-def _begin_immediate(db):
-    """BEGIN IMMEDIATE, waiting for another process's write lock without blocking the process.
+@contextlib.contextmanager
+def write(db):
+    """One serialised write transaction; rolls back on any exception."""
+    with _write_lock:
+        _begin(db)
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
-    SQLite's own busy handler sleeps inside the C call, which stalls every
-    greenlet of a gevent worker, and backs off to sleeps of up to 100 ms
-    even when the lock is free again after one; under 50 concurrent
-    connects across two workers that was most of the latency tail
-    (bench/control_plane.py).  Here each retry sleeps 0.5-5 ms through
-    time.sleep (a greenlet switch under gevent), until the connection's
-    own busy_timeout has passed; then SQLite's "database is locked" error
-    is raised as before.
+
+def _begin(db):
+    """BEGIN IMMEDIATE, retried in yielding sleeps for up to db.busy_timeout.
+
+    SQLite's own busy handler sleeps inside the C call, stalling every
+    greenlet of a gevent worker, and backs off to steps of up to 100 ms even
+    when the lock is free again after one; under 50 concurrent connects
+    across two workers that was most of the latency tail
+    (bench/control_plane.py).  So SQLite does not wait here at all, and each
+    retry sleeps 0.5-5 ms through time.sleep (a greenlet switch).  Past the
+    deadline SQLite's "database is locked" goes up (a 503 for a request).
     """
-    timeout_ms = db.execute("PRAGMA busy_timeout").fetchone()[0]
-    deadline = time.monotonic() + timeout_ms / 1000.0
+    deadline = time.monotonic() + getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT)
     delay = 0.0005
+    waited_ms = db.execute("PRAGMA busy_timeout").fetchone()[0]
     db.execute("PRAGMA busy_timeout = 0")
     try:
         while True:
@@ -142,25 +180,12 @@ def _begin_immediate(db):
                 db.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
     finally:
-        db.execute("PRAGMA busy_timeout = %d" % timeout_ms)
-
-
-@contextlib.contextmanager
-def write(db):
-    """One serialised write transaction; rolls back on any exception."""
-    with _write_lock:
-        _begin_immediate(db)
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        db.execute("PRAGMA busy_timeout = %d" % waited_ms)
 
 
 def _peer(row):
@@ -189,6 +214,26 @@ def all_peers(db):
     return [Peer(*row) for row in db.execute("SELECT %s FROM peers ORDER BY addr" % _COLUMNS)]
 
 
+def live_peers(db):
+    """The peers that belong on the interface (all but the quarantined)."""
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE quarantined_at IS NULL ORDER BY addr"
+                                             % _COLUMNS)]
+
+
+def client_peers(db):
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE source = 'client' ORDER BY addr"
+                                             % _COLUMNS)]
+
+
+def set_quarantined(db, peer_id, when):
+    """Quarantine (when = a time) or release (when = None) a peer."""
+    db.execute("UPDATE peers SET quarantined_at = ?, updated_at = ? WHERE id = ?", (when, time.time(), peer_id))
+
+
+def set_handshake(db, peer_id, when):
+    db.execute("UPDATE peers SET handshake_at = ? WHERE id = ?", (when, peer_id))
+
+
 def count(db):
     return db.execute("SELECT count(*) FROM peers").fetchone()[0]
 
@@ -206,9 +251,10 @@ def insert(db, peer_fields):
 
 def restore(db, peer):
     """Put back a row exactly as it was (undo of a delete)."""
-    db.execute("INSERT INTO peers (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" % _COLUMNS,
+    db.execute("INSERT INTO peers (%s) VALUES (%s)" % (_COLUMNS, ", ".join("?" * len(_COLUMNS.split(",")))),
                (peer.id, peer.public_key, peer.addr, peer.user_id, peer.device_id, peer.source,
-                peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at, peer.mode, peer.exit_id))
+                peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at, peer.mode, peer.exit_id,
+                peer.quarantined_at, peer.handshake_at))
 
 
 def set_key(db, peer_id, old_key, new_key):

@@ -30,6 +30,7 @@ class FakeHelper:
         self.generation = "gen-1"
         self.bridges = {}  # slot -> bridge_up arguments
         self.rules = {}    # client address -> slot
+        self.handshakes = {}  # public key -> latest handshake (unix time), for dump()
 
     def _maybe_fail(self):
         if self.fail == "unavailable":
@@ -58,6 +59,11 @@ class FakeHelper:
         for peer in add:
             self.peers[peer["public_key"]] = peer
         return {"applied": len(add), "removed": len(remove)}
+
+    def dump(self):
+        self.calls.append(("dump",))
+        self._maybe_fail()
+        return [{"public_key": key, "latest_handshake": self.handshakes.get(key, 0)} for key in self.peers]
 
     def sync(self, peers):
         self.calls.append(("sync", list(peers)))

@@ -6,6 +6,7 @@ anyone not in ORBMESH_HELPER_ALLOWED_UIDS gets FORBIDDEN and is dropped.
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -16,6 +17,13 @@ from . import handlers, protocol
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 60.0
+
+
+def _hung_up(conn):
+    """Whether the client has closed its socket altogether (not just its sending side)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), 0)  # POLLHUP is always reported
+    return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
 class Server:
@@ -159,6 +167,12 @@ class Server:
                 except OSError:  # idle timeout, reset
                     return
                 if line is None:
+                    return
+                if _hung_up(conn):
+                    # The app gave up waiting (say, this helper was stopped)
+                    # and has undone its side: running it now would leave a
+                    # change the database does not have.
+                    log.warning("client hung up before its request was run; dropped it")
                     return
                 if not self._send(conn, self._answer(line)):
                     return

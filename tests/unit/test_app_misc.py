@@ -166,16 +166,10 @@ def test_readme_lists_every_error_code():
     assert [code for code in CODES if "| `%s` | %d |" % (code, CODES[code]) not in readme] == []
 
 
-def test_locked_database_is_a_clean_503(client, auth, app, snapshot, monkeypatch):
+def test_locked_database_is_a_clean_503(client, auth, app, snapshot):
     """Another process holds the write lock past the busy timeout: 503, nothing written."""
     before = snapshot()
-    original = store.connect
-
-    def impatient(path):
-        db = original(path)
-        db.execute("PRAGMA busy_timeout = 50")
-        return db
-    monkeypatch.setattr("app.store.connect", impatient)
+    app.config["DB_BUSY_TIMEOUT"] = 0.2
     blocker = sqlite3.connect(app.config["DB_PATH"], isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:

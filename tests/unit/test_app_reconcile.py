@@ -52,3 +52,18 @@ def test_helper_outage_makes_next_round_eager(app, fake_helper):
     fake_helper.fail = None
     assert watcher._eager is True
     assert watcher.check_once() is not None
+
+
+def test_failed_helper_call_schedules_a_full_sync(app, client, auth, fake_helper):
+    """The helper may have run a change whose answer was lost: the next round syncs in full."""
+    connect(client, auth, 1)  # the worker now knows the server key
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    watcher.check_once()
+    assert watcher.check_once() is None
+    fake_helper.fail = "unavailable"
+    response = client.post("/wireguard/connect", json={"publicKey": make_key(5)}, headers=auth("u", "d5"))
+    assert response.status_code == 503
+    fake_helper.fail = None
+    fake_helper.peers[make_key(5)] = {"public_key": make_key(5)}  # ran, but the answer never came back
+    assert watcher.check_once() is not None
+    assert make_key(5) not in fake_helper.peers

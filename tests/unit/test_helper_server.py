@@ -328,3 +328,30 @@ def test_close_removes_the_socket_and_ends_connections(tmp_path):
     s.close()
     assert not os.path.exists(s.path)
     assert conn.at_eof()
+
+
+def test_a_request_whose_client_hung_up_is_not_run(tmp_path):
+    """A stopped helper reads requests the app has given up on: they must not run."""
+    ran = []
+
+    def dispatch(ctx, req_id, cmd, args):
+        ran.append(cmd)
+        return protocol.ok(req_id, {})
+    served = Served(tmp_path, dispatch=dispatch)
+    try:
+        gone, server_side = socket.socketpair()
+        gone.sendall(protocol.encode({"id": 1, "cmd": "apply_peers", "args": {}}))
+        gone.close()
+        served.server._handle(server_side)
+        server_side.close()
+        assert ran == []
+
+        half, server_side = socket.socketpair()  # only done sending: still answered
+        half.sendall(protocol.encode({"id": 2, "cmd": "hello", "args": {}}))
+        half.shutdown(socket.SHUT_WR)
+        served.server._handle(server_side)
+        server_side.close()
+        assert ran == ["hello"] and json.loads(half.makefile("rb").readline())["id"] == 2
+        half.close()
+    finally:
+        served.close()
