@@ -48,10 +48,14 @@ def test_hundred_thousand_frames_arrive_whole_while_pings_fly():
     assert int(result["pings"]) > 0, "no ping was interleaved, so serialised writes were not exercised"
 
 
-@pytest.mark.parametrize("broken", ["SingleSend", "SendallNoLock"])
-def test_the_stress_test_catches_unsafe_writes(broken):
-    """The same load breaks one send() per frame, and sendall without the lock: the test above can fail."""
-    result = run_stress(broken)
+def test_the_stress_test_catches_unsafe_writes():
+    """The same load breaks simple-websocket's one send() per frame: the test above can fail.
+
+    (sendall without the lock was a second control, dropped: whether two
+    greenlets' partial writes interleave depends on the machine's load, so
+    it broke only sometimes.)
+    """
+    result = run_stress("SingleSend")
     assert result["errors"] != "[]" or result["frames"] != "100000"
 
 

@@ -34,15 +34,6 @@ class SingleSend(TunnelWebSocket):
             self.sock.send(data)
 
 
-class SendallNoLock(TunnelWebSocket):
-    """Complete writes, but two writers may interleave their frames."""
-
-    def _write(self, event):
-        data = self.ws.send(event)
-        if data:
-            self.sock.sendall(data)
-
-
 def stress(server_class):
     """Return (frames received, in order?, pings seen, errors)."""
     server, client, sock = pair(server_class=server_class)
@@ -118,6 +109,6 @@ def _feed(client, sock):
 
 
 if __name__ == "__main__":
-    cls = {"TunnelWebSocket": TunnelWebSocket, "SingleSend": SingleSend, "SendallNoLock": SendallNoLock}[sys.argv[1]]
+    cls = {"TunnelWebSocket": TunnelWebSocket, "SingleSend": SingleSend}[sys.argv[1]]
     count, in_order, pings, errors = stress(cls)
     print("frames=%d in_order=%s pings=%d errors=%s" % (count, in_order, pings, errors[:1]))
