@@ -1,11 +1,17 @@
 """Client of the root helper's socket (see wghelper/protocol.py for the frames).
 
-One short connection per call: it costs tens of microseconds on a Unix
-socket, needs no pool, and a helper restart never leaves a dead connection
-behind in a worker.  Under gevent the socket calls yield to other requests.
+Connections are kept and reused: a new one costs the helper a thread and a
+credentials check, and the app a connect and a close, which together were
+a fifth of a connect's CPU (bench/control_plane.py).  A connection goes back
+to the pool only after a complete answer, so a late reply can never be read
+as the answer to the next request; one the helper has closed (restart, idle
+timeout) is noticed before reuse.  Under gevent the socket calls yield to
+other requests.
 """
 import itertools
 import logging
+import os
+import select
 import socket
 
 from flask import current_app
@@ -37,29 +43,66 @@ class HelperFailed(ApiError):
 
 
 class HelperClient:
+    IDLE_MAX = 16  # idle connections kept per process
+
     def __init__(self, path, timeout):
         self.path = path
         self.timeout = timeout
         self._ids = itertools.count(1)
+        self._idle = []
+        self._pid = os.getpid()
+
+    def _take(self):
+        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+            self._idle, self._pid = [], os.getpid()
+        while self._idle:
+            conn = self._idle.pop()
+            if _still_open(conn[0]):
+                return conn
+            conn[0].close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock, sock.makefile("rb")
+
+    def _give(self, conn):
+        if len(self._idle) < self.IDLE_MAX and self._pid == os.getpid():
+            self._idle.append(conn)
+        else:
+            conn[1].close()
+            conn[0].close()
+
+    def close(self):
+        while self._idle:
+            sock, stream = self._idle.pop()
+            stream.close()
+            sock.close()
 
     @timed_helper_call
     def call(self, cmd, args=None, timeout=None):
         req_id = next(self._ids)
         frame = protocol.encode({"id": req_id, "cmd": cmd, "args": args or {}})
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout or self.timeout)
+        conn = None
         try:
-            sock.connect(self.path)
-            sock.sendall(frame)
-            with sock.makefile("rb") as stream:
-                line = protocol.read_frame(stream)
+            conn = self._take()
+            conn[0].settimeout(timeout or self.timeout)
+            conn[0].sendall(frame)
+            line = protocol.read_frame(conn[1])
         except (OSError, protocol.ProtocolError) as exc:
             log.warning("helper %s failed: %s", cmd, exc.__class__.__name__)
+            if conn is not None:
+                conn[1].close()
+                conn[0].close()
             raise HelperUnavailable() from None
-        finally:
-            sock.close()
         if line is None:
+            conn[1].close()
+            conn[0].close()
             raise HelperUnavailable()
+        self._give(conn)
         try:
             reply = protocol.decode(line)
         except protocol.ProtocolError:
@@ -105,3 +148,9 @@ def get_helper():
 
 def init_app(app):
     app.extensions["orbmesh_helper"] = HelperClient(app.config["HELPER_SOCKET"], app.config["HELPER_TIMEOUT"])
+
+
+def _still_open(sock):
+    """An idle connection has nothing to read; if it has, the helper closed it (or is out of step)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return not readable
