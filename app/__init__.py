@@ -5,7 +5,7 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import errors, health, helper, logs, metrics, openapi, reconcile, store, tunnel, wireguard, wsconn
+from . import errors, health, helper, logs, metrics, openapi, ratelimit, reconcile, store, tunnel, wireguard, wsconn
 
 
 def create_app(test_config=None):
@@ -23,6 +23,7 @@ def create_app(test_config=None):
     errors.init_app(app)
     store.init_app(app)
     helper.init_app(app)
+    ratelimit.init_app(app)
     app.extensions["orbmesh_allocator"] = store.Allocator(values["POOL"], values["GATEWAY"])
     app.extensions["orbmesh_server_key"] = {}
 

@@ -125,6 +125,10 @@ SETTINGS = {
     "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),
     "LOG_FORMAT": (_choice("json", "text"), "json", "Log lines: one JSON object each, or plain text"),
     "TRUSTED_PROXIES": (_proxies, "127.0.0.1,::1", "Peers whose X-Real-IP header is believed (IPs; unix: a Unix socket peer)"),
+    "RATE_LIMIT_WINDOW": (_float(1, 86400), 60.0, "Rate-limit window, seconds"),
+    "CONNECT_RATE_LIMIT": (_int(0, 1000000), 20, "Connects per device per window (0 = no limit)"),
+    "TUNNEL_RATE_LIMIT": (_int(0, 1000000), 30, "New tunnel sessions (WebSocket or HTTP) per device per window (0 = no limit)"),
+    "MAX_DEVICES_PER_USER": (_int(0, 1000000), 0, "Client devices one user may hold peers for (0 = no cap)"),
 }
 
 

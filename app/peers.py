@@ -21,8 +21,13 @@ def _short(key):
     return key[:8] + "..."
 
 
-def connect_device(db, helper, allocator, user_id, device_id, public_key):
-    """Give the device a peer with `public_key`; return the Peer on the interface."""
+def connect_device(db, helper, allocator, user_id, device_id, public_key, max_devices=0):
+    """Give the device a peer with `public_key`; return the Peer on the interface.
+
+    A new device of a user who already has `max_devices` (when not 0) is
+    refused; counted in the same write transaction that would allocate, so
+    concurrent connects cannot pass the cap together.
+    """
     with store.write(db):
         owner = store.by_key(db, public_key)
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
@@ -34,6 +39,9 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key):
             store.set_key(db, current.id, current.public_key, public_key)
             peer, undo = store.by_key(db, public_key), ("rekey", current.public_key)
         else:
+            if max_devices and store.count_devices(db, user_id) >= max_devices:
+                raise ApiError("DEVICE_LIMIT", "This user already has %d devices connected to this server; "
+                               "disconnect one first" % max_devices)
             try:
                 addr = allocator.allocate(db)
             except store.PoolExhausted:
