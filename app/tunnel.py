@@ -150,7 +150,14 @@ def http_tunnel():
 
 
 def _not_an_upgrade(exc):
-    # Routing refuses a plain GET before any of our code runs: nothing counted, no slot taken.
+    """A plain GET: routing refuses it before any of our code runs, so nothing is counted.
+
+    The token is still checked first, so no credentials always means 401.
+    """
+    try:
+        verify_device_token(bearer_token(), current_app.config)
+    except ApiError as error:
+        return error_response(error.code, error.message)
     return error_response("VALIDATION_ERROR", "This endpoint needs a WebSocket upgrade (Upgrade: websocket)")
 
 
