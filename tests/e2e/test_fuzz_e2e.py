@@ -16,7 +16,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from .stack import SERVER_ADDR, API_PORT, VENV_BIN
+from .stack import API_PORT, CLIENT_ADDR, SERVER_ADDR, VENV_BIN
 from .wgclient import keypair
 
 EXAMPLES = int(os.environ.get("ORBMESH_FUZZ_EXAMPLES", "50"))
@@ -30,7 +30,9 @@ CHECKS = ("no_server_fault,status_code_conformance,content_type_conformance,resp
 def stack_env():
     # Roomy limits and a short long-poll, so examples reach the views (the limits have their own tests).
     return {"ORBMESH_CONNECT_RATE_LIMIT": "100000", "ORBMESH_TUNNEL_RATE_LIMIT": "100000",
-            "ORBMESH_TUNNEL_MAX_SESSIONS": "1000", "ORBMESH_TUNNEL_HOLD": "0.2", "ORBMESH_TUNNEL_SESSION_IDLE": "2"}
+            "ORBMESH_TUNNEL_MAX_SESSIONS": "1000", "ORBMESH_TUNNEL_HOLD": "0.2", "ORBMESH_TUNNEL_SESSION_IDLE": "2",
+            # The server namespace's own address plays the proxy (nginx) for the forwarded-header test.
+            "ORBMESH_TRUSTED_PROXIES": SERVER_ADDR}
 
 
 def fuzz(stack, name, headers, tmp_path):
@@ -90,3 +92,17 @@ def test_schemathesis_on_the_real_stack_then_no_secret_in_any_log(stack, tmp_pat
     assert all(logs.values()) and "app.access" in logs["app.log"]
     leaks = [(secret, log) for secret, value in secrets.items() for log, text in logs.items() if value in text]
     assert leaks == []
+
+
+def test_forwarded_address_is_believed_only_from_the_trusted_proxy(stack):
+    """The access log's client: X-Real-IP from the proxy, the socket peer from anyone else."""
+    url = "http://%s:%d/health" % (SERVER_ADDR, API_PORT)
+    spoof = {"X-Real-IP": "203.0.113.66", "X-Forwarded-For": "203.0.113.67", "X-Request-ID": "from-client"}
+    forwarded = {"X-Real-IP": "198.51.100.77", "X-Request-ID": "from-proxy"}
+    assert stack.client.http("GET", url, headers=spoof)[0] == 200
+    assert stack.server.http("GET", url, headers=forwarded)[0] == 200
+    stack.stop_app()
+    events = [json.loads(line) for line in stack.app_log.read_text().splitlines() if line.startswith("{")]
+    clients = {e["request_id"]: e["client"] for e in events if e.get("logger") == "app.access"
+               and e.get("request_id") in ("from-client", "from-proxy")}
+    assert clients == {"from-client": CLIENT_ADDR, "from-proxy": "198.51.100.77"}
