@@ -106,3 +106,16 @@ def test_forwarded_address_is_believed_only_from_the_trusted_proxy(stack):
     clients = {e["request_id"]: e["client"] for e in events if e.get("logger") == "app.access"
                and e.get("request_id") in ("from-client", "from-proxy")}
     assert clients == {"from-client": CLIENT_ADDR, "from-proxy": "198.51.100.77"}
+
+
+def test_oversized_headers_are_refused_and_the_service_keeps_serving(stack):
+    """gunicorn refuses them before the app (400, its own plain body; nginx does the same in front)."""
+    token = stack.token("big-headers", "dev")
+    too_long = {"Authorization": "Bearer " + token + "A" * 20000}
+    too_many = dict({"X-Filler-%03d" % n: "x" for n in range(150)}, Authorization="Bearer " + token)
+    for headers in (too_long, too_many):
+        status, _, _ = stack.request("POST", "/wireguard/connect", {"publicKey": keypair()[1]}, headers)
+        assert 400 <= status < 500
+    assert stack.db_peers() == {}
+    status, body = stack.connect("big-headers", "dev", keypair()[1])
+    assert status == 200, body

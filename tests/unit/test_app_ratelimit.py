@@ -213,3 +213,12 @@ def test_bad_limit_settings_are_refused(settings, name, value):
     from app.config import ConfigError
     with pytest.raises(ConfigError, match="ORBMESH_" + name):
         create_app(dict(settings, **{name: value}))
+
+
+def test_forwarded_addresses_do_not_reset_a_count(settings, auth):
+    """The count belongs to the device, whatever address the request claims to come from."""
+    client = make_app(settings, CONNECT_RATE_LIMIT=2).test_client()
+    codes = [client.post("/wireguard/connect", json={"publicKey": make_key(1)},
+                         headers=dict(auth(), **{"X-Real-IP": "203.0.113.%d" % n, "X-Forwarded-For": "198.51.100.%d" % n}))
+             .status_code for n in range(3)]
+    assert codes == [200, 200, 429]
