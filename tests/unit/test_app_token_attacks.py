@@ -11,16 +11,14 @@ import pytest
 from app import auth, create_app
 from tests.conftest import API_KEYS, SECRET, FakeHelper, make_key
 
-NOW = int(time.time())
-
-
 def b64(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def claims(**changes):
-    base = {"iss": "orbnet", "sub": "user-1", "device_id": "device-1", "token_type": "device", "iat": NOW,
-            "exp": NOW + 600}
+    now = int(time.time())
+    base = {"iss": "orbnet", "sub": "user-1", "device_id": "device-1", "token_type": "device", "iat": now,
+            "exp": now + 600}
     base.update(changes)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -39,54 +37,57 @@ def hs(body, key=SECRET, alg="HS256", headers=None):
     return jwt.encode(body, key, algorithm=alg, headers=headers)
 
 
-ATTACKS = {
-    # time
-    "issued-in-the-future": hs(claims(iat=NOW + 3600)),
-    "iat-not-a-number": hs(claims(iat="yesterday")),
-    "exp-not-a-number": hs(claims(exp="tomorrow")),
-    "nbf-not-a-number": hs(claims(nbf="now")),
-    "nbf-just-past-leeway": hs(claims(nbf=NOW + 120)),
-    "expired-just-past-leeway": hs(claims(exp=NOW - 120)),
-    # issuer and claims
-    "issuer-case": hs(claims(iss="OrbNET")),
-    "issuer-list": raw_hs256(claims(iss=["orbnet"])),
-    "token-type-case": hs(claims(token_type="Device")),
-    "token-type-list": hs(claims(token_type=["device"])),
-    "subject-path": hs(claims(sub="../../etc/passwd")),
-    "subject-too-long": hs(claims(sub="u" * 129)),
-    "device-empty": hs(claims(device_id="")),
-    "device-newline": hs(claims(device_id="d\nINFO forged log line")),
-    "claims-not-an-object": raw_hs256(["device"]),
-    # alg none in every spelling, with and without a signature
-    "alg-None": unsigned({"alg": "None", "typ": "JWT"}, claims()),
-    "alg-NONE": unsigned({"alg": "NONE", "typ": "JWT"}, claims()),
-    "alg-nOnE": unsigned({"alg": "nOnE", "typ": "JWT"}, claims()),
-    "alg-none-with-signature": unsigned({"alg": "none"}, claims(), b64(b"sig")),
-    "alg-missing": unsigned({"typ": "JWT"}, claims(), b64(b"sig")),
-    "alg-empty": unsigned({"alg": ""}, claims()),
-    # key injection through the header: the key is pinned, header keys are never used
-    "embedded-jwk": hs(claims(), key="attacker-secret-" + "a" * 32,
-                       headers={"jwk": {"kty": "oct", "k": b64(b"attacker-secret-" + b"a" * 32)}}),
-    "jku-kid-injection": hs(claims(), key="attacker-secret-" + "a" * 32,
-                            headers={"jku": "http://198.51.100.9/keys", "kid": "../../dev/null"}),
-    "hs384-with-the-right-secret": hs(claims(), alg="HS384"),
-    # oversized and malformed
-    "huge-header-claim": hs(claims(), headers={"kid": "k" * 9000}),
-    "huge-claims": hs(claims(pad="p" * 9000)),
-    "two-dots-only": "..",
-    "four-segments": hs(claims()) + ".extra",
-    "not-base64": "eyJ!!!.eyJ!!!.sig",
-    "signature-stripped": hs(claims()).rsplit(".", 1)[0] + ".",
-    "signature-of-another-token": (hs(claims()).rsplit(".", 1)[0] + "." +
-                                   hs(claims(sub="user-2")).rsplit(".", 1)[1]),
-}
+def attacks():
+    """Built when a test runs: times are relative to now, not to collection."""
+    now = int(time.time())
+    return {
+        # time
+        "issued-in-the-future": hs(claims(iat=now + 3600)),
+        "iat-not-a-number": hs(claims(iat="yesterday")),
+        "exp-not-a-number": hs(claims(exp="tomorrow")),
+        "nbf-not-a-number": hs(claims(nbf="now")),
+        "nbf-just-past-leeway": hs(claims(nbf=now + 120)),
+        "expired-just-past-leeway": hs(claims(exp=now - 120)),
+        # issuer and claims
+        "issuer-case": hs(claims(iss="OrbNET")),
+        "issuer-list": raw_hs256(claims(iss=["orbnet"])),
+        "token-type-case": hs(claims(token_type="Device")),
+        "token-type-list": hs(claims(token_type=["device"])),
+        "subject-path": hs(claims(sub="../../etc/passwd")),
+        "subject-too-long": hs(claims(sub="u" * 129)),
+        "device-empty": hs(claims(device_id="")),
+        "device-newline": hs(claims(device_id="d\nINFO forged log line")),
+        "claims-not-an-object": raw_hs256(["device"]),
+        # alg none in every spelling, with and without a signature
+        "alg-None": unsigned({"alg": "None", "typ": "JWT"}, claims()),
+        "alg-NONE": unsigned({"alg": "NONE", "typ": "JWT"}, claims()),
+        "alg-nOnE": unsigned({"alg": "nOnE", "typ": "JWT"}, claims()),
+        "alg-none-with-signature": unsigned({"alg": "none"}, claims(), b64(b"sig")),
+        "alg-missing": unsigned({"typ": "JWT"}, claims(), b64(b"sig")),
+        "alg-empty": unsigned({"alg": ""}, claims()),
+        # key injection through the header: the key is pinned, header keys are never used
+        "embedded-jwk": hs(claims(), key="attacker-secret-" + "a" * 32,
+                           headers={"jwk": {"kty": "oct", "k": b64(b"attacker-secret-" + b"a" * 32)}}),
+        "jku-kid-injection": hs(claims(), key="attacker-secret-" + "a" * 32,
+                                headers={"jku": "http://198.51.100.9/keys", "kid": "../../dev/null"}),
+        "hs384-with-the-right-secret": hs(claims(), alg="HS384"),
+        # oversized and malformed
+        "huge-header-claim": hs(claims(), headers={"kid": "k" * 9000}),
+        "huge-claims": hs(claims(pad="p" * 9000)),
+        "two-dots-only": "..",
+        "four-segments": hs(claims()) + ".extra",
+        "not-base64": "eyJ!!!.eyJ!!!.sig",
+        "signature-stripped": hs(claims()).rsplit(".", 1)[0] + ".",
+        "signature-of-another-token": (hs(claims()).rsplit(".", 1)[0] + "." +
+                                       hs(claims(sub="user-2")).rsplit(".", 1)[1]),
+    }
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(attacks()))
 def test_token_attack_is_refused(client, snapshot, name):
     before = snapshot()
     response = client.post("/wireguard/connect", json={"publicKey": make_key(1)},
-                           headers={"Authorization": "Bearer " + ATTACKS[name]})
+                           headers={"Authorization": "Bearer " + attacks()[name]})
     assert response.status_code == 401
     assert response.get_json() == {"success": False, "error": {
         "code": "UNAUTHORIZED", "message": "Invalid or expired device token"}}
