@@ -5,8 +5,8 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import (audit, bridges, errors, exits, health, helper, logs, metrics, openapi, reconcile, smartconnect,
-               store, tunnel, wireguard, wsconn)
+from . import (audit, bridges, errors, exits, health, helper, logs, metrics, openapi, ratelimit, reconcile,
+               smartconnect, store, tunnel, wireguard, wsconn)
 
 
 def create_app(test_config=None):
@@ -25,6 +25,7 @@ def create_app(test_config=None):
     store.init_app(app)
     helper.init_app(app)
     audit.init_app(app)
+    ratelimit.init_app(app)
     app.extensions["orbmesh_allocator"] = store.Allocator(values["POOL"], values["GATEWAY"])
     app.extensions["orbmesh_server_key"] = {}
     exits.init_app(app)

@@ -144,19 +144,20 @@ class Bridges:
                  self.config["BRIDGE_IDLE_GRACE"])
 
 
-def connect(db, helper, allocator, device, public_key, route):
+def connect(db, helper, allocator, device, public_key, route, max_devices=0):
     """peers.connect_device along `route`; returns (peer, the route taken).
 
     When SmartConnect only recommended the bridge and the exit fails, the
     client gets a direct tunnel: a direct tunnel beats none.
     """
     try:
-        return peers.connect_device(db, helper, allocator, *device, public_key, bridge=route), route
+        return peers.connect_device(db, helper, allocator, *device, public_key, bridge=route,
+                                    max_devices=max_devices), route
     except ApiError as exc:
         if not (route and route.recommended and exc.code == "BRIDGE_UNAVAILABLE"):
             raise
     log.warning("smartconnect: exit %s unavailable, connecting directly", route.exit_id)
-    return peers.connect_device(db, helper, allocator, *device, public_key), None
+    return peers.connect_device(db, helper, allocator, *device, public_key, max_devices=max_devices), None
 
 
 def get_bridges():

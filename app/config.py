@@ -142,6 +142,10 @@ SETTINGS = {
     "AUDIT_LOG": (_str, None, "Audit log file, JSON lines (default: audit.log beside DB_PATH; off: no audit log)"),
     "AUDIT_MAX_BYTES": (_int(1024, 2 ** 40), 10485760, "Rotate the audit log when it would pass this size, bytes"),
     "AUDIT_BACKUPS": (_int(1, 1000), 10, "Rotated audit log files kept (audit.log.1 is the newest)"),
+    "RATE_LIMIT_WINDOW": (_float(1, 86400), 60.0, "Rate-limit window, seconds"),
+    "CONNECT_RATE_LIMIT": (_int(0, 1000000), 20, "Connects per device per window (0 = no limit)"),
+    "TUNNEL_RATE_LIMIT": (_int(0, 1000000), 30, "New tunnel sessions (WebSocket or HTTP) per device per window (0 = no limit)"),
+    "MAX_DEVICES_PER_USER": (_int(0, 1000000), 0, "Client devices one user may hold peers for (0 = no cap)"),
 }
 
 

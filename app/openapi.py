@@ -1,4 +1,6 @@
 """GET /openapi.json: the OpenAPI 3 document, generated from the schemas."""
+import copy
+
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
@@ -32,13 +34,31 @@ def _body(schema, required=True):
 
 HELPER = ("HELPER_UNAVAILABLE", "HELPER_ERROR")
 
+# Sent on every response to a rate-limited request (app/ratelimit.py), when that limit is on.
+RATE_HEADERS = {name: {"description": text, "schema": {"type": "integer", "minimum": 0}} for name, text in (
+    ("X-RateLimit-Limit", "requests allowed per window"),
+    ("X-RateLimit-Remaining", "requests left in this window"),
+    ("X-RateLimit-Reset", "seconds until the window ends"))}
+
+
+def _limited(responses, *statuses):
+    """Add the rate-limit headers (and Retry-After on 429) to the given responses."""
+    for status in statuses:
+        headers = dict(RATE_HEADERS)
+        if status == "429":
+            headers["Retry-After"] = {"description": "seconds to wait (RATE_LIMITED)",
+                                      "schema": {"type": "integer", "minimum": 0}}
+        responses[status] = dict(responses[status], headers=headers)
+    return responses
+
 PATHS = {
     "/wireguard/connect": {"post": {
         "summary": "Establish a WireGuard tunnel: register the client key, get the tunnel config",
         "security": DEVICE, "requestBody": _body("Connect"),
-        "responses": {"200": _json("ConnectResponse"),
-                      **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "EXIT_NOT_FOUND",
-                               "BRIDGE_UNAVAILABLE", *HELPER)}}},
+        "responses": _limited({"200": _json("ConnectResponse"),
+                               **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "EXIT_NOT_FOUND",
+                                         "BRIDGE_UNAVAILABLE", "RATE_LIMITED", "DEVICE_LIMIT", *HELPER)},
+                              "200", "429")}},
     "/wireguard/disconnect": {"post": {
         "summary": "Remove the device's peer and free its address (idempotent)",
         "security": DEVICE, "requestBody": _body("Empty", required=False),
@@ -58,8 +78,9 @@ PATHS = {
     "/wireguard/ws": {"get": {
         "summary": "WebSocket tunnel: one binary message per WireGuard datagram (docs/tunnel-protocol.md)",
         "security": DEVICE,
-        "responses": {"101": {"description": "Switching Protocols"},
-                      **_errors("UNAUTHORIZED", "TOO_MANY_SESSIONS")}}},
+        "description": "A request without a WebSocket upgrade is 400 (after the token check: 401 first).",
+        "responses": _limited({"101": {"description": "Switching Protocols"},
+                               **_errors("UNAUTHORIZED", "TOO_MANY_SESSIONS", "RATE_LIMITED")}, "101", "429")}},
     "/wireguard/tunnel": {"post": {
         "summary": "HTTP tunnel: datagrams up in the body, datagrams down in the response",
         "security": DEVICE,
@@ -71,11 +92,12 @@ PATHS = {
         "requestBody": {"required": False, "content": {
             SINGLE_TYPE: {"schema": {"type": "string", "format": "binary"}},
             BATCH_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
-        "responses": {"200": {"description": "Datagrams from WireGuard", "content": {
+        "responses": _limited({"200": {"description": "Datagrams from WireGuard", "content": {
             SINGLE_TYPE: {"schema": {"type": "string", "format": "binary"}},
             BATCH_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
             "204": {"description": "No datagram within the wait (single form)"},
-            **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS")}}},
+            **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS", "RATE_LIMITED")},
+            "200", "204", "429")}},
     "/health": {"get": {
         "summary": "Health of the database, the helper and the interface",
         "responses": {"200": _json("Health", "healthy or degraded"),
@@ -100,7 +122,13 @@ SCHEMAS = {
 }
 
 
-def build_spec():
+def build_spec(config=None):
+    """The document; with the app's config, limits that depend on settings are filled in."""
+    paths = copy.deepcopy(PATHS)
+    if config is not None:
+        for parameter in paths["/wireguard/tunnel"]["post"]["parameters"]:
+            if parameter["name"] == "X-Tunnel-Wait":
+                parameter["schema"]["maximum"] = config["TUNNEL_HOLD"]
     spec = APISpec(title="OrbMesh WireGuard node", version="0.1.0", openapi_version="3.0.3",
                    plugins=[MarshmallowPlugin()],
                    info={"description": "WireGuard tunnels on an OrbMesh VPN server"})
@@ -108,7 +136,7 @@ def build_spec():
     spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
     for name, schema in SCHEMAS.items():
         spec.components.schema(name, schema=schema)
-    for path, operations in PATHS.items():
+    for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
 
@@ -118,5 +146,5 @@ def openapi():
     """The OpenAPI document, built once per worker."""
     cache = current_app.extensions.setdefault("orbmesh_openapi", {})
     if "doc" not in cache:
-        cache["doc"] = build_spec()
+        cache["doc"] = build_spec(current_app.config)
     return cache["doc"]

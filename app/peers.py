@@ -24,12 +24,15 @@ def _short(key):
     return key[:8] + "..."
 
 
-def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge=None):
+def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge=None, max_devices=0):
     """Give the device a peer with `public_key`; return the Peer on the interface.
 
     With `bridge` (app/bridges.py Route) the peer's traffic goes to that exit:
     its rule is in place before the peer is on the interface, so a bridged
-    client never sends a packet out directly.
+    client never sends a packet out directly.  A new device of a user who
+    already has `max_devices` (when not 0) is refused; counted in the same
+    write transaction that would allocate, so concurrent connects cannot
+    pass the cap together.
     """
     mode, exit_id = ("bridge", bridge.exit_id) if bridge else ("direct", None)
     with store.write(db):
@@ -47,6 +50,9 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
                 store.set_route(db, current.id, mode, exit_id)
             peer = store.by_key(db, public_key)
         else:
+            if max_devices and store.count_devices(db, user_id) >= max_devices:
+                raise ApiError("DEVICE_LIMIT", "This user already has %d devices connected to this server; "
+                               "disconnect one first" % max_devices)
             try:
                 addr = allocator.allocate(db)
             except store.PoolExhausted:

@@ -14,6 +14,9 @@ from wghelper import validate as validate_helper
 from .errors import ApiError
 
 _ID_RE = r"\A[A-Za-z0-9_.:@-]{1,128}\Z"
+# The same rules for /openapi.json, in the ECMA-262 dialect JSON Schema uses (no \A or \Z there).
+_ID_DOC = {"pattern": "^[A-Za-z0-9_.:@-]{1,128}$"}
+_KEY_DOC = {"pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "example": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="}
 
 
 class WireGuardKey(fields.String):
@@ -57,7 +60,7 @@ class HostPort(fields.String):
 
 def _identifier(**kwargs):
     return fields.String(validate=validate.Regexp(_ID_RE, error="Must be 1-128 characters of A-Z a-z 0-9 _ . : @ -."),
-                         **kwargs)
+                         metadata=_ID_DOC, **kwargs)
 
 
 def pool_host(value, field):
@@ -76,7 +79,7 @@ def pool_host(value, field):
 
 
 class ConnectSchema(Schema):
-    publicKey = WireGuardKey(required=True)
+    publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
     exitServerId = _identifier()
     force_direct = StrictBoolean(load_default=False)
 
@@ -87,7 +90,7 @@ class EmptySchema(Schema):
 
 class AddPeerSchema(Schema):
     userUuid = _identifier(required=True)
-    publicKey = WireGuardKey(required=True)
+    publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
     allowedIPs = fields.String(required=True, validate=validate.Length(max=64))
     assignedIP = fields.String(required=True, validate=validate.Length(max=15))
     endpoint = HostPort(load_default=None, allow_none=True)

@@ -182,11 +182,14 @@ class HttpSessions:
         self._lock = threading.Lock()
         self._reaper = None
 
-    def get(self, device, name):
+    def get(self, device, name, on_new=None):
+        """The session `name` of `device`; a new one calls on_new() first (it may refuse by raising)."""
         key = device + (name,)
         with self._lock:
             session = self._sessions.get(key)
             if session is None or session.closed:
+                if on_new is not None:
+                    on_new()
                 self.slots.acquire(device)
                 try:
                     session = HttpSession(key, UdpPipe(*self.target, "http"), self.queue_size)

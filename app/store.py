@@ -232,6 +232,10 @@ def by_user(db, user_id):
                                              % _COLUMNS, (user_id,))]
 
 
+def count_devices(db, user_id):
+    return db.execute("SELECT count(*) FROM peers WHERE source = 'client' AND user_id = ?", (user_id,)).fetchone()[0]
+
+
 def all_peers(db):
     return [Peer(*row) for row in db.execute("SELECT %s FROM peers ORDER BY addr" % _COLUMNS)]
 

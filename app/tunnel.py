@@ -13,10 +13,11 @@ import time
 import simple_websocket
 from flask import Blueprint, Response, current_app, g, request
 from flask_sock import Sock
+from werkzeug.routing import WebsocketMismatch
 
-from . import metrics
+from . import metrics, ratelimit
 from .auth import bearer_token, verify_device_token
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
 from .sessions import HttpSessions, SessionSlots, UdpPipe
 
@@ -34,8 +35,11 @@ def _slots():
 def _authenticate():
     g.device = verify_device_token(bearer_token(), current_app.config)
     if request.endpoint == "tunnel.ws":
+        ratelimit.check("tunnel")
         _slots().acquire(g.device)
         g.tunnel_slot = g.device
+        # The 101 is written by the WebSocket server, not by a Flask response.
+        request.environ["orbmesh.handshake_headers"] = ratelimit.headers()
 
 
 @bp.teardown_request
@@ -132,7 +136,8 @@ def http_tunnel():
     wait = _wait_seconds(config)
     request.max_content_length = config["TUNNEL_MAX_BODY"]
     datagrams = _datagrams(kind)
-    session = current_app.extensions["orbmesh_http_sessions"].get(g.device, name)
+    session = current_app.extensions["orbmesh_http_sessions"].get(
+        g.device, name, on_new=lambda: ratelimit.check("tunnel"))
     session.pipe.send(datagrams)
     single = kind == SINGLE_TYPE
     out = session.take(wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
@@ -144,7 +149,20 @@ def http_tunnel():
     return Response(encode_batch(out), mimetype=BATCH_TYPE, headers=headers)
 
 
+def _not_an_upgrade(exc):
+    """A plain GET: routing refuses it before any of our code runs, so nothing is counted.
+
+    The token is still checked first, so no credentials always means 401.
+    """
+    try:
+        verify_device_token(bearer_token(), current_app.config)
+    except ApiError as error:
+        return error_response(error.code, error.message)
+    return error_response("VALIDATION_ERROR", "This endpoint needs a WebSocket upgrade (Upgrade: websocket)")
+
+
 def init_app(app):
+    app.register_error_handler(WebsocketMismatch, _not_an_upgrade)
     slots = SessionSlots(app.config["TUNNEL_MAX_SESSIONS"])
     app.extensions["orbmesh_tunnel_slots"] = slots
     app.extensions["orbmesh_http_sessions"] = HttpSessions(app.config, slots)

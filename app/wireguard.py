@@ -3,7 +3,7 @@ import ipaddress
 
 from flask import Blueprint, current_app, g
 
-from . import bridges, metrics, peers, store
+from . import bridges, metrics, peers, ratelimit, store
 from .auth import api_key_required, device_token_required
 from .errors import ApiError
 from .helper import get_helper
@@ -42,13 +42,15 @@ def server_public_key():
 @bp.post("/connect")
 @metrics.counted(metrics.CONNECTS)
 @device_token_required
+@ratelimit.limited("connect")
 def connect():
     """Register the device's key on the interface and hand back its tunnel config."""
     data = load_body(connect_schema)
     config = current_app.config
     key = server_public_key()
     route = bridges.get_bridges().route_for(data, get_helper())
-    peer, route = bridges.connect(store.get_db(), get_helper(), _allocator(), g.device, data["publicKey"], route)
+    peer, route = bridges.connect(store.get_db(), get_helper(), _allocator(), g.device, data["publicKey"], route,
+                                  max_devices=config["MAX_DEVICES_PER_USER"])
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
             "serverEndpoint": server_endpoint(config), "dns": config["DNS"],

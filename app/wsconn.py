@@ -47,6 +47,7 @@ class TunnelWebSocket(simple_websocket.Server):
         self._inbox_size = inbox_size
         self.inbox_dropped = 0
         self.close_sent = None
+        self._handshake_headers = list(environ.get("orbmesh.handshake_headers") or [])
         super().__init__(environ, receive_bytes=receive_bytes, ping_interval=ping_interval,
                          max_message_size=max_message_size)
         # A write that cannot finish in two ping intervals means the client
@@ -144,7 +145,9 @@ class TunnelWebSocket(simple_websocket.Server):
         for event in self.ws.events():
             if isinstance(event, Request):
                 # No extensions: permessage-deflate is never negotiated.
-                self._write(AcceptConnection(subprotocol=None, extensions=[]))
+                self._write(AcceptConnection(subprotocol=None, extensions=[],
+                                             extra_headers=[(k.encode(), v.encode())
+                                                            for k, v in self._handshake_headers]))
             elif isinstance(event, CloseConnection):
                 self.close_reason, self.close_message = event.code, event.reason
                 try:

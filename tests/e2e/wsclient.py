@@ -12,10 +12,11 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Mes
 
 
 class Rejected(Exception):
-    def __init__(self, status, body):
+    def __init__(self, status, body, headers=()):
         super().__init__("upgrade refused with %d" % status)
         self.status = status
         self.body = body
+        self.headers = {k.decode().lower(): v.decode() for k, v in headers}
 
 
 class RawWebSocket:
@@ -31,23 +32,23 @@ class RawWebSocket:
         self.accepted = self._handshake()
 
     def _handshake(self):
-        status, body = None, b""
+        status, body, headers = None, b"", ()
         while True:
             data = self.sock.recv(65536)
             if not data:
-                raise Rejected(status or 0, body)
+                raise Rejected(status or 0, body, headers)
             self.ws.receive_data(data)
             for event in self.ws.events():
                 if isinstance(event, AcceptConnection):
                     return event
                 if isinstance(event, RejectConnection):
-                    status = event.status_code
+                    status, headers = event.status_code, event.headers
                     if not event.has_body:
-                        raise Rejected(status, body)
+                        raise Rejected(status, body, headers)
                 elif isinstance(event, RejectData):
                     body += event.data
                     if event.body_finished:
-                        raise Rejected(status, body)
+                        raise Rejected(status, body, headers)
 
     def send_bytes(self, data):
         self.sock.sendall(self.ws.send(Message(data=data)))

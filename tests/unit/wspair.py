@@ -7,7 +7,7 @@ from wsproto.events import Request
 from app.wsconn import TunnelWebSocket
 
 
-def pair(ping_interval=None, server_class=TunnelWebSocket, **kwargs):
+def pair(ping_interval=None, server_class=TunnelWebSocket, environ_extra=None, **kwargs):
     """A TunnelWebSocket on one end of a loopback TCP connection, a wsproto client on the other."""
     # TCP on loopback, not a socketpair: TCP is where a send() writes only
     # part of a buffer, which is the hazard under test.
@@ -25,5 +25,6 @@ def pair(ping_interval=None, server_class=TunnelWebSocket, **kwargs):
                "HTTP_CONNECTION": "Upgrade", "HTTP_SEC_WEBSOCKET_VERSION": "13",
                "HTTP_SEC_WEBSOCKET_KEY": key,
                "HTTP_SEC_WEBSOCKET_EXTENSIONS": "permessage-deflate; client_max_window_bits"}
+    environ.update(environ_extra or {})
     server = server_class(environ, ping_interval=ping_interval, **kwargs)
     return server, client, client_sock
