@@ -77,9 +77,14 @@ def sweep(db, helper, config, audit_log=None, now=None):
             if now - idle_since(peer, seen, since) >= config["STALE_AFTER"]:
                 store.set_quarantined(db, peer.id, now)
                 quarantined.append(peer)
+        # Inside the transaction: a helper failure rolls every change back.
         if quarantined:
-            # Inside the transaction: a helper failure rolls every change back.
             helper.apply(remove=[p.public_key for p in quarantined])
+        unrouted = [p.address for p in freed if p.mode == "bridge"]
+        if unrouted:
+            # A freed address may go to a direct client next; a bridge rule
+            # left for it would send that client's traffic to the exit.
+            helper.bridge_rules(remove=unrouted)
     _report(quarantined, freed, handshakes, since, now, audit_log)
     return {"quarantined": quarantined, "freed": freed}
 

@@ -204,3 +204,20 @@ def test_metrics_tell_quarantined_from_live_peers(app, client, auth, internal, f
     assert "orbmesh_quarantined_peers 1.0" in text
     assert 'orbmesh_peers{source="client"} 1.0' in text
     assert 'orbmesh_stale_peers_total{action="quarantined"}' in text
+
+
+def test_freeing_a_bridged_peer_drops_its_rule(app, fake_helper, cfg, db):
+    """Its address may go to a direct client next, whose traffic must not follow the old rule."""
+    t0 = time.time()
+    allocator = store.Allocator(app.config["POOL"], app.config["GATEWAY"])
+    with store.write(db):
+        peer = store.insert(db, {"public_key": make_key(7), "addr": allocator.allocate(db), "user_id": "u",
+                                 "device_id": "d7", "source": "client", "endpoint": None, "keepalive": 0,
+                                 "mode": "bridge", "exit_id": "exit-a"})
+    fake_helper.peers[make_key(7)] = peer.helper_spec()
+    fake_helper.rules[peer.address] = 0
+    run(db, fake_helper, cfg, t0)
+    assert [p.address for p in run(db, fake_helper, cfg, t0 + STALE + 1)["quarantined"]] == [peer.address]
+    assert fake_helper.rules == {peer.address: 0}  # still its own address while quarantined
+    assert [p.address for p in run(db, fake_helper, cfg, t0 + STALE + 2 + QUARANTINE)["freed"]] == [peer.address]
+    assert fake_helper.rules == {}
