@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from tests.e2e.netns import unique_ifname  # noqa: E402
+from tests.e2e.netns import stop_process, unique_ifname  # noqa: E402
 from tests.e2e.stack import API_PORT, SERVER_ADDR, VENV_BIN, wait_for  # noqa: E402
 from tests.e2e.wgclient import WgClient  # noqa: E402
 
@@ -35,16 +35,6 @@ PATHS = ("udp", "ws", "http", "websocat")
 RELAY_PORT = 41000
 WEBSOCAT_PORT = 9001
 RTT = re.compile(r"time=([\d.]+) ms")
-
-
-def stop(proc):
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Paths:
@@ -82,7 +72,7 @@ class Paths:
 
     def close(self):
         for proc in self.procs:
-            stop(proc)
+            stop_process(proc)
         self.procs = []
 
 
@@ -124,7 +114,7 @@ def main(argv=None):
                              keepalive=body["keepalive"])
             server = stack.server.popen(["iperf3", "-s", "-B", common.GATEWAY, "-p", "5201"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            lab.on_exit(stop, server)
+            lab.on_exit(stop_process, server)
             paths = Paths(stack, client, body["serverPublicKey"], token)
             lab.on_exit(paths.close)
             for run in range(runs):

@@ -27,6 +27,32 @@ def unique_ifname(prefix):
     return name
 
 
+def stop_process(proc, timeout=10):
+    """SIGTERM a Popen we started, SIGKILL if it ignores that; reaped either way."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def children(pid):
+    """Pids whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open("/proc/%s/stat" % entry).read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def _stop_pid(pid, timeout=5.0):
     """SIGTERM, then SIGKILL, one pid; ignores a process already gone."""
     try:
@@ -71,13 +97,7 @@ class Netns:
         if not self._created:
             return
         for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         # Children of our children (say, wireguard-go started by the helper)
         # are in this namespace too; they are ours, and we know their pids.
         for pid in self.pids():

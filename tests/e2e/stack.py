@@ -16,7 +16,7 @@ from pathlib import Path
 
 from app.auth import mint_device_token
 
-from .netns import unique_ifname
+from .netns import children, unique_ifname
 
 VENV_BIN = Path(sys.executable).parent
 SERVER_ADDR = "192.0.2.1"
@@ -139,15 +139,7 @@ class Stack:
 
     def app_rss(self):
         """Resident memory of gunicorn's master and workers, in bytes."""
-        pids = [self.app_proc.pid]
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path("/proc/%s/stat" % entry).read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.app_proc.pid:
-                    pids.append(int(entry))
+        pids = [self.app_proc.pid] + children(self.app_proc.pid)
         total = 0
         for pid in pids:
             for line in Path("/proc/%d/status" % pid).read_text().splitlines():

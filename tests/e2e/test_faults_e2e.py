@@ -16,11 +16,10 @@ import sqlite3
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from .netns import veth
+from .netns import children, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
 
@@ -39,20 +38,6 @@ def stack_env():
 
 def report(name, **figures):
     print("\nFAULTS %s %s" % (name, json.dumps(figures, sort_keys=True)))
-
-
-def children(pid):
-    """Pids whose parent is `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path("/proc/%s/stat" % entry).read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def kill9(pid):
