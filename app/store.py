@@ -107,26 +107,53 @@ def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT, sqlite_wait=_C_BUSY_TIMEOUT
     db = sqlite3.connect(path, timeout=sqlite_wait, isolation_level=None, check_same_thread=False,
                          factory=Connection)
     db.busy_timeout = busy_timeout
-    db.execute("PRAGMA journal_mode=WAL")
+    # WAL is a property of the file, set once by init_schema.
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=ON")
     return db
 
 
 def init_schema(path):
+    """Create or upgrade the schema and put the file in WAL mode; safe for workers starting together.
+
+    Switching to WAL needs an exclusive lock, and while another worker is
+    doing the same (or is opening the fresh WAL) SQLite can answer
+    "database is locked" at once, without its busy wait: a gunicorn worker
+    that let that escape failed to boot and took the master down with it.
+    So the whole step is retried until DEFAULT_BUSY_TIMEOUT.  Two workers
+    upgrading an older file at once used to race on ALTER TABLE too.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # At start, workers may race to create the file and switch it to WAL;
-    # nothing else runs yet, so SQLite may wait in C for the full time.
-    db = connect(path, sqlite_wait=DEFAULT_BUSY_TIMEOUT)
-    try:
-        db.executescript(SCHEMA)
-        have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
-        for name, definition in ADDED_COLUMNS:
-            if name not in have:
-                db.execute("ALTER TABLE peers ADD COLUMN %s %s" % (name, definition))
-    finally:
-        db.close()
+    deadline = time.monotonic() + DEFAULT_BUSY_TIMEOUT
+    while True:
+        # Nothing else runs in this process yet, so SQLite may wait in C.
+        db = connect(path, sqlite_wait=DEFAULT_BUSY_TIMEOUT)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # One write transaction, so two workers cannot both see a column
+            # missing and both add it.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
+                for name, definition in ADDED_COLUMNS:
+                    if name not in have:
+                        db.execute("ALTER TABLE peers ADD COLUMN %s %s" % (name, definition))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        finally:
+            db.close()
+        time.sleep(0.05)
 
 
 # Idle connections of this process, reused across requests: opening one

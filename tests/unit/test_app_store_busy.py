@@ -88,3 +88,34 @@ def test_waiting_sleeps_in_python_so_other_greenlets_can_run(path, monkeypatch):
         thread.join()
         db.close()
     assert slept and max(slept) <= 0.005
+
+
+def _init_at(path, barrier, errors):
+    barrier.wait()
+    try:
+        store.init_schema(path)
+    except Exception as exc:  # reported to the parent
+        errors.put(repr(exc))
+
+
+def test_workers_starting_together_all_get_the_schema(tmp_path):
+    """Four processes open a fresh file at once, as gunicorn workers do: none may fail.
+
+    Before init_schema retried, one of them could get "database is locked"
+    from the switch to WAL, which fails a worker's boot.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(15):
+        path = str(tmp_path / ("race%d.db" % round_))
+        barrier, errors = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_init_at, args=(path, barrier, errors)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(30)
+        assert errors.empty(), errors.get()
+        db = store.connect(path)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.close()
