@@ -228,13 +228,7 @@ http {{
             conn.close()
 
     # Stack's API helpers go through nginx from the client namespace.
-    def request(self, method, path, body=None, headers=None, timeout=10):
-        import json
-        headers = dict(headers or {})
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+    def _send(self, method, path, data, headers, timeout):
         return self.https(method, path, body=data, headers=headers, timeout=timeout)
 
     # the server's firewall ------------------------------------------------------------------

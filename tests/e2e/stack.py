@@ -158,6 +158,10 @@ class Stack:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        return self._send(method, path, data, headers, timeout)
+
+    def _send(self, method, path, data, headers, timeout):
+        """(status, headers, body) of one request from the client namespace (DeployStack: via nginx)."""
         return self.client.http(method, "http://%s:%d%s" % (self.addr, API_PORT, path),
                                 headers=headers, body=data, timeout=timeout)
 
