@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_deploy_files import DEPLOY, nginx_test, need
+from .test_files import DEPLOY, nginx_test, need
 
 INSTALL = DEPLOY / "install.sh"
 
@@ -113,7 +113,7 @@ def test_changed_choices_are_applied_and_secrets_kept(installed, tmp_path):
     # A given certificate replaces the self-signed one.
     cert_dir = tmp_path / "given"
     cert_dir.mkdir()
-    from .test_deploy_files import make_cert
+    from .test_files import make_cert
     cert, key = make_cert(cert_dir, "vpn.example.net")
     fourth = install(root, "--cert", str(cert), "--key", str(key))
     assert fourth.returncode == 0, fourth.stdout + fourth.stderr

@@ -3,7 +3,7 @@ import pytest
 
 from app.relay import Relay
 from app.relay_http import HttpTransport
-from tests.unit.relay_fakes import TOKEN, FakeTunnelServer, UdpPeer, wait_for, wg_datagram
+from tests.relay.fakes import TOKEN, FakeTunnelServer, UdpPeer, wait_for, wg_datagram
 
 
 @pytest.fixture

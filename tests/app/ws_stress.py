@@ -1,6 +1,6 @@
 """100,000 frames server-to-client with pings in between, under gevent.
 
-Run as ``python -m tests.unit.ws_stress CLASS`` so that gevent patches the
+Run as ``python -m tests.app.ws_stress CLASS`` so that gevent patches the
 process first, as gunicorn's gevent worker does: that is where a plain
 ``socket.send()`` writes part of a frame and a ping lands in the middle.
 Prints one line, ``frames=N in_order=BOOL pings=N errors=[...]``, which the
@@ -20,7 +20,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError  # noqa: E402
 
 from app.wsconn import TunnelWebSocket  # noqa: E402
-from tests.unit.wspair import pair  # noqa: E402
+from tests.app.wspair import pair  # noqa: E402
 
 TOTAL = 100_000
 

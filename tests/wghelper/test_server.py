@@ -15,7 +15,7 @@ import pytest
 from wghelper import protocol
 from wghelper.server import Server
 
-from .wghelper_fakes import Helper, key, peer, settings
+from .fakes import Helper, key, peer, settings
 
 NOBODY = 65534
 

@@ -8,8 +8,8 @@ from wsproto.events import AcceptConnection
 from app import create_app
 from app.ratelimit import FixedWindow
 from tests.conftest import FakeHelper, make_key
-from tests.unit.test_app_wsconn import read_events
-from tests.unit.wspair import pair
+from tests.app.test_wsconn import read_events
+from tests.app.wspair import pair
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 

@@ -15,7 +15,7 @@ import pytest
 from app import relay as relay_module
 from app.cli import main as cli_main
 from app.relay import Backoff, Relay, Stats, parse_listen, tls_context
-from tests.unit.relay_fakes import (TOKEN, FakeTunnelServer, FakeWsServer, UdpPeer, self_signed, wait_for,
+from tests.relay.fakes import (TOKEN, FakeTunnelServer, FakeWsServer, UdpPeer, self_signed, wait_for,
                                     wg_datagram)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ import pytest
 from wghelper import bridge
 from wghelper.bridge import Bridges, nft_script, parse_rules
 
-from .wghelper_fakes import FAKE_IF, SERVER_PUBLIC, Helper, key
+from .fakes import FAKE_IF, SERVER_PUBLIC, Helper, key
 
 IF = FAKE_IF
 LINK = IF + "b3"

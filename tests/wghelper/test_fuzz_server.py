@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from wghelper import protocol
 from wghelper.handlers import HANDLERS
 
-from .test_helper_server import Served
-from .wghelper_fakes import key
+from .test_server import Served
+from .fakes import key
 
 EXAMPLES = int(os.environ.get("ORBMESH_FUZZ_EXAMPLES", "25")) * 4
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,

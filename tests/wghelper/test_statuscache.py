@@ -6,7 +6,7 @@ import pytest
 
 from wghelper.statuscache import StatusCache
 
-from .wghelper_fakes import Helper, key, peer
+from .fakes import Helper, key, peer
 
 
 class Clock:

@@ -3,7 +3,7 @@ import pytest
 
 from app.relay import Relay
 from app.relay_ws import ws_uri
-from tests.unit.relay_fakes import TOKEN, FakeWsServer, UdpPeer, wait_for, wg_datagram
+from tests.relay.fakes import TOKEN, FakeWsServer, UdpPeer, wait_for, wg_datagram
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Token and API-key attacks not covered by test_app_bad_input.py: every one a 401 that changes nothing."""
+"""Token and API-key attacks not covered by test_bad_input.py: every one a 401 that changes nothing."""
 import base64
 import hashlib
 import hmac

@@ -7,7 +7,7 @@ import pytest
 from wsproto.events import (AcceptConnection, CloseConnection, Message, Ping,
                             TextMessage)
 
-from tests.unit.wspair import pair
+from tests.app.wspair import pair
 
 
 def read_events(client, sock, until):
@@ -32,8 +32,8 @@ def test_handshake_negotiates_no_extension():
 
 
 def run_stress(server_class):
-    """Run tests/unit/ws_stress.py under gevent; return its result fields."""
-    out = subprocess.run([sys.executable, "-m", "tests.unit.ws_stress", server_class], capture_output=True,
+    """Run tests/app/ws_stress.py under gevent; return its result fields."""
+    out = subprocess.run([sys.executable, "-m", "tests.app.ws_stress", server_class], capture_output=True,
                          text=True, timeout=240, cwd=Path(__file__).parents[2])
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert last.startswith("frames="), out.stderr[-2000:]

@@ -12,7 +12,7 @@ from wghelper.commands import CommandFailed, Runner
 from wghelper.interface import Interface
 from wghelper.settings import ConfigError, load
 
-from .wghelper_fakes import FAKE_IF, FAKE_KEYFILE, FakeRunner, settings
+from .fakes import FAKE_IF, FAKE_KEYFILE, FakeRunner, settings
 
 IF = FAKE_IF
 UP = "up0"

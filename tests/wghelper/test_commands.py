@@ -14,7 +14,7 @@ from wghelper.handlers import Context, plan_sync
 from wghelper.interface import Interface
 from wghelper.writer import Writer
 
-from .wghelper_fakes import (DUMP_PRIVATE, FAKE_IF, FAKE_KEYFILE, SERVER_PUBLIC, FakeRunner, Helper,
+from .fakes import (DUMP_PRIVATE, FAKE_IF, FAKE_KEYFILE, SERVER_PUBLIC, FakeRunner, Helper,
                              key, peer)
 
 IF = FAKE_IF
