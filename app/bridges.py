@@ -13,7 +13,7 @@ import time
 
 from flask import current_app
 
-from wghelper.bridge import MAX_SLOTS
+from wghelper.protocol import MAX_BRIDGE_SLOTS as MAX_SLOTS
 
 from . import peers, smartconnect, store
 from .errors import ApiError

@@ -1,16 +1,18 @@
 """Settings: defaults, then the ORBMESH_CONFIG_FILE file, then ORBMESH_* variables.
 
-Every setting is listed in SETTINGS with its parser and default; the README
-table is written from this list.  The helper reads the same file and the
-same names for the settings it shares (interface, pool, ports, MTU, socket).
+The settings the helper reads too (interface, pool, ports, MTU, socket)
+come from its shared table, wghelper/settings.py SHARED, parsed by the same
+code, so the two processes cannot disagree; APP below are the app's own.
+SETTINGS is both; docs/configuration.md lists every one of them.
 """
 import ipaddress
 import os
 from pathlib import Path
 
-from wghelper.settings import read_env_file
+from wghelper import settings as shared
+from wghelper.errors import ConfigError
 
-PREFIX = "ORBMESH_"
+PREFIX = shared.PREFIX
 
 # Secrets that must never reach production; compared case-insensitively.
 PLACEHOLDER_SECRETS = {
@@ -22,27 +24,12 @@ MIN_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 16
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA")
 
+__all__ = ["ConfigError", "SETTINGS", "load", "check_secrets"]
 
-class ConfigError(Exception):
-    """A setting is missing or malformed; the message names it."""
-
-
-def _int(low, high):
-    def parse(value):
-        number = int(value)
-        if not low <= number <= high:
-            raise ValueError("must be between %d and %d" % (low, high))
-        return number
-    return parse
-
-
-def _float(low, high):
-    def parse(value):
-        number = float(value)
-        if not low <= number <= high:
-            raise ValueError("must be between %s and %s" % (low, high))
-        return number
-    return parse
+_int = shared.integer
+_float = shared.seconds
+_choice = shared.choice
+_str = shared.text
 
 
 def _list(value):
@@ -67,39 +54,14 @@ def _address(value):
     return str(ipaddress.ip_address(str(value).strip()))
 
 
-def _pool(value):
-    pool = ipaddress.ip_network(value, strict=True)
-    if pool.version != 4 or pool.prefixlen > 30:
-        raise ValueError("must be an IPv4 network of /30 or larger")
-    return str(pool)
-
-
-def _str(value):
-    return str(value).strip()
-
-
-def _choice(*options):
-    def parse(value):
-        if value not in options:
-            raise ValueError("must be one of %s" % ", ".join(options))
-        return value
-    return parse
-
-
 # name: (parser, default, description).  None as default means "derived" or "unset".
-SETTINGS = {
+APP = {
     "PUBLIC_HOST": (_str, "127.0.0.1", "Host or IP clients use to reach WireGuard (serverEndpoint)"),
     "PUBLIC_PORT": (_int(1, 65535), None, "UDP port in serverEndpoint (default: LISTEN_PORT)"),
-    "LISTEN_PORT": (_int(1, 65535), 51820, "WireGuard listen port on the interface"),
-    "INTERFACE": (_str, "wg0", "WireGuard interface name"),
-    "POOL": (_pool, "10.8.0.0/16", "Client address pool (IPv4 CIDR)"),
-    "GATEWAY": (_str, None, "Gateway address on the interface (default: first host of POOL)"),
     "DNS": (_addresses, None, "DNS servers for clients (default: GATEWAY,1.1.1.1)"),
-    "MTU": (_int(576, 9000), 1420, "Tunnel MTU"),
     "KEEPALIVE": (_int(0, 65535), 25, "Persistent keepalive for clients, seconds (0 = off)"),
     "CLIENT_ALLOWED_IPS": (_networks, "0.0.0.0/0,::/0", "allowedIPs handed to clients"),
     "DB_PATH": (_str, "/var/lib/orbmesh/orbmesh.db", "SQLite database file"),
-    "HELPER_SOCKET": (_str, "/run/orbmesh/wghelper.sock", "Unix socket of the root helper"),
     "HELPER_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds to wait for the helper"),
     "JWT_ALGORITHM": (_choice(*JWT_ALGORITHMS), "HS256", "The only algorithm accepted for device tokens"),
     "JWT_SECRET": (_str, "", "Shared secret for HS* device tokens"),
@@ -147,6 +109,7 @@ SETTINGS = {
     "TUNNEL_RATE_LIMIT": (_int(0, 1000000), 30, "New tunnel sessions (WebSocket or HTTP) per device per window (0 = no limit)"),
     "MAX_DEVICES_PER_USER": (_int(0, 1000000), 0, "Client devices one user may hold peers for (0 = no cap)"),
 }
+SETTINGS = {**shared.SHARED, **APP}
 
 
 def _read_secret_file(path, name):
@@ -158,42 +121,15 @@ def _read_secret_file(path, name):
 
 def load(environ=None, overrides=None):
     """Build the settings dict; raise ConfigError naming the bad setting."""
-    environ = os.environ if environ is None else environ
-    raw = {}
-    config_file = (overrides or {}).get("CONFIG_FILE") or environ.get(PREFIX + "CONFIG_FILE")
-    if config_file:
-        try:
-            raw.update(read_env_file(config_file))
-        except OSError as exc:
-            raise ConfigError("%sCONFIG_FILE: cannot read %s (%s)" % (PREFIX, config_file, exc.strerror)) from None
-        except ValueError as exc:
-            raise ConfigError("%sCONFIG_FILE: %s" % (PREFIX, exc)) from None
-    raw.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
-    raw.update({PREFIX + k: v for k, v in (overrides or {}).items()})
-
-    settings = {}
-    for name, (parse, default, _) in SETTINGS.items():
-        value = raw.get(PREFIX + name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            # An empty variable means "use the default", as in systemd files.
-            value = default
-        if value is None:
-            settings[name] = None
-            continue
-        try:
-            settings[name] = parse(value)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError("%s%s: %s" % (PREFIX, name, exc)) from None
-    return _derive(settings)
+    raw = shared.gather(environ, overrides)
+    values = shared.load_shared(raw)
+    values.update(shared.parse(APP, raw))
+    # The app hands these out in JSON and compares them as text.
+    values["POOL"], values["GATEWAY"] = str(values["POOL"]), str(values["GATEWAY"])
+    return _derive(values)
 
 
 def _derive(s):
-    pool = ipaddress.ip_network(s["POOL"])
-    if s["GATEWAY"] in (None, ""):
-        s["GATEWAY"] = str(pool.network_address + 1)
-    gateway = ipaddress.ip_address(s["GATEWAY"])
-    if gateway not in pool or gateway in (pool.network_address, pool.broadcast_address):
-        raise ConfigError("%sGATEWAY: must be a host address inside %s" % (PREFIX, pool))
     if s["PUBLIC_PORT"] is None:
         s["PUBLIC_PORT"] = s["LISTEN_PORT"]
     if s["AUDIT_LOG"] is None:

@@ -1,12 +1,15 @@
-"""orbmesh-wghelper: the root process that alone runs wg and ip."""
+"""orbmesh-wghelper: the root process that alone runs wg, ip, nft and sysctl."""
 import argparse
 import logging
 import os
 import signal
 import sys
 
-from . import bridge, keys, nat, settings
-from .commands import CommandFailed, Runner
+from . import keys, settings
+from .argv import Commands, Runner
+from .bridge import Bridges
+from .errors import CommandFailed, ConfigError
+from .firewall import STATE_FILE, Firewall
 from .handlers import Context
 from .interface import Interface
 from .server import Server
@@ -14,16 +17,13 @@ from .writer import Writer
 
 log = logging.getLogger("wghelper")
 
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="orbmesh-wghelper",
         description="Privileged helper: manages the WireGuard interface for the OrbMesh app.")
-    parser.add_argument("--config", metavar="FILE",
-                        help="KEY=VALUE settings file (sets ORBMESH_CONFIG_FILE)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS)
+    parser.add_argument("--config", metavar="FILE", help="KEY=VALUE settings file (sets ORBMESH_CONFIG_FILE)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser.parse_args(argv)
 
 
@@ -33,17 +33,16 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # sh logs every command line at INFO; ours are ours to log.
     logging.getLogger("sh").setLevel(logging.WARNING)
-
     environ = dict(os.environ)
     if opts.config:
         environ[settings.PREFIX + "CONFIG_FILE"] = opts.config
     try:
         cfg = settings.load(environ)
-    except settings.ConfigError as exc:
+    except ConfigError as exc:
         print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
         return 2
 
-    server = iface = writer = forwarding = bridges = None
+    server = iface = writer = firewall = bridges = None
     stopping = []
 
     def on_signal(signum, _frame):
@@ -53,31 +52,29 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-
     code = 0
     try:
-        runner = Runner(cfg.command_timeout, cfg.wireguard_go)
-        key_path, public_key = keys.ensure_server_key(cfg.state_dir, runner)
+        cmd = Commands(Runner(cfg.helper_command_timeout, cfg.wireguard_go))
+        key_path, public_key = keys.ensure_key(cfg.helper_state_dir, cmd)
         log.info("server public key %s", public_key)
-        bridge_key_path, bridge_public = keys.ensure_server_key(cfg.state_dir, runner, keys.BRIDGE_KEY_FILE)
-        bridges = bridge.Bridges(cfg, runner, bridge_key_path, bridge_public)
-        iface = Interface(cfg, runner, key_path)
+        bridge_key_path, bridge_public = keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE)
+        firewall = Firewall(cfg, cmd, os.path.join(cfg.helper_state_dir, STATE_FILE))
+        bridges = Bridges(cfg, cmd, firewall, bridge_key_path, bridge_public)
+        iface = Interface(cfg, cmd, key_path)
         iface.up()
-        if cfg.nat_uplink:
-            # Fail closed: if NAT cannot be set up the helper does not run.
-            forwarding = nat.Nat(cfg, runner, os.path.join(cfg.state_dir, nat.STATE_FILE))
-            forwarding.apply()
-            iface.on_up = forwarding.interface_up
-        writer = Writer(runner, cfg.interface)
+        # Fail closed: if NAT cannot be set up the helper does not run.
+        firewall.start()
+        iface.on_up = firewall.interface_up
+        writer = Writer(cmd, cfg.interface)
         writer.start()
         iface.start_watcher()
-        server = Server(cfg, Context(cfg, runner, iface, writer, public_key, bridges=bridges))
+        server = Server(cfg, Context(cfg, cmd, iface, writer, public_key, bridges=bridges))
         server.bind()
         if stopping:
             server.stop()
         server.serve_forever()
         log.info("stopping on signal %s", stopping[0] if stopping else "?")
-    except (CommandFailed, keys.KeyFileError, nat.NatError, OSError) as exc:
+    except (CommandFailed, ConfigError, OSError) as exc:
         log.error("cannot run: %s", exc)
         code = 1
     finally:
@@ -89,7 +86,7 @@ def main(argv=None):
             bridges.stop()
         if iface is not None:
             iface.on_up = None  # the watcher must not switch forwarding back on
-        if forwarding is not None and not forwarding.remove():
+        if firewall is not None and not firewall.stop():
             code = code or 1
         if iface is not None:
             iface.down()

@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 
-from .commands import CommandFailed
+from .errors import CommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,10 @@ _NO_KERNEL_RE = re.compile(r"unknown device type|not supported|no such device", 
 
 
 class Interface:
-    def __init__(self, settings, runner, key_path, socket_dir=WG_SOCKET_DIR, start_timeout=10.0):
-        self.name = settings.interface
+    def __init__(self, settings, cmd, key_path, socket_dir=WG_SOCKET_DIR, start_timeout=10.0, name=None):
+        self.name = name or settings.interface
         self.settings = settings
-        self.runner = runner
+        self.cmd = cmd
         self.key_path = key_path
         self.socket_dir = socket_dir
         self.start_timeout = start_timeout
@@ -36,7 +36,7 @@ class Interface:
         self._watcher = None
         # Called after each successful bring-up (also the watcher's
         # re-creations); a failure tears the interface down like a failed
-        # configure.  NAT uses it to set per-interface forwarding again.
+        # configure.  The firewall uses it to set per-interface forwarding again.
         self.on_up = None
 
     @property
@@ -44,25 +44,20 @@ class Interface:
         return os.path.join(self.socket_dir, self.name + ".sock")
 
     def exists(self):
-        try:
-            self.runner.ip("link", "show", "dev", self.name)
-            return True
-        except CommandFailed:
-            return False
+        return self.cmd.link_exists(self.name)
 
     def up(self):
         """Create (or adopt) and configure the interface; new generation."""
         with self._lock:
-            if self.exists():
-                if self._controllable():
-                    # Left over from a helper that died without cleaning up.
-                    self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
-                    log.info("adopting existing interface %s (%s)", self.name, self.backend)
-                else:
-                    log.warning("%s exists but wg cannot control it; re-creating it", self.name)
-                    self._delete_link()
-                    self._create()
+            if not self.exists():
+                self._create()
+            elif self.cmd.controllable(self.name):
+                # Left over from a helper that died without cleaning up.
+                self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
+                log.info("adopting existing interface %s (%s)", self.name, self.backend)
             else:
+                log.warning("%s exists but wg cannot control it; re-creating it", self.name)
+                self._delete_link()
                 self._create()
             try:
                 self._configure()
@@ -73,60 +68,42 @@ class Interface:
                 raise
             self.generation = secrets.token_hex(8)
             self.running = True
-            log.info("interface %s is up (backend %s, generation %s)",
-                     self.name, self.backend, self.generation)
-
-    def _controllable(self):
-        try:
-            self.runner.wg("show", self.name)
-            return True
-        except CommandFailed:
-            return False
+            log.info("interface %s is up (backend %s, generation %s)", self.name, self.backend, self.generation)
 
     def _create(self):
-        backend = self.settings.backend
+        backend = self.settings.wg_backend
         if backend != "userspace":
             try:
-                self.runner.ip("link", "add", "dev", self.name, "type", "wireguard")
+                self.cmd.add_wireguard_link(self.name)
                 self.backend = "kernel"
                 return
             except CommandFailed as exc:
-                if backend == "kernel" or not _NO_KERNEL_RE.search(exc.stderr or ""):
+                if backend == "kernel" or not _NO_KERNEL_RE.search(exc.stderr):
                     raise
                 log.info("kernel has no WireGuard (%s); using %s", exc.stderr, self.settings.wireguard_go)
-        self._start_userspace()
-
-    def _start_userspace(self):
-        child = self.runner.start_wireguard_go(self.name)
-        self._child = child
+        child = self._child = self.cmd.start_wireguard_go(self.name)
         deadline = time.monotonic() + self.start_timeout
-        while True:
+        # Ready when both the tun device and its control socket are there.
+        while not (os.path.exists(self.uapi_socket) and self.exists()):
             if not child.alive():
                 self._child = None
                 raise CommandFailed("wireguard-go", child.exit_code(), "exited while starting")
-            # Ready when both the tun device and its control socket are there.
-            if os.path.exists(self.uapi_socket) and self.exists():
-                break
             if time.monotonic() > deadline:
                 child.stop()
                 self._child = None
-                raise CommandFailed("wireguard-go", None,
-                                    "no interface after %gs" % self.start_timeout)
+                raise CommandFailed("wireguard-go", None, "no interface after %gs" % self.start_timeout)
             time.sleep(0.05)
         self.backend = "wireguard-go"
 
     def _configure(self):
         s = self.settings
-        family = "-4" if s.pool.version == 4 else "-6"
-        self.runner.wg("set", self.name, "listen-port", str(s.listen_port),
-                       "private-key", self.key_path)
-        self.runner.ip(family, "address", "replace", "%s/%d" % (s.gateway, s.pool.prefixlen),
-                       "dev", self.name)
-        self.runner.ip("link", "set", "dev", self.name, "mtu", str(s.mtu), "up")
+        self.cmd.set_interface(self.name, s.listen_port, self.key_path)
+        self.cmd.replace_address(self.name, "%s/%d" % (s.gateway, s.pool.prefixlen))
+        self.cmd.link_up(self.name, s.mtu)
 
     def _delete_link(self):
         try:
-            self.runner.ip("link", "del", "dev", self.name)
+            self.cmd.delete_link(self.name)
         except CommandFailed as exc:
             log.warning("could not delete %s: %s", self.name, exc.stderr)
 
@@ -134,8 +111,7 @@ class Interface:
         self.running = False
         child, self._child = self._child, None
         if child is not None:
-            # wireguard-go removes its tun device and socket when it exits.
-            child.stop()
+            child.stop()  # wireguard-go removes its tun device and socket when it exits
         if self.exists():
             self._delete_link()
 
@@ -154,11 +130,11 @@ class Interface:
             try:
                 self.up()
             except CommandFailed as exc:
-                log.error("could not re-create %s: %s; retrying in %gs",
-                          self.name, exc, self.settings.watch_interval)
+                log.error("could not re-create %s: %s; retrying in %gs", self.name, exc,
+                          self.settings.helper_watch_interval)
 
     def _watch(self):
-        while not self._stop.wait(self.settings.watch_interval):
+        while not self._stop.wait(self.settings.helper_watch_interval):
             try:
                 self.check()
             except Exception:

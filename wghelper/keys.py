@@ -1,6 +1,6 @@
-"""The server's WireGuard key: made once, kept 0600 in a 0700 directory.
+"""The helper's WireGuard keys: made once, kept 0600 in a 0700 directory.
 
-The private key never leaves this file except on the stdin of ``wg pubkey``;
+A private key never leaves its file except on the stdin of ``wg pubkey``;
 wg is given the path (``wg set IF private-key FILE``), never the key.
 """
 import base64
@@ -9,16 +9,13 @@ import os
 import stat
 
 from . import validate
+from .errors import ConfigError, Invalid
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "server.key"
 # The key of this server's side of every bridge to an exit (wghelper/bridge.py).
 BRIDGE_KEY_FILE = "bridge.key"
-
-
-class KeyFileError(Exception):
-    """The state directory or key file is unusable."""
 
 
 def generate_private_key():
@@ -34,28 +31,26 @@ def _ensure_state_dir(path):
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
-        raise KeyFileError("state directory %s is not a directory" % path)
+        raise ConfigError("state directory %s is not a directory" % path)
     if info.st_uid != os.geteuid():
-        raise KeyFileError("state directory %s is not owned by uid %d" % (path, os.geteuid()))
+        raise ConfigError("state directory %s is not owned by uid %d" % (path, os.geteuid()))
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
 
 
 def _read_key(path):
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd) as handle:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError("%s is not a regular file" % path)
+            raise ConfigError("%s is not a regular file" % path)
         if info.st_mode & 0o077:
             log.warning("tightening permissions of %s to 0600", path)
             os.fchmod(handle.fileno(), 0o600)
         key = handle.read().strip()
     try:
-        # A private key has the same shape as a public one.
-        validate.public_key(key, "server key")
-    except validate.Invalid:
-        raise KeyFileError("%s does not hold a WireGuard key" % path) from None
+        validate.public_key(key, "server key")  # a private key has the same shape as a public one
+    except Invalid:
+        raise ConfigError("%s does not hold a WireGuard key" % path) from None
     return key
 
 
@@ -75,7 +70,7 @@ def _write_key(path, key):
     os.rename(tmp, path)
 
 
-def ensure_server_key(state_dir, runner, name=KEY_FILE):
+def ensure_key(state_dir, cmd, name=KEY_FILE):
     """Return (private key path, public key), creating the key on first start."""
     _ensure_state_dir(state_dir)
     path = os.path.join(state_dir, name)
@@ -86,6 +81,4 @@ def ensure_server_key(state_dir, runner, name=KEY_FILE):
         key = generate_private_key()
         _write_key(path, key)
         log.info("generated a new key in %s", path)
-    public = runner.wg("pubkey", stdin=key + "\n").strip()
-    validate.public_key(public, "wg pubkey output")
-    return path, public
+    return path, validate.public_key(cmd.public_key(key), "wg pubkey output")

@@ -7,7 +7,7 @@ One request per line, one reply per line, on a Unix stream socket::
     +------------------------------------------------------------+----+
     |<------------------ at most MAX_FRAME bytes ----------------------->|
 
-    request: {"id": 7, "cmd": "add_peers", "args": {...}}
+    request: {"id": 7, "cmd": "apply_peers", "args": {...}}
     reply:   {"id": 7, "ok": true,  "result": {...}}
              {"id": 7, "ok": false, "error": {"code": "...", "message": "...",
                                               "details": {...}?}}
@@ -19,12 +19,19 @@ A frame longer than MAX_FRAME is answered with TOO_LARGE and the
 connection is closed, because the rest of the stream cannot be trusted.
 
 The size limit is what a full ``sync_peers`` of a 65,534-address pool
-needs (about 100 bytes a peer) with room to spare, and no more.
+needs (about 100 bytes a peer) with room to spare, and no more.  The
+commands and their arguments are listed in wghelper/requests.py.
+
+Standard library only: the app's workers import this module.
 """
 import json
 
+from .errors import ProtocolError
+
 MAX_FRAME = 16 * 1024 * 1024
 MAX_DEPTH = 8
+# Bridge (multi-hop) mode: the app names an exit tunnel by a slot number below this.
+MAX_BRIDGE_SLOTS = 64
 
 # Error codes a reply may carry.
 BAD_FRAME = "BAD_FRAME"                # not JSON, not an object, wrong envelope
@@ -36,17 +43,10 @@ INTERFACE_DOWN = "INTERFACE_DOWN"      # the interface is not there right now
 FORBIDDEN = "FORBIDDEN"                # peer credentials not allowed
 INTERNAL = "INTERNAL"                  # a bug in the helper; details are logged
 
-
-class ProtocolError(Exception):
-    """A frame that cannot be decoded; carries the reply's error code."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["ProtocolError", "encode", "decode", "parse_request", "ok", "error", "read_frame"]
 
 
-def _depth(value, limit):
+def _depth_ok(value, limit):
     """Reject nesting deeper than ``limit`` without recursing into it."""
     stack = [(value, 1)]
     while stack:
@@ -78,7 +78,7 @@ def decode(line):
         raise ProtocolError(BAD_FRAME, "frame is not valid UTF-8 JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError(BAD_FRAME, "frame must be a JSON object")
-    if not _depth(message, MAX_DEPTH):
+    if not _depth_ok(message, MAX_DEPTH):
         raise ProtocolError(BAD_FRAME, "frame nests deeper than %d" % MAX_DEPTH)
     return message
 

@@ -30,10 +30,10 @@ class Server:
     def __init__(self, settings, ctx, idle_timeout=IDLE_TIMEOUT, dispatch=handlers.dispatch):
         self.settings = settings
         self.ctx = ctx
-        self.path = settings.socket_path
+        self.path = settings.helper_socket
         self.idle_timeout = idle_timeout
         self._dispatch = dispatch
-        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self._slots = threading.BoundedSemaphore(settings.helper_max_connections)
         self._stop = threading.Event()
         self._listener = None
         self._inode = None
@@ -55,8 +55,8 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o660)
-        if self.settings.socket_group is not None:
-            os.chown(self.path, -1, self.settings.socket_group)
+        if self.settings.helper_socket_group is not None:
+            os.chown(self.path, -1, self.settings.helper_socket_group)
         listener.listen(128)
         listener.settimeout(0.5)  # so serve_forever notices stop()
         self._inode = os.stat(self.path).st_ino
@@ -125,7 +125,7 @@ class Server:
                 self._stop.wait(0.1)
                 continue
             if not self._slots.acquire(blocking=False):
-                log.warning("refusing a connection: %d already open", self.settings.max_connections)
+                log.warning("refusing a connection: %d already open", self.settings.helper_max_connections)
                 conn.close()
                 continue
             thread = threading.Thread(target=self._serve_conn, args=(conn,),
@@ -148,7 +148,7 @@ class Server:
     def _handle(self, conn):
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _gid = struct.unpack("3i", creds)
-        if uid not in self.settings.allowed_uids:
+        if uid not in self.settings.helper_allowed_uids:
             log.warning("refused pid %d uid %d: not in ORBMESH_HELPER_ALLOWED_UIDS", pid, uid)
             self._send(conn, protocol.error(None, protocol.FORBIDDEN,
                                             "uid %d may not use this helper" % uid))

@@ -1,14 +1,24 @@
-"""Helper configuration: defaults, then ORBMESH_CONFIG_FILE, then the environment.
+"""Settings both processes read, and the one loader for them.
 
-The app imports read_env_file from here, so this module must only use the
-standard library (importing it must not pull in ``sh`` or the helper).
+Values come from defaults, then the KEY=VALUE file named by
+ORBMESH_CONFIG_FILE, then ORBMESH_* environment variables, then (tests
+only) overrides; an empty value means "use the default", as in systemd
+files.  Each table maps a name (without the ORBMESH_ prefix) to
+(parser, default, description); docs/configuration.md lists them all.
+
+SHARED is read by the app and the helper, so the two can never disagree
+about the interface, the pool or the socket.  HELPER is the helper's own.
+The app adds its own table in app/config.py and parses it with parse().
+
+Standard library only: the app's workers import this module.
 """
 import grp
 import ipaddress
 import os
 import pwd
 import re
-from dataclasses import dataclass
+
+from .errors import ConfigError
 
 PREFIX = "ORBMESH_"
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
@@ -18,31 +28,7 @@ IFNAME_RE = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
 NFT_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 
-DEFAULTS = {
-    "INTERFACE": "wg0",
-    "LISTEN_PORT": "51820",
-    "POOL": "10.8.0.0/16",
-    "GATEWAY": "",
-    "MTU": "1420",
-    "HELPER_SOCKET": "/run/orbmesh/wghelper.sock",
-    "HELPER_SOCKET_GROUP": "",
-    "HELPER_ALLOWED_UIDS": "0",
-    "HELPER_STATE_DIR": "/var/lib/orbmesh-wghelper",
-    "WG_BACKEND": "auto",
-    "WIREGUARD_GO": "wireguard-go",
-    "HELPER_COMMAND_TIMEOUT": "10",
-    "HELPER_WATCH_INTERVAL": "2",
-    "HELPER_MAX_CONNECTIONS": "256",
-    "NAT_UPLINK": "",
-    "NAT_TABLE": "orbmesh",
-    "POOL6": "",
-    "BRIDGE_TABLE_BASE": "51900",
-    "BRIDGE_RULE_PREF": "20000",
-}
-
-
-class ConfigError(Exception):
-    """A setting is malformed; the message names the variable."""
+__all__ = ["ConfigError"]
 
 
 def read_env_file(path):
@@ -67,109 +53,88 @@ def read_env_file(path):
     return values
 
 
-@dataclass(frozen=True)
-class Settings:
-    interface: str
-    listen_port: int
-    pool: ipaddress.IPv4Network | ipaddress.IPv6Network
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address
-    mtu: int
-    socket_path: str
-    socket_group: int | None
-    allowed_uids: frozenset
-    state_dir: str
-    backend: str
-    wireguard_go: str
-    command_timeout: float
-    watch_interval: float
-    max_connections: int
-    # NAT and forwarding (wghelper/nat.py); no uplink means none of it.
-    nat_uplink: str | None = None
-    nat_table: str = "orbmesh"
-    pool6: ipaddress.IPv6Network | None = None
-    # Bridge (multi-hop) mode (wghelper/bridge.py): routing table of slot N
-    # is bridge_table_base + N; every client rule has priority bridge_rule_pref.
-    bridge_table_base: int = 51900
-    bridge_rule_pref: int = 20000
+# --- parsers: a string from a file or the environment, or a plain value from tests
+
+def integer(low, high):
+    def parse(value):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be an integer") from None
+        if not low <= number <= high:
+            raise ValueError("must be between %d and %d" % (low, high))
+        return number
+    return parse
 
 
-def _int(value, low, high):
-    try:
-        number = int(value, 10)
-    except ValueError:
-        raise ValueError("must be an integer") from None
-    if not low <= number <= high:
-        raise ValueError("must be between %d and %d" % (low, high))
-    return number
+def seconds(low, high):
+    def parse(value):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number of seconds") from None
+        if not low <= number <= high:  # also refuses nan
+            raise ValueError("must be between %g and %g seconds" % (low, high))
+        return number
+    return parse
 
 
-def _seconds(value, low, high):
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not low <= number <= high:  # also refuses nan
-        raise ValueError("must be between %g and %g seconds" % (low, high))
-    return number
+def choice(*options):
+    def parse(value):
+        if value not in options:
+            raise ValueError("must be one of %s" % ", ".join(options))
+        return value
+    return parse
 
 
-def _interface(value):
+def text(value):
+    return str(value).strip()
+
+
+def ifname(value):
     if not IFNAME_RE.fullmatch(value) or value in (".", ".."):
         raise ValueError("must be 1-15 characters of A-Z a-z 0-9 _ = + . -")
     return value
 
 
-def _pool(value):
-    try:
-        pool = ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError("must be a network in CIDR form (%s)" % exc) from None
-    # Room for the network, gateway, broadcast and at least one client.
-    if pool.num_addresses < 4:
-        raise ValueError("is too small: need at least 4 addresses")
-    return pool
-
-
-def _gateway(value, pool):
-    if not value:
-        return pool.network_address + 1
-    try:
-        gateway = ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError("must be an IP address") from None
-    if gateway not in pool or gateway in (pool.network_address, pool.broadcast_address):
-        raise ValueError("must be a host address inside %s" % pool)
-    return gateway
-
-
-def _uplink(value, interface):
-    if not value:
-        return None
-    _interface(value)
-    if value == interface:
-        raise ValueError("must not be the WireGuard interface (%s)" % interface)
-    return value
-
-
-def _nft_table(value):
+def nft_table(value):
     if not NFT_TABLE_RE.fullmatch(value):
         raise ValueError("must be 1-32 characters of A-Z a-z 0-9 _, not starting with a digit")
     return value
 
 
-def _pool6(value):
-    if not value:
-        return None
+def abspath(value):
+    if not os.path.isabs(value):
+        raise ValueError("must be an absolute path")
+    return value
+
+
+def pool4(value):
     try:
-        pool = ipaddress.IPv6Network(value, strict=True)
+        pool = ipaddress.IPv4Network(value, strict=True)
     except ValueError as exc:
-        raise ValueError("must be an IPv6 network in CIDR form (%s)" % exc) from None
+        raise ValueError("must be an IPv4 network in CIDR form (%s)" % exc) from None
+    # Room for the network, gateway, broadcast and at least one client.
+    if pool.prefixlen > 30:
+        raise ValueError("must be an IPv4 network of /30 or larger")
     return pool
 
 
-def _group(value):
-    if not value:
-        return None
+def pool6(value):
+    try:
+        return ipaddress.IPv6Network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError("must be an IPv6 network in CIDR form (%s)" % exc) from None
+
+
+def address(value):
+    try:
+        return ipaddress.ip_address(str(value).strip())
+    except ValueError:
+        raise ValueError("must be an IP address") from None
+
+
+def group(value):
     if value.isdigit():
         return int(value)
     try:
@@ -178,89 +143,112 @@ def _group(value):
         raise ValueError("no such group: %s" % value) from None
 
 
-def _uids(value):
-    uids = set()
+def uids(value):
+    found = set()
     for item in (part.strip() for part in value.split(",")):
-        if not item:
-            continue
         if item.isdigit():
-            uids.add(int(item))
-            continue
-        try:
-            uids.add(pwd.getpwnam(item).pw_uid)
-        except KeyError:
-            raise ValueError("no such user: %s" % item) from None
-    if not uids:
+            found.add(int(item))
+        elif item:
+            try:
+                found.add(pwd.getpwnam(item).pw_uid)
+            except KeyError:
+                raise ValueError("no such user: %s" % item) from None
+    if not found:
         raise ValueError("must list at least one uid or user name")
-    return frozenset(uids)
+    return frozenset(found)
 
 
-def _choice(value, options):
-    if value not in options:
-        raise ValueError("must be one of %s" % ", ".join(options))
-    return value
+SHARED = {
+    "INTERFACE": (ifname, "wg0", "WireGuard interface name"),
+    "LISTEN_PORT": (integer(1, 65535), 51820, "WireGuard listen port on the interface"),
+    "POOL": (pool4, "10.8.0.0/16", "Client address pool (IPv4 CIDR, /30 or larger)"),
+    "GATEWAY": (address, None, "Gateway address on the interface (default: first host of POOL)"),
+    "MTU": (integer(576, 9000), 1420, "Tunnel MTU"),
+    "HELPER_SOCKET": (abspath, "/run/orbmesh/wghelper.sock", "Unix socket of the root helper"),
+}
+
+HELPER = {
+    "HELPER_SOCKET_GROUP": (group, None, "Group of the helper socket (the app's group; default: the helper's)"),
+    "HELPER_ALLOWED_UIDS": (uids, "0", "Uids or user names allowed on the helper socket, comma-separated"),
+    "HELPER_STATE_DIR": (abspath, "/var/lib/orbmesh-wghelper", "Helper state: server and bridge keys (0700)"),
+    "WG_BACKEND": (choice("auto", "kernel", "userspace"), "auto",
+                   "auto: kernel WireGuard, else wireguard-go; kernel; userspace (wireguard-go)"),
+    "WIREGUARD_GO": (text, "wireguard-go", "The wireguard-go program"),
+    "HELPER_COMMAND_TIMEOUT": (seconds(0.1, 600), 10.0, "Longest run of one wg/ip/nft/sysctl command, seconds"),
+    "HELPER_WATCH_INTERVAL": (seconds(0.05, 3600), 2.0, "How often the helper checks its interface, seconds"),
+    "HELPER_MAX_CONNECTIONS": (integer(1, 65536), 256, "Concurrent connections to the helper socket"),
+    "NAT_UPLINK": (ifname, None, "Uplink interface to masquerade clients out of (empty: no NAT, no forwarding)"),
+    "NAT_TABLE": (nft_table, "orbmesh", "The helper's nftables table (inet family)"),
+    "POOL6": (pool6, None, "IPv6 pool masqueraded out of NAT_UPLINK (empty: none)"),
+    "BRIDGE_TABLE_BASE": (integer(256, 2 ** 31 - 1024), 51900,
+                          "Routing table of bridge slot N is this + N"),
+    "BRIDGE_RULE_PREF": (integer(1, 32765), 20000, "Priority of the policy rules of bridged clients"),
+}
 
 
-def _path(value):
-    if not os.path.isabs(value):
-        raise ValueError("must be an absolute path")
-    return value
-
-
-def load(environ=None):
-    """Build Settings; raise ConfigError naming the variable that is wrong."""
+def gather(environ=None, overrides=None):
+    """Raw values by name (prefix removed): file, then environment, then overrides."""
     environ = os.environ if environ is None else environ
+    overrides = overrides or {}
     raw = {}
-    config_file = environ.get(PREFIX + "CONFIG_FILE")
-    if config_file:
+    path = overrides.get("CONFIG_FILE") or environ.get(PREFIX + "CONFIG_FILE")
+    if path:
         try:
-            raw.update(read_env_file(config_file))
+            raw.update(read_env_file(path))
         except OSError as exc:
-            raise ConfigError("%sCONFIG_FILE: cannot read %s (%s)"
-                              % (PREFIX, config_file, exc.strerror)) from None
+            raise ConfigError("%sCONFIG_FILE: cannot read %s (%s)" % (PREFIX, path, exc.strerror)) from None
         except ValueError as exc:
             raise ConfigError("%sCONFIG_FILE: %s" % (PREFIX, exc)) from None
-    raw.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
+    raw.update(environ)
+    values = {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
+    values.update(overrides)
+    return values
 
-    def get(name):
-        value = str(raw.get(PREFIX + name, "")).strip()
-        # An empty variable means "use the default", as in systemd files.
-        return value if value else DEFAULTS[name]
 
+def parse(table, raw):
+    """{name: parsed value} for every name of `table`; None where unset without a default."""
     values = {}
-    current = None
+    for name, (parser, default, _) in table.items():
+        value = raw.get(name)
+        if isinstance(value, str):
+            value = value.strip()
+        if value is None or value == "":
+            value = default
+        if value is None:
+            values[name] = None
+            continue
+        try:
+            values[name] = parser(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("%s%s: %s" % (PREFIX, name, exc)) from None
+    return values
 
-    def parse(name, func, *extra):
-        nonlocal current
-        current = name
-        return func(get(name), *extra)
 
-    try:
-        values["interface"] = parse("INTERFACE", _interface)
-        values["listen_port"] = parse("LISTEN_PORT", _int, 1, 65535)
-        values["pool"] = parse("POOL", _pool)
-        values["gateway"] = parse("GATEWAY", _gateway, values["pool"])
-        values["mtu"] = parse("MTU", _int, 576, 9000)
-        values["socket_path"] = parse("HELPER_SOCKET", _path)
-        current = "HELPER_SOCKET_GROUP"
-        group = str(raw.get(PREFIX + current, "")).strip()
-        values["socket_group"] = _group(group)
-        values["allowed_uids"] = parse("HELPER_ALLOWED_UIDS", _uids)
-        values["state_dir"] = parse("HELPER_STATE_DIR", _path)
-        values["backend"] = parse("WG_BACKEND", _choice, ("auto", "kernel", "userspace"))
-        values["wireguard_go"] = get("WIREGUARD_GO")
-        values["command_timeout"] = parse("HELPER_COMMAND_TIMEOUT", _seconds, 0.1, 600)
-        values["watch_interval"] = parse("HELPER_WATCH_INTERVAL", _seconds, 0.05, 3600)
-        values["max_connections"] = parse("HELPER_MAX_CONNECTIONS", _int, 1, 65536)
-        current = "NAT_UPLINK"  # empty is a value here: no NAT (the default)
-        values["nat_uplink"] = _uplink(str(raw.get(PREFIX + current, "")).strip(),
-                                       values["interface"])
-        values["nat_table"] = parse("NAT_TABLE", _nft_table)
-        current = "POOL6"
-        values["pool6"] = _pool6(str(raw.get(PREFIX + current, "")).strip())
-        # Clear of the kernel's own tables (253-255) for every slot.
-        values["bridge_table_base"] = parse("BRIDGE_TABLE_BASE", _int, 256, 2**31 - 1024)
-        values["bridge_rule_pref"] = parse("BRIDGE_RULE_PREF", _int, 1, 32765)
-    except ValueError as exc:
-        raise ConfigError("%s%s: %s" % (PREFIX, current, exc)) from None
-    return Settings(**values)
+def load_shared(raw):
+    """SHARED parsed, with the gateway derived from and checked against the pool."""
+    values = parse(SHARED, raw)
+    pool, gateway = values["POOL"], values["GATEWAY"]
+    if gateway is None:
+        gateway = values["GATEWAY"] = pool.network_address + 1
+    if gateway not in pool or gateway in (pool.network_address, pool.broadcast_address):
+        raise ConfigError("%sGATEWAY: must be a host address inside %s" % (PREFIX, pool))
+    return values
+
+
+class Settings(dict):
+    """The helper's settings; settings.helper_state_dir is settings["HELPER_STATE_DIR"]: the lower-case name."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def load(environ=None, overrides=None):
+    """The helper's Settings (SHARED and HELPER); ConfigError naming the bad variable."""
+    raw = gather(environ, overrides)
+    values = Settings(load_shared(raw), **parse(HELPER, raw))
+    if values["NAT_UPLINK"] == values["INTERFACE"]:
+        raise ConfigError("%sNAT_UPLINK: must not be the WireGuard interface (%s)" % (PREFIX, values["INTERFACE"]))
+    return values

@@ -9,15 +9,14 @@ import collections
 import logging
 import threading
 
-from .commands import CommandFailed
+from . import protocol
+from .errors import CommandFailed, HelperError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1000  # peers per argv: ~120 bytes each stays far below ARG_MAX
 
-
-class WriterStopped(Exception):
-    pass
+def stopped():
+    return HelperError(protocol.INTERFACE_DOWN, "the helper is stopping")
 
 
 class Job:
@@ -44,29 +43,13 @@ def merge(jobs):
         for peer in job.adds:
             ops.pop(peer["public_key"], None)
             ops[peer["public_key"]] = peer
-    removes = [key for key, op in ops.items() if op is None]
-    adds = [op for op in ops.values() if op is not None]
-    return removes, adds
-
-
-def clauses(removes, adds):
-    """The `wg set` peer clauses; removals first so a freed address can be reused."""
-    result = [["peer", key, "remove"] for key in removes]
-    for peer in adds:
-        clause = ["peer", peer["public_key"], "allowed-ips", ",".join(peer["allowed_ips"])]
-        if peer.get("endpoint"):
-            clause += ["endpoint", peer["endpoint"]]
-        # Always sent, so that an update can switch keepalive off with 0.
-        clause += ["persistent-keepalive", str(peer.get("keepalive", 0))]
-        result.append(clause)
-    return result
+    return [k for k, op in ops.items() if op is None], [op for op in ops.values() if op is not None]
 
 
 class Writer:
-    def __init__(self, runner, ifname, chunk=CHUNK):
-        self.runner = runner
+    def __init__(self, cmd, ifname):
+        self.cmd = cmd
         self.ifname = ifname
-        self.chunk = chunk
         self.wg_set_calls = 0
         self.version = 0  # bumped after every wg set has finished, failed or not (statuscache.py)
         self.jobs_applied = 0
@@ -89,7 +72,7 @@ class Writer:
         with self._cond:
             pending, self._queue = list(self._queue), collections.deque()
         for job in pending:
-            job.finish(error=WriterStopped("the helper is stopping"))
+            job.finish(error=stopped())
 
     def pending(self):
         with self._cond:
@@ -110,7 +93,7 @@ class Writer:
     def _submit(self, job):
         with self._cond:
             if self._stopping or self._thread is None:
-                raise WriterStopped("the helper is stopping")
+                raise stopped()
             self._queue.append(job)
             self._cond.notify()
         job.done.wait()
@@ -126,32 +109,27 @@ class Writer:
                 if self._stopping:
                     return
                 batch, self._queue = list(self._queue), collections.deque()
-            self._process(batch)
-
-    def _process(self, batch):
-        group = []
-        for job in batch:
-            if job.plan is None:
-                group.append(job)
-                continue
-            self._run_group(group)
             group = []
-            self._run_planned(job)
-        self._run_group(group)
+            for job in batch + [None]:
+                if job is None or job.plan is not None:
+                    self._run_group(group)
+                    group = []
+                    if job is not None:
+                        self._run(job, job.plan)
+                else:
+                    group.append(job)
 
     def _run_group(self, jobs):
-        if not jobs:
-            return
-        if len(jobs) == 1:
-            self._run_one(jobs[0])
+        if len(jobs) <= 1:
+            for job in jobs:
+                self._run(job)
             return
         try:
             self._apply(*merge(jobs))
         except CommandFailed as exc:
-            log.warning("merged wg set for %d jobs failed (%s); retrying them one by one",
-                        len(jobs), exc.stderr)
+            log.warning("merged wg set for %d jobs failed (%s); retrying them one by one", len(jobs), exc.stderr)
             for job in jobs:
-                self._run_one(job)
+                self._run(job)
             return
         except Exception as exc:  # finish every waiter, whatever happened
             log.exception("writer failed")
@@ -160,20 +138,14 @@ class Writer:
             return
         for job in jobs:
             self.jobs_applied += 1
-            job.finish(result=self._counts(job))
+            job.finish(result={"removed": len(job.removes), "applied": len(job.adds)})
 
-    def _run_one(self, job):
+    def _run(self, job, plan=None):
         try:
-            self._apply(*merge([job]))
-        except Exception as exc:
-            job.finish(error=exc)
-            return
-        self.jobs_applied += 1
-        job.finish(result=self._counts(job))
-
-    def _run_planned(self, job):
-        try:
-            removes, adds, result = job.plan()
+            if plan is not None:
+                removes, adds, result = plan()
+            else:
+                (removes, adds), result = merge([job]), {"removed": len(job.removes), "applied": len(job.adds)}
             self._apply(removes, adds)
         except Exception as exc:
             job.finish(error=exc)
@@ -181,16 +153,11 @@ class Writer:
         self.jobs_applied += 1
         job.finish(result=result)
 
-    @staticmethod
-    def _counts(job):
-        return {"removed": len(job.removes), "applied": len(job.adds)}
-
     def _apply(self, removes, adds):
-        todo = clauses(removes, adds)
-        for start in range(0, len(todo), self.chunk):
-            argv = [arg for clause in todo[start:start + self.chunk] for arg in clause]
-            self.wg_set_calls += 1
-            try:
-                self.runner.wg("set", self.ifname, *argv)
-            finally:
-                self.version += 1
+        if not removes and not adds:
+            return
+        self.wg_set_calls += 1
+        try:
+            self.cmd.set_peers(self.ifname, removes, adds)
+        finally:
+            self.version += 1

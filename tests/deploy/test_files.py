@@ -13,20 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.need import need
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNITS = DEPLOY / "systemd"
 RENDER = DEPLOY / "nginx" / "render"
 VENV_BIN = Path(sys.executable).parent
-
-
-def need(tool):
-    path = shutil.which(tool) or next((p for p in ("/usr/sbin/" + tool, "/sbin/" + tool) if os.path.exists(p)), None)
-    if path is None:
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail("CI is set, so not skipping: %s is not installed" % tool, pytrace=False)
-        pytest.skip("%s is not installed" % tool)
-    return path
 
 
 def unit_copies(tmp_path):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_files import DEPLOY, nginx_test, need
+from tests.need import need
+
+from .test_files import DEPLOY, nginx_test
 
 INSTALL = DEPLOY / "install.sh"
 
@@ -160,9 +162,7 @@ def test_destdir_works_like_root(tmp_path):
 
 def test_refuses_to_touch_the_system_without_root_or_privileges(tmp_path):
     if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv is not installed")
+        setpriv = need("setpriv")
         argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(INSTALL)]
     else:
         argv = ["bash", str(INSTALL)]

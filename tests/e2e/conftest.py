@@ -11,23 +11,20 @@ import subprocess
 
 import pytest
 
+from tests.need import missing, need
+
 from .netns import Netns, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack
 
 TOOLS = ("ip", "wg", "wireguard-go")
 
 
-def _missing_requirement():
+def requirements(*tools):
+    """Root and the WireGuard tools (plus `tools`): skipped without them, failed under CI (tests/need.py)."""
     if os.geteuid() != 0:
-        return "end-to-end tests need root (network namespaces, tun devices)"
-    for tool in TOOLS:
-        if shutil.which(tool) is None:
-            return "%s is not installed" % tool
-    return None
-
-
-def _under_ci():
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+        missing("end-to-end tests need root (network namespaces, tun devices)")
+    for tool in TOOLS + tools:
+        need(tool)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,11 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _e2e_requirements():
-    reason = _missing_requirement()
-    if reason:
-        if _under_ci():
-            pytest.fail("CI is set, so not skipping: " + reason, pytrace=False)
-        pytest.skip(reason)
+    requirements()
 
 
 def wireguard_go_in(inodes):

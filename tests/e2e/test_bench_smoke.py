@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import _under_ci
+from tests.need import need
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,10 +46,7 @@ def test_read_paths_smoke(tmp_path):
 
 
 def test_data_plane_smoke(tmp_path):
-    if shutil.which("iperf3") is None:
-        if _under_ci():
-            pytest.fail("CI is set, so not skipping: iperf3 is not installed", pytrace=False)
-        pytest.skip("iperf3 is not installed (scripts/bootstrap installs it)")
+    need("iperf3")
     result = run_smoke("data_plane", tmp_path)
     for path in ("udp", "ws", "http", "websocat"):
         assert result["paths"][path]["median_mbps"] > 0, path

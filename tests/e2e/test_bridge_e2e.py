@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from .conftest import _missing_requirement, _remove_dead_sockets, _under_ci, _wireguard_sockets, wireguard_go_in
+from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, Internet, _WhoAmI
 from .netns import Netns, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
@@ -139,11 +139,7 @@ class Topology:
 
 @pytest.fixture(scope="module")
 def topo(tmp_path_factory):
-    reason = _missing_requirement() or (None if shutil.which("nft") else "nft is not installed")
-    if reason:
-        if _under_ci():
-            pytest.fail("CI is set, so not skipping: " + reason, pytrace=False)
-        pytest.skip(reason)
+    requirements("nft")
     made = []
     sockets_before = _wireguard_sockets()
     t = None

@@ -17,6 +17,8 @@ from .deploy_stack import API_PORTS, HTTPS_PORT, ORBNET_ADDR, VENV_BIN, DeploySt
 from .internet import SERVER_UPLINK_ADDR
 from .netns import unique_ifname
 from .stack import CLIENT_ADDR, SERVER_ADDR, wait_for
+from tests.need import need
+
 from .wgclient import WgClient, keypair
 from .wsclient import RawWebSocket
 
@@ -24,17 +26,10 @@ pytestmark = pytest.mark.e2e
 GATEWAY = "10.8.0.1"
 
 
-def _under_ci():
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture
 def deploy(netns, tmp_path):
     for tool in ("nginx", "setpriv", "nft"):
-        if shutil.which(tool) is None and not os.path.exists("/usr/sbin/" + tool):
-            if _under_ci():
-                pytest.fail("CI is set, so not skipping: %s is not installed" % tool, pytrace=False)
-            pytest.skip("%s is not installed" % tool)
+        need(tool)
     stack = DeployStack(netns, tmp_path)
     try:
         stack.start()

@@ -137,10 +137,10 @@ def test_helper_comes_up_and_shuts_down_cleanly(helper):
 
 def test_add_update_remove_and_dump(helper):
     a, b, c = genkey(), genkey(), genkey()
-    assert helper.result("add_peers", {"peers": [
+    assert helper.result("apply_peers", {"add": [
         peer(a, "10.8.0.2/32", endpoint="192.0.2.50:51820", keepalive=25),
         peer(b, "10.8.0.3/32", "10.8.0.4/32"),
-    ]}) == {"applied": 2}
+    ]}) == {"removed": 0, "applied": 2}
     dump = {p["public_key"]: p for p in helper.result("dump_peers")["peers"]}
     assert dump[a]["allowed_ips"] == ["10.8.0.2/32"] and dump[a]["keepalive"] == 25
     assert dump[a]["endpoint"] == "192.0.2.50:51820"
@@ -148,7 +148,7 @@ def test_add_update_remove_and_dump(helper):
     assert dump[b]["endpoint"] is None and dump[b]["keepalive"] == 0
 
     # Update: keepalive off, new address.
-    helper.result("add_peers", {"peers": [peer(a, "10.8.0.9/32", keepalive=0)]})
+    helper.result("apply_peers", {"add": [peer(a, "10.8.0.9/32", keepalive=0)]})
     dump = {p["public_key"]: p for p in helper.result("dump_peers")["peers"]}
     assert dump[a]["allowed_ips"] == ["10.8.0.9/32"] and dump[a]["keepalive"] == 0
 
@@ -156,20 +156,20 @@ def test_add_update_remove_and_dump(helper):
     assert helper.result("apply_peers", {"remove": [b], "add": [peer(c, "10.8.0.3/32")]}) == {
         "removed": 1, "applied": 1}
     # Removing a key that is not there is not an error.
-    assert helper.result("remove_peers", {"public_keys": [a, genkey()]}) == {"removed": 2}
+    assert helper.result("apply_peers", {"remove": [a, genkey()]}) == {"removed": 2, "applied": 0}
     dump = helper.result("dump_peers")["peers"]
     assert [(p["public_key"], p["allowed_ips"]) for p in dump] == [(c, ["10.8.0.3/32"])]
     raw = helper.ns.run("wg", "show", helper.ifname, "peers").stdout.split()
     assert raw == [c]
 
-    bad = helper.call("add_peers", {"peers": [peer(a, "10.9.0.2/32")]})
+    bad = helper.call("apply_peers", {"add": [peer(a, "10.9.0.2/32")]})
     assert bad["error"]["code"] == "INVALID_ARGUMENT"
     assert helper.ns.run("wg", "show", helper.ifname, "peers").stdout.split() == [c]
 
 
 def test_sync_removes_unknown_and_adds_missing(helper):
     a, b, c = genkey(), genkey(), genkey()
-    helper.result("add_peers", {"peers": [peer(a, "10.8.0.2/32"), peer(b, "10.8.0.3/32")]})
+    helper.result("apply_peers", {"add": [peer(a, "10.8.0.2/32"), peer(b, "10.8.0.3/32")]})
     result = helper.result("sync_peers", {"peers": [
         peer(b, "10.8.0.5/32", keepalive=10), peer(c, "10.8.0.6/32")]})
     assert result == {"added": 1, "removed": 1, "updated": 1}
@@ -185,7 +185,7 @@ def test_concurrent_adds_all_land(helper):
     results = []
 
     def add(i):
-        results.append(helper.call("add_peers", {"peers": [peer(keys[i], "10.8.1.%d/32" % (i + 2))]}))
+        results.append(helper.call("apply_peers", {"add": [peer(keys[i], "10.8.1.%d/32" % (i + 2))]}))
 
     threads = [threading.Thread(target=add, args=(i,)) for i in range(len(keys))]
     for t in threads:
@@ -203,7 +203,7 @@ def test_restart_keeps_the_key_and_changes_generation(netns, workdir):
     ns = netns("restart")
     first = HelperProc(ns, workdir).start()
     one = first.result("status")
-    first.result("add_peers", {"peers": [peer(genkey(), "10.8.0.2/32")]})
+    first.result("apply_peers", {"add": [peer(genkey(), "10.8.0.2/32")]})
     assert first.stop() == 0, first.log()
 
     second = HelperProc(ns, workdir)
@@ -233,7 +233,7 @@ def test_watcher_recreates_a_deleted_interface(helper):
     assert helper.link_exists()
     assert helper.result("status")["backend"] == "wireguard-go"
     pub = genkey()
-    helper.result("add_peers", {"peers": [peer(pub, "10.8.0.2/32")]})
+    helper.result("apply_peers", {"add": [peer(pub, "10.8.0.2/32")]})
     assert helper.ns.run("wg", "show", helper.ifname, "peers").stdout.split() == [pub]
 
 
@@ -249,7 +249,7 @@ def test_client_pings_the_gateway_through_the_tunnel(netns, workdir):
         # The server does not know the client yet: no handshake, no reply.
         assert not client.ping("10.8.0.1", timeout=1)
 
-        helper.result("add_peers", {"peers": [peer(client.public_key, "10.8.0.42/32")]})
+        helper.result("apply_peers", {"add": [peer(client.public_key, "10.8.0.42/32")]})
         assert any(client.ping("10.8.0.1", timeout=2) for _ in range(5)), helper.log()
 
         (seen,) = helper.result("dump_peers")["peers"]
@@ -257,7 +257,7 @@ def test_client_pings_the_gateway_through_the_tunnel(netns, workdir):
         assert seen["latest_handshake"] > 0 and seen["rx_bytes"] > 0 and seen["tx_bytes"] > 0
         assert seen["endpoint"].startswith("192.0.2.2:")
 
-        helper.result("remove_peers", {"public_keys": [client.public_key]})
+        helper.result("apply_peers", {"remove": [client.public_key]})
         assert not client.ping("10.8.0.1", timeout=1)
     finally:
         client.close()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from wghelper import nat
+from wghelper import firewall, settings
 
-from .conftest import _under_ci
+from tests.need import need
 from .internet import SERVER_UPLINK_ADDR, Internet
 from .netns import veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, VENV_BIN, Stack, wait_for
@@ -30,12 +30,8 @@ TABLE = "orbmesh"
 
 @pytest.fixture(autouse=True)
 def _nat_tools():
-    missing = [tool for tool in ("nft", "sysctl") if shutil.which(tool) is None]
-    if missing:
-        reason = "%s not installed" % ", ".join(missing)
-        if _under_ci():
-            pytest.fail("CI is set, so not skipping: " + reason, pytrace=False)
-        pytest.skip(reason)
+    need("nft")
+    need("sysctl")
 
 
 @pytest.fixture
@@ -83,9 +79,8 @@ def listed_table(stack):
 
 
 def expected_table(stack, internet, pool6=None):
-    return nat.table_definition(TABLE, stack.interface, internet.uplink,
-                                ipaddress.ip_network("10.8.0.0/16"),
-                                ipaddress.ip_network(pool6) if pool6 else None)
+    return firewall.render(settings.load({"ORBMESH_INTERFACE": stack.interface, "ORBMESH_NAT_UPLINK": internet.uplink,
+                                          "ORBMESH_NAT_TABLE": TABLE, "ORBMESH_POOL6": pool6 or ""}))
 
 
 def connect_client(stack, device):
@@ -176,7 +171,7 @@ def test_masquerade_restarts_and_clean_stop(stack, internet):
         stack.stop_helper()
         assert listed_table(stack) is None
         assert forwarding(stack.server, uplink) == "0"
-        assert not (Path(stack.env["ORBMESH_HELPER_STATE_DIR"]) / nat.STATE_FILE).exists()
+        assert not (Path(stack.env["ORBMESH_HELPER_STATE_DIR"]) / firewall.STATE_FILE).exists()
         assert internet.whoami_from(stack.client, timeout=3) is None
     finally:
         client.close()
@@ -187,7 +182,7 @@ def test_recreated_interface_forwards_again_and_pool6_rules(stack, internet):
     assert listed_table(stack) == expected_table(stack, internet, "fd00:8::/64")
     assert "ip6 saddr fd00:8::/64 masquerade" in listed_table(stack)
     assert forwarding(stack.server, stack.interface, "ipv6") == "1"
-    # IPv6 forwarding on the uplink is left alone (see nat.forwarding_keys).
+    # IPv6 forwarding on the uplink is left alone (see firewall.forwarding_keys).
     assert forwarding(stack.server, internet.uplink, "ipv6") == forwarding(stack.server, "default", "ipv6")
     client, body = connect_client(stack, "natdev2")
     try:

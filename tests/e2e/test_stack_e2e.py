@@ -116,15 +116,15 @@ def test_helper_refuses_what_a_compromised_app_sends(stack):
     key = keypair()[1]
     frames = [
         b'{"id": 1, "cmd": "exec", "args": {"argv": ["sh", "-c", "id"]}}\n',
-        protocol.encode({"id": 2, "cmd": "add_peers", "args": {"peers": [
+        protocol.encode({"id": 2, "cmd": "apply_peers", "args": {"add": [
             {"public_key": key, "allowed_ips": ["0.0.0.0/0"]}]}}),
-        protocol.encode({"id": 3, "cmd": "add_peers", "args": {"peers": [
+        protocol.encode({"id": 3, "cmd": "apply_peers", "args": {"add": [
             {"public_key": key, "allowed_ips": ["192.0.2.1/32"]}]}}),
-        protocol.encode({"id": 4, "cmd": "add_peers", "args": {"peers": [
+        protocol.encode({"id": 4, "cmd": "apply_peers", "args": {"add": [
             {"public_key": key[:-4] + "AA==", "allowed_ips": ["10.8.0.9/32"]}]}}),
-        protocol.encode({"id": 5, "cmd": "add_peers", "args": {"peers": [
+        protocol.encode({"id": 5, "cmd": "apply_peers", "args": {"add": [
             {"public_key": key, "allowed_ips": ["10.8.0.9/32"], "endpoint": "evil.example:1"}]}}),
-        protocol.encode({"id": 6, "cmd": "add_peers", "args": {"interface": "eth0", "peers": [
+        protocol.encode({"id": 6, "cmd": "apply_peers", "args": {"interface": "eth0", "add": [
             {"public_key": key, "allowed_ips": ["10.8.0.9/32"]}]}}),
         b"not json at all\n",
         protocol.encode({"id": 8, "cmd": "hello"}),

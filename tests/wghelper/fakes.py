@@ -5,7 +5,8 @@ import ipaddress
 import os
 import threading
 
-from wghelper.commands import CommandFailed
+from wghelper.argv import Commands
+from wghelper.errors import CommandFailed
 from wghelper.handlers import Context, dispatch
 from wghelper.interface import Interface
 from wghelper.settings import load
@@ -89,6 +90,12 @@ class FakeRunner:
                 raise CommandFailed(argv[0], 1, stderr)
 
     # --- the Runner interface -------------------------------------------
+
+    def run(self, tool, args, stdin=None, redact=True):
+        if tool in ("wg", "nft"):
+            return getattr(self, tool)(*args, stdin=stdin)
+        assert stdin is None
+        return getattr(self, tool)(*args)
 
     def wg(self, *args, stdin=None):
         argv = ["wg", *args]
@@ -206,12 +213,13 @@ class FakeRunner:
 class Helper:
     """The helper's parts wired together around a FakeRunner."""
 
-    def __init__(self, tmp_path, kernel=True, chunk=1000, **overrides):
+    def __init__(self, tmp_path, kernel=True, **overrides):
         self.runner = FakeRunner(kernel=kernel, socket_dir=str(tmp_path))
         self.settings = settings(**overrides)
-        self.iface = Interface(self.settings, self.runner, FAKE_KEYFILE, socket_dir=str(tmp_path))
-        self.writer = Writer(self.runner, FAKE_IF, chunk=chunk)
-        self.ctx = Context(self.settings, self.runner, self.iface, self.writer, SERVER_PUBLIC)
+        self.cmd = Commands(self.runner)
+        self.iface = Interface(self.settings, self.cmd, FAKE_KEYFILE, socket_dir=str(tmp_path))
+        self.writer = Writer(self.cmd, FAKE_IF)
+        self.ctx = Context(self.settings, self.cmd, self.iface, self.writer, SERVER_PUBLIC)
 
     def start(self):
         self.iface.up()

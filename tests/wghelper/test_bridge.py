@@ -1,10 +1,11 @@
 """Bridge commands of the helper (wghelper/bridge.py): exact argv and refusals, via the fake runner."""
 import pytest
 
-from wghelper import bridge
-from wghelper.bridge import Bridges, nft_script, parse_rules
+from wghelper import bridge, firewall
+from wghelper.bridge import Bridges, parse_rules
+from wghelper.firewall import Firewall
 
-from .fakes import FAKE_IF, SERVER_PUBLIC, Helper, key
+from .fakes import FAKE_IF, SERVER_PUBLIC, Helper, key, settings
 
 IF = FAKE_IF
 LINK = IF + "b3"
@@ -13,9 +14,9 @@ BRIDGE_KEYFILE = "/state/bridge.key"
 SPEC = {"slot": 3, "public_key": EXIT_KEY, "endpoint": "198.51.100.1:51820", "address": "10.9.255.1",
         "keepalive": 25}
 SCRIPT = """\
-table ip orbmesh_b3 {}
-delete table ip orbmesh_b3
-table ip orbmesh_b3 {
+table inet orbmesh {}
+delete table inet orbmesh
+table inet orbmesh {
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\toifname "wgt0b3" ip saddr 10.8.0.0/16 masquerade
@@ -35,11 +36,11 @@ UP_CALLS = [
     ["wg", "set", LINK, "private-key", BRIDGE_KEYFILE, "peer", EXIT_KEY, "endpoint", "198.51.100.1:51820",
      "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "25"],
     ["ip", "-4", "address", "flush", "dev", LINK],
-    ["ip", "-4", "address", "add", "10.9.255.1/32", "dev", LINK],
+    ["ip", "-4", "address", "replace", "10.9.255.1/32", "dev", LINK],
     ["ip", "link", "set", "dev", LINK, "mtu", "1420", "up"],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % IF],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % LINK],
-    ["nft", "-f", "-"],
+    ["nft", "-f", "-"],     # masquerade before the route
     ["ip", "-4", "route", "replace", "default", "dev", LINK, "table", "51903"],
     ["ip", "-4", "route", "replace", "unreachable", "default", "metric", "4294967295", "table", "51903"],
 ]
@@ -48,7 +49,8 @@ UP_CALLS = [
 @pytest.fixture
 def helper(tmp_path):
     h = Helper(tmp_path).start()
-    h.ctx.bridges = Bridges(h.settings, h.runner, BRIDGE_KEYFILE, SERVER_PUBLIC, socket_dir=str(tmp_path))
+    fw = Firewall(h.settings, h.cmd)
+    h.ctx.bridges = Bridges(h.settings, h.cmd, fw, BRIDGE_KEYFILE, SERVER_PUBLIC, socket_dir=str(tmp_path))
     for name in (IF, LINK, IF + "b0"):
         h.runner.sysctls["net/ipv4/conf/%s/forwarding" % name] = "0"
     yield h
@@ -100,9 +102,9 @@ def test_bridge_down_removes_rules_table_nft_and_link(helper):
         ["ip", "-4", "rule", "show", "pref", "20000"],
         ["ip", "-4", "rule", "del", "pref", "20000", "from", "10.8.0.2/32"],
         ["ip", "-4", "route", "flush", "table", "51903"],
-        ["nft", "delete", "table", "ip", "orbmesh_b3"],
         ["ip", "link", "show", "dev", LINK],
         ["ip", "link", "del", "dev", LINK],
+        ["nft", "delete", "table", "inet", "orbmesh"],   # the last bridge gone, no uplink: no table
     ]
     assert helper.runner.rules == {"10.8.0.4": ("20000", "51901")}  # another bridge's client stays
     assert helper.result("hello")["bridges"] == []
@@ -167,9 +169,18 @@ def test_without_bridges_the_commands_answer_an_error(tmp_path):
         h.writer.stop()
 
 
+def test_two_bridges_share_the_table_and_keep_it_until_the_last_goes(helper):
+    helper.result("bridge_up", SPEC)
+    helper.result("bridge_up", dict(SPEC, slot=0))
+    assert helper.runner.nft_tables["inet orbmesh"] == firewall.script(helper.settings, [IF + "b0", LINK])
+    helper.result("bridge_down", {"slot": 3})
+    assert helper.runner.nft_tables["inet orbmesh"] == firewall.script(helper.settings, [IF + "b0"])
+    helper.result("bridge_down", {"slot": 0})
+    assert helper.runner.nft_tables == {}
+
+
 def test_names_fit_and_rules_parse():
     assert bridge.link_name("abcdefghijklmno", 63) == "abcdefghijklb63"
-    assert bridge.nft_table("t" * 32, 7) == "t" * 29 + "_b7"
-    assert nft_script("orbmesh_b3", LINK, IF, "10.8.0.0/16") == SCRIPT
+    assert firewall.script(settings(), [LINK]) == SCRIPT
     text = "20000:\tfrom 10.8.0.2 lookup 51903\n20000:\tfrom all lookup main\n0:\tfrom all lookup local\n"
     assert parse_rules(text, 20000) == {"10.8.0.2": 51903}

@@ -167,7 +167,7 @@ def test_many_requests_on_one_connection_then_hello(served):
     conn = served.connect()
     try:
         for frame in (b"{}", b"[]", b"null", b'{"cmd":1}', b'{"cmd":"nope"}', b'{"cmd":"hello","args":[]}',
-                      b'{"cmd":"add_peers","args":{"peers":[{"public_key":null}]}}', b"\xff\xfe", b'"\\ud800"'):
+                      b'{"cmd":"apply_peers","args":{"add":[{"public_key":null}]}}', b"\xff\xfe", b'"\\ud800"'):
             conn.send(frame + b"\n")
             assert_clean(conn.reply())
         assert conn.call("hello", req_id=5)["ok"] is True

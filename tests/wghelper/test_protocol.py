@@ -7,13 +7,13 @@ from wghelper.protocol import BAD_FRAME, TOO_LARGE, ProtocolError
 
 
 def test_round_trip():
-    message = {"id": 7, "cmd": "add_peers", "args": {"peers": [{"a": "ü", "b": [1, 2]}]}}
+    message = {"id": 7, "cmd": "apply_peers", "args": {"add": [{"a": "ü", "b": [1, 2]}]}}
     frame = protocol.encode(message)
     assert frame.endswith(b"\n") and frame.count(b"\n") == 1
     assert frame.isascii()
     assert protocol.decode(frame) == message
     assert protocol.decode(frame[:-1]) == message
-    assert protocol.parse_request(protocol.decode(frame)) == (7, "add_peers", message["args"])
+    assert protocol.parse_request(protocol.decode(frame)) == (7, "apply_peers", message["args"])
 
 
 def test_read_frame_splits_a_stream():

@@ -96,8 +96,8 @@ def test_requests_on_one_connection(served):
     conn = served.connect()
     first = conn.call("hello", req_id=41)
     assert first["id"] == 41 and first["ok"] and first["result"]["interface"] == "wgt0"
-    added = conn.call("add_peers", {"peers": [peer(key(1))]}, req_id=42)
-    assert added == {"id": 42, "ok": True, "result": {"applied": 1}}
+    added = conn.call("apply_peers", {"add": [peer(key(1))]}, req_id=42)
+    assert added == {"id": 42, "ok": True, "result": {"removed": 0, "applied": 1}}
     assert served.calls[-1][:2] == ["wg", "set"]
     conn.close()
 
@@ -111,10 +111,10 @@ def test_unknown_command(served):
 
 def test_invalid_arguments_reach_no_command(served):
     conn = served.connect()
-    for args in ({"peers": [peer("x" * 44)]}, {"peers": [peer(key(1), "10.8.0.1/32")]},
-                 {"peers": [peer(key(1), endpoint="evil.example:53")]}, {"peers": "all"},
-                 {"peers": [peer(key(1))], "interface": "eth0"}):
-        reply = conn.call("add_peers", args)
+    for args in ({"add": [peer("x" * 44)]}, {"add": [peer(key(1), "10.8.0.1/32")]},
+                 {"add": [peer(key(1), endpoint="evil.example:53")]}, {"add": "all"},
+                 {"add": [peer(key(1))], "interface": "eth0"}):
+        reply = conn.call("apply_peers", args)
         assert reply["error"]["code"] == protocol.INVALID_ARGUMENT, args
         assert reply["error"]["details"]["field"]
     assert served.calls == []
@@ -152,7 +152,7 @@ def test_oversize_frame_closes_the_connection(served, monkeypatch):
 
 def test_truncated_frame_closes_the_connection(served):
     conn = served.connect()
-    conn.send(b'{"id": 1, "cmd": "add_peers", "args": {"peers": [')
+    conn.send(b'{"id": 1, "cmd": "apply_peers", "args": {"add": [')
     conn.sock.shutdown(socket.SHUT_WR)
     reply = conn.reply()
     assert reply["error"]["code"] == protocol.BAD_FRAME
@@ -270,7 +270,7 @@ sys.stdout.write(data.decode())
 
 
 def test_uid_not_allowed_from_another_user(served):
-    request = json.dumps({"id": 1, "cmd": "add_peers", "args": {"peers": [peer(key(1))]}})
+    request = json.dumps({"id": 1, "cmd": "apply_peers", "args": {"add": [peer(key(1))]}})
     done = subprocess.run([sys.executable, "-I", "-c", FORBIDDEN_CLIENT, served.path, request],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr

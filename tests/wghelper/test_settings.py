@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from app import config as app_config
+from wghelper import settings
 from wghelper.settings import ConfigError, load, read_env_file
 
 
@@ -12,11 +14,11 @@ def test_defaults():
     assert s.interface == "wg0" and s.listen_port == 51820 and s.mtu == 1420
     assert s.pool == ipaddress.ip_network("10.8.0.0/16")
     assert s.gateway == ipaddress.ip_address("10.8.0.1")
-    assert s.socket_path == "/run/orbmesh/wghelper.sock" and s.socket_group is None
-    assert s.allowed_uids == frozenset({0})
-    assert s.state_dir == "/var/lib/orbmesh-wghelper"
-    assert (s.backend, s.wireguard_go) == ("auto", "wireguard-go")
-    assert (s.command_timeout, s.watch_interval, s.max_connections) == (10.0, 2.0, 256)
+    assert s.helper_socket == "/run/orbmesh/wghelper.sock" and s.helper_socket_group is None
+    assert s.helper_allowed_uids == frozenset({0})
+    assert s.helper_state_dir == "/var/lib/orbmesh-wghelper"
+    assert (s.wg_backend, s.wireguard_go) == ("auto", "wireguard-go")
+    assert (s.helper_command_timeout, s.helper_watch_interval, s.helper_max_connections) == (10.0, 2.0, 256)
 
 
 def test_read_env_file(tmp_path):
@@ -53,8 +55,8 @@ def test_file_then_environment(tmp_path):
 
 def test_names_and_ids():
     s = load({"ORBMESH_HELPER_ALLOWED_UIDS": "0, root,65534", "ORBMESH_HELPER_SOCKET_GROUP": "root"})
-    assert s.allowed_uids == frozenset({0, 65534}) and s.socket_group == 0
-    assert load({"ORBMESH_HELPER_SOCKET_GROUP": "1234"}).socket_group == 1234
+    assert s.helper_allowed_uids == frozenset({0, 65534}) and s.helper_socket_group == 0
+    assert load({"ORBMESH_HELPER_SOCKET_GROUP": "1234"}).helper_socket_group == 1234
 
 
 @pytest.mark.parametrize("name, value", [
@@ -87,3 +89,25 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["orbmesh-wghelper: ORBMESH_MTU: must be between 576 and 9000"]
+
+
+def test_app_and_helper_read_the_shared_settings_alike(tmp_path):
+    """One table, one parser: both processes get the same values, and refuse the same."""
+    env = {"ORBMESH_INTERFACE": "wg7", "ORBMESH_POOL": "10.9.0.0/24", "ORBMESH_LISTEN_PORT": "4000",
+           "ORBMESH_MTU": "1280", "ORBMESH_HELPER_SOCKET": "/run/x/helper.sock", "ORBMESH_JWT_SECRET": "s" * 40}
+    helper, app = load(env), app_config.load(env)
+    for name in settings.SHARED:
+        assert str(helper[name]) == str(app[name]), name
+    for bad in ({"ORBMESH_POOL": "fd00:8::/64"}, {"ORBMESH_INTERFACE": "wg 0"}, {"ORBMESH_HELPER_SOCKET": "x.sock"},
+                {"ORBMESH_GATEWAY": "10.10.0.1"}):
+        errors = []
+        for loader in (load, app_config.load):
+            with pytest.raises(ConfigError) as info:
+                loader(dict(env, **bad))
+            errors.append(str(info.value))
+        assert errors[0] == errors[1] and errors[0].startswith(next(iter(bad)) + ": ")
+
+
+def test_every_shared_setting_is_in_the_app_table():
+    assert set(settings.SHARED) <= set(app_config.SETTINGS)
+    assert not set(settings.HELPER) & set(app_config.SETTINGS)

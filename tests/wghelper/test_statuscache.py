@@ -101,9 +101,9 @@ def helper(tmp_path):
 
 def test_status_counts_every_change_made_through_the_helper(helper):
     assert helper.result("status")["peer_count"] == 0
-    helper.result("add_peers", {"peers": [peer(key(1)), peer(key(2), "10.8.0.3/32")]})
+    helper.result("apply_peers", {"add": [peer(key(1)), peer(key(2), "10.8.0.3/32")]})
     assert helper.result("status")["peer_count"] == 2
-    helper.result("remove_peers", {"public_keys": [key(1)]})
+    helper.result("apply_peers", {"remove": [key(1)]})
     assert helper.result("status")["peer_count"] == 1
     dumps = [c for c in helper.runner.calls if c[:2] == ["wg", "show"]]
     assert len(dumps) == 3

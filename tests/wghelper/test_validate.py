@@ -58,7 +58,7 @@ def test_invalid_message_does_not_echo_the_value():
     (["10.8.1.%d/32" % i for i in range(8)], ["10.8.1.%d/32" % i for i in range(8)]),
 ])
 def test_client_ips_good(values, expected):
-    assert validate.client_ips(values, POOL, GATEWAY) == expected
+    assert validate.peer({"public_key": KEY, "allowed_ips": values}, POOL, GATEWAY)["allowed_ips"] == expected
 
 
 @pytest.mark.parametrize("values", [
@@ -79,15 +79,28 @@ def test_client_ips_good(values, expected):
     [42], [None], ["10.8.0.42/32 "], ["10.8.0.42/32,10.8.0.43/32"],
 ])
 def test_client_ips_bad(values):
-    with pytest.raises(Invalid):
-        validate.client_ips(values, POOL, GATEWAY)
+    with pytest.raises(Invalid) as info:
+        validate.peer({"public_key": KEY, "allowed_ips": values}, POOL, GATEWAY)
+    assert info.value.field.startswith("peer.allowed_ips")
 
 
-def test_client_ips_v6_pool():
-    assert validate.client_ips(["fd00:8::0042/128"], POOL6, GATEWAY6) == ["fd00:8::42/128"]
-    for bad in (["fd00:8::/128"], ["fd00:8::1/128"], ["fd00:9::5/128"], ["fd00:8::5/64"]):
+def test_client_ip_v6_pool():
+    assert validate.client_ip("fd00:8::0042/128", POOL6, GATEWAY6, "ip") == "fd00:8::42/128"
+    for bad in ("fd00:8::/128", "fd00:8::1/128", "fd00:9::5/128", "fd00:8::5/64"):
         with pytest.raises(Invalid):
-            validate.client_ips(bad, POOL6, GATEWAY6)
+            validate.client_ip(bad, POOL6, GATEWAY6, "ip")
+
+
+@pytest.mark.parametrize("value", ["10.8.0.2", "10.8.255.254"])
+def test_client_address_good(value):
+    assert validate.client_address(value, POOL, GATEWAY, "address") == value
+
+
+@pytest.mark.parametrize("value", ["10.8.0.1", "10.8.0.0", "10.9.0.2", "10.8.0.2/32", "", None, 7])
+def test_client_address_bad(value):
+    with pytest.raises(Invalid) as info:
+        validate.client_address(value, POOL, GATEWAY, "address")
+    assert info.value.field == "address"
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -171,20 +184,22 @@ def test_peers_bad(peers, field):
     assert info.value.field == field
 
 
-def test_peers_limits():
-    with pytest.raises(Invalid):
-        validate.peers([], POOL, GATEWAY, min=1)
+def test_peers_limit(monkeypatch):
     many = [{"public_key": b64(i.to_bytes(4, "big") * 8), "allowed_ips": ["10.8.1.%d/32" % i]}
             for i in range(1, 4)]
-    with pytest.raises(Invalid):
-        validate.peers(many, POOL, GATEWAY, max=2)
+    assert len(validate.peers(many, POOL, GATEWAY)) == 3
+    monkeypatch.setattr(validate, "MAX_PEERS", 2)
+    with pytest.raises(Invalid) as info:
+        validate.peers(many, POOL, GATEWAY)
+    assert info.value.message == "must hold 0 to 2 peers"
 
 
 def test_key_list():
-    assert validate.key_list([KEY, KEY2]) == [KEY, KEY2]
-    assert validate.key_list([]) == []
+    assert validate.key_list([KEY, KEY2], "remove") == [KEY, KEY2]
+    assert validate.key_list([], "remove") == []
     for bad in ([KEY, KEY], [KEY, "x"], KEY, [None]):
-        with pytest.raises(Invalid):
-            validate.key_list(bad)
+        with pytest.raises(Invalid) as info:
+            validate.key_list(bad, "remove")
+        assert info.value.field.startswith("remove")
     with pytest.raises(Invalid):
-        validate.key_list([], min=1)
+        validate.key_list([KEY, KEY2], "remove", high=1)

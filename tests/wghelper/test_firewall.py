@@ -1,16 +1,18 @@
-"""NAT and forwarding (wghelper/nat.py): the exact ruleset and argv, via the fake runner."""
+"""The helper's nftables table and forwarding (wghelper/firewall.py): the exact ruleset and argv."""
 import ipaddress
 import json
 import logging
 import os
-import shutil
 
 import pytest
 
-from wghelper import nat
-from wghelper.commands import CommandFailed, Runner
+from tests.need import need
+from wghelper import firewall
+from wghelper.argv import Commands, Runner
+from wghelper.errors import CommandFailed, ConfigError
+from wghelper.firewall import Firewall
 from wghelper.interface import Interface
-from wghelper.settings import ConfigError, load
+from wghelper.settings import load
 
 from .fakes import FAKE_IF, FAKE_KEYFILE, FakeRunner, settings
 
@@ -64,49 +66,71 @@ APPLY_CALLS = [
 ]
 
 
+TABLE_BRIDGES_ONLY = """\
+table inet orbmesh {
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\toifname "wgt0b0" ip saddr 10.8.0.0/16 masquerade
+\t\toifname "wgt0b3" ip saddr 10.8.0.0/16 masquerade
+\t}
+
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname "wgt0b0" oifname "wgt0" ct state established,related accept
+\t\tiifname "wgt0b0" oifname "wgt0" drop
+\t\tiifname "wgt0b3" oifname "wgt0" ct state established,related accept
+\t\tiifname "wgt0b3" oifname "wgt0" drop
+\t}
+}
+"""
+
+
 def make(tmp_path=None, state=True, **overrides):
     runner = FakeRunner()
     runner.sysctls.update({K_WG: "0", K_UP: "0", K6_WG: "0"})
     cfg = settings(**dict({"nat_uplink": UP}, **overrides))
-    path = str(tmp_path / nat.STATE_FILE) if (tmp_path is not None and state) else None
-    return nat.Nat(cfg, runner, path), runner
+    path = str(tmp_path / firewall.STATE_FILE) if (tmp_path is not None and state) else None
+    return Firewall(cfg, Commands(runner), path), runner
 
 
 # --- the ruleset text ---------------------------------------------------------
 
 def test_exact_ruleset_ipv4():
     cfg = settings(nat_uplink=UP)
-    assert nat.table_definition(cfg.nat_table, cfg.interface, UP, cfg.pool) == TABLE_V4
-    assert nat.apply_script(cfg.nat_table, cfg.interface, UP, cfg.pool, cfg.pool6) == SCRIPT_V4
+    assert firewall.render(cfg) == TABLE_V4
+    assert firewall.script(cfg) == SCRIPT_V4
 
 
 def test_exact_ruleset_with_pool6():
     cfg = settings(nat_uplink="eth0.100", nat_table="omtest", pool="10.9.0.0/24", pool6="fd00:8::/64")
-    assert nat.apply_script(cfg.nat_table, cfg.interface, cfg.nat_uplink, cfg.pool, cfg.pool6) == SCRIPT_V6
+    assert firewall.script(cfg) == SCRIPT_V6
     # IPv6 forwarding only on the WireGuard side (see forwarding_keys), '/' keys for dotted names.
-    assert nat.forwarding_keys(cfg.interface, cfg.nat_uplink, cfg.pool, cfg.pool6) == [
-        K_WG, "net/ipv4/conf/eth0.100/forwarding", K6_WG]
+    assert firewall.forwarding_keys(cfg) == [K_WG, "net/ipv4/conf/eth0.100/forwarding", K6_WG]
 
 
-@pytest.mark.parametrize("args", [
-    ("orbmesh", "wg0", 'eth0" accept', ipaddress.ip_network("10.8.0.0/16")),
-    ("orbmesh", "wg0\n", "eth0", ipaddress.ip_network("10.8.0.0/16")),
-    ("orb mesh", "wg0", "eth0", ipaddress.ip_network("10.8.0.0/16")),
-    ("orbmesh;", "wg0", "eth0", ipaddress.ip_network("10.8.0.0/16")),
-    ("orbmesh", "wg0", "wg0", ipaddress.ip_network("10.8.0.0/16")),
-    ("orbmesh", "wg0", "eth0", "10.8.0.0/16 masquerade"),
-    ("orbmesh", "wg0", "eth0", None),
-])
-def test_ruleset_refuses_bad_values(args):
-    with pytest.raises(nat.NatError):
-        nat.apply_script(*args)
+def test_bridge_links_share_the_one_table():
+    assert firewall.render(settings(), ["wgt0b0", "wgt0b3"]) == TABLE_BRIDGES_ONLY
+    with_uplink = firewall.render(settings(nat_uplink=UP), ["wgt0b3"])
+    assert with_uplink.count("masquerade") == 2 and with_uplink.count(" drop") == 2
+
+
+def test_without_uplink_or_bridges_there_is_no_table(tmp_path):
+    runner = FakeRunner()
+    fw = Firewall(settings(), Commands(runner), str(tmp_path / firewall.STATE_FILE))
+    fw.start()
+    assert runner.calls == [["nft", "delete", "table", "inet", "orbmesh"]]  # a leftover would go
+    runner.clear()
+    fw.apply(["wgt0b1"])
+    fw.apply([])
+    assert runner.calls == [["nft", "-f", "-"], ["nft", "delete", "table", "inet", "orbmesh"]]
+    assert not any(c[0] == "sysctl" for c in runner.calls) and runner.nft_tables == {}
 
 
 # --- apply ----------------------------------------------------------------------
 
 def test_apply_exact_argv_and_stdin(tmp_path):
     n, runner = make(tmp_path)
-    n.apply()
+    n.start()
     assert runner.calls == APPLY_CALLS
     assert runner.stdins == [(["nft", "-f", "-"], SCRIPT_V4)]
     assert runner.sysctls[K_WG] == runner.sysctls[K_UP] == "1"
@@ -116,7 +140,7 @@ def test_apply_exact_argv_and_stdin(tmp_path):
 
 def test_apply_with_pool6_sets_ipv6_forwarding_on_wireguard_only(tmp_path):
     n, runner = make(tmp_path, pool6="fd00:8::/64")
-    n.apply()
+    n.start()
     assert runner.calls[-2:] == [["sysctl", "-n", K6_WG], ["sysctl", "-w", K6_WG + "=1"]]
     assert not any("ipv6/conf/%s/" % UP in " ".join(c) for c in runner.calls)
     assert "ip6 saddr fd00:8::/64 masquerade" in runner.stdins[0][1]
@@ -124,9 +148,9 @@ def test_apply_with_pool6_sets_ipv6_forwarding_on_wireguard_only(tmp_path):
 
 def test_apply_is_idempotent(tmp_path):
     n, runner = make(tmp_path)
-    n.apply()
+    n.start()
     runner.clear()
-    n.apply()
+    n.start()
     # The same single nft run with the same delete-and-recreate text; the
     # sysctls are already 1, so they are only read.
     assert runner.calls == [["nft", "-f", "-"], ["sysctl", "-n", K_WG], ["sysctl", "-n", K_UP]]
@@ -137,8 +161,8 @@ def test_apply_is_idempotent(tmp_path):
 def test_restarts_give_the_same_single_nft_run(tmp_path):
     n, runner = make(tmp_path)
     for _ in range(3):
-        n.apply()
-        assert n.remove()
+        n.start()
+        assert n.stop()
     nft_runs = [c for c in runner.calls if c[:2] == ["nft", "-f"]]
     assert nft_runs == [["nft", "-f", "-"]] * 3
     assert [s for _, s in runner.stdins] == [SCRIPT_V4] * 3
@@ -148,17 +172,17 @@ def test_restarts_give_the_same_single_nft_run(tmp_path):
 def test_forwarding_already_on_is_not_written_or_restored(tmp_path):
     n, runner = make(tmp_path)
     runner.sysctls[K_UP] = "1"
-    n.apply()
+    n.start()
     assert ["sysctl", "-w", K_UP + "=1"] not in runner.calls
     runner.clear()
-    assert n.remove()
+    assert n.stop()
     assert ["sysctl", "-w", K_UP + "=1"] not in runner.calls and runner.sysctls[K_UP] == "1"
 
 
 def test_apply_logs_one_line_per_step(tmp_path, caplog):
     n, _ = make(tmp_path)
-    with caplog.at_level(logging.INFO, logger="wghelper.nat"):
-        n.apply()
+    with caplog.at_level(logging.INFO, logger="wghelper.firewall"):
+        n.start()
     assert [r.getMessage() for r in caplog.records] == [
         "nat: table inet orbmesh applied: masquerade 10.8.0.0/16 out of up0, forward wgt0 <-> up0",
         "nat: %s = 1 (was 0)" % K_WG,
@@ -170,10 +194,10 @@ def test_missing_uplink_fails_and_cleanup_undoes_everything(tmp_path):
     n, runner = make(tmp_path)
     del runner.sysctls[K_UP]  # no such interface
     with pytest.raises(CommandFailed) as info:
-        n.apply()
+        n.start()
     assert "cannot stat" in info.value.stderr
     assert runner.sysctls[K_WG] == "1" and "inet orbmesh" in runner.nft_tables
-    assert n.remove()  # what __main__ does in its finally
+    assert n.stop()  # what __main__ does in its finally
     assert runner.sysctls[K_WG] == "0" and runner.nft_tables == {}
 
 
@@ -181,7 +205,7 @@ def test_nft_failure_changes_no_sysctl(tmp_path):
     n, runner = make(tmp_path)
     runner.fail = lambda argv: "Error: Could not process rule" if argv[:2] == ["nft", "-f"] else None
     with pytest.raises(CommandFailed):
-        n.apply()
+        n.start()
     assert runner.calls == [["nft", "-f", "-"]]  # rules first: never forwarding without masquerade
     assert runner.sysctls == {K_WG: "0", K_UP: "0", K6_WG: "0"}
 
@@ -190,37 +214,37 @@ def test_nft_failure_changes_no_sysctl(tmp_path):
 
 def test_remove_restores_sysctls_then_deletes_the_table(tmp_path):
     n, runner = make(tmp_path)
-    n.apply()
+    n.start()
     runner.clear()
-    assert n.remove() is True
+    assert n.stop() is True
     assert runner.calls == [
         ["sysctl", "-n", K_UP], ["sysctl", "-w", K_UP + "=0"],
         ["sysctl", "-n", K_WG], ["sysctl", "-w", K_WG + "=0"],
         ["nft", "delete", "table", "inet", "orbmesh"],
     ]
     assert runner.sysctls[K_WG] == runner.sysctls[K_UP] == "0" and runner.nft_tables == {}
-    assert not os.path.exists(tmp_path / nat.STATE_FILE)
+    assert not os.path.exists(tmp_path / firewall.STATE_FILE)
 
 
 def test_remove_ignores_a_missing_table(tmp_path):
     n, runner = make(tmp_path)
-    assert n.remove() is True
+    assert n.stop() is True
     assert runner.calls == [["nft", "delete", "table", "inet", "orbmesh"]]
 
 
 def test_remove_reports_other_nft_failures(tmp_path):
     n, runner = make(tmp_path)
-    n.apply()
+    n.start()
     runner.fail = lambda argv: "Error: Operation not permitted" if argv[:2] == ["nft", "delete"] else None
-    assert n.remove() is False
+    assert n.stop() is False
     assert runner.sysctls[K_UP] == "0"  # the other steps still ran
 
 
 def test_remove_skips_an_interface_that_is_gone(tmp_path):
     n, runner = make(tmp_path)
-    n.apply()
+    n.start()
     del runner.sysctls[K_WG]  # the WireGuard link went away
-    assert n.remove() is True
+    assert n.stop() is True
     assert runner.sysctls[K_UP] == "0" and runner.nft_tables == {}
 
 
@@ -228,15 +252,15 @@ def test_remove_skips_an_interface_that_is_gone(tmp_path):
 
 def test_state_file_remembers_originals_across_a_crash(tmp_path):
     first, runner = make(tmp_path)
-    first.apply()
-    state = tmp_path / nat.STATE_FILE
+    first.start()
+    state = tmp_path / firewall.STATE_FILE
     assert json.loads(state.read_text()) == {"sysctl": {K_WG: "0", K_UP: "0"}}
     assert oct(os.stat(state).st_mode & 0o777) == "0o600"
     # Killed: no remove().  The next helper finds forwarding at 1 ...
-    second = nat.Nat(first_settings(), runner, str(state))
-    second.apply()
+    second = Firewall(first_settings(), Commands(runner), str(state))
+    second.start()
     assert second.saved == {K_WG: "0", K_UP: "0"}  # ... but restores the original 0
-    assert second.remove()
+    assert second.stop()
     assert runner.sysctls[K_UP] == "0" and not state.exists()
 
 
@@ -246,11 +270,11 @@ def first_settings():
 
 def test_garbage_state_file_is_ignored(tmp_path):
     n, runner = make(tmp_path)
-    (tmp_path / nat.STATE_FILE).write_text(json.dumps(
+    (tmp_path / firewall.STATE_FILE).write_text(json.dumps(
         {"sysctl": {"kernel/core_pattern": "0", "net/ipv4/conf/x y/forwarding": "0", K_UP: "1; rm"}}))
-    n.apply()
+    n.start()
     assert n.saved == {K_WG: "0", K_UP: "0"}
-    (tmp_path / nat.STATE_FILE).write_text("not json")
+    (tmp_path / firewall.STATE_FILE).write_text("not json")
     assert make(tmp_path)[0]._load_state() == {}
 
 
@@ -258,8 +282,8 @@ def test_garbage_state_file_is_ignored(tmp_path):
 
 def test_interface_recreation_sets_forwarding_again(tmp_path):
     n, runner = make(tmp_path)
-    n.apply()
-    iface = Interface(settings(nat_uplink=UP), runner, FAKE_KEYFILE, socket_dir=str(tmp_path))
+    n.start()
+    iface = Interface(settings(nat_uplink=UP), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
     iface.on_up = n.interface_up
     runner.sysctls[K_WG] = "0"  # a new link starts with the default
     runner.clear()
@@ -270,7 +294,7 @@ def test_interface_recreation_sets_forwarding_again(tmp_path):
 
 def test_a_failing_hook_tears_the_interface_down(tmp_path):
     runner = FakeRunner()
-    iface = Interface(settings(), runner, FAKE_KEYFILE, socket_dir=str(tmp_path))
+    iface = Interface(settings(), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
 
     def hook():
         raise CommandFailed("sysctl", 255, "boom")
@@ -286,8 +310,7 @@ def test_a_failing_hook_tears_the_interface_down(tmp_path):
 def test_nat_is_off_by_default():
     s = load({})
     assert (s.nat_uplink, s.nat_table, s.pool6) == (None, "orbmesh", None)
-    with pytest.raises(nat.NatError):
-        nat.Nat(s, FakeRunner())
+    assert firewall.forwarding_keys(s) == []
 
 
 def test_nat_settings():
@@ -312,18 +335,17 @@ def test_bad_nat_values_name_the_variable(name, value):
 # --- the real Runner (nothing is changed: a missing key, a parse error) ----------
 
 def test_real_runner_sysctl_missing_key_says_cannot_stat():
-    if shutil.which("sysctl") is None:
-        pytest.skip("sysctl not installed")
+    need("sysctl")
     with pytest.raises(CommandFailed) as info:
-        Runner(timeout=5).sysctl("-n", "net/ipv4/conf/om-nonexist0/forwarding")
-    assert info.value.command == "sysctl" and nat._NO_KEY in info.value.stderr
+        Commands(Runner(timeout=5)).read_sysctl("net/ipv4/conf/om-nonexist0/forwarding")
+    assert info.value.command == "sysctl" and firewall._NO_KEY in info.value.stderr
 
 
 def test_real_runner_nft_errors_quote_the_script():
-    if shutil.which("nft") is None:
-        pytest.skip("nft not installed")
+    need("nft")
     # A syntax error stops nft in its parser, before it talks to the kernel.
     with pytest.raises(CommandFailed) as info:
-        Runner(timeout=5).nft("--check", "-f", "-", stdin="table inet orbmesh { bogus_keyword_x }\n")
+        Runner(timeout=5).run("nft", ["--check", "-f", "-"], stdin="table inet orbmesh { bogus_keyword_x }\n",
+                              redact=False)
     assert info.value.command == "nft"
     assert "syntax error" in info.value.stderr and "bogus_keyword_x" in info.value.stderr

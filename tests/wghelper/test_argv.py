@@ -1,0 +1,140 @@
+"""Everything root can run (wghelper/argv.py): each command shape's exact argv, and the real Runner."""
+import base64
+
+import pytest
+
+from wghelper import keys
+from wghelper.argv import PEERS_PER_CALL, Commands, Runner, clean_stderr
+from wghelper.errors import CommandFailed
+
+from .fakes import FakeRunner, key
+
+K1, K2 = key(1), key(2)
+
+
+class Recorder:
+    """The lowest layer, recording (tool, argv, stdin) and answering nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, tool, args, stdin=None, redact=True):
+        self.calls.append((tool, list(args), stdin))
+        return ""
+
+
+# Every method of Commands that runs a program, with the exact argv it runs.
+SHAPES = [
+    ("dump", ("wg0",), [("wg", ["show", "wg0", "dump"], None)]),
+    ("controllable", ("wg0",), [("wg", ["show", "wg0"], None)]),
+    ("peer_keys", ("wg0b1",), [("wg", ["show", "wg0b1", "peers"], None)]),
+    ("set_interface", ("wg0", 51820, "/s/server.key"),
+     [("wg", ["set", "wg0", "listen-port", "51820", "private-key", "/s/server.key"], None)]),
+    ("set_peers", ("wg0", [K1], [{"public_key": K2, "allowed_ips": ["10.8.0.2/32", "10.8.0.3/32"],
+                                  "endpoint": "192.0.2.1:7", "keepalive": 25}]),
+     [("wg", ["set", "wg0", "peer", K1, "remove", "peer", K2, "allowed-ips", "10.8.0.2/32,10.8.0.3/32",
+              "endpoint", "192.0.2.1:7", "persistent-keepalive", "25"], None)]),
+    ("set_exit_peer", ("wg0b1", "/s/bridge.key", K1, "198.51.100.1:51820", 25),
+     [("wg", ["set", "wg0b1", "private-key", "/s/bridge.key", "peer", K1, "endpoint", "198.51.100.1:51820",
+              "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "25"], None)]),
+    ("link_exists", ("wg0",), [("ip", ["link", "show", "dev", "wg0"], None)]),
+    ("add_wireguard_link", ("wg0",), [("ip", ["link", "add", "dev", "wg0", "type", "wireguard"], None)]),
+    ("delete_link", ("wg0",), [("ip", ["link", "del", "dev", "wg0"], None)]),
+    ("link_up", ("wg0", 1420), [("ip", ["link", "set", "dev", "wg0", "mtu", "1420", "up"], None)]),
+    ("replace_address", ("wg0", "10.8.0.1/16"), [("ip", ["-4", "address", "replace", "10.8.0.1/16", "dev", "wg0"],
+                                                 None)]),
+    ("replace_address", ("wg0", "fd00::1/64"), [("ip", ["-6", "address", "replace", "fd00::1/64", "dev", "wg0"],
+                                                None)]),
+    ("flush_addresses", ("wg0b1",), [("ip", ["-4", "address", "flush", "dev", "wg0b1"], None)]),
+    ("route_default", (51901, "wg0b1"), [("ip", ["-4", "route", "replace", "default", "dev", "wg0b1", "table",
+                                                 "51901"], None)]),
+    ("route_unreachable", (51901,), [("ip", ["-4", "route", "replace", "unreachable", "default", "metric",
+                                             "4294967295", "table", "51901"], None)]),
+    ("flush_table", (51901,), [("ip", ["-4", "route", "flush", "table", "51901"], None)]),
+    ("rules", (20000,), [("ip", ["-4", "rule", "show", "pref", "20000"], None)]),
+    ("add_rule", (20000, "10.8.0.2", 51901), [("ip", ["-4", "rule", "add", "pref", "20000", "from", "10.8.0.2/32",
+                                                      "lookup", "51901"], None)]),
+    ("delete_rule", (20000, "10.8.0.2"), [("ip", ["-4", "rule", "del", "pref", "20000", "from", "10.8.0.2/32"],
+                                           None)]),
+    ("apply_nft", ("table inet orbmesh {}\n",), [("nft", ["-f", "-"], "table inet orbmesh {}\n")]),
+    ("delete_nft_table", ("orbmesh",), [("nft", ["delete", "table", "inet", "orbmesh"], None)]),
+    ("read_sysctl", ("net/ipv4/conf/wg0/forwarding",), [("sysctl", ["-n", "net/ipv4/conf/wg0/forwarding"], None)]),
+    ("write_sysctl", ("net/ipv4/conf/wg0/forwarding", "1"),
+     [("sysctl", ["-w", "net/ipv4/conf/wg0/forwarding=1"], None)]),
+]
+
+
+@pytest.mark.parametrize("method, args, expected", SHAPES, ids=[s[0] for s in SHAPES])
+def test_exact_argv(method, args, expected):
+    recorder = Recorder()
+    getattr(Commands(recorder), method)(*args)
+    assert recorder.calls == expected
+
+
+def test_every_command_shape_is_listed():
+    shapes = {name for name in vars(Commands) if not name.startswith("_")} - {"public_key", "start_wireguard_go"}
+    assert shapes == {s[0] for s in SHAPES}
+
+
+def test_public_key_goes_on_stdin_only():
+    recorder = Recorder()
+    private = keys.generate_private_key()
+    Commands(recorder).public_key(private)
+    assert recorder.calls == [("wg", ["pubkey"], private + "\n")]
+
+
+def test_set_peers_without_endpoint_sends_keepalive_zero():
+    recorder = Recorder()
+    Commands(recorder).set_peers("wg0", [], [{"public_key": K1, "allowed_ips": ["10.8.0.2/32"], "endpoint": None,
+                                              "keepalive": 0}])
+    assert recorder.calls == [("wg", ["set", "wg0", "peer", K1, "allowed-ips", "10.8.0.2/32",
+                                      "persistent-keepalive", "0"], None)]
+
+
+def test_set_peers_splits_long_argv():
+    recorder = Recorder()
+    adds = [{"public_key": key(i), "allowed_ips": ["10.8.%d.%d/32" % (i // 250, i % 250 + 2)], "keepalive": 0}
+            for i in range(1, 2 * PEERS_PER_CALL + 501)]
+    Commands(recorder).set_peers("wg0", [], adds)
+    assert [argv.count("peer") for _, argv, _ in recorder.calls] == [PEERS_PER_CALL, PEERS_PER_CALL, 500]
+
+
+def test_start_wireguard_go_goes_through_the_runner():
+    runner = FakeRunner(kernel=False)
+    child = Commands(runner).start_wireguard_go("wg0")
+    assert runner.calls == [["wireguard-go", "wg0"]] and child.alive()
+
+
+# --- the real Runner (read-only commands only) --------------------------------
+
+def test_real_runner_reports_failures():
+    with pytest.raises(CommandFailed) as info:
+        Runner(timeout=5).run("ip", ["link", "show", "dev", "om-nonexist0"])
+    assert info.value.command == "ip" and info.value.exit_code == 1
+    assert "does not exist" in info.value.stderr
+
+
+def test_real_runner_feeds_stdin():
+    private = keys.generate_private_key()
+    public = Commands(Runner(timeout=5)).public_key(private)
+    assert len(base64.b64decode(public)) == 32 and public != private
+
+
+def test_real_runner_kills_a_command_past_its_timeout():
+    # `ip monitor` only reads and never exits by itself.
+    with pytest.raises(CommandFailed) as info:
+        Runner(timeout=0.5).run("ip", ["monitor", "link"])
+    assert info.value.command == "ip" and info.value.exit_code is None
+    assert info.value.stderr == "timed out after 0.5s"
+
+
+def test_real_runner_refuses_a_missing_tool():
+    with pytest.raises(CommandFailed) as info:
+        Runner(timeout=5).run("om-no-such-tool", [])
+    assert info.value.stderr == "not found in PATH"
+
+
+def test_clean_stderr_redacts_and_truncates():
+    secret = keys.generate_private_key()
+    assert clean_stderr(("bad key %s\n" % secret).encode(), secret + "\n") == "bad key [redacted]"
+    assert len(clean_stderr("x" * 5000)) == 503

@@ -1,0 +1,182 @@
+"""The commands (wghelper/handlers.py) through dispatch: replies and the exact argv, via the fake runner."""
+import json
+
+import pytest
+
+from wghelper import protocol
+
+from .fakes import DUMP_PRIVATE, FAKE_IF, SERVER_PUBLIC, Helper, key, peer
+
+IF = FAKE_IF
+K1, K2, K3 = key(1), key(2), key(3)
+
+
+@pytest.fixture
+def helper(tmp_path):
+    h = Helper(tmp_path).start()
+    yield h
+    h.writer.stop()
+
+
+def add(helper, *peers):
+    return helper.result("apply_peers", {"add": list(peers)})
+
+
+# --- peer changes -------------------------------------------------------------
+
+def test_add_argv(helper):
+    assert add(helper, peer(K1, "10.8.0.2/32", endpoint="192.0.2.1:51820", keepalive=25),
+               peer(K2, "10.8.0.3/32", "10.8.0.4/32")) == {"removed": 0, "applied": 2}
+    assert helper.runner.calls == [[
+        "wg", "set", IF,
+        "peer", K1, "allowed-ips", "10.8.0.2/32", "endpoint", "192.0.2.1:51820", "persistent-keepalive", "25",
+        "peer", K2, "allowed-ips", "10.8.0.3/32,10.8.0.4/32", "persistent-keepalive", "0",
+    ]]
+
+
+def test_update_can_turn_keepalive_off(helper):
+    add(helper, peer(K1, keepalive=25))
+    add(helper, peer(K1, "10.8.0.9/32", keepalive=0))
+    assert helper.runner.calls[-1] == [
+        "wg", "set", IF, "peer", K1, "allowed-ips", "10.8.0.9/32", "persistent-keepalive", "0"]
+    assert helper.runner.peers[K1]["keepalive"] == 0
+
+
+def test_endpoint_is_normalised_in_the_argv(helper):
+    add(helper, peer(K1, endpoint="[2001:DB8:0::1]:7"))
+    assert helper.runner.calls[-1][-4:] == ["endpoint", "[2001:db8::1]:7", "persistent-keepalive", "0"]
+
+
+def test_remove_argv(helper):
+    assert helper.result("apply_peers", {"remove": [K1, K2]}) == {"removed": 2, "applied": 0}
+    assert helper.runner.calls == [["wg", "set", IF, "peer", K1, "remove", "peer", K2, "remove"]]
+
+
+def test_apply_removes_before_adding(helper):
+    assert helper.result("apply_peers", {"remove": [K1], "add": [peer(K2, "10.8.0.2/32")]}) == {
+        "removed": 1, "applied": 1}
+    assert helper.runner.calls == [[
+        "wg", "set", IF, "peer", K1, "remove",
+        "peer", K2, "allowed-ips", "10.8.0.2/32", "persistent-keepalive", "0"]]
+
+
+def test_apply_argument_checks(helper):
+    for args in ({}, {"remove": [], "add": []}, {"remove": [K1], "add": [peer(K1)]},
+                 {"remove": [K1], "extra": 1}):
+        reply = helper.call("apply_peers", args)
+        assert reply["error"]["code"] == protocol.INVALID_ARGUMENT, args
+    assert helper.runner.calls == []
+
+
+def test_large_batches_are_chunked(tmp_path):
+    h = Helper(tmp_path).start()
+    peers = [peer(key(i), "10.8.%d.%d/32" % (i // 250, i % 250 + 2)) for i in range(1, 2501)]
+    assert h.result("apply_peers", {"add": peers}) == {"removed": 0, "applied": 2500}
+    sets = h.runner.wg_sets()
+    assert [c.count("peer") for c in sets] == [1000, 1000, 500]
+    assert h.result("status")["wg_set_calls"] == 1  # one job, split into three argvs
+    h.writer.stop()
+
+
+def test_sync_applies_only_the_difference(helper):
+    add(helper, 
+        peer(K1, "10.8.0.2/32", endpoint="192.0.2.1:1", keepalive=25),   # kept as is
+        peer(K2, "10.8.0.3/32"),                                          # wrong address
+        peer(key(9), "10.8.0.9/32"),                                      # unknown: removed
+    )
+    helper.runner.clear()
+    result = helper.result("sync_peers", {"peers": [
+        peer(K1, "10.8.0.2/32", keepalive=25),   # no endpoint wanted: the roamed one stays
+        peer(K2, "10.8.0.4/32"),
+        peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5),
+    ]})
+    assert result == {"added": 1, "removed": 1, "updated": 1}
+    assert helper.runner.calls == [
+        ["wg", "show", IF, "dump"],
+        ["wg", "set", IF,
+         "peer", key(9), "remove",
+         "peer", K2, "allowed-ips", "10.8.0.4/32", "persistent-keepalive", "0",
+         "peer", K3, "allowed-ips", "10.8.0.5/32", "endpoint", "192.0.2.7:9", "persistent-keepalive", "5"],
+    ]
+    # A second sync finds nothing to do and runs no wg set at all.
+    helper.runner.clear()
+    again = helper.result("sync_peers", {"peers": [
+        peer(K1, "10.8.0.2/32", keepalive=25), peer(K2, "10.8.0.4/32"),
+        peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5)]})
+    assert again == {"added": 0, "removed": 0, "updated": 0}
+    assert helper.runner.calls == [["wg", "show", IF, "dump"]]
+
+
+def test_sync_fixes_endpoint_and_keepalive():
+    from wghelper.peers import plan_sync
+
+    current = [{"public_key": K1, "allowed_ips": ["10.8.0.2/32"], "endpoint": "192.0.2.1:1", "keepalive": 0},
+               {"public_key": K2, "allowed_ips": ["10.8.0.3/32"], "endpoint": None, "keepalive": 25}]
+    desired = [{"public_key": K1, "allowed_ips": ["10.8.0.2/32"], "endpoint": "192.0.2.1:2", "keepalive": 0},
+               {"public_key": K2, "allowed_ips": ["10.8.0.3/32"], "endpoint": None, "keepalive": 0}]
+    removes, adds, counts = plan_sync(current, desired)
+    assert removes == [] and adds == desired
+    assert counts == {"added": 0, "removed": 0, "updated": 2}
+
+
+def test_sync_empty_set_removes_everything(helper):
+    add(helper, peer(K1), peer(K2, "10.8.0.3/32"))
+    assert helper.result("sync_peers", {"peers": []}) == {"added": 0, "removed": 2, "updated": 0}
+    assert helper.runner.peers == {}
+
+
+def test_dump_and_status_never_return_the_private_key(helper):
+    add(helper, peer(K1, endpoint="192.0.2.1:1", keepalive=25))
+    dump = helper.result("dump_peers")
+    assert dump == {"peers": [{"public_key": K1, "allowed_ips": ["10.8.0.2/32"], "endpoint": "192.0.2.1:1",
+                               "latest_handshake": 0, "rx_bytes": 100, "tx_bytes": 200, "keepalive": 25}]}
+    status = helper.result("status")
+    assert status["public_key"] == SERVER_PUBLIC
+    assert (status["peer_count"], status["rx_bytes"], status["tx_bytes"]) == (1, 100, 200)
+    assert status["backend"] == "kernel" and status["running"] is True
+    for text in (json.dumps(dump), json.dumps(status)):
+        assert DUMP_PRIVATE not in text
+
+
+def test_hello_runs_no_command(helper):
+    result = helper.result("hello")
+    assert result == {"generation": helper.iface.generation, "interface": IF, "public_key": SERVER_PUBLIC,
+                      "backend": "kernel", "running": True, "listen_port": 51820, "mtu": 1420,
+                      "pool": "10.8.0.0/16", "gateway": "10.8.0.1", "bridge_public_key": None,
+                      "bridges": []}
+    assert helper.runner.calls == []
+
+
+def test_interface_down(helper):
+    helper.iface.running = False
+    for cmd, args in (("apply_peers", {"add": [peer(K1)]}), ("status", {}), ("dump_peers", {}),
+                      ("sync_peers", {"peers": []}), ("apply_peers", {"remove": [K1]})):
+        assert helper.call(cmd, args)["error"]["code"] == protocol.INTERFACE_DOWN
+    assert helper.runner.calls == []
+    assert helper.result("hello")["running"] is False
+
+
+def test_vanished_link_is_interface_down_not_command_failed(helper):
+    helper.runner.links.discard(IF)  # gone, and the watcher has not noticed yet
+    assert helper.call("apply_peers", {"add": [peer(K1)]})["error"]["code"] == protocol.INTERFACE_DOWN
+    assert helper.call("sync_peers", {"peers": []})["error"]["code"] == protocol.INTERFACE_DOWN
+
+
+def test_wg_failure_is_command_failed(helper):
+    helper.runner.fail = lambda argv: "Invalid AllowedIP" if argv[:2] == ["wg", "set"] else None
+    reply = helper.call("apply_peers", {"add": [peer(K1)]})
+    assert reply["error"] == {"code": protocol.COMMAND_FAILED, "message": "wg failed",
+                              "details": {"command": "wg", "exit_code": 1, "stderr": "Invalid AllowedIP"}}
+
+
+def test_invalid_arguments_run_nothing(helper):
+    for cmd, args in (("apply_peers", {}), ("apply_peers", {"add": []}),
+                      ("apply_peers", {"add": [peer(K1, "10.9.0.1/32")]}),
+                      ("apply_peers", {"add": [peer(K1)], "force": True}),
+                      ("apply_peers", {"remove": ["nope"]}),
+                      ("sync_peers", {"peers": [peer(K1), peer(K1, "10.8.0.3/32")]}),
+                      ("hello", {"x": 1}), ("status", {"verbose": True})):
+        reply = helper.call(cmd, args)
+        assert reply["error"]["code"] == protocol.INVALID_ARGUMENT, (cmd, args)
+        assert "field" in reply["error"]["details"]
+    assert helper.runner.calls == []

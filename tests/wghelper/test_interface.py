@@ -1,0 +1,158 @@
+"""The WireGuard interface's lifecycle (wghelper/interface.py): exact argv via the fake runner."""
+import time
+
+import pytest
+
+from wghelper.errors import CommandFailed
+
+from .fakes import FAKE_IF, FAKE_KEYFILE, Helper
+
+IF = FAKE_IF
+KEYFILE = FAKE_KEYFILE
+
+BRING_UP_TAIL = [
+    ["wg", "set", IF, "listen-port", "51820", "private-key", KEYFILE],
+    ["ip", "-4", "address", "replace", "10.8.0.1/16", "dev", IF],
+    ["ip", "link", "set", "dev", IF, "mtu", "1420", "up"],
+]
+
+
+@pytest.fixture
+def helper(tmp_path):
+    h = Helper(tmp_path).start()
+    yield h
+    h.writer.stop()
+
+
+# --- bring-up ---------------------------------------------------------------
+
+def test_bring_up_kernel(tmp_path):
+    h = Helper(tmp_path)
+    h.iface.up()
+    assert h.runner.calls == [
+        ["ip", "link", "show", "dev", IF],
+        ["ip", "link", "add", "dev", IF, "type", "wireguard"],
+    ] + BRING_UP_TAIL
+    assert h.iface.backend == "kernel" and h.iface.running
+    assert len(h.iface.generation) == 16
+    int(h.iface.generation, 16)
+
+
+def test_bring_up_falls_back_to_wireguard_go(tmp_path):
+    h = Helper(tmp_path, kernel=False)
+    h.iface.up()
+    assert h.runner.calls == [
+        ["ip", "link", "show", "dev", IF],
+        ["ip", "link", "add", "dev", IF, "type", "wireguard"],
+        ["wireguard-go", IF],
+        ["ip", "link", "show", "dev", IF],   # waits for the link and its socket
+    ] + BRING_UP_TAIL
+    assert h.iface.backend == "wireguard-go"
+
+
+def test_bring_up_userspace_skips_the_kernel(tmp_path):
+    h = Helper(tmp_path, kernel=True, wg_backend="userspace")
+    h.iface.up()
+    assert h.runner.calls[:2] == [["ip", "link", "show", "dev", IF], ["wireguard-go", IF]]
+    assert h.iface.backend == "wireguard-go"
+
+
+def test_bring_up_kernel_only_does_not_fall_back(tmp_path):
+    h = Helper(tmp_path, kernel=False, wg_backend="kernel")
+    with pytest.raises(CommandFailed):
+        h.iface.up()
+    assert ["wireguard-go", IF] not in h.runner.calls
+    assert not h.iface.running
+
+
+def test_other_link_errors_do_not_fall_back(tmp_path):
+    h = Helper(tmp_path)
+    h.runner.fail = lambda argv: "RTNETLINK answers: Operation not permitted" if argv[2:3] == ["add"] else None
+    with pytest.raises(CommandFailed):
+        h.iface.up()
+    assert ["wireguard-go", IF] not in h.runner.calls
+
+
+def test_bring_up_reuses_a_working_link(tmp_path):
+    h = Helper(tmp_path)
+    h.runner.links.add(IF)
+    h.iface.up()
+    assert h.runner.calls == [["ip", "link", "show", "dev", IF], ["wg", "show", IF]] + BRING_UP_TAIL
+
+
+def test_bring_up_replaces_a_link_wg_cannot_control(tmp_path):
+    h = Helper(tmp_path)
+    h.runner.links.add(IF)
+    h.runner.fail = lambda argv: "Unable to access interface" if argv == ["wg", "show", IF] else None
+    h.iface.up()
+    assert h.runner.calls == [
+        ["ip", "link", "show", "dev", IF],
+        ["wg", "show", IF],
+        ["ip", "link", "del", "dev", IF],
+        ["ip", "link", "add", "dev", IF, "type", "wireguard"],
+    ] + BRING_UP_TAIL
+
+
+def test_failed_configuration_removes_the_link(tmp_path):
+    h = Helper(tmp_path)
+    h.runner.fail = lambda argv: "bad mtu" if "mtu" in argv else None
+    with pytest.raises(CommandFailed):
+        h.iface.up()
+    assert h.runner.calls[-2:] == [["ip", "link", "show", "dev", IF], ["ip", "link", "del", "dev", IF]]
+    assert IF not in h.runner.links and not h.iface.running
+
+
+def test_settings_shape_the_argv(tmp_path):
+    h = Helper(tmp_path, pool="10.77.0.0/24", gateway="10.77.0.9", mtu=1280, listen_port=40000)
+    h.iface.up()
+    assert h.runner.calls[-3:] == [
+        ["wg", "set", IF, "listen-port", "40000", "private-key", KEYFILE],
+        ["ip", "-4", "address", "replace", "10.77.0.9/24", "dev", IF],
+        ["ip", "link", "set", "dev", IF, "mtu", "1280", "up"],
+    ]
+
+
+def test_down_kernel(helper):
+    helper.iface.down()
+    assert helper.runner.calls == [["ip", "link", "show", "dev", IF], ["ip", "link", "del", "dev", IF]]
+    assert not helper.iface.running
+
+
+def test_down_wireguard_go(tmp_path):
+    h = Helper(tmp_path, kernel=False).start()
+    h.iface.down()
+    assert h.runner.calls == [["stop-wireguard-go", IF], ["ip", "link", "show", "dev", IF]]
+    h.writer.stop()
+
+
+def test_watcher_recreates_a_deleted_link(tmp_path):
+    h = Helper(tmp_path).start()
+    first = h.iface.generation
+    h.iface.check()
+    assert h.runner.calls == [["ip", "link", "show", "dev", IF]]  # healthy: nothing done
+    h.runner.links.discard(IF)
+    h.runner.clear()
+    h.iface.check()
+    assert ["ip", "link", "add", "dev", IF, "type", "wireguard"] in h.runner.calls
+    assert h.iface.running and h.iface.generation != first
+    h.writer.stop()
+
+
+def test_watcher_restarts_a_dead_wireguard_go(tmp_path):
+    h = Helper(tmp_path, kernel=False, helper_watch_interval="0.05").start()
+    first = h.iface.generation
+    h.iface.start_watcher()
+    try:
+        h.runner.children[0].running = False  # wireguard-go died, taking its link along
+        h.runner.links.discard(IF)
+        deadline = time.monotonic() + 5
+        while h.iface.generation == first and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert h.iface.generation != first
+        assert len(h.runner.children) == 2 and h.runner.children[1].running
+        calls = h.runner.calls
+        assert calls.index(["stop-wireguard-go", IF]) < calls.index(["wireguard-go", IF])
+    finally:
+        h.iface.down()
+        h.writer.stop()
+    assert not h.runner.children[1].running

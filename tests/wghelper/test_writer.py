@@ -1,0 +1,109 @@
+"""The writer (wghelper/writer.py): concurrent changes merged into few `wg set` calls, failures kept apart."""
+import threading
+import time
+
+import pytest
+
+from wghelper import protocol
+from wghelper.errors import CommandFailed
+
+from .fakes import FAKE_IF, Helper, key, peer
+
+IF = FAKE_IF
+K1, K2 = key(1), key(2)
+
+
+@pytest.fixture
+def helper(tmp_path):
+    h = Helper(tmp_path).start()
+    yield h
+    h.writer.stop()
+
+
+# --- the writer: coalescing and fallback --------------------------------------
+
+def _blocked_writer(tmp_path):
+    """A helper whose writer is stuck inside a first `wg set` until the gate opens."""
+    h = Helper(tmp_path).start()
+    h.runner.gate = threading.Event()
+    first = threading.Thread(target=h.writer.apply, args=([], [peer(key(1000), "10.8.9.9/32")]))
+    first.start()
+    assert h.runner.entered.wait(5)
+    return h, first
+
+
+def _submit_all(h, jobs):
+    results = [None] * len(jobs)
+
+    def run(i, adds):
+        try:
+            results[i] = h.writer.apply([], adds)
+        except CommandFailed as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, adds)) for i, adds in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while h.writer.pending() < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert h.writer.pending() == len(jobs)
+    return threads, results
+
+
+def test_concurrent_adds_are_coalesced(tmp_path):
+    h, first = _blocked_writer(tmp_path)
+    n = 50
+    threads, results = _submit_all(h, [[peer(key(i), "10.8.1.%d/32" % i)] for i in range(1, n + 1)])
+    h.runner.gate.set()
+    for t in threads + [first]:
+        t.join(5)
+    sets = h.runner.wg_sets()
+    assert len(sets) == 2                      # the blocked one, then one for all n
+    assert sets[1].count("peer") == n
+    assert sets[1][:3] == ["wg", "set", IF]
+    assert results == [{"removed": 0, "applied": 1}] * n
+    assert (h.writer.wg_set_calls, h.writer.jobs_applied) == (2, n + 1)
+    h.writer.stop()
+
+
+def test_last_operation_on_a_key_wins(tmp_path):
+    h, first = _blocked_writer(tmp_path)
+    order = [([], [peer(K1, "10.8.0.2/32")]), ([K1], []), ([], [peer(K1, "10.8.0.5/32", keepalive=7)])]
+    threads = []
+    for removes, adds in order:  # queued one after the other, in this order
+        t = threading.Thread(target=h.writer.apply, args=(removes, adds))
+        t.start()
+        threads.append(t)
+        while h.writer.pending() < len(threads):
+            time.sleep(0.002)
+    h.runner.gate.set()
+    for t in threads + [first]:
+        t.join(5)
+    assert h.runner.wg_sets()[1] == [
+        "wg", "set", IF, "peer", K1, "allowed-ips", "10.8.0.5/32", "persistent-keepalive", "7"]
+    h.writer.stop()
+
+
+def test_failed_merge_is_retried_job_by_job(tmp_path):
+    h, first = _blocked_writer(tmp_path)
+    bad = key(666)
+    h.runner.fail = lambda argv: "Invalid key" if bad in argv else None
+    jobs = [[peer(K1, "10.8.0.2/32")], [peer(bad, "10.8.0.3/32")], [peer(K2, "10.8.0.4/32")]]
+    threads, results = _submit_all(h, jobs)
+    h.runner.gate.set()
+    for t in threads + [first]:
+        t.join(5)
+    sets = h.runner.wg_sets()
+    assert [s.count("peer") for s in sets] == [1, 3, 1, 1, 1]   # blocked, merged, then one by one
+    assert [s[4] for s in sets[2:]] == [K1, bad, K2]
+    assert results[0] == {"removed": 0, "applied": 1} and results[2] == {"removed": 0, "applied": 1}
+    assert isinstance(results[1], CommandFailed) and results[1].stderr == "Invalid key"
+    assert set(h.runner.peers) >= {K1, K2}
+    assert h.writer.jobs_applied == 3  # the blocked one, K1 and K2
+    h.writer.stop()
+
+
+def test_stopped_writer_refuses_work(helper):
+    helper.writer.stop()
+    assert helper.call("apply_peers", {"add": [peer(K1)]})["error"]["code"] == protocol.INTERFACE_DOWN

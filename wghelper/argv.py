@@ -1,0 +1,257 @@
+"""Everything the helper runs as root: one method per command shape.
+
+Reading this file is reading the whole list.  Every value reaching here
+has already been validated and normalised (wghelper/requests.py for what
+the app sends, wghelper/settings.py for the configuration); this module
+adds no shell, no string joining of untrusted text and no name lookups.
+Secrets never go into an argv: private keys travel by path (``wg set ...
+private-key FILE``) or on stdin (``wg pubkey``).
+
+Commands is what the rest of the helper calls; Runner, below it, is the
+only code that imports ``sh``.
+"""
+import logging
+import os
+import signal
+import threading
+
+import sh
+
+from .errors import CommandFailed
+
+log = logging.getLogger(__name__)
+
+STDERR_LIMIT = 500
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UNREACHABLE_METRIC = "4294967295"  # the last resort of a bridge table
+PEERS_PER_CALL = 1000  # ~120 bytes of argv each, far below ARG_MAX
+
+
+def _family(cidr):
+    return "-6" if ":" in cidr else "-4"
+
+
+class Commands:
+    def __init__(self, runner):
+        self.run = runner.run
+        self.runner = runner
+
+    # --- wg --------------------------------------------------------------
+
+    def public_key(self, private_key):
+        return self.run("wg", ["pubkey"], stdin=private_key + "\n").strip()
+
+    def dump(self, ifname):
+        """`wg show IF dump`: its first line holds the private key (handlers.parse_dump drops it)."""
+        return self.run("wg", ["show", ifname, "dump"])
+
+    def peer_keys(self, ifname):
+        return self.run("wg", ["show", ifname, "peers"]).split()
+
+    def controllable(self, ifname):
+        try:
+            self.run("wg", ["show", ifname])
+            return True
+        except CommandFailed:
+            return False
+
+    def set_interface(self, ifname, listen_port, key_path):
+        self.run("wg", ["set", ifname, "listen-port", str(listen_port), "private-key", key_path])
+
+    def set_peers(self, ifname, removes, adds):
+        """Remove, then add or update peers ({"public_key", "allowed_ips", "endpoint", "keepalive"}).
+
+        Removals come first so a freed address can be reused in the same call.
+        """
+        clauses = [["peer", key, "remove"] for key in removes]
+        for peer in adds:
+            clause = ["peer", peer["public_key"], "allowed-ips", ",".join(peer["allowed_ips"])]
+            if peer.get("endpoint"):
+                clause += ["endpoint", peer["endpoint"]]
+            # Always sent, so that an update can switch keepalive off with 0.
+            clauses.append(clause + ["persistent-keepalive", str(peer.get("keepalive", 0))])
+        for start in range(0, len(clauses), PEERS_PER_CALL):
+            self.run("wg", ["set", ifname] + [a for c in clauses[start:start + PEERS_PER_CALL] for a in c])
+
+    def set_exit_peer(self, ifname, key_path, public_key, endpoint, keepalive):
+        """A bridge link's key and its one peer, the exit, which takes everything."""
+        self.run("wg", ["set", ifname, "private-key", key_path, "peer", public_key, "endpoint", endpoint,
+                        "allowed-ips", "0.0.0.0/0", "persistent-keepalive", str(keepalive)])
+
+    # --- ip link and address --------------------------------------------------
+
+    def link_exists(self, ifname):
+        try:
+            self.run("ip", ["link", "show", "dev", ifname])
+            return True
+        except CommandFailed:
+            return False
+
+    def add_wireguard_link(self, ifname):
+        self.run("ip", ["link", "add", "dev", ifname, "type", "wireguard"])
+
+    def delete_link(self, ifname):
+        self.run("ip", ["link", "del", "dev", ifname])
+
+    def link_up(self, ifname, mtu):
+        self.run("ip", ["link", "set", "dev", ifname, "mtu", str(mtu), "up"])
+
+    def replace_address(self, ifname, cidr):
+        self.run("ip", [_family(cidr), "address", "replace", cidr, "dev", ifname])
+
+    def flush_addresses(self, ifname):
+        self.run("ip", ["-4", "address", "flush", "dev", ifname])
+
+    # --- ip route and rule (bridge tables) ----------------------------------
+
+    def route_default(self, table, ifname):
+        self.run("ip", ["-4", "route", "replace", "default", "dev", ifname, "table", str(table)])
+
+    def route_unreachable(self, table):
+        self.run("ip", ["-4", "route", "replace", "unreachable", "default", "metric", UNREACHABLE_METRIC,
+                        "table", str(table)])
+
+    def flush_table(self, table):
+        self.run("ip", ["-4", "route", "flush", "table", str(table)])
+
+    def rules(self, pref):
+        return self.run("ip", ["-4", "rule", "show", "pref", str(pref)])
+
+    def add_rule(self, pref, address, table):
+        self.run("ip", ["-4", "rule", "add", "pref", str(pref), "from", address + "/32", "lookup", str(table)])
+
+    def delete_rule(self, pref, address):
+        self.run("ip", ["-4", "rule", "del", "pref", str(pref), "from", address + "/32"])
+
+    # --- nftables and sysctl ------------------------------------------------
+
+    def apply_nft(self, script):
+        # The ruleset holds no secret, and nft's errors quote it: keep them readable.
+        self.run("nft", ["-f", "-"], stdin=script, redact=False)
+
+    def delete_nft_table(self, name):
+        self.run("nft", ["delete", "table", "inet", name])
+
+    def read_sysctl(self, key):
+        return self.run("sysctl", ["-n", key]).strip()
+
+    def write_sysctl(self, key, value):
+        self.run("sysctl", ["-w", "%s=%s" % (key, value)])
+
+    # --- wireguard-go ---------------------------------------------------------
+
+    def start_wireguard_go(self, ifname):
+        """``wireguard-go IF`` in the foreground (WG_PROCESS_FOREGROUND=1), as a child we supervise."""
+        return self.runner.start_wireguard_go(ifname)
+
+
+def clean_stderr(data, secret=None):
+    """Decode, drop anything we fed on stdin, and cut to STDERR_LIMIT chars."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    text = (data or "").strip()
+    for part in (secret or "").split():
+        if len(part) >= 8:
+            text = text.replace(part, "[redacted]")
+    return text[:STDERR_LIMIT] + "..." if len(text) > STDERR_LIMIT else text
+
+
+class Child:
+    """A supervised wireguard-go process; signalled only by its own pid."""
+
+    def __init__(self, name, running):
+        self.name = name
+        self._running = running
+        self.pid = running.pid
+
+    def alive(self):
+        # is_alive() reaps the process once it has exited, after which
+        # exit_code is set and we never signal that (possibly reused) pid again.
+        return self._running.process.is_alive()[0]
+
+    def exit_code(self):
+        return self._running.process.exit_code
+
+    def stop(self, timeout=5.0):
+        if not self.alive():
+            return self.exit_code()
+        log.info("stopping %s (pid %d)", self.name, self.pid)
+        self._running.signal(signal.SIGTERM)
+        try:
+            self._running.wait(timeout=timeout)
+        except sh.TimeoutException:
+            log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.pid)
+            if self.alive():
+                self._running.signal(signal.SIGKILL)
+            try:
+                self._running.wait()
+            except sh.ErrorReturnCode:
+                pass
+        except sh.ErrorReturnCode:
+            pass  # a non-zero exit after SIGTERM is fine; we asked it to stop
+        return self.exit_code()
+
+
+class Runner:
+    """Runs one argv with a deadline, LANG=C and a clean environment."""
+
+    def __init__(self, timeout=10.0, wireguard_go="wireguard-go"):
+        self.timeout = timeout
+        self.wireguard_go = wireguard_go
+        # LANG=C so the error texts we match and pass on are the English ones.
+        self._env = {"LANG": "C", "PATH": os.environ.get("PATH") or DEFAULT_PATH}
+        # No sh `_timeout`: sh then polls the child every 0.1 s, which added
+        # ~100 ms to every wg/ip call (profiled by bench/control_plane.py);
+        # run() enforces the deadline with a timer instead.  Output in 64 KiB
+        # chunks, not line by line: halves reading a 10,000-peer dump.
+        self._common = {"_tty_out": False, "_env": self._env, "_out_bufsize": 1 << 16}
+        self._tools = {}
+
+    def _tool(self, name):
+        # Looked up on first use: a helper without NAT must start on a host without nft.
+        if name not in self._tools:
+            try:
+                self._tools[name] = sh.Command(name).bake(**self._common)
+            except sh.CommandNotFound:
+                raise CommandFailed(name, None, "not found in PATH") from None
+        return self._tools[name]
+
+    def run(self, tool, args, stdin=None, redact=True):
+        kwargs = {} if stdin is None else {"_in": stdin}
+        running = self._tool(tool)(*args, _bg=True, _bg_exc=False, **kwargs)
+        fired = []
+
+        def expire():
+            if running.process.is_alive()[0]:
+                fired.append(True)
+                running.signal(signal.SIGKILL)
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            running.wait()
+            return str(running)
+        except sh.ErrorReturnCode as exc:
+            if fired:
+                raise CommandFailed(tool, None, "timed out after %gs" % self.timeout) from None
+            raise CommandFailed(tool, exc.exit_code, clean_stderr(exc.stderr, stdin if redact else None)) from None
+        finally:
+            timer.cancel()
+
+    def start_wireguard_go(self, ifname):
+        env = dict(self._env, WG_PROCESS_FOREGROUND="1")
+
+        def relay(line):
+            log.info("wireguard-go[%s]: %s", ifname, line.rstrip())
+
+        try:
+            running = sh.Command(self.wireguard_go)(
+                ifname, _bg=True, _bg_exc=False, _env=env, _tty_out=False, _out=relay, _err_to_out=True,
+                _new_session=True)
+        except sh.CommandNotFound:
+            raise CommandFailed("wireguard-go", None, "%s not found" % self.wireguard_go) from None
+        except OSError as exc:
+            raise CommandFailed("wireguard-go", None, str(exc)) from None
+        log.info("started wireguard-go for %s (pid %d)", ifname, running.pid)
+        return Child("wireguard-go", running)

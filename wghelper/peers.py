@@ -1,0 +1,68 @@
+"""Reading `wg show IF dump` and planning a sync: pure functions, no privilege needed."""
+import ipaddress
+
+from . import validate
+from .errors import Invalid
+
+
+def parse_dump(text):
+    """Parse `wg show IF dump`; returns (interface fields, peers).
+
+    The first line starts with the private key, which is dropped here and
+    never returned or logged.
+    """
+    lines = text.splitlines()
+    if not lines:
+        raise ValueError("empty wg dump")
+    head = lines[0].split("\t")
+    if len(head) != 4:
+        raise ValueError("unexpected wg dump header")
+    info = {"public_key": None if head[1] == "(none)" else head[1], "listen_port": int(head[2])}
+    peers = []
+    for line in lines[1:]:
+        f = line.split("\t")
+        if len(f) != 8:
+            raise ValueError("unexpected wg dump peer line")
+        peers.append({
+            "public_key": f[0],
+            "allowed_ips": [] if f[3] == "(none)" else f[3].split(","),
+            "endpoint": None if f[2] == "(none)" else f[2],
+            "latest_handshake": int(f[4]),
+            "rx_bytes": int(f[5]),
+            "tx_bytes": int(f[6]),
+            "keepalive": 0 if f[7] == "off" else int(f[7]),
+        })
+    return info, peers
+
+
+def _differs(have, want):
+    try:
+        current_ips = {str(ipaddress.ip_network(a, strict=False)) for a in have["allowed_ips"]}
+    except ValueError:
+        return True
+    if current_ips != set(want["allowed_ips"]) or have["keepalive"] != want["keepalive"]:
+        return True
+    if want["endpoint"] is None:
+        return False  # the peer's roamed endpoint is kept
+    try:
+        return validate.endpoint(have["endpoint"]) != want["endpoint"]
+    except Invalid:
+        return True
+
+
+def plan_sync(current, desired):
+    """What to remove and add to turn `current` peers into `desired`."""
+    have = {p["public_key"]: p for p in current}
+    wanted = {p["public_key"] for p in desired}
+    removes = [key for key in have if key not in wanted]
+    adds = []
+    added = updated = 0
+    for peer in desired:
+        old = have.get(peer["public_key"])
+        if old is None:
+            added += 1
+            adds.append(peer)
+        elif _differs(old, peer):
+            updated += 1
+            adds.append(peer)
+    return removes, adds, {"added": added, "removed": len(removes), "updated": updated}

@@ -1,0 +1,87 @@
+"""What the app may ask of the helper: every command and the checks on its arguments.
+
+The helper runs nothing it has not parsed here first: unknown commands and
+unknown arguments are refused, and every value is validated and normalised
+(wghelper/validate.py) before wghelper/handlers.py acts on it.  ``s`` is the
+helper's Settings: the pool and gateway bound every client address.
+
+Standard library only: this is the contract both processes read.
+"""
+from . import validate
+from .errors import Invalid
+from .protocol import MAX_BRIDGE_SLOTS
+
+
+def _args(args, allowed=(), required=()):
+    unknown = set(args) - set(allowed)
+    if unknown:
+        raise Invalid(sorted(str(k)[:40] for k in unknown)[0], "unknown argument")
+    for name in required:
+        if name not in args:
+            raise Invalid(name, "is required")
+    return args
+
+
+def no_args(args, s):
+    _args(args)
+    return {}
+
+
+def apply_peers(args, s):
+    """{"remove": [key], "add": [peer]}: removals first, then adds and updates."""
+    _args(args, ("remove", "add"))
+    remove = validate.key_list(args.get("remove", []), "remove")
+    add = validate.peers(args.get("add", []), s.pool, s.gateway, "add")
+    if not remove and not add:
+        raise Invalid("remove", "remove and add cannot both be empty")
+    removing = set(remove)
+    for index, peer in enumerate(add):
+        if peer["public_key"] in removing:
+            raise Invalid("add[%d].public_key" % index, "is also in remove")
+    return {"remove": remove, "add": add}
+
+
+def sync_peers(args, s):
+    """{"peers": [peer]}: the complete set the interface must hold."""
+    _args(args, ("peers",), ("peers",))
+    return {"peers": validate.peers(args["peers"], s.pool, s.gateway)}
+
+
+def bridge_up(args, s):
+    """{"slot", "public_key", "endpoint", "address", "keepalive"?}: the tunnel to one exit."""
+    _args(args, ("slot", "public_key", "endpoint", "address", "keepalive"),
+          ("slot", "public_key", "endpoint", "address"))
+    endpoint = validate.endpoint(args["endpoint"])
+    if endpoint is None:
+        raise Invalid("endpoint", "is required")
+    return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot"),
+            "public_key": validate.public_key(args["public_key"]), "endpoint": endpoint,
+            "address": validate.tunnel_address(args["address"], s.pool),
+            "keepalive": validate.keepalive(args.get("keepalive", 25))}
+
+
+def bridge_down(args, s):
+    _args(args, ("slot",), ("slot",))
+    return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot")}
+
+
+def bridge_rules(args, s):
+    """{"add": [{"address", "slot"}], "remove": [address], "exclusive": bool}."""
+    _args(args, ("add", "remove", "exclusive"))
+    add = validate.bridge_rules(args.get("add", []), s.pool, s.gateway, MAX_BRIDGE_SLOTS)
+    remove = validate.client_addresses(args.get("remove", []), s.pool, s.gateway)
+    if set(add) & set(remove):
+        raise Invalid("remove", "an address is also in add")
+    return {"add": add, "remove": remove, "exclusive": validate.boolean(args.get("exclusive", False), "exclusive")}
+
+
+COMMANDS = {
+    "hello": no_args,        # who the helper is: key, interface, generation
+    "status": no_args,       # hello plus live peer count and traffic
+    "apply_peers": apply_peers,
+    "dump_peers": no_args,   # every peer with handshake and traffic (never the private key)
+    "sync_peers": sync_peers,
+    "bridge_up": bridge_up,
+    "bridge_down": bridge_down,
+    "bridge_rules": bridge_rules,
+}
