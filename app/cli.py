@@ -7,14 +7,16 @@ reads (ORBMESH_CONFIG_FILE and ORBMESH_* variables).
 
     orbmesh-wg relay --transport ws|http --url URL --token TOKEN --listen ADDR:PORT
 
-carries a local WireGuard client's UDP over the server's tunnel (app/relay.py).
+carries a local WireGuard client's UDP over the server's tunnel: the same
+program as the client package's own `orbmesh-relay` command (orbmesh_relay/).
 """
 import argparse
 import sys
 from pathlib import Path
 
+from orbmesh_relay import cli as relay_cli
+
 from . import config as settings
-from . import relay
 from .auth import mint_device_token
 
 
@@ -40,8 +42,8 @@ def main(argv=None):
     token.add_argument("--private-key", help="PEM private key for RS256/ES256/EdDSA")
     token.set_defaults(func=_token)
     relay_parser = commands.add_parser("relay", help="relay local WireGuard UDP over the server's tunnel")
-    relay.add_arguments(relay_parser)
-    relay_parser.set_defaults(func=relay.main)
+    relay_cli.add_arguments(relay_parser)
+    relay_parser.set_defaults(func=relay_cli.run)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)

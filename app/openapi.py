@@ -5,9 +5,10 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
 
+from orbmesh_relay.framing import BATCH_TYPE, SINGLE_TYPE
+
 from . import schemas
 from .errors import CODES
-from .framing import BATCH_TYPE, SINGLE_TYPE
 
 bp = Blueprint("openapi", __name__)
 

@@ -11,9 +11,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from orbmesh_relay.framing import MAX_DATAGRAM, is_wireguard, record_size
+
 from .errors import ApiError
 from .metrics import tunnel_meter
-from .framing import MAX_DATAGRAM, is_wireguard, record_size
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from flask import Blueprint, Response, current_app, g, request
 from flask_sock import Sock
 from werkzeug.routing import WebsocketMismatch
 
+from orbmesh_relay.framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
+
 from . import metrics, ratelimit
 from .auth import bearer_token, verify_device_token
 from .errors import ApiError, error_response
-from .framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
 from .sessions import HttpSessions, SessionSlots, UdpPipe
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Mes
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from .framing import MAX_DATAGRAM
+from orbmesh_relay.framing import MAX_DATAGRAM
+
 
 UNSUPPORTED_DATA = CloseReason.UNSUPPORTED_DATA  # 1003
 MESSAGE_TOO_BIG = CloseReason.MESSAGE_TOO_BIG  # 1009

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from app.framing import SINGLE_TYPE
+from orbmesh_relay.framing import SINGLE_TYPE
 
 from .test_tunnel_bad_input_e2e import open_ws
 from .wgclient import keypair

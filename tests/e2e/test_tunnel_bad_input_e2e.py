@@ -7,7 +7,7 @@ import jwt
 import pytest
 from wsproto.extensions import PerMessageDeflate
 
-from app.framing import BATCH_TYPE, SINGLE_TYPE
+from orbmesh_relay.framing import BATCH_TYPE, SINGLE_TYPE
 
 from .stack import API_PORT, SERVER_ADDR, wait_for
 from .wsclient import RawWebSocket, Rejected

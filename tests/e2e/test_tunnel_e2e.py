@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from app.framing import BATCH_TYPE
+from orbmesh_relay.framing import BATCH_TYPE
 
 from .netns import unique_ifname
 from .stack import API_PORT, SERVER_ADDR, VENV_BIN, wait_for

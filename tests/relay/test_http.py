@@ -1,8 +1,8 @@
 """The relay's HTTP transport against a fake batch server (not the real app)."""
 import pytest
 
-from app.relay import Relay
-from app.relay_http import HttpTransport
+from orbmesh_relay.http import HttpTransport
+from orbmesh_relay.relay import Relay
 from tests.relay.fakes import TOKEN, FakeTunnelServer, UdpPeer, wait_for, wg_datagram
 
 
@@ -152,7 +152,7 @@ def test_server_restart_reconnects(server, relay, peer):
 
 
 def test_queue_is_bounded(server, relay, peer, monkeypatch):
-    monkeypatch.setattr("app.relay_http.QUEUE_LIMIT", 10)
+    monkeypatch.setattr("orbmesh_relay.http.QUEUE_LIMIT", 10)
     server.gate.clear()
     for i in range(60):
         peer.send(wg_datagram(i))

@@ -1,8 +1,8 @@
 """The relay's WebSocket transport against a fake echo server (not the real app)."""
 import pytest
 
-from app.relay import Relay
-from app.relay_ws import ws_uri
+from orbmesh_relay.relay import Relay
+from orbmesh_relay.ws import ws_uri
 from tests.relay.fakes import TOKEN, FakeWsServer, UdpPeer, wait_for, wg_datagram
 
 

@@ -7,6 +7,8 @@ downstream datagrams arrive as soon as WireGuard sends them; N "senders"
 each take what is queued, send it as one batch with X-Tunnel-Wait: 0 and
 deliver whatever the answer carries.  Each thread has its own keep-alive
 connection, so neither direction waits for the other.
+
+Like ws.py, it gets the Relay passed in and never imports relay.py.
 """
 import collections
 import http.client
@@ -15,8 +17,8 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
+from .common import Unauthorized, unauthorized_message
 from .framing import BATCH_TYPE, FramingError, decode_batch, encode_batch, record_size
-from .relay import Unauthorized, unauthorized_message
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,9 @@
 """WebSocket transport of the client relay: GET /wireguard/ws, one binary
 message per WireGuard datagram (docs/tunnel-protocol.md).
 
+Given the Relay it serves, it uses the relay's attributes (url, token,
+stats, stopping, local_datagrams, deliver) and never imports relay.py.
+
 Two threads: "up" reads local UDP and sends; "down" owns the connection,
 (re)connects with backoff and delivers what it receives.
 """
@@ -11,7 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import connect
 
-from .relay import MAX_DATAGRAM, Unauthorized, unauthorized_message
+from .common import Unauthorized, unauthorized_message
+from .framing import MAX_DATAGRAM
 
 log = logging.getLogger(__name__)
 

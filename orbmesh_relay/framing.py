@@ -6,8 +6,9 @@ A batch body is records back to back, nothing else::
     | len: u16, big-endian  | datagram (len bytes)   | len                   | ...
     +-----------------------+------------------------+-----------------------+---
 
-with 1 <= len <= 65,535.  Shared by the server and the client relay, so this
-module imports nothing from Flask.
+with 1 <= len <= 65,535.  The one module the server (app/tunnel.py,
+app/sessions.py, ...) shares with the client relay: it imports only the
+standard library, so loading it from a web worker loads no relay code.
 """
 import struct
 

@@ -1,0 +1,130 @@
+"""What the relay and both transports share: the counters behind the status
+line, the reconnect backoff, the UDP port local WireGuard talks to, and the
+one error no retry can cure.
+
+Kept apart from relay.py so that the transports can use it while relay.py
+imports the transports: the modules form no circle.
+"""
+import logging
+import random
+import socket
+import threading
+
+from .framing import MAX_DATAGRAM
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "ORBMESH_RELAY_TOKEN"
+POLL_SECONDS = 0.5  # how long a blocking read may delay noticing a stop
+
+
+class Unauthorized(Exception):
+    """The server refused the token: retrying cannot help."""
+
+
+def unauthorized_message():
+    return "the server refused the token (401); check --token or %s" % TOKEN_ENV
+
+
+class Stats:
+    """Counters shared by every thread of one relay (the status line's
+    format is documented in the package docstring)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.up_packets = self.up_bytes = 0
+        self.down_packets = self.down_bytes = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.connected = False
+
+    def up(self, packets, nbytes):
+        with self._lock:
+            self.up_packets += packets
+            self.up_bytes += nbytes
+
+    def down(self, packets, nbytes):
+        with self._lock:
+            self.down_packets += packets
+            self.down_bytes += nbytes
+
+    def drop(self, count=1):
+        with self._lock:
+            self.dropped += count
+
+    def reconnect(self):
+        with self._lock:
+            self.reconnects += 1
+
+    def set_connected(self, value):
+        self.connected = bool(value)
+
+    def line(self, transport):
+        with self._lock:
+            return "relay %s up=%d/%d down=%d/%d dropped=%d reconnects=%d connected=%s" % (
+                transport, self.up_packets, self.up_bytes, self.down_packets, self.down_bytes,
+                self.dropped, self.reconnects, "yes" if self.connected else "no")
+
+
+class Backoff:
+    """0.5 s doubling to 30 s, each delay jittered by +-25 % so that many
+    relays cut off by the same server restart do not come back in lockstep."""
+
+    def __init__(self, first=0.5, cap=30.0):
+        self.first = first
+        self.cap = cap
+        self._next = first
+
+    def reset(self):
+        self._next = self.first
+
+    def next_delay(self):
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay * random.uniform(0.75, 1.25)
+
+    def wait(self, stopping):
+        """Sleep one step; True if the relay is stopping meanwhile."""
+        return stopping.wait(self.next_delay())
+
+
+class LocalPort:
+    """The UDP socket local WireGuard talks to."""
+
+    def __init__(self, host, port):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(POLL_SECONDS)
+        self.peer = None
+
+    @property
+    def address(self):
+        return self.sock.getsockname()[:2]
+
+    def receive(self):
+        """One datagram from WireGuard, or None after POLL_SECONDS."""
+        try:
+            data, peer = self.sock.recvfrom(MAX_DATAGRAM)
+        except socket.timeout:
+            return None
+        self.peer = peer
+        return data
+
+    def send(self, datagram):
+        peer = self.peer
+        if peer is None:
+            return False
+        try:
+            self.sock.sendto(datagram, peer)
+        except OSError as exc:
+            log.debug("local send failed: %s", exc)
+            return False
+        return True
+
+    def close(self):
+        self.sock.close()

@@ -1,0 +1,89 @@
+"""What the relay and both transports share: counters, backoff, the local port."""
+import re
+import socket
+import threading
+
+import pytest
+
+import orbmesh_relay
+from orbmesh_relay.common import TOKEN_ENV, Backoff, LocalPort, Stats, Unauthorized, unauthorized_message
+from tests.relay.fakes import wg_datagram
+
+STATUS = re.compile(r"\Arelay (ws|http) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
+                    r"reconnects=(\d+) connected=(yes|no)\Z")
+
+
+def test_status_line_format():
+    stats = Stats()
+    assert stats.line("ws") == "relay ws up=0/0 down=0/0 dropped=0 reconnects=0 connected=no"
+    stats.up(3, 300)
+    stats.down(2, 128)
+    stats.drop(4)
+    stats.reconnect()
+    stats.set_connected(True)
+    line = stats.line("http")
+    assert line == "relay http up=3/300 down=2/128 dropped=4 reconnects=1 connected=yes"
+    assert STATUS.match(line)
+
+
+def test_status_line_is_documented():
+    assert "relay TRANSPORT up=PKTS/BYTES down=PKTS/BYTES dropped=N reconnects=N connected=yes|no" \
+        in orbmesh_relay.__doc__
+
+
+def test_backoff_doubles_to_the_cap_with_jitter():
+    backoff = Backoff()
+    delays = [backoff.next_delay() for _ in range(12)]
+    bases = [min(30.0, 0.5 * 2 ** i) for i in range(12)]
+    for delay, base in zip(delays, bases):
+        assert 0.75 * base <= delay <= 1.25 * base
+    backoff.reset()
+    assert backoff.next_delay() <= 0.625
+
+
+def test_backoff_wait_reports_a_stop():
+    stopping = threading.Event()
+    assert Backoff(first=0.01).wait(stopping) is False
+    stopping.set()
+    assert Backoff(first=30.0).wait(stopping) is True  # returns at once, not after 30 s
+
+
+def test_unauthorized_names_the_remedies():
+    assert issubclass(Unauthorized, Exception)
+    message = unauthorized_message()
+    assert "401" in message and "--token" in message and TOKEN_ENV == "ORBMESH_RELAY_TOKEN" and TOKEN_ENV in message
+
+
+def test_local_port_answers_the_last_sender():
+    port = LocalPort("127.0.0.1", 0)
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    second = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        first.bind(("127.0.0.1", 0))
+        second.bind(("127.0.0.1", 0))
+        second.settimeout(5)
+        assert port.send(wg_datagram(0)) is False  # nobody has spoken yet
+        assert port.receive() is None  # times out instead of blocking forever
+        first.sendto(wg_datagram(1), port.address)
+        assert port.receive() == wg_datagram(1)
+        second.sendto(wg_datagram(2), port.address)
+        assert port.receive() == wg_datagram(2)
+        assert port.send(wg_datagram(3)) is True
+        assert second.recvfrom(65535) == (wg_datagram(3), tuple(port.address))
+        first.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            first.recvfrom(65535)  # the earlier sender gets nothing
+    finally:
+        first.close()
+        second.close()
+        port.close()
+
+
+def test_local_port_in_use_raises():
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    try:
+        with pytest.raises(OSError, match="in use"):
+            LocalPort(*taken.getsockname())
+    finally:
+        taken.close()
