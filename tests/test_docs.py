@@ -93,7 +93,7 @@ def tables(text):
             i += 2
             while i < len(lines) and lines[i].startswith("|"):
                 row = _cells(lines[i])
-                assert len(row) == len(header), "table row with %d cells under %d: %s" % (len(row), len(header), lines[i])
+                assert len(row) == len(header), "%d cells under a header of %d: %s" % (len(row), len(header), lines[i])
                 rows.append(row)
                 i += 1
             found.append((header, rows))
