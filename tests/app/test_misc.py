@@ -152,20 +152,6 @@ def test_allocator_does_not_scan_the_pool(db):
     assert len(steps) < 20
 
 
-def test_readme_documents_every_setting():
-    from pathlib import Path
-    readme = Path(__file__).parents[2].joinpath("README.md").read_text()
-    missing = [name for name in settings.SETTINGS if "`ORBMESH_%s`" % name not in readme]
-    assert missing == []
-
-
-def test_readme_lists_every_error_code():
-    from pathlib import Path
-    from app.errors import CODES
-    readme = Path(__file__).parents[2].joinpath("README.md").read_text()
-    assert [code for code in CODES if "| `%s` | %d |" % (code, CODES[code]) not in readme] == []
-
-
 def test_locked_database_is_a_clean_503(client, auth, app, snapshot):
     """Another process holds the write lock past the busy timeout: 503, nothing written."""
     before = snapshot()
