@@ -28,7 +28,7 @@ LINK_RE = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 def setting_names():
     """Every ORBMESH_* setting the app or the helper reads, without the prefix."""
-    return set(config.SETTINGS) | set(helper_settings.DEFAULTS)
+    return set(config.SETTINGS) | set(helper_settings.HELPER)
 
 
 def error_codes():

@@ -18,30 +18,19 @@ from .writer import Writer
 log = logging.getLogger("wghelper")
 
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="orbmesh-wghelper",
-        description="Privileged helper: manages the WireGuard interface for the OrbMesh app.")
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="orbmesh-wghelper",
+                                     description="Privileged helper: manages the WireGuard interface for the OrbMesh app.")
     parser.add_argument("--config", metavar="FILE", help="KEY=VALUE settings file (sets ORBMESH_CONFIG_FILE)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    opts = _parse_args(argv)
-    logging.basicConfig(level=opts.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # sh logs every command line at INFO; ours are ours to log.
-    logging.getLogger("sh").setLevel(logging.WARNING)
-    environ = dict(os.environ)
-    if opts.config:
-        environ[settings.PREFIX + "CONFIG_FILE"] = opts.config
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=opts.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command line at INFO; ours are ours to log
     try:
-        cfg = settings.load(environ)
+        cfg = settings.load(dict(os.environ, **({settings.PREFIX + "CONFIG_FILE": opts.config} if opts.config else {})))
     except ConfigError as exc:
         print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
         return 2
-
     server = iface = writer = firewall = bridges = None
     stopping = []
 
@@ -57,13 +46,11 @@ def main(argv=None):
         cmd = Commands(Runner(cfg.helper_command_timeout, cfg.wireguard_go))
         key_path, public_key = keys.ensure_key(cfg.helper_state_dir, cmd)
         log.info("server public key %s", public_key)
-        bridge_key_path, bridge_public = keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE)
         firewall = Firewall(cfg, cmd, os.path.join(cfg.helper_state_dir, STATE_FILE))
-        bridges = Bridges(cfg, cmd, firewall, bridge_key_path, bridge_public)
+        bridges = Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE))
         iface = Interface(cfg, cmd, key_path)
         iface.up()
-        # Fail closed: if NAT cannot be set up the helper does not run.
-        firewall.start()
+        firewall.start()  # fail closed: if NAT cannot be set up the helper does not run
         iface.on_up = firewall.interface_up
         writer = Writer(cmd, cfg.interface)
         writer.start()
@@ -80,10 +67,9 @@ def main(argv=None):
     finally:
         if server is not None:
             server.close()
-        if writer is not None:
-            writer.stop()
-        if bridges is not None:
-            bridges.stop()
+        for part in (writer, bridges):
+            if part is not None:
+                part.stop()
         if iface is not None:
             iface.on_up = None  # the watcher must not switch forwarding back on
         if firewall is not None and not firewall.stop():

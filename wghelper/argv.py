@@ -147,9 +147,7 @@ class Commands:
 
 def clean_stderr(data, secret=None):
     """Decode, drop anything we fed on stdin, and cut to STDERR_LIMIT chars."""
-    if isinstance(data, bytes):
-        data = data.decode("utf-8", "replace")
-    text = (data or "").strip()
+    text = (data.decode("utf-8", "replace") if isinstance(data, bytes) else data or "").strip()
     for part in (secret or "").split():
         if len(part) >= 8:
             text = text.replace(part, "[redacted]")
@@ -159,8 +157,7 @@ def clean_stderr(data, secret=None):
 class Child:
     """A supervised wireguard-go process; signalled only by its own pid."""
 
-    def __init__(self, name, running):
-        self.name = name
+    def __init__(self, running):
         self._running = running
         self.pid = running.pid
 
@@ -173,22 +170,15 @@ class Child:
         return self._running.process.exit_code
 
     def stop(self, timeout=5.0):
-        if not self.alive():
-            return self.exit_code()
-        log.info("stopping %s (pid %d)", self.name, self.pid)
-        self._running.signal(signal.SIGTERM)
-        try:
-            self._running.wait(timeout=timeout)
-        except sh.TimeoutException:
-            log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.pid)
-            if self.alive():
-                self._running.signal(signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # a child that ignores SIGTERM is killed
+            if not self.alive():
+                break
+            log.info("stopping wireguard-go (pid %d) with %s", self.pid, sig.name)
+            self._running.signal(sig)
             try:
-                self._running.wait()
-            except sh.ErrorReturnCode:
-                pass
-        except sh.ErrorReturnCode:
-            pass  # a non-zero exit after SIGTERM is fine; we asked it to stop
+                self._running.wait(timeout=timeout)
+            except (sh.TimeoutException, sh.ErrorReturnCode):
+                pass  # timed out, or the non-zero exit we asked for
         return self.exit_code()
 
 
@@ -254,4 +244,4 @@ class Runner:
         except OSError as exc:
             raise CommandFailed("wireguard-go", None, str(exc)) from None
         log.info("started wireguard-go for %s (pid %d)", ifname, running.pid)
-        return Child("wireguard-go", running)
+        return Child(running)

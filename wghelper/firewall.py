@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "nat-state.json"
 _SYSCTL_VALUE_RE = re.compile(r"^-?[0-9]{1,10}$")
-_STATE_KEY_RE = re.compile(r"^net/ipv[46]/conf/([A-Za-z0-9_=+.-]{1,15})/forwarding$")
+_STATE_KEY_RE = re.compile(r"^net/ipv[46]/conf/(?!\.\.?/)[A-Za-z0-9_=+.-]{1,15}/forwarding$")
 # `nft delete table` of a table that is not there; sysctl of an interface
 # that is not there (LANG=C, set by the Runner).
 _NO_TABLE = "No such file or directory"
@@ -118,7 +118,7 @@ class Firewall:
         log.info("nat: table inet %s applied: masquerade %s out of %s, forward %s <-> %s", self.s.nat_table,
                  ", ".join(str(n) for n in (self.s.pool, self.s.pool6) if n is not None),
                  self.s.nat_uplink, self.s.interface, self.s.nat_uplink)
-        self.saved = self._load_state()
+        self.saved = dict(self._load_state(), **self.saved)
         for key in self.keys:
             current = self._read(key)
             self.saved.setdefault(key, current)
@@ -145,11 +145,10 @@ class Firewall:
                     self.cmd.write_sysctl(key, value)
                 log.info("nat: %s restored to %s", key, value)
             except CommandFailed as exc:
-                if _NO_KEY in exc.stderr:  # the interface is gone (say, an old uplink from the state file)
-                    log.info("nat: %s is gone; nothing to restore", key)
-                else:
-                    log.error("nat: cannot restore %s to %s: %s", key, value, exc.stderr)
-                    ok = False
+                gone = _NO_KEY in exc.stderr  # the interface is gone (say, an old uplink from the state file)
+                log.log(logging.INFO if gone else logging.ERROR, "nat: cannot restore %s to %s: %s", key, value,
+                        exc.stderr)
+                ok = ok and gone
         try:
             self._delete_table()
         except CommandFailed as exc:
@@ -157,7 +156,8 @@ class Firewall:
             ok = False
         if ok:
             self.saved = {}
-            self._clear_state()
+            if self.state_path and os.path.exists(self.state_path):
+                os.unlink(self.state_path)
         return ok
 
     def _delete_table(self):
@@ -174,26 +174,19 @@ class Firewall:
             raise CommandFailed("sysctl", None, "unexpected value %r for %s" % (value, key))
         return value
 
-    # --- state file: the values to restore, for a helper that was killed
-
     def _load_state(self):
-        saved = {}
+        """The values a helper that was killed had saved (only well-formed forwarding keys)."""
         try:
             with open(self.state_path, encoding="utf-8") as handle:
-                table = json.load(handle).get("sysctl")
+                table = json.load(handle)["sysctl"]
+            saved = {k: v for k, v in table.items() if _STATE_KEY_RE.fullmatch(k) and _SYSCTL_VALUE_RE.fullmatch(v)}
         except (TypeError, FileNotFoundError):  # no state path, or no file
-            table = None
-        except (OSError, ValueError, AttributeError) as exc:
+            return {}
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
             log.warning("nat: ignoring unreadable %s: %s", self.state_path, exc)
-            table = None
-        for key, value in (table.items() if isinstance(table, dict) else ()):
-            match = _STATE_KEY_RE.fullmatch(key) if isinstance(key, str) else None
-            if (match and match.group(1) not in (".", "..") and isinstance(value, str)
-                    and _SYSCTL_VALUE_RE.fullmatch(value)):
-                saved[key] = value
+            return {}
         if saved:
             log.info("nat: previous helper did not clean up; original values %s", saved)
-        saved.update(self.saved)
         return saved
 
     def _save_state(self):
@@ -202,10 +195,3 @@ class Firewall:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
                 json.dump({"sysctl": self.saved}, handle, sort_keys=True)
             os.replace(tmp, self.state_path)
-
-    def _clear_state(self):
-        if self.state_path:
-            try:
-                os.unlink(self.state_path)
-            except FileNotFoundError:
-                pass

@@ -103,8 +103,7 @@ def _bridges(ctx):
 
 
 def bridge_up(ctx, args):
-    spec = {k: args[k] for k in ("public_key", "endpoint", "address", "keepalive")}
-    return _bridges(ctx).up(args["slot"], spec)
+    return _bridges(ctx).up(args.pop("slot"), args)
 
 
 def bridge_down(ctx, args):
@@ -112,7 +111,7 @@ def bridge_down(ctx, args):
 
 
 def bridge_rules(ctx, args):
-    return _bridges(ctx).rules(args["add"], args["remove"], args["exclusive"])
+    return _bridges(ctx).rules(**args)
 
 
 HANDLERS = {

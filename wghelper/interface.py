@@ -109,23 +109,20 @@ class Interface:
 
     def _teardown(self):
         self.running = False
-        child, self._child = self._child, None
-        if child is not None:
-            child.stop()  # wireguard-go removes its tun device and socket when it exits
+        if self._child is not None:
+            self._child.stop()  # wireguard-go removes its tun device and socket when it exits
+            self._child = None
         if self.exists():
             self._delete_link()
 
     def check(self):
         """One watcher tick: re-create the interface if it has gone."""
         with self._lock:
-            if self._stop.is_set():
-                return
-            child = self._child
-            if self.running and (child is None or child.alive()) and self.exists():
+            alive = None if self._child is None else self._child.alive()
+            if self._stop.is_set() or (self.running and alive is not False and self.exists()):
                 return
             if self.running:
-                log.warning("interface %s has gone (wireguard-go alive: %s); re-creating it",
-                            self.name, None if child is None else child.alive())
+                log.warning("interface %s has gone (wireguard-go alive: %s); re-creating it", self.name, alive)
             self._teardown()
             try:
                 self.up()
@@ -133,15 +130,15 @@ class Interface:
                 log.error("could not re-create %s: %s; retrying in %gs", self.name, exc,
                           self.settings.helper_watch_interval)
 
-    def _watch(self):
-        while not self._stop.wait(self.settings.helper_watch_interval):
-            try:
-                self.check()
-            except Exception:
-                log.exception("interface watcher failed; it keeps running")
-
     def start_watcher(self):
-        self._watcher = threading.Thread(target=self._watch, name="wg-watcher", daemon=True)
+        def watch():
+            while not self._stop.wait(self.settings.helper_watch_interval):
+                try:
+                    self.check()
+                except Exception:
+                    log.exception("interface watcher failed; it keeps running")
+
+        self._watcher = threading.Thread(target=watch, name="wg-watcher", daemon=True)
         self._watcher.start()
 
     def down(self):

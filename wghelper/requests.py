@@ -68,8 +68,17 @@ def bridge_down(args, s):
 def bridge_rules(args, s):
     """{"add": [{"address", "slot"}], "remove": [address], "exclusive": bool}."""
     _args(args, ("add", "remove", "exclusive"))
-    add = validate.bridge_rules(args.get("add", []), s.pool, s.gateway, MAX_BRIDGE_SLOTS)
-    remove = validate.client_addresses(args.get("remove", []), s.pool, s.gateway)
+    add = {}
+    for item, rule in validate.items(args.get("add", []), "add", validate.MAX_PEERS, "rules"):
+        if not isinstance(rule, dict) or set(rule) != {"address", "slot"}:
+            raise Invalid(item, "must be an object with exactly address and slot")
+        address = validate.client_address(rule["address"], s.pool, s.gateway, item + ".address")
+        if address in add:
+            raise Invalid(item + ".address", "is listed twice")
+        add[address] = validate.integer(rule["slot"], 0, MAX_BRIDGE_SLOTS - 1, item + ".slot")
+    remove = validate.unique([(f, validate.client_address(v, s.pool, s.gateway, f))
+                              for f, v in validate.items(args.get("remove", []), "remove", validate.MAX_PEERS,
+                                                         "addresses")])
     if set(add) & set(remove):
         raise Invalid("remove", "an address is also in add")
     return {"add": add, "remove": remove, "exclusive": validate.boolean(args.get("exclusive", False), "exclusive")}

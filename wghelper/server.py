@@ -13,6 +13,7 @@ import struct
 import threading
 
 from . import handlers, protocol
+from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,13 @@ def _hung_up(conn):
     poller = select.poll()
     poller.register(conn.fileno(), 0)  # POLLHUP is always reported
     return any(event & select.POLLHUP for _, event in poller.poll(0))
+
+
+def _quietly(action, *args):
+    try:
+        action(*args)
+    except OSError:
+        pass
 
 
 class Server:
@@ -38,14 +46,9 @@ class Server:
         self._listener = None
         self._inode = None
         self._conns = set()
-        self._conns_lock = threading.Lock()
-
-    # --- socket file ------------------------------------------------------
 
     def bind(self):
-        parent = os.path.dirname(self.path)
-        if parent and not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o755, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
         self._remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Created owner-only, then opened up: nobody connects in between.
@@ -65,11 +68,10 @@ class Server:
 
     def _remove_stale(self):
         try:
-            info = os.lstat(self.path)
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)
         except FileNotFoundError:
             return
-        if not stat.S_ISSOCK(info.st_mode):
-            raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
@@ -82,14 +84,14 @@ class Server:
             probe.close()
         raise OSError(errno.EADDRINUSE, "another helper is listening on %s" % self.path)
 
+    def stop(self):
+        """Ask serve_forever to return; safe to call from a signal handler."""
+        self._stop.set()
+
     def close(self):
         self._stop.set()
         if self._listener is not None:
-            try:
-                # Wakes a thread blocked in accept() now, not at its next timeout.
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _quietly(self._listener.shutdown, socket.SHUT_RDWR)  # wakes accept() now
             self._listener.close()
             self._listener = None
             try:
@@ -97,19 +99,8 @@ class Server:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    # --- serving ----------------------------------------------------------
-
-    def stop(self):
-        """Ask serve_forever to return; safe to call from a signal handler."""
-        self._stop.set()
+        for conn in list(self._conns):
+            _quietly(conn.shutdown, socket.SHUT_RDWR)
 
     def serve_forever(self):
         listener = self._listener
@@ -128,40 +119,33 @@ class Server:
                 log.warning("refusing a connection: %d already open", self.settings.helper_max_connections)
                 conn.close()
                 continue
-            thread = threading.Thread(target=self._serve_conn, args=(conn,),
-                                      name="wg-conn", daemon=True)
-            thread.start()
+            threading.Thread(target=self._serve, args=(conn,), name="wg-conn", daemon=True).start()
 
-    def _serve_conn(self, conn):
-        with self._conns_lock:
-            self._conns.add(conn)
+    def _serve(self, conn):
+        self._conns.add(conn)
         try:
             self._handle(conn)
         except Exception:
             log.exception("connection handler failed")
         finally:
-            with self._conns_lock:
-                self._conns.discard(conn)
+            self._conns.discard(conn)
             conn.close()
             self._slots.release()
 
     def _handle(self, conn):
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
         if uid not in self.settings.helper_allowed_uids:
             log.warning("refused pid %d uid %d: not in ORBMESH_HELPER_ALLOWED_UIDS", pid, uid)
-            self._send(conn, protocol.error(None, protocol.FORBIDDEN,
-                                            "uid %d may not use this helper" % uid))
+            self._send(conn, protocol.error(None, protocol.FORBIDDEN, "uid %d may not use this helper" % uid))
             return
         conn.settimeout(self.idle_timeout)
-        reader = conn.makefile("rb")
-        try:
+        with conn.makefile("rb") as reader:
             while not self._stop.is_set():
                 try:
                     line = protocol.read_frame(reader)
-                except protocol.ProtocolError as exc:
-                    # Oversized or cut short: the stream is out of step, so
-                    # answer once and hang up.
+                except ProtocolError as exc:
+                    # Oversized or cut short: the stream is out of step, so answer once and hang up.
                     self._send(conn, protocol.error(None, exc.code, exc.message))
                     return
                 except OSError:  # idle timeout, reset
@@ -176,18 +160,15 @@ class Server:
                     return
                 if not self._send(conn, self._answer(line)):
                     return
-        finally:
-            reader.close()
 
     def _answer(self, line):
         req_id = None
         try:
             message = protocol.decode(line)
-            candidate = message.get("id")
-            if isinstance(candidate, int) and not isinstance(candidate, bool):
-                req_id = candidate
+            if isinstance(message.get("id"), int) and not isinstance(message.get("id"), bool):
+                req_id = message["id"]
             req_id, cmd, args = protocol.parse_request(message)
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             return protocol.error(req_id, exc.code, exc.message)
         try:
             return self._dispatch(self.ctx, req_id, cmd, args)
@@ -199,9 +180,8 @@ class Server:
     def _send(conn, reply):
         try:
             data = protocol.encode(reply)
-        except protocol.ProtocolError as exc:
-            data = protocol.encode(protocol.error(reply.get("id"), exc.code,
-                                                  "reply too large: %s" % exc.message))
+        except ProtocolError as exc:
+            data = protocol.encode(protocol.error(reply.get("id"), exc.code, "reply too large: %s" % exc.message))
         try:
             conn.sendall(data)
             return True

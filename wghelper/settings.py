@@ -55,76 +55,64 @@ def read_env_file(path):
 
 # --- parsers: a string from a file or the environment, or a plain value from tests
 
-def integer(low, high):
+def number(cast, low, high, unit=""):
     def parse(value):
         try:
-            number = int(value)
+            found = cast(value)
         except (TypeError, ValueError):
-            raise ValueError("must be an integer") from None
-        if not low <= number <= high:
-            raise ValueError("must be between %d and %d" % (low, high))
-        return number
+            raise ValueError("must be a number" + (" of %s" % unit if unit else "")) from None
+        if not low <= found <= high:  # also refuses nan
+            raise ValueError("must be between %s and %s%s" % (low, high, " " + unit if unit else ""))
+        return found
     return parse
 
 
+def integer(low, high):
+    return number(int, low, high)
+
+
 def seconds(low, high):
+    return number(float, low, high, "seconds")
+
+
+def matching(pattern, message):
     def parse(value):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError("must be a number of seconds") from None
-        if not low <= number <= high:  # also refuses nan
-            raise ValueError("must be between %g and %g seconds" % (low, high))
-        return number
+        if not pattern.fullmatch(str(value)) or value in (".", ".."):
+            raise ValueError(message)
+        return value
     return parse
 
 
 def choice(*options):
-    def parse(value):
-        if value not in options:
-            raise ValueError("must be one of %s" % ", ".join(options))
-        return value
-    return parse
+    return matching(re.compile("|".join(map(re.escape, options))), "must be one of %s" % ", ".join(options))
 
 
 def text(value):
     return str(value).strip()
 
 
-def ifname(value):
-    if not IFNAME_RE.fullmatch(value) or value in (".", ".."):
-        raise ValueError("must be 1-15 characters of A-Z a-z 0-9 _ = + . -")
-    return value
+ifname = matching(IFNAME_RE, "must be 1-15 characters of A-Z a-z 0-9 _ = + . -")
+nft_table = matching(NFT_TABLE_RE, "must be 1-32 characters of A-Z a-z 0-9 _, not starting with a digit")
+abspath = matching(re.compile(r"/.*"), "must be an absolute path")
 
 
-def nft_table(value):
-    if not NFT_TABLE_RE.fullmatch(value):
-        raise ValueError("must be 1-32 characters of A-Z a-z 0-9 _, not starting with a digit")
-    return value
-
-
-def abspath(value):
-    if not os.path.isabs(value):
-        raise ValueError("must be an absolute path")
-    return value
+def network(cls, what):
+    def parse(value):
+        try:
+            return cls(value, strict=True)
+        except ValueError as exc:
+            raise ValueError("must be an %s network in CIDR form (%s)" % (what, exc)) from None
+    return parse
 
 
 def pool4(value):
-    try:
-        pool = ipaddress.IPv4Network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError("must be an IPv4 network in CIDR form (%s)" % exc) from None
-    # Room for the network, gateway, broadcast and at least one client.
-    if pool.prefixlen > 30:
+    pool = network(ipaddress.IPv4Network, "IPv4")(value)
+    if pool.prefixlen > 30:  # room for the network, gateway, broadcast and one client
         raise ValueError("must be an IPv4 network of /30 or larger")
     return pool
 
 
-def pool6(value):
-    try:
-        return ipaddress.IPv6Network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError("must be an IPv6 network in CIDR form (%s)" % exc) from None
+pool6 = network(ipaddress.IPv6Network, "IPv6")
 
 
 def address(value):
@@ -134,28 +122,25 @@ def address(value):
         raise ValueError("must be an IP address") from None
 
 
-def group(value):
-    if value.isdigit():
-        return int(value)
+def _account(lookup, kind, name):
+    if name.isdigit():
+        return int(name)
     try:
-        return grp.getgrnam(value).gr_gid
+        return lookup(name)
     except KeyError:
-        raise ValueError("no such group: %s" % value) from None
+        raise ValueError("no such %s: %s" % (kind, name)) from None
+
+
+def group(value):
+    return _account(lambda n: grp.getgrnam(n).gr_gid, "group", value)
 
 
 def uids(value):
-    found = set()
-    for item in (part.strip() for part in value.split(",")):
-        if item.isdigit():
-            found.add(int(item))
-        elif item:
-            try:
-                found.add(pwd.getpwnam(item).pw_uid)
-            except KeyError:
-                raise ValueError("no such user: %s" % item) from None
+    found = frozenset(_account(lambda n: pwd.getpwnam(n).pw_uid, "user", item.strip())
+                      for item in value.split(",") if item.strip())
     if not found:
         raise ValueError("must list at least one uid or user name")
-    return frozenset(found)
+    return found
 
 
 SHARED = {

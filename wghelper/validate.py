@@ -9,7 +9,6 @@ private key pasted by mistake does not end up in replies or logs.
 Standard library only: the app's workers import this module.
 """
 import base64
-import binascii
 import ipaddress
 import re
 
@@ -23,8 +22,7 @@ MAX_ALLOWED_IPS = 8
 # Matched with fullmatch: "$" alone would also accept a trailing newline.
 PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _IPV4_RE = re.compile(r"^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$")
-_ENDPOINT_V4_RE = re.compile(r"^([0-9]{1,3}(?:\.[0-9]{1,3}){3}):([0-9]{1,5})$")
-_ENDPOINT_V6_RE = re.compile(r"^\[([0-9A-Fa-f:.]{2,45})\]:([0-9]{1,5})$")
+_ENDPOINT_RE = re.compile(r"^([0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
 PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive"})
 
 __all__ = ["Invalid"]
@@ -38,7 +36,8 @@ def _hint(value):
     return "a %s" % type(value).__name__
 
 
-def _list(values, field, low, high, what):
+def items(values, field, high, what, low=0):
+    """(field[i], value) for a list of low to high values."""
     if not isinstance(values, list):
         raise Invalid(field, "must be a list")
     if not low <= len(values) <= high:
@@ -46,13 +45,14 @@ def _list(values, field, low, high, what):
     return [("%s[%d]" % (field, i), v) for i, v in enumerate(values)]
 
 
-def _unique(items, field):
+def unique(pairs, suffix=""):
+    """The values of (field, value) pairs; refused if one repeats."""
     seen = set()
-    for index, item in enumerate(items):
-        if item in seen:
-            raise Invalid("%s[%d]" % (field, index), "is listed twice")
-        seen.add(item)
-    return items
+    for field, value in pairs:
+        if value in seen:
+            raise Invalid(field + suffix, "is listed twice")
+        seen.add(value)
+    return [value for _, value in pairs]
 
 
 def integer(value, low, high, field):
@@ -72,19 +72,14 @@ def boolean(value, field):
 def public_key(value, field="public_key"):
     if not isinstance(value, str):
         raise Invalid(field, "must be a string, got %s" % _hint(value))
-    if not PUBLIC_KEY_RE.fullmatch(value):
+    # The pattern admits only base64 that decodes to exactly 32 bytes.
+    if not PUBLIC_KEY_RE.fullmatch(value) or len(base64.b64decode(value, validate=True)) != 32:
         raise Invalid(field, "must be a base64 WireGuard key of 32 bytes, got %s" % _hint(value))
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Invalid(field, "is not valid base64") from None
-    if len(raw) != 32:
-        raise Invalid(field, "must decode to 32 bytes")
     return value
 
 
 def key_list(values, field, high=MAX_PEERS):
-    return _unique([public_key(v, f) for f, v in _list(values, field, 0, high, "keys")], field)
+    return unique([(f, public_key(v, f)) for f, v in items(values, field, high, "keys")])
 
 
 def client_ip(value, pool, gateway, field):
@@ -97,10 +92,9 @@ def client_ip(value, pool, gateway, field):
         raise Invalid(field, "is not a valid address, got %s" % _hint(value)) from None
     if net.version != pool.version or net.prefixlen != net.max_prefixlen:
         raise Invalid(field, "must be a /%d host route" % pool.max_prefixlen)
-    address = net.network_address
-    if address not in pool:
+    if net.network_address not in pool:
         raise Invalid(field, "must be inside %s" % pool)
-    if address in (pool.network_address, gateway, pool.broadcast_address):
+    if net.network_address in (pool.network_address, gateway, pool.broadcast_address):
         raise Invalid(field, "is the network, gateway or broadcast address")
     return str(net)
 
@@ -109,30 +103,25 @@ def client_address(value, pool, gateway, field):
     """A client's address in the pool, without prefix ("10.8.0.2")."""
     if not isinstance(value, str):
         raise Invalid(field, "must be a string")
-    return client_ip(value + "/%d" % pool.max_prefixlen, pool, gateway, field).split("/")[0]
+    return client_ip("%s/%d" % (value, pool.max_prefixlen), pool, gateway, field).split("/")[0]
 
 
 def endpoint(value, field="endpoint"):
     """None, "IPv4:port" or "[IPv6]:port"; IP literals only, we never resolve."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise Invalid(field, "must be a string or null")
-    match = _ENDPOINT_V4_RE.fullmatch(value) or _ENDPOINT_V6_RE.fullmatch(value)
+    match = _ENDPOINT_RE.fullmatch(value) if isinstance(value, str) else None
     if not match:
         raise Invalid(field, "must be IPv4:port or [IPv6]:port, got %s" % _hint(value))
     try:
-        address = ipaddress.ip_address(match.group(1))
+        address = ipaddress.ip_address(match.group(1).strip("[]"))
     except ValueError:
         raise Invalid(field, "is not a valid IP address") from None
-    port = int(match.group(2))
-    if not 1 <= port <= 65535:
+    if not 1 <= int(match.group(2)) <= 65535:
         raise Invalid(field, "port must be between 1 and 65535")
     if address.is_unspecified or address.is_multicast:
         raise Invalid(field, "must be a unicast address")
-    if address.version == 6:
-        return "[%s]:%d" % (address, port)
-    return "%s:%d" % (address, port)
+    return ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, int(match.group(2)))
 
 
 def keepalive(value, field="keepalive"):
@@ -150,12 +139,10 @@ def peer(value, pool, gateway, field="peer"):
     for required in ("public_key", "allowed_ips"):
         if required not in value:
             raise Invalid("%s.%s" % (field, required), "is required")
-    ips_field = field + ".allowed_ips"
-    ips = [client_ip(v, pool, gateway, f)
-           for f, v in _list(value["allowed_ips"], ips_field, 1, MAX_ALLOWED_IPS, "addresses")]
+    ips = items(value["allowed_ips"], field + ".allowed_ips", MAX_ALLOWED_IPS, "addresses", low=1)
     return {
         "public_key": public_key(value["public_key"], field + ".public_key"),
-        "allowed_ips": _unique(ips, ips_field),
+        "allowed_ips": unique([(f, client_ip(v, pool, gateway, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
     }
@@ -163,17 +150,9 @@ def peer(value, pool, gateway, field="peer"):
 
 def peers(values, pool, gateway, field="peers"):
     """A list of peers; no key and no address twice."""
-    result = [peer(v, pool, gateway, f) for f, v in _list(values, field, 0, MAX_PEERS, "peers")]
-    keys, claimed = set(), {}
-    for index, checked in enumerate(result):
-        if checked["public_key"] in keys:
-            raise Invalid("%s[%d].public_key" % (field, index), "is listed twice")
-        keys.add(checked["public_key"])
-        for address in checked["allowed_ips"]:
-            if address in claimed:
-                raise Invalid("%s[%d].allowed_ips" % (field, index),
-                              "%s is also claimed by %s[%d]" % (address, field, claimed[address]))
-            claimed[address] = index
+    result = [peer(v, pool, gateway, f) for f, v in items(values, field, MAX_PEERS, "peers")]
+    unique([("%s[%d]" % (field, i), p["public_key"]) for i, p in enumerate(result)], ".public_key")
+    unique([("%s[%d]" % (field, i), ip) for i, p in enumerate(result) for ip in p["allowed_ips"]], ".allowed_ips")
     return result
 
 
@@ -185,27 +164,9 @@ def tunnel_address(value, pool, field="address"):
         address = ipaddress.IPv4Address(value)
     except ValueError:
         raise Invalid(field, "is not a valid IPv4 address") from None
-    if (address.is_unspecified or address.is_multicast or address.is_loopback
-            or address.is_link_local or address == ipaddress.IPv4Address("255.255.255.255")):
+    if (address.is_unspecified or address.is_multicast or address.is_loopback or address.is_link_local
+            or address == ipaddress.IPv4Address("255.255.255.255")):
         raise Invalid(field, "must be a unicast host address")
     if address in pool:
         raise Invalid(field, "must lie outside this server's pool %s" % pool)
     return str(address)
-
-
-def bridge_rules(values, pool, gateway, max_slots, field="add"):
-    """[{"address": "10.8.0.2", "slot": 0}, ...] -> {address: slot}; client addresses of the pool."""
-    result = {}
-    for item, value in _list(values, field, 0, MAX_PEERS, "rules"):
-        if not isinstance(value, dict) or set(value) != {"address", "slot"}:
-            raise Invalid(item, "must be an object with exactly address and slot")
-        address = client_address(value["address"], pool, gateway, item + ".address")
-        if address in result:
-            raise Invalid(item + ".address", "is listed twice")
-        result[address] = integer(value["slot"], 0, max_slots - 1, item + ".slot")
-    return result
-
-
-def client_addresses(values, pool, gateway, field="remove"):
-    return _unique([client_address(v, pool, gateway, f)
-                    for f, v in _list(values, field, 0, MAX_PEERS, "addresses")], field)

@@ -21,28 +21,26 @@ def stopped():
 
 class Job:
     def __init__(self, removes=(), adds=(), plan=None):
-        self.removes = list(removes)
-        self.adds = list(adds)
+        self.removes, self.adds = list(removes), list(adds)
         self.plan = plan  # callable run on the writer thread -> (removes, adds, result)
         self.done = threading.Event()
-        self.result = None
-        self.error = None
+        self.result = self.error = None
 
     def finish(self, result=None, error=None):
         self.result, self.error = result, error
         self.done.set()
+
+    def counts(self):
+        return {"removed": len(self.removes), "applied": len(self.adds)}
 
 
 def merge(jobs):
     """Merge jobs into (removes, adds), the last operation on a key winning."""
     ops = {}
     for job in jobs:
-        for key in job.removes:
+        for key, op in [(k, None) for k in job.removes] + [(p["public_key"], p) for p in job.adds]:
             ops.pop(key, None)
-            ops[key] = None
-        for peer in job.adds:
-            ops.pop(peer["public_key"], None)
-            ops[peer["public_key"]] = peer
+            ops[key] = op
     return [k for k, op in ops.items() if op is None], [op for op in ops.values() if op is not None]
 
 
@@ -109,21 +107,15 @@ class Writer:
                 if self._stopping:
                     return
                 batch, self._queue = list(self._queue), collections.deque()
-            group = []
-            for job in batch + [None]:
-                if job is None or job.plan is not None:
-                    self._run_group(group)
-                    group = []
-                    if job is not None:
-                        self._run(job, job.plan)
-                else:
-                    group.append(job)
+            # In order: each planned job alone, the plain jobs between them merged.
+            while batch:
+                size = next((i for i, job in enumerate(batch) if job.plan), len(batch)) or 1
+                self._run_group(batch[:size])
+                batch = batch[size:]
 
     def _run_group(self, jobs):
-        if len(jobs) <= 1:
-            for job in jobs:
-                self._run(job)
-            return
+        if len(jobs) == 1:
+            return self._run(jobs[0])
         try:
             self._apply(*merge(jobs))
         except CommandFailed as exc:
@@ -138,14 +130,11 @@ class Writer:
             return
         for job in jobs:
             self.jobs_applied += 1
-            job.finish(result={"removed": len(job.removes), "applied": len(job.adds)})
+            job.finish(result=job.counts())
 
-    def _run(self, job, plan=None):
+    def _run(self, job):
         try:
-            if plan is not None:
-                removes, adds, result = plan()
-            else:
-                (removes, adds), result = merge([job]), {"removed": len(job.removes), "applied": len(job.adds)}
+            removes, adds, result = job.plan() if job.plan else (job.removes, job.adds, job.counts())
             self._apply(removes, adds)
         except Exception as exc:
             job.finish(error=exc)
@@ -154,10 +143,9 @@ class Writer:
         job.finish(result=result)
 
     def _apply(self, removes, adds):
-        if not removes and not adds:
-            return
-        self.wg_set_calls += 1
-        try:
-            self.cmd.set_peers(self.ifname, removes, adds)
-        finally:
-            self.version += 1
+        if removes or adds:
+            self.wg_set_calls += 1
+            try:
+                self.cmd.set_peers(self.ifname, removes, adds)
+            finally:
+                self.version += 1
