@@ -34,7 +34,6 @@ def _family(cidr):
 class Commands:
     def __init__(self, runner):
         self.run = runner.run
-        self.runner = runner
 
     # --- wg --------------------------------------------------------------
 
@@ -141,8 +140,9 @@ class Commands:
     # --- wireguard-go ---------------------------------------------------------
 
     def start_wireguard_go(self, ifname):
-        """``wireguard-go IF`` in the foreground (WG_PROCESS_FOREGROUND=1), as a child we supervise."""
-        return self.runner.start_wireguard_go(ifname)
+        """``wireguard-go IF``: it creates the link and its control socket, then leaves a daemon behind
+        and exits.  The daemon is nobody's child: it lives until its link is deleted."""
+        self.run("wireguard-go", [ifname])
 
 
 def clean_stderr(data, secret=None):
@@ -154,40 +154,12 @@ def clean_stderr(data, secret=None):
     return text[:STDERR_LIMIT] + "..." if len(text) > STDERR_LIMIT else text
 
 
-class Child:
-    """A supervised wireguard-go process; signalled only by its own pid."""
-
-    def __init__(self, running):
-        self._running = running
-        self.pid = running.pid
-
-    def alive(self):
-        # is_alive() reaps the process once it has exited, after which
-        # exit_code is set and we never signal that (possibly reused) pid again.
-        return self._running.process.is_alive()[0]
-
-    def exit_code(self):
-        return self._running.process.exit_code
-
-    def stop(self, timeout=5.0):
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # a child that ignores SIGTERM is killed
-            if not self.alive():
-                break
-            log.info("stopping wireguard-go (pid %d) with %s", self.pid, sig.name)
-            self._running.signal(sig)
-            try:
-                self._running.wait(timeout=timeout)
-            except (sh.TimeoutException, sh.ErrorReturnCode):
-                pass  # timed out, or the non-zero exit we asked for
-        return self.exit_code()
-
-
 class Runner:
     """Runs one argv with a deadline, LANG=C and a clean environment."""
 
     def __init__(self, timeout=10.0, wireguard_go="wireguard-go"):
         self.timeout = timeout
-        self.wireguard_go = wireguard_go
+        self.programs = {"wireguard-go": wireguard_go}
         # LANG=C so the error texts we match and pass on are the English ones.
         self._env = {"LANG": "C", "PATH": os.environ.get("PATH") or DEFAULT_PATH}
         # No sh `_timeout`: sh then polls the child every 0.1 s, which added
@@ -201,7 +173,7 @@ class Runner:
         # Looked up on first use: a helper without NAT must start on a host without nft.
         if name not in self._tools:
             try:
-                self._tools[name] = sh.Command(name).bake(**self._common)
+                self._tools[name] = sh.Command(self.programs.get(name, name)).bake(**self._common)
             except sh.CommandNotFound:
                 raise CommandFailed(name, None, "not found in PATH") from None
         return self._tools[name]
@@ -228,20 +200,3 @@ class Runner:
             raise CommandFailed(tool, exc.exit_code, clean_stderr(exc.stderr, stdin if redact else None)) from None
         finally:
             timer.cancel()
-
-    def start_wireguard_go(self, ifname):
-        env = dict(self._env, WG_PROCESS_FOREGROUND="1")
-
-        def relay(line):
-            log.info("wireguard-go[%s]: %s", ifname, line.rstrip())
-
-        try:
-            running = sh.Command(self.wireguard_go)(
-                ifname, _bg=True, _bg_exc=False, _env=env, _tty_out=False, _out=relay, _err_to_out=True,
-                _new_session=True)
-        except sh.CommandNotFound:
-            raise CommandFailed("wireguard-go", None, "%s not found" % self.wireguard_go) from None
-        except OSError as exc:
-            raise CommandFailed("wireguard-go", None, str(exc)) from None
-        log.info("started wireguard-go for %s (pid %d)", ifname, running.pid)
-        return Child(running)

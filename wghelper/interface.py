@@ -30,7 +30,6 @@ class Interface:
         self.generation = None
         self.backend = None
         self.running = False
-        self._child = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._watcher = None
@@ -81,16 +80,12 @@ class Interface:
                 if backend == "kernel" or not _NO_KERNEL_RE.search(exc.stderr):
                     raise
                 log.info("kernel has no WireGuard (%s); using %s", exc.stderr, self.settings.wireguard_go)
-        child = self._child = self.cmd.start_wireguard_go(self.name)
+        self.cmd.start_wireguard_go(self.name)
+        # It returns once the link and its control socket exist; wait a little in case they lag.
         deadline = time.monotonic() + self.start_timeout
-        # Ready when both the tun device and its control socket are there.
         while not (os.path.exists(self.uapi_socket) and self.exists()):
-            if not child.alive():
-                self._child = None
-                raise CommandFailed("wireguard-go", child.exit_code(), "exited while starting")
             if time.monotonic() > deadline:
-                child.stop()
-                self._child = None
+                self._delete_link()
                 raise CommandFailed("wireguard-go", None, "no interface after %gs" % self.start_timeout)
             time.sleep(0.05)
         self.backend = "wireguard-go"
@@ -108,21 +103,18 @@ class Interface:
             log.warning("could not delete %s: %s", self.name, exc.stderr)
 
     def _teardown(self):
+        # A wireguard-go daemon exits, taking its control socket along, when its link is deleted.
         self.running = False
-        if self._child is not None:
-            self._child.stop()  # wireguard-go removes its tun device and socket when it exits
-            self._child = None
         if self.exists():
             self._delete_link()
 
     def check(self):
         """One watcher tick: re-create the interface if it has gone."""
         with self._lock:
-            alive = None if self._child is None else self._child.alive()
-            if self._stop.is_set() or (self.running and alive is not False and self.exists()):
+            if self._stop.is_set() or (self.running and self.exists()):
                 return
             if self.running:
-                log.warning("interface %s has gone (wireguard-go alive: %s); re-creating it", self.name, alive)
+                log.warning("interface %s has gone; re-creating it", self.name)
             self._teardown()
             try:
                 self.up()

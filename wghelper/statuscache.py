@@ -23,30 +23,27 @@ MAX_AGE = 30.0
 
 class StatusCache:
     def __init__(self, refresh=REFRESH, max_age=MAX_AGE, clock=time.monotonic):
-        self.refresh = refresh
-        self.max_age = max_age
-        self.clock = clock
+        self.refresh, self.max_age, self.clock = refresh, max_age, clock
         self.dumps = 0
         self._lock = threading.Lock()  # one dump at a time
-        self._flag = threading.Lock()  # guards _background only; never held during a dump
         self._entry = None  # (key, taken_at, value)
         self._background = False
 
+    def _fresh(self, key, age):
+        entry = self._entry
+        return entry[2] if entry is not None and entry[0] == key and self.clock() - entry[1] < age else None
+
     def get(self, key, compute):
         """compute() -> value, at most as old as described above; key: what invalidates it."""
-        entry = self._entry
-        if entry is not None and entry[0] == key:
-            age = self.clock() - entry[1]
-            if age < self.refresh:
-                return entry[2]
-            if age < self.max_age:
-                self._refresh_in_background(key, compute)
-                return entry[2]
-        with self._lock:
-            entry = self._entry  # another caller may have just dumped
-            if entry is not None and entry[0] == key and self.clock() - entry[1] < self.refresh:
-                return entry[2]
-            return self._compute(key, compute)
+        value = self._fresh(key, self.refresh)
+        if value is None and self._fresh(key, self.max_age) is not None and not self._background:
+            self._background = True  # a second thread starting too only costs one more dump
+            threading.Thread(target=self._refresh, args=(key, compute), name="status-refresh", daemon=True).start()
+            value = self._fresh(key, self.max_age)
+        if value is not None:
+            return value
+        with self._lock:  # another caller may have just dumped
+            return self._fresh(key, self.refresh) or self._compute(key, compute)
 
     def _compute(self, key, compute):
         taken_at = self.clock()
@@ -55,21 +52,12 @@ class StatusCache:
         self._entry = (key, taken_at, value)
         return value
 
-    def _refresh_in_background(self, key, compute):
-        with self._flag:
-            if self._background:
-                return
-            self._background = True
-
-        def run():
-            try:
-                with self._lock:
-                    entry = self._entry
-                    if entry is None or entry[0] != key or self.clock() - entry[1] >= self.refresh:
-                        self._compute(key, compute)
-            except Exception as exc:  # the next caller dumps in the foreground and sees the error
-                log.debug("background status refresh failed: %s", exc)
-            finally:
-                self._background = False
-
-        threading.Thread(target=run, name="status-refresh", daemon=True).start()
+    def _refresh(self, key, compute):
+        try:
+            with self._lock:
+                if self._fresh(key, self.refresh) is None:
+                    self._compute(key, compute)
+        except Exception as exc:  # the next caller dumps in the foreground and sees the error
+            log.debug("background status refresh failed: %s", exc)
+        finally:
+            self._background = False

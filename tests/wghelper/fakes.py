@@ -36,25 +36,6 @@ def settings(**overrides):
     return load(env)
 
 
-class FakeChild:
-    def __init__(self, runner, name):
-        self.runner = runner
-        self.name = name
-        self.pid = 424242
-        self.running = True
-
-    def alive(self):
-        return self.running
-
-    def exit_code(self):
-        return None if self.running else 0
-
-    def stop(self, timeout=5.0):
-        self.runner.calls.append(["stop-wireguard-go", self.name])
-        self.running = False
-        self.runner.links.discard(self.name)
-
-
 class FakeRunner:
     def __init__(self, kernel=True, socket_dir=None):
         self.calls = []        # every argv, e.g. ["wg", "set", "wgt0", ...]
@@ -66,7 +47,7 @@ class FakeRunner:
         self.fail = None       # callable(argv) -> stderr string to fail with, or None
         self.gate = None       # threading.Event wg set waits on, when set
         self.entered = threading.Event()
-        self.children = []
+        self.daemons = set()   # links a (fake) wireguard-go daemon serves; it exits when its link goes
         self.sysctls = {}      # "net/ipv4/conf/IF/forwarding" -> "0"; absent: no such key
         self.nft_tables = {}   # "inet NAME" -> the stdin that defined it
         self.rules = {}        # bridge rules: "10.8.0.2" -> (pref, table), as `ip -4 rule` keeps them
@@ -92,6 +73,8 @@ class FakeRunner:
     # --- the Runner interface -------------------------------------------
 
     def run(self, tool, args, stdin=None, redact=True):
+        if tool == "wireguard-go":
+            return self.wireguard_go(*args)
         if tool in ("wg", "nft"):
             return getattr(self, tool)(*args, stdin=stdin)
         assert stdin is None
@@ -128,6 +111,7 @@ class FakeRunner:
             if args[3] not in self.links:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
+            self.daemons.discard(args[3])  # wireguard-go exits with its link
         elif args[:3] == ("-4", "rule", "show"):
             return "".join("%s:\tfrom %s lookup %s\n" % (pref, a, table)
                            for a, (pref, table) in sorted(self.rules.items()) if pref == args[4])
@@ -161,14 +145,13 @@ class FakeRunner:
             return "%s = %s\n" % (key.replace("/", "."), value)
         return self.sysctls[key] + "\n"
 
-    def start_wireguard_go(self, ifname):
+    def wireguard_go(self, ifname):
         self._record(["wireguard-go", ifname], None)
         self.links.add(ifname)
+        self.daemons.add(ifname)
         if self.socket_dir:
             open(os.path.join(self.socket_dir, ifname + ".sock"), "w").close()
-        child = FakeChild(self, ifname)
-        self.children.append(child)
-        return child
+        return ""
 
     # --- the model ------------------------------------------------------
 
