@@ -2,6 +2,7 @@
 import base64
 import os
 import sqlite3
+import sys
 
 import pytest
 
@@ -13,6 +14,19 @@ SECRET = "unit-test-secret-" + "x" * 32
 API_KEYS = ["orbnet-key-one-0123456789", "orbnet-key-two-0123456789"]
 SERVER_KEY = base64.b64encode(b"S" * 32).decode()
 BRIDGE_KEY = base64.b64encode(b"B" * 32).decode()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests gave tests/fuzz_hooks.py report(), after the results."""
+    # Looked up, not imported: importing it loads schemathesis, and when no
+    # test imported it nothing was reported.
+    hooks = sys.modules.get("tests.fuzz_hooks")
+    if hooks is None:
+        return
+    for title, lines in hooks.reports().items():
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def make_key(seed):
