@@ -13,8 +13,8 @@ import threading
 import time
 
 from . import store, sweep
-from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
 from .audit import SYSTEM
+from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
 from .helper import HelperClient, HelperFailed, HelperUnavailable
 
 log = logging.getLogger(__name__)

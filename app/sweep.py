@@ -26,8 +26,8 @@ import logging
 import time
 
 from . import metrics, store
-from .db import get_meta, set_meta, write
 from .audit import SYSTEM
+from .db import get_meta, set_meta, write
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import pytest
 
 from app import metrics, reconcile, store, sweep
 from app.allocator import Allocator
+from app.audit import AuditLog
 from app.db import connect as db_connect
 from app.db import write
-from app.audit import AuditLog
 from app.helper import peer_spec
 from tests.conftest import make_key
 
