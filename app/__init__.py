@@ -5,8 +5,9 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import (audit, bridges, errors, exits, health, helper, logs, metrics, openapi, ratelimit, reconcile,
-               smartconnect, store, tunnel, wireguard, wsconn)
+from . import (audit, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
+               reconcile, smartconnect, tunnel, wireguard, wsconn)
+from .allocator import Allocator
 
 
 def create_app(test_config=None):
@@ -22,11 +23,11 @@ def create_app(test_config=None):
 
     logs.init_app(app)
     errors.init_app(app)
-    store.init_app(app)
+    db.init_app(app)
     helper.init_app(app)
     audit.init_app(app)
     ratelimit.init_app(app)
-    app.extensions["orbmesh_allocator"] = store.Allocator(values["POOL"], values["GATEWAY"])
+    app.extensions["orbmesh_allocator"] = Allocator(values["POOL"], values["GATEWAY"])
     app.extensions["orbmesh_server_key"] = {}
     exits.init_app(app)
     smartconnect.init_app(app)
@@ -38,6 +39,6 @@ def create_app(test_config=None):
     tunnel.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
-    app.register_blueprint(metrics.bp)
+    app.register_blueprint(metrics_view.bp)
     reconcile.init_app(app)
     return app

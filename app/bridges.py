@@ -1,5 +1,6 @@
 """Bridge (multi-hop) mode, the app's half: which exit a connect goes to,
 opening the tunnel to it, keeping tunnels and rules right, closing idle ones.
+The connect itself, with its client's rule, is peers.connect_device.
 
 The helper does the kernel work (wghelper/bridge.py) for a *slot*; the
 ``bridges`` table maps each exit in use to its slot.  A tunnel is opened by
@@ -15,7 +16,8 @@ from flask import current_app
 
 from wghelper.protocol import MAX_BRIDGE_SLOTS as MAX_SLOTS
 
-from . import peers, smartconnect, store
+from . import smartconnect, store
+from .db import write
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 from .logs import client_address
@@ -39,27 +41,9 @@ def bridge_keepalive(config):
     return config["KEEPALIVE"] or 25
 
 
-class Route:
-    """A connect that goes through the tunnel to `exit` (see peers.connect_device)."""
-
-    max_slots = MAX_SLOTS
-
-    def __init__(self, bridges, helper, exit, recommended=False):
-        self.bridges = bridges
-        self.helper = helper
-        self.exit = exit
-        self.exit_id = exit["id"]
-        self.recommended = recommended
-
-    def open(self, slot):
-        b = self.bridges
-        key = bridge_public_key(self.helper, b.key_cache)
-        b.client.register(self.exit, b.config["BRIDGE_USER"], key)
-        self.helper.bridge_up(slot, self.exit["publicKey"], self.exit["endpoint"],
-                              self.exit["bridgeAddress"], bridge_keepalive(b.config))
-
-
 class Bridges:
+    max_slots = MAX_SLOTS  # tunnels the helper can hold, one interface and routing table each
+
     def __init__(self, config, registry, client, policy, key_cache):
         self.config = config
         self.registry = registry
@@ -67,18 +51,33 @@ class Bridges:
         self.policy = policy
         self.key_cache = key_cache
 
-    def route_for(self, data, helper):
-        """The Route for a connect body, or None for direct; EXIT_NOT_FOUND for an unknown exit."""
-        exit_id = data.get("exitServerId")
+    # --- one step of a connect (peers.connect_device) -------------------------
+
+    def choose_exit(self, exit_id=None, force_direct=False):
+        """(exit, recommended) for a connect: the exit asked for, else SmartConnect's pick, else (None, False).
+
+        An unknown `exit_id` is EXIT_NOT_FOUND.  SmartConnect judges the
+        client's address (app/logs.py client_address), so it needs a request.
+        """
         if exit_id:
             exit = self.registry.get(exit_id)
             if exit is None:
                 raise ApiError("EXIT_NOT_FOUND", "No exit server with id %s" % exit_id)
-            return Route(self, helper, exit)
-        if data.get("force_direct") or not self.policy:
-            return None
+            return exit, False
+        if force_direct or not self.policy:
+            return None, False
         exit = smartconnect.recommend(self.policy, client_address(), self.registry, self.client.healthy)
-        return Route(self, helper, exit, recommended=True) if exit else None
+        return exit, exit is not None
+
+    def open(self, helper, exit, slot):
+        """Register this server on `exit`, then bring up the tunnel to it in `slot`.
+
+        BRIDGE_UNAVAILABLE when the exit does not answer (app/exits.py).
+        """
+        key = bridge_public_key(helper, self.key_cache)
+        self.client.register(exit, self.config["BRIDGE_USER"], key)
+        helper.bridge_up(slot, exit["publicKey"], exit["endpoint"], exit["bridgeAddress"],
+                         bridge_keepalive(self.config))
 
     # --- reconcile and the watcher -------------------------------------------
 
@@ -121,14 +120,14 @@ class Bridges:
             if clients:
                 continue
             if idle_since is None:
-                with store.write(db):
+                with write(db):
                     store.mark_bridge_idle(db, exit_id, now)
             elif now - idle_since >= self.config["BRIDGE_IDLE_GRACE"]:
                 self._close(db, helper, exit_id, slot)
 
     def _close(self, db, helper, exit_id, slot):
         # Under the write lock, so no connect can start using the tunnel meanwhile.
-        with store.write(db):
+        with write(db):
             row = [r for r in store.bridge_rows(db) if r[0] == exit_id]
             if not row or row[0][3] or row[0][2] is None:
                 return
@@ -142,22 +141,6 @@ class Bridges:
             store.delete_bridge(db, exit_id)
         log.info("bridge: tunnel to %s closed after %gs without clients", exit_id,
                  self.config["BRIDGE_IDLE_GRACE"])
-
-
-def connect(db, helper, allocator, device, public_key, route, max_devices=0):
-    """peers.connect_device along `route`; returns (peer, the route taken).
-
-    When SmartConnect only recommended the bridge and the exit fails, the
-    client gets a direct tunnel: a direct tunnel beats none.
-    """
-    try:
-        return peers.connect_device(db, helper, allocator, *device, public_key, bridge=route,
-                                    max_devices=max_devices), route
-    except ApiError as exc:
-        if not (route and route.recommended and exc.code == "BRIDGE_UNAVAILABLE"):
-            raise
-    log.warning("smartconnect: exit %s unavailable, connecting directly", route.exit_id)
-    return peers.connect_device(db, helper, allocator, *device, public_key, max_devices=max_devices), None
 
 
 def get_bridges():

@@ -11,6 +11,7 @@ import logging
 from flask import Blueprint, current_app
 
 from . import store
+from .db import get_db
 from .errors import envelope
 from .helper import HelperFailed, HelperUnavailable, get_helper
 
@@ -20,7 +21,7 @@ bp = Blueprint("health", __name__)
 
 def _database():
     try:
-        return {"ok": True}, store.count(store.get_db())
+        return {"ok": True}, store.count(get_db())
     except Exception as exc:  # any database failure is reported, not raised
         log.warning("health: database check failed: %s", exc.__class__.__name__)
         return {"ok": False, "error": "database unavailable"}, None

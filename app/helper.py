@@ -42,6 +42,12 @@ class HelperFailed(ApiError):
         self.helper_code = error.get("code")
 
 
+def peer_spec(peer):
+    """A store.Peer as the helper's apply_peers and sync_peers take it."""
+    return {"public_key": peer.public_key, "allowed_ips": [peer.address + "/32"],
+            "endpoint": peer.endpoint, "keepalive": peer.keepalive}
+
+
 class HelperClient:
     IDLE_MAX = 16  # idle connections kept per process
 
@@ -120,13 +126,15 @@ class HelperClient:
         return self.call("status")
 
     def apply(self, add=(), remove=()):
-        return self.call("apply_peers", {"add": list(add), "remove": list(remove)})
+        """Put the peers `add` (store.Peer) on the interface and take the public keys `remove` off."""
+        return self.call("apply_peers", {"add": [peer_spec(p) for p in add], "remove": list(remove)})
 
     def dump(self):
         return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
 
     def sync(self, peers):
-        return self.call("sync_peers", {"peers": list(peers)}, timeout=SYNC_TIMEOUT)
+        """Make the interface hold exactly `peers` (store.Peer)."""
+        return self.call("sync_peers", {"peers": [peer_spec(p) for p in peers]}, timeout=SYNC_TIMEOUT)
 
     # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.
 

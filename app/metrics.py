@@ -1,39 +1,28 @@
-"""Prometheus metrics, and GET /metrics (internal API key).
+"""Prometheus instruments: every counter, histogram and gauge the app updates.
 
-Every metric is defined once, here.  Under gunicorn, set
-PROMETHEUS_MULTIPROC_DIR (an empty directory, writable by the app) in the
-environment before the app starts: prometheus_client then keeps each
-worker's values in files there, and a scrape of any worker sums them all
-(MultiProcessCollector).  gunicorn must call ``child_exit`` below when a
-worker dies so that its live gauges go away:
+Every metric is defined once, here; GET /metrics, which reads them, is
+metrics_view.py.  Under gunicorn, set PROMETHEUS_MULTIPROC_DIR (an empty
+directory, writable by the app) in the environment before the app starts:
+prometheus_client then keeps each worker's values in files there, and a
+scrape of any worker sums them all (MultiProcessCollector).  gunicorn must
+call ``child_exit`` below when a worker dies so that its live gauges go
+away:
 
     # deploy/gunicorn.conf.py
     from app.metrics import child_exit  # noqa: F401
 
 Without the variable (tests, ``flask run``) the values live in this process.
-
-Peers and pool gauges are not kept anywhere: they are read from SQLite at
-scrape time, so every worker reports the same numbers.
 """
 import functools
-import logging
 import os
 import sqlite3
 import time
 
-from flask import Blueprint, Response, current_app
 from marshmallow import ValidationError
-from prometheus_client import (CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest, multiprocess)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, multiprocess
 from werkzeug.exceptions import HTTPException
 
-from . import store
-from .auth import api_key_required
 from .errors import ApiError
-
-log = logging.getLogger(__name__)
-bp = Blueprint("metrics", __name__)
 
 # prometheus_client picks its value store when it is imported; this is the
 # same test, made at the same time.
@@ -169,53 +158,6 @@ def tunnel_meter(transport):
     return TunnelMeter(transport)
 
 
-class StateCollector:
-    """Gauges read from the database and the allocator when scraped."""
-
-    def __init__(self, db, allocator):
-        self.db = db
-        self.allocator = allocator
-
-    def collect(self):
-        yield GaugeMetricFamily("orbmesh_pool_addresses", "Client addresses in the pool (without network, "
-                                "gateway and broadcast)", value=self.allocator.size)
-        try:
-            counts = dict(self.db.execute("SELECT source, count(*) FROM peers WHERE quarantined_at IS NULL "
-                                          "GROUP BY source").fetchall())
-            quarantined = self.db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NOT NULL").fetchone()[0]
-            free = self.allocator.free(self.db)
-        except sqlite3.Error as exc:
-            log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
-            return
-        peers = GaugeMetricFamily("orbmesh_peers", "Peers in the database (and so on the interface) by source",
-                                  labels=["source"])
-        for source in ("client", "orbnet"):
-            peers.add_metric([source], counts.get(source, 0))
-        yield peers
-        yield GaugeMetricFamily("orbmesh_pool_free_addresses", "Client addresses not allocated", value=free)
-        yield GaugeMetricFamily("orbmesh_quarantined_peers", "Stale client peers off the interface that still "
-                                "hold their address", value=quarantined)
-
-
-class _Local:
-    """This process's metrics, for single-process mode."""
-
-    def collect(self):
-        return REGISTRY.collect()
-
-
-def exposition(*collectors):
-    """The text exposition of every worker's metrics plus `collectors`."""
-    registry = CollectorRegistry()
-    if MULTIPROCESS:
-        multiprocess.MultiProcessCollector(registry)
-    else:
-        registry.register(_Local())
-    for collector in collectors:
-        registry.register(collector)
-    return generate_latest(registry)
-
-
 def _multiproc_dir():
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
 
@@ -225,12 +167,3 @@ def child_exit(server, worker):
     path = _multiproc_dir()
     if path:
         multiprocess.mark_process_dead(worker.pid, path)
-
-
-@bp.get("/metrics")
-@api_key_required
-def metrics():
-    """Prometheus text exposition, summed over the workers."""
-    state = StateCollector(store.get_db(), current_app.extensions["orbmesh_allocator"])
-    return Response(exposition(state), content_type=CONTENT_TYPE_PLAIN_0_0_4,
-                    headers={"Cache-Control": "no-store"})

@@ -13,6 +13,8 @@ import sqlite3
 import time
 
 from . import audit, metrics, reconcile, store
+from .allocator import PoolExhausted
+from .db import write
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 
@@ -24,18 +26,38 @@ def _short(key):
     return key[:8] + "..."
 
 
-def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge=None, max_devices=0):
+def connect_device(db, helper, allocator, bridges, user_id, device_id, public_key, exit_id=None,
+                   force_direct=False, max_devices=0):
     """Give the device a peer with `public_key`; return the Peer on the interface.
 
-    With `bridge` (app/bridges.py Route) the peer's traffic goes to that exit:
-    its rule is in place before the peer is on the interface, so a bridged
-    client never sends a packet out directly.  A new device of a user who
-    already has `max_devices` (when not 0) is refused; counted in the same
-    write transaction that would allocate, so concurrent connects cannot
-    pass the cap together.
+    Its route is the first step: through the tunnel to an exit when the
+    connect asks for one (`exit_id`) or SmartConnect recommends one
+    (bridges.choose_exit), else direct; the Peer's mode and exit_id say
+    which.  When SmartConnect only recommended the exit and the exit fails,
+    the client gets a direct tunnel: a direct tunnel beats none.  A new
+    device of a user who already has `max_devices` (when not 0) is refused.
     """
-    mode, exit_id = ("bridge", bridge.exit_id) if bridge else ("direct", None)
-    with store.write(db):
+    exit, recommended = bridges.choose_exit(exit_id, force_direct)
+    if exit is not None:
+        try:
+            return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, bridges, exit)
+        except ApiError as exc:
+            if not (recommended and exc.code == "BRIDGE_UNAVAILABLE"):
+                raise
+        log.warning("smartconnect: exit %s unavailable, connecting directly", exit["id"])
+    return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices)
+
+
+def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, bridges=None, exit=None):
+    """connect_device along one route: through the tunnel to `exit`, or direct without one.
+
+    A bridged peer's rule is in place before the peer is on the interface,
+    so a bridged client never sends a packet out directly.  The device cap
+    is counted in the same write transaction that would allocate, so
+    concurrent connects cannot pass it together.
+    """
+    mode, exit_id = ("bridge", exit["id"]) if exit else ("direct", None)
+    with write(db):
         owner = store.by_key(db, public_key)
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
@@ -55,30 +77,30 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
                                "disconnect one first" % max_devices)
             try:
                 addr = allocator.allocate(db)
-            except store.PoolExhausted:
+            except PoolExhausted:
                 raise ApiError("POOL_EXHAUSTED", "No free addresses left in the pool") from None
             peer = store.insert(db, {"public_key": public_key, "addr": addr, "user_id": user_id,
                                      "device_id": device_id, "source": "client", "endpoint": None,
                                      "keepalive": 0, "mode": mode, "exit_id": exit_id})
         slot = new_bridge = None
-        if bridge:
-            slot, new_bridge = store.bridge_slot(db, exit_id, bridge.max_slots)
+        if exit:
+            slot, new_bridge = store.bridge_slot(db, exit_id, bridges.max_slots)
             if slot is None:
                 raise ApiError("BRIDGE_UNAVAILABLE", "This server has no free bridge slot")
     old_key = current.public_key if current and current.public_key != public_key else None
     try:
-        if bridge:
-            bridge.open(slot)
+        if exit:
+            bridges.open(helper, exit, slot)
             helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
         # A quarantined peer's old key is already off the interface.
-        helper.apply(add=[peer.helper_spec()], remove=[old_key] if old_key and not quarantined_at else [])
-        if current and current.mode == "bridge" and not bridge:
+        helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])
+        if current and current.mode == "bridge" and not exit:
             helper.bridge_rules(remove=[peer.address])
     except ApiError:
         _undo_connect(db, helper, peer, current, exit_id if new_bridge else None)
         raise
     if current and current.mode == "bridge" and current.exit_id != exit_id:
-        with store.write(db):
+        with write(db):
             store.mark_bridge_idle(db, current.exit_id, time.time())
     if quarantined_at:
         metrics.SWEPT_PEERS.labels("released").inc()
@@ -91,7 +113,7 @@ def connect_device(db, helper, allocator, user_id, device_id, public_key, bridge
 
 def _undo_connect(db, helper, peer, previous, new_bridge):
     """Put the row back as it was (or drop it) and forget a bridge row made for it."""
-    with store.write(db):
+    with write(db):
         # The helper may have applied what it was asked before failing.
         reconcile.schedule(db)
         if previous != peer:
@@ -110,7 +132,7 @@ def _undo_connect(db, helper, peer, previous, new_bridge):
 
 def disconnect_device(db, helper, user_id, device_id):
     """Remove the device's peer; True if there was one."""
-    with store.write(db):
+    with write(db):
         peer = store.by_device(db, user_id, device_id)
         if peer is None:
             return False
@@ -132,7 +154,7 @@ def _unroute(db, helper, peers):
     except HELPER_ERRORS as exc:
         # The peer is already off the interface; reconcile drops the rule.
         log.warning("could not remove bridge rules: %s", exc.message)
-    with store.write(db):
+    with write(db):
         for exit_id in sorted({p.exit_id for p in bridged}):
             store.mark_bridge_idle(db, exit_id, time.time())
 
@@ -144,7 +166,7 @@ def _remove_or_restore(db, helper, peers):
     try:
         helper.apply(remove=keys)
     except HELPER_ERRORS:
-        with store.write(db):
+        with write(db):
             reconcile.schedule(db)
             for peer in peers:
                 try:
@@ -158,7 +180,7 @@ def add_orbnet_peer(db, helper, config, data):
     """Add (or update in place) a peer provisioned by OrbNET."""
     addr = int(ipaddress.IPv4Address(data["assignedIP"]))
     keepalive = 0 if data["noKeepalive"] else config["KEEPALIVE"]
-    with store.write(db):
+    with write(db):
         owner = store.by_key(db, data["publicKey"])
         holder = store.by_addr(db, addr)
         if owner and (owner.source != "orbnet" or owner.user_id != data["userUuid"] or owner.addr != addr):
@@ -175,9 +197,9 @@ def add_orbnet_peer(db, helper, config, data):
             undo = None
         peer = store.by_key(db, data["publicKey"])
     try:
-        helper.apply(add=[peer.helper_spec()])
+        helper.apply(add=[peer])
     except HELPER_ERRORS:
-        with store.write(db):
+        with write(db):
             reconcile.schedule(db)
             if undo is None:
                 store.delete(db, peer)
@@ -191,7 +213,7 @@ def add_orbnet_peer(db, helper, config, data):
 
 def remove_user_peers(db, helper, user_id):
     """Remove every peer of the user (client and OrbNET); return how many."""
-    with store.write(db):
+    with write(db):
         peers = store.by_user(db, user_id)
         for peer in peers:
             store.delete(db, peer)

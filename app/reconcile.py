@@ -14,6 +14,7 @@ import time
 
 from . import store, sweep
 from .audit import SYSTEM
+from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
 from .helper import HelperClient, HelperFailed, HelperUnavailable
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,16 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     (app/bridges.py), exit tunnels and bridged clients' rules are synced too.
     Quarantined peers (sweep.py) stay off the interface.
     """
-    with store.write(db):
+    with write(db):
         if interval is not None and not due(db, generation, interval):
             return None
         peers = store.live_peers(db)
-        result = helper.sync([p.helper_spec() for p in peers])
+        result = helper.sync(peers)
         if bridges is not None:
             bridges.sync(db, helper)
         if generation is not None:
-            store.set_meta(db, "reconciled_generation", generation)
-        store.set_meta(db, "reconciled_at", time.time())
+            set_meta(db, "reconciled_generation", generation)
+        set_meta(db, "reconciled_at", time.time())
     log.info("reconcile peers=%d added=%s removed=%s updated=%s", len(peers),
              result.get("added"), result.get("removed"), result.get("updated"))
     repairs = {k: result.get(k) for k in ("added", "removed", "updated") if result.get(k)}
@@ -51,15 +52,15 @@ def schedule(db):
     After a failed helper call the interface may hold a change the database
     undid (the helper ran it but its answer was lost).
     """
-    store.set_meta(db, "reconciled_generation", "")
+    set_meta(db, "reconciled_generation", "")
 
 
 def due(db, generation, interval, now=None):
     """Whether a sync is needed for this generation, judged from meta."""
     now = time.time() if now is None else now
-    if store.get_meta(db, "reconciled_generation") != generation:
+    if get_meta(db, "reconciled_generation") != generation:
         return True
-    last = float(store.get_meta(db, "reconciled_at", 0))
+    last = float(get_meta(db, "reconciled_at", 0))
     return bool(interval) and now - last >= interval
 
 
@@ -108,7 +109,7 @@ class Watcher:
             db.close()
 
     def _connect(self):
-        return store.connect(self.db_path, self.config.get("DB_BUSY_TIMEOUT", store.DEFAULT_BUSY_TIMEOUT))
+        return connect(self.db_path, self.config.get("DB_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT))
 
     def sweep_once(self):
         """The stale-peer sweep, when it is on and this worker wins the round."""

@@ -1,68 +1,12 @@
-"""SQLite state: peers and address allocation.
+"""The rows: peers (Peer) and the bridges in use, and every query on them.
 
-The database is the truth; the interface is made to match it.  Writers take
-``BEGIN IMMEDIATE`` so allocation is serialised across gunicorn worker
-processes, and a per-process lock in front of it so that, under gevent,
-one greenlet waiting in SQLite's busy handler cannot stall the greenlet
-that holds the lock in the same process.  The wait for another process's
-lock is done in write(), in sleeps that yield, for up to DB_BUSY_TIMEOUT.
-
-A client peer may be quarantined (sweep.py): its row and address stay, but
-it is not on the interface (live_peers leaves it out).
+Call the changing queries inside db.write().  A client peer may be
+quarantined (sweep.py): its row and address stay, but it is not on the
+interface (live_peers leaves it out).
 """
-import contextlib
 import ipaddress
-import os
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
-
-from flask import current_app, g
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS peers (
-    id          INTEGER PRIMARY KEY,
-    public_key  TEXT NOT NULL UNIQUE,
-    addr        INTEGER NOT NULL UNIQUE,
-    user_id     TEXT NOT NULL,
-    device_id   TEXT,
-    source      TEXT NOT NULL CHECK (source IN ('client', 'orbnet')),
-    endpoint    TEXT,
-    keepalive   INTEGER NOT NULL DEFAULT 0,
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    quarantined_at REAL,
-    handshake_at   REAL,
-    CHECK ((source = 'client') = (device_id IS NOT NULL))
-);
-CREATE UNIQUE INDEX IF NOT EXISTS peers_device ON peers (user_id, device_id) WHERE source = 'client';
-CREATE INDEX IF NOT EXISTS peers_user ON peers (user_id);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS bridges (
-    exit_id     TEXT PRIMARY KEY,
-    slot        INTEGER NOT NULL UNIQUE,
-    idle_since  REAL
-);
-"""
-# Columns added after the first release: (name, definition), added to older files at start.
-ADDED_COLUMNS = (
-    ("mode", "TEXT NOT NULL DEFAULT 'direct' CHECK (mode IN ('direct', 'bridge'))"),
-    ("exit_id", "TEXT"),
-    ("quarantined_at", "REAL"),
-    ("handshake_at", "REAL"),
-)
-# Seconds SQLite itself may wait on a lock.  It waits in C, which would stall
-# every greenlet of a gevent worker, so the long wait for the write lock is
-# done in write() instead, in short sleeps that yield.
-_C_BUSY_TIMEOUT = 0.05
-DEFAULT_BUSY_TIMEOUT = 10.0
-
-_write_lock = threading.RLock()
-
-
-class PoolExhausted(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -88,153 +32,9 @@ class Peer:
     def address(self):
         return str(ipaddress.IPv4Address(self.addr))
 
-    def helper_spec(self):
-        """The peer as the helper's add/sync commands take it."""
-        return {"public_key": self.public_key, "allowed_ips": [self.address + "/32"],
-                "endpoint": self.endpoint, "keepalive": self.keepalive}
-
 
 _COLUMNS = ("id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at,"
             " mode, exit_id, quarantined_at, handshake_at")
-
-
-class Connection(sqlite3.Connection):
-    """A connection that knows how long write() may wait for the write lock."""
-    busy_timeout = DEFAULT_BUSY_TIMEOUT
-
-
-def connect(path, busy_timeout=DEFAULT_BUSY_TIMEOUT, sqlite_wait=_C_BUSY_TIMEOUT):
-    db = sqlite3.connect(path, timeout=sqlite_wait, isolation_level=None, check_same_thread=False,
-                         factory=Connection)
-    db.busy_timeout = busy_timeout
-    # WAL is a property of the file, set once by init_schema.
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA foreign_keys=ON")
-    return db
-
-
-def init_schema(path):
-    """Create or upgrade the schema and put the file in WAL mode; safe for workers starting together.
-
-    Switching to WAL needs an exclusive lock, and while another worker is
-    doing the same (or is opening the fresh WAL) SQLite can answer
-    "database is locked" at once, without its busy wait: a gunicorn worker
-    that let that escape failed to boot and took the master down with it.
-    So the whole step is retried until DEFAULT_BUSY_TIMEOUT.  Two workers
-    upgrading an older file at once used to race on ALTER TABLE too.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    deadline = time.monotonic() + DEFAULT_BUSY_TIMEOUT
-    while True:
-        # Nothing else runs in this process yet, so SQLite may wait in C.
-        db = connect(path, sqlite_wait=DEFAULT_BUSY_TIMEOUT)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # One write transaction, so two workers cannot both see a column
-            # missing and both add it.
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                have = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
-                for name, definition in ADDED_COLUMNS:
-                    if name not in have:
-                        db.execute("ALTER TABLE peers ADD COLUMN %s %s" % (name, definition))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
-                raise
-        finally:
-            db.close()
-        time.sleep(0.05)
-
-
-# Idle connections of this process, reused across requests: opening one
-# (and its three PRAGMAs) was about a tenth of a connect's CPU in the app
-# (bench/control_plane.py).  Keyed by path and pid, so a forked worker never
-# uses its parent's.
-_idle = {}
-IDLE_MAX = 16
-
-
-def get_db():
-    if "db" not in g:
-        path, busy = current_app.config["DB_PATH"], current_app.config["DB_BUSY_TIMEOUT"]
-        pool = _idle.get((path, os.getpid()))
-        db = pool.pop() if pool else connect(path, busy)
-        db.busy_timeout = busy
-        g.db = db
-    return g.db
-
-
-def close_db(exc=None):
-    db = g.pop("db", None)
-    if db is None:
-        return
-    try:
-        if db.in_transaction:  # write() always ends its own; this is a safety net
-            db.execute("ROLLBACK")
-        pool = _idle.setdefault((current_app.config["DB_PATH"], os.getpid()), [])
-        if len(pool) < IDLE_MAX:
-            pool.append(db)
-            return
-    except sqlite3.Error:
-        pass
-    db.close()
-
-
-def init_app(app):
-    init_schema(app.config["DB_PATH"])
-    app.teardown_appcontext(close_db)
-
-
-@contextlib.contextmanager
-def write(db):
-    """One serialised write transaction; rolls back on any exception."""
-    with _write_lock:
-        _begin(db)
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-
-def _begin(db):
-    """BEGIN IMMEDIATE, retried in yielding sleeps for up to db.busy_timeout.
-
-    SQLite's own busy handler sleeps inside the C call, stalling every
-    greenlet of a gevent worker, and backs off to steps of up to 100 ms even
-    when the lock is free again after one; under 50 concurrent connects
-    across two workers that was most of the latency tail
-    (bench/control_plane.py).  So SQLite does not wait here at all, and each
-    retry sleeps 0.5-5 ms through time.sleep (a greenlet switch).  Past the
-    deadline SQLite's "database is locked" goes up (a 503 for a request).
-    """
-    deadline = time.monotonic() + getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT)
-    delay = 0.0005
-    waited_ms = db.execute("PRAGMA busy_timeout").fetchone()[0]
-    db.execute("PRAGMA busy_timeout = 0")
-    try:
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.005)
-    finally:
-        db.execute("PRAGMA busy_timeout = %d" % waited_ms)
 
 
 def _peer(row):
@@ -291,6 +91,16 @@ def count(db):
     return db.execute("SELECT count(*) FROM peers").fetchone()[0]
 
 
+def count_live_by_source(db):
+    """{source: peers on the interface}; a source without any is left out."""
+    return dict(db.execute("SELECT source, count(*) FROM peers WHERE quarantined_at IS NULL GROUP BY source")
+                .fetchall())
+
+
+def count_quarantined(db):
+    return db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NOT NULL").fetchone()[0]
+
+
 def insert(db, peer_fields):
     now = time.time()
     values = dict({"mode": "direct", "exit_id": None}, **peer_fields, created_at=now, updated_at=now)
@@ -308,6 +118,11 @@ def restore(db, peer):
                (peer.id, peer.public_key, peer.addr, peer.user_id, peer.device_id, peer.source,
                 peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at, peer.mode, peer.exit_id,
                 peer.quarantined_at, peer.handshake_at))
+
+
+def delete(db, peer):
+    cursor = db.execute("DELETE FROM peers WHERE id = ? AND public_key = ?", (peer.id, peer.public_key))
+    return cursor.rowcount == 1
 
 
 def set_key(db, peer_id, old_key, new_key):
@@ -362,65 +177,3 @@ def mark_bridge_idle(db, exit_id, now):
 def delete_bridge(db, exit_id):
     db.execute("DELETE FROM bridges WHERE exit_id = ?", (exit_id,))
 
-
-def delete(db, peer):
-    cursor = db.execute("DELETE FROM peers WHERE id = ? AND public_key = ?", (peer.id, peer.public_key))
-    return cursor.rowcount == 1
-
-
-def get_meta(db, key, default=None):
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return row[0] if row else default
-
-
-def set_meta(db, key, value):
-    db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-               (key, str(value)))
-
-
-class Allocator:
-    """Next-fit allocation over the pool, without materialising it.
-
-    A cursor in ``meta`` remembers where the last address was handed out;
-    the search walks forward through the index, jumping over each run of
-    taken addresses with one query, and wraps once.  Usually that is one
-    or two index lookups, whatever the pool size.
-    """
-
-    def __init__(self, pool, gateway):
-        pool = ipaddress.IPv4Network(pool)
-        self.first = int(pool.network_address) + 1
-        self.last = int(pool.broadcast_address) - 1
-        self.gateway = int(ipaddress.IPv4Address(gateway))
-        self.size = self.last - self.first + 1 - (1 if self.first <= self.gateway <= self.last else 0)
-
-    def allocate(self, db):
-        """Return a free address (int); call inside write(). Raises PoolExhausted."""
-        cursor = int(get_meta(db, "next_addr", self.first))
-        if not self.first <= cursor <= self.last:
-            cursor = self.first
-        for start, stop in ((cursor, self.last), (self.first, cursor - 1)):
-            addr = self._first_free(db, start, stop)
-            if addr is not None:
-                set_meta(db, "next_addr", addr + 1 if addr < self.last else self.first)
-                return addr
-        raise PoolExhausted()
-
-    def _first_free(self, db, start, stop):
-        addr = start
-        while addr <= stop:
-            if addr == self.gateway:
-                addr += 1
-                continue
-            if db.execute("SELECT 1 FROM peers WHERE addr = ?", (addr,)).fetchone() is None:
-                return addr
-            addr = db.execute(
-                "SELECT p.addr + 1 FROM peers p WHERE p.addr >= ? AND NOT EXISTS "
-                "(SELECT 1 FROM peers q WHERE q.addr = p.addr + 1) ORDER BY p.addr LIMIT 1",
-                (addr,)).fetchone()[0]
-        return None
-
-    def free(self, db):
-        taken = db.execute("SELECT count(*) FROM peers WHERE addr BETWEEN ? AND ?",
-                           (self.first, self.last)).fetchone()[0]
-        return self.size - taken

@@ -27,28 +27,29 @@ import time
 
 from . import metrics, store
 from .audit import SYSTEM
+from .db import get_meta, set_meta, write
 
 log = logging.getLogger(__name__)
 
 
 def _claim(db, interval, now):
     """Take this round if it is due (one worker per interval); False otherwise."""
-    if now - float(store.get_meta(db, "swept_at", 0)) < interval:
+    if now - float(get_meta(db, "swept_at", 0)) < interval:
         return False  # the common case, answered without the write lock
-    with store.write(db):
-        if now - float(store.get_meta(db, "swept_at", 0)) < interval:
+    with write(db):
+        if now - float(get_meta(db, "swept_at", 0)) < interval:
             return False
-        store.set_meta(db, "swept_at", now)
+        set_meta(db, "swept_at", now)
         return True
 
 
 def _interface_since(db, generation, now):
     """When the sweep first saw this interface generation (call inside write())."""
-    if store.get_meta(db, "sweep_generation") != generation:
-        store.set_meta(db, "sweep_generation", generation)
-        store.set_meta(db, "sweep_generation_at", now)
+    if get_meta(db, "sweep_generation") != generation:
+        set_meta(db, "sweep_generation", generation)
+        set_meta(db, "sweep_generation_at", now)
         return now
-    return float(store.get_meta(db, "sweep_generation_at", now))
+    return float(get_meta(db, "sweep_generation_at", now))
 
 
 def idle_since(peer, live_handshake, interface_since):
@@ -63,7 +64,7 @@ def sweep(db, helper, config, audit_log=None, now=None):
     generation = helper.hello()["generation"]
     handshakes = {p["public_key"]: p["latest_handshake"] for p in helper.dump()}
     quarantined, freed = [], []
-    with store.write(db):
+    with write(db):
         since = _interface_since(db, generation, now)
         for peer in store.client_peers(db):
             if peer.quarantined_at:

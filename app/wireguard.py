@@ -3,8 +3,10 @@ import ipaddress
 
 from flask import Blueprint, current_app, g
 
-from . import bridges, metrics, peers, ratelimit, store
+from . import metrics, peers, ratelimit
 from .auth import api_key_required, device_token_required
+from .bridges import get_bridges
+from .db import get_db
 from .errors import ApiError
 from .helper import get_helper
 from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema, load_body
@@ -48,15 +50,14 @@ def connect():
     data = load_body(connect_schema)
     config = current_app.config
     key = server_public_key()
-    route = bridges.get_bridges().route_for(data, get_helper())
-    peer, route = bridges.connect(store.get_db(), get_helper(), _allocator(), g.device, data["publicKey"], route,
-                                  max_devices=config["MAX_DEVICES_PER_USER"])
+    peer = peers.connect_device(get_db(), get_helper(), _allocator(), get_bridges(), *g.device, data["publicKey"],
+                                exit_id=data.get("exitServerId"), force_direct=data["force_direct"],
+                                max_devices=config["MAX_DEVICES_PER_USER"])
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
             "serverEndpoint": server_endpoint(config), "dns": config["DNS"],
             "allowedIPs": config["CLIENT_ALLOWED_IPS"], "mtu": config["MTU"],
-            "keepalive": config["KEEPALIVE"], "mode": "bridge" if route else "direct",
-            "exitServerId": route.exit_id if route else None}
+            "keepalive": config["KEEPALIVE"], "mode": peer.mode, "exitServerId": peer.exit_id}
 
 
 @bp.post("/disconnect")
@@ -65,7 +66,7 @@ def connect():
 def disconnect():
     """Remove the device's peer and free its address; a second call is a no-op."""
     load_body(empty_schema)
-    peers.disconnect_device(store.get_db(), get_helper(), *g.device)
+    peers.disconnect_device(get_db(), get_helper(), *g.device)
     return {"success": True, "message": "Disconnected successfully"}
 
 
@@ -83,7 +84,7 @@ def status():
 def add_peer():
     """Add a peer provisioned by OrbNET at the address OrbNET chose."""
     data = load_body(add_peer_schema)
-    peers.add_orbnet_peer(store.get_db(), get_helper(), current_app.config, data)
+    peers.add_orbnet_peer(get_db(), get_helper(), current_app.config, data)
     return {"success": True, "message": "Peer added successfully"}
 
 
@@ -93,7 +94,7 @@ def add_peer():
 def remove_peer():
     """Remove every peer of the user."""
     data = load_body(remove_peer_schema)
-    removed = peers.remove_user_peers(store.get_db(), get_helper(), data["userUuid"])
+    removed = peers.remove_user_peers(get_db(), get_helper(), data["userUuid"])
     if not removed:
         raise ApiError("NOT_FOUND", "No peers found for this user")
     return {"success": True, "message": "Peer removed successfully", "removed": removed}

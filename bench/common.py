@@ -186,15 +186,17 @@ def seed_peers(stack, total, batch=5000):
     import time
 
     from app import reconcile, store
+    from app.allocator import Allocator
+    from app.db import connect, write
     from app.helper import HelperClient
 
     config = stack.env
-    db = store.connect(config["ORBMESH_DB_PATH"])
+    db = connect(config["ORBMESH_DB_PATH"])
     try:
-        allocator = store.Allocator(config["ORBMESH_POOL"], GATEWAY)
+        allocator = Allocator(config["ORBMESH_POOL"], GATEWAY)
         have = store.count(db)
         while have < total:
-            with store.write(db):
+            with write(db):
                 for i in range(have, min(total, have + batch)):
                     store.insert(db, {"public_key": random_key(), "addr": allocator.allocate(db),
                                       "user_id": "seed-%d" % i, "device_id": "seed", "source": "client",

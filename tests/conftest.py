@@ -2,17 +2,31 @@
 import base64
 import os
 import sqlite3
+import sys
 
 import pytest
 
 from app import create_app
 from app.auth import mint_device_token
-from app.helper import HelperFailed, HelperUnavailable
+from app.helper import HelperFailed, HelperUnavailable, peer_spec
 
 SECRET = "unit-test-secret-" + "x" * 32
 API_KEYS = ["orbnet-key-one-0123456789", "orbnet-key-two-0123456789"]
 SERVER_KEY = base64.b64encode(b"S" * 32).decode()
 BRIDGE_KEY = base64.b64encode(b"B" * 32).decode()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests gave tests/fuzz_hooks.py report(), after the results."""
+    # Looked up, not imported: importing it loads schemathesis, and when no
+    # test imported it nothing was reported.
+    hooks = sys.modules.get("tests.fuzz_hooks")
+    if hooks is None:
+        return
+    for title, lines in hooks.reports().items():
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def make_key(seed):
@@ -21,7 +35,11 @@ def make_key(seed):
 
 
 class FakeHelper:
-    """Stands in for the helper socket: keeps peers in memory, records calls."""
+    """Stands in for HelperClient: keeps peers in memory, records calls.
+
+    Peers go in as store.Peer and are kept and recorded as the helper's wire
+    format (app/helper.py peer_spec), as HelperClient would send them.
+    """
 
     def __init__(self):
         self.peers = {}
@@ -52,7 +70,8 @@ class FakeHelper:
         return info
 
     def apply(self, add=(), remove=()):
-        self.calls.append(("apply", list(add), list(remove)))
+        add = [peer_spec(p) for p in add]
+        self.calls.append(("apply", add, list(remove)))
         self._maybe_fail()
         for key in remove:
             self.peers.pop(key, None)
@@ -66,7 +85,8 @@ class FakeHelper:
         return [{"public_key": key, "latest_handshake": self.handshakes.get(key, 0)} for key in self.peers]
 
     def sync(self, peers):
-        self.calls.append(("sync", list(peers)))
+        peers = [peer_spec(p) for p in peers]
+        self.calls.append(("sync", peers))
         self._maybe_fail()
         self.peers = {p["public_key"]: p for p in peers}
         return {"added": 0, "removed": 0, "updated": 0}

@@ -1,4 +1,5 @@
-"""Schemathesis additions shared by the in-process fuzz test and the CLI run on the real stack.
+"""Schemathesis additions shared by the in-process fuzz test and the CLI run on the real stack,
+and report(): figures a fuzz run wants shown at the end of the test run.
 
 The CLI loads this module with SCHEMATHESIS_HOOKS=tests.fuzz_hooks.
 """
@@ -8,6 +9,20 @@ from schemathesis import checks
 from schemathesis.core.parameters import ParameterLocation
 
 BATCH_TYPE = "application/x-wireguard-batch"
+
+# title -> {key: line}.  Figures are not assertions, so no test prints them:
+# tests/conftest.py shows them in pytest's terminal summary, whichever tests ran.
+_REPORTS = {}
+
+
+def report(title, line, key=None):
+    """Show `line` under `title` in the terminal summary; a later line with the same `key` replaces it."""
+    _REPORTS.setdefault(title, {})[line if key is None else key] = line
+
+
+def reports():
+    """{title: [line, ...]}, in the order first reported."""
+    return {title: list(lines.values()) for title, lines in _REPORTS.items()}
 
 
 @schemathesis.serializer(BATCH_TYPE)

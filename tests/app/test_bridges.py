@@ -1,17 +1,10 @@
-"""Bridge mode and SmartConnect in the app: registry, policy, connect/disconnect,
-reconcile and idle teardown, against a real database, a fake helper and a fake exit API."""
-import http.server
+"""Bridge mode in the app: connect and disconnect through an exit, SmartConnect's pick and its
+fallback, reconcile and idle teardown, against a real database, a fake helper and a fake exit API."""
 import json
-import logging
-import os
 import sqlite3
-import stat
-import threading
 
 import pytest
 
-from app import exits, smartconnect
-from app.config import ConfigError
 from app.errors import ApiError
 from app.reconcile import reconcile
 from tests.conftest import BRIDGE_KEY, make_key
@@ -165,30 +158,6 @@ def test_smartconnect_policy_force_direct_and_fallback(client, auth, fake_helper
     assert (body["success"], body["mode"]) == (True, "direct")  # recommended exit failed: direct, not an error
 
 
-def test_recommend_rules():
-    rules = smartconnect.PolicySchema().load({"rules": [
-        {"networks": ["198.51.100.0/24", "2001:db8::/32"], "exits": ["a", "b"]},
-        {"networks": ["0.0.0.0/0"], "exits": ["c"]}]})["rules"]
-    registry = type("R", (), {"get": lambda self, i: {"id": i} if i != "a" else None})()
-    assert smartconnect.recommend(rules, "198.51.100.7", registry, lambda e: True)["id"] == "b"
-    assert smartconnect.recommend(rules, "2001:db8::1", registry, lambda e: True)["id"] == "b"
-    assert smartconnect.recommend(rules, "192.0.2.1", registry, lambda e: True)["id"] == "c"
-    assert smartconnect.recommend(rules, "198.51.100.7", registry, lambda e: e["id"] != "b") is None
-    assert smartconnect.recommend(rules, "::1", registry, lambda e: True) is None
-    assert smartconnect.recommend(rules, "unix-socket", registry, lambda e: True) is None
-
-
-@pytest.mark.parametrize("text", ['{"rules": [{"networks": ["nope"], "exits": []}]}',
-                                  '{"rules": [{"networks": [], "exits": []}]}',
-                                  '{"rules": [{"networks": ["0.0.0.0/0"], "exits": ["bad id!"]}]}',
-                                  '{"rulez": []}', "[1, 2]", "not json"])
-def test_bad_policy_stops_the_app(tmp_path, text):
-    path = tmp_path / "policy.json"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match="ORBMESH_SMARTCONNECT_POLICY"):
-        smartconnect.load_policy(str(path))
-
-
 # --- reconcile -------------------------------------------------------------------
 
 def test_reconcile_restores_tunnels_and_exactly_the_rules(client, auth, fake_helper, exit_api, app):
@@ -203,125 +172,3 @@ def test_reconcile_restores_tunnels_and_exactly_the_rules(client, auth, fake_hel
     assert fake_helper.bridges == {0: (EXIT_KEY, "198.51.100.1:51820", "10.9.255.1", 25)}
     assert fake_helper.rules == {"10.8.0.2": 0}
     assert fake_helper.calls[-1] == ("bridge_rules", [{"address": "10.8.0.2", "slot": 0}], [], True)
-
-
-# --- the registry ----------------------------------------------------------------
-
-def test_parse_skips_bad_entries_without_logging_values(caplog):
-    bad = [dict(EXIT, id="no-key", publicKey="AAAA"), dict(EXIT, id="dup"), dict(EXIT, id="dup"),
-           dict(EXIT, id="mc", bridgeAddress="224.0.0.1"), "junk", dict(EXIT, id="x", apiUrl="ftp://h/"),
-           {k: v for k, v in EXIT.items() if k != "apiKey"}, dict(EXIT, extra="ignored")]
-    with caplog.at_level(logging.WARNING):
-        parsed = exits.parse({"exits": bad})
-    assert sorted(parsed) == ["dup", "exit-1"]
-    assert parsed["exit-1"]["apiUrl"] == "http://198.51.100.1:8080" and "extra" not in parsed["exit-1"]
-    text = caplog.text
-    assert "skipping entry 0 (no-key): bad publicKey" in text and "duplicate id" in text
-    assert "bad apiUrl" in text and "bad bridgeAddress" in text and "(no id)" in text
-    assert API_KEY not in text
-    with pytest.raises(ValueError):
-        exits.parse({"exits": "x"})
-
-
-def _config(tmp_path, **extra):
-    config = {"EXIT_REGISTRY_URL": "", "EXIT_REGISTRY_FILE": "", "EXIT_REGISTRY_INTERVAL": 0.1,
-              "EXIT_REGISTRY_CACHE": str(tmp_path / "cache.json"), "EXIT_API_TIMEOUT": 2.0}
-    config.update(extra)
-    return config
-
-
-def test_file_registry_is_reread_when_it_changes(tmp_path):
-    path = tmp_path / "exits.json"
-    path.write_text(json.dumps([EXIT]))
-    registry = exits.Registry(_config(tmp_path, EXIT_REGISTRY_FILE=str(path)))
-    assert registry.get("exit-1")["bridgeAddress"] == "10.9.255.1"
-    path.write_text(json.dumps([dict(EXIT, id="exit-2", bridgeAddress="10.9.255.2")]))
-    os.utime(path, ns=(1, 1))
-    assert registry.get("exit-1") is None and registry.get("exit-2")
-    path.write_text("{broken")
-    os.utime(path, ns=(2, 2))
-    assert registry.get("exit-2")  # an unreadable file keeps the last good copy
-
-
-@pytest.fixture
-def orbnet():
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = json.dumps({"exits": [EXIT]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_url_registry_cached_copy_survives_orbnet_down_and_restart(tmp_path, orbnet, caplog):
-    url = "http://127.0.0.1:%d/exits" % orbnet.server_address[1]
-    config = _config(tmp_path, EXIT_REGISTRY_URL=url)
-    registry = exits.Registry(config)
-    assert registry.get("exit-1")["endpoint"] == "198.51.100.1:51820"
-    cache = tmp_path / "cache.json"
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-    orbnet.shutdown()
-    orbnet.server_close()
-    registry.refresh(force=True)
-    assert registry.get("exit-1")  # OrbNET down: the last good copy
-    restarted = exits.Registry(config)
-    assert restarted.exits and restarted.get("exit-1")  # after a restart, from the disk copy
-    assert "keeping the last good copy" in caplog.text and API_KEY not in caplog.text
-
-
-def test_exit_client_never_follows_redirects_with_the_key(tmp_path):
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            seen.append((self.path, self.headers.get("X-API-Key")))
-            self.send_response(302)
-            self.send_header("Location", "/elsewhere")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = exits.ExitClient({"EXIT_API_TIMEOUT": 2.0, "SMARTCONNECT_HEALTH_TTL": 0})
-        target = dict(EXIT, apiUrl="http://127.0.0.1:%d" % server.server_address[1])
-        with pytest.raises(ApiError) as info:
-            client.register(target, "me", BRIDGE_KEY)
-        assert info.value.code == "BRIDGE_UNAVAILABLE"
-        assert seen == [("/wireguard/add-peer", API_KEY)]
-        assert client.healthy(dict(EXIT, apiUrl="http://127.0.0.1:1")) is False
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_an_existing_database_gains_mode_and_exit_columns(tmp_path):
-    from app import store
-    path = str(tmp_path / "old.db")
-    old = sqlite3.connect(path)
-    old.executescript(store.SCHEMA.replace("CREATE TABLE IF NOT EXISTS bridges", "CREATE TABLE IF NOT EXISTS b_"))
-    old.execute("INSERT INTO peers (public_key, addr, user_id, device_id, source, keepalive, created_at, updated_at)"
-                " VALUES (?, 167772162, 'u', 'd', 'client', 0, 1, 1)", (KEY_A,))
-    old.commit()
-    old.close()
-    store.init_schema(path)
-    store.init_schema(path)  # twice: nothing to add the second time
-    db = store.connect(path)
-    try:
-        (peer,) = store.all_peers(db)
-    finally:
-        db.close()
-    assert (peer.public_key, peer.mode, peer.exit_id) == (KEY_A, "direct", None)

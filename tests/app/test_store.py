@@ -1,121 +1,89 @@
-"""Waiting for the database write lock: in yielding sleeps, up to DB_BUSY_TIMEOUT."""
-import sqlite3
-import threading
-import time
-
+"""The rows: peers and the bridges in use, and the queries on them."""
 import pytest
 
 from app import store
+from app.db import connect, init_schema, write
+from tests.conftest import make_key
 
 
 @pytest.fixture
-def path(tmp_path):
-    path = str(tmp_path / "busy.db")
-    store.init_schema(path)
-    return path
+def db(tmp_path):
+    path = str(tmp_path / "store.db")
+    init_schema(path)
+    conn = connect(path)
+    yield conn
+    conn.close()
 
 
-def hold_lock(path, seconds):
-    """Another connection (as another process would) holds the write lock for `seconds`."""
-    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    blocker.execute("BEGIN IMMEDIATE")
-
-    def release():
-        threading.Event().wait(seconds)  # not time.sleep, which a test patches
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    thread = threading.Thread(target=release)
-    thread.start()
-    return thread
+def add(db, n, source="client", user="u", **fields):
+    values = {"public_key": make_key(n), "addr": 167772160 + n, "user_id": user,
+              "device_id": "d%d" % n if source == "client" else None, "source": source, "endpoint": None,
+              "keepalive": 0}
+    values.update(fields)
+    with write(db):
+        return store.insert(db, values)
 
 
-def test_write_waits_for_a_lock_released_within_the_timeout(path):
-    db = store.connect(path, busy_timeout=30)
-    thread = hold_lock(path, 0.5)  # ten times SQLite's own 50 ms wait
-    try:
-        with store.write(db):
-            store.set_meta(db, "k", "v")
-        assert store.get_meta(db, "k") == "v"
-    finally:
-        thread.join()
-        db.close()
+def test_a_deleted_row_is_restored_exactly(db):
+    peer = add(db, 2, mode="bridge", exit_id="exit-1")
+    assert store.by_device(db, "u", "d2") == store.by_key(db, make_key(2)) == store.by_addr(db, peer.addr) == peer
+    assert (peer.address, peer.mode, peer.exit_id) == ("10.0.0.2", "bridge", "exit-1")
+    with write(db):
+        assert store.delete(db, peer) is True
+        assert store.delete(db, peer) is False  # already gone
+    assert store.by_key(db, make_key(2)) is None
+    with write(db):
+        store.restore(db, peer)
+    assert store.by_key(db, make_key(2)) == peer
 
 
-def test_write_gives_up_after_the_timeout_and_leaves_no_transaction(path):
-    db = store.connect(path, busy_timeout=0.2)
-    thread = hold_lock(path, 1.0)
-    try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            with store.write(db):
-                store.set_meta(db, "k", "never")
-        assert not db.in_transaction
-    finally:
-        thread.join()
-    with store.write(db):  # and the connection works once the lock is gone
-        store.set_meta(db, "k", "later")
-    assert store.get_meta(db, "k") == "later"
-    db.close()
+def test_key_change_and_delete_only_match_the_key_they_were_read_with(db):
+    """A row changed since it was read (a concurrent rekey) is left alone."""
+    peer = add(db, 2)
+    with write(db):
+        assert store.set_key(db, peer.id, make_key(2), make_key(3)) is True
+        assert store.set_key(db, peer.id, make_key(2), make_key(4)) is False
+        assert store.delete(db, peer) is False  # still holds the old key
+    assert store.by_device(db, "u", "d2").public_key == make_key(3)
 
 
-def test_schema_setup_waits_for_another_process_at_start(tmp_path):
-    """Workers start together: one may hold the lock while another upgrades the schema."""
-    path = str(tmp_path / "start.db")
-    old = sqlite3.connect(path)
-    old.executescript(store.SCHEMA.replace("    quarantined_at REAL,\n    handshake_at   REAL,\n", ""))
-    old.execute("PRAGMA journal_mode=WAL")
-    old.close()
-    thread = hold_lock(path, 0.5)
-    try:
-        store.init_schema(path)  # ALTER TABLE needs the write lock
-    finally:
-        thread.join()
-    db = store.connect(path)
-    assert {row[1] for row in db.execute("PRAGMA table_info(peers)")} >= {"quarantined_at", "handshake_at"}
-    db.close()
+def test_quarantined_peers_are_counted_apart_and_off_the_live_list(db):
+    client, quarantined = add(db, 2), add(db, 3)
+    orbnet = add(db, 4, source="orbnet", user="orb")
+    with write(db):
+        store.set_quarantined(db, quarantined.id, 1000.0)
+    assert [p.public_key for p in store.live_peers(db)] == [client.public_key, orbnet.public_key]
+    assert [p.public_key for p in store.client_peers(db)] == [client.public_key, quarantined.public_key]
+    assert store.count_live_by_source(db) == {"client": 1, "orbnet": 1}
+    assert store.count_quarantined(db) == 1 and store.count(db) == 3 and store.count_devices(db, "u") == 2
+    with write(db):
+        store.set_quarantined(db, quarantined.id, None)  # released
+    assert store.count_live_by_source(db) == {"client": 2, "orbnet": 1} and store.count_quarantined(db) == 0
 
 
-def test_waiting_sleeps_in_python_so_other_greenlets_can_run(path, monkeypatch):
-    # Under gevent, time.sleep is a greenlet switch; SQLite's busy handler would block the process.
-    slept = []
-    real_sleep = time.sleep
-    monkeypatch.setattr("app.store.time.sleep", lambda s: (slept.append(s), real_sleep(s)))
-    db = store.connect(path)
-    thread = hold_lock(path, 0.2)
-    try:
-        with store.write(db):
-            pass
-    finally:
-        thread.join()
-        db.close()
-    assert slept and max(slept) <= 0.005
+def test_bridge_slots_are_the_lowest_free_and_kept_per_exit(db):
+    with write(db):
+        assert store.bridge_slot(db, "a", 2) == (0, True)
+        assert store.bridge_slot(db, "b", 2) == (1, True)
+        assert store.bridge_slot(db, "c", 2) == (None, False)  # all taken
+        assert store.bridge_slot(db, "a", 2) == (0, False)  # the exit's own slot again
+        store.delete_bridge(db, "a")
+        assert store.bridge_slot(db, "c", 2) == (0, True)
+    assert [row[:2] for row in store.bridge_rows(db)] == [("c", 0), ("b", 1)]
 
 
-def _init_at(path, barrier, errors):
-    barrier.wait()
-    try:
-        store.init_schema(path)
-    except Exception as exc:  # reported to the parent
-        errors.put(repr(exc))
-
-
-def test_workers_starting_together_all_get_the_schema(tmp_path):
-    """Four processes open a fresh file at once, as gunicorn workers do: none may fail.
-
-    Before init_schema retried, one of them could get "database is locked"
-    from the switch to WAL, which fails a worker's boot.
-    """
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    for round_ in range(15):
-        path = str(tmp_path / ("race%d.db" % round_))
-        barrier, errors = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_init_at, args=(path, barrier, errors)) for _ in range(4)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(30)
-        assert errors.empty(), errors.get()
-        db = store.connect(path)
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        db.close()
+def test_a_bridge_goes_idle_only_without_clients_and_a_connect_wakes_it(db):
+    peer = add(db, 2, mode="bridge", exit_id="a")
+    with write(db):
+        store.bridge_slot(db, "a", 4)
+        store.mark_bridge_idle(db, "a", 500.0)
+    assert store.bridge_rows(db) == [("a", 0, None, 1)]  # a client still uses it
+    assert [p.public_key for p in store.bridged_peers(db)] == [peer.public_key]
+    with write(db):
+        store.set_route(db, peer.id, "direct", None)
+        store.mark_bridge_idle(db, "a", 500.0)
+        store.mark_bridge_idle(db, "a", 900.0)  # the first time it went idle counts
+    assert store.bridge_rows(db) == [("a", 0, 500.0, 0)] and store.bridged_peers(db) == []
+    with write(db):
+        assert store.bridge_slot(db, "a", 4) == (0, False)
+    assert store.bridge_rows(db) == [("a", 0, None, 0)]

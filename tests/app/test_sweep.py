@@ -5,7 +5,11 @@ import time
 import pytest
 
 from app import metrics, reconcile, store, sweep
+from app.allocator import Allocator
 from app.audit import AuditLog
+from app.db import connect as db_connect
+from app.db import write
+from app.helper import peer_spec
 from tests.conftest import make_key
 
 STALE, QUARANTINE, INTERVAL = 100.0, 50.0, 10.0
@@ -19,7 +23,7 @@ def cfg(app):
 
 @pytest.fixture
 def db(app):
-    conn = store.connect(app.config["DB_PATH"])
+    conn = db_connect(app.config["DB_PATH"])
     yield conn
     conn.close()
 
@@ -133,7 +137,7 @@ def test_disconnect_of_a_quarantined_peer_frees_it_without_the_helper(app, clien
 def test_one_sweep_per_interval_across_workers(app, client, auth, fake_helper, cfg, db):
     at = time.time()
     assert run(db, fake_helper, cfg, at) is not None
-    other = store.connect(app.config["DB_PATH"])  # another worker
+    other = db_connect(app.config["DB_PATH"])  # another worker
     try:
         assert run(other, fake_helper, cfg, at + INTERVAL / 2) is None
         assert run(other, fake_helper, cfg, at + INTERVAL) is not None
@@ -175,24 +179,6 @@ def test_watcher_sweeps_only_when_enabled(app, client, auth, fake_helper, cfg):
     assert reconcile.Watcher(cfg, helper=fake_helper).sweep_once() == {"quarantined": [], "freed": []}
 
 
-def test_older_database_gets_the_new_columns(tmp_path):
-    import sqlite3
-    path = str(tmp_path / "old.db")
-    old = sqlite3.connect(path)
-    old.executescript(store.SCHEMA.replace("    quarantined_at REAL,\n    handshake_at   REAL,\n", ""))
-    old.execute("INSERT INTO peers (public_key, addr, user_id, device_id, source, created_at, updated_at)"
-                " VALUES ('k', 167772162, 'u', 'd', 'client', 1, 1)")
-    old.commit()
-    old.close()
-    store.init_schema(path)
-    db = store.connect(path)
-    try:
-        assert store.all_peers(db)[0].quarantined_at is None
-        assert [p.public_key for p in store.live_peers(db)] == ["k"]
-    finally:
-        db.close()
-
-
 def test_metrics_tell_quarantined_from_live_peers(app, client, auth, internal, fake_helper, cfg, db):
     t0 = time.time()
     connect(client, auth, 1)
@@ -209,12 +195,12 @@ def test_metrics_tell_quarantined_from_live_peers(app, client, auth, internal, f
 def test_freeing_a_bridged_peer_drops_its_rule(app, fake_helper, cfg, db):
     """Its address may go to a direct client next, whose traffic must not follow the old rule."""
     t0 = time.time()
-    allocator = store.Allocator(app.config["POOL"], app.config["GATEWAY"])
-    with store.write(db):
+    allocator = Allocator(app.config["POOL"], app.config["GATEWAY"])
+    with write(db):
         peer = store.insert(db, {"public_key": make_key(7), "addr": allocator.allocate(db), "user_id": "u",
                                  "device_id": "d7", "source": "client", "endpoint": None, "keepalive": 0,
                                  "mode": "bridge", "exit_id": "exit-a"})
-    fake_helper.peers[make_key(7)] = peer.helper_spec()
+    fake_helper.peers[make_key(7)] = peer_spec(peer)
     fake_helper.rules[peer.address] = 0
     run(db, fake_helper, cfg, t0)
     assert [p.address for p in run(db, fake_helper, cfg, t0 + STALE + 1)["quarantined"]] == [peer.address]

@@ -1,20 +1,22 @@
-"""Connections kept per process: to the helper and to SQLite."""
+"""The helper's client: what goes over the socket, and the connections it keeps."""
 import socket
 import threading
 import time
 
 import pytest
 
-from app import store
-from app.helper import HelperClient, HelperUnavailable
+from app.helper import HelperClient, HelperUnavailable, peer_spec
+from app.store import Peer
+from tests.conftest import make_key
 from wghelper import protocol
 
 
 class Helper:
-    """A helper socket that answers hello; counts connections; can hang up or stall."""
+    """A helper socket that answers every request; records them, counts connections; can hang up or stall."""
 
     def __init__(self, path, replies_per_conn=None, stall=False):
         self.accepts = 0
+        self.requests = []
         self.replies_per_conn = replies_per_conn
         self.stall = stall
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -39,6 +41,7 @@ class Helper:
                 if line is None:
                     return
                 request = protocol.decode(line)
+                self.requests.append(request)
                 if self.stall:
                     time.sleep(1.0)
                 try:
@@ -55,6 +58,42 @@ class Helper:
 def path(tmp_path):
     return str(tmp_path / "h.sock")
 
+
+def peer(n, endpoint=None, keepalive=0, **fields):
+    return Peer(id=n, public_key=make_key(n), addr=167772160 + n, user_id="u", device_id="d%d" % n,
+                source="client", endpoint=endpoint, keepalive=keepalive, created_at=1.0, updated_at=1.0, **fields)
+
+
+# --- the wire format ----------------------------------------------------------------
+
+def test_peer_spec_is_what_the_helper_takes():
+    assert peer_spec(peer(7, endpoint="203.0.113.5:51820", keepalive=25, mode="bridge", exit_id="x")) == {
+        "public_key": make_key(7), "allowed_ips": ["10.0.0.7/32"], "endpoint": "203.0.113.5:51820",
+        "keepalive": 25}
+
+
+def test_apply_and_sync_send_peers_in_the_wire_format(path):
+    helper = Helper(path)
+    client = HelperClient(path, 2)
+    try:
+        client.apply(add=[peer(2)], remove=[make_key(9)])
+        client.apply(remove=[make_key(3)])
+        client.sync([peer(2), peer(4, endpoint="198.51.100.4:4000", keepalive=25)])
+    finally:
+        client.close()
+        helper.close()
+    assert [(r["cmd"], r["args"]) for r in helper.requests] == [
+        ("apply_peers", {"add": [{"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32"], "endpoint": None,
+                                  "keepalive": 0}], "remove": [make_key(9)]}),
+        ("apply_peers", {"add": [], "remove": [make_key(3)]}),
+        ("sync_peers", {"peers": [
+            {"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32"], "endpoint": None, "keepalive": 0},
+            {"public_key": make_key(4), "allowed_ips": ["10.0.0.4/32"], "endpoint": "198.51.100.4:4000",
+             "keepalive": 25}]}),
+    ]
+
+
+# --- connections kept per process ----------------------------------------------------
 
 def test_calls_share_one_connection(path):
     helper = Helper(path)
@@ -87,13 +126,3 @@ def test_a_timed_out_connection_is_dropped_so_a_late_reply_is_never_read(path):
     assert helper.accepts == 2
     client.close()
     helper.close()
-
-
-def test_database_connections_are_reused_and_left_clean(app):
-    with app.app_context():
-        first = store.get_db()
-        first.execute("BEGIN")  # a request that somehow left a transaction open
-    with app.app_context():
-        second = store.get_db()
-        assert second is first
-        assert not second.in_transaction

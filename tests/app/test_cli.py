@@ -1,0 +1,18 @@
+"""orbmesh-wg token: mints a device token the app accepts, never with a placeholder secret."""
+
+
+def test_cli_mints_a_token_the_app_accepts(app, monkeypatch, capsys):
+    from app.auth import verify_device_token
+    from app.cli import main
+    monkeypatch.setenv("ORBMESH_JWT_SECRET", app.config["JWT_SECRET"])
+    assert main(["token", "--user", "u-7", "--device", "d-9", "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert verify_device_token(token, app.config) == ("u-7", "d-9")
+
+
+def test_cli_refuses_placeholder_secret(monkeypatch, capsys):
+    from app.cli import main
+    monkeypatch.setenv("ORBMESH_JWT_SECRET", "changeme")
+    assert main(["token", "--user", "u", "--device", "d"]) == 2
+    captured = capsys.readouterr()
+    assert "JWT_SECRET" in captured.err and captured.out == ""

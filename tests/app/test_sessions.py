@@ -1,0 +1,98 @@
+"""Tunnel sessions in one worker: the per-device cap, the UDP pipe, the HTTP sessions' queue and reaping."""
+import socket
+import time
+
+import pytest
+
+from app.errors import ApiError
+from app.sessions import HttpSession, HttpSessions, SessionSlots, UdpPipe
+
+WG_DATA = b"\x04\x00\x00\x00" + b"d" * 28  # shaped like a transport data message
+
+
+@pytest.fixture
+def wireguard():
+    """A UDP socket standing in for our WireGuard's listen port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    yield sock
+    sock.close()
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.01)
+
+
+def test_slots_cap_each_device_separately():
+    slots = SessionSlots(2)
+    slots.acquire(("u", "d1"))
+    slots.acquire(("u", "d1"))
+    with pytest.raises(ApiError) as info:
+        slots.acquire(("u", "d1"))
+    assert info.value.code == "TOO_MANY_SESSIONS"
+    slots.acquire(("u", "d2"))  # another device has its own two
+    slots.release(("u", "d1"))
+    slots.acquire(("u", "d1"))
+    assert (slots.held(("u", "d1")), slots.held(("u", "d2")), slots.held(("u", "d3"))) == (2, 1, 0)
+
+
+def test_pipe_passes_only_wireguard_up_and_counts_both_ways(wireguard):
+    pipe = UdpPipe(*wireguard.getsockname())
+    try:
+        pipe.send([WG_DATA, b"not wireguard", WG_DATA + b"x"])
+        first, client = wireguard.recvfrom(2048)
+        second, _ = wireguard.recvfrom(2048)
+        assert (first, second) == (WG_DATA, WG_DATA + b"x")
+        wireguard.sendto(b"down", client)
+        assert pipe.recv(timeout=5) == b"down"
+        assert pipe.recv(timeout=0.01) is None
+        counters = pipe.counters
+        assert (counters.up_packets, counters.down_packets, counters.dropped) == (2, 1, 1)
+    finally:
+        pipe.close()
+
+
+def test_a_full_queue_drops_the_oldest_and_take_keeps_its_limits(wireguard):
+    pipe = UdpPipe(*wireguard.getsockname())
+    session = HttpSession(("u", "d", "s"), pipe, queue_size=3)
+    try:
+        pipe.send([WG_DATA])
+        _, client = wireguard.recvfrom(2048)
+        for n in range(5):
+            wireguard.sendto(b"%d" % n * 10, client)
+        wait_for(lambda: pipe.counters.down_packets == 5, "five datagrams read")
+        assert pipe.counters.dropped == 2  # 0 and 1 pushed out
+        assert session.take(0, max_count=1) == [b"2" * 10]
+        assert session.take(0, max_bytes=12) == [b"3" * 10]  # a second record would not fit
+        assert session.take(0) == [b"4" * 10]
+        assert session.take(0.05) == []  # nothing queued: an empty answer after the wait
+    finally:
+        session.close()
+
+
+def test_idle_sessions_are_reaped_and_give_their_slot_back(wireguard):
+    config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
+              "TUNNEL_SESSION_IDLE": 60}
+    slots = SessionSlots(1)
+    sessions = HttpSessions(config, slots)
+    device = ("u", "d")
+
+    def refuse():
+        raise ApiError("RATE_LIMITED", "slow down")
+    with pytest.raises(ApiError):
+        sessions.get(device, "a", on_new=refuse)
+    assert slots.held(device) == 0 and len(sessions) == 0  # refused before a slot or a socket was taken
+    first = sessions.get(device, "a")
+    assert sessions.get(device, "a") is first and slots.held(device) == 1
+    with pytest.raises(ApiError):
+        sessions.get(device, "b")  # the device's only slot is taken
+    assert sessions.reap() == 0  # not idle yet
+    assert sessions.reap(now=float("inf")) == 1
+    assert first.closed and slots.held(device) == 0 and len(sessions) == 0
+    second = sessions.get(device, "b")
+    assert second is not first
+    assert sessions.reap(now=float("inf")) == 1
