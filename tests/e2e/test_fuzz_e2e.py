@@ -16,6 +16,8 @@ from pathlib import Path
 import jwt
 import pytest
 
+from tests.fuzz_hooks import report
+
 from .stack import API_PORT, CLIENT_ADDR, SERVER_ADDR, VENV_BIN
 from .wgclient import keypair
 
@@ -38,17 +40,17 @@ def stack_env():
 def fuzz(stack, name, headers, tmp_path):
     """One schemathesis CLI run from the client namespace; returns (exit code, output, requests served)."""
     served_before = len(stack.access_log.read_text().splitlines()) if stack.access_log.exists() else 0
-    report = tmp_path / ("report-" + name)
+    report_dir = tmp_path / ("report-" + name)
     argv = [VENV_BIN / "schemathesis", "run", "http://%s:%d/openapi.json" % (SERVER_ADDR, API_PORT),
             "--checks", CHECKS, "--max-examples", str(EXAMPLES), "--seed", "7", "--workers", "2",
             "--suppress-health-check", "all", "--request-timeout", "30", "--no-color",
-            "--report", "junit", "--report-dir", report]
+            "--report", "junit", "--report-dir", report_dir]
     for header, value in headers.items():
         argv += ["-H", "%s: %s" % (header, value)]
     env = dict(os.environ, SCHEMATHESIS_HOOKS="tests.fuzz_hooks", PYTHONPATH=str(ROOT), NO_COLOR="1")
     out = stack.client.run(*argv, check=False, timeout=1200, env=env)
     served = len(stack.access_log.read_text().splitlines()) - served_before
-    tested = {case.get("name") for xml in report.glob("*.xml") for case in ET.parse(xml).iter("testcase")}
+    tested = {case.get("name") for xml in report_dir.glob("*.xml") for case in ET.parse(xml).iter("testcase")}
     return out.returncode, out.stdout + out.stderr, served, tested
 
 
@@ -77,9 +79,8 @@ def test_schemathesis_on_the_real_stack_then_no_secret_in_any_log(stack, tmp_pat
     status, body = stack.connect("fuzz-user", "real-device", client_public)
     assert status == 200 and body["publicKey"] == client_public
     assert client_public in stack.wg_peers()
-    with capsys.disabled():
-        print("\nschemathesis (real stack, %d examples per operation): %d requests with valid credentials, "
-              "%d with wrong ones" % (EXAMPLES, figures["valid"], figures["wrong"]))
+    report("schemathesis (real stack)", "%d examples per operation: %d requests with valid credentials, "
+           "%d with wrong ones" % (EXAMPLES, figures["valid"], figures["wrong"]))
 
     stack.stop_app()
     stack.stop_helper()

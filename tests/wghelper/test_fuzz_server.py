@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from wghelper import protocol
 from wghelper.handlers import HANDLERS
 
+from tests.fuzz_hooks import report
+
 from .test_server import Served
 from .fakes import key
 
@@ -28,6 +30,12 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
 CLEAN_ERRORS = {protocol.BAD_FRAME, protocol.UNKNOWN_COMMAND, protocol.INVALID_ARGUMENT,
                 protocol.COMMAND_FAILED, protocol.INTERFACE_DOWN}
 COUNT = {"frames": 0}
+
+
+def count_frame():
+    COUNT["frames"] += 1
+    report("hypothesis (helper socket)", "%d frames sent, %d examples per test" % (COUNT["frames"], EXAMPLES),
+           key="frames")
 
 json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=50)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
@@ -90,7 +98,7 @@ def exchange(served, frame):
     try:
         conn.send(frame)
         reply = conn.reply()
-        COUNT["frames"] += 1
+        count_frame()
         follow = conn.call("hello", req_id=99)
         return reply, follow
     except (BrokenPipeError, ConnectionResetError):
@@ -134,7 +142,7 @@ def test_a_truncated_frame_gets_one_error_and_a_closed_connection(served, messag
         conn.send(frame)
         conn.sock.shutdown(socket.SHUT_WR)
         reply = conn.reply()
-        COUNT["frames"] += 1
+        count_frame()
         if frame:
             assert reply["ok"] is False and reply["error"]["code"] == protocol.BAD_FRAME
             assert hung_up(conn)
@@ -173,8 +181,3 @@ def test_many_requests_on_one_connection_then_hello(served):
         assert conn.call("hello", req_id=5)["ok"] is True
     finally:
         conn.close()
-
-
-def test_report_fuzzed_frames(capsys):
-    with capsys.disabled():
-        print("\nhypothesis (helper socket): %d frames sent, %d examples per test" % (COUNT["frames"], EXAMPLES))
