@@ -98,6 +98,10 @@ class Commands:
     def replace_address(self, ifname, cidr):
         self.run("ip", [_family(cidr), "address", "replace", cidr, "dev", ifname])
 
+    def addresses(self):
+        """Every address of the host, one line each: the firewall blocks their networks."""
+        return self.run("ip", ["-o", "address", "show"])
+
     def flush_addresses(self, ifname):
         self.run("ip", ["-4", "address", "flush", "dev", ifname])
 

@@ -4,17 +4,24 @@ The helper owns ``table inet ORBMESH_NAT_TABLE`` completely, and render()
 is the only place its rules are written:
 
 * with ORBMESH_NAT_UPLINK: masquerade the pool (and ORBMESH_POOL6) out of
-  the uplink; forward clients to the uplink, and from the uplink back into
-  the WireGuard interface only what is established or related;
+  the uplink, and from the uplink back into the WireGuard interface let
+  only what is established or related;
 * for each bridge link that is up (wghelper/bridge.py): masquerade the pool
-  out of the link (the exit accepts only our address in its pool), and let
-  only replies come back from the exit into the WireGuard interface.
+  out of the link (the exit accepts only our address in its pool); from
+  the link only replies, into the WireGuard interface or the node itself;
+* tenant isolation: what comes from clients jumps to ``from_clients``
+  (forward) or ``to_node`` (input).  A client reaches the uplink and its
+  bridge links, never other clients, private, link-local or reserved
+  ranges, nor the host's connected networks (BLOCKED, connected());
+  ALLOWED_DESTINATIONS and CLIENT_TO_CLIENT open more.  Of the node it
+  reaches only the gateway (ping, and DNS with DNS_RESOLVER) and the
+  CLIENT_NODE_PORTS.  An exit's entry is an ordinary client of its pool.
 
-The forward chain has policy accept, so other forwarding on the host is
-left alone; an ``accept`` here does not override a drop elsewhere (an
-iptables FORWARD policy of DROP, say): the host's firewall must let the
-traffic through too.  Rules match interface *names*, so they keep working
-when the watcher re-creates an interface.
+The hooked chains have policy accept, so other traffic on the host is left
+alone; an ``accept`` here does not override a drop elsewhere (an iptables
+FORWARD policy of DROP, say): the host's firewall must let the traffic
+through too.  Rules match interface *names*, so they keep working when the
+watcher re-creates an interface; the table is written again then too.
 
 Each change is one ``nft -f -`` whose script creates the table (a no-op
 when it exists), deletes it and defines it again: one atomic transaction,
@@ -27,10 +34,12 @@ never with the global switch.  The values found before are remembered, in
 memory and in a state file, so a helper that was killed still restores
 them after its next clean stop.
 """
+import ipaddress
 import json
 import logging
 import os
 import re
+import threading
 
 from .errors import CommandFailed
 
@@ -45,31 +54,79 @@ _NO_TABLE = "No such file or directory"
 _NO_KEY = "cannot stat"
 
 
-def _family(net):
-    return "ip" if net.version == 4 else "ip6"
+# Never reachable from a client unless ALLOWED_DESTINATIONS says so (besides
+# the host's own connected networks, read when the table is applied): this
+# network, RFC 1918, CGNAT, loopback, link-local (the metadata service),
+# multicast, reserved and broadcast; IPv6 loopback, ULA, link-local, multicast.
+BLOCKED = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8",
+                                             "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3",
+                                             "::1/128", "fc00::/7", "fe80::/10", "ff00::/8")]
+_ADDRESS_RE = re.compile(r"\binet6? ([0-9a-fA-F.:]+(?:/[0-9]+)?)(?: peer ([0-9a-fA-F.:]+/[0-9]+))?")
 
 
-def render(s, links=()):
-    """The table exactly as `nft list table inet TABLE` prints it back."""
-    wg, uplink = s.interface, s.nat_uplink
-    nets = [n for n in (s.pool, s.pool6) if n is not None] if uplink else []
-    postrouting = ['oifname "%s" %s saddr %s masquerade' % (uplink, _family(n), n) for n in nets]
-    postrouting += ['oifname "%s" ip saddr %s masquerade' % (link, s.pool) for link in links]
-    forward = ['iifname "%s" oifname "%s" %s saddr %s accept' % (wg, uplink, _family(n), n) for n in nets]
-    for outside in ([uplink] if uplink else []) + list(links):
-        forward += ['iifname "%s" oifname "%s" ct state established,related accept' % (outside, wg),
-                    'iifname "%s" oifname "%s" drop' % (outside, wg)]
-    lines = ["table inet %s {" % s.nat_table,
-             "\tchain postrouting {", "\t\ttype nat hook postrouting priority srcnat; policy accept;"]
-    lines += ["\t\t" + rule for rule in postrouting]
-    lines += ["\t}", "", "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;"]
-    lines += ["\t\t" + rule for rule in forward]
-    return "\n".join(lines + ["\t}", "}"]) + "\n"
+def connected(text):
+    """The networks of `ip -o address show` (a point-to-point address: its peer's)."""
+    return [ipaddress.ip_network(peer or own, strict=False) for own, peer in _ADDRESS_RE.findall(text)]
 
 
-def script(s, links=()):
+def _set(elements):
+    return elements[0] if len(elements) == 1 else "{ %s }" % ", ".join(elements)
+
+
+def _nets(nets):
+    """Networks of one family as nft lists a set of them: sorted, overlapping
+    or adjacent ones merged into one prefix or range, a single address bare."""
+    spans = []
+    for n in sorted(nets, key=lambda n: n.network_address):
+        if spans and n.network_address <= spans[-1][1] + 1:
+            spans[-1][1] = max(spans[-1][1], n.broadcast_address)
+        else:
+            spans.append([n.network_address, n.broadcast_address])
+    ranges = [(low, high, list(ipaddress.summarize_address_range(low, high))) for low, high in spans]
+    return _set([str(low) if low == high else str(nets[0]) if len(nets) == 1 else "%s-%s" % (low, high)
+                 for low, high, nets in ranges])
+
+
+def render(s, links=(), local=()):
+    """The table exactly as `nft list table inet TABLE` prints it back; `local`:
+    the host's connected networks."""
+    wg, links = s.interface, list(links)
+    outside = ([s.nat_uplink] if s.nat_uplink else []) + links
+    fams = [("ip", "icmp", s.pool, s.gateway, outside)]
+    if s.pool6 is not None:  # bridges are IPv4 only; the gateway is the first host, as for IPv4
+        fams.append(("ip6", "icmpv6", s.pool6, s.pool6.network_address + 1, [s.nat_uplink] if s.nat_uplink else []))
+    nat, node, clients = [], ["ct state established,related accept"], []
+    for f, icmp, pool, gateway, exits in fams:
+        nat += ['oifname "%s" %s saddr %s masquerade' % (out, f, pool) for out in exits]
+        node.append("%s daddr %s %s type echo-request accept" % (f, gateway, icmp))
+        if s.dns_resolver == "on":
+            node.append("%s daddr %s meta l4proto { tcp, udp } th dport 53 accept" % (f, gateway))
+        opened = [n for n in s.allowed_destinations or () if n.version == pool.version]
+        clients += ["%s daddr %s accept" % (f, _nets(opened))] if opened else []
+        clients += ['oifname "%s" %s daddr %s accept' % (wg, f, pool)] if s.client_to_client == "on" else []
+        clients.append("%s daddr %s drop" % (f, _nets([n for n in BLOCKED + list(local) if n.version == pool.version])))
+        clients += ['oifname "%s" %s saddr %s accept' % (out, f, pool) for out in exits]
+    if s.client_node_ports:
+        node.append("tcp dport %s accept" % _set([str(p) for p in sorted(set(s.client_node_ports))]))
+    forward, inputs = ['iifname "%s" jump from_clients' % wg], ['iifname "%s" jump to_node' % wg]
+    for out in outside:
+        forward.append('iifname "%s" oifname "%s" ct state established,related accept' % (out, wg))
+        forward.append('iifname "%s" %sdrop' % (out, "" if out in links else 'oifname "%s" ' % wg))
+    for link in links:  # nothing new from an exit into the entry itself
+        inputs += ['iifname "%s" ct state established,related accept' % link, 'iifname "%s" drop' % link]
+    hook = "type %s hook %s priority %s; policy accept;"
+    lines = ["table inet %s {" % s.nat_table]
+    for name, head, rules in [("postrouting", hook % ("nat", "postrouting", "srcnat"), nat),
+                              ("input", hook % ("filter", "input", "filter"), inputs),
+                              ("forward", hook % ("filter", "forward", "filter"), forward),
+                              ("to_node", None, node + ["drop"]), ("from_clients", None, clients + ["drop"])]:
+        lines += ["\tchain %s {" % name] + ["\t\t" + r for r in ([head] if head else []) + rules] + ["\t}", ""]
+    return "\n".join(lines[:-1] + ["}"]) + "\n"
+
+
+def script(s, links=(), local=()):
     """stdin for `nft -f -`: create-if-missing, delete, define; one transaction."""
-    return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table, render(s, links))
+    return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table, render(s, links, local))
 
 
 def forwarding_keys(s):
@@ -100,15 +157,17 @@ class Firewall:
         self.links = ()
         self.keys = forwarding_keys(settings)
         self.saved = {}  # sysctl key -> value found before we changed it
+        self._lock = threading.Lock()  # the watcher and bridge commands both apply
 
     def apply(self, links=None):
         """Write the table for the uplink and the bridge `links` that are up (None: as before)."""
-        if links is not None:
-            self.links = tuple(sorted(links))
-        if self.s.nat_uplink or self.links:
-            self.cmd.apply_nft(script(self.s, self.links))
-        else:
-            self._delete_table()
+        with self._lock:
+            if links is not None:
+                self.links = tuple(sorted(links))
+            if self.s.nat_uplink or self.links:
+                self.cmd.apply_nft(script(self.s, self.links, connected(self.cmd.addresses())))
+            else:
+                self._delete_table()
 
     def start(self):
         """Rules first, then forwarding: never forward without masquerade."""
@@ -128,8 +187,11 @@ class Firewall:
             log.info("nat: %s = 1 (was %s)", key, self.saved[key])
 
     def interface_up(self):
-        """After each (re)creation of the WireGuard interface: a new link
-        starts with the default forwarding value, so set ours again."""
+        """After each (re)creation of the WireGuard interface: the table again
+        (the host's networks may have changed since), and forwarding, as a new
+        link starts with the default value."""
+        if self.s.nat_uplink or self.links:
+            self.apply()
         for key in self.keys:
             if "/%s/" % self.s.interface in key and self._read(key) != "1":
                 self.cmd.write_sysctl(key, "1")

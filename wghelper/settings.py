@@ -115,6 +115,13 @@ def pool4(value):
 pool6 = network(ipaddress.IPv6Network, "IPv6")
 
 
+def listed(parse_one):
+    """A comma- or space-separated list of `parse_one` values."""
+    def parse(value):
+        return tuple(parse_one(item) for item in (value.replace(",", " ").split() if isinstance(value, str) else value))
+    return parse
+
+
 def address(value):
     try:
         return ipaddress.ip_address(str(value).strip())
@@ -150,6 +157,7 @@ SHARED = {
     "GATEWAY": (address, None, "Gateway address on the interface (default: first host of POOL)"),
     "MTU": (integer(576, 9000), 1420, "Tunnel MTU"),
     "HELPER_SOCKET": (abspath, "/run/orbmesh/wghelper.sock", "Unix socket of the root helper"),
+    "DNS_RESOLVER": (choice("on", "off"), "on", "Run the node's DNS resolver (Unbound) on the gateway addresses"),
 }
 
 HELPER = {
@@ -165,6 +173,11 @@ HELPER = {
     "NAT_UPLINK": (ifname, None, "Uplink interface to masquerade clients out of (empty: no NAT, no forwarding)"),
     "NAT_TABLE": (nft_table, "orbmesh", "The helper's nftables table (inet family)"),
     "POOL6": (pool6, None, "IPv6 pool masqueraded out of NAT_UPLINK (empty: none)"),
+    "CLIENT_TO_CLIENT": (choice("on", "off"), "off", "Let tunnel clients reach each other"),
+    "ALLOWED_DESTINATIONS": (listed(network(ipaddress.ip_network, "IP")), None,
+                             "CIDRs clients may reach despite the blocked ranges (empty: none)"),
+    "CLIENT_NODE_PORTS": (listed(integer(1, 65535)), None,
+                          "TCP ports of the node itself clients may reach through the tunnel (empty: none)"),
     "BRIDGE_TABLE_BASE": (integer(256, 2 ** 31 - 1024), 51900,
                           "Routing table of bridge slot N is this + N"),
     "BRIDGE_RULE_PREF": (integer(1, 32765), 20000, "Priority of the policy rules of bridged clients"),

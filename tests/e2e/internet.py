@@ -1,8 +1,10 @@
 """A simulated internet (203.0.113.0/24) behind the server's uplink.
 
-The server namespace gets an uplink veth (203.0.113.1) into an "internet"
-namespace (203.0.113.100) where a small HTTP server answers every GET with
-the address it sees the caller at, so a test can tell whether NAT happened.
+The server namespace gets an uplink veth (203.0.113.1/26) into an "internet"
+namespace, its default route (the router, 203.0.113.62).  Beyond the router,
+as the internet is (clients may not reach the uplink's own network), a small
+HTTP server on 203.0.113.100 answers every GET with the address it sees the
+caller at, so a test can tell whether NAT happened.
 """
 import http.server
 import socket
@@ -11,6 +13,7 @@ import threading
 from .netns import veth
 
 SERVER_UPLINK_ADDR = "203.0.113.1"
+UPLINK_ROUTER = "203.0.113.62"
 INTERNET_ADDR = "203.0.113.100"
 WHOAMI_PORT = 8000
 
@@ -33,7 +36,9 @@ class Internet:
 
     def __init__(self, netns, server_ns):
         self.ns = netns("inet")
-        self.uplink, _ = veth(server_ns, SERVER_UPLINK_ADDR + "/24", self.ns, INTERNET_ADDR + "/24")
+        self.uplink, _ = veth(server_ns, SERVER_UPLINK_ADDR + "/26", self.ns, UPLINK_ROUTER + "/26")
+        self.ns.run("ip", "address", "add", INTERNET_ADDR + "/32", "dev", "lo")
+        server_ns.run("ip", "route", "add", "default", "via", UPLINK_ROUTER)
         listener = self.ns.socket_in(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((INTERNET_ADDR, WHOAMI_PORT))

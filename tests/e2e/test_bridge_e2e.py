@@ -12,7 +12,8 @@ internet namespace, the client never reaches it.  A bridged client's
 whoami answer is the exit's address, a direct client's the entry's.
 Client tunnels route one whoami address each (203.0.113.100 for the bridged
 client, .101 for the direct one) so both can run side by side in the
-client namespace.
+client namespace.  For the isolation test, the entry and the exit each
+have a LAN host (172.16.8.10, 172.16.9.10) in a namespace of its own.
 """
 import http.server
 import json
@@ -25,6 +26,7 @@ import pytest
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, Internet, _WhoAmI
 from .netns import Netns, veth
+from .probes import Echo, every, reach
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
 
@@ -35,6 +37,7 @@ EXIT_GW = "198.51.100.100"
 WHOAMI_DIRECT = "203.0.113.101"   # routed through the direct client's tunnel
 REGISTRY_PORT = 8001
 BRIDGE_ADDR = "10.9.255.1"
+ENTRY_LAN, EXIT_LAN = "172.16.8.10", "172.16.9.10"
 RULE_PREF = "20000"
 TABLE = "51900"
 
@@ -80,8 +83,14 @@ class Topology:
         exit_uplink, inet_side = veth(self.exit_ns, EXIT_ADDR + "/24", inet, EXIT_GW + "/24")
         inet.run("ip", "address", "add", WHOAMI_DIRECT + "/24", "dev", inet_side)
         inet.run("sysctl", "-w", "net.ipv4.ip_forward=1")  # the internet namespace routes, ours only
-        self.entry_ns.run("ip", "route", "add", "198.51.100.0/24", "via", INTERNET_ADDR)
         self.exit_ns.run("ip", "route", "add", "203.0.113.0/24", "via", EXIT_GW)
+        # LANs routed both ways: only a node's firewall stands between them and the bridge.
+        self.entry_lan, self.exit_lan = netns("elan"), netns("xlan")
+        for node, lan, addr in ((self.entry_ns, self.entry_lan, ENTRY_LAN), (self.exit_ns, self.exit_lan, EXIT_LAN)):
+            router = addr.rsplit(".", 1)[0] + ".1"
+            lan_if, _ = veth(node, router + "/24", lan, addr + "/24")
+            lan.run("ip", "route", "add", "default", "via", router)
+            node.run("sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % lan_if)
         self.servers = [_serve(inet, WHOAMI_DIRECT, 8000, _WhoAmI)]
         self.registry = _serve(inet, INTERNET_ADDR, REGISTRY_PORT, _Registry)
 
@@ -162,14 +171,14 @@ def topo(tmp_path_factory):
         assert not wireguard_go_in(inodes), "wireguard-go left running"
 
 
-def tunnel(t, device, whoami_addr, **body):
-    """A real WireGuard client that routes only `whoami_addr` through its tunnel."""
+def tunnel(t, device, whoami_addr, routes=(), **body):
+    """A real WireGuard client that routes only `whoami_addr` (and `routes`) through its tunnel."""
     client = WgClient(t.client, "omc" + device[-8:])
     status, reply = t.entry.call("POST", "/wireguard/connect", dict(body, publicKey=client.public_key),
                                  token=t.entry.token("bridge-user", device))
     assert status == 200, reply
     client.configure(server_public_key=reply["serverPublicKey"], endpoint=reply["serverEndpoint"],
-                     address_cidr=reply["ip"], allowed_ips=[whoami_addr + "/32"], mtu=reply["mtu"],
+                     address_cidr=reply["ip"], allowed_ips=[whoami_addr + "/32", *routes], mtu=reply["mtu"],
                      keepalive=reply["keepalive"])
     return client, reply
 
@@ -234,6 +243,71 @@ def test_direct_bridge_and_smartconnect_side_by_side(topo):
         direct.close()
         bridged.close()
         disconnect(t, "dev-direct")
+
+
+def rx_packets(t):
+    """Packets the entry has received on its bridge link."""
+    link = json.loads(t.entry_ns.run("ip", "-j", "-s", "link", "show", "dev", t.bridge_link).stdout)[0]
+    return link["stats64"]["rx"]["packets"]
+
+
+def test_a_bridge_carries_only_what_a_client_may_send(topo):
+    t = topo
+    exit_client = WgClient(t.internet.ns, "omx" + t.exit.interface[-6:])
+    status, x = t.exit.connect("exit-user", "exit-dev", exit_client.public_key)
+    assert status == 200, x
+    exit_client.configure(server_public_key=x["serverPublicKey"], endpoint=x["serverEndpoint"], address_cidr=x["ip"],
+                          allowed_ips=["10.9.0.0/16"], mtu=x["mtu"], keepalive=x["keepalive"])
+    bridged, b = tunnel(t, "dev-iso-b", INTERNET_ADDR, routes=["10.9.0.0/16", "172.16.9.0/24", "198.51.100.0/24"],
+                        exitServerId="exit-1")
+    x_addr, b_addr = (reply["ip"].split("/")[0] for reply in (x, b))
+    echoes = [Echo(t.internet.ns, [x_addr, EXIT_GW]), Echo(t.exit_lan, [EXIT_LAN]), Echo(t.entry_lan, [ENTRY_LAN]),
+              Echo(t.client, [b_addr]), Echo(t.entry_ns, [SERVER_ADDR, "10.8.0.1"])]
+    # The exit's other client, its LAN, its uplink's network, its API on its own address.
+    exit_side = every(x_addr, EXIT_LAN, EXIT_GW) + [("tcp", EXIT_ADDR, 8080)]
+    try:
+        sees(t, INTERNET_ADDR, EXIT_ADDR, "the bridged client seen as the exit")
+        assert all(reach(t.exit_ns, exit_side).values())  # the exit itself reaches them all
+
+        # A bridged client reaches none of them ...
+        found = reach(t.client, exit_side)
+        assert not any(found.values()), found
+        # ... nor does the entry itself through the link (its own packets pass
+        # no rule of its own): the exit treats its entry as any client.
+        link = t.bridge_link
+        assert all(reach(t.entry_ns, [("tcp", INTERNET_ADDR, 8000), ("ping", "10.9.0.1")], device=link).values())
+        found = reach(t.entry_ns, exit_side, device=link)
+        assert not any(found.values()), found
+
+        # A hostile exit routes the entry's clients, LAN and addresses into the
+        # bridge (and the entry has a way back to it, so that only its firewall
+        # is in the way): the packets arrive on the link and go no further,
+        # while replies to the bridged client still come back.
+        exit_if, entry_key = t.exit.interface, t.entry_ns.run("wg", "show", link, "public-key").stdout.strip()
+        hostile = ["10.8.0.0/16", "172.16.8.0/24", "192.0.2.0/24"]
+        t.exit_ns.run("wg", "set", exit_if, "peer", entry_key, "allowed-ips", ",".join([BRIDGE_ADDR + "/32"] + hostile))
+        try:
+            for net in hostile:
+                t.exit_ns.run("ip", "route", "add", net, "dev", exit_if)
+            t.entry_ns.run("ip", "route", "add", "10.9.0.1/32", "dev", link)
+            before = rx_packets(t)
+            found = reach(t.exit_ns, every(b_addr, ENTRY_LAN, "10.8.0.1", SERVER_ADDR))
+            assert not any(found.values()), found
+            assert rx_packets(t) - before >= len(found)
+            assert whoami(t, INTERNET_ADDR) == EXIT_ADDR
+        finally:
+            t.exit_ns.run("wg", "set", exit_if, "peer", entry_key, "allowed-ips", BRIDGE_ADDR + "/32")
+            for net in hostile:
+                t.exit_ns.run("ip", "route", "del", net, "dev", exit_if, check=False)
+            t.entry_ns.run("ip", "route", "del", "10.9.0.1/32", "dev", link, check=False)
+    finally:
+        for echo in echoes:
+            echo.close()
+        for client in (exit_client, bridged):
+            client.close()
+        t.exit.call("POST", "/wireguard/disconnect", token=t.exit.token("exit-user", "exit-dev"))
+        disconnect(t, "dev-iso-b")
+    wait_for(t.nothing_bridged, timeout=30, what="the idle tunnel taken down")
 
 
 def test_unknown_exit_and_exit_down_allocate_nothing(topo):

@@ -79,8 +79,9 @@ def listed_table(stack):
 
 
 def expected_table(stack, internet, pool6=None):
-    return firewall.render(settings.load({"ORBMESH_INTERFACE": stack.interface, "ORBMESH_NAT_UPLINK": internet.uplink,
-                                          "ORBMESH_NAT_TABLE": TABLE, "ORBMESH_POOL6": pool6 or ""}))
+    cfg = settings.load({"ORBMESH_INTERFACE": stack.interface, "ORBMESH_NAT_UPLINK": internet.uplink,
+                         "ORBMESH_NAT_TABLE": TABLE, "ORBMESH_POOL6": pool6 or ""})
+    return firewall.render(cfg, (), firewall.connected(stack.server.run("ip", "-o", "address", "show").stdout))
 
 
 def connect_client(stack, device):

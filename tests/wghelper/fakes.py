@@ -51,6 +51,7 @@ class FakeRunner:
         self.sysctls = {}      # "net/ipv4/conf/IF/forwarding" -> "0"; absent: no such key
         self.nft_tables = {}   # "inet NAME" -> the stdin that defined it
         self.rules = {}        # bridge rules: "10.8.0.2" -> (pref, table), as `ip -4 rule` keeps them
+        self.addresses = ""    # what `ip -o address show` prints
         self._lock = threading.Lock()
 
     def clear(self):
@@ -112,6 +113,8 @@ class FakeRunner:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
             self.daemons.discard(args[3])  # wireguard-go exits with its link
+        elif args == ("-o", "address", "show"):
+            return self.addresses
         elif args[:3] == ("-4", "rule", "show"):
             return "".join("%s:\tfrom %s lookup %s\n" % (pref, a, table)
                            for a, (pref, table) in sorted(self.rules.items()) if pref == args[4])

@@ -45,6 +45,7 @@ SHAPES = [
                                                  None)]),
     ("replace_address", ("wg0", "fd00::1/64"), [("ip", ["-6", "address", "replace", "fd00::1/64", "dev", "wg0"],
                                                 None)]),
+    ("addresses", (), [("ip", ["-o", "address", "show"], None)]),
     ("flush_addresses", ("wg0b1",), [("ip", ["-4", "address", "flush", "dev", "wg0b1"], None)]),
     ("route_default", (51901, "wg0b1"), [("ip", ["-4", "route", "replace", "default", "dev", "wg0b1", "table",
                                                  "51901"], None)]),

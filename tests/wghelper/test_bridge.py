@@ -22,10 +22,32 @@ table inet orbmesh {
 \t\toifname "wgt0b3" ip saddr 10.8.0.0/16 masquerade
 \t}
 
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname "wgt0" jump to_node
+\t\tiifname "wgt0b3" ct state established,related accept
+\t\tiifname "wgt0b3" drop
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname "wgt0" jump from_clients
 \t\tiifname "wgt0b3" oifname "wgt0" ct state established,related accept
-\t\tiifname "wgt0b3" oifname "wgt0" drop
+\t\tiifname "wgt0b3" drop
+\t}
+
+\tchain to_node {
+\t\tct state established,related accept
+\t\tip daddr 10.8.0.1 icmp type echo-request accept
+\t\tip daddr 10.8.0.1 meta l4proto { tcp, udp } th dport 53 accept
+\t\tdrop
+\t}
+
+\tchain from_clients {
+\t\tip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, \
+224.0.0.0/3 } drop
+\t\toifname "wgt0b3" ip saddr 10.8.0.0/16 accept
+\t\tdrop
 \t}
 }
 """
@@ -40,6 +62,7 @@ UP_CALLS = [
     ["ip", "link", "set", "dev", LINK, "mtu", "1420", "up"],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % IF],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % LINK],
+    ["ip", "-o", "address", "show"],  # the host's networks, blocked for clients
     ["nft", "-f", "-"],     # masquerade before the route
     ["ip", "-4", "route", "replace", "default", "dev", LINK, "table", "51903"],
     ["ip", "-4", "route", "replace", "unreachable", "default", "metric", "4294967295", "table", "51903"],

@@ -22,6 +22,10 @@ K_WG = "net/ipv4/conf/%s/forwarding" % IF
 K_UP = "net/ipv4/conf/%s/forwarding" % UP
 K6_WG = "net/ipv6/conf/%s/forwarding" % IF
 
+BLOCKED4 = ("ip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, "
+            "192.168.0.0/16, 224.0.0.0/3 } drop")
+BLOCKED6 = "ip6 daddr { ::1, fc00::/7, fe80::/10, ff00::/8 } drop"
+
 TABLE_V4 = """\
 table inet orbmesh {
 \tchain postrouting {
@@ -29,14 +33,32 @@ table inet orbmesh {
 \t\toifname "up0" ip saddr 10.8.0.0/16 masquerade
 \t}
 
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname "wgt0" jump to_node
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
-\t\tiifname "wgt0" oifname "up0" ip saddr 10.8.0.0/16 accept
+\t\tiifname "wgt0" jump from_clients
 \t\tiifname "up0" oifname "wgt0" ct state established,related accept
 \t\tiifname "up0" oifname "wgt0" drop
 \t}
+
+\tchain to_node {
+\t\tct state established,related accept
+\t\tip daddr 10.8.0.1 icmp type echo-request accept
+\t\tip daddr 10.8.0.1 meta l4proto { tcp, udp } th dport 53 accept
+\t\tdrop
+\t}
+
+\tchain from_clients {
+\t\t%s
+\t\toifname "up0" ip saddr 10.8.0.0/16 accept
+\t\tdrop
+\t}
 }
-"""
+""" % BLOCKED4
 SCRIPT_V4 = "table inet orbmesh {}\ndelete table inet orbmesh\n" + TABLE_V4
 
 SCRIPT_V6 = """\
@@ -49,18 +71,39 @@ table inet omtest {
 \t\toifname "eth0.100" ip6 saddr fd00:8::/64 masquerade
 \t}
 
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname "wgt0" jump to_node
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
-\t\tiifname "wgt0" oifname "eth0.100" ip saddr 10.9.0.0/24 accept
-\t\tiifname "wgt0" oifname "eth0.100" ip6 saddr fd00:8::/64 accept
+\t\tiifname "wgt0" jump from_clients
 \t\tiifname "eth0.100" oifname "wgt0" ct state established,related accept
 \t\tiifname "eth0.100" oifname "wgt0" drop
 \t}
+
+\tchain to_node {
+\t\tct state established,related accept
+\t\tip daddr 10.9.0.1 icmp type echo-request accept
+\t\tip daddr 10.9.0.1 meta l4proto { tcp, udp } th dport 53 accept
+\t\tip6 daddr fd00:8::1 icmpv6 type echo-request accept
+\t\tip6 daddr fd00:8::1 meta l4proto { tcp, udp } th dport 53 accept
+\t\tdrop
+\t}
+
+\tchain from_clients {
+\t\t%s
+\t\toifname "eth0.100" ip saddr 10.9.0.0/24 accept
+\t\t%s
+\t\toifname "eth0.100" ip6 saddr fd00:8::/64 accept
+\t\tdrop
+\t}
 }
-"""
+""" % (BLOCKED4, BLOCKED6)
 
 APPLY_CALLS = [
-    ["nft", "-f", "-"],
+    ["ip", "-o", "address", "show"], ["nft", "-f", "-"],
     ["sysctl", "-n", K_WG], ["sysctl", "-w", K_WG + "=1"],
     ["sysctl", "-n", K_UP], ["sysctl", "-w", K_UP + "=1"],
 ]
@@ -74,12 +117,75 @@ table inet orbmesh {
 \t\toifname "wgt0b3" ip saddr 10.8.0.0/16 masquerade
 \t}
 
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname "wgt0" jump to_node
+\t\tiifname "wgt0b0" ct state established,related accept
+\t\tiifname "wgt0b0" drop
+\t\tiifname "wgt0b3" ct state established,related accept
+\t\tiifname "wgt0b3" drop
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname "wgt0" jump from_clients
 \t\tiifname "wgt0b0" oifname "wgt0" ct state established,related accept
-\t\tiifname "wgt0b0" oifname "wgt0" drop
+\t\tiifname "wgt0b0" drop
 \t\tiifname "wgt0b3" oifname "wgt0" ct state established,related accept
-\t\tiifname "wgt0b3" oifname "wgt0" drop
+\t\tiifname "wgt0b3" drop
+\t}
+
+\tchain to_node {
+\t\tct state established,related accept
+\t\tip daddr 10.8.0.1 icmp type echo-request accept
+\t\tip daddr 10.8.0.1 meta l4proto { tcp, udp } th dport 53 accept
+\t\tdrop
+\t}
+
+\tchain from_clients {
+\t\t%s
+\t\toifname "wgt0b0" ip saddr 10.8.0.0/16 accept
+\t\toifname "wgt0b3" ip saddr 10.8.0.0/16 accept
+\t\tdrop
+\t}
+}
+""" % BLOCKED4
+
+# `ip -o address show` of a host with an uplink in a public /26, a private
+# LAN, a point-to-point link and IPv6 on the uplink (trailing fields cut).
+ADDRESSES = """\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+1: lo    inet6 ::1/128 scope host noprefixroute \\       valid_lft forever preferred_lft forever
+2: up0    inet 203.0.113.1/26 brd 203.0.113.63 scope global up0\\       valid_lft forever preferred_lft forever
+2: up0    inet6 2001:db8:1::5/64 scope global \\       valid_lft forever preferred_lft forever
+2: up0    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever
+3: lan0    inet 192.168.7.1/24 brd 192.168.7.255 scope global lan0\\       valid_lft forever
+4: wgt0    inet 10.8.0.1/16 scope global wgt0\\       valid_lft forever preferred_lft forever
+5: p2p0    inet 198.51.100.7 peer 198.51.100.9/32 scope global p2p0\\       valid_lft forever
+"""
+
+# Everything opened that can be, with those networks and a bridge link.
+FROM_CLIENTS_OPENED = """\
+\tchain to_node {
+\t\tct state established,related accept
+\t\tip daddr 10.8.0.1 icmp type echo-request accept
+\t\tip6 daddr fd00:8::1 icmpv6 type echo-request accept
+\t\ttcp dport { 22, 8443 } accept
+\t\tdrop
+\t}
+
+\tchain from_clients {
+\t\tip daddr { 10.20.1.0-10.20.2.255, 192.168.7.5 } accept
+\t\toifname "wgt0" ip daddr 10.8.0.0/16 accept
+\t\tip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, \
+192.168.0.0/16, 198.51.100.9, 203.0.113.0/26, 224.0.0.0/3 } drop
+\t\toifname "up0" ip saddr 10.8.0.0/16 accept
+\t\toifname "wgt0b1" ip saddr 10.8.0.0/16 accept
+\t\tip6 daddr fd00:99::/64 accept
+\t\toifname "wgt0" ip6 daddr fd00:8::/64 accept
+\t\tip6 daddr { ::1, 2001:db8:1::/64, fc00::/7, fe80::/10, ff00::/8 } drop
+\t\toifname "up0" ip6 saddr fd00:8::/64 accept
+\t\tdrop
 \t}
 }
 """
@@ -111,7 +217,45 @@ def test_exact_ruleset_with_pool6():
 def test_bridge_links_share_the_one_table():
     assert firewall.render(settings(), ["wgt0b0", "wgt0b3"]) == TABLE_BRIDGES_ONLY
     with_uplink = firewall.render(settings(nat_uplink=UP), ["wgt0b3"])
-    assert with_uplink.count("masquerade") == 2 and with_uplink.count(" drop") == 2
+    assert with_uplink.count("masquerade") == 2 and with_uplink.count('"wgt0b3" drop') == 2
+
+
+def test_everything_opened_with_the_host_networks_and_a_bridge():
+    cfg = settings(nat_uplink=UP, pool6="fd00:8::/64", dns_resolver="off", client_to_client="on",
+                   allowed_destinations="10.20.2.0/24, 192.168.7.5/32 fd00:99::/64,10.20.1.0/24",
+                   client_node_ports="8443,22,8443")
+    table = firewall.render(cfg, ["wgt0b1"], firewall.connected(ADDRESSES))
+    assert table.endswith(FROM_CLIENTS_OPENED)
+    # Per family, in the order the chain is read: allowed, other clients, the blocked ranges, the way out.
+    assert "meta l4proto" not in table  # no resolver, no DNS port
+
+
+def test_connected_networks_of_ip_address_show():
+    assert [str(n) for n in firewall.connected(ADDRESSES)] == [
+        "127.0.0.0/8", "::1/128", "203.0.113.0/26", "2001:db8:1::/64", "fe80::/64", "192.168.7.0/24",
+        "10.8.0.0/16", "198.51.100.9/32"]
+    assert firewall.connected("") == []
+
+
+@pytest.mark.parametrize("nets, listed", [
+    (["10.1.1.0/24", "10.1.2.0/24"], "10.1.1.0-10.1.2.255"),   # adjacent, not one prefix: a range
+    (["10.1.0.0/24", "10.1.1.0/24"], "10.1.0.0/23"),           # adjacent and aligned: one prefix
+    (["10.0.0.0/8", "10.8.0.0/16"], "10.0.0.0/8"),             # inside another
+    (["192.0.2.7/32", "10.0.0.0/8"], "{ 10.0.0.0/8, 192.0.2.7 }"),
+    (["fd00::1/128", "fc00::/8"], "{ fc00::/8, fd00::1 }"),
+])
+def test_sets_are_written_as_nft_lists_them(nets, listed):
+    assert firewall._nets([ipaddress.ip_network(n) for n in nets]) == listed
+
+
+def test_apply_blocks_the_host_networks_it_reads(tmp_path):
+    n, runner = make(tmp_path)
+    runner.addresses = ADDRESSES
+    n.start()
+    assert runner.calls[:2] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
+    applied = runner.stdins[0][1]
+    assert applied == firewall.script(n.s, (), firewall.connected(ADDRESSES))
+    assert "192.168.0.0/16, 198.51.100.9, 203.0.113.0/26, 224.0.0.0/3 } drop" in applied
 
 
 def test_without_uplink_or_bridges_there_is_no_table(tmp_path):
@@ -122,7 +266,8 @@ def test_without_uplink_or_bridges_there_is_no_table(tmp_path):
     runner.clear()
     fw.apply(["wgt0b1"])
     fw.apply([])
-    assert runner.calls == [["nft", "-f", "-"], ["nft", "delete", "table", "inet", "orbmesh"]]
+    assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"],
+                            ["nft", "delete", "table", "inet", "orbmesh"]]
     assert not any(c[0] == "sysctl" for c in runner.calls) and runner.nft_tables == {}
 
 
@@ -153,7 +298,8 @@ def test_apply_is_idempotent(tmp_path):
     n.start()
     # The same single nft run with the same delete-and-recreate text; the
     # sysctls are already 1, so they are only read.
-    assert runner.calls == [["nft", "-f", "-"], ["sysctl", "-n", K_WG], ["sysctl", "-n", K_UP]]
+    assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"], ["sysctl", "-n", K_WG],
+                            ["sysctl", "-n", K_UP]]
     assert [s for _, s in runner.stdins] == [SCRIPT_V4, SCRIPT_V4]
     assert n.saved == {K_WG: "0", K_UP: "0"}  # the original values, not our own 1
 
@@ -206,7 +352,7 @@ def test_nft_failure_changes_no_sysctl(tmp_path):
     runner.fail = lambda argv: "Error: Could not process rule" if argv[:2] == ["nft", "-f"] else None
     with pytest.raises(CommandFailed):
         n.start()
-    assert runner.calls == [["nft", "-f", "-"]]  # rules first: never forwarding without masquerade
+    assert runner.calls[-1] == ["nft", "-f", "-"]  # rules first: never forwarding without masquerade
     assert runner.sysctls == {K_WG: "0", K_UP: "0", K6_WG: "0"}
 
 
@@ -286,10 +432,22 @@ def test_interface_recreation_sets_forwarding_again(tmp_path):
     iface = Interface(settings(nat_uplink=UP), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
     iface.on_up = n.interface_up
     runner.sysctls[K_WG] = "0"  # a new link starts with the default
+    runner.addresses = ADDRESSES  # and the host's networks changed meanwhile
     runner.clear()
     iface.up()
-    assert runner.calls[-2:] == [["sysctl", "-n", K_WG], ["sysctl", "-w", K_WG + "=1"]]
+    assert runner.calls[-4:] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"],
+                                 ["sysctl", "-n", K_WG], ["sysctl", "-w", K_WG + "=1"]]
     assert runner.sysctls[K_WG] == "1" and n.saved[K_WG] == "0"
+    assert runner.nft_tables["inet orbmesh"] == firewall.script(n.s, (), firewall.connected(ADDRESSES))
+
+
+def test_recreation_without_uplink_or_bridges_touches_no_firewall(tmp_path):
+    runner = FakeRunner()
+    fw = Firewall(settings(), Commands(runner))
+    iface = Interface(settings(), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
+    iface.on_up = fw.interface_up
+    iface.up()
+    assert iface.running and not any(c[0] in ("nft", "sysctl") or c[1] == "-o" for c in runner.calls)
 
 
 def test_a_failing_hook_tears_the_interface_down(tmp_path):
@@ -307,9 +465,11 @@ def test_a_failing_hook_tears_the_interface_down(tmp_path):
 
 # --- settings -------------------------------------------------------------------
 
-def test_nat_is_off_by_default():
+def test_nat_is_off_by_default_and_isolation_on():
     s = load({})
     assert (s.nat_uplink, s.nat_table, s.pool6) == (None, "orbmesh", None)
+    assert (s.client_to_client, s.allowed_destinations, s.client_node_ports, s.dns_resolver) == ("off", None, None,
+                                                                                                 "on")
     assert firewall.forwarding_keys(s) == []
 
 
@@ -325,6 +485,9 @@ def test_nat_settings():
     ("NAT_TABLE", "orb-mesh"), ("NAT_TABLE", "a" * 33), ("NAT_TABLE", "orb mesh"), ("NAT_TABLE", "1orbmesh"),
     ("NAT_TABLE", "orb\nmesh"), ("NAT_TABLE", "orbmesh;"), ("NAT_TABLE", 'o"'),
     ("POOL6", "10.8.0.0/16"), ("POOL6", "fd00:8::1/64"), ("POOL6", "nope"),
+    ("CLIENT_TO_CLIENT", "yes"), ("DNS_RESOLVER", "maybe"), ("ALLOWED_DESTINATIONS", "10.0.0.1/8"),
+    ("ALLOWED_DESTINATIONS", "10.0.0.0/8;"), ("ALLOWED_DESTINATIONS", "example.com"), ("CLIENT_NODE_PORTS", "0"),
+    ("CLIENT_NODE_PORTS", "65536"), ("CLIENT_NODE_PORTS", "https"), ("CLIENT_NODE_PORTS", "22-25"),
 ])
 def test_bad_nat_values_name_the_variable(name, value):
     with pytest.raises(ConfigError) as info:
