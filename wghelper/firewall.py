@@ -74,17 +74,17 @@ def _set(elements):
 
 
 def _nets(nets):
-    """Networks of one family as nft lists a set of them: sorted, overlapping
-    or adjacent ones merged into one prefix or range, a single address bare."""
-    spans = []
-    for n in sorted(nets, key=lambda n: n.network_address):
-        if spans and n.network_address <= spans[-1][1] + 1:
-            spans[-1][1] = max(spans[-1][1], n.broadcast_address)
+    """Networks of one family as nft lists a set of them: overlapping ones
+    merged, sorted, adjacent ones that form no prefix as a range, a single
+    address bare."""
+    runs = []
+    for n in ipaddress.collapse_addresses(nets):
+        if runs and n.network_address == runs[-1][-1].broadcast_address + 1:
+            runs[-1].append(n)
         else:
-            spans.append([n.network_address, n.broadcast_address])
-    ranges = [(low, high, list(ipaddress.summarize_address_range(low, high))) for low, high in spans]
-    return _set([str(low) if low == high else str(nets[0]) if len(nets) == 1 else "%s-%s" % (low, high)
-                 for low, high, nets in ranges])
+            runs.append([n])
+    return _set(["%s-%s" % (r[0].network_address, r[-1].broadcast_address) if len(r) > 1
+                 else str(r[0].network_address) if r[0].num_addresses == 1 else str(r[0]) for r in runs])
 
 
 def render(s, links=(), local=()):
@@ -174,9 +174,7 @@ class Firewall:
         self.apply()
         if not self.s.nat_uplink:
             return
-        log.info("nat: table inet %s applied: masquerade %s out of %s, forward %s <-> %s", self.s.nat_table,
-                 ", ".join(str(n) for n in (self.s.pool, self.s.pool6) if n is not None),
-                 self.s.nat_uplink, self.s.interface, self.s.nat_uplink)
+        log.info("nat: table inet %s applied: clients out of %s only", self.s.nat_table, self.s.nat_uplink)
         self.saved = dict(self._load_state(), **self.saved)
         for key in self.keys:
             current = self._read(key)

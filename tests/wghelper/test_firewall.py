@@ -330,7 +330,7 @@ def test_apply_logs_one_line_per_step(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="wghelper.firewall"):
         n.start()
     assert [r.getMessage() for r in caplog.records] == [
-        "nat: table inet orbmesh applied: masquerade 10.8.0.0/16 out of up0, forward wgt0 <-> up0",
+        "nat: table inet orbmesh applied: clients out of up0 only",
         "nat: %s = 1 (was 0)" % K_WG,
         "nat: %s = 1 (was 0)" % K_UP,
     ]
