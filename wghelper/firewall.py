@@ -225,7 +225,8 @@ class Firewall:
             self.cmd.delete_nft_table(self.s.nat_table)
             log.info("nat: table inet %s deleted", self.s.nat_table)
         except CommandFailed as exc:
-            if _NO_TABLE not in exc.stderr:
+            # No table to delete; or no nft at all, on a host that never needed NAT.
+            if _NO_TABLE not in exc.stderr and exc.stderr != "not found in PATH":
                 raise
 
     def _read(self, key):

@@ -512,3 +512,13 @@ def test_real_runner_nft_errors_quote_the_script():
                               redact=False)
     assert info.value.command == "nft"
     assert "syntax error" in info.value.stderr and "bogus_keyword_x" in info.value.stderr
+
+
+def test_a_helper_without_nat_starts_on_a_host_without_nft(tmp_path):
+    runner = FakeRunner()
+    runner.fail = lambda argv: "not found in PATH" if argv[0] == "nft" else None
+    fw = Firewall(settings(), Commands(runner), str(tmp_path / firewall.STATE_FILE))
+    fw.start()  # nothing to clean up, nothing to install
+    assert runner.calls == [["nft", "delete", "table", "inet", "orbmesh"]]
+    with pytest.raises(CommandFailed):  # control: with NAT asked for, a missing nft is fatal
+        Firewall(settings(nat_uplink=UP), Commands(runner), None).start()
