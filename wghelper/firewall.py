@@ -3,9 +3,10 @@
 The helper owns ``table inet ORBMESH_NAT_TABLE`` completely, and render()
 is the only place its rules are written:
 
-* with ORBMESH_NAT_UPLINK: masquerade the pool (and ORBMESH_POOL6) out of
-  the uplink; forward clients to the uplink, and from the uplink back into
-  the WireGuard interface only what is established or related;
+* with ORBMESH_NAT_UPLINK: masquerade the pool (and ORBMESH_POOL6 when it
+  is unique-local) out of the uplink; forward clients to the uplink, and
+  from the uplink back into the WireGuard interface only what is
+  established or related;
 * for each bridge link that is up (wghelper/bridge.py): masquerade the pool
   out of the link (the exit accepts only our address in its pool), and let
   only replies come back from the exit into the WireGuard interface.
@@ -33,6 +34,7 @@ import os
 import re
 
 from .errors import CommandFailed
+from .settings import ULA
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,16 @@ def _family(net):
     return "ip" if net.version == 4 else "ip6"
 
 
+def masqueraded(nets):
+    """The pools NAT hides: IPv4, and IPv6 only when unique-local (a routed prefix is reachable as it is)."""
+    return [n for n in nets if n is not None and (n.version == 4 or n.subnet_of(ULA))]
+
+
 def render(s, links=()):
     """The table exactly as `nft list table inet TABLE` prints it back."""
     wg, uplink = s.interface, s.nat_uplink
     nets = [n for n in (s.pool, s.pool6) if n is not None] if uplink else []
-    postrouting = ['oifname "%s" %s saddr %s masquerade' % (uplink, _family(n), n) for n in nets]
+    postrouting = ['oifname "%s" %s saddr %s masquerade' % (uplink, _family(n), n) for n in masqueraded(nets)]
     postrouting += ['oifname "%s" ip saddr %s masquerade' % (link, s.pool) for link in links]
     forward = ['iifname "%s" oifname "%s" %s saddr %s accept' % (wg, uplink, _family(n), n) for n in nets]
     for outside in ([uplink] if uplink else []) + list(links):
@@ -116,7 +123,7 @@ class Firewall:
         if not self.s.nat_uplink:
             return
         log.info("nat: table inet %s applied: masquerade %s out of %s, forward %s <-> %s", self.s.nat_table,
-                 ", ".join(str(n) for n in (self.s.pool, self.s.pool6) if n is not None),
+                 ", ".join(str(n) for n in masqueraded((self.s.pool, self.s.pool6))),
                  self.s.nat_uplink, self.s.interface, self.s.nat_uplink)
         self.saved = dict(self._load_state(), **self.saved)
         for key in self.keys:
