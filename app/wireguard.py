@@ -41,6 +41,13 @@ def client_dns(config, gateway6):
     return dns
 
 
+def client_ipv6(helper, peer):
+    """(ip6, gateway6) for the connect answer; (None, None) while IPv6 is off or for a bridged session."""
+    addressing = helper.addressing()
+    ip6 = addressing.of(peer)
+    return ip6, addressing.gateway6 if ip6 else None
+
+
 def server_public_key():
     """The helper's public key; it never changes, so each worker asks once."""
     cache = current_app.extensions["orbmesh_server_key"]
@@ -62,9 +69,7 @@ def connect():
     peer = peers.connect_device(get_db(), helper, _allocator(), get_bridges(), *g.device, data["publicKey"],
                                 exit_id=data.get("exitServerId"), force_direct=data["force_direct"],
                                 max_devices=config["MAX_DEVICES_PER_USER"])
-    addressing = helper.addressing()
-    ip6 = addressing.of(peer)
-    gateway6 = addressing.gateway6 if ip6 else None
+    ip6, gateway6 = client_ipv6(helper, peer)
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
             "serverEndpoint": server_endpoint(config), "dns": client_dns(config, gateway6),
