@@ -19,7 +19,7 @@ from wghelper.settings import ULA
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR6, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet
-from .netns import Netns, veth
+from .netns import Netns, unique_ifname, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
 
@@ -74,7 +74,7 @@ def topo(tmp_path_factory):
 
 def dual_stack_client(t, device):
     """A client that applies the connect response as it is: both addresses, all of IPv4 and IPv6."""
-    client = WgClient(t.client, "omc6" + device[-6:])
+    client = WgClient(t.client, unique_ifname("omc6"))
     status, body = t.stack.connect("v6-user", device, client.public_key)
     assert status == 200, body
     assert body["allowedIPs"] == ["0.0.0.0/0", "::/0"]
