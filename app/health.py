@@ -29,7 +29,7 @@ def _database():
 
 def _wireguard(config):
     block = {"interface": config["INTERFACE"], "running": False, "port": None, "publicKey": None,
-             "peerCount": None, "mtu": None, "rxBytes": None, "txBytes": None, "backend": None}
+             "peerCount": None, "mtu": None, "rxBytes": None, "txBytes": None, "backend": None, "gateway6": None}
     try:
         live = get_helper().status()
     except (HelperUnavailable, HelperFailed) as exc:
@@ -37,7 +37,7 @@ def _wireguard(config):
     block.update(interface=live.get("interface"), running=bool(live.get("running")),
                  port=live.get("listen_port"), publicKey=live.get("public_key"),
                  peerCount=live.get("peer_count"), mtu=live.get("mtu"), rxBytes=live.get("rx_bytes"),
-                 txBytes=live.get("tx_bytes"), backend=live.get("backend"))
+                 txBytes=live.get("tx_bytes"), backend=live.get("backend"), gateway6=live.get("gateway6"))
     return block, {"ok": True}
 
 

@@ -8,6 +8,7 @@ as the answer to the next request; one the helper has closed (restart, idle
 timeout) is noticed before reuse.  Under gevent the socket calls yield to
 other requests.
 """
+import ipaddress
 import itertools
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 from flask import current_app
 
 from wghelper import protocol
+from wghelper.settings import address6
 
 from .errors import ApiError
 from .metrics import timed_helper_call
@@ -42,9 +44,39 @@ class HelperFailed(ApiError):
         self.helper_code = error.get("code")
 
 
-def peer_spec(peer):
-    """A store.Peer as the helper's apply_peers and sync_peers take it."""
-    return {"public_key": peer.public_key, "allowed_ips": [peer.address + "/32"],
+class Addressing:
+    """The helper's pools, as its hello announces them (the unique-local pool6 is made and kept by the helper).
+
+    One row, two addresses: a peer's IPv6 address is pool6's network
+    address plus the offset its IPv4 address has in the pool.
+    """
+
+    def __init__(self, hello):
+        self.pool6 = ipaddress.IPv6Network(hello["pool6"]) if hello.get("pool6") else None
+        self.pool = ipaddress.IPv4Network(hello["pool"]) if self.pool6 else None
+        self.gateway6 = hello.get("gateway6") if self.pool6 else None
+
+    def ip6(self, address):
+        """The /128 of the IPv4 `address` (str or int), or None while IPv6 is off."""
+        if self.pool6 is None:
+            return None
+        return "%s/128" % address6(self.pool, self.pool6, ipaddress.IPv4Address(address))
+
+    def of(self, peer):
+        """The peer's /128; None for a bridged peer too: see peer_spec."""
+        return None if peer.mode == "bridge" else self.ip6(peer.addr)
+
+
+def peer_spec(peer, addressing=None):
+    """A store.Peer as the helper's apply_peers and sync_peers take it.
+
+    A direct peer gets its /128 beside its /32 when IPv6 is on.  A bridged
+    peer gets none: WireGuard drops every packet whose source is outside a
+    peer's allowed IPs, so a bridged client's IPv6 ends on this interface
+    and never leaves the entry directly (bridges carry IPv4 only).
+    """
+    ip6 = addressing.of(peer) if addressing else None
+    return {"public_key": peer.public_key, "allowed_ips": [peer.address + "/32"] + ([ip6] if ip6 else []),
             "endpoint": peer.endpoint, "keepalive": peer.keepalive}
 
 
@@ -57,6 +89,7 @@ class HelperClient:
         self._ids = itertools.count(1)
         self._idle = []
         self._pid = os.getpid()
+        self._addressing = None
 
     def _take(self):
         if self._pid != os.getpid():  # forked: the parent's connections are not ours
@@ -120,21 +153,31 @@ class HelperClient:
         return reply.get("result") or {}
 
     def hello(self):
-        return self.call("hello")
+        result = self.call("hello")
+        self._addressing = Addressing(result)
+        return result
+
+    def addressing(self):
+        """The helper's pools (Addressing), from the last hello; asked once when there was none."""
+        if self._addressing is None:
+            self.hello()
+        return self._addressing
 
     def status(self):
         return self.call("status")
 
     def apply(self, add=(), remove=()):
         """Put the peers `add` (store.Peer) on the interface and take the public keys `remove` off."""
-        return self.call("apply_peers", {"add": [peer_spec(p) for p in add], "remove": list(remove)})
+        addressing = self.addressing() if add else None
+        return self.call("apply_peers", {"add": [peer_spec(p, addressing) for p in add], "remove": list(remove)})
 
     def dump(self):
         return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
 
     def sync(self, peers):
         """Make the interface hold exactly `peers` (store.Peer)."""
-        return self.call("sync_peers", {"peers": [peer_spec(p) for p in peers]}, timeout=SYNC_TIMEOUT)
+        addressing = self.addressing()
+        return self.call("sync_peers", {"peers": [peer_spec(p, addressing) for p in peers]}, timeout=SYNC_TIMEOUT)
 
     # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.
 

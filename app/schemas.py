@@ -12,6 +12,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from wghelper import validate as validate_helper
 
 from .errors import ApiError
+from .helper import get_helper
 
 _ID_RE = r"\A[A-Za-z0-9_.:@-]{1,128}\Z"
 # The same rules for /openapi.json, in the ECMA-262 dialect JSON Schema uses (no \A or \Z there).
@@ -91,8 +92,11 @@ class EmptySchema(Schema):
 class AddPeerSchema(Schema):
     userUuid = _identifier(required=True)
     publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
-    allowedIPs = fields.String(required=True, validate=validate.Length(max=64))
-    assignedIP = fields.String(required=True, validate=validate.Length(max=15))
+    allowedIPs = fields.String(required=True, validate=validate.Length(max=128), metadata={
+        "description": "The assignedIP as a /32, optionally with the peer's own IPv6 /128 (docs/api.md)",
+        "example": "10.8.0.42/32"})
+    assignedIP = fields.String(required=True, validate=validate.Length(max=15), metadata={
+        "description": "An IPv4 address of the pool; the peer's IPv6 address follows from it", "example": "10.8.0.42"})
     endpoint = HostPort(load_default=None, allow_none=True)
     noKeepalive = StrictBoolean(load_default=False)
 
@@ -100,13 +104,19 @@ class AddPeerSchema(Schema):
     def _in_pool(self, data, **kwargs):
         address = pool_host(data["assignedIP"], "assignedIP")
         data["assignedIP"] = str(address)
-        allowed = [item.strip() for item in data["allowedIPs"].split(",")]
         try:
-            networks = {ipaddress.IPv4Network(item) for item in allowed}
+            networks = {ipaddress.ip_network(item.strip()) for item in data["allowedIPs"].split(",")}
         except ValueError:
-            raise ValidationError("Must be IPv4 CIDRs separated by commas.", "allowedIPs") from None
-        if networks != {ipaddress.IPv4Network(address)}:
+            raise ValidationError("Must be CIDRs separated by commas.", "allowedIPs") from None
+        ipv6 = {net for net in networks if net.version == 6}
+        if networks - ipv6 != {ipaddress.IPv4Network(address)}:
             raise ValidationError("Must be exactly the assignedIP as a /32 (e.g. %s/32)." % address, "allowedIPs")
+        if ipv6:
+            # The peer gets its /128 in any case (one row, two addresses); naming it is optional.
+            ip6 = get_helper().addressing().ip6(address)
+            if ip6 is None or ipv6 != {ipaddress.IPv6Network(ip6)}:
+                raise ValidationError("The only IPv6 entry allowed is the peer's own /128 (%s)."
+                                      % (ip6 or "none: IPv6 is off on this server"), "allowedIPs")
 
 
 class RemovePeerSchema(Schema):
@@ -148,12 +158,18 @@ class ConnectResponseSchema(Schema):
     keepalive = fields.Integer(required=True)
     mode = fields.String(required=True, validate=validate.OneOf(["direct", "bridge"]))
     exitServerId = fields.String(required=True, allow_none=True)
+    ip6 = fields.String(required=True, allow_none=True, metadata={
+        "example": "fd12:3456:789a::2a/128",
+        "description": "The client's IPv6 address: pool6 plus its IPv4 offset. null: IPv6 off, or a bridged session"})
+    gateway6 = fields.String(required=True, allow_none=True, metadata={
+        "example": "fd12:3456:789a::1", "description": "The IPv6 gateway, null when ip6 is"})
 
 
 class StatusResponseSchema(Schema):
     success = fields.Boolean(required=True)
     publicKey = fields.String(required=True)
     peerCount = fields.Integer(required=True)
+    gateway6 = fields.String(allow_none=True, metadata={"description": "The IPv6 gateway; null: IPv6 off"})
 
 
 class WireguardHealthSchema(Schema):
@@ -166,6 +182,7 @@ class WireguardHealthSchema(Schema):
     rxBytes = fields.Integer(allow_none=True)
     txBytes = fields.Integer(allow_none=True)
     backend = fields.String(allow_none=True)
+    gateway6 = fields.String(allow_none=True)
 
 
 class ComponentHealthSchema(Schema):

@@ -33,6 +33,21 @@ def server_endpoint(config):
     return "%s:%d" % (host, config["PUBLIC_PORT"])
 
 
+def client_dns(config, gateway6):
+    """ORBMESH_DNS, with the IPv6 gateway right after the IPv4 one when the node's resolver answers on both."""
+    dns = list(config["DNS"])
+    if gateway6 and config["DNS_RESOLVER"] == "on" and config["GATEWAY"] in dns:
+        dns.insert(dns.index(config["GATEWAY"]) + 1, gateway6)
+    return dns
+
+
+def client_ipv6(helper, peer):
+    """(ip6, gateway6) for the connect answer; (None, None) while IPv6 is off or for a bridged session."""
+    addressing = helper.addressing()
+    ip6 = addressing.of(peer)
+    return ip6, addressing.gateway6 if ip6 else None
+
+
 def server_public_key():
     """The helper's public key; it never changes, so each worker asks once."""
     cache = current_app.extensions["orbmesh_server_key"]
@@ -50,14 +65,17 @@ def connect():
     data = load_body(connect_schema)
     config = current_app.config
     key = server_public_key()
-    peer = peers.connect_device(get_db(), get_helper(), _allocator(), get_bridges(), *g.device, data["publicKey"],
+    helper = get_helper()
+    peer = peers.connect_device(get_db(), helper, _allocator(), get_bridges(), *g.device, data["publicKey"],
                                 exit_id=data.get("exitServerId"), force_direct=data["force_direct"],
                                 max_devices=config["MAX_DEVICES_PER_USER"])
+    ip6, gateway6 = client_ipv6(helper, peer)
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
-            "serverEndpoint": server_endpoint(config), "dns": config["DNS"],
+            "serverEndpoint": server_endpoint(config), "dns": client_dns(config, gateway6),
             "allowedIPs": config["CLIENT_ALLOWED_IPS"], "mtu": config["MTU"],
-            "keepalive": config["KEEPALIVE"], "mode": peer.mode, "exitServerId": peer.exit_id}
+            "keepalive": config["KEEPALIVE"], "mode": peer.mode, "exitServerId": peer.exit_id,
+            "ip6": ip6, "gateway6": gateway6}
 
 
 @bp.post("/disconnect")
@@ -73,9 +91,10 @@ def disconnect():
 @bp.get("/status")
 @api_key_required
 def status():
-    """Public key and peer count, read from the live interface."""
+    """Public key and peer count, read from the live interface; the IPv6 gateway (null: IPv6 off)."""
     live = get_helper().status()
-    return {"success": True, "publicKey": live["public_key"], "peerCount": live["peer_count"]}
+    return {"success": True, "publicKey": live["public_key"], "peerCount": live["peer_count"],
+            "gateway6": live.get("gateway6")}
 
 
 @bp.post("/add-peer")

@@ -237,6 +237,10 @@ ORBMESH_API_KEYS=$api_key
 #ORBMESH_INTERFACE=wg0
 #ORBMESH_LISTEN_PORT=51820
 #ORBMESH_POOL=10.8.0.0/16
+# Clients' IPv6 pool: auto (this node's unique-local /64, made once, NAT66 out of
+# the uplink), a routed prefix (no NAT66), or off.  IPv6 beyond this server also
+# needs net.ipv6.conf.all.forwarding=1 (docs/operations.md, "Dual stack").
+#ORBMESH_POOL6=auto
 
 ORBMESH_DB_PATH=/var/lib/orbmesh/orbmesh.db
 ORBMESH_HELPER_SOCKET=/run/orbmesh/wghelper.sock

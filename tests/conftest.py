@@ -1,5 +1,6 @@
 """Fixtures for the app's unit tests: a real app and SQLite, a fake helper."""
 import base64
+import ipaddress
 import os
 import sqlite3
 import sys
@@ -8,11 +9,13 @@ import pytest
 
 from app import create_app
 from app.auth import mint_device_token
-from app.helper import HelperFailed, HelperUnavailable, peer_spec
+from app.helper import Addressing, HelperFailed, HelperUnavailable, peer_spec
+from wghelper.settings import address6
 
 SECRET = "unit-test-secret-" + "x" * 32
 API_KEYS = ["orbnet-key-one-0123456789", "orbnet-key-two-0123456789"]
 SERVER_KEY = base64.b64encode(b"S" * 32).decode()
+POOL6 = "fd00:8::/64"  # the fake helper's pool6, as a helper that made its unique-local pool announces it
 BRIDGE_KEY = base64.b64encode(b"B" * 32).decode()
 
 
@@ -38,10 +41,14 @@ class FakeHelper:
     """Stands in for HelperClient: keeps peers in memory, records calls.
 
     Peers go in as store.Peer and are kept and recorded as the helper's wire
-    format (app/helper.py peer_spec), as HelperClient would send them.
+    format (app/helper.py peer_spec), as HelperClient would send them, with
+    the pools hello announces (`pool6` None: IPv6 off).
     """
 
-    def __init__(self):
+    def __init__(self, pool="10.8.0.0/16", gateway="10.8.0.1", pool6=POOL6):
+        gateway6 = pool6 and str(address6(ipaddress.ip_network(pool), ipaddress.ip_network(pool6),
+                                          ipaddress.ip_address(gateway)))
+        self.pools = {"pool": pool, "gateway": gateway, "pool6": pool6, "gateway6": gateway6}
         self.peers = {}
         self.calls = []
         self.fail = None  # None, "unavailable" or "failed"
@@ -59,9 +66,12 @@ class FakeHelper:
     def hello(self):
         self.calls.append(("hello",))
         self._maybe_fail()
-        return {"generation": self.generation, "interface": "wg0", "public_key": SERVER_KEY,
-                "running": True, "listen_port": 51820, "mtu": 1420, "backend": "wireguard-go",
-                "bridge_public_key": BRIDGE_KEY, "bridges": sorted(self.bridges)}
+        return dict(self.pools, generation=self.generation, interface="wg0", public_key=SERVER_KEY,
+                    running=True, listen_port=51820, mtu=1420, backend="wireguard-go",
+                    bridge_public_key=BRIDGE_KEY, bridges=sorted(self.bridges))
+
+    def addressing(self):
+        return Addressing(self.pools)
 
     def status(self):
         self.calls.append(("status",))
@@ -70,7 +80,7 @@ class FakeHelper:
         return info
 
     def apply(self, add=(), remove=()):
-        add = [peer_spec(p) for p in add]
+        add = [peer_spec(p, self.addressing()) for p in add]
         self.calls.append(("apply", add, list(remove)))
         self._maybe_fail()
         for key in remove:
@@ -85,7 +95,7 @@ class FakeHelper:
         return [{"public_key": key, "latest_handshake": self.handshakes.get(key, 0)} for key in self.peers]
 
     def sync(self, peers):
-        peers = [peer_spec(p) for p in peers]
+        peers = [peer_spec(p, self.addressing()) for p in peers]
         self.calls.append(("sync", peers))
         self._maybe_fail()
         self.peers = {p["public_key"]: p for p in peers}
@@ -129,7 +139,7 @@ def app(settings, monkeypatch):
         if name.startswith("ORBMESH_"):
             monkeypatch.delenv(name)
     application = create_app(settings)
-    application.extensions["orbmesh_helper"] = FakeHelper()
+    application.extensions["orbmesh_helper"] = FakeHelper(application.config["POOL"], application.config["GATEWAY"])
     return application
 
 

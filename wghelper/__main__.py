@@ -45,7 +45,9 @@ def main(argv=None):
     try:
         cmd = Commands(Runner(cfg.helper_command_timeout, cfg.wireguard_go))
         key_path, public_key = keys.ensure_key(cfg.helper_state_dir, cmd)
-        log.info("server public key %s", public_key)
+        if cfg.pool6 == settings.AUTO:
+            cfg["POOL6"] = keys.ensure_ula(cfg.helper_state_dir)
+        log.info("server public key %s, IPv6 pool %s", public_key, cfg.pool6 or "off")
         firewall = Firewall(cfg, cmd, os.path.join(cfg.helper_state_dir, STATE_FILE))
         bridges = Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE))
         iface = Interface(cfg, cmd, key_path)

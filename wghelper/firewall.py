@@ -3,9 +3,9 @@
 The helper owns ``table inet ORBMESH_NAT_TABLE`` completely, and render()
 is the only place its rules are written:
 
-* with ORBMESH_NAT_UPLINK: masquerade the pool (and ORBMESH_POOL6) out of
-  the uplink, and from the uplink back into the WireGuard interface let
-  only what is established or related;
+* with ORBMESH_NAT_UPLINK: masquerade the pool (and ORBMESH_POOL6 when it
+  is unique-local) out of the uplink, and from the uplink back into the
+  WireGuard interface let only what is established or related;
 * for each bridge link that is up (wghelper/bridge.py): masquerade the pool
   out of the link (the exit accepts only our address in its pool); from
   the link only replies, into the WireGuard interface or the node itself;
@@ -42,6 +42,7 @@ import re
 import threading
 
 from .errors import CommandFailed
+from .settings import ULA
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,13 @@ def render(s, links=(), local=()):
     wg, links = s.interface, list(links)
     outside = ([s.nat_uplink] if s.nat_uplink else []) + links
     fams = [("ip", "icmp", s.pool, s.gateway, outside)]
-    if s.pool6 is not None:  # bridges are IPv4 only; the gateway is the first host, as for IPv4
-        fams.append(("ip6", "icmpv6", s.pool6, s.pool6.network_address + 1, [s.nat_uplink] if s.nat_uplink else []))
+    if s.pool6 is not None:  # bridged clients have no IPv6 (their peers carry no /128)
+        fams.append(("ip6", "icmpv6", s.pool6, s.gateway6, [s.nat_uplink] if s.nat_uplink else []))
     nat, node, clients = [], ["ct state established,related accept"], []
     for f, icmp, pool, gateway, exits in fams:
-        nat += ['oifname "%s" %s saddr %s masquerade' % (out, f, pool) for out in exits]
+        # A routed IPv6 prefix is reachable as it is: only IPv4 and unique-local pools are hidden.
+        if pool.version == 4 or pool.subnet_of(ULA):
+            nat += ['oifname "%s" %s saddr %s masquerade' % (out, f, pool) for out in exits]
         node.append("%s daddr %s %s type echo-request accept" % (f, gateway, icmp))
         if s.dns_resolver == "on":
             node.append("%s daddr %s meta l4proto { tcp, udp } th dport 53 accept" % (f, gateway))

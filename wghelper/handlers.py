@@ -63,6 +63,10 @@ def hello(ctx, args):
         "mtu": s.mtu,
         "pool": str(s.pool),
         "gateway": str(s.gateway),
+        # IPv6: null when off.  The app and the DNS resolver learn the node's
+        # own unique-local pool here: only root can read where it is kept.
+        "pool6": str(s.pool6) if s.pool6 else None,
+        "gateway6": str(s.gateway6) if s.gateway6 else None,
         "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
         "bridges": ctx.bridges.running() if ctx.bridges else [],
     }

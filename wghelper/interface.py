@@ -94,6 +94,8 @@ class Interface:
         s = self.settings
         self.cmd.set_interface(self.name, s.listen_port, self.key_path)
         self.cmd.replace_address(self.name, "%s/%d" % (s.gateway, s.pool.prefixlen))
+        if s.pool6:
+            self.cmd.replace_address(self.name, "%s/%d" % (s.gateway6, s.pool6.prefixlen))
         self.cmd.link_up(self.name, s.mtu)
 
     def _delete_link(self):

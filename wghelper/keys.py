@@ -1,14 +1,15 @@
-"""The helper's WireGuard keys: made once, kept 0600 in a 0700 directory.
+"""The helper's WireGuard keys, and the node's IPv6 pool: made once, kept 0600 in a 0700 directory.
 
 A private key never leaves its file except on the stdin of ``wg pubkey``;
 wg is given the path (``wg set IF private-key FILE``), never the key.
 """
 import base64
+import ipaddress
 import logging
 import os
 import stat
 
-from . import validate
+from . import settings, validate
 from .errors import ConfigError, Invalid
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 KEY_FILE = "server.key"
 # The key of this server's side of every bridge to an exit (wghelper/bridge.py).
 BRIDGE_KEY_FILE = "bridge.key"
+# The unique-local /64 clients' IPv6 addresses come from when ORBMESH_POOL6 is auto.
+ULA_FILE = "pool6"
 
 
 def generate_private_key():
@@ -38,7 +41,7 @@ def _ensure_state_dir(path):
         os.chmod(path, 0o700)
 
 
-def _read_key(path):
+def _read(path):
     with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -46,7 +49,11 @@ def _read_key(path):
         if info.st_mode & 0o077:
             log.warning("tightening permissions of %s to 0600", path)
             os.fchmod(handle.fileno(), 0o600)
-        key = handle.read().strip()
+        return handle.read().strip()
+
+
+def _read_key(path):
+    key = _read(path)
     try:
         validate.public_key(key, "server key")  # a private key has the same shape as a public one
     except Invalid:
@@ -54,9 +61,9 @@ def _read_key(path):
     return key
 
 
-def _write_key(path, key):
+def _write(path, text):
     # Written to a temporary name and renamed, so a crash never leaves a
-    # half-written key where the next start would find it.
+    # half-written file where the next start would find it.
     tmp = path + ".tmp"
     try:
         os.unlink(tmp)
@@ -64,7 +71,7 @@ def _write_key(path, key):
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+        handle.write(text + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.rename(tmp, path)
@@ -79,6 +86,25 @@ def ensure_key(state_dir, cmd, name=KEY_FILE):
         log.info("using the key in %s", path)
     except FileNotFoundError:
         key = generate_private_key()
-        _write_key(path, key)
+        _write(path, key)
         log.info("generated a new key in %s", path)
     return path, validate.public_key(cmd.public_key(key), "wg pubkey output")
+
+
+def ensure_ula(state_dir):
+    """The node's unique-local /64, made on first start and never changed, so clients keep their addresses.
+
+    RFC 4193: fd, a random 40-bit global ID, subnet 0.
+    """
+    _ensure_state_dir(state_dir)
+    path = os.path.join(state_dir, ULA_FILE)
+    if not os.path.lexists(path):
+        _write(path, str(ipaddress.IPv6Network((0xfd << 120 | int.from_bytes(os.urandom(5), "big") << 80, 64))))
+        log.info("made a new unique-local IPv6 pool in %s", path)
+    try:
+        pool6 = ipaddress.IPv6Network(_read(path))
+        if pool6.prefixlen == 64 and pool6.subnet_of(settings.ULA):
+            return pool6
+    except ValueError:
+        pass
+    raise ConfigError("%s does not hold a unique-local /64" % path)

@@ -3,7 +3,7 @@
 The helper runs nothing it has not parsed here first: unknown commands and
 unknown arguments are refused, and every value is validated and normalised
 (wghelper/validate.py) before wghelper/handlers.py acts on it.  ``s`` is the
-helper's Settings: the pool and gateway bound every client address.
+helper's Settings: the pools and gateways bound every client address.
 
 Standard library only: this is the contract both processes read.
 """
@@ -22,6 +22,11 @@ def _args(args, allowed=(), required=()):
     return args
 
 
+def _pools(s):
+    """Where peers' addresses may lie: /32s in the pool, /128s in POOL6 (when on)."""
+    return [(s.pool, s.gateway), (s.pool6, s.gateway6)]
+
+
 def no_args(args, s):
     _args(args)
     return {}
@@ -31,7 +36,7 @@ def apply_peers(args, s):
     """{"remove": [key], "add": [peer]}: removals first, then adds and updates."""
     _args(args, ("remove", "add"))
     remove = validate.key_list(args.get("remove", []), "remove")
-    add = validate.peers(args.get("add", []), s.pool, s.gateway, "add")
+    add = validate.peers(args.get("add", []), _pools(s), "add")
     if not remove and not add:
         raise Invalid("remove", "remove and add cannot both be empty")
     removing = set(remove)
@@ -44,7 +49,7 @@ def apply_peers(args, s):
 def sync_peers(args, s):
     """{"peers": [peer]}: the complete set the interface must hold."""
     _args(args, ("peers",), ("peers",))
-    return {"peers": validate.peers(args["peers"], s.pool, s.gateway)}
+    return {"peers": validate.peers(args["peers"], _pools(s))}
 
 
 def bridge_up(args, s):

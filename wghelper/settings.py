@@ -112,7 +112,21 @@ def pool4(value):
     return pool
 
 
-pool6 = network(ipaddress.IPv6Network, "IPv6")
+# fc00::/7: unique-local addresses (RFC 4193), the only pools NAT66 masquerades.
+ULA = ipaddress.IPv6Network("fc00::/7")
+AUTO = "auto"
+
+
+def pool6(value):
+    """A routed prefix, "off" (None), or "auto": the node's own unique-local /64 (wghelper/keys.py ensure_ula)."""
+    if value in (AUTO, "off"):
+        return AUTO if value == AUTO else None
+    return network(ipaddress.IPv6Network, "IPv6")(value)
+
+
+def address6(pool, pool6, address):
+    """The address at `address`'s offset from the start of `pool`, in `pool6`: one row, two addresses."""
+    return pool6.network_address + (int(address) - int(pool.network_address))
 
 
 def listed(parse_one):
@@ -155,6 +169,7 @@ SHARED = {
     "LISTEN_PORT": (integer(1, 65535), 51820, "WireGuard listen port on the interface"),
     "POOL": (pool4, "10.8.0.0/16", "Client address pool (IPv4 CIDR, /30 or larger)"),
     "GATEWAY": (address, None, "Gateway address on the interface (default: first host of POOL)"),
+    "POOL6": (pool6, AUTO, "Client IPv6 pool: auto (a unique-local /64 made once), a routed prefix, or off"),
     "MTU": (integer(576, 9000), 1420, "Tunnel MTU"),
     "HELPER_SOCKET": (abspath, "/run/orbmesh/wghelper.sock", "Unix socket of the root helper"),
     "DNS_RESOLVER": (choice("on", "off"), "on", "Run the node's DNS resolver (Unbound) on the gateway addresses"),
@@ -172,7 +187,6 @@ HELPER = {
     "HELPER_MAX_CONNECTIONS": (integer(1, 65536), 256, "Concurrent connections to the helper socket"),
     "NAT_UPLINK": (ifname, None, "Uplink interface to masquerade clients out of (empty: no NAT, no forwarding)"),
     "NAT_TABLE": (nft_table, "orbmesh", "The helper's nftables table (inet family)"),
-    "POOL6": (pool6, None, "IPv6 pool masqueraded out of NAT_UPLINK (empty: none)"),
     "CLIENT_TO_CLIENT": (choice("on", "off"), "off", "Let tunnel clients reach each other"),
     "ALLOWED_DESTINATIONS": (listed(network(ipaddress.ip_network, "IP")), None,
                              "CIDRs clients may reach despite the blocked ranges (empty: none)"),
@@ -230,6 +244,9 @@ def load_shared(raw):
         gateway = values["GATEWAY"] = pool.network_address + 1
     if gateway not in pool or gateway in (pool.network_address, pool.broadcast_address):
         raise ConfigError("%sGATEWAY: must be a host address inside %s" % (PREFIX, pool))
+    if isinstance(values["POOL6"], ipaddress.IPv6Network) and values["POOL6"].num_addresses < pool.num_addresses:
+        raise ConfigError("%sPOOL6: must be a /%d or larger, to hold an address for each of %s"
+                          % (PREFIX, 96 + pool.prefixlen, pool))
     return values
 
 
@@ -241,6 +258,11 @@ class Settings(dict):
             return self[name.upper()]
         except KeyError:
             raise AttributeError(name) from None
+
+    @property
+    def gateway6(self):
+        """The gateway's offset in POOL6 (None while IPv6 is off, or its pool is not made yet)."""
+        return address6(self.pool, self.pool6, self.gateway) if isinstance(self.pool6, ipaddress.IPv6Network) else None
 
 
 def load(environ=None, overrides=None):

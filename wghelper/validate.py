@@ -82,14 +82,16 @@ def key_list(values, field, high=MAX_PEERS):
     return unique([(f, public_key(v, f)) for f, v in items(values, field, high, "keys")])
 
 
-def client_ip(value, pool, gateway, field):
-    """A host route inside the pool ("10.8.0.2/32"), normalised; never the network, gateway or broadcast."""
+def client_ip(value, pools, field):
+    """A host route inside the pool of its family ("10.8.0.2/32", "fd00::2/128"), normalised; never the
+    network, gateway or broadcast.  `pools`: (pool, gateway) pairs, IPv4 first; a None pool is off."""
     if not isinstance(value, str) or "/" not in value:
         raise Invalid(field, "must be a host route such as 10.8.0.2/32, got %s" % _hint(value))
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError:
         raise Invalid(field, "is not a valid address, got %s" % _hint(value)) from None
+    pool, gateway = next((p for p in pools if p[0] is not None and p[0].version == net.version), pools[0])
     if net.version != pool.version or net.prefixlen != net.max_prefixlen:
         raise Invalid(field, "must be a /%d host route" % pool.max_prefixlen)
     if net.network_address not in pool:
@@ -103,7 +105,7 @@ def client_address(value, pool, gateway, field):
     """A client's address in the pool, without prefix ("10.8.0.2")."""
     if not isinstance(value, str):
         raise Invalid(field, "must be a string")
-    return client_ip("%s/%d" % (value, pool.max_prefixlen), pool, gateway, field).split("/")[0]
+    return client_ip("%s/%d" % (value, pool.max_prefixlen), [(pool, gateway)], field).split("/")[0]
 
 
 def endpoint(value, field="endpoint"):
@@ -128,7 +130,7 @@ def keepalive(value, field="keepalive"):
     return integer(value, 0, 65535, field)
 
 
-def peer(value, pool, gateway, field="peer"):
+def peer(value, pools, field="peer"):
     """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive"}."""
     if not isinstance(value, dict):
         raise Invalid(field, "must be an object")
@@ -142,15 +144,15 @@ def peer(value, pool, gateway, field="peer"):
     ips = items(value["allowed_ips"], field + ".allowed_ips", MAX_ALLOWED_IPS, "addresses", low=1)
     return {
         "public_key": public_key(value["public_key"], field + ".public_key"),
-        "allowed_ips": unique([(f, client_ip(v, pool, gateway, f)) for f, v in ips]),
+        "allowed_ips": unique([(f, client_ip(v, pools, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
     }
 
 
-def peers(values, pool, gateway, field="peers"):
+def peers(values, pools, field="peers"):
     """A list of peers; no key and no address twice."""
-    result = [peer(v, pool, gateway, f) for f, v in items(values, field, MAX_PEERS, "peers")]
+    result = [peer(v, pools, f) for f, v in items(values, field, MAX_PEERS, "peers")]
     unique([("%s[%d]" % (field, i), p["public_key"]) for i, p in enumerate(result)], ".public_key")
     unique([("%s[%d]" % (field, i), ip) for i, p in enumerate(result) for ip in p["allowed_ips"]], ".allowed_ips")
     return result

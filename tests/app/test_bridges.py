@@ -76,6 +76,9 @@ def test_bridge_connect_registers_opens_routes_then_adds_peer(client, auth, fake
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     assert (body["mode"], body["exitServerId"], body["ip"]) == ("bridge", "exit-1", "10.8.0.2/32")
+    # A bridged session has no IPv6: its peer holds no /128, so its IPv6 ends at this entry.
+    assert (body["ip6"], body["gateway6"], body["dns"]) == (None, None, ["10.8.0.1", "1.1.1.1"])
+    assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
     assert exit_api.calls == [("register", "exit-1", "orbmesh-bridge@198.51.100.1", BRIDGE_KEY)]
     assert fake_helper.bridges == {0: (EXIT_KEY, "198.51.100.1:51820", "10.9.255.1", 25)}
     # The rule exists before the peer can send a packet.
@@ -134,12 +137,14 @@ def test_disconnect_removes_rule_and_idle_tunnel_closes_after_grace(client, auth
 
 
 def test_switching_a_device_between_direct_and_bridge(client, auth, fake_helper, exit_api):
-    assert connect(client, auth(), KEY_A, force_direct=True).get_json()["mode"] == "direct"
+    assert connect(client, auth(), KEY_A, force_direct=True).get_json()["ip6"] == "fd00:8::2/128"
     assert connect(client, auth(), KEY_A, exitServerId="exit-1").get_json()["ip"] == "10.8.0.2/32"
     assert fake_helper.rules == {"10.8.0.2": 0}
+    assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]  # the /128 is taken off
     assert connect(client, auth(), KEY_A, force_direct=True).get_json()["mode"] == "direct"
     assert fake_helper.rules == {}
     assert list(fake_helper.peers) == [KEY_A]
+    assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]  # and back
 
 
 # --- SmartConnect ----------------------------------------------------------------

@@ -6,6 +6,7 @@ def test_health_healthy(client):
     body = client.get("/health").get_json()
     assert body["status"] == "healthy"
     assert body["wireguard"]["running"] is True and body["wireguard"]["peerCount"] == 0
+    assert body["wireguard"]["gateway6"] == "fd00:8::1"
     assert body["database"] == {"ok": True} and body["helper"] == {"ok": True}
 
 
@@ -21,3 +22,4 @@ def test_health_unhealthy_without_helper(client, fake_helper):
     assert response.status_code == 503
     body = response.get_json()
     assert body["status"] == "unhealthy" and body["error"]["code"] == "HELPER_UNAVAILABLE"
+    assert body["wireguard"]["gateway6"] is None

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from app.helper import HelperClient, HelperUnavailable, peer_spec
+from app.helper import Addressing, HelperClient, HelperUnavailable, peer_spec
 from app.store import Peer
 from tests.conftest import make_key
 from wghelper import protocol
@@ -14,7 +14,8 @@ from wghelper import protocol
 class Helper:
     """A helper socket that answers every request; records them, counts connections; can hang up or stall."""
 
-    def __init__(self, path, replies_per_conn=None, stall=False):
+    def __init__(self, path, replies_per_conn=None, stall=False, hello=None):
+        self.hello = hello  # the result of hello; other commands answer {"n": request id}
         self.accepts = 0
         self.requests = []
         self.replies_per_conn = replies_per_conn
@@ -45,7 +46,8 @@ class Helper:
                 if self.stall:
                     time.sleep(1.0)
                 try:
-                    conn.sendall(protocol.encode({"id": request["id"], "ok": True, "result": {"n": request["id"]}}))
+                    result = self.hello if request["cmd"] == "hello" and self.hello else {"n": request["id"]}
+                    conn.sendall(protocol.encode({"id": request["id"], "ok": True, "result": result}))
                 except BrokenPipeError:  # the client gave up waiting (the timeout test)
                     return
                 answered += 1
@@ -66,31 +68,65 @@ def peer(n, endpoint=None, keepalive=0, **fields):
 
 # --- the wire format ----------------------------------------------------------------
 
+HELLO = {"generation": "g", "pool": "10.0.0.0/16", "gateway": "10.0.0.1", "pool6": "fd00:8::/64",
+         "gateway6": "fd00:8::1"}
+
+
 def test_peer_spec_is_what_the_helper_takes():
     assert peer_spec(peer(7, endpoint="203.0.113.5:51820", keepalive=25, mode="bridge", exit_id="x")) == {
         "public_key": make_key(7), "allowed_ips": ["10.0.0.7/32"], "endpoint": "203.0.113.5:51820",
         "keepalive": 25}
 
 
+def test_one_row_two_addresses():
+    """A direct peer's /128 sits at its IPv4 offset in pool6; a bridged peer gets none (its IPv6 ends here)."""
+    dual = Addressing(HELLO)
+    assert peer_spec(peer(0x0102), dual)["allowed_ips"] == ["10.0.1.2/32", "fd00:8::102/128"]
+    assert peer_spec(peer(7, mode="bridge", exit_id="x"), dual)["allowed_ips"] == ["10.0.0.7/32"]
+    assert (dual.ip6("10.0.255.254"), dual.gateway6) == ("fd00:8::fffe/128", "fd00:8::1")
+    off = Addressing(dict(HELLO, pool6=None, gateway6=None))
+    assert off.ip6("10.0.0.2") is None and off.gateway6 is None
+    assert peer_spec(peer(2), off)["allowed_ips"] == ["10.0.0.2/32"]
+    assert Addressing({"generation": "g"}).ip6("10.0.0.2") is None  # a helper that announces no pool6
+
+
 def test_apply_and_sync_send_peers_in_the_wire_format(path):
-    helper = Helper(path)
+    helper = Helper(path, hello=HELLO)
     client = HelperClient(path, 2)
     try:
         client.apply(add=[peer(2)], remove=[make_key(9)])
         client.apply(remove=[make_key(3)])
-        client.sync([peer(2), peer(4, endpoint="198.51.100.4:4000", keepalive=25)])
+        client.sync([peer(2), peer(4, endpoint="198.51.100.4:4000", keepalive=25, mode="bridge", exit_id="x")])
     finally:
         client.close()
         helper.close()
+    # The pools are asked for once (hello), before the first peer goes out.
     assert [(r["cmd"], r["args"]) for r in helper.requests] == [
-        ("apply_peers", {"add": [{"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32"], "endpoint": None,
-                                  "keepalive": 0}], "remove": [make_key(9)]}),
+        ("hello", {}),
+        ("apply_peers", {"add": [{"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32", "fd00:8::2/128"],
+                                  "endpoint": None, "keepalive": 0}], "remove": [make_key(9)]}),
         ("apply_peers", {"add": [], "remove": [make_key(3)]}),
         ("sync_peers", {"peers": [
-            {"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32"], "endpoint": None, "keepalive": 0},
+            {"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32", "fd00:8::2/128"], "endpoint": None,
+             "keepalive": 0},
             {"public_key": make_key(4), "allowed_ips": ["10.0.0.4/32"], "endpoint": "198.51.100.4:4000",
              "keepalive": 25}]}),
     ]
+
+
+def test_each_hello_refreshes_the_pools(path):
+    helper = Helper(path, hello=HELLO)
+    client = HelperClient(path, 2)
+    try:
+        assert client.addressing().gateway6 == "fd00:8::1"
+        helper.hello = dict(HELLO, pool6="fd00:9::/64", gateway6="fd00:9::1")  # a helper restarted on a new pool6
+        assert client.addressing().gateway6 == "fd00:8::1"  # kept: no request pays for a hello
+        client.hello()  # as the reconcile watcher's rounds do
+        assert client.addressing().ip6(167772162) == "fd00:9::2/128"
+    finally:
+        client.close()
+        helper.close()
+    assert [r["cmd"] for r in helper.requests] == ["hello", "hello"]
 
 
 # --- connections kept per process ----------------------------------------------------

@@ -39,3 +39,15 @@ def test_document_patterns_use_the_json_schema_dialect(client, app):
     assert [p for p in patterns if "\\A" in p or "\\Z" in p or not (p.startswith("^") and p.endswith("$"))] == []
     wait = [p for p in doc["paths"]["/wireguard/tunnel"]["post"]["parameters"] if p["name"] == "X-Tunnel-Wait"][0]
     assert wait["schema"]["maximum"] == app.config["TUNNEL_HOLD"] == 0.05
+
+
+def test_document_shows_the_ipv6_fields(client):
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    connect = schemas["ConnectResponse"]
+    for name in ("ip6", "gateway6"):
+        assert connect["properties"][name]["type"] == "string" and connect["properties"][name]["nullable"] is True
+        assert name in connect["required"]
+    assert "ip" in connect["required"] and connect["properties"]["ip"]["example"] == "10.8.0.42/32"
+    assert schemas["StatusResponse"]["properties"]["gateway6"]["nullable"] is True
+    assert "gateway6" in schemas["WireguardHealth"]["properties"]
+    assert "/128" in schemas["AddPeer"]["properties"]["allowedIPs"]["description"]

@@ -19,7 +19,7 @@ def test_first_round_syncs_the_whole_database(app, client, auth, fake_helper):
     watcher = reconcile.Watcher(app.config, helper=fake_helper)
     assert watcher.check_once() is not None
     assert sorted(fake_helper.peers) == sorted(make_key(i) for i in range(3))
-    assert fake_helper.peers[make_key(0)]["allowed_ips"] == ["10.8.0.2/32"]
+    assert fake_helper.peers[make_key(0)]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
 
 
 def test_same_generation_is_not_synced_again_until_interval(app, fake_helper):

@@ -1,10 +1,11 @@
 """The client and OrbNET endpoints against a real database and a fake helper."""
 import base64
+import ipaddress
 import sqlite3
 
 import pytest
 
-from tests.conftest import SERVER_KEY, make_key
+from tests.conftest import SERVER_KEY, FakeHelper, make_key
 
 KEY_A, KEY_B, KEY_C = make_key(1), make_key(2), make_key(3)
 
@@ -27,12 +28,49 @@ def test_connect_returns_reference_fields(client, auth, fake_helper):
     assert response.status_code == 200
     body = response.get_json()
     assert list(body) == ["success", "publicKey", "serverPublicKey", "ip", "gateway", "serverEndpoint",
-                          "dns", "allowedIPs", "mtu", "keepalive", "mode", "exitServerId"]
+                          "dns", "allowedIPs", "mtu", "keepalive", "mode", "exitServerId", "ip6", "gateway6"]
+    # The reference's fields as they were (ip stays the IPv4 /32); IPv6 beside them.
     assert body == {"success": True, "publicKey": KEY_A, "serverPublicKey": SERVER_KEY, "ip": "10.8.0.2/32",
                     "gateway": "10.8.0.1", "serverEndpoint": "198.51.100.1:51820",
-                    "dns": ["10.8.0.1", "1.1.1.1"], "allowedIPs": ["0.0.0.0/0", "::/0"], "mtu": 1420,
-                    "keepalive": 25, "mode": "direct", "exitServerId": None}
-    assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
+                    "dns": ["10.8.0.1", "fd00:8::1", "1.1.1.1"], "allowedIPs": ["0.0.0.0/0", "::/0"], "mtu": 1420,
+                    "keepalive": 25, "mode": "direct", "exitServerId": None,
+                    "ip6": "fd00:8::2/128", "gateway6": "fd00:8::1"}
+    assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
+
+
+def test_ipv6_addresses_follow_the_ipv4_offsets(client, auth, fake_helper):
+    bodies = [connect(client, auth("u", "d%d" % i), make_key(100 + i)).get_json() for i in range(300)]
+    for body in bodies:
+        offset = int(ipaddress.ip_address(body["ip"].split("/")[0])) - int(ipaddress.ip_address("10.8.0.0"))
+        assert body["ip6"] == "fd00:8::%x/128" % offset
+        assert fake_helper.peers[body["publicKey"]]["allowed_ips"] == [body["ip"], body["ip6"]]
+    assert len({b["ip6"] for b in bodies}) == 300 and bodies[-1]["ip6"] == "fd00:8::12d/128"  # 10.8.1.45
+
+
+@pytest.fixture
+def settings(settings, request):
+    """The usual settings, changed by an indirect parameter where a test gives one."""
+    return dict(settings, **getattr(request, "param", {}))
+
+
+@pytest.mark.parametrize("settings, dns", [
+    ({}, ["10.8.0.1", "fd00:8::1", "1.1.1.1"]),
+    ({"DNS_RESOLVER": "off"}, ["10.8.0.1", "1.1.1.1"]),           # no resolver answers on the gateways
+    ({"DNS": "9.9.9.9,10.8.0.1"}, ["9.9.9.9", "10.8.0.1", "fd00:8::1"]),
+    ({"DNS": "9.9.9.9"}, ["9.9.9.9"]),                            # the operator's list names no gateway
+], indirect=["settings"])
+def test_dns_gains_the_ipv6_gateway_when_the_resolver_runs(client, auth, dns):
+    assert connect(client, auth(), KEY_A).get_json()["dns"] == dns
+
+
+def test_ipv6_off_gives_nulls_and_the_reference_dns(client, auth, app):
+    app.extensions["orbmesh_helper"] = off = FakeHelper(pool6=None)
+    body = connect(client, auth(), KEY_A).get_json()
+    assert (body["ip"], body["ip6"], body["gateway6"]) == ("10.8.0.2/32", None, None)
+    assert body["dns"] == ["10.8.0.1", "1.1.1.1"]
+    assert off.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
+    response = client.get("/wireguard/status", headers={"X-API-Key": app.config["API_KEYS"][0]})
+    assert response.get_json()["gateway6"] is None
 
 
 def test_same_device_same_key_gets_same_address(client, auth, app):
@@ -115,7 +153,7 @@ def test_disconnect_helper_failure_keeps_peer(client, auth, app, fake_helper):
 def test_status_reads_live_interface(client, internal, auth):
     connect(client, auth(), KEY_A)
     response = client.get("/wireguard/status", headers=internal)
-    assert response.get_json() == {"success": True, "publicKey": SERVER_KEY, "peerCount": 1}
+    assert response.get_json() == {"success": True, "publicKey": SERVER_KEY, "peerCount": 1, "gateway6": "fd00:8::1"}
 
 
 def test_status_accepts_every_rotated_key(client):
@@ -135,12 +173,31 @@ def test_add_peer_and_remove_peer(client, internal, app, fake_helper):
     response = client.post("/wireguard/add-peer", json=add_peer_body(endpoint="203.0.113.5:51820"),
                            headers=internal)
     assert response.get_json() == {"success": True, "message": "Peer added successfully"}
-    assert fake_helper.peers[KEY_C] == {"public_key": KEY_C, "allowed_ips": ["10.8.0.42/32"],
+    # OrbNET's peer gets its IPv6 address the same way: 42 = 0x2a.
+    assert fake_helper.peers[KEY_C] == {"public_key": KEY_C, "allowed_ips": ["10.8.0.42/32", "fd00:8::2a/128"],
                                         "endpoint": "203.0.113.5:51820", "keepalive": 25}
     assert rows(app)[0][4] == "orbnet"
     response = client.post("/wireguard/remove-peer", json={"userUuid": "usr_abc123"}, headers=internal)
     assert response.get_json() == {"success": True, "message": "Peer removed successfully", "removed": 1}
     assert fake_helper.peers == {} and rows(app) == []
+
+
+@pytest.mark.parametrize("allowed", ["10.8.0.42/32,fd00:8::2a/128", " fd00:8::002a/128 , 10.8.0.42/32 "])
+def test_add_peer_may_name_its_own_128(client, internal, fake_helper, allowed):
+    response = client.post("/wireguard/add-peer", json=add_peer_body(allowedIPs=allowed), headers=internal)
+    assert response.status_code == 200, response.get_json()
+    assert fake_helper.peers[KEY_C]["allowed_ips"] == ["10.8.0.42/32", "fd00:8::2a/128"]
+
+
+def test_add_peer_128_with_ipv6_off_is_refused(client, internal, app):
+    app.extensions["orbmesh_helper"] = off = FakeHelper(pool6=None)
+    response = client.post("/wireguard/add-peer", json=add_peer_body(allowedIPs="10.8.0.42/32,fd00:8::2a/128"),
+                           headers=internal)
+    assert response.status_code == 400
+    assert "IPv6 is off" in response.get_json()["error"]["details"]["fields"]["allowedIPs"][0]
+    assert off.peers == {}
+    assert client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal).status_code == 200
+    assert off.peers[KEY_C]["allowed_ips"] == ["10.8.0.42/32"]
 
 
 def test_add_peer_no_keepalive(client, internal, fake_helper):

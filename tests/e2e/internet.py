@@ -1,10 +1,12 @@
-"""A simulated internet (203.0.113.0/24) behind the server's uplink.
+"""A simulated internet (203.0.113.0/24, and 2001:db8:113::/64 with ipv6) behind the server's uplink.
 
 The server namespace gets an uplink veth (203.0.113.1/26) into an "internet"
 namespace, its default route (the router, 203.0.113.62).  Beyond the router,
 as the internet is (clients may not reach the uplink's own network), a small
 HTTP server on 203.0.113.100 answers every GET with the address it sees the
-caller at, so a test can tell whether NAT happened.
+caller at, so a test can tell whether NAT happened.  With ipv6=True the same
+again in IPv6: uplink 2001:db8:113::1/64, router ::62, and the whoami server
+also on 2001:db8:114::100, beyond the router.
 """
 import http.server
 import socket
@@ -15,6 +17,9 @@ from .netns import veth
 SERVER_UPLINK_ADDR = "203.0.113.1"
 UPLINK_ROUTER = "203.0.113.62"
 INTERNET_ADDR = "203.0.113.100"
+SERVER_UPLINK_ADDR6 = "2001:db8:113::1"
+UPLINK_ROUTER6 = "2001:db8:113::62"
+INTERNET_ADDR6 = "2001:db8:114::100"
 WHOAMI_PORT = 8000
 
 
@@ -31,38 +36,89 @@ class _WhoAmI(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class Internet:
-    """The internet namespace, its link to the server and its whoami server."""
+def serve(ns, addr, port, handler):
+    """A threaded HTTP server on addr:port (IPv4 or IPv6) inside `ns`; shut it down and close it after."""
+    listener = ns.socket_in(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((addr, port))
+    listener.listen(64)
+    httpd = http.server.ThreadingHTTPServer((addr, port), handler, bind_and_activate=False)
+    httpd.socket.close()
+    httpd.socket = listener
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    return httpd
 
-    def __init__(self, netns, server_ns):
+
+def add_address(ns, ifname, address):
+    """An address on a link; IPv6 without duplicate address detection, so it is usable at once."""
+    ns.run("ip", "address", "add", address, "dev", ifname, *(("nodad",) if ":" in address else ()))
+
+
+class Internet:
+    """The internet namespace, its link to the server and its whoami server(s)."""
+
+    def __init__(self, netns, server_ns, ipv6=False):
         self.ns = netns("inet")
-        self.uplink, _ = veth(server_ns, SERVER_UPLINK_ADDR + "/26", self.ns, UPLINK_ROUTER + "/26")
+        self.uplink, self.inside = veth(server_ns, SERVER_UPLINK_ADDR + "/26", self.ns, UPLINK_ROUTER + "/26")
         self.ns.run("ip", "address", "add", INTERNET_ADDR + "/32", "dev", "lo")
         server_ns.run("ip", "route", "add", "default", "via", UPLINK_ROUTER)
-        listener = self.ns.socket_in(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((INTERNET_ADDR, WHOAMI_PORT))
-        listener.listen(64)
-        self.httpd = http.server.ThreadingHTTPServer((INTERNET_ADDR, WHOAMI_PORT), _WhoAmI,
-                                                     bind_and_activate=False)
-        self.httpd.socket.close()
-        self.httpd.socket = listener
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       daemon=True)
-        self.thread.start()
+        addresses = [INTERNET_ADDR]
+        if ipv6:
+            add_address(server_ns, self.uplink, SERVER_UPLINK_ADDR6 + "/64")
+            add_address(self.ns, self.inside, UPLINK_ROUTER6 + "/64")
+            self.beyond(INTERNET_ADDR6)
+            server_ns.run("ip", "-6", "route", "add", "default", "via", UPLINK_ROUTER6)
+            addresses.append(INTERNET_ADDR6)
+        self.servers = [serve(self.ns, addr, WHOAMI_PORT, _WhoAmI) for addr in addresses]
+
+    def beyond(self, address):
+        """Another internet host beyond the router (not on the uplink's network)."""
+        add_address(self.ns, "lo", address + ("/128" if ":" in address else "/32"))
 
     @property
     def url(self):
         return "http://%s:%d/" % (INTERNET_ADDR, WHOAMI_PORT)
 
-    def whoami_from(self, ns, timeout=5):
+    @property
+    def url6(self):
+        return "http://[%s]:%d/" % (INTERNET_ADDR6, WHOAMI_PORT)
+
+    def whoami_from(self, ns, timeout=5, url=None):
         """GET the whoami page from inside `ns`: the address the internet sees, or None."""
         try:
-            status, _, body = ns.http("GET", self.url, timeout=timeout)
+            status, _, body = ns.http("GET", url or self.url, timeout=timeout)
         except OSError:
             return None
         return body.decode() if status == 200 else None
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        for httpd in self.servers:
+            httpd.shutdown()
+            httpd.server_close()
+
+
+class UdpSink:
+    """A probe host on the internet: records every datagram that reaches addr:port, with its source."""
+
+    def __init__(self, ns, addr, port=9000):
+        self.addr, self.port = addr, port
+        self.seen = []  # (source address, payload)
+        self.sock = ns.socket_in(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((addr, port))
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        while not self._stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(2048)
+            except (socket.timeout, OSError):
+                continue
+            self.seen.append((source[0], data))
+
+    def close(self):
+        self._stop.set()
+        self.thread.join()
+        self.sock.close()

@@ -5,10 +5,12 @@ with their socket, database and keys under the test's tmp_path; the
 client namespace reaches the API over a veth pair (192.0.2.0/24).
 """
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -188,12 +190,26 @@ class Stack:
             peers[key] = ips.strip()
         return peers
 
+    def pool6(self):
+        """The helper's IPv6 pool: ORBMESH_POOL6, else the unique-local /64 it made and kept (None: off)."""
+        value = self.env.get("ORBMESH_POOL6", "auto") or "auto"
+        if value == "auto":
+            path = Path(self.env["ORBMESH_HELPER_STATE_DIR"]) / "pool6"
+            value = path.read_text().strip() if path.exists() else "off"
+        return None if value == "off" else ipaddress.ip_network(value)
+
     def db_peers(self):
-        import sqlite3
+        """{public_key: allowed IPs} the interface must hold for the database's rows, as `wg show` prints
+        them: the /32, then the /128 at the same offset in pool6 (direct peers only, IPv6 on)."""
         db = sqlite3.connect(self.env["ORBMESH_DB_PATH"])
         try:
-            rows = db.execute("SELECT public_key, addr FROM peers").fetchall()
+            rows = db.execute("SELECT public_key, addr, mode FROM peers").fetchall()
         finally:
             db.close()
-        import ipaddress
-        return {key: "%s/32" % ipaddress.IPv4Address(addr) for key, addr in rows}
+        pool, pool6 = ipaddress.ip_network(self.env.get("ORBMESH_POOL", "10.8.0.0/16")), self.pool6()
+        peers = {}
+        for key, addr, mode in rows:
+            peers[key] = "%s/32" % ipaddress.IPv4Address(addr)
+            if pool6 is not None and mode != "bridge":
+                peers[key] += " %s/128" % (pool6.network_address + (addr - int(pool.network_address)))
+        return peers

@@ -14,17 +14,24 @@ Client tunnels route one whoami address each (203.0.113.100 for the bridged
 client, .101 for the direct one) so both can run side by side in the
 client namespace.  For the isolation test, the entry and the exit each
 have a LAN host (172.16.8.10, 172.16.9.10) in a namespace of its own.
+
+The entry's uplink is dual stack (2001:db8:113::1, NAT66 of its unique-local
+pool6, net.ipv6.conf.all.forwarding=1 as an operator sets it), so a bridged
+client's IPv6 *could* leave directly; two UDP probe hosts on the internet
+(2001:db8:114::101 and ::102, beyond the router) show that only the direct
+client's does.
 """
 import http.server
+import ipaddress
 import json
 import shutil
 import socket
-import threading
 
 import pytest
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
-from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, Internet, _WhoAmI
+from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet, UdpSink, _WhoAmI, add_address
+from .internet import serve as _serve
 from .netns import Netns, veth
 from .probes import Echo, every, reach
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
@@ -40,6 +47,8 @@ BRIDGE_ADDR = "10.9.255.1"
 ENTRY_LAN, EXIT_LAN = "172.16.8.10", "172.16.9.10"
 RULE_PREF = "20000"
 TABLE = "51900"
+PROBE6_DIRECT = "2001:db8:114::101"
+PROBE6_BRIDGED = "2001:db8:114::102"
 
 
 class _Registry(http.server.BaseHTTPRequestHandler):
@@ -57,18 +66,6 @@ class _Registry(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(ns, addr, port, handler):
-    listener = ns.socket_in(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((addr, port))
-    listener.listen(16)
-    httpd = http.server.ThreadingHTTPServer((addr, port), handler, bind_and_activate=False)
-    httpd.socket.close()
-    httpd.socket = listener
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-    return httpd
-
-
 class Topology:
     def __init__(self, made, tmp):
         def netns(tag):
@@ -78,8 +75,12 @@ class Topology:
 
         self.client, self.entry_ns, self.exit_ns = netns("cli"), netns("entry"), netns("exit")
         veth(self.entry_ns, SERVER_ADDR + "/24", self.client, CLIENT_ADDR + "/24")
-        self.internet = Internet(netns, self.entry_ns)
+        self.internet = Internet(netns, self.entry_ns, ipv6=True)
         inet = self.internet.ns
+        self.entry_ns.run("sysctl", "-w", "net.ipv6.conf.all.forwarding=1")
+        for probe in (PROBE6_DIRECT, PROBE6_BRIDGED):
+            self.internet.beyond(probe)
+        self.sinks = [UdpSink(inet, PROBE6_DIRECT), UdpSink(inet, PROBE6_BRIDGED)]
         exit_uplink, inet_side = veth(self.exit_ns, EXIT_ADDR + "/24", inet, EXIT_GW + "/24")
         inet.run("ip", "address", "add", WHOAMI_DIRECT + "/24", "dev", inet_side)
         inet.run("sysctl", "-w", "net.ipv4.ip_forward=1")  # the internet namespace routes, ours only
@@ -163,6 +164,8 @@ def topo(tmp_path_factory):
             for server in t.servers + [t.registry]:
                 server.shutdown()
                 server.server_close()
+            for sink in t.sinks:
+                sink.close()
             t.internet.close()
         inodes = {ns.inode for ns in made}
         for ns in reversed(made):
@@ -367,4 +370,57 @@ def test_registry_down_restart_uses_cached_copy_and_reconcile_restores(topo):
     finally:
         bridged.close()
         disconnect(t, "dev-cached")
+    wait_for(t.nothing_bridged, timeout=30, what="nothing bridged after the last disconnect")
+
+
+def route_ipv6(t, client, reply, whoami_addr, address6, probe):
+    """Give a tunnel client an IPv6 address and send one probe host through its tunnel."""
+    t.client.run("wg", "set", client.ifname, "peer", reply["serverPublicKey"],
+                 "allowed-ips", "%s/32,%s/128" % (whoami_addr, probe))
+    add_address(t.client, client.ifname, address6)
+    t.client.run("ip", "-6", "route", "replace", probe + "/128", "dev", client.ifname)
+
+
+def send6(t, source, probe, port=9000):
+    sock = t.client.socket_in(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.bind((source, 0))
+        sock.sendto(b"probe from " + source.encode(), (probe, port))
+    finally:
+        sock.close()
+
+
+def test_bridged_ipv6_never_leaves_the_entry_directly(topo):
+    t = topo
+    direct_sink, bridged_sink = t.sinks
+    direct, d = tunnel(t, "dev-direct6", WHOAMI_DIRECT, force_direct=True)
+    bridged, b = tunnel(t, "dev-bridge6", INTERNET_ADDR, exitServerId="exit-1")
+    try:
+        # A bridged session gets no IPv6, and its peer on the entry holds no /128 ...
+        assert d["ip6"] and (b["mode"], b["ip6"], b["gateway6"]) == ("bridge", None, None)
+        peers = t.entry.wg_peers()
+        assert peers[bridged.public_key] == b["ip"]
+        assert peers[direct.public_key] == "%s %s" % (d["ip"], d["ip6"])
+        # ... so even from the address it would have had (pool6 plus its IPv4 offset), the
+        # strongest case, its IPv6 ends at the entry, while the direct client's goes out (NAT66).
+        offset = int(ipaddress.ip_address(b["ip"].split("/")[0])) - int(ipaddress.ip_address("10.8.0.0"))
+        would_be = str(t.entry.pool6().network_address + offset)
+        route_ipv6(t, direct, d, WHOAMI_DIRECT, d["ip6"], PROBE6_DIRECT)
+        route_ipv6(t, bridged, b, INTERNET_ADDR, would_be + "/128", PROBE6_BRIDGED)
+        sees(t, WHOAMI_DIRECT, SERVER_UPLINK_ADDR, "the direct tunnel up")
+        sees(t, INTERNET_ADDR, EXIT_ADDR, "the bridged tunnel up (handshake done)")
+
+        def both_sent():
+            send6(t, would_be, PROBE6_BRIDGED)  # each round the bridged datagram goes first
+            send6(t, d["ip6"].split("/")[0], PROBE6_DIRECT)
+            return len(direct_sink.seen) >= 3
+
+        wait_for(both_sent, timeout=30, interval=0.2, what="the direct client's IPv6 at its probe")
+        assert {source for source, _ in direct_sink.seen} == {SERVER_UPLINK_ADDR6}
+        assert bridged_sink.seen == [], "a bridged client's IPv6 left the entry directly"
+    finally:
+        direct.close()
+        bridged.close()
+        disconnect(t, "dev-direct6")
+        disconnect(t, "dev-bridge6")
     wait_for(t.nothing_bridged, timeout=30, what="nothing bridged after the last disconnect")

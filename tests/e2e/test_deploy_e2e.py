@@ -187,7 +187,7 @@ def test_restart_everything_brings_peers_and_nat_back(deploy):
         expected = deploy.db_peers()
         assert len(expected) == 4 and deploy.wg_peers() == expected
         ping_gateway(client, "ping before the restarts")
-        assert len(deploy.masquerade_rules()) == 1, deploy.nft_ruleset()
+        assert len(deploy.masquerade_rules()) == 2, deploy.nft_ruleset()  # the pool, and NAT66 of the ULA pool6
 
         for restart in ("helper", "helper", "everything"):
             if restart == "everything":
@@ -200,7 +200,7 @@ def test_restart_everything_brings_peers_and_nat_back(deploy):
                 deploy.start_nginx()
             wait_for(lambda: deploy.wg_peers() == expected, timeout=30, what="peers back after %s restart" % restart)
             ping_gateway(client, "ping after %s restart" % restart)
-            assert len(deploy.masquerade_rules()) == 1, deploy.nft_ruleset()
+            assert len(deploy.masquerade_rules()) == 2, deploy.nft_ruleset()
             internet_sees(deploy, SERVER_UPLINK_ADDR, "NAT after %s restart" % restart)
             status, _, _ = deploy.https("GET", "/health")
             assert status == 200

@@ -1,4 +1,5 @@
 """README command one, run as written (inside a namespace), and its printed curl lines."""
+import ipaddress
 import json
 import os
 import queue
@@ -6,6 +7,8 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+
+from wghelper.settings import ULA
 
 from .netns import unique_ifname
 
@@ -40,7 +43,17 @@ def test_run_local_prints_working_token_and_curl(netns, tmp_path):
         assert reply["success"] is True and reply["ip"] == "10.8.0.2/32", reply
         assert reply["publicKey"] in ns.run("wg", "show", interface, "peers").stdout
         live = json.loads(ns.run("bash", "-c", status).stdout)
-        assert live == {"success": True, "publicKey": reply["serverPublicKey"], "peerCount": 1}
+        assert live == {"success": True, "publicKey": reply["serverPublicKey"], "peerCount": 1,
+                        "gateway6": reply["gateway6"]}
+        # Dual stack locally too: the interface holds the unique-local gateway, the client its /128.
+        pool6 = ipaddress.ip_network((tmp_path / "run" / "helper" / "pool6").read_text().strip())
+        assert reply["ip6"] == "%s/128" % (pool6.network_address + 2) and pool6.subnet_of(ULA)
+        assert "inet6 %s/64" % reply["gateway6"] in ns.run("ip", "-6", "address", "show", "dev", interface).stdout
+        assert "%s/32 %s" % (reply["ip"].split("/")[0], reply["ip6"]) in ns.run("wg", "show", interface,
+                                                                                 "allowed-ips").stdout
+        # No NAT uplink: no table, and forwarding as it was.
+        assert ns.run("nft", "list", "tables", check=False).stdout.strip() == ""
+        assert ns.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "0"
         assert "JWT_SECRET" not in text and "Traceback" not in text
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -31,7 +31,7 @@ def test_connect_ping_disconnect(stack):
     try:
         assert body["gateway"] == "10.8.0.1" and body["serverEndpoint"] == "192.0.2.1:51820"
         assert client.ping(body["gateway"], count=3, timeout=3), "no reply through the tunnel"
-        assert stack.wg_peers()[client.public_key] == body["ip"]
+        assert stack.wg_peers()[client.public_key] == "%s %s" % (body["ip"], body["ip6"])
 
         status, reply = stack.call("POST", "/wireguard/disconnect", token=stack.token("user-1", "dev001"))
         assert (status, reply) == (200, {"success": True, "message": "Disconnected successfully"})
@@ -91,7 +91,7 @@ def test_hundred_parallel_connects(stack):
     ips = {body["ip"] for _, body in results}
     assert len(ips) == 100
     db = stack.db_peers()
-    assert db == {body["publicKey"]: body["ip"] for _, body in results}
+    assert db == {body["publicKey"]: "%s %s" % (body["ip"], body["ip6"]) for _, body in results}
     assert stack.wg_peers() == db
     pids = {line.split()[0] for line in stack.access_log.read_text().splitlines() if "/wireguard/connect" in line}
     assert len(pids) >= 2, "all connects were served by one worker: %s" % pids

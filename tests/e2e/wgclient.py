@@ -38,7 +38,8 @@ class WgClient:
             time.sleep(0.05)
         raise RuntimeError("wireguard-go did not create %s" % self.ifname)
 
-    def configure(self, server_public_key, endpoint, address_cidr, allowed_ips, mtu=1420, keepalive=0):
+    def configure(self, server_public_key, endpoint, address_cidr, allowed_ips, mtu=1420, keepalive=0,
+                  address6_cidr=None):
         fd, path = tempfile.mkstemp(prefix="omwgc-")  # mkstemp creates it 0600
         with os.fdopen(fd, "w") as handle:
             handle.write(self.private_key + "\n")
@@ -49,6 +50,8 @@ class WgClient:
                     "persistent-keepalive", str(keepalive))
         self.ns.run("ip", "address", "add", address_cidr, "dev", self.ifname)
         self.ns.run("ip", "link", "set", "dev", self.ifname, "mtu", str(mtu), "up")
+        if address6_cidr:  # the connect response's ip6; no duplicate address detection on a tunnel
+            self.ns.run("ip", "address", "add", address6_cidr, "dev", self.ifname, "nodad")
         for network in allowed_ips:
             self.ns.run("ip", "route", "replace", network, "dev", self.ifname)
 

@@ -30,8 +30,10 @@ def peer(k, *ips, **extra):
 
 
 def settings(**overrides):
+    """The helper's settings as __main__ has them; IPv6 only when a test passes pool6 (the default
+    "auto" pool is made from the state directory, which unit tests do not have)."""
     env = {"ORBMESH_INTERFACE": FAKE_IF, "ORBMESH_HELPER_STATE_DIR": "/nonexistent",
-           "ORBMESH_HELPER_SOCKET": "/nonexistent/s.sock"}
+           "ORBMESH_HELPER_SOCKET": "/nonexistent/s.sock", "ORBMESH_POOL6": "off"}
     env.update({"ORBMESH_" + k.upper(): str(v) for k, v in overrides.items()})
     return load(env)
 

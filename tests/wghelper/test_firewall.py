@@ -214,6 +214,15 @@ def test_exact_ruleset_with_pool6():
     assert firewall.forwarding_keys(cfg) == [K_WG, "net/ipv4/conf/eth0.100/forwarding", K6_WG]
 
 
+def test_a_routed_pool6_is_forwarded_but_not_masqueraded():
+    cfg = settings(nat_uplink="eth0.100", nat_table="omtest", pool="10.9.0.0/24", pool6="2001:db8:8::/64")
+    routed = SCRIPT_V6.replace("fd00:8::", "2001:db8:8::")
+    assert firewall.script(cfg) == routed.replace('\t\toifname "eth0.100" ip6 saddr 2001:db8:8::/64 masquerade\n', "")
+    assert firewall.script(cfg) != routed  # the control: the line removed above was there
+    assert firewall.forwarding_keys(cfg)[-1] == K6_WG
+    assert "masquerade" in firewall.render(settings(nat_uplink=UP, pool6="fc00:1::/64"))  # all of fc00::/7 is ULA
+
+
 def test_bridge_links_share_the_one_table():
     assert firewall.render(settings(), ["wgt0b0", "wgt0b3"]) == TABLE_BRIDGES_ONLY
     with_uplink = firewall.render(settings(nat_uplink=UP), ["wgt0b3"])
@@ -467,7 +476,7 @@ def test_a_failing_hook_tears_the_interface_down(tmp_path):
 
 def test_nat_is_off_by_default_and_isolation_on():
     s = load({})
-    assert (s.nat_uplink, s.nat_table, s.pool6) == (None, "orbmesh", None)
+    assert (s.nat_uplink, s.nat_table, s.pool6) == (None, "orbmesh", "auto")  # IPv6 on, NAT off
     assert (s.client_to_client, s.allowed_destinations, s.client_node_ports, s.dns_resolver) == ("off", None, None,
                                                                                                  "on")
     assert firewall.forwarding_keys(s) == []

@@ -142,9 +142,27 @@ def test_hello_runs_no_command(helper):
     result = helper.result("hello")
     assert result == {"generation": helper.iface.generation, "interface": IF, "public_key": SERVER_PUBLIC,
                       "backend": "kernel", "running": True, "listen_port": 51820, "mtu": 1420,
-                      "pool": "10.8.0.0/16", "gateway": "10.8.0.1", "bridge_public_key": None,
-                      "bridges": []}
+                      "pool": "10.8.0.0/16", "gateway": "10.8.0.1", "pool6": None, "gateway6": None,
+                      "bridge_public_key": None, "bridges": []}
     assert helper.runner.calls == []
+
+
+def test_dual_stack_hello_and_peers(tmp_path):
+    """hello announces pool6 and gateway6 (gateway's offset); peers may hold /128s inside pool6."""
+    h = Helper(tmp_path, pool="10.9.0.0/24", gateway="10.9.0.9", pool6="2001:db8:9::/120").start()
+    try:
+        hello = h.result("hello")
+        assert (hello["pool6"], hello["gateway6"]) == ("2001:db8:9::/120", "2001:db8:9::9")
+        assert add(h, peer(K1, "10.9.0.2/32", "2001:db8:9::2/128")) == {"removed": 0, "applied": 1}
+        assert h.runner.calls[-1][-4:] == ["allowed-ips", "10.9.0.2/32,2001:db8:9::2/128", "persistent-keepalive", "0"]
+        h.runner.clear()
+        for bad in ("2001:db8:9::/120", "2001:db8:9::9/128", "2001:db8:9::100/128", "fd00::2/128"):
+            reply = h.call("apply_peers", {"add": [peer(K2, "10.9.0.3/32", bad)]})
+            assert reply["error"]["code"] == protocol.INVALID_ARGUMENT, bad
+            assert reply["error"]["details"] == {"field": "add[0].allowed_ips[1]"}
+        assert h.runner.calls == []
+    finally:
+        h.writer.stop()
 
 
 def test_interface_down(helper):

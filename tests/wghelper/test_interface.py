@@ -38,6 +38,13 @@ def test_bring_up_kernel(tmp_path):
     int(h.iface.generation, 16)
 
 
+def test_bring_up_dual_stack_gives_the_gateway6(tmp_path):
+    h = Helper(tmp_path, pool6="fd00:8::/64")
+    h.iface.up()
+    assert h.runner.calls[2:] == BRING_UP_TAIL[:2] + [
+        ["ip", "-6", "address", "replace", "fd00:8::1/64", "dev", IF]] + BRING_UP_TAIL[2:]
+
+
 def test_bring_up_falls_back_to_wireguard_go(tmp_path):
     h = Helper(tmp_path, kernel=False)
     h.iface.up()

@@ -71,3 +71,35 @@ def test_server_key_tightens_loose_permissions(tmp_path):
     keys.ensure_key(str(state), Commands(FakeRunner()))
     assert stat.S_IMODE(os.stat(keyfile).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+
+
+# --- the node's unique-local IPv6 pool ---------------------------------------
+
+def test_ula_is_made_once_and_kept(tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    pool6 = keys.ensure_ula(str(state))
+    # RFC 4193: fd00::/8, a 40-bit global ID, subnet 0, a /64.
+    assert pool6.prefixlen == 64 and pool6.network_address.packed[0] == 0xfd
+    assert pool6.network_address.packed[6:8] == b"\0\0"
+    path = state / keys.ULA_FILE
+    assert path.read_text() == str(pool6) + "\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and os.listdir(state) == [keys.ULA_FILE]
+    # Later starts read it back and never draw again.
+    monkeypatch.setattr(os, "urandom", lambda n: pytest.fail("drew a new global ID"))
+    assert keys.ensure_ula(str(state)) == pool6
+
+
+def test_ula_global_ids_are_random(tmp_path):
+    made = {keys.ensure_ula(str(tmp_path / str(n))) for n in range(8)}
+    assert len(made) == 8
+
+
+@pytest.mark.parametrize("text", ["", "nope", "fd00:1:2::/48", "2001:db8::/64", "fd00:1:2:3::1/64", "10.8.0.0/16"])
+def test_ula_file_must_hold_a_unique_local_64(tmp_path, text):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / keys.ULA_FILE).write_text(text + "\n")
+    with pytest.raises(ConfigError, match="unique-local /64"):
+        keys.ensure_ula(str(state))
+    (state / keys.ULA_FILE).write_text("fd12:3456:789a::/64\n")  # the control: a good file is taken
+    assert str(keys.ensure_ula(str(state))) == "fd12:3456:789a::/64"

@@ -111,3 +111,58 @@ def test_app_and_helper_read_the_shared_settings_alike(tmp_path):
 def test_every_shared_setting_is_in_the_app_table():
     assert set(settings.SHARED) <= set(app_config.SETTINGS)
     assert not set(settings.HELPER) & set(app_config.SETTINGS)
+
+
+# --- ORBMESH_POOL6 (shared: the app reads it too) ---------------------------------
+
+def test_pool6_default_is_the_nodes_own_ula_made_by_the_helper():
+    s = load({})
+    assert (s.pool6, s.gateway6) == (settings.AUTO, None)  # made from the state directory at start
+    s["POOL6"] = ipaddress.ip_network("fd12:3456:789a::/64")  # as wghelper/__main__.py does
+    assert s.gateway6 == ipaddress.ip_address("fd12:3456:789a::1")
+    assert load({"ORBMESH_POOL6": ""}).pool6 == load({"ORBMESH_POOL6": "auto"}).pool6 == settings.AUTO
+
+
+def test_pool6_off_and_routed():
+    off = load({"ORBMESH_POOL6": "off"})
+    assert (off.pool6, off.gateway6) == (None, None)
+    routed = load({"ORBMESH_POOL": "10.9.0.0/24", "ORBMESH_GATEWAY": "10.9.0.200", "ORBMESH_POOL6": "2001:db8:9::/120"})
+    # The gateway's offset in the IPv4 pool (200) in pool6.
+    assert (str(routed.pool6), str(routed.gateway6)) == ("2001:db8:9::/120", "2001:db8:9::c8")
+
+
+def test_offsets_map_every_ipv4_address_into_pool6():
+    pool, pool6 = ipaddress.ip_network("10.8.0.0/16"), ipaddress.ip_network("fd00:8::/64")
+    assert [str(settings.address6(pool, pool6, ipaddress.ip_address(a))) for a in
+            ("10.8.0.2", "10.8.1.0", "10.8.255.254")] == ["fd00:8::2", "fd00:8::100", "fd00:8::fffe"]
+    assert str(settings.address6(pool, pool6, int(ipaddress.ip_address("10.8.0.42")))) == "fd00:8::2a"
+
+
+@pytest.mark.parametrize("pool, pool6, ok", [
+    ("10.8.0.0/16", "fd00:8::/112", True),    # exactly the room needed
+    ("10.8.0.0/16", "fd00:8::/113", False),   # half of it
+    ("10.9.0.0/24", "2001:db8::/120", True),
+    ("10.9.0.0/24", "2001:db8::/121", False),
+    ("10.9.0.0/24", "2001:db8::/64", True),
+])
+def test_a_pool6_too_small_for_the_pool_is_refused(pool, pool6, ok):
+    env = {"ORBMESH_POOL": pool, "ORBMESH_POOL6": pool6, "ORBMESH_JWT_SECRET": "s" * 40}
+    for loader in (load, app_config.load):  # both processes refuse it at start
+        if ok:
+            assert str(loader(env)["POOL6"]) == pool6
+        else:
+            with pytest.raises(ConfigError, match="^ORBMESH_POOL6: must be a /%d or larger"
+                               % (96 + int(pool.split("/")[1]))):
+                loader(env)
+
+
+@pytest.mark.parametrize("value", ["10.8.0.0/16", "fd00:8::1/64", "nope", "OFF", "on"])
+def test_bad_pool6_names_the_variable(value):
+    with pytest.raises(ConfigError, match="^ORBMESH_POOL6: "):
+        load({"ORBMESH_POOL6": value})
+
+
+def test_dns_resolver_setting():
+    assert load({}).dns_resolver == "on" and load({"ORBMESH_DNS_RESOLVER": "off"}).dns_resolver == "off"
+    with pytest.raises(ConfigError, match="^ORBMESH_DNS_RESOLVER: "):
+        load({"ORBMESH_DNS_RESOLVER": "maybe"})

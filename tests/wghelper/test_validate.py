@@ -10,6 +10,8 @@ POOL = ipaddress.ip_network("10.8.0.0/16")
 GATEWAY = ipaddress.ip_address("10.8.0.1")
 POOL6 = ipaddress.ip_network("fd00:8::/64")
 GATEWAY6 = ipaddress.ip_address("fd00:8::1")
+POOLS = [(POOL, GATEWAY), (None, None)]        # IPv6 off
+DUAL = [(POOL, GATEWAY), (POOL6, GATEWAY6)]
 
 
 def b64(raw):
@@ -58,7 +60,7 @@ def test_invalid_message_does_not_echo_the_value():
     (["10.8.1.%d/32" % i for i in range(8)], ["10.8.1.%d/32" % i for i in range(8)]),
 ])
 def test_client_ips_good(values, expected):
-    assert validate.peer({"public_key": KEY, "allowed_ips": values}, POOL, GATEWAY)["allowed_ips"] == expected
+    assert validate.peer({"public_key": KEY, "allowed_ips": values}, POOLS)["allowed_ips"] == expected
 
 
 @pytest.mark.parametrize("values", [
@@ -74,21 +76,37 @@ def test_client_ips_good(values, expected):
     ["10.8.0.0/24"],
     ["10.8.0.42"],                        # no prefix
     ["10.8.0.042/32"],                    # leading zero
-    ["fd00:8::5/128"],                    # wrong family
+    ["fd00:8::5/128"],                    # IPv6 is off
     ["10.8.0.42/32", "10.8.0.42/32"],     # duplicate
     [42], [None], ["10.8.0.42/32 "], ["10.8.0.42/32,10.8.0.43/32"],
 ])
 def test_client_ips_bad(values):
     with pytest.raises(Invalid) as info:
-        validate.peer({"public_key": KEY, "allowed_ips": values}, POOL, GATEWAY)
+        validate.peer({"public_key": KEY, "allowed_ips": values}, POOLS)
     assert info.value.field.startswith("peer.allowed_ips")
 
 
-def test_client_ip_v6_pool():
-    assert validate.client_ip("fd00:8::0042/128", POOL6, GATEWAY6, "ip") == "fd00:8::42/128"
-    for bad in ("fd00:8::/128", "fd00:8::1/128", "fd00:9::5/128", "fd00:8::5/64"):
-        with pytest.raises(Invalid):
-            validate.client_ip(bad, POOL6, GATEWAY6, "ip")
+def test_dual_stack_peer_takes_a_128_inside_pool6():
+    peer = validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32", "fd00:8::0042/128"]}, DUAL)
+    assert peer["allowed_ips"] == ["10.8.0.42/32", "fd00:8::42/128"]
+
+
+@pytest.mark.parametrize("bad", [
+    "fd00:8::/128",        # network
+    "fd00:8::1/128",       # gateway6
+    "fd00:9::5/128",       # outside pool6
+    "2001:db8::5/128",
+    "fd00:8::5/64",        # a /64: not a host route
+    "fd00:8::/64",
+    "::/0",
+])
+def test_dual_stack_peer_refuses_other_ipv6(bad):
+    with pytest.raises(Invalid) as info:
+        validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32", bad]}, DUAL)
+    assert info.value.field == "peer.allowed_ips[1]"
+    # The IPv4 checks are unchanged beside an IPv6 pool.
+    with pytest.raises(Invalid):
+        validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.1/32"]}, DUAL)
 
 
 @pytest.mark.parametrize("value", ["10.8.0.2", "10.8.255.254"])
@@ -142,10 +160,10 @@ def test_keepalive_bad(value):
 
 
 def test_peer_normalises_and_defaults():
-    assert validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"]}, POOL, GATEWAY) == {
+    assert validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"]}, POOLS) == {
         "public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": None, "keepalive": 0}
     full = {"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": "192.0.2.1:5", "keepalive": 25}
-    assert validate.peer(full, POOL, GATEWAY) == full
+    assert validate.peer(full, POOLS) == full
 
 
 @pytest.mark.parametrize("value, field", [
@@ -160,15 +178,15 @@ def test_peer_normalises_and_defaults():
 ])
 def test_peer_bad(value, field):
     with pytest.raises(Invalid) as info:
-        validate.peer(value, POOL, GATEWAY)
+        validate.peer(value, POOLS)
     assert info.value.field == field
 
 
 def test_peers_good():
     peers = [{"public_key": KEY, "allowed_ips": ["10.8.0.2/32"]},
              {"public_key": KEY2, "allowed_ips": ["10.8.0.3/32"]}]
-    assert [p["public_key"] for p in validate.peers(peers, POOL, GATEWAY)] == [KEY, KEY2]
-    assert validate.peers([], POOL, GATEWAY) == []
+    assert [p["public_key"] for p in validate.peers(peers, POOLS)] == [KEY, KEY2]
+    assert validate.peers([], POOLS) == []
 
 
 @pytest.mark.parametrize("peers, field", [
@@ -180,17 +198,17 @@ def test_peers_good():
 ])
 def test_peers_bad(peers, field):
     with pytest.raises(Invalid) as info:
-        validate.peers(peers, POOL, GATEWAY)
+        validate.peers(peers, POOLS)
     assert info.value.field == field
 
 
 def test_peers_limit(monkeypatch):
     many = [{"public_key": b64(i.to_bytes(4, "big") * 8), "allowed_ips": ["10.8.1.%d/32" % i]}
             for i in range(1, 4)]
-    assert len(validate.peers(many, POOL, GATEWAY)) == 3
+    assert len(validate.peers(many, POOLS)) == 3
     monkeypatch.setattr(validate, "MAX_PEERS", 2)
     with pytest.raises(Invalid) as info:
-        validate.peers(many, POOL, GATEWAY)
+        validate.peers(many, POOLS)
     assert info.value.message == "must hold 0 to 2 peers"
 
 
