@@ -128,7 +128,8 @@ class Topology:
 
     def expected(self):
         local = firewall.connected(self.server.run("ip", "-o", "address", "show").stdout)
-        return firewall.render(settings.load(self.stack.env), (), local)
+        env = dict(self.stack.env, ORBMESH_POOL6=str(self.stack.pool6() or "off"))
+        return firewall.render(settings.load(env), (), local)
 
     def one_copy_as_rendered(self):
         assert re.sub(r" # handle [0-9]+", "", self.listed()) == self.expected()
