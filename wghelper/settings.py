@@ -150,6 +150,7 @@ SHARED = {
     "GATEWAY": (address, None, "Gateway address on the interface (default: first host of POOL)"),
     "MTU": (integer(576, 9000), 1420, "Tunnel MTU"),
     "HELPER_SOCKET": (abspath, "/run/orbmesh/wghelper.sock", "Unix socket of the root helper"),
+    "DNS_RESOLVER": (choice("on", "off"), "on", "Run the node's DNS resolver (Unbound) on the gateway addresses"),
 }
 
 HELPER = {

@@ -1,5 +1,6 @@
 """The client and OrbNET endpoints against a real database and a fake helper."""
 import base64
+import os
 import sqlite3
 
 import pytest
@@ -33,6 +34,24 @@ def test_connect_returns_reference_fields(client, auth, fake_helper):
                     "dns": ["10.8.0.1", "1.1.1.1"], "allowedIPs": ["0.0.0.0/0", "::/0"], "mtu": 1420,
                     "keepalive": 25, "mode": "direct", "exitServerId": None}
     assert fake_helper.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
+
+
+@pytest.mark.parametrize("overrides, dns", [
+    ({"DNS_RESOLVER": "off"}, ["1.1.1.1"]),  # never sent to a resolver that is not there
+    ({"DNS_RESOLVER": "off", "DNS": "10.8.0.1,9.9.9.9"}, ["10.8.0.1", "9.9.9.9"]),  # an explicit list wins
+    ({"DNS": "9.9.9.9"}, ["9.9.9.9"]),
+    ({"POOL": "10.66.0.0/16"}, ["10.66.0.1", "1.1.1.1"]),
+])
+def test_connect_dns_follows_the_resolver_setting(settings, monkeypatch, token, overrides, dns):
+    from app import create_app
+    from tests.conftest import FakeHelper
+    for name in list(os.environ):
+        if name.startswith("ORBMESH_"):
+            monkeypatch.delenv(name)
+    app = create_app(dict(settings, **overrides))
+    app.extensions["orbmesh_helper"] = FakeHelper()
+    response = connect(app.test_client(), {"Authorization": "Bearer " + token()}, KEY_A)
+    assert response.status_code == 200 and response.get_json()["dns"] == dns
 
 
 def test_same_device_same_key_gets_same_address(client, auth, app):
