@@ -21,7 +21,7 @@ FALLBACK = ["1.1.1.1"]
 PROBE_TIMEOUT = 1.0
 # /health is polled often (load balancers, the read-path benchmark); one
 # probe per worker per this many seconds keeps it cheap.
-PROBE_TTL = 5.0
+PROBE_TTL = 2.0
 # Unbound answers "localhost." itself (a default local zone), so the probe
 # needs no upstream: it asks whether the resolver is there, not the internet.
 PROBE_NAME = "localhost."
