@@ -133,12 +133,12 @@ class Stack:
         """Unbound as run-local starts it: orbmesh-wg dns-config (asks the helper), then unbound, which drops to "unbound"."""
         conf = self.tmp / "unbound.conf"
         self.server.run(str(VENV_BIN / "orbmesh-wg"), "dns-config", "--output", str(conf), env=self.env)
-        self.resolver_proc = self._run_resolver(conf)
+        self.resolver_proc = self._run_resolver_argv(["unbound", "-d", "-p", "-c", str(conf)])
         wait_for(self._resolver_ready, what="unbound answering on the gateway")
 
-    def _run_resolver(self, conf):
+    def _run_resolver_argv(self, argv):
         log = open(self.resolver_log, "ab")
-        proc = self.server.popen(["unbound", "-d", "-p", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        proc = self.server.popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return proc
 
