@@ -49,18 +49,22 @@ def _token(args):
 
 def _hello(values, wait):
     """The helper's hello, waiting up to `wait` seconds for its socket (it may be starting too)."""
-    logging.getLogger("app.helper").setLevel(logging.ERROR)  # one line at the end, not one per retry
     client = HelperClient(values["HELPER_SOCKET"], values["HELPER_TIMEOUT"])
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            return client.hello()
-        except HelperUnavailable:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.5)
-        finally:
-            client.close()
+    quiet = logging.getLogger("app.helper")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the caller reports the last failure; not a line per retry
+    try:
+        while True:
+            try:
+                return client.hello()
+            except HelperUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        quiet.setLevel(level)
+        client.close()
 
 
 def _write(path, text):

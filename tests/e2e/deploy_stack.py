@@ -212,8 +212,28 @@ http {{
         run_as = [self.setpriv, "--reuid=" + unit[("Service", "User")][0], "--regid=" + unit[("Service", "Group")][0],
                   "--init-groups", "--no-new-privs", "--bounding-set=" + caps, "--inh-caps=" + caps,
                   "--ambient-caps=" + caps, "--"]
-        self.resolver_proc = self._run_resolver_argv(run_as + argv("ExecStart"))
-        wait_for(self._resolver_ready, what="unbound answering on the gateway")
+        # Type=notify: systemd waits for READY=1 on its notify socket; so does this.
+        assert unit[("Service", "Type")] == ["notify"]
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = self.resolver_dir / "notify"
+        path.unlink(missing_ok=True)
+        notify.bind(str(path))
+        path.chmod(0o666)
+        notify.settimeout(0.2)
+        try:
+            self.resolver_proc = self._run_resolver_argv(run_as + argv("ExecStart"), env={"NOTIFY_SOCKET": str(path)})
+            wait_for(lambda: self._notified(notify), what="READY=1 from unbound")
+        finally:
+            notify.close()
+        assert self._resolver_ready(), "unbound said READY=1 but does not answer"
+
+    def _notified(self, notify):
+        if self.resolver_proc.poll() is not None:
+            raise AssertionError("unbound exited:\n" + self.resolver_log.read_text()[-3000:])
+        try:
+            return b"READY=1" in notify.recv(4096)
+        except socket.timeout:
+            return False
 
     def start(self):
         self.start_helper()

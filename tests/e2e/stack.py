@@ -136,9 +136,9 @@ class Stack:
         self.resolver_proc = self._run_resolver_argv(["unbound", "-d", "-p", "-c", str(conf)])
         wait_for(self._resolver_ready, what="unbound answering on the gateway")
 
-    def _run_resolver_argv(self, argv):
+    def _run_resolver_argv(self, argv, env=None):
         log = open(self.resolver_log, "ab")
-        proc = self.server.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = self.server.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return proc
 
