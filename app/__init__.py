@@ -6,7 +6,7 @@ from flask import Flask
 
 from . import config as settings
 from . import (audit, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
-               reconcile, smartconnect, tunnel, wireguard, wsconn)
+               reconcile, resolver, smartconnect, tunnel, wireguard, wsconn)
 from .allocator import Allocator
 
 
@@ -37,6 +37,7 @@ def create_app(test_config=None):
     app.register_blueprint(tunnel.bp)
     wsconn.init_app(app)
     tunnel.init_app(app)
+    resolver.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(metrics_view.bp)

@@ -58,7 +58,9 @@ def _address(value):
 APP = {
     "PUBLIC_HOST": (_str, "127.0.0.1", "Host or IP clients use to reach WireGuard (serverEndpoint)"),
     "PUBLIC_PORT": (_int(1, 65535), None, "UDP port in serverEndpoint (default: LISTEN_PORT)"),
-    "DNS": (_addresses, None, "DNS servers for clients (default: GATEWAY,1.1.1.1)"),
+    "DNS": (_addresses, None, "DNS servers for clients (default: GATEWAY,1.1.1.1; 1.1.1.1 with DNS_RESOLVER off)"),
+    "DNS_UPSTREAM": (_addresses, "", "Resolvers Unbound forwards to, comma-separated IPs (empty: it resolves recursively)"),
+    "DNS_DNSSEC": (_choice("on", "off"), "on", "Unbound validates DNSSEC answers (off: no validation)"),
     "KEEPALIVE": (_int(0, 65535), 25, "Persistent keepalive for clients, seconds (0 = off)"),
     "CLIENT_ALLOWED_IPS": (_networks, "0.0.0.0/0,::/0", "allowedIPs handed to clients"),
     "DB_PATH": (_str, "/var/lib/orbmesh/orbmesh.db", "SQLite database file"),
@@ -134,8 +136,6 @@ def _derive(s):
         s["PUBLIC_PORT"] = s["LISTEN_PORT"]
     if s["AUDIT_LOG"] is None:
         s["AUDIT_LOG"] = os.path.join(os.path.dirname(os.path.abspath(s["DB_PATH"])), "audit.log")
-    if s["DNS"] is None:
-        s["DNS"] = [s["GATEWAY"], "1.1.1.1"]
     if s["JWT_SECRET_FILE"]:
         s["JWT_SECRET"] = _read_secret_file(s["JWT_SECRET_FILE"], "JWT_SECRET_FILE")
     if s["JWT_PUBLIC_KEY_FILE"]:

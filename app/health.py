@@ -1,8 +1,10 @@
 """Blueprint: GET /health (no auth).
 
-healthy: database and helper answer and the interface is up.
+healthy: database and helper answer, the interface is up and the node's
+DNS resolver (when ORBMESH_DNS_RESOLVER is on) answers on the gateway.
 degraded: both answer but the interface is down or holds a different
-number of peers than the database (a reconcile is pending).
+number of peers than the database (a reconcile is pending), or the
+resolver does not answer (clients are sent to it first).
 unhealthy: the database or the helper does not answer; HTTP 503 so a
 load balancer stops sending clients here.
 """
@@ -10,7 +12,7 @@ import logging
 
 from flask import Blueprint, current_app
 
-from . import store
+from . import resolver, store
 from .db import get_db
 from .errors import envelope
 from .helper import HelperFailed, HelperUnavailable, get_helper
@@ -43,17 +45,18 @@ def _wireguard(config):
 
 @bp.get("/health")
 def health():
-    """Report on the database, the helper and the interface."""
+    """Report on the database, the helper, the interface and the DNS resolver."""
     database, rows = _database()
     wireguard, helper = _wireguard(current_app.config)
+    dns = resolver.health()
     if not (database["ok"] and helper["ok"]):
         status = "unhealthy"
-    elif not wireguard["running"] or wireguard["peerCount"] != rows:
+    elif not wireguard["running"] or wireguard["peerCount"] != rows or dns.get("ok") is False:
         status = "degraded"
     else:
         status = "healthy"
     body = {"success": status != "unhealthy", "status": status, "wireguard": wireguard,
-            "database": database, "helper": helper}
+            "database": database, "helper": helper, "resolver": dns}
     if status == "unhealthy":
         failed = "HELPER_UNAVAILABLE" if not helper["ok"] else "INTERNAL_ERROR"
         body["error"] = envelope(failed, "Service is unhealthy")["error"]

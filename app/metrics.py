@@ -83,6 +83,8 @@ for _action in SWEEP_ACTIONS:
     SWEPT_PEERS.labels(_action)
 AUDIT_FAILURES = Counter("orbmesh_audit_write_failures", "Audit log lines that could not be written",
                          registry=REGISTRY)
+DNS_PROBE_FAILURES = Counter("orbmesh_dns_probe_failures", "Probes of the node's DNS resolver (on the gateway) "
+                             "that got no good answer", registry=REGISTRY)
 
 
 def result_of(exc):

@@ -100,7 +100,7 @@ PATHS = {
             **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS", "RATE_LIMITED")},
             "200", "204", "429")}},
     "/health": {"get": {
-        "summary": "Health of the database, the helper and the interface",
+        "summary": "Health of the database, the helper, the interface and the DNS resolver",
         "responses": {"200": _json("Health", "healthy or degraded"),
                       "503": _json("Health", "unhealthy")}}},
     "/metrics": {"get": {

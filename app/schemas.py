@@ -190,12 +190,20 @@ class ComponentHealthSchema(Schema):
     error = fields.String()
 
 
+class ResolverHealthSchema(Schema):
+    enabled = fields.Boolean(required=True)
+    address = fields.String()
+    ok = fields.Boolean()
+    error = fields.String()
+
+
 class HealthSchema(Schema):
     success = fields.Boolean(required=True)
     status = fields.String(required=True, validate=validate.OneOf(["healthy", "degraded", "unhealthy"]))
     wireguard = fields.Nested(WireguardHealthSchema, required=True)
     database = fields.Nested(ComponentHealthSchema, required=True)
     helper = fields.Nested(ComponentHealthSchema, required=True)
+    resolver = fields.Nested(ResolverHealthSchema, required=True)
     error = fields.Nested(ErrorBodySchema)
 
 

@@ -3,7 +3,7 @@ import ipaddress
 
 from flask import Blueprint, current_app, g
 
-from . import metrics, peers, ratelimit
+from . import metrics, peers, ratelimit, resolver
 from .auth import api_key_required, device_token_required
 from .bridges import get_bridges
 from .db import get_db
@@ -33,14 +33,6 @@ def server_endpoint(config):
     return "%s:%d" % (host, config["PUBLIC_PORT"])
 
 
-def client_dns(config, gateway6):
-    """ORBMESH_DNS, with the IPv6 gateway right after the IPv4 one when the node's resolver answers on both."""
-    dns = list(config["DNS"])
-    if gateway6 and config["DNS_RESOLVER"] == "on" and config["GATEWAY"] in dns:
-        dns.insert(dns.index(config["GATEWAY"]) + 1, gateway6)
-    return dns
-
-
 def client_ipv6(helper, peer):
     """(ip6, gateway6) for the connect answer; (None, None) while IPv6 is off or for a bridged session."""
     addressing = helper.addressing()
@@ -48,12 +40,12 @@ def client_ipv6(helper, peer):
     return ip6, addressing.gateway6 if ip6 else None
 
 
-def server_public_key():
-    """The helper's public key; it never changes, so each worker asks once."""
+def server_hello():
+    """The helper's hello; its key and addresses never change while it runs, so each worker asks once."""
     cache = current_app.extensions["orbmesh_server_key"]
-    if "key" not in cache:
-        cache["key"] = get_helper().hello()["public_key"]
-    return cache["key"]
+    if "hello" not in cache:
+        cache["hello"] = get_helper().hello()
+    return cache["hello"]
 
 
 @bp.post("/connect")
@@ -64,15 +56,15 @@ def connect():
     """Register the device's key on the interface and hand back its tunnel config."""
     data = load_body(connect_schema)
     config = current_app.config
-    key = server_public_key()
+    hello = server_hello()
     helper = get_helper()
     peer = peers.connect_device(get_db(), helper, _allocator(), get_bridges(), *g.device, data["publicKey"],
                                 exit_id=data.get("exitServerId"), force_direct=data["force_direct"],
                                 max_devices=config["MAX_DEVICES_PER_USER"])
     ip6, gateway6 = client_ipv6(helper, peer)
-    return {"success": True, "publicKey": peer.public_key, "serverPublicKey": key,
+    return {"success": True, "publicKey": peer.public_key, "serverPublicKey": hello["public_key"],
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
-            "serverEndpoint": server_endpoint(config), "dns": client_dns(config, gateway6),
+            "serverEndpoint": server_endpoint(config), "dns": resolver.client_dns(config, gateway6),
             "allowedIPs": config["CLIENT_ALLOWED_IPS"], "mtu": config["MTU"],
             "keepalive": config["KEEPALIVE"], "mode": peer.mode, "exitServerId": peer.exit_id,
             "ip6": ip6, "gateway6": gateway6}

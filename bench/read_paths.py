@@ -2,7 +2,9 @@
 """Read paths at 10,000 peers: /wireguard/status and /health p50/p99, and reconcile time.
 
 One client asks, one request at a time, over a keep-alive connection from
-the client namespace.  Reconcile: the WireGuard interface is deleted in the
+the client namespace; /health includes its probe of the node's DNS
+resolver (Unbound, started as run-local starts it; one probe per worker per
+2 s).  Reconcile: the WireGuard interface is deleted in the
 server namespace; the helper re-creates it (new generation), a worker's
 watcher notices and syncs every peer back.  The time is from the deletion
 until `wg` shows every peer again with the right allowed IPs.
@@ -92,8 +94,9 @@ def main(argv=None):
 
     result = {"benchmark": NAME, "smoke": smoke, "peers": peers, "requests": count, "runs": runs}
     with common.Lab() as lab:
-        stack = lab.stack(workers=2, env={"ORBMESH_LOG_LEVEL": "WARNING"})
+        stack = lab.stack(workers=2, env={"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_DNS_RESOLVER": "on"})
         with stack.running():
+            stack.start_resolver()
             # reconcile() holds the database write lock for the whole sync: these two
             # are how long a connect can be held up by one (all new, then nothing to do).
             result["seed_sync_s"] = round(common.seed_peers(stack, peers), 2)
@@ -105,6 +108,7 @@ def main(argv=None):
             status_runs, health_runs, reconcile_s = [], [], []
             latencies(client, "/wireguard/status", key, 5)  # warm-up: the first call after seeding dumps
             latencies(client, "/health", {}, 5)
+            common_wait_healthy(client)  # a worker may have probed before Unbound started
             cold = []
             for run in range(runs):
                 cold.extend(status_after_change(stack, client, key, 5 if smoke else 10, run))

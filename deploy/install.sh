@@ -5,11 +5,13 @@
 #                     [--listen 8443,[::]:8443] [--cert FULLCHAIN.pem --key KEY.pem]
 #                     [--server-name vpn.example.net] [--root DIR] [--no-venv]
 #
-# Debian packages, the system user "orbmesh", the code in /opt/orbmesh with its
-# virtualenv, /etc/orbmesh/orbmesh.env (made once, with random secrets), a TLS
-# certificate (self-signed unless --cert/--key), the nginx site, the systemd
-# units; then it enables and starts orbmesh.target and reloads nginx when
-# systemd is running (otherwise it only enables, and says so).
+# Debian packages (Unbound among them), the system user "orbmesh", the code in
+# /opt/orbmesh with its virtualenv, /etc/orbmesh/orbmesh.env (made once, with
+# random secrets), a TLS certificate (self-signed unless --cert/--key), the
+# nginx site, the systemd units (orbmesh-unbound.service: the DNS resolver on
+# the WireGuard gateway, its config rendered at each start); then it enables
+# and starts orbmesh.target and reloads nginx when systemd is running
+# (otherwise it only enables, and says so).
 #
 # Idempotent: a second run with the same choices changes no file.  The choices
 # (ports, OrbNET allow list, listen addresses) are kept in
@@ -123,7 +125,8 @@ link() {  # link TARGET NAME
 
 # --- Debian packages ---------------------------------------------------------
 
-DEBS=(wireguard-tools wireguard-go iproute2 nftables nginx python3-venv openssl)
+# dns-root-data: the DNSSEC root trust anchor (only recommended by unbound).
+DEBS=(wireguard-tools wireguard-go iproute2 nftables nginx python3-venv openssl unbound dns-root-data)
 if [ -n "$ROOT" ]; then
     note "--root: skipping Debian packages (${DEBS[*]})"
 else
@@ -242,10 +245,18 @@ ORBMESH_API_KEYS=$api_key
 # needs net.ipv6.conf.all.forwarding=1 (docs/operations.md, "Dual stack").
 #ORBMESH_POOL6=auto
 
+# DNS for clients: Unbound on the gateway address (orbmesh-unbound.service),
+# recursive from the root unless given upstream resolvers; DNSSEC validated.
+# After a change: systemctl restart orbmesh-unbound
+#ORBMESH_DNS_RESOLVER=on
+#ORBMESH_DNS_UPSTREAM=9.9.9.9,149.112.112.112
+#ORBMESH_DNS_DNSSEC=on
+
 ORBMESH_DB_PATH=/var/lib/orbmesh/orbmesh.db
 ORBMESH_HELPER_SOCKET=/run/orbmesh/wghelper.sock
 ORBMESH_HELPER_SOCKET_GROUP=$APP_USER
-ORBMESH_HELPER_ALLOWED_UIDS=$APP_USER
+# root: orbmesh-unbound.service asks the helper for its addresses before Unbound starts.
+ORBMESH_HELPER_ALLOWED_UIDS=$APP_USER,root
 ORBMESH_HELPER_STATE_DIR=/var/lib/orbmesh-wghelper
 EOF
 else
@@ -325,7 +336,7 @@ link /etc/nginx/sites-available/orbmesh.conf /etc/nginx/sites-enabled/orbmesh.co
 
 # --- systemd units ------------------------------------------------------------------
 
-for unit in orbmesh-wghelper.service orbmesh-api@.service orbmesh.target; do
+for unit in orbmesh-wghelper.service orbmesh-api@.service orbmesh-unbound.service orbmesh.target; do
     put "$SRC/deploy/systemd/$unit" "/etc/systemd/system/$unit" 0644
 done
 INSTANCES=()
@@ -346,7 +357,7 @@ is_enabled() {  # every unit given is already enabled (no systemctl call changes
         esac
     done
 }
-UNITS=(orbmesh.target orbmesh-wghelper.service "${INSTANCES[@]}")
+UNITS=(orbmesh.target orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}")
 if [ -n "$ROOT" ]; then
     if [ "${#STALE[@]}" -gt 0 ]; then
         systemctl --root="$ROOT" disable "${STALE[@]}" >/dev/null 2>&1
@@ -365,8 +376,9 @@ elif [ -d /run/systemd/system ]; then
     systemctl enable --now nginx.service
     if [ "$CHANGED" -gt 0 ]; then
         # New code, units or site: restart the node (the helper puts every peer
-        # back and the API reconciles) and reload nginx without dropping tunnels.
-        systemctl restart orbmesh-wghelper.service "${INSTANCES[@]}"
+        # back, the API reconciles, Unbound renders its config anew) and reload
+        # nginx without dropping tunnels.
+        systemctl restart orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}"
         systemctl reload nginx.service
     fi
 else

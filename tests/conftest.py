@@ -126,6 +126,18 @@ class FakeHelper:
         return {"added": len(add), "removed": len(remove), "rules": len(self.rules)}
 
 
+class FakeResolver:
+    """Stands in for app.resolver.Probe (the gateway's DNS resolver): answers unless `failure` is set."""
+
+    address = "10.8.0.1"
+
+    def __init__(self):
+        self.failure = None
+
+    def error(self):
+        return self.failure
+
+
 @pytest.fixture
 def settings(tmp_path):
     return {"DB_PATH": str(tmp_path / "orbmesh.db"), "HELPER_SOCKET": str(tmp_path / "helper.sock"),
@@ -140,6 +152,7 @@ def app(settings, monkeypatch):
             monkeypatch.delenv(name)
     application = create_app(settings)
     application.extensions["orbmesh_helper"] = FakeHelper(application.config["POOL"], application.config["GATEWAY"])
+    application.extensions["orbmesh_resolver"] = FakeResolver()
     return application
 
 

@@ -27,7 +27,17 @@ def test_settings_from_file_and_environment(tmp_path):
 
 
 @pytest.mark.parametrize("name,value", [("MTU", "100"), ("POOL", "10.8.0.1/16"), ("LISTEN_PORT", "x"),
-                                        ("GATEWAY", "10.9.0.1"), ("JWT_ALGORITHM", "none")])
+                                        ("GATEWAY", "10.9.0.1"), ("JWT_ALGORITHM", "none"),
+                                        ("DNS_RESOLVER", "yes"), ("DNS_UPSTREAM", "9.9.9.9,dns.example"),
+                                        ("DNS_DNSSEC", "maybe")])
 def test_bad_settings_name_the_variable(name, value):
     with pytest.raises(settings.ConfigError, match="ORBMESH_" + name):
         settings.load({"ORBMESH_" + name: value})
+
+
+def test_dns_settings():
+    defaults = settings.load({})
+    assert (defaults["DNS"], defaults["DNS_RESOLVER"], defaults["DNS_UPSTREAM"], defaults["DNS_DNSSEC"]) == (
+        None, "on", [], "on")  # DNS None: app/resolver.py client_dns() derives it
+    values = settings.load({"ORBMESH_DNS_UPSTREAM": " 9.9.9.9, 2620:fe::fe ", "ORBMESH_DNS_RESOLVER": "off"})
+    assert values["DNS_UPSTREAM"] == ["9.9.9.9", "2620:fe::fe"] and values["DNS_RESOLVER"] == "off"

@@ -1,6 +1,7 @@
 """The client and OrbNET endpoints against a real database and a fake helper."""
 import base64
 import ipaddress
+import os
 import sqlite3
 
 import pytest
@@ -55,9 +56,9 @@ def settings(settings, request):
 
 @pytest.mark.parametrize("settings, dns", [
     ({}, ["10.8.0.1", "fd00:8::1", "1.1.1.1"]),
-    ({"DNS_RESOLVER": "off"}, ["10.8.0.1", "1.1.1.1"]),           # no resolver answers on the gateways
-    ({"DNS": "9.9.9.9,10.8.0.1"}, ["9.9.9.9", "10.8.0.1", "fd00:8::1"]),
-    ({"DNS": "9.9.9.9"}, ["9.9.9.9"]),                            # the operator's list names no gateway
+    ({"DNS_RESOLVER": "off"}, ["1.1.1.1"]),                       # no resolver answers on the gateways
+    ({"DNS": "9.9.9.9,10.8.0.1"}, ["9.9.9.9", "10.8.0.1"]),      # the operator's list, exactly as given
+    ({"DNS": "9.9.9.9"}, ["9.9.9.9"]),
 ], indirect=["settings"])
 def test_dns_gains_the_ipv6_gateway_when_the_resolver_runs(client, auth, dns):
     assert connect(client, auth(), KEY_A).get_json()["dns"] == dns
@@ -67,10 +68,28 @@ def test_ipv6_off_gives_nulls_and_the_reference_dns(client, auth, app):
     app.extensions["orbmesh_helper"] = off = FakeHelper(pool6=None)
     body = connect(client, auth(), KEY_A).get_json()
     assert (body["ip"], body["ip6"], body["gateway6"]) == ("10.8.0.2/32", None, None)
-    assert body["dns"] == ["10.8.0.1", "1.1.1.1"]
+    assert body["dns"] == ["10.8.0.1", "1.1.1.1"]  # the reference's default
     assert off.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
     response = client.get("/wireguard/status", headers={"X-API-Key": app.config["API_KEYS"][0]})
     assert response.get_json()["gateway6"] is None
+
+
+@pytest.mark.parametrize("overrides, dns", [
+    ({"DNS_RESOLVER": "off"}, ["1.1.1.1"]),  # never sent to a resolver that is not there
+    ({"DNS_RESOLVER": "off", "DNS": "10.8.0.1,9.9.9.9"}, ["10.8.0.1", "9.9.9.9"]),  # an explicit list wins
+    ({"DNS": "9.9.9.9"}, ["9.9.9.9"]),
+    ({"POOL": "10.66.0.0/16"}, ["10.66.0.1", "1.1.1.1"]),
+])
+def test_connect_dns_follows_the_resolver_setting(settings, monkeypatch, token, overrides, dns):
+    from app import create_app
+    from tests.conftest import FakeHelper
+    for name in list(os.environ):
+        if name.startswith("ORBMESH_"):
+            monkeypatch.delenv(name)
+    app = create_app(dict(settings, **overrides))
+    app.extensions["orbmesh_helper"] = FakeHelper(app.config["POOL"], app.config["GATEWAY"], pool6=None)
+    response = connect(app.test_client(), {"Authorization": "Bearer " + token()}, KEY_A)
+    assert response.status_code == 200 and response.get_json()["dns"] == dns
 
 
 def test_same_device_same_key_gets_same_address(client, auth, app):

@@ -51,7 +51,8 @@ def directives(unit_text):
 
 # --- systemd ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("unit", ["orbmesh-wghelper.service", "orbmesh-api@8081.service", "orbmesh.target"])
+@pytest.mark.parametrize("unit", ["orbmesh-wghelper.service", "orbmesh-api@8081.service", "orbmesh-unbound.service",
+                                  "orbmesh.target"])
 def test_systemd_analyze_verify(tmp_path, unit):
     tool = need("systemd-analyze")
     units = unit_copies(tmp_path)
@@ -100,6 +101,27 @@ def test_api_unit_hardening():
     assert "ORBMESH_BIND=127.0.0.1:%i" in env and "PROMETHEUS_MULTIPROC_DIR=/run/orbmesh-api/%i" in env
     assert "orbmesh-wghelper.service" in d[("Unit", "After")][0]
     assert d[("Unit", "Wants")] == ["orbmesh-wghelper.service"]
+
+
+def test_unbound_unit_runs_as_its_own_user_apart_from_the_node():
+    d = directives((UNITS / "orbmesh-unbound.service").read_text())
+    for key, value in (("User", "unbound"), ("Group", "unbound"), ("NoNewPrivileges", "yes"),
+                       ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
+                       ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"), ("ProtectSystem", "strict"),
+                       ("RuntimeDirectory", "orbmesh-unbound"), ("Restart", "on-failure"),
+                       ("EnvironmentFile", "/etc/orbmesh/orbmesh.env"),
+                       ("ExecCondition", "+/opt/orbmesh/venv/bin/orbmesh-wg dns-config --check-enabled"),
+                       ("ExecStart", "/usr/sbin/unbound -d -p -c /run/orbmesh-unbound/unbound.conf")):
+        assert d[("Service", key)] == [value], key
+    # The config Unbound reads is the one rendered just before, as root, from the settings and the helper.
+    pre = d[("Service", "ExecStartPre")]
+    assert pre == ['+/opt/orbmesh/venv/bin/orbmesh-wg dns-config --wait 60 --username "" '
+                   '--output /run/orbmesh-unbound/unbound.conf']
+    # Ordered after the helper, but never restarted or stopped with it (or with the API).
+    assert "orbmesh-wghelper.service" in d[("Unit", "After")][0]
+    for key in ("PartOf", "Requires", "BindsTo", "Requisite"):
+        assert ("Unit", key) not in d, key
+    assert d[("Install", "WantedBy")] == ["orbmesh.target"]
 
 
 # --- nginx ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ rendered and placed, and units are enabled with `systemctl --root`.
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -68,20 +69,23 @@ def test_install_places_every_file(installed):
                        ("etc/systemd/system/orbmesh-wghelper.service", 0o644),
                        ("etc/systemd/system/orbmesh-api@.service", 0o644),
                        ("etc/systemd/system/orbmesh.target", 0o644),
+                       ("etc/systemd/system/orbmesh-unbound.service", 0o644),
                        ("opt/orbmesh/app/__init__.py", 0o644), ("opt/orbmesh/wghelper/server.py", 0o644),
                        ("opt/orbmesh/deploy/gunicorn.conf.py", 0o644), ("opt/orbmesh/deploy/install.sh", 0o755),
                        ("opt/orbmesh/setup.cfg", 0o644), ("opt/orbmesh/requirements.txt", 0o644)):
         assert stat.S_IMODE((root / path).stat().st_mode) == mode, path
     assert os.readlink(etc / "nginx/sites-enabled/orbmesh.conf") == "/etc/nginx/sites-available/orbmesh.conf"
     wants = sorted(p.name for p in (etc / "systemd/system/orbmesh.target.wants").iterdir())
-    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-wghelper.service"]
+    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-unbound.service",
+                     "orbmesh-wghelper.service"]
     assert (etc / "systemd/system/multi-user.target.wants/orbmesh.target").is_symlink()
     assert not (root / "opt/orbmesh/venv").exists()
     assert not list(root.rglob("__pycache__")) and not list(root.rglob("tests"))
 
     env = env_of(etc / "orbmesh/orbmesh.env")
     assert len(env["ORBMESH_JWT_SECRET"]) >= 43 and len(env["ORBMESH_API_KEYS"]) >= 16
-    assert env["ORBMESH_HELPER_SOCKET_GROUP"] == "orbmesh" and env["ORBMESH_HELPER_ALLOWED_UIDS"] == "orbmesh"
+    assert env["ORBMESH_HELPER_SOCKET_GROUP"] == "orbmesh"
+    assert env["ORBMESH_HELPER_ALLOWED_UIDS"] == "orbmesh,root"  # root: the resolver unit asks the helper
     assert env["ORBMESH_DB_PATH"] == "/var/lib/orbmesh/orbmesh.db"
     site = (etc / "nginx/sites-available/orbmesh.conf").read_text()
     assert "server 127.0.0.1:8081 " in site and "server 127.0.0.1:8082 " in site
@@ -108,7 +112,8 @@ def test_changed_choices_are_applied_and_secrets_kept(installed, tmp_path):
     site = (root / "etc/nginx/sites-available/orbmesh.conf").read_text()
     assert "allow 198.51.100.7;" in site and "8082" not in site and "server 127.0.0.1:8083 " in site
     wants = sorted(p.name for p in (root / "etc/systemd/system/orbmesh.target.wants").iterdir())
-    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8083.service", "orbmesh-wghelper.service"]
+    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8083.service", "orbmesh-unbound.service",
+                     "orbmesh-wghelper.service"]
     assert (root / "etc/orbmesh/orbmesh.env").read_bytes() == env_before
     assert (root / "etc/orbmesh/tls/key.pem").read_bytes() == key_before
     assert env_of(root / "etc/orbmesh/deploy.conf")["ORBNET_ALLOW"] == "198.51.100.7"
@@ -169,3 +174,43 @@ def test_refuses_to_touch_the_system_without_root_or_privileges(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DESTDIR"}
     result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "run as root" in result.stderr
+
+
+def unbound_config(root, tmp_path, **settings):
+    """What the installed orbmesh-unbound.service renders before Unbound starts, from the settings install.sh wrote.
+
+    Its ExecStartPre, run here with this checkout's virtualenv, the output under
+    tmp_path and --no-helper for --wait (no helper runs here: no IPv6 gateway).
+    """
+    from .test_files import VENV_BIN, directives
+    unit = (root / "etc/systemd/system/orbmesh-unbound.service").read_text()
+    pre = directives(unit)[("Service", "ExecStartPre")][0]
+    argv = shlex.split(pre.lstrip("+").replace("/opt/orbmesh/venv/bin/", str(VENV_BIN) + "/"))
+    out = tmp_path / "unbound.conf"
+    argv[argv.index("--output") + 1] = str(out)
+    argv[argv.index("--wait"):argv.index("--wait") + 2] = ["--no-helper"]
+    env_file = tmp_path / "orbmesh.env"
+    env_file.write_text((root / "etc/orbmesh/orbmesh.env").read_text()
+                        + "".join("ORBMESH_%s=%s\n" % item for item in settings.items()))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ORBMESH_CONFIG_FILE": str(env_file)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert directives(unit)[("Service", "ExecStart")][0].endswith(" -c /run/orbmesh-unbound/unbound.conf")
+    return out
+
+
+@pytest.mark.parametrize("settings", [{}, {"DNS_UPSTREAM": "9.9.9.9,2620:fe::fe", "DNS_DNSSEC": "off",
+                                           "POOL": "10.66.0.0/16"}])
+def test_installed_resolver_config_passes_unbound_checkconf(installed, tmp_path, settings):
+    root, _ = installed
+    checkconf = need("unbound-checkconf")
+    out = unbound_config(root, tmp_path, **settings)
+    text = out.read_text()
+    result = subprocess.run([checkconf, str(out)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    gateway = "10.66.0.1" if settings else "10.8.0.1"
+    assert "    interface: %s\n" % gateway in text and 'username: ""' in text
+    assert ("forward-addr: 9.9.9.9" in text) == bool(settings)
+    # Control: unbound-checkconf does read it.
+    out.write_text(text.replace("interface: ", "interfaces: ", 1))
+    assert subprocess.run([checkconf, str(out)], capture_output=True, text=True, timeout=30).returncode != 0

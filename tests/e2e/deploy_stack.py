@@ -4,28 +4,36 @@
                                                  nginx :8443 (TLS, deploy/nginx/orbmesh.conf)
                                                    -> gunicorn 127.0.0.1:8081, :8082 (deploy/gunicorn.conf.py)
                                                    -> orbmesh-wghelper (ORBMESH_NAT_UPLINK=uplink)
+                                                 unbound on 10.8.0.1:53 (orbmesh-unbound.service)
 
 Every process runs inside the server namespace as a child of the test and is
 stopped by its pid.  The helper runs with the capability bounding set of its
 systemd unit (CAP_NET_ADMIN only) and gunicorn with none, as the units say,
-so a capability the units forgot fails here.
+so a capability the units forgot fails here.  Unbound is started the way
+its unit says (read from the unit file): the config rendered by its
+ExecStartPre as root, then Unbound as the unit's user with the unit's
+capabilities only.
 """
 import datetime
 import http.client
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.deploy.test_files import directives
 
 from .netns import veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
@@ -90,6 +98,10 @@ class DeployStack(Stack):
         self.internet = Internet(netns, server)
         self.ports = tuple(ports)
         self.env["ORBMESH_NAT_UPLINK"] = self.internet.uplink
+        del self.env["ORBMESH_DNS_RESOLVER"]  # the default: on, as in production
+        # Not under tmp_path (0700 parents): Unbound, as its own user, reads its config here.
+        self.resolver_dir = Path(tempfile.mkdtemp(prefix="omdns-"))
+        self.resolver_dir.chmod(0o755)
         self.ca, self.cert, self.key = make_tls(self.tmp)
         self.nginx_dir = self.tmp / "nginx"
         self.nginx_log = self.tmp / "nginx-error.log"
@@ -183,16 +195,59 @@ http {{
         self._stop(self.nginx_proc, signal.SIGQUIT)  # graceful: finish requests, then exit
         self.nginx_proc = None
 
+    def start_resolver(self):
+        """orbmesh-unbound.service, as its unit file says: condition, config as root, unbound as its user."""
+        unit = directives((DEPLOY / "systemd" / "orbmesh-unbound.service").read_text())
+
+        def argv(key):
+            line = unit[("Service", key)][0].lstrip("+")
+            line = line.replace("/opt/orbmesh/venv/bin/", str(VENV_BIN) + "/")
+            return shlex.split(line.replace("/run/orbmesh-unbound/", str(self.resolver_dir) + "/"))
+
+        if self.server.run(*argv("ExecCondition"), env=self.env, check=False).returncode != 0:
+            return  # skipped, as systemd skips the unit
+        self.server.run(*argv("ExecStartPre"), env=self.env)
+        caps = "-all" + "".join(",+" + cap.lower()[len("cap_"):]
+                                for cap in unit[("Service", "CapabilityBoundingSet")][0].split())
+        run_as = [self.setpriv, "--reuid=" + unit[("Service", "User")][0], "--regid=" + unit[("Service", "Group")][0],
+                  "--init-groups", "--no-new-privs", "--bounding-set=" + caps, "--inh-caps=" + caps,
+                  "--ambient-caps=" + caps, "--"]
+        # Type=notify: systemd waits for READY=1 on its notify socket; so does this.
+        assert unit[("Service", "Type")] == ["notify"]
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = self.resolver_dir / "notify"
+        path.unlink(missing_ok=True)
+        notify.bind(str(path))
+        path.chmod(0o666)
+        notify.settimeout(0.2)
+        try:
+            self.resolver_proc = self._run_resolver_argv(run_as + argv("ExecStart"), env={"NOTIFY_SOCKET": str(path)})
+            wait_for(lambda: self._notified(notify), what="READY=1 from unbound")
+        finally:
+            notify.close()
+        assert self._resolver_ready(), "unbound said READY=1 but does not answer"
+
+    def _notified(self, notify):
+        if self.resolver_proc.poll() is not None:
+            raise AssertionError("unbound exited:\n" + self.resolver_log.read_text()[-3000:])
+        try:
+            return b"READY=1" in notify.recv(4096)
+        except socket.timeout:
+            return False
+
     def start(self):
         self.start_helper()
+        self.start_resolver()
         self.start_app()
         self.start_nginx()
 
     def close(self):
         self.stop_nginx()
         self.stop_app()
+        self.stop_resolver()
         self.stop_helper()
         self.internet.close()
+        shutil.rmtree(self.resolver_dir, ignore_errors=True)
 
     # HTTPS through nginx ---------------------------------------------------------------
 

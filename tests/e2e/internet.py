@@ -7,9 +7,11 @@ HTTP server on 203.0.113.100 answers every GET with the address it sees the
 caller at, so a test can tell whether NAT happened.  With ipv6=True the same
 again in IPv6: uplink 2001:db8:113::1/64, router ::62, and the whoami server
 also on 2001:db8:114::100, beyond the router.
+DnsServer adds a DNS server there (a second Unbound, serving fixed records).
 """
 import http.server
 import socket
+import subprocess
 import threading
 
 from .netns import veth
@@ -122,3 +124,49 @@ class UdpSink:
         self._stop.set()
         self.thread.join()
         self.sock.close()
+
+
+class DnsServer:
+    """Unbound in `ns` on address:53 serving `records` ({name: IPv4}) to the `allowed` sources only.
+
+    Every other source is refused, so an answer that reaches a client proves
+    the query came from an allowed address (say, the server's uplink).
+    """
+
+    def __init__(self, ns, address, records, allowed, directory):
+        self.ns, self.address = ns, address
+        conf = directory / ("dns-%s.conf" % address)
+        self.log = directory / ("dns-%s.log" % address)
+        lines = ["server:", "    interface: %s" % address, "    port: 53", '    username: ""', '    chroot: ""',
+                 '    pidfile: ""', "    do-daemonize: no", "    use-syslog: no", '    logfile: ""',
+                 "    log-queries: yes", '    module-config: "iterator"',
+                 "    access-control: 0.0.0.0/0 refuse", "    access-control: ::/0 refuse"]
+        lines += ["    access-control: %s/32 allow" % source for source in allowed]
+        for name, ip in records.items():
+            lines += ['    local-zone: "%s." static' % name, '    local-data: "%s. 60 IN A %s"' % (name, ip)]
+        lines += ["remote-control:", "    control-enable: no"]
+        conf.write_text("\n".join(lines) + "\n")
+        with open(self.log, "ab") as log:
+            self.proc = ns.popen(["unbound", "-d", "-p", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+
+    def ready(self):
+        """Whether it answers (here with REFUSED: its own address is not an allowed source)."""
+        if self.proc.poll() is not None:
+            raise AssertionError("test DNS server exited:\n" + self.log.read_text()[-3000:])
+        out = self.ns.run("dig", "+tries=1", "+time=1", "-b", self.address, "@" + self.address, "ready.test",
+                          check=False).stdout
+        return "status: REFUSED" in out
+
+    def askers(self, name):
+        """Source addresses that asked this server for `name` (log-queries: "info: SOURCE NAME. TYPE CLASS")."""
+        found = []
+        for line in self.log.read_text().splitlines():
+            fields = line.partition(" info: ")[2].split()
+            if len(fields) == 4 and fields[1] == name + ".":
+                found.append(fields[0])
+        return found
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)

@@ -2,7 +2,9 @@
 
 The helper and gunicorn (gevent workers) run inside the server namespace
 with their socket, database and keys under the test's tmp_path; the
-client namespace reaches the API over a veth pair (192.0.2.0/24).
+client namespace reaches the API over a veth pair (192.0.2.0/24).  The DNS
+resolver (Unbound) is off unless a test turns ORBMESH_DNS_RESOLVER on and
+calls start_resolver(), as run-local starts it.
 """
 import contextlib
 import ipaddress
@@ -24,6 +26,7 @@ VENV_BIN = Path(sys.executable).parent
 SERVER_ADDR = "192.0.2.1"
 CLIENT_ADDR = "192.0.2.2"
 API_PORT = 8080
+GATEWAY = "10.8.0.1"  # of ORBMESH_POOL below
 
 
 def wait_for(predicate, timeout=30.0, interval=0.1, what="condition"):
@@ -67,7 +70,10 @@ class Stack:
             "ORBMESH_API_KEYS": self.api_key,
             "ORBMESH_RECONCILE_CHECK_INTERVAL": "0.5",
             "ORBMESH_HELPER_WATCH_INTERVAL": "0.5",
+            "ORBMESH_DNS_RESOLVER": "off",
         }
+        self.resolver_proc = None
+        self.resolver_log = self.tmp / "unbound.log"
         self.config = {"JWT_ALGORITHM": "HS256", "JWT_SECRET": self.secret, "JWT_ISSUER": "orbnet",
                        "JWT_AUDIENCE": ""}
 
@@ -125,7 +131,38 @@ class Stack:
             proc.kill()
             proc.wait(timeout=5)
 
+    def start_resolver(self):
+        """Unbound as run-local starts it: orbmesh-wg dns-config (asks the helper), then unbound, which drops to "unbound"."""
+        conf = self.tmp / "unbound.conf"
+        self.server.run(str(VENV_BIN / "orbmesh-wg"), "dns-config", "--output", str(conf), env=self.env)
+        self.resolver_proc = self._run_resolver_argv(["unbound", "-d", "-p", "-c", str(conf)])
+        wait_for(self._resolver_ready, what="unbound answering on the gateway")
+
+    def _run_resolver_argv(self, argv, env=None):
+        log = open(self.resolver_log, "ab")
+        proc = self.server.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        return proc
+
+    def _resolver_ready(self):
+        if self.resolver_proc.poll() is not None:
+            raise AssertionError("unbound exited:\n" + self.resolver_log.read_text()[-3000:])
+        return "status: NOERROR" in self.dig(self.server, GATEWAY, "localhost", source=GATEWAY)
+
+    def stop_resolver(self):
+        self._stop(self.resolver_proc)
+        self.resolver_proc = None
+
+    @staticmethod
+    def dig(ns, server, name, source=None, timeout=2):
+        """dig's full output for `name` asked of `server` from inside `ns` (one try, no retries)."""
+        argv = ["dig", "+tries=1", "+time=%d" % timeout, "@" + server, name]
+        if source:
+            argv[1:1] = ["-b", source]
+        return ns.run(*argv, check=False, timeout=timeout + 10).stdout
+
     def close(self):
+        self.stop_resolver()
         self.stop_app()
         self.stop_helper()
 

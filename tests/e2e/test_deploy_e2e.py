@@ -6,10 +6,12 @@ against the test's own CA.
 """
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +30,7 @@ GATEWAY = "10.8.0.1"
 
 @pytest.fixture
 def deploy(netns, tmp_path):
-    for tool in ("nginx", "setpriv", "nft"):
+    for tool in ("nginx", "setpriv", "nft", "unbound", "dig"):
         need(tool)
     stack = DeployStack(netns, tmp_path)
     try:
@@ -84,10 +86,17 @@ def internet_sees(stack, expected, what):
 def test_connect_through_nginx_then_nat_to_the_internet(deploy):
     status, _, raw = deploy.https("GET", "/health")
     assert status == 200 and json.loads(raw)["status"] == "healthy"
+    assert json.loads(raw)["resolver"]["ok"] is True  # orbmesh-unbound.service, as its unit runs it
     client, body = bring_up(deploy, "direct")
     try:
-        assert "0.0.0.0/0" in body["allowedIPs"]
+        assert "0.0.0.0/0" in body["allowedIPs"] and body["dns"] == [GATEWAY, "1.1.1.1"]
         ping_gateway(client, "ping over UDP after a connect through nginx")
+        # The resolver, as the unit's user with port 53 as its one capability, answers through the tunnel.
+        status = dict(line.split(":\t", 1) for line in
+                      Path("/proc/%d/status" % deploy.resolver_proc.pid).read_text().splitlines() if ":\t" in line)
+        assert status["Name"] == "unbound" and int(status["Uid"].split()[0]) == pwd.getpwnam("unbound").pw_uid
+        assert int(status["CapEff"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE
+        assert "status: NOERROR" in deploy.dig(deploy.client, GATEWAY, "localhost")
         internet_sees(deploy, SERVER_UPLINK_ADDR, "the internet to see the server's uplink address (NAT)")
     finally:
         client.close()

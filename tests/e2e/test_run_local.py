@@ -1,4 +1,9 @@
-"""README command one, run as written (inside a namespace), and its printed curl lines."""
+"""README command one, run as written (inside a namespace), and its printed curl and dig lines.
+
+The namespace has an uplink into a simulated internet whose DNS server
+(answering that uplink only) knows example.com; run-local's Unbound is told
+to forward there, so the printed lookup resolves a name only the internet has.
+"""
 import ipaddress
 import json
 import os
@@ -10,7 +15,9 @@ from pathlib import Path
 
 from wghelper.settings import ULA
 
+from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, DnsServer, Internet
 from .netns import unique_ifname
+from .stack import wait_for
 
 ROOT = Path(__file__).parents[2]
 
@@ -21,10 +28,14 @@ def _lines(stream, out):
     out.put(None)
 
 
-def test_run_local_prints_working_token_and_curl(netns, tmp_path):
+def test_run_local_prints_working_token_curl_and_lookup(netns, tmp_path):
     ns = netns("local")
     interface = unique_ifname("oml")
-    env = dict(os.environ, ORBMESH_RUN_DIR=str(tmp_path / "run"), ORBMESH_INTERFACE=interface)
+    internet = Internet(netns, ns)
+    dns = DnsServer(internet.ns, INTERNET_ADDR, {"example.com": "198.51.100.80"}, [SERVER_UPLINK_ADDR], tmp_path)
+    wait_for(dns.ready, what="the internet's DNS server")
+    env = dict(os.environ, ORBMESH_RUN_DIR=str(tmp_path / "run"), ORBMESH_INTERFACE=interface,
+               ORBMESH_DNS_UPSTREAM=INTERNET_ADDR, ORBMESH_DNS_DNSSEC="off")
     proc = ns.popen([str(ROOT / "scripts" / "run-local")], env=env, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, text=True)
     lines = queue.Queue()
@@ -54,9 +65,16 @@ def test_run_local_prints_working_token_and_curl(netns, tmp_path):
         # No NAT uplink: no table, and forwarding as it was.
         assert ns.run("nft", "list", "tables", check=False).stdout.strip() == ""
         assert ns.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "0"
+        # The resolver answers on both gateways, named in that order.
+        assert reply["dns"] == ["10.8.0.1", reply["gateway6"], "1.1.1.1"]
+        lookup = next(line for line in output if line.startswith("dig "))
+        assert ns.run("bash", "-c", lookup).stdout.strip() == "198.51.100.80"
+        assert dns.askers("example.com") == [SERVER_UPLINK_ADDR]  # asked by run-local's Unbound, once
         assert "JWT_SECRET" not in text and "Traceback" not in text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+        dns.close()
+        internet.close()
     assert ns.run("ip", "link", "show", interface, check=False).returncode != 0, "interface left behind"
     assert ns.pids() == [], "processes left running"

@@ -1,0 +1,73 @@
+"""The Unbound config of the node's resolver: the one renderer (orbmesh-wg dns-config runs it).
+
+Unbound listens on the gateway address(es) only and answers the client
+pool(s) only; every other source is refused, so the node is never an open
+resolver.  ip-freebind lets it bind before the WireGuard interface (and its
+addresses) exists, so it starts in any order with the helper and outlives
+the helper's restarts untouched.
+"""
+import ipaddress
+import re
+
+from .resolver import PORT
+
+# Debian's dns-root-data, kept current by Debian's updates.
+TRUST_ANCHOR = "/usr/share/dns/root.key"
+USERNAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def render(pool, gateway, upstreams=(), dnssec=True, pool6=None, gateway6=None, username="unbound"):
+    """unbound.conf text.  Every value is parsed as an address or network first, so none can inject syntax.
+
+    username: the user Unbound drops to after binding when started as root;
+    "" when it is started as that user already (the systemd unit).
+    """
+    gateways = [ipaddress.ip_address(str(gateway))]
+    pools = [ipaddress.ip_network(str(pool))]
+    if gateway6 and pool6:
+        gateways.append(ipaddress.IPv6Address(str(gateway6)))
+        pools.append(ipaddress.IPv6Network(str(pool6)))
+    upstreams = [ipaddress.ip_address(str(address)) for address in upstreams]
+    if username and not USERNAME_RE.fullmatch(username):
+        raise ValueError("not a user name: %r" % username)
+    lines = ["# Rendered by orbmesh-wg dns-config (app/unbound.py); rendered again at every start.",
+             "server:"]
+    lines += ["    interface: %s" % address for address in gateways]
+    lines += ["    port: %d" % PORT,
+              "    interface-automatic: no",
+              "    ip-freebind: yes",
+              '    username: "%s"' % username,
+              '    chroot: ""',
+              '    pidfile: ""',
+              "    do-daemonize: no",
+              "    use-syslog: no",
+              '    logfile: ""',
+              "    verbosity: 1",
+              "    hide-identity: yes",
+              "    hide-version: yes",
+              # Refuse (an answer, not silence, so a misrouted client fails fast) all
+              # but the pools, localhost included: Unbound allows it by default.
+              "    access-control: 0.0.0.0/0 refuse",
+              "    access-control: ::/0 refuse",
+              "    access-control: 127.0.0.0/8 refuse",
+              "    access-control: ::1/128 refuse",
+              "    access-control: ::ffff:127.0.0.1/128 refuse"]
+    lines += ["    access-control: %s allow" % network for network in pools]
+    if dnssec:
+        lines += ['    module-config: "validator iterator"', '    trust-anchor-file: "%s"' % TRUST_ANCHOR]
+    else:
+        lines += ['    module-config: "iterator"']
+    if upstreams:
+        lines.append("    do-not-query-localhost: no")  # the operator named these; one may be a local forwarder
+    lines += ["remote-control:", "    control-enable: no"]
+    if upstreams:
+        lines += ["forward-zone:", '    name: "."']
+        lines += ["    forward-addr: %s" % address for address in upstreams]
+    return "\n".join(lines) + "\n"
+
+
+def from_settings(values, hello=None, username="unbound"):
+    """render() from the settings (app/config.py) and the helper's hello (its IPv6 gateway and pool, if any)."""
+    hello = hello or {}
+    return render(values["POOL"], values["GATEWAY"], values["DNS_UPSTREAM"], values["DNS_DNSSEC"] == "on",
+                  pool6=hello.get("pool6"), gateway6=hello.get("gateway6"), username=username)
