@@ -32,7 +32,7 @@ import pytest
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet, UdpSink, _WhoAmI, add_address
 from .internet import serve as _serve
-from .netns import Netns, veth
+from .netns import Netns, unique_ifname, veth
 from .probes import Echo, every, reach
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
@@ -176,7 +176,7 @@ def topo(tmp_path_factory):
 
 def tunnel(t, device, whoami_addr, routes=(), **body):
     """A real WireGuard client that routes only `whoami_addr` (and `routes`) through its tunnel."""
-    client = WgClient(t.client, "omc" + device[-8:])
+    client = WgClient(t.client, unique_ifname("omc"))
     status, reply = t.entry.call("POST", "/wireguard/connect", dict(body, publicKey=client.public_key),
                                  token=t.entry.token("bridge-user", device))
     assert status == 200, reply

@@ -89,7 +89,7 @@ def test_connect_through_nginx_then_nat_to_the_internet(deploy):
     assert json.loads(raw)["resolver"]["ok"] is True  # orbmesh-unbound.service, as its unit runs it
     client, body = bring_up(deploy, "direct")
     try:
-        assert "0.0.0.0/0" in body["allowedIPs"] and body["dns"] == [GATEWAY, "1.1.1.1"]
+        assert "0.0.0.0/0" in body["allowedIPs"] and body["dns"] == [GATEWAY, body["gateway6"], "1.1.1.1"]
         ping_gateway(client, "ping over UDP after a connect through nginx")
         # The resolver, as the unit's user with port 53 as its one capability, answers through the tunnel.
         status = dict(line.split(":\t", 1) for line in

@@ -58,7 +58,8 @@ class Topology:
         assert status == 200, self.reply
         r = self.reply
         self.wg.configure(server_public_key=r["serverPublicKey"], endpoint=r["serverEndpoint"],
-                          address_cidr=r["ip"], allowed_ips=r["allowedIPs"], mtu=r["mtu"], keepalive=r["keepalive"])
+                          address_cidr=r["ip"], address6_cidr=r["ip6"], allowed_ips=r["allowedIPs"], mtu=r["mtu"],
+                          keepalive=r["keepalive"])
         # `ip netns exec` mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
         self.etc.mkdir(parents=True)
         (self.etc / "resolv.conf").write_text("".join("nameserver %s\n" % server for server in r["dns"]))
@@ -112,7 +113,8 @@ def answer(dig_output):
 
 def test_a_client_resolves_through_the_gateway_resolver(topo):
     t = topo
-    assert t.reply["dns"] == [GATEWAY, "1.1.1.1"]  # the gateway first: a resolver is there
+    # The gateways first, IPv4 then IPv6: a resolver is there.
+    assert t.reply["dns"] == [GATEWAY, t.reply["gateway6"], "1.1.1.1"] and t.reply["gateway6"]
     # A stock libc lookup, resolv.conf in the order of `dns`.
     hosts = t.client.run("getent", "hosts", NAME, check=False, timeout=60)
     assert hosts.returncode == 0 and hosts.stdout.split() == [ADDRESS, NAME], hosts
@@ -133,11 +135,13 @@ def test_the_gateway_resolver_answers_the_pool_only(topo):
         assert answer(dig(t.server, GATEWAY, NAME, source=source))[0] == "REFUSED", source
     # Controls: pool addresses get answers, the client's through the tunnel and the gateway's own.
     assert answer(dig(t.client, GATEWAY, NAME)) == ("NOERROR", [ADDRESS], GATEWAY)
+    assert answer(dig(t.client, t.reply["gateway6"], NAME))[1] == [ADDRESS]  # the IPv6 gateway, through the tunnel
     assert answer(dig(t.server, GATEWAY, NAME, source=GATEWAY))[1] == [ADDRESS]
-    # It listens on the gateway address and nowhere else (UDP and TCP).
+    # It listens on the gateway addresses and nowhere else (UDP and TCP).
     for proto in ("-u", "-t"):
         listening = t.server.run("ss", "-H", "-ln", proto, "sport = :53").stdout.split("\n")
-        assert {line.split()[3] for line in listening if line.strip()} == {GATEWAY + ":53"}, listening
+        assert {line.split()[3] for line in listening if line.strip()} == {
+            GATEWAY + ":53", "[%s]:53" % t.reply["gateway6"]}, listening
 
 
 def health(stack):

@@ -19,7 +19,7 @@ from wghelper import firewall, settings
 
 from tests.need import need
 from .internet import SERVER_UPLINK_ADDR, Internet
-from .netns import veth
+from .netns import unique_ifname, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, VENV_BIN, Stack, wait_for
 from .wgclient import WgClient
 
@@ -80,13 +80,13 @@ def listed_table(stack):
 
 def expected_table(stack, internet):
     """The table for the stack's settings and the IPv6 pool its helper uses (by default the one it made)."""
-    cfg = settings.load({"ORBMESH_INTERFACE": stack.interface, "ORBMESH_NAT_UPLINK": internet.uplink,
-                         "ORBMESH_NAT_TABLE": TABLE, "ORBMESH_POOL6": str(stack.pool6() or "off")})
+    cfg = settings.load(dict(stack.env, ORBMESH_NAT_UPLINK=internet.uplink, ORBMESH_NAT_TABLE=TABLE,
+                             ORBMESH_POOL6=str(stack.pool6() or "off")))
     return firewall.render(cfg, (), firewall.connected(stack.server.run("ip", "-o", "address", "show").stdout))
 
 
 def connect_client(stack, device):
-    client = WgClient(stack.client, "omc" + device[-6:])
+    client = WgClient(stack.client, unique_ifname("omc"))
     status, body = stack.connect("nat-user", device, client.public_key)
     assert status == 200, body
     client.configure(server_public_key=body["serverPublicKey"], endpoint=body["serverEndpoint"],

@@ -9,6 +9,7 @@ import pytest
 from wghelper import protocol
 
 from .stack import wait_for
+from .netns import unique_ifname
 from .wgclient import WgClient, keypair
 
 pytestmark = pytest.mark.e2e
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 def bring_up_client(stack, user, device):
     """Connect over HTTP and configure a WireGuard client from the response alone."""
-    client = WgClient(stack.client, "omc" + device[-6:])
+    client = WgClient(stack.client, unique_ifname("omc"))
     status, body = stack.connect(user, device, client.public_key)
     assert status == 200, body
     assert body["success"] is True and body["publicKey"] == client.public_key
