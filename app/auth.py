@@ -90,6 +90,11 @@ def api_key_valid(given, keys):
     return found and bool(given)
 
 
+def has_api_key():
+    """Whether the request carries one of the internal API keys."""
+    return api_key_valid(request.headers.get("X-API-Key", ""), current_app.config["API_KEYS"])
+
+
 def api_key_required(view):
     @functools.wraps(view)
     def wrapped(*args, **kwargs):

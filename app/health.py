@@ -1,16 +1,22 @@
-"""Blueprint: GET /health (no auth).
+"""Blueprint: GET /health: the status for anyone, the details with an internal API key.
 
 healthy: database and helper answer and the interface is up.
 degraded: both answer but the interface is down or holds a different
 number of peers than the database (a reconcile is pending).
 unhealthy: the database or the helper does not answer; HTTP 503 so a
 load balancer stops sending clients here.
+
+Without a valid X-API-Key the answer is ``success`` and ``status`` (and the
+error of an unhealthy one) only: peer count, traffic and the interface are
+nobody else's business.  Details are added to the body when the key is
+valid, each as its own block.
 """
 import logging
 
 from flask import Blueprint, current_app
 
 from . import store
+from .auth import has_api_key
 from .db import get_db
 from .errors import envelope
 from .helper import HelperFailed, HelperUnavailable, get_helper
@@ -43,7 +49,7 @@ def _wireguard(config):
 
 @bp.get("/health")
 def health():
-    """Report on the database, the helper and the interface."""
+    """Report the status of the database, the helper and the interface (the details with a key)."""
     database, rows = _database()
     wireguard, helper = _wireguard(current_app.config)
     if not (database["ok"] and helper["ok"]):
@@ -52,8 +58,9 @@ def health():
         status = "degraded"
     else:
         status = "healthy"
-    body = {"success": status != "unhealthy", "status": status, "wireguard": wireguard,
-            "database": database, "helper": helper}
+    body = {"success": status != "unhealthy", "status": status}
+    if has_api_key():
+        body.update(wireguard=wireguard, database=database, helper=helper)
     if status == "unhealthy":
         failed = "HELPER_UNAVAILABLE" if not helper["ok"] else "INTERNAL_ERROR"
         body["error"] = envelope(failed, "Service is unhealthy")["error"]

@@ -101,6 +101,8 @@ PATHS = {
             "200", "204", "429")}},
     "/health": {"get": {
         "summary": "Health of the database, the helper and the interface",
+        "description": "The status for anyone; the wireguard, database and helper blocks only with an "
+                       "internal X-API-Key (a missing or wrong key is not an error here).",
         "responses": {"200": _json("Health", "healthy or degraded"),
                       "503": _json("Health", "unhealthy")}}},
     "/metrics": {"get": {

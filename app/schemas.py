@@ -176,9 +176,10 @@ class ComponentHealthSchema(Schema):
 class HealthSchema(Schema):
     success = fields.Boolean(required=True)
     status = fields.String(required=True, validate=validate.OneOf(["healthy", "degraded", "unhealthy"]))
-    wireguard = fields.Nested(WireguardHealthSchema, required=True)
-    database = fields.Nested(ComponentHealthSchema, required=True)
-    helper = fields.Nested(ComponentHealthSchema, required=True)
+    # The details, only with an internal API key (app/health.py).
+    wireguard = fields.Nested(WireguardHealthSchema)
+    database = fields.Nested(ComponentHealthSchema)
+    helper = fields.Nested(ComponentHealthSchema)
     error = fields.Nested(ErrorBodySchema)
 
 
