@@ -111,6 +111,8 @@ class AddPeerSchema(Schema):
 
 class RemovePeerSchema(Schema):
     userUuid = _identifier(required=True)
+    # Our extension (the reference is silent): only the user's peer with this key.
+    publicKey = WireGuardKey(metadata=_KEY_DOC)
 
 
 # Responses (documented in /openapi.json; views build them as plain dicts).
