@@ -107,7 +107,7 @@ APP = {
     "EXIT_REGISTRY_FILE": (_str, "", "Exit-server registry as a local JSON file (used when no URL is set)"),
     "EXIT_REGISTRY_INTERVAL": (_float(0.1, 86400), 300.0, "Fetch the registry URL this often, seconds"),
     "EXIT_REGISTRY_CACHE": (_str, None, "Last good copy of the registry (default: exit-registry.json beside DB_PATH)"),
-    "EXIT_API_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds to wait for an exit server's API or the registry URL"),
+    "EXIT_API_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds one call to an exit server's API or the registry URL may take in all"),
     "EXIT_ALLOW_HTTP": (_flag, False, "Accept plain http:// for the exit registry URL and exits' apiUrl (tests, private links); otherwise https only"),
     "EXIT_CA_FILE": (_str, "", "CA certificates (PEM) that exits' and the registry's https certificates must chain to (empty: the system's)"),
     "BRIDGE_IDLE_GRACE": (_float(0, 86400), 300.0, "Take an exit tunnel down this long after its last client left, seconds"),

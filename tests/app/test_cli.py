@@ -16,3 +16,15 @@ def test_cli_refuses_placeholder_secret(monkeypatch, capsys):
     assert main(["token", "--user", "u", "--device", "d"]) == 2
     captured = capsys.readouterr()
     assert "JWT_SECRET" in captured.err and captured.out == ""
+
+
+def test_cli_prints_the_bridge_user_an_exit_scopes_a_key_to(monkeypatch, capsys, tmp_path):
+    from app import cli
+    from app.bridges import bridge_user
+    from tests.conftest import BRIDGE_KEY, FakeHelper
+    monkeypatch.setenv("ORBMESH_HELPER_SOCKET", str(tmp_path / "nothing-here.sock"))
+    assert cli.main(["bridge-user"]) == 2  # no helper: a message, no traceback
+    assert "unavailable" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "HelperClient", lambda path, timeout: FakeHelper())
+    assert cli.main(["bridge-user"]) == 0
+    assert capsys.readouterr().out.strip() == bridge_user(BRIDGE_KEY)
