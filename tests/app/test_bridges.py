@@ -309,3 +309,28 @@ def test_smartconnect_falls_back_to_direct_at_the_exit_limit(settings, tmp_path,
     assert (body["success"], body["mode"]) == (True, "direct")
     asked = connect(client, headers, KEY_A, exitServerId="exit-1")  # asked for by name: the refusal stands
     assert asked.status_code == 429 and asked.get_json()["error"]["code"] == "BRIDGE_LIMIT"
+
+
+def test_a_tunnel_reopened_during_the_exits_remove_peer_is_registered_again(client, auth, fake_helper, exit_api,
+                                                                            app):
+    """The remove-peer runs outside the lock: a connect may reopen the tunnel (and register) meanwhile,
+    and the exit may see our remove-peer after its add-peer, so the teardown registers once more."""
+    connect(client, auth("u", "d1"), KEY_A, exitServerId="exit-1")
+    client.post("/wireguard/disconnect", headers=auth("u", "d1"))
+    bridges = app.extensions["orbmesh_bridges"]
+    db = sqlite3.connect(app.config["DB_PATH"], isolation_level=None)
+    db.execute("UPDATE bridges SET idle_since = idle_since - 3600")
+    real_unregister = exit_api.unregister
+
+    def unregister_while_a_connect_reopens(exit, user, public_key):
+        assert connect(client, auth("u", "d2"), KEY_B, exitServerId="exit-1").status_code == 200
+        real_unregister(exit, user, public_key)
+
+    exit_api.unregister = unregister_while_a_connect_reopens
+    try:
+        bridges.tick(db, fake_helper)
+    finally:
+        db.close()
+    assert names(exit_api.calls)[-3:] == ["register", "unregister", "register"]
+    assert exit_api.calls[-1] == ("register", "exit-1", USER, BRIDGE_KEY)
+    assert [r[0] for r in bridge_rows(app)] == ["exit-1"] and fake_helper.rules == {"10.8.0.3": 0}
