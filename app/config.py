@@ -168,7 +168,8 @@ def _derive(s):
     scoped = s["SCOPED_API_KEYS"]
     if s["SCOPED_API_KEYS_FILE"]:
         text = _read_secret_file(s["SCOPED_API_KEYS_FILE"], "SCOPED_API_KEYS_FILE")
-        scoped = scoped + [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        lines = [line.strip() for line in text.splitlines()]
+        scoped = scoped + [line for line in lines if line and not line.startswith("#")]
     s["SCOPED_API_KEYS"] = _scoped_keys(scoped)
     if s["EXIT_REGISTRY_URL"].lower().startswith("http://") and not s["EXIT_ALLOW_HTTP"]:
         raise ConfigError("%sEXIT_REGISTRY_URL: must be https:// (it carries the exits' API keys); "

@@ -158,6 +158,6 @@ def test_bad_scoped_keys_refuse_to_start_without_showing_the_key(settings, value
 
 def test_scoped_keys_from_a_file(settings, tmp_path):
     path = tmp_path / "scoped"
-    path.write_text("# entry a\n%s=%s\n\n" % (SCOPED, ENTRY_USER))
+    path.write_text("  # entry a\n%s=%s\n\n" % (SCOPED, ENTRY_USER))
     application = create_app(dict(settings, SCOPED_API_KEYS_FILE=str(path)))
     assert application.config["SCOPED_API_KEYS"] == {SCOPED: ENTRY_USER}
