@@ -17,7 +17,8 @@ an exclusive flock on ``<path>.lock``: look at the size, rotate if the line
 would pass AUDIT_MAX_BYTES (audit.log -> audit.log.1 -> ... -> .N, the oldest
 dropped), then one write() on an O_APPEND descriptor.  A worker whose
 descriptor still points at a file another worker rotated away sees the inode
-change and reopens, so no line lands in a rotated file and none is split.
+change and reopens, so no line lands in a rotated file and none is split;
+a short write (a full disk takes what fits) is cut off again.
 
 A failed write (say, a full disk) is counted and the line goes to the app
 log instead, and the request goes on: the peer change has already happened
@@ -105,8 +106,12 @@ class AuditLog:
                 if size and size + len(line) > self.max_bytes:
                     self._rotate()
                     fd = self._current()
+                    size = os.fstat(fd).st_size
                 written = os.write(fd, line)
                 if written != len(line):
+                    # A full disk takes what fits: cut it off again, or the
+                    # next line would be glued to the torn one.
+                    os.ftruncate(fd, size)
                     raise OSError(0, "short write (%d of %d bytes)" % (written, len(line)))
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

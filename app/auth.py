@@ -1,5 +1,10 @@
 """Device tokens (JWT) for client endpoints, API keys for OrbNET's.
 
+An internal API key (API_KEYS) opens every internal endpoint.  A scoped key
+(SCOPED_API_KEYS, KEY=userUuid) opens only add-peer and remove-peer, and only
+for its own userUuid: what an entry in bridge mode needs on an exit, so an
+entry that leaks its key cannot read or remove anyone else.
+
 A device token is a JWT signed by OrbNET with claims:
 ``iss`` (= JWT_ISSUER), ``sub`` (user id), ``device_id``, ``token_type``
 (= "device"), ``exp``; ``iat``, ``nbf`` and ``aud`` are checked when present
@@ -20,6 +25,7 @@ from .errors import ApiError
 DEVICE_TOKEN_TYPE = "device"
 BAD_TOKEN = "Invalid or expired device token"
 BAD_KEY = "Invalid or missing API key"
+SCOPED_ONLY = "This API key may only add and remove the peers of its own userUuid"
 MAX_TOKEN_CHARS = 8192
 _ID = re.compile(r"\A[A-Za-z0-9_.:@-]{1,128}\Z")
 
@@ -63,12 +69,18 @@ def mint_device_token(config, user, device, ttl=3600, signing_key=None):
     return jwt.encode(claims, key, algorithm=config["JWT_ALGORITHM"])
 
 
+# The one spelling of a device token in Authorization: "Bearer" in any case,
+# a space, then the token between optional blanks.  nginx picks the instance
+# by the token this pattern finds (deploy/nginx/orbmesh.conf, the same
+# pattern, checked by tests/deploy/test_files.py), so every spelling accepted
+# here lands on one instance.
+BEARER_PATTERN = r"^bearer [ \t]*([^ \t]+)[ \t]*$"
+_BEARER = re.compile(BEARER_PATTERN, re.IGNORECASE | re.ASCII)
+
+
 def bearer_token():
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return ""
-    return token.strip()
+    match = _BEARER.match(request.headers.get("Authorization", ""))
+    return match.group(1) if match else ""
 
 
 def device_token_required(view):
@@ -80,20 +92,67 @@ def device_token_required(view):
     return wrapped
 
 
+def _digest(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
 def api_key_valid(given, keys):
     """Compare against every key, in constant time, without stopping early."""
     # Digests first, so neither the length nor the content of a key leaks.
-    given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    given_digest = _digest(given)
     found = False
     for key in keys:
-        found |= hmac.compare_digest(given_digest, hashlib.sha256(key.encode()).digest())
+        found |= hmac.compare_digest(given_digest, _digest(key))
     return found and bool(given)
 
 
+def _scope_of(given, scoped):
+    """The userUuid a scoped key is limited to, or None; every scoped key is compared."""
+    given_digest = _digest(given)
+    scope = None
+    for key, user in scoped.items():
+        if hmac.compare_digest(given_digest, _digest(key)):
+            scope = user
+    return scope if given else None
+
+
+def has_api_key():
+    """Whether the request carries one of the internal (full) API keys."""
+    return api_key_valid(request.headers.get("X-API-Key", ""), current_app.config["API_KEYS"])
+
+
+def _key_scope(allow_scoped):
+    """None for a full key; the userUuid of a scoped key where `allow_scoped`; else 401 or 403."""
+    if has_api_key():
+        return None
+    scope = _scope_of(request.headers.get("X-API-Key", ""), current_app.config["SCOPED_API_KEYS"])
+    if scope is None:
+        raise ApiError("UNAUTHORIZED", BAD_KEY)
+    if not allow_scoped:
+        raise ApiError("FORBIDDEN", SCOPED_ONLY)
+    return scope
+
+
 def api_key_required(view):
+    """A full internal API key; a scoped key is 403 here."""
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
-        if not api_key_valid(request.headers.get("X-API-Key", ""), current_app.config["API_KEYS"]):
-            raise ApiError("UNAUTHORIZED", BAD_KEY)
+        _key_scope(allow_scoped=False)
         return view(*args, **kwargs)
     return wrapped
+
+
+def peer_key_required(view):
+    """A full key, or a scoped key (g.key_scope: its userUuid, for check_scope)."""
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        g.key_scope = _key_scope(allow_scoped=True)
+        return view(*args, **kwargs)
+    return wrapped
+
+
+def check_scope(user_id):
+    """FORBIDDEN when a scoped key names a userUuid other than its own."""
+    scope = g.get("key_scope")
+    if scope is not None and scope != user_id:
+        raise ApiError("FORBIDDEN", SCOPED_ONLY)

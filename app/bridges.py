@@ -8,7 +8,14 @@ registering this server on the exit through the exit's own API (add-peer
 with the exit's API key from the registry, at ``bridgeAddress``; add-peer is
 idempotent, so every bridged connect repeats it and so learns whether the
 exit answers) and then asking the helper for ``bridge_up``.
+
+On every exit this server is the user ``bridge_user(bridge key)``: derived
+from its own bridge key, so two entries never share a user, and an exit can
+give each entry a key scoped to that user (SCOPED_API_KEYS there).  Calls to
+an exit are never made inside a database transaction: a slow exit must not
+hold the write lock that every connect needs.
 """
+import base64
 import logging
 import time
 
@@ -34,6 +41,11 @@ def bridge_public_key(helper, cache):
             raise ApiError("BRIDGE_UNAVAILABLE", "The WireGuard helper has no bridge key")
         cache["bridge"] = key
     return cache["bridge"]
+
+
+def bridge_user(public_key):
+    """The userUuid this server registers under on exits: its bridge public key, in hex."""
+    return "orbmesh-bridge-" + base64.b64decode(public_key).hex()
 
 
 def bridge_keepalive(config):
@@ -69,13 +81,37 @@ class Bridges:
         exit = smartconnect.recommend(self.policy, client_address(), self.registry, self.client.healthy)
         return exit, exit is not None
 
+    def admit(self, db, user_id, device_id, exit_id, current_exit=None):
+        """Inside the connect's write transaction: BRIDGE_LIMIT when `exit_id` is one exit too many.
+
+        A tunnel stays up BRIDGE_IDLE_GRACE seconds after its last client
+        left, so a device naming a new exit on every connect would hold a
+        slot for each and soon all of them.  So a device may use at most
+        BRIDGE_EXITS_PER_DEVICE exits and a user BRIDGE_EXITS_PER_USER
+        within the grace period: the exits they route through now and those
+        they used or left within it (`current_exit` is the one this device
+        is leaving, if any).  0 is no limit.
+        """
+        now = time.time()
+        since = now - self.config["BRIDGE_IDLE_GRACE"]
+        recent = store.recent_exits(db, user_id, since)
+        device = recent.get(device_id, set())
+        user = set().union(*recent.values())
+        grace = self.config["BRIDGE_IDLE_GRACE"]
+        for who, used, limit in (("device", device, self.config["BRIDGE_EXITS_PER_DEVICE"]),
+                                 ("user", user, self.config["BRIDGE_EXITS_PER_USER"])):
+            if limit and exit_id not in used and len(used) >= limit:
+                raise ApiError("BRIDGE_LIMIT", "This %s has used %d exit servers within %g s; connect through "
+                               "one of them, or directly, or retry later" % (who, len(used), grace))
+        store.record_bridge_use(db, user_id, device_id, {exit_id, current_exit} - {None}, now, since)
+
     def open(self, helper, exit, slot):
         """Register this server on `exit`, then bring up the tunnel to it in `slot`.
 
         BRIDGE_UNAVAILABLE when the exit does not answer (app/exits.py).
         """
         key = bridge_public_key(helper, self.key_cache)
-        self.client.register(exit, self.config["BRIDGE_USER"], key)
+        self.client.register(exit, bridge_user(key), key)
         helper.bridge_up(slot, exit["publicKey"], exit["endpoint"], exit["bridgeAddress"],
                          bridge_keepalive(self.config))
 
@@ -126,21 +162,35 @@ class Bridges:
                 self._close(db, helper, exit_id, slot)
 
     def _close(self, db, helper, exit_id, slot):
-        # Under the write lock, so no connect can start using the tunnel meanwhile.
+        """Take an idle tunnel down, then tell the exit (remove-peer for our own key only).
+
+        The tunnel goes and its row is deleted under the write lock, so no
+        connect can start using it meanwhile; the exit is told afterwards,
+        outside any transaction.  A connect that opens the tunnel again
+        in between registers anew, and its add-peer may reach the exit
+        before our remove-peer does: then we register once more.
+        """
         with write(db):
             row = [r for r in store.bridge_rows(db) if r[0] == exit_id]
             if not row or row[0][3] or row[0][2] is None:
                 return
             helper.bridge_down(slot)
-            exit = self.registry.exits.get(exit_id)
-            if exit is not None:
-                try:
-                    self.client.unregister(exit, self.config["BRIDGE_USER"])
-                except ApiError:
-                    log.warning("bridge: could not unregister from exit %s; it keeps an idle peer", exit_id)
             store.delete_bridge(db, exit_id)
         log.info("bridge: tunnel to %s closed after %gs without clients", exit_id,
                  self.config["BRIDGE_IDLE_GRACE"])
+        exit = self.registry.exits.get(exit_id)
+        if exit is None:
+            return
+        key = bridge_public_key(helper, self.key_cache)
+        try:
+            self.client.unregister(exit, bridge_user(key), key)
+        except ApiError:
+            log.warning("bridge: could not unregister from exit %s; it keeps an idle peer", exit_id)
+        if any(r[0] == exit_id for r in store.bridge_rows(db)):
+            try:
+                self.client.register(exit, bridge_user(key), key)
+            except ApiError:
+                log.warning("bridge: exit %s reopened but not answering; the next connect registers", exit_id)
 
 
 def get_bridges():

@@ -5,6 +5,12 @@
 mints a device token the way OrbNET does, from the same settings the app
 reads (ORBMESH_CONFIG_FILE and ORBMESH_* variables).
 
+    orbmesh-wg bridge-user
+
+prints the userUuid this server registers under on exits in bridge mode
+(from its bridge key, asked of the running helper): what an exit lists in
+ORBMESH_SCOPED_API_KEYS as KEY=userUuid for this entry.
+
     orbmesh-wg relay --transport ws|http --url URL --token TOKEN --listen ADDR:PORT
 
 carries a local WireGuard client's UDP over the server's tunnel: the same
@@ -31,8 +37,9 @@ from orbmesh_relay import cli as relay_cli
 from . import config as settings
 from . import unbound
 from .auth import mint_device_token
+from .bridges import bridge_user
 from .errors import ApiError
-from .helper import HelperClient, HelperUnavailable
+from .helper import HelperClient, HelperFailed, HelperUnavailable
 
 
 def _token(args):
@@ -97,6 +104,14 @@ def _dns_config(args):
         sys.stdout.write(text)
 
 
+def _bridge_user(args):
+    values = settings.load()
+    key = HelperClient(values["HELPER_SOCKET"], values["HELPER_TIMEOUT"]).hello().get("bridge_public_key")
+    if not key:
+        raise OSError("the helper has no bridge key")
+    print(bridge_user(key))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="orbmesh-wg", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +121,8 @@ def main(argv=None):
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.add_argument("--private-key", help="PEM private key for RS256/ES256/EdDSA")
     token.set_defaults(func=_token)
+    commands.add_parser("bridge-user", help="print this server's userUuid on exits (bridge mode)").set_defaults(
+        func=_bridge_user)
     relay_parser = commands.add_parser("relay", help="relay local WireGuard UDP over the server's tunnel")
     relay_cli.add_arguments(relay_parser)
     relay_parser.set_defaults(func=relay_cli.run)
@@ -122,6 +139,9 @@ def main(argv=None):
         status = args.func(args)
     except (settings.ConfigError, OSError, ValueError) as exc:
         print("orbmesh-wg: %s" % exc, file=sys.stderr)
+        return 2
+    except (HelperUnavailable, HelperFailed) as exc:
+        print("orbmesh-wg: %s" % exc.message, file=sys.stderr)
         return 2
     return status or 0
 

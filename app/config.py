@@ -7,6 +7,7 @@ SETTINGS is both; docs/configuration.md lists every one of them.
 """
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from wghelper import settings as shared
@@ -23,6 +24,7 @@ PLACEHOLDER_SECRETS = {
 MIN_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 16
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA")
+_USER_ID = re.compile(r"\A[A-Za-z0-9_.:@-]{1,128}\Z")  # a userUuid, as the API accepts it
 
 __all__ = ["ConfigError", "SETTINGS", "load", "check_secrets"]
 
@@ -54,6 +56,17 @@ def _address(value):
     return str(ipaddress.ip_address(str(value).strip()))
 
 
+def _flag(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 # name: (parser, default, description).  None as default means "derived" or "unset".
 APP = {
     "PUBLIC_HOST": (_str, "127.0.0.1", "Host or IP clients use to reach WireGuard (serverEndpoint)"),
@@ -74,6 +87,8 @@ APP = {
     "JWT_LEEWAY": (_int(0, 300), 30, "Clock leeway for exp/nbf/iat, seconds"),
     "API_KEYS": (_list, "", "Internal API keys, comma-separated (several for rotation)"),
     "API_KEYS_FILE": (_str, "", "File with one internal API key per line (added to API_KEYS)"),
+    "SCOPED_API_KEYS": (_list, "", "API keys that may only add and remove the peers of one userUuid (an entry's bridge key on this exit): KEY=userUuid, comma-separated"),
+    "SCOPED_API_KEYS_FILE": (_str, "", "File with one KEY=userUuid per line (added to SCOPED_API_KEYS)"),
     "MAX_BODY_BYTES": (_int(256, 16 * 1024 * 1024), 65536, "Largest accepted request body"),
     "WS_PING_INTERVAL": (_float(1, 3600), 20.0, "WebSocket tunnel: ping every this many seconds; no pong by the next one closes"),
     "WS_IDLE_TIMEOUT": (_float(1, 86400), 300.0, "WebSocket tunnel: close after this long without a datagram, seconds"),
@@ -94,9 +109,12 @@ APP = {
     "EXIT_REGISTRY_FILE": (_str, "", "Exit-server registry as a local JSON file (used when no URL is set)"),
     "EXIT_REGISTRY_INTERVAL": (_float(0.1, 86400), 300.0, "Fetch the registry URL this often, seconds"),
     "EXIT_REGISTRY_CACHE": (_str, None, "Last good copy of the registry (default: exit-registry.json beside DB_PATH)"),
-    "EXIT_API_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds to wait for an exit server's API or the registry URL"),
-    "BRIDGE_USER": (_str, None, "userUuid this server registers under on exits (default: orbmesh-bridge@PUBLIC_HOST)"),
+    "EXIT_API_TIMEOUT": (_float(0.1, 120), 5.0, "Seconds one call to an exit server's API or the registry URL may take in all"),
+    "EXIT_ALLOW_HTTP": (_flag, False, "Accept plain http:// for the exit registry URL and exits' apiUrl (tests, private links); otherwise https only"),
+    "EXIT_CA_FILE": (_str, "", "CA certificates (PEM) that exits' and the registry's https certificates must chain to (empty: the system's)"),
     "BRIDGE_IDLE_GRACE": (_float(0, 86400), 300.0, "Take an exit tunnel down this long after its last client left, seconds"),
+    "BRIDGE_EXITS_PER_DEVICE": (_int(0, 64), 4, "Exits one device may use within BRIDGE_IDLE_GRACE (0 = no limit)"),
+    "BRIDGE_EXITS_PER_USER": (_int(0, 64), 8, "Exits all devices of one user may use within BRIDGE_IDLE_GRACE (0 = no limit)"),
     "SMARTCONNECT_POLICY": (_str, "", "SmartConnect policy file (JSON); empty: direct unless exitServerId is given"),
     "SMARTCONNECT_HEALTH_TTL": (_float(0, 3600), 30.0, "How long an exit's /health answer is trusted, seconds"),
     "DB_BUSY_TIMEOUT": (_float(0, 120), 10.0, "Seconds a write waits for the database lock before a 503 DATABASE_UNAVAILABLE"),
@@ -144,12 +162,38 @@ def _derive(s):
         s["JWT_PUBLIC_KEY"] = ""
     if s["EXIT_REGISTRY_CACHE"] is None:
         s["EXIT_REGISTRY_CACHE"] = os.path.join(os.path.dirname(os.path.abspath(s["DB_PATH"])), "exit-registry.json")
-    if s["BRIDGE_USER"] is None:
-        s["BRIDGE_USER"] = "orbmesh-bridge@" + s["PUBLIC_HOST"]
     if s["API_KEYS_FILE"]:
         text = _read_secret_file(s["API_KEYS_FILE"], "API_KEYS_FILE")
         s["API_KEYS"] = s["API_KEYS"] + [line.strip() for line in text.splitlines() if line.strip()]
+    scoped = s["SCOPED_API_KEYS"]
+    if s["SCOPED_API_KEYS_FILE"]:
+        text = _read_secret_file(s["SCOPED_API_KEYS_FILE"], "SCOPED_API_KEYS_FILE")
+        lines = [line.strip() for line in text.splitlines()]
+        scoped = scoped + [line for line in lines if line and not line.startswith("#")]
+    s["SCOPED_API_KEYS"] = _scoped_keys(scoped)
+    if s["EXIT_REGISTRY_URL"].lower().startswith("http://") and not s["EXIT_ALLOW_HTTP"]:
+        raise ConfigError("%sEXIT_REGISTRY_URL: must be https:// (it carries the exits' API keys); "
+                          "%sEXIT_ALLOW_HTTP=true allows http:// on a private link" % (PREFIX, PREFIX))
     return s
+
+
+def _scoped_keys(items):
+    """["KEY=userUuid", ...] -> {key: userUuid}; errors name the entry by its place, never the key."""
+    found = {}
+    for index, item in enumerate(items, 1):
+        key, equals, user = item.rpartition("=")
+        key, user = key.strip(), user.strip()
+        problem = None
+        if not equals or not key:
+            problem = "is not KEY=userUuid"
+        elif not _USER_ID.match(user):
+            problem = "has a userUuid outside [A-Za-z0-9_.:@-]{1,128}"
+        elif key in found:
+            problem = "names the same key twice"
+        if problem:
+            raise ConfigError("%sSCOPED_API_KEYS: entry %d %s" % (PREFIX, index, problem))
+        found[key] = user
+    return found
 
 
 def check_secrets(s):
@@ -166,3 +210,10 @@ def check_secrets(s):
         if key.lower() in PLACEHOLDER_SECRETS or len(key) < MIN_API_KEY_CHARS:
             raise ConfigError("%sAPI_KEYS: every key needs at least %d characters and must not be a placeholder"
                               % (PREFIX, MIN_API_KEY_CHARS))
+    for index, key in enumerate(s["SCOPED_API_KEYS"], 1):
+        if key.lower() in PLACEHOLDER_SECRETS or len(key) < MIN_API_KEY_CHARS:
+            raise ConfigError("%sSCOPED_API_KEYS: entry %d: every key needs at least %d characters and must not "
+                              "be a placeholder" % (PREFIX, index, MIN_API_KEY_CHARS))
+        if key in s["API_KEYS"]:
+            raise ConfigError("%sSCOPED_API_KEYS: entry %d is also a full key in %sAPI_KEYS"
+                              % (PREFIX, index, PREFIX))

@@ -42,6 +42,13 @@ CREATE TABLE IF NOT EXISTS bridges (
     slot        INTEGER NOT NULL UNIQUE,
     idle_since  REAL
 );
+CREATE TABLE IF NOT EXISTS bridge_uses (
+    user_id     TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    exit_id     TEXT NOT NULL,
+    used_at     REAL NOT NULL,
+    PRIMARY KEY (user_id, device_id, exit_id)
+);
 """
 # Columns added after the first release: (name, definition), added to older files at start.
 ADDED_COLUMNS = (

@@ -20,17 +20,15 @@ import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .errors import ApiError
+from .httpjson import request as http_json
+from .httpjson import tls_context
 from .schemas import _ID_RE, HostPort, WireGuardKey
 
 log = logging.getLogger(__name__)
-
-MAX_REGISTRY_BYTES = 4 * 1024 * 1024
 
 
 class ExitSchema(Schema):
@@ -48,8 +46,12 @@ class ExitSchema(Schema):
 exit_schema = ExitSchema()
 
 
-def parse(document):
-    """{"exits": [...]} (or a bare list) -> {id: exit dict}; bad entries are logged and skipped."""
+def parse(document, allow_http=False):
+    """{"exits": [...]} (or a bare list) -> {id: exit dict}; bad entries are logged and skipped.
+
+    An exit's apiUrl must be https (the call carries its API key) unless
+    `allow_http` (EXIT_ALLOW_HTTP: tests, private links).
+    """
     entries = document.get("exits") if isinstance(document, dict) else document
     if not isinstance(entries, list):
         raise ValueError("the registry must be a list of exits or {\"exits\": [...]}")
@@ -66,6 +68,10 @@ def parse(document):
         if address.is_multicast or address.is_unspecified or address.is_loopback:
             log.warning("exit registry: skipping entry %d (%s): bad bridgeAddress", index, item["id"])
             continue
+        if not allow_http and not item["apiUrl"].lower().startswith("https://"):
+            log.warning("exit registry: skipping entry %d (%s): bad apiUrl (http:// needs "
+                        "ORBMESH_EXIT_ALLOW_HTTP)", index, item["id"])
+            continue
         item["bridgeAddress"] = str(address)
         item["apiUrl"] = item["apiUrl"].rstrip("/")
         if item["id"] in exits:
@@ -73,41 +79,6 @@ def parse(document):
             continue
         exits[item["id"]] = item
     return exits
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: it would carry X-API-Key to another host."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
-
-
-def http_json(method, url, timeout, body=None, api_key=None):
-    """(status, decoded JSON or None); OSError when nothing usable came back."""
-    headers = {"Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if api_key:
-        headers["X-API-Key"] = api_key
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with _opener.open(request, timeout=timeout) as response:
-            status, raw = response.status, response.read(MAX_REGISTRY_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read(65536)
-    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-        raise OSError(str(getattr(exc, "reason", exc))) from None
-    if len(raw) > MAX_REGISTRY_BYTES:
-        raise OSError("response too large")
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, None
 
 
 class Registry:
@@ -119,6 +90,8 @@ class Registry:
         self.cache = config["EXIT_REGISTRY_CACHE"]
         self.interval = config["EXIT_REGISTRY_INTERVAL"]
         self.timeout = config["EXIT_API_TIMEOUT"]
+        self.allow_http = config.get("EXIT_ALLOW_HTTP", False)
+        self.tls = tls_context(config.get("EXIT_CA_FILE", ""))
         self.exits = {}
         self._fetched = None     # monotonic time of the last attempt
         self._source_key = None  # the file's (mtime, size) last read
@@ -151,12 +124,12 @@ class Registry:
 
     def _fetch(self):
         try:
-            status, document = http_json("GET", self.url, self.timeout, api_key=self.api_key)
+            status, document = http_json("GET", self.url, self.timeout, api_key=self.api_key, context=self.tls)
             if status != 200 or document is None:
                 raise OSError("HTTP %s" % status)
             if document == self._document and not self._failing:
                 return  # unchanged: no re-parse, no repeated log lines
-            exits = parse(document)
+            exits = parse(document, self.allow_http)
         except (OSError, ValueError) as exc:
             if not self._failing:
                 log.warning("exit registry: %s does not answer (%s); keeping the last good copy (%d exits)",
@@ -177,7 +150,7 @@ class Registry:
             if key == self._source_key:
                 return
             with open(self.file, encoding="utf-8") as handle:
-                self.exits = parse(json.load(handle))
+                self.exits = parse(json.load(handle), self.allow_http)
             self._source_key = key
             log.info("exit registry: %d exits from %s", len(self.exits), self.file)
         except (OSError, ValueError) as exc:
@@ -187,7 +160,7 @@ class Registry:
     def _load_cache(self):
         try:
             with open(self.cache, encoding="utf-8") as handle:
-                self.exits = parse(json.load(handle))
+                self.exits = parse(json.load(handle), self.allow_http)
             log.info("exit registry: %d exits from the cached copy %s", len(self.exits), self.cache)
         except FileNotFoundError:
             pass
@@ -211,11 +184,12 @@ class ExitClient:
     def __init__(self, config):
         self.timeout = config["EXIT_API_TIMEOUT"]
         self.health_ttl = config["SMARTCONNECT_HEALTH_TTL"]
+        self.tls = tls_context(config.get("EXIT_CA_FILE", ""))
         self._health = {}  # exit id -> (monotonic time, healthy)
 
     def _call(self, exit, path, body):
         try:
-            return http_json("POST", exit["apiUrl"] + path, self.timeout, body, exit["apiKey"])
+            return http_json("POST", exit["apiUrl"] + path, self.timeout, body, exit["apiKey"], self.tls)
         except OSError as exc:
             log.warning("exit %s: %s failed: %s", exit["id"], path, exc)
             raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s cannot be reached" % exit["id"]) from None
@@ -232,8 +206,9 @@ class ExitClient:
             raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s refused the bridge (%s)"
                            % (exit["id"], code or "HTTP %s" % status))
 
-    def unregister(self, exit, user):
-        status, _ = self._call(exit, "/wireguard/remove-peer", {"userUuid": user})
+    def unregister(self, exit, user, public_key):
+        """Remove our own peer from the exit: the user's peer with `public_key` (our remove-peer extension)."""
+        status, _ = self._call(exit, "/wireguard/remove-peer", {"userUuid": user, "publicKey": public_key})
         if status not in (200, 404):
             raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s: remove-peer answered %s" % (exit["id"], status))
 
@@ -244,7 +219,7 @@ class ExitClient:
         if seen and now - seen[0] < self.health_ttl:
             return seen[1]
         try:
-            status, reply = http_json("GET", exit["apiUrl"] + "/health", self.timeout)
+            status, reply = http_json("GET", exit["apiUrl"] + "/health", self.timeout, context=self.tls)
             ok = status == 200 and isinstance(reply, dict) and reply.get("status") in ("healthy", "degraded")
         except OSError:
             ok = False

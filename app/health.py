@@ -1,4 +1,4 @@
-"""Blueprint: GET /health (no auth).
+"""Blueprint: GET /health: the status for anyone, the details with an internal API key.
 
 healthy: database and helper answer, the interface is up and the node's
 DNS resolver (when ORBMESH_DNS_RESOLVER is on) answers on the gateway.
@@ -7,12 +7,18 @@ number of peers than the database (a reconcile is pending), or the
 resolver does not answer (clients are sent to it first).
 unhealthy: the database or the helper does not answer; HTTP 503 so a
 load balancer stops sending clients here.
+
+Without a valid X-API-Key the answer is ``success`` and ``status`` (and the
+error of an unhealthy one) only: peer count, traffic and the interface are
+nobody else's business.  Details are added to the body when the key is
+valid, each as its own block.
 """
 import logging
 
 from flask import Blueprint, current_app
 
 from . import resolver, store
+from .auth import has_api_key
 from .db import get_db
 from .errors import envelope
 from .helper import HelperFailed, HelperUnavailable, get_helper
@@ -45,7 +51,7 @@ def _wireguard(config):
 
 @bp.get("/health")
 def health():
-    """Report on the database, the helper, the interface and the DNS resolver."""
+    """Report the status of the database, the helper, the interface and the DNS resolver (the details with a key)."""
     database, rows = _database()
     wireguard, helper = _wireguard(current_app.config)
     dns = resolver.health()
@@ -55,8 +61,9 @@ def health():
         status = "degraded"
     else:
         status = "healthy"
-    body = {"success": status != "unhealthy", "status": status, "wireguard": wireguard,
-            "database": database, "helper": helper, "resolver": dns}
+    body = {"success": status != "unhealthy", "status": status}
+    if has_api_key():
+        body.update(wireguard=wireguard, database=database, helper=helper, resolver=dns)
     if status == "unhealthy":
         failed = "HELPER_UNAVAILABLE" if not helper["ok"] else "INTERNAL_ERROR"
         body["error"] = envelope(failed, "Service is unhealthy")["error"]

@@ -58,7 +58,8 @@ PATHS = {
         "security": DEVICE, "requestBody": _body("Connect"),
         "responses": _limited({"200": _json("ConnectResponse"),
                                **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "EXIT_NOT_FOUND",
-                                         "BRIDGE_UNAVAILABLE", "RATE_LIMITED", "DEVICE_LIMIT", *HELPER)},
+                                         "BRIDGE_UNAVAILABLE", "RATE_LIMITED", "DEVICE_LIMIT", "BRIDGE_LIMIT",
+                                         *HELPER)},
                               "200", "429")}},
     "/wireguard/disconnect": {"post": {
         "summary": "Remove the device's peer and free its address (idempotent)",
@@ -67,15 +68,18 @@ PATHS = {
     "/wireguard/status": {"get": {
         "summary": "Server public key and peer count from the live interface",
         "security": INTERNAL,
-        "responses": {"200": _json("StatusResponse"), **_errors("UNAUTHORIZED", *HELPER)}}},
+        "responses": {"200": _json("StatusResponse"), **_errors("UNAUTHORIZED", "FORBIDDEN", *HELPER)}}},
     "/wireguard/add-peer": {"post": {
         "summary": "Add a peer provisioned by OrbNET",
+        "description": "A scoped API key may add only one peer, of its own userUuid.",
         "security": INTERNAL, "requestBody": _body("AddPeer"),
-        "responses": {"200": _json("Message"), **_errors("UNAUTHORIZED", "CONFLICT", *HELPER)}}},
+        "responses": {"200": _json("Message"), **_errors("UNAUTHORIZED", "FORBIDDEN", "CONFLICT", *HELPER)}}},
     "/wireguard/remove-peer": {"post": {
-        "summary": "Remove every peer of a user",
+        "summary": "Remove every peer of a user, or only its peer with publicKey (our extension)",
+        "description": "A scoped API key may remove only peers of its own userUuid.",
         "security": INTERNAL, "requestBody": _body("RemovePeer"),
-        "responses": {"200": _json("RemovePeerResponse"), **_errors("UNAUTHORIZED", "NOT_FOUND", *HELPER)}}},
+        "responses": {"200": _json("RemovePeerResponse"),
+                      **_errors("UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND", *HELPER)}}},
     "/wireguard/ws": {"get": {
         "summary": "WebSocket tunnel: one binary message per WireGuard datagram (docs/tunnel-protocol.md)",
         "security": DEVICE,
@@ -101,6 +105,8 @@ PATHS = {
             "200", "204", "429")}},
     "/health": {"get": {
         "summary": "Health of the database, the helper, the interface and the DNS resolver",
+        "description": "The status for anyone; the wireguard, database, helper and resolver blocks only with an "
+                       "internal X-API-Key (a missing or wrong key is not an error here).",
         "responses": {"200": _json("Health", "healthy or degraded"),
                       "503": _json("Health", "unhealthy")}}},
     "/metrics": {"get": {
@@ -108,7 +114,7 @@ PATHS = {
         "security": INTERNAL,
         "responses": {"200": {"description": "Prometheus text format 0.0.4",
                               "content": {"text/plain": {"schema": {"type": "string"}}}},
-                      **_errors("UNAUTHORIZED")}}},
+                      **_errors("UNAUTHORIZED", "FORBIDDEN")}}},
     "/openapi.json": {"get": {
         "summary": "This document",
         "responses": {"200": {"description": "OpenAPI 3 document",

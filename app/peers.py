@@ -42,7 +42,7 @@ def connect_device(db, helper, allocator, bridges, user_id, device_id, public_ke
         try:
             return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, bridges, exit)
         except ApiError as exc:
-            if not (recommended and exc.code == "BRIDGE_UNAVAILABLE"):
+            if not (recommended and exc.code in ("BRIDGE_UNAVAILABLE", "BRIDGE_LIMIT")):
                 raise
         log.warning("smartconnect: exit %s unavailable, connecting directly", exit["id"])
     return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices)
@@ -62,6 +62,8 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
         current = store.by_device(db, user_id, device_id)
+        if exit:
+            bridges.admit(db, user_id, device_id, exit_id, current.exit_id if current else None)
         quarantined_at = current.quarantined_at if current else None
         if quarantined_at:
             store.set_quarantined(db, current.id, None)
@@ -176,13 +178,19 @@ def _remove_or_restore(db, helper, peers):
         raise
 
 
-def add_orbnet_peer(db, helper, config, data):
-    """Add (or update in place) a peer provisioned by OrbNET."""
+def add_orbnet_peer(db, helper, config, data, only_peer=False):
+    """Add (or update in place) a peer provisioned by OrbNET.
+
+    With `only_peer` (a scoped key's call) the user may hold no other peer.
+    """
     addr = int(ipaddress.IPv4Address(data["assignedIP"]))
     keepalive = 0 if data["noKeepalive"] else config["KEEPALIVE"]
     with write(db):
         owner = store.by_key(db, data["publicKey"])
         holder = store.by_addr(db, addr)
+        if only_peer and any(p.public_key != data["publicKey"] for p in store.by_user(db, data["userUuid"])):
+            raise ApiError("CONFLICT", "This userUuid already holds a peer and its key may hold only one; "
+                           "remove it first")
         if owner and (owner.source != "orbnet" or owner.user_id != data["userUuid"] or owner.addr != addr):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
         if holder and holder != owner:
@@ -211,10 +219,10 @@ def add_orbnet_peer(db, helper, config, data):
     return peer
 
 
-def remove_user_peers(db, helper, user_id):
-    """Remove every peer of the user (client and OrbNET); return how many."""
+def remove_user_peers(db, helper, user_id, public_key=None):
+    """Remove every peer of the user (client and OrbNET), or only the one with `public_key`; return how many."""
     with write(db):
-        peers = store.by_user(db, user_id)
+        peers = [p for p in store.by_user(db, user_id) if public_key in (None, p.public_key)]
         for peer in peers:
             store.delete(db, peer)
     if peers:

@@ -11,8 +11,9 @@ and a refused one is 429 RATE_LIMITED with Retry-After (same value as Reset).
 
 Counts live in the worker process, in memory: a dict lookup under a lock,
 no database write on the connect path.  That is exact for the documented
-deployment (one gevent worker per instance, nginx hashing on Authorization,
-so all of a device's requests meet the same counter); with N workers behind
+deployment (one gevent worker per instance, nginx hashing on the device
+token, however Authorization spells it, so all of a device's requests meet
+the same counter); with N workers behind
 one port a device could get up to N times the limit.
 """
 import functools

@@ -121,6 +121,8 @@ class AddPeerSchema(Schema):
 
 class RemovePeerSchema(Schema):
     userUuid = _identifier(required=True)
+    # Our extension (the reference is silent): only the user's peer with this key.
+    publicKey = WireGuardKey(metadata=_KEY_DOC)
 
 
 # Responses (documented in /openapi.json; views build them as plain dicts).
@@ -200,10 +202,11 @@ class ResolverHealthSchema(Schema):
 class HealthSchema(Schema):
     success = fields.Boolean(required=True)
     status = fields.String(required=True, validate=validate.OneOf(["healthy", "degraded", "unhealthy"]))
-    wireguard = fields.Nested(WireguardHealthSchema, required=True)
-    database = fields.Nested(ComponentHealthSchema, required=True)
-    helper = fields.Nested(ComponentHealthSchema, required=True)
-    resolver = fields.Nested(ResolverHealthSchema, required=True)
+    # The details, only with an internal API key (app/health.py).
+    wireguard = fields.Nested(WireguardHealthSchema)
+    database = fields.Nested(ComponentHealthSchema)
+    helper = fields.Nested(ComponentHealthSchema)
+    resolver = fields.Nested(ResolverHealthSchema)
     error = fields.Nested(ErrorBodySchema)
 
 

@@ -177,3 +177,24 @@ def mark_bridge_idle(db, exit_id, now):
 def delete_bridge(db, exit_id):
     db.execute("DELETE FROM bridges WHERE exit_id = ?", (exit_id,))
 
+
+
+# --- the exits each device used lately (bridges.Bridges.admit) -----------------------
+
+def recent_exits(db, user_id, since):
+    """{device_id: exits} of the user: used since `since`, or routed through now."""
+    rows = db.execute("SELECT device_id, exit_id FROM bridge_uses WHERE user_id = ? AND used_at >= ?"
+                      " UNION SELECT device_id, exit_id FROM peers WHERE user_id = ? AND source = 'client'"
+                      " AND mode = 'bridge'", (user_id, since, user_id))
+    found = {}
+    for device_id, exit_id in rows:
+        found.setdefault(device_id, set()).add(exit_id)
+    return found
+
+
+def record_bridge_use(db, user_id, device_id, exit_ids, now, forget_before):
+    """The device uses (or just left) `exit_ids` at `now`; uses from before `forget_before` go."""
+    db.execute("DELETE FROM bridge_uses WHERE used_at < ?", (forget_before,))
+    db.executemany("INSERT INTO bridge_uses (user_id, device_id, exit_id, used_at) VALUES (?, ?, ?, ?)"
+                   " ON CONFLICT (user_id, device_id, exit_id) DO UPDATE SET used_at = excluded.used_at",
+                   [(user_id, device_id, exit_id, now) for exit_id in exit_ids])

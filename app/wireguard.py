@@ -4,7 +4,7 @@ import ipaddress
 from flask import Blueprint, current_app, g
 
 from . import metrics, peers, ratelimit, resolver
-from .auth import api_key_required, device_token_required
+from .auth import api_key_required, check_scope, device_token_required, peer_key_required
 from .bridges import get_bridges
 from .db import get_db
 from .errors import ApiError
@@ -91,21 +91,23 @@ def status():
 
 @bp.post("/add-peer")
 @metrics.counted(metrics.ADD_PEERS)
-@api_key_required
+@peer_key_required
 def add_peer():
     """Add a peer provisioned by OrbNET at the address OrbNET chose."""
     data = load_body(add_peer_schema)
-    peers.add_orbnet_peer(get_db(), get_helper(), current_app.config, data)
+    check_scope(data["userUuid"])
+    peers.add_orbnet_peer(get_db(), get_helper(), current_app.config, data, only_peer=g.key_scope is not None)
     return {"success": True, "message": "Peer added successfully"}
 
 
 @bp.post("/remove-peer")
 @metrics.counted(metrics.REMOVE_PEERS)
-@api_key_required
+@peer_key_required
 def remove_peer():
-    """Remove every peer of the user."""
+    """Remove every peer of the user, or only the one with `publicKey`."""
     data = load_body(remove_peer_schema)
-    removed = peers.remove_user_peers(get_db(), get_helper(), data["userUuid"])
+    check_scope(data["userUuid"])
+    removed = peers.remove_user_peers(get_db(), get_helper(), data["userUuid"], data.get("publicKey"))
     if not removed:
-        raise ApiError("NOT_FOUND", "No peers found for this user")
+        raise ApiError("NOT_FOUND", "No peers found for this user" + (" with this key" if "publicKey" in data else ""))
     return {"success": True, "message": "Peer removed successfully", "removed": removed}

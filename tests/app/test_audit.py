@@ -121,3 +121,57 @@ def test_a_failed_write_is_counted_and_the_request_goes_on(app, client, auth, au
     response = client.post("/wireguard/connect", json={"publicKey": make_key(1)}, headers=auth())
     assert response.status_code == 200
     assert metrics.AUDIT_FAILURES._value.get() == before + 1
+
+
+def test_a_short_write_on_a_full_disk_leaves_no_torn_line(tmp_path, monkeypatch):
+    """A full tmpfs takes a line up to its last free page and refuses the rest (write() returns less).
+
+    The partial line must not stay: the next line would be glued to it and
+    neither would parse (the full-disk fault test, tests/e2e/test_faults_e2e.py).
+    """
+    path = str(tmp_path / "a.log")
+    log = audit.AuditLog(path, max_bytes=1 << 20, backups=1)
+    assert log.write("connect", n=0)
+    real_write = os.write
+
+    def disk_full(fd, data):
+        return real_write(fd, data[:len(data) // 2])  # what the kernel does with a few bytes free
+
+    monkeypatch.setattr(audit.os, "write", disk_full)
+    assert log.write("connect", n=1) is False  # counted and sent to the app log instead
+    monkeypatch.setattr(audit.os, "write", real_write)
+    assert log.write("connect", n=2)
+    log.close()
+    assert [e["n"] for e in lines(path)] == [0, 2]
+
+
+def test_a_reconcile_between_a_connects_commit_and_its_helper_call_adds_that_peer(app, client, auth,
+                                                                                   fake_helper, audit_path):
+    """Why tests/e2e/test_faults_e2e.py once counted 36 audit lines for 35 connects.
+
+    A connect commits its row, then asks the helper (outside the lock, so
+    connects do not queue behind helper calls).  A worker that boots late
+    runs its first, eager reconcile whenever it starts; landing between the
+    two, it finds the row without its peer and adds the peer itself, and
+    audits that as a repair (``added: 1``).  The connect's own apply then
+    finds the peer there.  Both lines are true: one peer, one connect event,
+    and a reconcile line that is not a connect.
+    """
+    real_sync, real_apply = fake_helper.sync, fake_helper.apply
+
+    def counting_sync(peers):
+        added = [p for p in peers if p.public_key not in fake_helper.peers]
+        real_sync(peers)
+        return {"added": len(added), "removed": 0, "updated": 0}
+
+    def apply_after_a_late_workers_first_round(add=(), remove=()):
+        late = reconcile.Watcher(app.config, helper=fake_helper, audit_log=app.extensions["orbmesh_audit"])
+        late.check_once()
+        return real_apply(add, remove)
+
+    fake_helper.sync = counting_sync
+    fake_helper.apply = apply_after_a_late_workers_first_round
+    assert client.post("/wireguard/connect", json={"publicKey": make_key(1)}, headers=auth()).status_code == 200
+    events = lines(audit_path)
+    assert [(e["event"], e.get("added")) for e in events] == [("reconcile", 1), ("connect", None)]
+    assert events[0]["actor"] == {"type": "system"} and events[1]["peer"]["public_key"] == make_key(1)

@@ -1,4 +1,5 @@
-"""Asymmetric device tokens, algorithm pinning and HS/RS confusion."""
+"""Asymmetric device tokens, algorithm pinning and HS/RS confusion; scoped API keys."""
+import os
 import time
 
 import jwt
@@ -8,7 +9,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from app import create_app
 from app.cli import main as cli_main
-from tests.conftest import FakeHelper, make_key
+from app.config import ConfigError
+from tests.conftest import API_KEYS, FakeHelper, make_key
 
 PRIVATE = {
     "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
@@ -84,3 +86,78 @@ def test_cli_mints_with_a_private_key(asym, tmp_path, monkeypatch, capsys):
     assert cli_main(["token", "--user", "u1", "--device", "d1",
                      "--private-key", str(tmp_path / "private.pem")]) == 0
     assert post_connect(application, capsys.readouterr().out.strip()).status_code == 200
+
+
+# --- scoped API keys: add and remove the peers of one userUuid, nothing else ----
+
+SCOPED = "scoped-key-of-an-entry-0123456789"
+ENTRY_USER = "orbmesh-bridge-entry-a"
+
+
+@pytest.fixture
+def scoped(settings):
+    return dict(settings, SCOPED_API_KEYS=["%s=%s" % (SCOPED, ENTRY_USER)])
+
+
+@pytest.fixture
+def scoped_client(scoped, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("ORBMESH_")]:
+        monkeypatch.delenv(name)
+    application = create_app(scoped)
+    application.extensions["orbmesh_helper"] = FakeHelper()
+    return application.test_client()
+
+
+def peer_body(user, key, address):
+    return {"userUuid": user, "publicKey": key, "allowedIPs": address + "/32", "assignedIP": address}
+
+
+def test_a_scoped_key_adds_and_removes_the_peers_of_its_user_only(scoped_client):
+    key = {"X-API-Key": SCOPED}
+    full = {"X-API-Key": API_KEYS[0]}
+    post = scoped_client.post
+    assert post("/wireguard/add-peer", json=peer_body("someone", make_key(2), "10.8.9.2"), headers=full).status_code == 200
+    answer = post("/wireguard/add-peer", json=peer_body(ENTRY_USER, make_key(1), "10.8.9.1"), headers=key)
+    assert answer.status_code == 200, answer.get_json()
+    refused = [
+        post("/wireguard/add-peer", json=peer_body("someone", make_key(3), "10.8.9.3"), headers=key),
+        post("/wireguard/remove-peer", json={"userUuid": "someone"}, headers=key),
+        post("/wireguard/remove-peer", json={"userUuid": "someone", "publicKey": make_key(2)}, headers=key),
+        scoped_client.get("/wireguard/status", headers=key),
+        scoped_client.get("/metrics", headers=key),
+    ]
+    assert [(r.status_code, r.get_json()["error"]["code"]) for r in refused] == [(403, "FORBIDDEN")] * 5
+    # One peer per scoped user: an entry has one bridge key, and a leaked key cannot fill the pool.
+    second = post("/wireguard/add-peer", json=peer_body(ENTRY_USER, make_key(4), "10.8.9.4"), headers=key)
+    assert second.status_code == 409 and second.get_json()["error"]["code"] == "CONFLICT"
+    assert post("/wireguard/add-peer", json=peer_body(ENTRY_USER, make_key(1), "10.8.9.1"),
+                headers=key).status_code == 200  # repeating its own add-peer stays idempotent
+    assert "wireguard" not in scoped_client.get("/health", headers=key).get_json()
+    status = scoped_client.get("/wireguard/status", headers=full).get_json()
+    assert status["peerCount"] == 2  # the refusals changed nothing
+    assert post("/wireguard/remove-peer", json={"userUuid": ENTRY_USER, "publicKey": make_key(1)},
+                headers=key).get_json()["removed"] == 1
+    wrong = scoped_client.get("/wireguard/status", headers={"X-API-Key": SCOPED[:-1] + "X"})
+    assert wrong.status_code == 401  # not a key at all is still 401
+
+
+@pytest.mark.parametrize("value,problem", [
+    (["no-equals-sign-0123456789"], "KEY=userUuid"),
+    (["short=" + ENTRY_USER], "16"),
+    (["changeme-changeme=bad user"], "userUuid"),
+    ([API_KEYS[0] + "=" + ENTRY_USER], "also a full"),
+    ([SCOPED + "=a", SCOPED + "=b"], "twice"),
+])
+def test_bad_scoped_keys_refuse_to_start_without_showing_the_key(settings, value, problem):
+    with pytest.raises(ConfigError, match=problem) as info:
+        create_app(dict(settings, SCOPED_API_KEYS=value))
+    assert "SCOPED_API_KEYS" in str(info.value)
+    for item in value:
+        assert item.split("=")[0] not in str(info.value)
+
+
+def test_scoped_keys_from_a_file(settings, tmp_path):
+    path = tmp_path / "scoped"
+    path.write_text("  # entry a\n%s=%s\n\n" % (SCOPED, ENTRY_USER))
+    application = create_app(dict(settings, SCOPED_API_KEYS_FILE=str(path)))
+    assert application.config["SCOPED_API_KEYS"] == {SCOPED: ENTRY_USER}

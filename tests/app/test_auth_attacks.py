@@ -108,6 +108,25 @@ def test_odd_authorization_headers(client, header):
     assert response.status_code == 401
 
 
+# Every spelling the app accepts; nginx must send each of them to one instance
+# (tests/e2e/test_deploy_e2e.py), so the list is shared.
+BEARER_SPELLINGS = ["Bearer {}", "bearer {}", "BEARER {}", "bEaReR    {}", "Bearer \t {} \t"]
+
+
+@pytest.mark.parametrize("spelling", BEARER_SPELLINGS)
+def test_bearer_spellings_the_app_accepts(client, spelling):
+    response = client.post("/wireguard/connect", json={"publicKey": make_key(1)},
+                           headers={"Authorization": spelling.format(hs(claims()))})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("spelling", ["Bearer\t{}", "Bearer{}", "Bearer {} x", "Bearer: {}", "Bearerx {}"])
+def test_other_spellings_are_refused(client, spelling):
+    response = client.post("/wireguard/connect", json={"publicKey": make_key(1)},
+                           headers={"Authorization": spelling.format(hs(claims()))})
+    assert response.status_code == 401
+
+
 def test_wrong_audience_and_missing_audience(settings, monkeypatch):
     app = create_app(dict(settings, JWT_AUDIENCE="node-7"))
     app.extensions["orbmesh_helper"] = FakeHelper()

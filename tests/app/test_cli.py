@@ -129,3 +129,15 @@ def test_dns_config_check_enabled(dns_env, monkeypatch, switch, code):
     from app.cli import main
     monkeypatch.setenv("ORBMESH_DNS_RESOLVER", switch)
     assert main(["dns-config", "--check-enabled"]) == code
+
+
+def test_cli_prints_the_bridge_user_an_exit_scopes_a_key_to(monkeypatch, capsys, tmp_path):
+    from app import cli
+    from app.bridges import bridge_user
+    from tests.conftest import BRIDGE_KEY, FakeHelper
+    monkeypatch.setenv("ORBMESH_HELPER_SOCKET", str(tmp_path / "nothing-here.sock"))
+    assert cli.main(["bridge-user"]) == 2  # no helper: a message, no traceback
+    assert "unavailable" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "HelperClient", lambda path, timeout: FakeHelper())
+    assert cli.main(["bridge-user"]) == 0
+    assert capsys.readouterr().out.strip() == bridge_user(BRIDGE_KEY)

@@ -10,11 +10,12 @@ import pytest
 
 from app import exits
 from app.errors import ApiError
+from tests.app.exitstub import SlowExit
 from tests.conftest import BRIDGE_KEY, make_key
 
 API_KEY = "exit-api-key-0123456789-secret"
 EXIT = {"id": "exit-1", "endpoint": "198.51.100.1:51820", "publicKey": make_key(77),
-        "apiUrl": "http://198.51.100.1:8080/", "apiKey": API_KEY, "bridgeAddress": "10.9.255.1"}
+        "apiUrl": "https://198.51.100.1:8443/", "apiKey": API_KEY, "bridgeAddress": "10.9.255.1"}
 
 
 def test_parse_skips_bad_entries_without_logging_values(caplog):
@@ -24,7 +25,7 @@ def test_parse_skips_bad_entries_without_logging_values(caplog):
     with caplog.at_level(logging.WARNING):
         parsed = exits.parse({"exits": bad})
     assert sorted(parsed) == ["dup", "exit-1"]
-    assert parsed["exit-1"]["apiUrl"] == "http://198.51.100.1:8080" and "extra" not in parsed["exit-1"]
+    assert parsed["exit-1"]["apiUrl"] == "https://198.51.100.1:8443" and "extra" not in parsed["exit-1"]
     text = caplog.text
     assert "skipping entry 0 (no-key): bad publicKey" in text and "duplicate id" in text
     assert "bad apiUrl" in text and "bad bridgeAddress" in text and "(no id)" in text
@@ -33,8 +34,38 @@ def test_parse_skips_bad_entries_without_logging_values(caplog):
         exits.parse({"exits": "x"})
 
 
+def test_plain_http_exits_only_when_allowed(caplog):
+    plain = [dict(EXIT, id="plain", apiUrl="http://198.51.100.1:8080"), EXIT]
+    with caplog.at_level(logging.WARNING):
+        assert sorted(exits.parse({"exits": plain})) == ["exit-1"]
+    assert "skipping entry 0 (plain): bad apiUrl (http:// needs ORBMESH_EXIT_ALLOW_HTTP)" in caplog.text
+    assert sorted(exits.parse({"exits": plain}, allow_http=True)) == ["exit-1", "plain"]
+
+
+def test_a_plain_http_registry_url_refuses_to_start(settings):
+    from app import create_app
+    from app.config import ConfigError
+    with pytest.raises(ConfigError, match="EXIT_REGISTRY_URL: must be https"):
+        create_app(dict(settings, EXIT_REGISTRY_URL="http://192.0.2.9/exits"))
+    create_app(dict(settings, EXIT_REGISTRY_URL="http://192.0.2.9/exits", EXIT_ALLOW_HTTP=True,
+                    RECONCILE_CHECK_INTERVAL=0))  # allowed on a private link
+    create_app(dict(settings, EXIT_REGISTRY_URL="https://192.0.2.9/exits"))
+
+
+def test_an_exit_that_answers_one_byte_at_a_time_is_given_up_on_at_the_deadline():
+    slow = SlowExit(interval=0.5)
+    try:
+        client = exits.ExitClient({"EXIT_API_TIMEOUT": 1.0, "SMARTCONNECT_HEALTH_TTL": 0})
+        with pytest.raises(ApiError) as info:
+            client.unregister(dict(EXIT, apiUrl=slow.url), "me", BRIDGE_KEY)
+        assert info.value.code == "BRIDGE_UNAVAILABLE"
+        assert slow.received.is_set() and not slow.finished.is_set()
+    finally:
+        slow.stop()
+
+
 def _config(tmp_path, **extra):
-    config = {"EXIT_REGISTRY_URL": "", "EXIT_REGISTRY_FILE": "", "EXIT_REGISTRY_INTERVAL": 0.1,
+    config = {"EXIT_REGISTRY_URL": "", "EXIT_REGISTRY_FILE": "", "EXIT_REGISTRY_INTERVAL": 0.1, "EXIT_ALLOW_HTTP": True,
               "EXIT_REGISTRY_CACHE": str(tmp_path / "cache.json"), "EXIT_API_TIMEOUT": 2.0}
     config.update(extra)
     return config

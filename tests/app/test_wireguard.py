@@ -264,6 +264,25 @@ def test_remove_peer_removes_every_peer_of_user(client, internal, auth, app):
     assert [r[2] for r in rows(app)] == ["other"]
 
 
+def test_remove_peer_with_public_key_removes_only_that_peer(client, internal, auth, app, fake_helper, snapshot):
+    """Our extension: the entries of bridge mode share exits, each removes only its own peer."""
+    connect(client, auth("usr_abc123", "phone"), KEY_A)
+    client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal)
+    before = snapshot()
+    for body in ({"userUuid": "usr_abc123", "publicKey": make_key(9)},   # not a peer at all
+                 {"userUuid": "other", "publicKey": KEY_C}):           # a peer, of another user
+        response = client.post("/wireguard/remove-peer", json=body, headers=internal)
+        assert response.status_code == 404 and response.get_json()["error"]["code"] == "NOT_FOUND"
+    response = client.post("/wireguard/remove-peer", json={"userUuid": "usr_abc123", "publicKey": "AAAA"},
+                           headers=internal)
+    assert response.status_code == 400 and "publicKey" in response.get_json()["error"]["details"]["fields"]
+    assert snapshot() == before
+    response = client.post("/wireguard/remove-peer", json={"userUuid": "usr_abc123", "publicKey": KEY_C},
+                           headers=internal)
+    assert response.get_json() == {"success": True, "message": "Peer removed successfully", "removed": 1}
+    assert list(fake_helper.peers) == [KEY_A] and [r[0] for r in rows(app)] == [KEY_A]
+
+
 def test_remove_peer_unknown_user_is_404(client, internal):
     response = client.post("/wireguard/remove-peer", json={"userUuid": "nobody"}, headers=internal)
     assert response.status_code == 404

@@ -186,7 +186,7 @@ def test_rendered_site_content():
     assert not re.search(r"@[A-Z_]+@", site), "a placeholder was left"
     assert "\n#:" not in site
     upstream = site[site.index("upstream orbmesh_api"):site.index("}", site.index("upstream orbmesh_api"))]
-    assert "hash $http_authorization consistent;" in upstream
+    assert "hash $orbmesh_device_token consistent;" in upstream
     assert "server 127.0.0.1:8081 " in upstream and "server 127.0.0.1:8082 " in upstream
     assert upstream.index("hash ") < upstream.index("keepalive ")  # nginx requires hash before keepalive
     assert "listen 8443 ssl;" in site and "listen [::]:8443 ssl;" in site
@@ -213,6 +213,17 @@ def test_rendered_site_content():
     # The internal endpoints have no public location of their own: they fall to "location /".
     for path in ("/wireguard/status", "/wireguard/add-peer", "/wireguard/remove-peer", "/metrics"):
         assert "location = %s " % path not in site and "location %s " % path not in site
+
+
+def test_nginx_hashes_on_the_token_the_app_reads():
+    """The map takes the token out of Authorization with the app's own pattern (app/auth.py)."""
+    from app.auth import BEARER_PATTERN
+    site = render("--ports", "8081").stdout
+    block = site[site.index("map $http_authorization $orbmesh_device_token {"):]
+    block = block[:block.index("}")]
+    assert re.search(r"default +\$http_authorization;", block)
+    (pattern, value), = re.findall(r'"~\*(.*)" +(\S+);', block)
+    assert (pattern, value) == (BEARER_PATTERN, "$1")
 
 
 @pytest.mark.parametrize("args", [

@@ -20,14 +20,24 @@ pool6, net.ipv6.conf.all.forwarding=1 as an operator sets it), so a bridged
 client's IPv6 *could* leave directly; two UDP probe hosts on the internet
 (2001:db8:114::101 and ::102, beyond the router) show that only the direct
 client's does.
+
+The registry gives the entry a key of the exit that is scoped to the
+entry's own bridge user (the exit's ORBMESH_SCOPED_API_KEYS), as production
+should; the entry's bridge key is made before either node starts, so the
+exit can be configured with that user.  Plain http is allowed on both
+sides (ORBMESH_EXIT_ALLOW_HTTP): the link is a test namespace.
 """
 import http.server
 import ipaddress
 import json
+import os
+import secrets
 import shutil
 import socket
 
 import pytest
+
+from app.bridges import bridge_user
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet, UdpSink, _WhoAmI, add_address
@@ -96,8 +106,14 @@ class Topology:
         self.registry = _serve(inet, INTERNET_ADDR, REGISTRY_PORT, _Registry)
 
         self.exit = Stack(self.exit_ns, inet, tmp / "exit", workers=1, server_addr=EXIT_ADDR)
-        self.exit.env.update({"ORBMESH_POOL": "10.9.0.0/16", "ORBMESH_NAT_UPLINK": exit_uplink})
         self.entry = Stack(self.entry_ns, self.client, tmp / "entry", workers=1)
+        for stack in (self.exit, self.entry):
+            stack.tmp.mkdir()
+        self.bridge_key = self._entry_bridge_key()
+        self.bridge_user = bridge_user(self.bridge_key)
+        self.scoped_key = secrets.token_urlsafe(24)  # the entry's key on the exit
+        self.exit.env.update({"ORBMESH_POOL": "10.9.0.0/16", "ORBMESH_NAT_UPLINK": exit_uplink,
+                              "ORBMESH_SCOPED_API_KEYS": "%s=%s" % (self.scoped_key, self.bridge_user)})
         policy = tmp / "policy.json"
         policy.write_text(json.dumps({"rules": [{"networks": ["192.0.2.0/24"], "exits": ["exit-1"]}]}))
         self.entry.env.update({
@@ -108,15 +124,24 @@ class Topology:
             "ORBMESH_BRIDGE_IDLE_GRACE": "2",
             "ORBMESH_SMARTCONNECT_POLICY": str(policy),
             "ORBMESH_SMARTCONNECT_HEALTH_TTL": "0",
+            "ORBMESH_EXIT_ALLOW_HTTP": "true",
         })
-        for stack in (self.exit, self.entry):
-            stack.tmp.mkdir()
+
+    def _entry_bridge_key(self):
+        """Write the entry helper's bridge key (it keeps one it finds); return its public half."""
+        private, public = keypair()
+        state = self.entry.tmp / "helper-state"
+        state.mkdir(mode=0o700)
+        fd = os.open(state / "bridge.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(private + "\n")
+        return public
 
     def publish_registry(self):
         exit_key = self.exit_ns.run("wg", "show", self.exit.interface, "public-key").stdout.strip()
         _Registry.document = {"exits": [
             {"id": "exit-1", "endpoint": "%s:51820" % EXIT_ADDR, "publicKey": exit_key,
-             "apiUrl": "http://%s:8080" % EXIT_ADDR, "apiKey": self.exit.api_key, "bridgeAddress": BRIDGE_ADDR},
+             "apiUrl": "http://%s:8080" % EXIT_ADDR, "apiKey": self.scoped_key, "bridgeAddress": BRIDGE_ADDR},
             {"id": "broken", "endpoint": "not-an-endpoint", "publicKey": exit_key,
              "apiUrl": "http://%s:8080" % EXIT_ADDR, "apiKey": "secret-broken-key-0123456789"},
         ]}
@@ -220,6 +245,7 @@ def test_direct_bridge_and_smartconnect_side_by_side(topo):
         # (its underlay address), never the client.
         assert t.client.run("ping", "-n", "-c", "1", "-W", "1", EXIT_ADDR, check=False).returncode != 0
         bridge_key = t.entry_ns.run("wg", "show", t.bridge_link, "public-key").stdout.strip()
+        assert bridge_key == t.bridge_key
         endpoints = t.exit_endpoints()
         assert endpoints[bridge_key].startswith(SERVER_UPLINK_ADDR + ":")
         assert not any(CLIENT_ADDR in e for e in endpoints.values())
@@ -227,7 +253,14 @@ def test_direct_bridge_and_smartconnect_side_by_side(topo):
         assert any(line.startswith("unreachable default") for line in t.table_routes())
         log = t.entry.app_log.read_text()
         assert "skipping entry 1 (broken): bad bridgeAddress, endpoint" in log
-        assert t.exit.api_key not in log and "secret-broken-key" not in log
+        assert t.scoped_key not in log and "secret-broken-key" not in log
+
+        # The entry's key on the exit adds and removes its own user's peer, nothing else.
+        for method, path, body in (("GET", "/wireguard/status", None), ("GET", "/metrics", None),
+                                   ("POST", "/wireguard/remove-peer", {"userUuid": "someone-else"})):
+            status, _, raw = t.exit.request(method, path, body, {"X-API-Key": t.scoped_key})
+            assert status == 403 and json.loads(raw)["error"]["code"] == "FORBIDDEN", (path, raw)
+        assert t.exit.call("GET", "/wireguard/status", api_key=t.exit.api_key)[0] == 200  # control: the full key
 
         # SmartConnect: no exitServerId, the policy matches 192.0.2.0/24 and the exit is healthy.
         status, smart = t.entry.call("POST", "/wireguard/connect", {"publicKey": keypair()[1]},
@@ -235,12 +268,25 @@ def test_direct_bridge_and_smartconnect_side_by_side(topo):
         assert status == 200 and (smart["mode"], smart["exitServerId"]) == ("bridge", "exit-1"), smart
         assert len(t.rules().splitlines()) == 2
 
+        # Another peer under the same user, added with OrbNET's full key once the
+        # last bridged connect has registered (a scoped user may hold only one):
+        # the teardown must remove the entry's own peer, not the whole user.
+        other = keypair()[1]
+        status, _ = t.exit.call("POST", "/wireguard/add-peer", {
+            "userUuid": t.bridge_user, "publicKey": other, "allowedIPs": "10.9.255.2/32",
+            "assignedIP": "10.9.255.2"}, api_key=t.exit.api_key)
+        assert status == 200
+
         # Disconnect removes each rule; the tunnel goes once it is idle past the grace.
         disconnect(t, "dev-smart")
         disconnect(t, "dev-bridge")
         assert t.rules() == ""
         wait_for(t.nothing_bridged, timeout=30, what="the idle tunnel taken down")
         wait_for(lambda: bridge_key not in t.exit_endpoints(), timeout=10, what="entry unregistered on the exit")
+        assert other in t.exit_endpoints()  # only our own peer went
+        assert t.exit.call("POST", "/wireguard/remove-peer", {"userUuid": t.bridge_user},
+                           api_key=t.exit.api_key) == (200, {"success": True, "message": "Peer removed successfully",
+                                                            "removed": 1})
         assert whoami(t, WHOAMI_DIRECT) == SERVER_UPLINK_ADDR
     finally:
         direct.close()

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from .deploy_stack import API_PORTS, HTTPS_PORT, ORBNET_ADDR, VENV_BIN, DeploySt
 from .internet import SERVER_UPLINK_ADDR
 from .netns import unique_ifname
 from .stack import CLIENT_ADDR, SERVER_ADDR, wait_for
+from tests.app.test_auth_attacks import BEARER_SPELLINGS
 from tests.need import need
 
 from .wgclient import WgClient, keypair
@@ -84,7 +86,7 @@ def internet_sees(stack, expected, what):
 
 
 def test_connect_through_nginx_then_nat_to_the_internet(deploy):
-    status, _, raw = deploy.https("GET", "/health")
+    status, _, raw = deploy.https("GET", "/health", headers={"X-API-Key": deploy.api_key})
     assert status == 200 and json.loads(raw)["status"] == "healthy"
     assert json.loads(raw)["resolver"]["ok"] is True  # orbmesh-unbound.service, as its unit runs it
     client, body = bring_up(deploy, "direct")
@@ -168,6 +170,31 @@ def test_internal_endpoints_only_from_allowed_addresses(deploy):
                                   headers={"Authorization": "Bearer " + deploy.token("u", "d"),
                                            "Content-Type": "application/json"})
     assert status == 413 and json.loads(raw)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def answering_instance(deploy, authorization):
+    """The port of the gunicorn instance nginx sent a disconnect to (found by its request id in that log)."""
+    request_id = uuid.uuid4().hex
+    status, _, raw = deploy.https("POST", "/wireguard/disconnect",
+                                  headers={"Authorization": authorization, "X-Request-ID": request_id})
+    assert status == 200, (authorization[:12], raw)  # the app accepted this spelling
+    ports = [p for p in API_PORTS if request_id in (deploy.tmp / ("app-%d.log" % p)).read_text(errors="replace")]
+    assert len(ports) == 1, ports
+    return ports[0]
+
+
+def test_every_spelling_of_a_token_lands_on_one_instance(deploy):
+    """nginx hashes on the token alone: "bEaReR    T" meets the same instance (limits, sessions) as "Bearer T"."""
+    seen = {}
+    for n in range(32):
+        token = deploy.token("spelling-user", "device%02d" % n)
+        instances = {answering_instance(deploy, spelling.format(token)) for spelling in BEARER_SPELLINGS}
+        assert len(instances) == 1, "token %d spread over %s" % (n, instances)
+        seen.setdefault(instances.pop(), n)
+        if len(seen) == len(API_PORTS) and n >= 3:
+            break
+    # Control: different tokens do reach different instances, so the check above could fail.
+    assert sorted(seen) == sorted(API_PORTS), seen
 
 
 def test_idle_websocket_outlives_nginx_default_timeout(deploy):

@@ -6,6 +6,7 @@ database.
 Each test prints one FAULTS line (what was injected, what was answered, what
 was lost); the README figures come from those lines (`pytest -s`).
 """
+import collections
 import concurrent.futures
 import contextlib
 import http.client
@@ -404,16 +405,28 @@ def test_full_disk(small_disk_stack):
     assert [status for status, _, _ in retried] == [200] * len(full)
     assert set(stack.db_peers()) == before | {job[2] for job in jobs}
     assert agree(stack)
-    audit_lines = [json.loads(line) for line in (stack.state_dir / "audit.log").read_text().splitlines()]
-    connects = [line for line in audit_lines if line["event"] == "connect"]
-    audit_in_app_log = count_audit_failures(stack)
-    # Every connect audited once, in the file or the app log.  Other events
-    # (a watcher's reconcile repair) may be there too and are not connects.
-    assert len(connects) + audit_in_app_log == 5 + 30, [line["event"] for line in audit_lines]
+    in_file = [json.loads(line) for line in (stack.state_dir / "audit.log").read_text().splitlines()]
+    in_app_log = audit_failures(stack)
+    events = in_file + in_app_log
+    # Every connect audited exactly once, in the file or (refused by the full
+    # disk) in the app log.
+    connected = collections.Counter(e["peer"]["public_key"] for e in events if e["event"] == "connect")
+    assert connected == collections.Counter(before | {job[2] for job in jobs}), connected
+    # Anything else is the watchers' reconcile.  A worker that boots late runs
+    # its first round during the first connects and may add a peer whose
+    # connect sits between its commit and its helper call (``added: 1``);
+    # that line once made this count 36 for 35 connects (shown step by step
+    # in tests/app/test_audit.py).
+    others = [(e["event"], e["actor"]["type"]) for e in events if e["event"] != "connect"]
+    assert set(others) <= {("reconcile", "system")}, others
     report("disk_full", requests=len(jobs), ok=len(ok_keys), database_unavailable=len(full),
-           database_errors=failed_on, audit_lines_to_app_log=audit_in_app_log, half_written=0,
+           database_errors=failed_on, audit_lines_to_app_log=len(in_app_log), half_written=0,
            leaked_allocations=0, lost_peers=0)
 
 
-def count_audit_failures(stack):
-    return stack.app_log.read_text().count("audit log write failed")
+def audit_failures(stack):
+    """The events the audit file refused, from the app log's "audit log write failed" lines."""
+    marker = "; the event: "
+    messages = [json.loads(line)["message"] for line in stack.app_log.read_text().splitlines()
+                if line.startswith("{") and "audit log write failed" in line]
+    return [json.loads(message.split(marker, 1)[1]) for message in messages]

@@ -135,7 +135,7 @@ def test_two_clients_have_their_ipv4_offsets_and_keep_them_across_restarts(topo)
         t.stack.start_app()
         assert t.pool6_file.read_text() == made  # never made again
         wait_for(lambda: t.stack.wg_peers() == expected, timeout=30, what="both addresses back on the interface")
-        status, health = t.stack.call("GET", "/health")
+        status, health = t.stack.call("GET", "/health", api_key=t.stack.api_key)
         assert status == 200 and health["wireguard"]["gateway6"] == first["gateway6"]
         status, again = t.stack.connect("v6-user", "v6-three", second_key)
         assert status == 200 and (again["ip"], again["ip6"]) == (second["ip"], second["ip6"])
