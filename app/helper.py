@@ -154,6 +154,16 @@ def get_helper():
     return current_app.extensions["orbmesh_helper"]
 
 
+def own_keys(hello=None):
+    """The helper's public keys (server and bridge), which no peer may use; from `hello` or one hello per process."""
+    if hello is not None:
+        return frozenset(k for k in (hello.get("public_key"), hello.get("bridge_public_key")) if k)
+    cache = current_app.extensions["orbmesh_server_key"]
+    if "own" not in cache:
+        cache["own"] = own_keys(get_helper().hello())
+    return cache["own"]
+
+
 def init_app(app):
     app.extensions["orbmesh_helper"] = HelperClient(app.config["HELPER_SOCKET"], app.config["HELPER_TIMEOUT"])
 

@@ -101,6 +101,10 @@ class Commands:
     def flush_addresses(self, ifname):
         self.run("ip", ["-4", "address", "flush", "dev", ifname])
 
+    def addresses(self):
+        """Read only: every IPv4 address of the host, a line each."""
+        return self.run("ip", ["-4", "-o", "address", "show"])
+
     # --- ip route and rule (bridge tables) ----------------------------------
 
     def route_default(self, table, ifname):

@@ -7,7 +7,11 @@ table or rule text ever crosses the socket:
 
 * interface ``<ORBMESH_INTERFACE, cut to fit>b<slot>``: WireGuard, private key
   ``bridge.key`` in the state directory (by path), one peer (the exit) with
-  ``allowed-ips 0.0.0.0/0``, address = this server's address in the exit's pool;
+  ``allowed-ips 0.0.0.0/0``, address = this server's address in the exit's pool
+  (inside ORBMESH_BRIDGE_NETWORKS, and neither local nor on a connected network
+  already).  The helper refuses to start when a name would be
+  ORBMESH_INTERFACE or ORBMESH_NAT_UPLINK, and never adopts, changes or
+  deletes a link of that name whose key is not the bridge key;
 * routing table ``ORBMESH_BRIDGE_TABLE_BASE + slot``::
 
       default dev <interface>                      (metric 0)
@@ -27,7 +31,10 @@ import logging
 import re
 import threading
 
+from .errors import CommandFailed, ConfigError, Invalid
 from .interface import WG_SOCKET_DIR, Interface
+from .peers import parse_dump
+from .protocol import MAX_BRIDGE_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,15 @@ _RULE_RE = re.compile(r"^([0-9]+):\s+from ([0-9.]+)(?:/32)? lookup ([0-9]+)\s*$"
 def link_name(interface, slot):
     suffix = "b%d" % slot
     return interface[:15 - len(suffix)] + suffix
+
+
+def connected(text, skip):
+    """`ip -4 -o address show` -> the networks of every address (and point-to-point peer) not on the links `skip`."""
+    nets = []
+    for words in (line.split() for line in text.splitlines()):
+        if len(words) > 3 and words[1] not in skip:
+            nets += [ipaddress.ip_network(b, strict=False) for a, b in zip(words, words[1:]) if a in ("inet", "peer")]
+    return nets
 
 
 def parse_rules(text, pref):
@@ -58,6 +74,18 @@ class BridgeLink(Interface):
         self.bridges = bridges
         self.table = s.bridge_table_base + slot
         self.spec = None
+
+    def foreign(self):
+        """Whether a link of this name exists that this helper's bridge key does not run."""
+        try:
+            return self.exists() and parse_dump(self.cmd.dump(self.name))[0]["public_key"] != self.bridges.public_key
+        except (CommandFailed, ValueError):  # not WireGuard
+            return True
+
+    def up(self):
+        if self.foreign():
+            raise CommandFailed("ip", None, "%s exists and is not this helper's bridge; left alone" % self.name)
+        super().up()
 
     def _configure(self):
         spec, cmd = self.spec, self.cmd
@@ -89,6 +117,10 @@ class Bridges:
         self.socket_dir = socket_dir
         self.links = {}  # slot -> BridgeLink
         self._lock = threading.Lock()
+        clash = {link_name(settings.interface, n) for n in range(MAX_BRIDGE_SLOTS)} & {settings.interface,
+                                                                                        settings.nat_uplink}
+        if clash:
+            raise ConfigError("ORBMESH_INTERFACE: a bridge link would be named %s too; choose another" % clash.pop())
 
     def running(self):
         return sorted(slot for slot, link in self.links.items() if link.running)
@@ -101,6 +133,10 @@ class Bridges:
         with self._lock:
             link = self.links.get(slot) or self.links.setdefault(slot, BridgeLink(self, slot))
             if not (link.running and link.spec == spec and link.exists()):
+                # Exits may well give us the same address: our bridge links do not count.
+                ours = {other.name for other in self.links.values() if other.running} | {link.name}
+                if any(ipaddress.IPv4Address(spec["address"]) in net for net in connected(self.cmd.addresses(), ours)):
+                    raise Invalid("address", "is local or on a connected network of this host")
                 link.spec = spec
                 link.running = False
                 link.up()
@@ -116,7 +152,8 @@ class Bridges:
                 if table == link.table:
                     self.cmd.delete_rule(self.settings.bridge_rule_pref, address)
             self.cmd.flush_table(link.table)
-            link.down()
+            if link.running or not link.foreign():
+                link.down()
             self.apply_firewall()
             log.info("bridge %s down (table %s)", link.name, link.table)
             return {"interface": link.name}

@@ -25,6 +25,11 @@ class Context:
     status_cache: StatusCache = field(default_factory=StatusCache)
     bridges: object = None  # wghelper/bridge.py Bridges; None in tests that need none
 
+    @property
+    def own_keys(self):
+        """The helper's public keys, which no peer or exit may use."""
+        return {self.public_key, self.bridges.public_key if self.bridges else None} - {None}
+
 
 def _require_up(ctx):
     if not ctx.interface.running:
@@ -132,7 +137,7 @@ def dispatch(ctx, req_id, cmd, args):
     if cmd not in HANDLERS:
         return protocol.error(req_id, protocol.UNKNOWN_COMMAND, "unknown command %r" % cmd[:40])
     try:
-        return protocol.ok(req_id, HANDLERS[cmd](ctx, requests.COMMANDS[cmd](args, ctx.settings)))
+        return protocol.ok(req_id, HANDLERS[cmd](ctx, requests.COMMANDS[cmd](args, ctx.settings, ctx.own_keys)))
     except Invalid as exc:
         return protocol.error(req_id, protocol.INVALID_ARGUMENT, str(exc), {"field": exc.field})
     except HelperError as exc:

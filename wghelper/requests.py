@@ -3,7 +3,8 @@
 The helper runs nothing it has not parsed here first: unknown commands and
 unknown arguments are refused, and every value is validated and normalised
 (wghelper/validate.py) before wghelper/handlers.py acts on it.  ``s`` is the
-helper's Settings: the pool and gateway bound every client address.
+helper's Settings: the pool and gateway bound every client address; ``own``
+holds the helper's public keys (server, bridge), which no peer may use.
 
 Standard library only: this is the contract both processes read.
 """
@@ -22,16 +23,16 @@ def _args(args, allowed=(), required=()):
     return args
 
 
-def no_args(args, s):
+def no_args(args, s, own=()):
     _args(args)
     return {}
 
 
-def apply_peers(args, s):
+def apply_peers(args, s, own=()):
     """{"remove": [key], "add": [peer]}: removals first, then adds and updates."""
     _args(args, ("remove", "add"))
     remove = validate.key_list(args.get("remove", []), "remove")
-    add = validate.peers(args.get("add", []), s.pool, s.gateway, "add")
+    add = validate.peers(args.get("add", []), s.pool, s.gateway, "add", own)
     if not remove and not add:
         raise Invalid("remove", "remove and add cannot both be empty")
     removing = set(remove)
@@ -41,13 +42,13 @@ def apply_peers(args, s):
     return {"remove": remove, "add": add}
 
 
-def sync_peers(args, s):
+def sync_peers(args, s, own=()):
     """{"peers": [peer]}: the complete set the interface must hold."""
     _args(args, ("peers",), ("peers",))
-    return {"peers": validate.peers(args["peers"], s.pool, s.gateway)}
+    return {"peers": validate.peers(args["peers"], s.pool, s.gateway, own=own)}
 
 
-def bridge_up(args, s):
+def bridge_up(args, s, own=()):
     """{"slot", "public_key", "endpoint", "address", "keepalive"?}: the tunnel to one exit."""
     _args(args, ("slot", "public_key", "endpoint", "address", "keepalive"),
           ("slot", "public_key", "endpoint", "address"))
@@ -55,17 +56,17 @@ def bridge_up(args, s):
     if endpoint is None:
         raise Invalid("endpoint", "is required")
     return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot"),
-            "public_key": validate.public_key(args["public_key"]), "endpoint": endpoint,
-            "address": validate.tunnel_address(args["address"], s.pool),
+            "public_key": validate.public_key(args["public_key"], own=own), "endpoint": endpoint,
+            "address": validate.tunnel_address(args["address"], s.bridge_networks),
             "keepalive": validate.keepalive(args.get("keepalive", 25))}
 
 
-def bridge_down(args, s):
+def bridge_down(args, s, own=()):
     _args(args, ("slot",), ("slot",))
     return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot")}
 
 
-def bridge_rules(args, s):
+def bridge_rules(args, s, own=()):
     """{"add": [{"address", "slot"}], "remove": [address], "exclusive": bool}."""
     _args(args, ("add", "remove", "exclusive"))
     add = {}

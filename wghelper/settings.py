@@ -115,6 +115,10 @@ def pool4(value):
 pool6 = network(ipaddress.IPv6Network, "IPv6")
 
 
+def networks4(value):
+    return tuple(network(ipaddress.IPv4Network, "IPv4")(item.strip()) for item in str(value).split(",") if item.strip())
+
+
 def address(value):
     try:
         return ipaddress.ip_address(str(value).strip())
@@ -168,6 +172,8 @@ HELPER = {
     "BRIDGE_TABLE_BASE": (integer(256, 2 ** 31 - 1024), 51900,
                           "Routing table of bridge slot N is this + N"),
     "BRIDGE_RULE_PREF": (integer(1, 32765), 20000, "Priority of the policy rules of bridged clients"),
+    "BRIDGE_NETWORKS": (networks4, "", "IPv4 CIDRs, comma-separated, this server's address on an exit may come "
+                        "from (the exits' pools); empty: bridge mode is off"),
 }
 
 

@@ -21,9 +21,15 @@ MAX_ALLOWED_IPS = 8
 # character can only carry 4 bits, so its low 2 bits must be zero.
 # Matched with fullmatch: "$" alone would also accept a trailing newline.
 PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
-_IPV4_RE = re.compile(r"^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$")
 _ENDPOINT_RE = re.compile(r"^([0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
 PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive"})
+# The Curve25519 points of small order (libsodium's list: 0, 1, two of order 8, p - 1, p, p + 1), each also
+# with the top bit set, which X25519 ignores.  As a peer's key one makes the handshake's shared secret
+# predictable; no client has one.
+LOW_ORDER_KEYS = frozenset(base64.b64encode(raw[:31] + bytes([raw[31] | top])).decode() for raw in map(bytes.fromhex, (
+    "00" * 32, "01" + "00" * 31, "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157", "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f")) for top in (0, 0x80))
 
 __all__ = ["Invalid"]
 
@@ -69,12 +75,15 @@ def boolean(value, field):
     return value
 
 
-def public_key(value, field="public_key"):
+def public_key(value, field="public_key", own=()):
+    """A peer's key: base64 of 32 bytes, never a low-order point nor one of `own` (the server's and bridge's)."""
     if not isinstance(value, str):
         raise Invalid(field, "must be a string, got %s" % _hint(value))
     # The pattern admits only base64 that decodes to exactly 32 bytes.
     if not PUBLIC_KEY_RE.fullmatch(value) or len(base64.b64decode(value, validate=True)) != 32:
         raise Invalid(field, "must be a base64 WireGuard key of 32 bytes, got %s" % _hint(value))
+    if value in LOW_ORDER_KEYS or value in own:
+        raise Invalid(field, "is a low-order point or this server's own key, not a peer's")
     return value
 
 
@@ -84,7 +93,8 @@ def key_list(values, field, high=MAX_PEERS):
 
 def client_ip(value, pool, gateway, field):
     """A host route inside the pool ("10.8.0.2/32"), normalised; never the network, gateway or broadcast."""
-    if not isinstance(value, str) or "/" not in value:
+    # No scope id ("fd00::5%a"): ipaddress keeps it, and the address then equals no reserved one.
+    if not isinstance(value, str) or "/" not in value or "%" in value:
         raise Invalid(field, "must be a host route such as 10.8.0.2/32, got %s" % _hint(value))
     try:
         net = ipaddress.ip_network(value, strict=True)
@@ -128,7 +138,7 @@ def keepalive(value, field="keepalive"):
     return integer(value, 0, 65535, field)
 
 
-def peer(value, pool, gateway, field="peer"):
+def peer(value, pool, gateway, field="peer", own=()):
     """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive"}."""
     if not isinstance(value, dict):
         raise Invalid(field, "must be an object")
@@ -141,32 +151,33 @@ def peer(value, pool, gateway, field="peer"):
             raise Invalid("%s.%s" % (field, required), "is required")
     ips = items(value["allowed_ips"], field + ".allowed_ips", MAX_ALLOWED_IPS, "addresses", low=1)
     return {
-        "public_key": public_key(value["public_key"], field + ".public_key"),
+        "public_key": public_key(value["public_key"], field + ".public_key", own),
         "allowed_ips": unique([(f, client_ip(v, pool, gateway, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
     }
 
 
-def peers(values, pool, gateway, field="peers"):
+def peers(values, pool, gateway, field="peers", own=()):
     """A list of peers; no key and no address twice."""
-    result = [peer(v, pool, gateway, f) for f, v in items(values, field, MAX_PEERS, "peers")]
+    result = [peer(v, pool, gateway, f, own) for f, v in items(values, field, MAX_PEERS, "peers")]
     unique([("%s[%d]" % (field, i), p["public_key"]) for i, p in enumerate(result)], ".public_key")
     unique([("%s[%d]" % (field, i), ip) for i, p in enumerate(result) for ip in p["allowed_ips"]], ".allowed_ips")
     return result
 
 
-def tunnel_address(value, pool, field="address"):
-    """This server's IPv4 address in an exit's pool: a unicast host outside our own pool."""
-    if not isinstance(value, str) or not _IPV4_RE.fullmatch(value):
-        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value))
+def tunnel_address(value, networks, field="address"):
+    """This server's IPv4 address in an exit's pool: a unicast host of `networks` (ORBMESH_BRIDGE_NETWORKS)."""
     try:
-        address = ipaddress.IPv4Address(value)
+        address = ipaddress.IPv4Address(value) if isinstance(value, str) else None
     except ValueError:
-        raise Invalid(field, "is not a valid IPv4 address") from None
+        address = None
+    if address is None:
+        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value))
+    if not any(address in net for net in networks):
+        raise Invalid(field, "must lie inside ORBMESH_BRIDGE_NETWORKS (%s)" % (
+            ", ".join(map(str, networks)) or "empty, so bridge mode is off"))
     if (address.is_unspecified or address.is_multicast or address.is_loopback or address.is_link_local
             or address == ipaddress.IPv4Address("255.255.255.255")):
         raise Invalid(field, "must be a unicast host address")
-    if address in pool:
-        raise Invalid(field, "must lie outside this server's pool %s" % pool)
     return str(address)

@@ -46,6 +46,7 @@ SHAPES = [
     ("replace_address", ("wg0", "fd00::1/64"), [("ip", ["-6", "address", "replace", "fd00::1/64", "dev", "wg0"],
                                                 None)]),
     ("flush_addresses", ("wg0b1",), [("ip", ["-4", "address", "flush", "dev", "wg0b1"], None)]),
+    ("addresses", (), [("ip", ["-4", "-o", "address", "show"], None)]),
     ("route_default", (51901, "wg0b1"), [("ip", ["-4", "route", "replace", "default", "dev", "wg0b1", "table",
                                                  "51901"], None)]),
     ("route_unreachable", (51901,), [("ip", ["-4", "route", "replace", "unreachable", "default", "metric",
