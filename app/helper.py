@@ -2,7 +2,9 @@
 
 Connections are kept and reused: a new one costs the helper a thread and a
 credentials check, and the app a connect and a close, which together were
-a fifth of a connect's CPU (bench/control_plane.py).  A connection goes back
+a fifth of a connect's CPU (bench/control_plane.py).  At most MAX_OPEN are
+open per process; more calls wait for one, so that every instance together
+stays under the helper's ORBMESH_HELPER_MAX_CONNECTIONS.  A connection goes back
 to the pool only after a complete answer, so a late reply can never be read
 as the answer to the next request; one the helper has closed (restart, idle
 timeout) is noticed before reuse.  Under gevent the socket calls yield to
@@ -13,6 +15,7 @@ import logging
 import os
 import select
 import socket
+import threading
 
 from flask import current_app
 
@@ -49,7 +52,7 @@ def peer_spec(peer):
 
 
 class HelperClient:
-    IDLE_MAX = 16  # idle connections kept per process
+    MAX_OPEN = 8  # connections per process, open or kept idle (gevent patches the semaphore below)
 
     def __init__(self, path, timeout):
         self.path = path
@@ -57,6 +60,7 @@ class HelperClient:
         self._ids = itertools.count(1)
         self._idle = []
         self._pid = os.getpid()
+        self._open = threading.BoundedSemaphore(self.MAX_OPEN)
 
     def _take(self):
         if self._pid != os.getpid():  # forked: the parent's connections are not ours
@@ -76,7 +80,7 @@ class HelperClient:
         return sock, sock.makefile("rb")
 
     def _give(self, conn):
-        if len(self._idle) < self.IDLE_MAX and self._pid == os.getpid():
+        if self._pid == os.getpid():
             self._idle.append(conn)
         else:
             conn[1].close()
@@ -90,6 +94,15 @@ class HelperClient:
 
     @timed_helper_call
     def call(self, cmd, args=None, timeout=None):
+        if not self._open.acquire(timeout=timeout or self.timeout):
+            log.warning("helper %s: all %d connections busy", cmd, self.MAX_OPEN)
+            raise HelperUnavailable()
+        try:
+            return self._call(cmd, args, timeout)
+        finally:
+            self._open.release()
+
+    def _call(self, cmd, args, timeout):
         req_id = next(self._ids)
         frame = protocol.encode({"id": req_id, "cmd": cmd, "args": args or {}})
         conn = None

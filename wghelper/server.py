@@ -3,6 +3,7 @@
 The kernel's SO_PEERCRED tells us who connected before we read a byte;
 anyone not in ORBMESH_HELPER_ALLOWED_UIDS gets FORBIDDEN and is dropped.
 """
+import contextlib
 import errno
 import logging
 import os
@@ -12,7 +13,7 @@ import stat
 import struct
 import threading
 
-from . import handlers, protocol
+from . import handlers, protocol, validate
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Server:
         self.idle_timeout = idle_timeout
         self._dispatch = dispatch
         self._slots = threading.BoundedSemaphore(settings.helper_max_connections)
+        self._batch = threading.Lock()
+        self._items = min(settings.pool.num_addresses, validate.MAX_PEERS)
         self._stop = threading.Event()
         self._listener = None
         self._inode = None
@@ -51,18 +54,18 @@ class Server:
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
         self._remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Created owner-only, then opened up: nobody connects in between.
-        old_umask = os.umask(0o177)
+        # bind() makes it 0660 (nobody connects before listen()); the group is set without following a
+        # symlink, so a path swapped for one in between changes nothing else.
+        old_umask = os.umask(0o117)
         try:
             listener.bind(self.path)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o660)
         if self.settings.helper_socket_group is not None:
-            os.chown(self.path, -1, self.settings.helper_socket_group)
+            os.chown(self.path, -1, self.settings.helper_socket_group, follow_symlinks=False)
         listener.listen(128)
         listener.settimeout(0.5)  # so serve_forever notices stop()
-        self._inode = os.stat(self.path).st_ino
+        self._inode = os.lstat(self.path).st_ino
         self._listener = listener
         log.info("listening on %s", self.path)
 
@@ -95,7 +98,7 @@ class Server:
             self._listener.close()
             self._listener = None
             try:
-                if os.stat(self.path).st_ino == self._inode:
+                if os.lstat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
@@ -143,23 +146,33 @@ class Server:
         with conn.makefile("rb") as reader:
             while not self._stop.is_set():
                 try:
-                    line = protocol.read_frame(reader)
-                except ProtocolError as exc:
-                    # Oversized or cut short: the stream is out of step, so answer once and hang up.
-                    self._send(conn, protocol.error(None, exc.code, exc.message))
-                    return
+                    head = reader.readline(protocol.SMALL_FRAME + 1)
                 except OSError:  # idle timeout, reset
                     return
-                if line is None:
-                    return
-                if _hung_up(conn):
-                    # The app gave up waiting (say, this helper was stopped)
-                    # and has undone its side: running it now would leave a
-                    # change the database does not have.
-                    log.warning("client hung up before its request was run; dropped it")
-                    return
-                if not self._send(conn, self._answer(line)):
-                    return
+                # A request longer than SMALL_FRAME (a batch) is read, parsed and run by one connection at a
+                # time, so the memory it takes counts once (wghelper/protocol.py).
+                with self._batch if len(head) > protocol.SMALL_FRAME else contextlib.nullcontext():
+                    if not self._request(conn, reader, head):
+                        return
+
+    def _request(self, conn, reader, head):
+        """Read the rest of one request and answer it; False when the connection is done."""
+        try:
+            line = protocol.read_request(reader, head, self._items)
+        except ProtocolError as exc:
+            # Oversized or cut short: the stream is out of step, so answer once and hang up.
+            self._send(conn, protocol.error(None, exc.code, exc.message))
+            return False
+        except OSError:  # idle timeout, reset
+            return False
+        if line is None:
+            return False
+        if _hung_up(conn):
+            # The app gave up waiting (say, this helper was stopped) and has undone its side:
+            # running it now would leave a change the database does not have.
+            log.warning("client hung up before its request was run; dropped it")
+            return False
+        return self._send(conn, self._answer(line))
 
     def _answer(self, line):
         req_id = None
