@@ -38,7 +38,7 @@ from .protocol import MAX_BRIDGE_SLOTS
 
 log = logging.getLogger(__name__)
 
-_RULE_RE = re.compile(r"^([0-9]+):\s+from ([0-9.]+)(?:/32)? lookup ([0-9]+)\s*$")
+_RULE_RE = re.compile(r"^\s*([0-9]+):\s+from ([0-9.]+)(?:/32)? lookup ([0-9]+)\s*$", re.M)
 
 
 def link_name(interface, slot):
@@ -48,21 +48,13 @@ def link_name(interface, slot):
 
 def connected(text, skip):
     """`ip -4 -o address show` -> the networks of every address (and point-to-point peer) not on the links `skip`."""
-    nets = []
-    for words in (line.split() for line in text.splitlines()):
-        if len(words) > 3 and words[1] not in skip:
-            nets += [ipaddress.ip_network(b, strict=False) for a, b in zip(words, words[1:]) if a in ("inet", "peer")]
-    return nets
+    return [ipaddress.ip_network(b, strict=False) for words in map(str.split, text.splitlines())
+            if len(words) > 3 and words[1] not in skip for a, b in zip(words, words[1:]) if a in ("inet", "peer")]
 
 
 def parse_rules(text, pref):
     """`ip -4 rule show pref P` -> {client address: table}; other lines ignored."""
-    rules = {}
-    for line in text.splitlines():
-        match = _RULE_RE.match(line.strip())
-        if match and int(match.group(1)) == pref:
-            rules[str(ipaddress.IPv4Address(match.group(2)))] = int(match.group(3))
-    return rules
+    return {str(ipaddress.IPv4Address(a)): int(t) for p, a, t in _RULE_RE.findall(text) if int(p) == pref}
 
 
 class BridgeLink(Interface):
@@ -182,14 +174,11 @@ class Bridges:
             drop |= {a for a in wanted if a in current and current[a] != wanted[a]}
             for address in sorted(drop):
                 self.cmd.delete_rule(pref, address)
-            added = 0
-            for address, table in sorted(wanted.items()):
-                if current.get(address) == table and address not in drop:
-                    continue
+            new = sorted((a, t) for a, t in wanted.items() if current.get(a) != t or a in drop)
+            for address, table in new:
                 self.cmd.route_unreachable(table)
                 self.cmd.add_rule(pref, address, table)
-                added += 1
-            return {"added": added, "removed": len(drop - set(wanted)),
+            return {"added": len(new), "removed": len(drop - set(wanted)),
                     "rules": len(wanted) + len(set(current) - drop - set(wanted))}
 
     def _rules(self):

@@ -25,11 +25,6 @@ class Context:
     status_cache: StatusCache = field(default_factory=StatusCache)
     bridges: object = None  # wghelper/bridge.py Bridges; None in tests that need none
 
-    @property
-    def own_keys(self):
-        """The helper's public keys, which no peer or exit may use."""
-        return {self.public_key, self.bridges.public_key if self.bridges else None} - {None}
-
 
 def _require_up(ctx):
     if not ctx.interface.running:
@@ -58,19 +53,11 @@ def _peers_now(ctx):
 
 def hello(ctx, args):
     s, iface = ctx.settings, ctx.interface
-    return {
-        "generation": iface.generation,
-        "interface": iface.name,
-        "public_key": ctx.public_key,
-        "backend": iface.backend,
-        "running": bool(iface.running),
-        "listen_port": s.listen_port,
-        "mtu": s.mtu,
-        "pool": str(s.pool),
-        "gateway": str(s.gateway),
-        "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
-        "bridges": ctx.bridges.running() if ctx.bridges else [],
-    }
+    return {"generation": iface.generation, "interface": iface.name, "public_key": ctx.public_key,
+            "backend": iface.backend, "running": bool(iface.running), "listen_port": s.listen_port, "mtu": s.mtu,
+            "pool": str(s.pool), "gateway": str(s.gateway),
+            "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
+            "bridges": ctx.bridges.running() if ctx.bridges else []}
 
 
 def status(ctx, args):
@@ -136,8 +123,9 @@ def dispatch(ctx, req_id, cmd, args):
     """Run one command; always returns a reply dict."""
     if cmd not in HANDLERS:
         return protocol.error(req_id, protocol.UNKNOWN_COMMAND, "unknown command %r" % cmd[:40])
+    own = {ctx.public_key, getattr(ctx.bridges, "public_key", None)}  # no peer or exit may use the helper's keys
     try:
-        return protocol.ok(req_id, HANDLERS[cmd](ctx, requests.COMMANDS[cmd](args, ctx.settings, ctx.own_keys)))
+        return protocol.ok(req_id, HANDLERS[cmd](ctx, requests.COMMANDS[cmd](args, ctx.settings, own)))
     except Invalid as exc:
         return protocol.error(req_id, protocol.INVALID_ARGUMENT, str(exc), {"field": exc.field})
     except HelperError as exc:

@@ -4,12 +4,13 @@ A private key never leaves its file except on the stdin of ``wg pubkey``;
 wg is given the path (``wg set IF private-key FILE``), never the key.
 """
 import base64
+import contextlib
 import logging
 import os
 import stat
 
 from . import validate
-from .errors import ConfigError, Invalid
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,8 @@ def _read_key(path):
             log.warning("tightening permissions of %s to 0600", path)
             os.fchmod(handle.fileno(), 0o600)
         key = handle.read().strip()
-    try:
-        validate.public_key(key, "server key")  # a private key has the same shape as a public one
-    except Invalid:
-        raise ConfigError("%s does not hold a WireGuard key" % path) from None
+    if not validate.PUBLIC_KEY_RE.fullmatch(key):  # a private key has the same shape as a public one
+        raise ConfigError("%s does not hold a WireGuard key" % path)
     return key
 
 
@@ -58,10 +57,8 @@ def _write_key(path, key):
     # Written to a temporary name and renamed, so a crash never leaves a
     # half-written key where the next start would find it.
     tmp = path + ".tmp"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-    except FileNotFoundError:
-        pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")

@@ -48,7 +48,6 @@ SMALL_FRAME = 4096
 BATCHES = ("apply_peers", "sync_peers", "bridge_rules")
 ITEM_BYTES, ITEM_VALUES = 256, 8  # a peer with two addresses and an IPv6 endpoint is about 230 bytes, 7 values
 _CMD_RE = re.compile(rb'"cmd"\s*:\s*"([a-z_]{1,32})"')
-MAX_DEPTH = 8
 # Bridge (multi-hop) mode: the app names an exit tunnel by a slot number below this.
 MAX_BRIDGE_SLOTS = 64
 
@@ -65,20 +64,6 @@ INTERNAL = "INTERNAL"                  # a bug in the helper; details are logged
 __all__ = ["ProtocolError", "encode", "decode", "parse_request", "ok", "error", "read_frame", "read_request"]
 
 
-def _depth_ok(value, limit):
-    """Reject nesting deeper than ``limit`` without recursing into it."""
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if level > limit:
-            return False
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return True
-
-
 def encode(message):
     """Serialise one message as a frame (bytes ending in a newline)."""
     data = json.dumps(message, separators=(",", ":"), ensure_ascii=True).encode()
@@ -88,17 +73,16 @@ def encode(message):
 
 
 def decode(line):
-    """Parse one frame (without or with its newline) into a dict."""
-    if len(line) > MAX_FRAME:
-        raise ProtocolError(TOO_LARGE, "frame exceeds %d bytes" % MAX_FRAME)
+    """Parse one frame (without or with its newline, as read_frame or read_request bounded it) into a dict.
+
+    Nesting needs no limit of its own: json stops at its recursion limit, and no validator recurses.
+    """
     try:
         message = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError(BAD_FRAME, "frame is not valid UTF-8 JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError(BAD_FRAME, "frame must be a JSON object")
-    if not _depth_ok(message, MAX_DEPTH):
-        raise ProtocolError(BAD_FRAME, "frame nests deeper than %d" % MAX_DEPTH)
     return message
 
 

@@ -13,24 +13,14 @@ from .errors import Invalid
 from .protocol import MAX_BRIDGE_SLOTS
 
 
-def _args(args, allowed=(), required=()):
-    unknown = set(args) - set(allowed)
-    if unknown:
-        raise Invalid(sorted(str(k)[:40] for k in unknown)[0], "unknown argument")
-    for name in required:
-        if name not in args:
-            raise Invalid(name, "is required")
-    return args
-
-
 def no_args(args, s, own=()):
-    _args(args)
+    validate.obj(args, "", ())
     return {}
 
 
 def apply_peers(args, s, own=()):
     """{"remove": [key], "add": [peer]}: removals first, then adds and updates."""
-    _args(args, ("remove", "add"))
+    validate.obj(args, "", ("remove", "add"))
     remove = validate.key_list(args.get("remove", []), "remove")
     add = validate.peers(args.get("add", []), s.pool, s.gateway, "add", own)
     if not remove and not add:
@@ -44,13 +34,13 @@ def apply_peers(args, s, own=()):
 
 def sync_peers(args, s, own=()):
     """{"peers": [peer]}: the complete set the interface must hold."""
-    _args(args, ("peers",), ("peers",))
+    validate.obj(args, "", ("peers",), ("peers",))
     return {"peers": validate.peers(args["peers"], s.pool, s.gateway, own=own)}
 
 
 def bridge_up(args, s, own=()):
     """{"slot", "public_key", "endpoint", "address", "keepalive"?}: the tunnel to one exit."""
-    _args(args, ("slot", "public_key", "endpoint", "address", "keepalive"),
+    validate.obj(args, "", ("slot", "public_key", "endpoint", "address", "keepalive"),
           ("slot", "public_key", "endpoint", "address"))
     endpoint = validate.endpoint(args["endpoint"])
     if endpoint is None:
@@ -62,17 +52,16 @@ def bridge_up(args, s, own=()):
 
 
 def bridge_down(args, s, own=()):
-    _args(args, ("slot",), ("slot",))
+    validate.obj(args, "", ("slot",), ("slot",))
     return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot")}
 
 
 def bridge_rules(args, s, own=()):
     """{"add": [{"address", "slot"}], "remove": [address], "exclusive": bool}."""
-    _args(args, ("add", "remove", "exclusive"))
+    validate.obj(args, "", ("add", "remove", "exclusive"))
     add = {}
     for item, rule in validate.items(args.get("add", []), "add", validate.MAX_PEERS, "rules"):
-        if not isinstance(rule, dict) or set(rule) != {"address", "slot"}:
-            raise Invalid(item, "must be an object with exactly address and slot")
+        validate.obj(rule, item + ".", ("address", "slot"), ("address", "slot"))
         address = validate.client_address(rule["address"], s.pool, s.gateway, item + ".address")
         if address in add:
             raise Invalid(item + ".address", "is listed twice")

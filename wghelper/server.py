@@ -28,13 +28,6 @@ def _hung_up(conn):
     return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
-def _quietly(action, *args):
-    try:
-        action(*args)
-    except OSError:
-        pass
-
-
 class Server:
     def __init__(self, settings, ctx, idle_timeout=IDLE_TIMEOUT, dispatch=handlers.dispatch):
         self.settings = settings
@@ -75,16 +68,14 @@ class Server:
                 raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)
         except FileNotFoundError:
             return
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s", self.path)
-            os.unlink(self.path)
-            return
-        finally:
-            probe.close()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                log.info("removing stale socket %s", self.path)
+                os.unlink(self.path)
+                return
         raise OSError(errno.EADDRINUSE, "another helper is listening on %s" % self.path)
 
     def stop(self):
@@ -94,16 +85,16 @@ class Server:
     def close(self):
         self._stop.set()
         if self._listener is not None:
-            _quietly(self._listener.shutdown, socket.SHUT_RDWR)  # wakes accept() now
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() now
             self._listener.close()
             self._listener = None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if os.lstat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         for conn in list(self._conns):
-            _quietly(conn.shutdown, socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def serve_forever(self):
         listener = self._listener
@@ -147,39 +138,31 @@ class Server:
             while not self._stop.is_set():
                 try:
                     head = reader.readline(protocol.SMALL_FRAME + 1)
+                    # A request longer than SMALL_FRAME (a batch) is read, parsed and run by one connection at
+                    # a time, so the memory it takes counts once (wghelper/protocol.py).
+                    with self._batch if len(head) > protocol.SMALL_FRAME else contextlib.nullcontext():
+                        line = protocol.read_request(reader, head, self._items)
+                        if line is None:
+                            return
+                        if _hung_up(conn):
+                            # The app gave up waiting (say, this helper was stopped) and has undone its
+                            # side: running it now would leave a change the database does not have.
+                            log.warning("client hung up before its request was run; dropped it")
+                            return
+                        if not self._send(conn, self._answer(line)):
+                            return
+                except ProtocolError as exc:
+                    # Oversized or cut short: the stream is out of step, so answer once and hang up.
+                    self._send(conn, protocol.error(None, exc.code, exc.message))
+                    return
                 except OSError:  # idle timeout, reset
                     return
-                # A request longer than SMALL_FRAME (a batch) is read, parsed and run by one connection at a
-                # time, so the memory it takes counts once (wghelper/protocol.py).
-                with self._batch if len(head) > protocol.SMALL_FRAME else contextlib.nullcontext():
-                    if not self._request(conn, reader, head):
-                        return
-
-    def _request(self, conn, reader, head):
-        """Read the rest of one request and answer it; False when the connection is done."""
-        try:
-            line = protocol.read_request(reader, head, self._items)
-        except ProtocolError as exc:
-            # Oversized or cut short: the stream is out of step, so answer once and hang up.
-            self._send(conn, protocol.error(None, exc.code, exc.message))
-            return False
-        except OSError:  # idle timeout, reset
-            return False
-        if line is None:
-            return False
-        if _hung_up(conn):
-            # The app gave up waiting (say, this helper was stopped) and has undone its side:
-            # running it now would leave a change the database does not have.
-            log.warning("client hung up before its request was run; dropped it")
-            return False
-        return self._send(conn, self._answer(line))
 
     def _answer(self, line):
         req_id = None
         try:
             message = protocol.decode(line)
-            if isinstance(message.get("id"), int) and not isinstance(message.get("id"), bool):
-                req_id = message["id"]
+            req_id = message["id"] if type(message.get("id")) is int else None  # echoed even if the rest is bad
             req_id, cmd, args = protocol.parse_request(message)
         except ProtocolError as exc:
             return protocol.error(req_id, exc.code, exc.message)

@@ -42,6 +42,19 @@ def _hint(value):
     return "a %s" % type(value).__name__
 
 
+def obj(value, field, allowed, required=()):
+    """`value` if it is an object with no key but `allowed` and every one of `required`; a key's field is
+    `field` + key (so `field` is "" or ends in ".")."""
+    if not isinstance(value, dict):
+        raise Invalid(field.rstrip(".") or "args", "must be an object")
+    for key in sorted(str(k)[:40] for k in set(value) - set(allowed))[:1]:  # the app's names, cut short
+        raise Invalid(field + key, "unknown argument")
+    for key in required:
+        if key not in value:
+            raise Invalid(field + key, "is required")
+    return value
+
+
 def items(values, field, high, what, low=0):
     """(field[i], value) for a list of low to high values."""
     if not isinstance(values, list):
@@ -77,10 +90,8 @@ def boolean(value, field):
 
 def public_key(value, field="public_key", own=()):
     """A peer's key: base64 of 32 bytes, never a low-order point nor one of `own` (the server's and bridge's)."""
-    if not isinstance(value, str):
-        raise Invalid(field, "must be a string, got %s" % _hint(value))
     # The pattern admits only base64 that decodes to exactly 32 bytes.
-    if not PUBLIC_KEY_RE.fullmatch(value) or len(base64.b64decode(value, validate=True)) != 32:
+    if not isinstance(value, str) or not PUBLIC_KEY_RE.fullmatch(value):
         raise Invalid(field, "must be a base64 WireGuard key of 32 bytes, got %s" % _hint(value))
     if value in LOW_ORDER_KEYS or value in own:
         raise Invalid(field, "is a low-order point or this server's own key, not a peer's")
@@ -140,15 +151,7 @@ def keepalive(value, field="keepalive"):
 
 def peer(value, pool, gateway, field="peer", own=()):
     """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive"}."""
-    if not isinstance(value, dict):
-        raise Invalid(field, "must be an object")
-    unknown = set(value) - PEER_KEYS
-    if unknown:
-        # Key names are sorted and cut short; they are the app's, not secrets.
-        raise Invalid(field, "unknown keys: %s" % ", ".join(sorted(str(k)[:20] for k in unknown)[:5]))
-    for required in ("public_key", "allowed_ips"):
-        if required not in value:
-            raise Invalid("%s.%s" % (field, required), "is required")
+    obj(value, field + ".", PEER_KEYS, ("public_key", "allowed_ips"))
     ips = items(value["allowed_ips"], field + ".allowed_ips", MAX_ALLOWED_IPS, "addresses", low=1)
     return {
         "public_key": public_key(value["public_key"], field + ".public_key", own),
@@ -167,17 +170,14 @@ def peers(values, pool, gateway, field="peers", own=()):
 
 
 def tunnel_address(value, networks, field="address"):
-    """This server's IPv4 address in an exit's pool: a unicast host of `networks` (ORBMESH_BRIDGE_NETWORKS)."""
+    """This server's IPv4 address in an exit's pool: one of `networks` (ORBMESH_BRIDGE_NETWORKS, the exits' pools)."""
     try:
-        address = ipaddress.IPv4Address(value) if isinstance(value, str) else None
+        address = ipaddress.IPv4Address(value if isinstance(value, str) else "")
     except ValueError:
-        address = None
-    if address is None:
-        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value))
+        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value)) from None
+    # Inside them, an address is a unicast host unless the operator listed odd networks; bridge.py also
+    # refuses one that is local or on a connected network.
     if not any(address in net for net in networks):
         raise Invalid(field, "must lie inside ORBMESH_BRIDGE_NETWORKS (%s)" % (
             ", ".join(map(str, networks)) or "empty, so bridge mode is off"))
-    if (address.is_unspecified or address.is_multicast or address.is_loopback or address.is_link_local
-            or address == ipaddress.IPv4Address("255.255.255.255")):
-        raise Invalid(field, "must be a unicast host address")
     return str(address)

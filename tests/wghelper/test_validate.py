@@ -165,8 +165,8 @@ def test_peer_normalises_and_defaults():
 
 
 @pytest.mark.parametrize("value, field", [
-    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "preshared_key": KEY}, "peer"),
-    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "allowed-ips": []}, "peer"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "preshared_key": KEY}, "peer.preshared_key"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "allowed-ips": []}, "peer.allowed-ips"),
     ({"allowed_ips": ["10.8.0.42/32"]}, "peer.public_key"),
     ({"public_key": KEY}, "peer.allowed_ips"),
     ({"public_key": KEY, "allowed_ips": ["10.9.0.1/32"]}, "peer.allowed_ips[0]"),
