@@ -87,7 +87,7 @@ def test_helper_unit_hardening():
                        ("MemoryMax", "1G"), ("TasksMax", "1024")):
         assert d[("Service", key)] == [value], key
     assert " ".join(d[("Service", "ReadWritePaths")]).split() == [
-        "/proc/sys/net/ipv4/conf", "/proc/sys/net/ipv6/conf", "/run/wireguard"]
+        "/proc/sys/net/ipv4/conf", "-/proc/sys/net/ipv6/conf", "/run/wireguard"]
     assert ("Service", "AmbientCapabilities") not in d
     assert ("Service", "SecureBits") not in d  # noroot would strip the capabilities of root itself
     assert ("Service", "TimeoutStopSec") in d

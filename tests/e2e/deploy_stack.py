@@ -64,7 +64,9 @@ def sandbox(unit):
     argv += ["--bounding-set=" + ",".join(["-all"] + ["+" + cap[len("CAP_"):].lower() for cap in caps]), "--"]
     if d.get("ProtectKernelTunables") != ["yes"]:
         return argv
-    writable = [p for value in d.get("ReadWritePaths", []) for p in value.split() if p.startswith("/proc/sys/")]
+    # "-": ignored when missing, as systemd does.
+    writable = [p.lstrip("-") for value in d.get("ReadWritePaths", []) for p in value.split()
+                if p.lstrip("-").startswith("/proc/sys/") and (os.path.exists(p.lstrip("-")) or not p.startswith("-"))]
     mounts = [(path, "ro") for path in ("/proc/sys", "/sys")] + [(path, "rw") for path in writable]
     script = "set -e\n" + "".join("mount --bind %s %s\nmount -o remount,bind,%s %s\n" % (p, p, mode, p)
                                   for p, mode in mounts) + 'exec "$@"\n'
