@@ -2,7 +2,9 @@
 
 Connections are kept and reused: a new one costs the helper a thread and a
 credentials check, and the app a connect and a close, which together were
-a fifth of a connect's CPU (bench/control_plane.py).  A connection goes back
+a fifth of a connect's CPU (bench/control_plane.py).  At most MAX_OPEN are
+open per process; more calls wait for one, so that every instance together
+stays under the helper's ORBMESH_HELPER_MAX_CONNECTIONS.  A connection goes back
 to the pool only after a complete answer, so a late reply can never be read
 as the answer to the next request; one the helper has closed (restart, idle
 timeout) is noticed before reuse.  Under gevent the socket calls yield to
@@ -14,6 +16,7 @@ import logging
 import os
 import select
 import socket
+import threading
 
 from flask import current_app
 
@@ -81,7 +84,7 @@ def peer_spec(peer, addressing=None):
 
 
 class HelperClient:
-    IDLE_MAX = 16  # idle connections kept per process
+    MAX_OPEN = 8  # connections per process, open or kept idle (gevent patches the semaphore below)
 
     def __init__(self, path, timeout):
         self.path = path
@@ -90,6 +93,7 @@ class HelperClient:
         self._idle = []
         self._pid = os.getpid()
         self._addressing = None
+        self._open = threading.BoundedSemaphore(self.MAX_OPEN)
 
     def _take(self):
         if self._pid != os.getpid():  # forked: the parent's connections are not ours
@@ -109,7 +113,7 @@ class HelperClient:
         return sock, sock.makefile("rb")
 
     def _give(self, conn):
-        if len(self._idle) < self.IDLE_MAX and self._pid == os.getpid():
+        if self._pid == os.getpid():
             self._idle.append(conn)
         else:
             conn[1].close()
@@ -123,6 +127,15 @@ class HelperClient:
 
     @timed_helper_call
     def call(self, cmd, args=None, timeout=None):
+        if not self._open.acquire(timeout=timeout or self.timeout):
+            log.warning("helper %s: all %d connections busy", cmd, self.MAX_OPEN)
+            raise HelperUnavailable()
+        try:
+            return self._call(cmd, args, timeout)
+        finally:
+            self._open.release()
+
+    def _call(self, cmd, args, timeout):
         req_id = next(self._ids)
         frame = protocol.encode({"id": req_id, "cmd": cmd, "args": args or {}})
         conn = None
@@ -195,6 +208,16 @@ class HelperClient:
 
 def get_helper():
     return current_app.extensions["orbmesh_helper"]
+
+
+def own_keys(hello=None):
+    """The helper's public keys (server and bridge), which no peer may use; from `hello` or one hello per process."""
+    if hello is not None:
+        return frozenset(k for k in (hello.get("public_key"), hello.get("bridge_public_key")) if k)
+    cache = current_app.extensions["orbmesh_server_key"]
+    if "own" not in cache:
+        cache["own"] = own_keys(get_helper().hello())
+    return cache["own"]
 
 
 def init_app(app):

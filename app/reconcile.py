@@ -12,26 +12,35 @@ import logging
 import threading
 import time
 
+from wghelper.validate import LOW_ORDER_KEYS
+
 from . import store, sweep
 from .audit import SYSTEM
 from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
-from .helper import HelperClient, HelperFailed, HelperUnavailable
+from .helper import HelperClient, HelperFailed, HelperUnavailable, own_keys
 
 log = logging.getLogger(__name__)
 
 
-def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_log=None):
+def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_log=None, own=()):
     """Sync and return the helper's counts.
 
     With `interval`, the need is re-checked under the lock and None is
     returned when another worker has just done it.  With `bridges`
     (app/bridges.py), exit tunnels and bridged clients' rules are synced too.
-    Quarantined peers (sweep.py) stay off the interface.
+    Quarantined peers (sweep.py) stay off the interface, and a peer whose
+    key no peer may use (a low-order point, or one of the helper's keys
+    `own`: rows from before keys were checked) is quarantined, since the
+    helper refuses a sync that holds one.
     """
     with write(db):
         if interval is not None and not due(db, generation, interval):
             return None
         peers = store.live_peers(db)
+        for bad in [p for p in peers if p.public_key in LOW_ORDER_KEYS or p.public_key in own]:
+            log.warning("reconcile quarantined addr=%s: its key is a low-order point or the server's own", bad.address)
+            store.set_quarantined(db, bad.id, time.time())
+            peers.remove(bad)
         result = helper.sync(peers)
         if bridges is not None:
             bridges.sync(db, helper)
@@ -91,14 +100,16 @@ class Watcher:
 
     def check_once(self):
         """One round: returns the sync result, or None when nothing was due."""
-        generation = self.helper.hello()["generation"]
+        hello = self.helper.hello()
+        generation = hello["generation"]
         db = self._connect()
         try:
             if self._eager:
-                result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log)
+                result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log,
+                                   own=own_keys(hello))
             elif due(db, generation, self.interval):
                 result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges,
-                                   audit_log=self.audit_log)
+                                   audit_log=self.audit_log, own=own_keys(hello))
             else:
                 result = None
             self._eager = False

@@ -12,7 +12,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from wghelper import validate as validate_helper
 
 from .errors import ApiError
-from .helper import get_helper
+from .helper import get_helper, own_keys
 
 _ID_RE = r"\A[A-Za-z0-9_.:@-]{1,128}\Z"
 # The same rules for /openapi.json, in the ECMA-262 dialect JSON Schema uses (no \A or \Z there).
@@ -27,14 +27,25 @@ class WireGuardKey(fields.String):
     helper would refuse.
     """
 
-    default_error_messages = {"key": "Must be a WireGuard key: base64 of exactly 32 bytes."}
+    default_error_messages = {"key": "Must be a WireGuard key: base64 of exactly 32 bytes, not a low-order point "
+                                     "nor this server's own key."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
         try:
-            return validate_helper.public_key(value)
+            return validate_helper.public_key(value, own=self.own())
         except validate_helper.Invalid:
             raise self.make_error("key") from None
+
+    def own(self):
+        return ()
+
+
+class DeviceKey(WireGuardKey):
+    """A device's key: never one of the helper's own (server, bridge), which it names in hello."""
+
+    def own(self):
+        return own_keys()
 
 
 class StrictBoolean(fields.Boolean):
@@ -80,7 +91,7 @@ def pool_host(value, field):
 
 
 class ConnectSchema(Schema):
-    publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
+    publicKey = DeviceKey(required=True, metadata=_KEY_DOC)
     exitServerId = _identifier()
     force_direct = StrictBoolean(load_default=False)
 
@@ -91,7 +102,7 @@ class EmptySchema(Schema):
 
 class AddPeerSchema(Schema):
     userUuid = _identifier(required=True)
-    publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
+    publicKey = DeviceKey(required=True, metadata=_KEY_DOC)
     allowedIPs = fields.String(required=True, validate=validate.Length(max=128), metadata={
         "description": "The assignedIP as a /32, optionally with the peer's own IPv6 /128 (docs/api.md)",
         "example": "10.8.0.42/32"})

@@ -33,8 +33,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def make_key(seed):
-    """A distinct, valid WireGuard public key for each seed."""
-    return base64.b64encode(seed.to_bytes(4, "big") * 8).decode()
+    """A distinct, valid WireGuard public key for each seed (never all zero: a low-order point)."""
+    return base64.b64encode((seed + 1).to_bytes(4, "big") * 8).decode()
 
 
 class FakeHelper:

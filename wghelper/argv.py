@@ -99,7 +99,8 @@ class Commands:
         self.run("ip", [_family(cidr), "address", "replace", cidr, "dev", ifname])
 
     def addresses(self):
-        """Every address of the host, one line each: the firewall blocks their networks."""
+        """Read only: every address of the host, a line each (the firewall blocks their networks; a bridge
+        address must not be on one)."""
         return self.run("ip", ["-o", "address", "show"])
 
     def flush_addresses(self, ifname):

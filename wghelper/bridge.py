@@ -7,7 +7,11 @@ table or rule text ever crosses the socket:
 
 * interface ``<ORBMESH_INTERFACE, cut to fit>b<slot>``: WireGuard, private key
   ``bridge.key`` in the state directory (by path), one peer (the exit) with
-  ``allowed-ips 0.0.0.0/0``, address = this server's address in the exit's pool;
+  ``allowed-ips 0.0.0.0/0``, address = this server's address in the exit's pool
+  (inside ORBMESH_BRIDGE_NETWORKS, and neither local nor on a connected network
+  already).  The helper refuses to start when a name would be
+  ORBMESH_INTERFACE or ORBMESH_NAT_UPLINK, and never adopts, changes or
+  deletes a link of that name whose key is not the bridge key;
 * routing table ``ORBMESH_BRIDGE_TABLE_BASE + slot``::
 
       default dev <interface>                      (metric 0)
@@ -27,11 +31,14 @@ import logging
 import re
 import threading
 
+from .errors import CommandFailed, ConfigError, Invalid
 from .interface import WG_SOCKET_DIR, Interface
+from .peers import parse_dump
+from .protocol import MAX_BRIDGE_SLOTS
 
 log = logging.getLogger(__name__)
 
-_RULE_RE = re.compile(r"^([0-9]+):\s+from ([0-9.]+)(?:/32)? lookup ([0-9]+)\s*$")
+_RULE_RE = re.compile(r"^\s*([0-9]+):\s+from ([0-9.]+)(?:/32)? lookup ([0-9]+)\s*$", re.M)
 
 
 def link_name(interface, slot):
@@ -39,14 +46,15 @@ def link_name(interface, slot):
     return interface[:15 - len(suffix)] + suffix
 
 
+def connected(text, skip):
+    """`ip -4 -o address show` -> the networks of every address (and point-to-point peer) not on the links `skip`."""
+    return [ipaddress.ip_network(b, strict=False) for words in map(str.split, text.splitlines())
+            if len(words) > 3 and words[1] not in skip for a, b in zip(words, words[1:]) if a in ("inet", "peer")]
+
+
 def parse_rules(text, pref):
     """`ip -4 rule show pref P` -> {client address: table}; other lines ignored."""
-    rules = {}
-    for line in text.splitlines():
-        match = _RULE_RE.match(line.strip())
-        if match and int(match.group(1)) == pref:
-            rules[str(ipaddress.IPv4Address(match.group(2)))] = int(match.group(3))
-    return rules
+    return {str(ipaddress.IPv4Address(a)): int(t) for p, a, t in _RULE_RE.findall(text) if int(p) == pref}
 
 
 class BridgeLink(Interface):
@@ -58,6 +66,18 @@ class BridgeLink(Interface):
         self.bridges = bridges
         self.table = s.bridge_table_base + slot
         self.spec = None
+
+    def foreign(self):
+        """Whether a link of this name exists that this helper's bridge key does not run."""
+        try:
+            return self.exists() and parse_dump(self.cmd.dump(self.name))[0]["public_key"] != self.bridges.public_key
+        except (CommandFailed, ValueError):  # not WireGuard
+            return True
+
+    def up(self):
+        if self.foreign():
+            raise CommandFailed("ip", None, "%s exists and is not this helper's bridge; left alone" % self.name)
+        super().up()
 
     def _configure(self):
         spec, cmd = self.spec, self.cmd
@@ -89,6 +109,10 @@ class Bridges:
         self.socket_dir = socket_dir
         self.links = {}  # slot -> BridgeLink
         self._lock = threading.Lock()
+        clash = {link_name(settings.interface, n) for n in range(MAX_BRIDGE_SLOTS)} & {settings.interface,
+                                                                                        settings.nat_uplink}
+        if clash:
+            raise ConfigError("ORBMESH_INTERFACE: a bridge link would be named %s too; choose another" % clash.pop())
 
     def running(self):
         return sorted(slot for slot, link in self.links.items() if link.running)
@@ -101,6 +125,10 @@ class Bridges:
         with self._lock:
             link = self.links.get(slot) or self.links.setdefault(slot, BridgeLink(self, slot))
             if not (link.running and link.spec == spec and link.exists()):
+                # Exits may well give us the same address: our bridge links do not count.
+                ours = {other.name for other in self.links.values() if other.running} | {link.name}
+                if any(ipaddress.IPv4Address(spec["address"]) in net for net in connected(self.cmd.addresses(), ours)):
+                    raise Invalid("address", "is local or on a connected network of this host")
                 link.spec = spec
                 link.running = False
                 link.up()
@@ -116,7 +144,8 @@ class Bridges:
                 if table == link.table:
                     self.cmd.delete_rule(self.settings.bridge_rule_pref, address)
             self.cmd.flush_table(link.table)
-            link.down()
+            if link.running or not link.foreign():
+                link.down()
             self.apply_firewall()
             log.info("bridge %s down (table %s)", link.name, link.table)
             return {"interface": link.name}
@@ -145,14 +174,11 @@ class Bridges:
             drop |= {a for a in wanted if a in current and current[a] != wanted[a]}
             for address in sorted(drop):
                 self.cmd.delete_rule(pref, address)
-            added = 0
-            for address, table in sorted(wanted.items()):
-                if current.get(address) == table and address not in drop:
-                    continue
+            new = sorted((a, t) for a, t in wanted.items() if current.get(a) != t or a in drop)
+            for address, table in new:
                 self.cmd.route_unreachable(table)
                 self.cmd.add_rule(pref, address, table)
-                added += 1
-            return {"added": added, "removed": len(drop - set(wanted)),
+            return {"added": len(new), "removed": len(drop - set(wanted)),
                     "rules": len(wanted) + len(set(current) - drop - set(wanted))}
 
     def _rules(self):

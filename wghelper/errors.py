@@ -18,15 +18,6 @@ class Invalid(ValueError):
         self.message = message
 
 
-class ProtocolError(Exception):
-    """A frame that cannot be decoded; carries the reply's error code."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class HelperError(Exception):
     """A refusal the helper reports with one of protocol's error codes."""
 
@@ -35,6 +26,10 @@ class HelperError(Exception):
         self.code = code
         self.message = message
         self.details = details
+
+
+class ProtocolError(HelperError):
+    """A frame that cannot be decoded; carries the reply's error code."""
 
 
 class CommandFailed(Exception):

@@ -53,23 +53,14 @@ def _peers_now(ctx):
 
 def hello(ctx, args):
     s, iface = ctx.settings, ctx.interface
-    return {
-        "generation": iface.generation,
-        "interface": iface.name,
-        "public_key": ctx.public_key,
-        "backend": iface.backend,
-        "running": bool(iface.running),
-        "listen_port": s.listen_port,
-        "mtu": s.mtu,
-        "pool": str(s.pool),
-        "gateway": str(s.gateway),
-        # IPv6: null when off.  The app and the DNS resolver learn the node's
-        # own unique-local pool here: only root can read where it is kept.
-        "pool6": str(s.pool6) if s.pool6 else None,
-        "gateway6": str(s.gateway6) if s.gateway6 else None,
-        "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
-        "bridges": ctx.bridges.running() if ctx.bridges else [],
-    }
+    return {"generation": iface.generation, "interface": iface.name, "public_key": ctx.public_key,
+            "backend": iface.backend, "running": bool(iface.running), "listen_port": s.listen_port, "mtu": s.mtu,
+            "pool": str(s.pool), "gateway": str(s.gateway),
+            # IPv6: null when off.  The app and the DNS resolver learn the node's
+            # own unique-local pool here: only root can read where it is kept.
+            "pool6": str(s.pool6) if s.pool6 else None, "gateway6": str(s.gateway6) if s.gateway6 else None,
+            "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
+            "bridges": ctx.bridges.running() if ctx.bridges else []}
 
 
 def status(ctx, args):
@@ -135,8 +126,9 @@ def dispatch(ctx, req_id, cmd, args):
     """Run one command; always returns a reply dict."""
     if cmd not in HANDLERS:
         return protocol.error(req_id, protocol.UNKNOWN_COMMAND, "unknown command %r" % cmd[:40])
+    own = {ctx.public_key, getattr(ctx.bridges, "public_key", None)}  # no peer or exit may use the helper's keys
     try:
-        return protocol.ok(req_id, HANDLERS[cmd](ctx, requests.COMMANDS[cmd](args, ctx.settings)))
+        return protocol.ok(req_id, HANDLERS[cmd](ctx, requests.COMMANDS[cmd](args, ctx.settings, own)))
     except Invalid as exc:
         return protocol.error(req_id, protocol.INVALID_ARGUMENT, str(exc), {"field": exc.field})
     except HelperError as exc:

@@ -4,13 +4,14 @@ A private key never leaves its file except on the stdin of ``wg pubkey``;
 wg is given the path (``wg set IF private-key FILE``), never the key.
 """
 import base64
+import contextlib
 import ipaddress
 import logging
 import os
 import stat
 
 from . import settings, validate
-from .errors import ConfigError, Invalid
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,8 @@ def _read(path):
 
 def _read_key(path):
     key = _read(path)
-    try:
-        validate.public_key(key, "server key")  # a private key has the same shape as a public one
-    except Invalid:
-        raise ConfigError("%s does not hold a WireGuard key" % path) from None
+    if not validate.PUBLIC_KEY_RE.fullmatch(key):  # a private key has the same shape as a public one
+        raise ConfigError("%s does not hold a WireGuard key" % path)
     return key
 
 
@@ -65,10 +64,8 @@ def _write(path, text):
     # Written to a temporary name and renamed, so a crash never leaves a
     # half-written file where the next start would find it.
     tmp = path + ".tmp"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-    except FileNotFoundError:
-        pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text + "\n")

@@ -3,7 +3,8 @@
 The helper runs nothing it has not parsed here first: unknown commands and
 unknown arguments are refused, and every value is validated and normalised
 (wghelper/validate.py) before wghelper/handlers.py acts on it.  ``s`` is the
-helper's Settings: the pools and gateways bound every client address.
+helper's Settings: the pools and gateways bound every client address;
+``own`` holds the helper's public keys (server, bridge), which no peer may use.
 
 Standard library only: this is the contract both processes read.
 """
@@ -12,31 +13,21 @@ from .errors import Invalid
 from .protocol import MAX_BRIDGE_SLOTS
 
 
-def _args(args, allowed=(), required=()):
-    unknown = set(args) - set(allowed)
-    if unknown:
-        raise Invalid(sorted(str(k)[:40] for k in unknown)[0], "unknown argument")
-    for name in required:
-        if name not in args:
-            raise Invalid(name, "is required")
-    return args
-
-
 def _pools(s):
     """Where peers' addresses may lie: /32s in the pool, /128s in POOL6 (when on)."""
     return [(s.pool, s.gateway), (s.pool6, s.gateway6)]
 
 
-def no_args(args, s):
-    _args(args)
+def no_args(args, s, own=()):
+    validate.obj(args, "", ())
     return {}
 
 
-def apply_peers(args, s):
+def apply_peers(args, s, own=()):
     """{"remove": [key], "add": [peer]}: removals first, then adds and updates."""
-    _args(args, ("remove", "add"))
+    validate.obj(args, "", ("remove", "add"))
     remove = validate.key_list(args.get("remove", []), "remove")
-    add = validate.peers(args.get("add", []), _pools(s), "add")
+    add = validate.peers(args.get("add", []), _pools(s), "add", own)
     if not remove and not add:
         raise Invalid("remove", "remove and add cannot both be empty")
     removing = set(remove)
@@ -46,37 +37,36 @@ def apply_peers(args, s):
     return {"remove": remove, "add": add}
 
 
-def sync_peers(args, s):
+def sync_peers(args, s, own=()):
     """{"peers": [peer]}: the complete set the interface must hold."""
-    _args(args, ("peers",), ("peers",))
-    return {"peers": validate.peers(args["peers"], _pools(s))}
+    validate.obj(args, "", ("peers",), ("peers",))
+    return {"peers": validate.peers(args["peers"], _pools(s), own=own)}
 
 
-def bridge_up(args, s):
+def bridge_up(args, s, own=()):
     """{"slot", "public_key", "endpoint", "address", "keepalive"?}: the tunnel to one exit."""
-    _args(args, ("slot", "public_key", "endpoint", "address", "keepalive"),
+    validate.obj(args, "", ("slot", "public_key", "endpoint", "address", "keepalive"),
           ("slot", "public_key", "endpoint", "address"))
     endpoint = validate.endpoint(args["endpoint"])
     if endpoint is None:
         raise Invalid("endpoint", "is required")
     return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot"),
-            "public_key": validate.public_key(args["public_key"]), "endpoint": endpoint,
-            "address": validate.tunnel_address(args["address"], s.pool),
+            "public_key": validate.public_key(args["public_key"], own=own), "endpoint": endpoint,
+            "address": validate.tunnel_address(args["address"], s.bridge_networks),
             "keepalive": validate.keepalive(args.get("keepalive", 25))}
 
 
-def bridge_down(args, s):
-    _args(args, ("slot",), ("slot",))
+def bridge_down(args, s, own=()):
+    validate.obj(args, "", ("slot",), ("slot",))
     return {"slot": validate.integer(args["slot"], 0, MAX_BRIDGE_SLOTS - 1, "slot")}
 
 
-def bridge_rules(args, s):
+def bridge_rules(args, s, own=()):
     """{"add": [{"address", "slot"}], "remove": [address], "exclusive": bool}."""
-    _args(args, ("add", "remove", "exclusive"))
+    validate.obj(args, "", ("add", "remove", "exclusive"))
     add = {}
     for item, rule in validate.items(args.get("add", []), "add", validate.MAX_PEERS, "rules"):
-        if not isinstance(rule, dict) or set(rule) != {"address", "slot"}:
-            raise Invalid(item, "must be an object with exactly address and slot")
+        validate.obj(rule, item + ".", ("address", "slot"), ("address", "slot"))
         address = validate.client_address(rule["address"], s.pool, s.gateway, item + ".address")
         if address in add:
             raise Invalid(item + ".address", "is listed twice")

@@ -3,6 +3,7 @@
 The kernel's SO_PEERCRED tells us who connected before we read a byte;
 anyone not in ORBMESH_HELPER_ALLOWED_UIDS gets FORBIDDEN and is dropped.
 """
+import contextlib
 import errno
 import logging
 import os
@@ -12,7 +13,7 @@ import stat
 import struct
 import threading
 
-from . import handlers, protocol
+from . import handlers, protocol, validate
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,6 @@ def _hung_up(conn):
     return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
-def _quietly(action, *args):
-    try:
-        action(*args)
-    except OSError:
-        pass
-
-
 class Server:
     def __init__(self, settings, ctx, idle_timeout=IDLE_TIMEOUT, dispatch=handlers.dispatch):
         self.settings = settings
@@ -42,6 +36,8 @@ class Server:
         self.idle_timeout = idle_timeout
         self._dispatch = dispatch
         self._slots = threading.BoundedSemaphore(settings.helper_max_connections)
+        self._batch = threading.Lock()
+        self._items = min(settings.pool.num_addresses, validate.MAX_PEERS)
         self._stop = threading.Event()
         self._listener = None
         self._inode = None
@@ -51,18 +47,18 @@ class Server:
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
         self._remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Created owner-only, then opened up: nobody connects in between.
-        old_umask = os.umask(0o177)
+        # bind() makes it 0660 (nobody connects before listen()); the group is set without following a
+        # symlink, so a path swapped for one in between changes nothing else.
+        old_umask = os.umask(0o117)
         try:
             listener.bind(self.path)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o660)
         if self.settings.helper_socket_group is not None:
-            os.chown(self.path, -1, self.settings.helper_socket_group)
+            os.chown(self.path, -1, self.settings.helper_socket_group, follow_symlinks=False)
         listener.listen(128)
         listener.settimeout(0.5)  # so serve_forever notices stop()
-        self._inode = os.stat(self.path).st_ino
+        self._inode = os.lstat(self.path).st_ino
         self._listener = listener
         log.info("listening on %s", self.path)
 
@@ -72,16 +68,14 @@ class Server:
                 raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)
         except FileNotFoundError:
             return
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s", self.path)
-            os.unlink(self.path)
-            return
-        finally:
-            probe.close()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                log.info("removing stale socket %s", self.path)
+                os.unlink(self.path)
+                return
         raise OSError(errno.EADDRINUSE, "another helper is listening on %s" % self.path)
 
     def stop(self):
@@ -91,16 +85,16 @@ class Server:
     def close(self):
         self._stop.set()
         if self._listener is not None:
-            _quietly(self._listener.shutdown, socket.SHUT_RDWR)  # wakes accept() now
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() now
             self._listener.close()
             self._listener = None
-            try:
-                if os.stat(self.path).st_ino == self._inode:
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         for conn in list(self._conns):
-            _quietly(conn.shutdown, socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def serve_forever(self):
         listener = self._listener
@@ -143,30 +137,32 @@ class Server:
         with conn.makefile("rb") as reader:
             while not self._stop.is_set():
                 try:
-                    line = protocol.read_frame(reader)
+                    head = reader.readline(protocol.SMALL_FRAME + 1)
+                    # A request longer than SMALL_FRAME (a batch) is read, parsed and run by one connection at
+                    # a time, so the memory it takes counts once (wghelper/protocol.py).
+                    with self._batch if len(head) > protocol.SMALL_FRAME else contextlib.nullcontext():
+                        line = protocol.read_request(reader, head, self._items)
+                        if line is None:
+                            return
+                        if _hung_up(conn):
+                            # The app gave up waiting (say, this helper was stopped) and has undone its
+                            # side: running it now would leave a change the database does not have.
+                            log.warning("client hung up before its request was run; dropped it")
+                            return
+                        if not self._send(conn, self._answer(line)):
+                            return
                 except ProtocolError as exc:
                     # Oversized or cut short: the stream is out of step, so answer once and hang up.
                     self._send(conn, protocol.error(None, exc.code, exc.message))
                     return
                 except OSError:  # idle timeout, reset
                     return
-                if line is None:
-                    return
-                if _hung_up(conn):
-                    # The app gave up waiting (say, this helper was stopped)
-                    # and has undone its side: running it now would leave a
-                    # change the database does not have.
-                    log.warning("client hung up before its request was run; dropped it")
-                    return
-                if not self._send(conn, self._answer(line)):
-                    return
 
     def _answer(self, line):
         req_id = None
         try:
             message = protocol.decode(line)
-            if isinstance(message.get("id"), int) and not isinstance(message.get("id"), bool):
-                req_id = message["id"]
+            req_id = message["id"] if type(message.get("id")) is int else None  # echoed even if the rest is bad
             req_id, cmd, args = protocol.parse_request(message)
         except ProtocolError as exc:
             return protocol.error(req_id, exc.code, exc.message)

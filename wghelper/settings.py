@@ -136,6 +136,10 @@ def listed(parse_one):
     return parse
 
 
+def networks4(value):
+    return tuple(network(ipaddress.IPv4Network, "IPv4")(item.strip()) for item in str(value).split(",") if item.strip())
+
+
 def address(value):
     try:
         return ipaddress.ip_address(str(value).strip())
@@ -184,7 +188,7 @@ HELPER = {
     "WIREGUARD_GO": (text, "wireguard-go", "The wireguard-go program"),
     "HELPER_COMMAND_TIMEOUT": (seconds(0.1, 600), 10.0, "Longest run of one wg/ip/nft/sysctl command, seconds"),
     "HELPER_WATCH_INTERVAL": (seconds(0.05, 3600), 2.0, "How often the helper checks its interface, seconds"),
-    "HELPER_MAX_CONNECTIONS": (integer(1, 65536), 256, "Concurrent connections to the helper socket"),
+    "HELPER_MAX_CONNECTIONS": (integer(1, 4096), 64, "Concurrent connections to the helper socket (8 per API instance)"),
     "NAT_UPLINK": (ifname, None, "Uplink interface to masquerade clients out of (empty: no NAT, no forwarding)"),
     "NAT_TABLE": (nft_table, "orbmesh", "The helper's nftables table (inet family)"),
     "CLIENT_TO_CLIENT": (choice("on", "off"), "off", "Let tunnel clients reach each other"),
@@ -195,6 +199,8 @@ HELPER = {
     "BRIDGE_TABLE_BASE": (integer(256, 2 ** 31 - 1024), 51900,
                           "Routing table of bridge slot N is this + N"),
     "BRIDGE_RULE_PREF": (integer(1, 32765), 20000, "Priority of the policy rules of bridged clients"),
+    "BRIDGE_NETWORKS": (networks4, "", "IPv4 CIDRs, comma-separated, this server's address on an exit may come "
+                        "from (the exits' pools); empty: bridge mode is off"),
 }
 
 

@@ -21,9 +21,15 @@ MAX_ALLOWED_IPS = 8
 # character can only carry 4 bits, so its low 2 bits must be zero.
 # Matched with fullmatch: "$" alone would also accept a trailing newline.
 PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
-_IPV4_RE = re.compile(r"^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$")
 _ENDPOINT_RE = re.compile(r"^([0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
 PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive"})
+# The Curve25519 points of small order (libsodium's list: 0, 1, two of order 8, p - 1, p, p + 1), each also
+# with the top bit set, which X25519 ignores.  As a peer's key one makes the handshake's shared secret
+# predictable; no client has one.
+LOW_ORDER_KEYS = frozenset(base64.b64encode(raw[:31] + bytes([raw[31] | top])).decode() for raw in map(bytes.fromhex, (
+    "00" * 32, "01" + "00" * 31, "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157", "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f")) for top in (0, 0x80))
 
 __all__ = ["Invalid"]
 
@@ -34,6 +40,19 @@ def _hint(value):
         prefix = "".join(c if c.isprintable() else "?" for c in value[:6])
         return "%r..." % prefix if len(value) > 6 else repr(prefix)
     return "a %s" % type(value).__name__
+
+
+def obj(value, field, allowed, required=()):
+    """`value` if it is an object with no key but `allowed` and every one of `required`; a key's field is
+    `field` + key (so `field` is "" or ends in ".")."""
+    if not isinstance(value, dict):
+        raise Invalid(field.rstrip(".") or "args", "must be an object")
+    for key in sorted(str(k)[:40] for k in set(value) - set(allowed))[:1]:  # the app's names, cut short
+        raise Invalid(field + key, "unknown argument")
+    for key in required:
+        if key not in value:
+            raise Invalid(field + key, "is required")
+    return value
 
 
 def items(values, field, high, what, low=0):
@@ -69,12 +88,13 @@ def boolean(value, field):
     return value
 
 
-def public_key(value, field="public_key"):
-    if not isinstance(value, str):
-        raise Invalid(field, "must be a string, got %s" % _hint(value))
+def public_key(value, field="public_key", own=()):
+    """A peer's key: base64 of 32 bytes, never a low-order point nor one of `own` (the server's and bridge's)."""
     # The pattern admits only base64 that decodes to exactly 32 bytes.
-    if not PUBLIC_KEY_RE.fullmatch(value) or len(base64.b64decode(value, validate=True)) != 32:
+    if not isinstance(value, str) or not PUBLIC_KEY_RE.fullmatch(value):
         raise Invalid(field, "must be a base64 WireGuard key of 32 bytes, got %s" % _hint(value))
+    if value in LOW_ORDER_KEYS or value in own:
+        raise Invalid(field, "is a low-order point or this server's own key, not a peer's")
     return value
 
 
@@ -85,7 +105,8 @@ def key_list(values, field, high=MAX_PEERS):
 def client_ip(value, pools, field):
     """A host route inside the pool of its family ("10.8.0.2/32", "fd00::2/128"), normalised; never the
     network, gateway or broadcast.  `pools`: (pool, gateway) pairs, IPv4 first; a None pool is off."""
-    if not isinstance(value, str) or "/" not in value:
+    # No scope id ("fd00::5%a"): ipaddress keeps it, and the address then equals no reserved one.
+    if not isinstance(value, str) or "/" not in value or "%" in value:
         raise Invalid(field, "must be a host route such as 10.8.0.2/32, got %s" % _hint(value))
     try:
         net = ipaddress.ip_network(value, strict=True)
@@ -130,45 +151,35 @@ def keepalive(value, field="keepalive"):
     return integer(value, 0, 65535, field)
 
 
-def peer(value, pools, field="peer"):
+def peer(value, pools, field="peer", own=()):
     """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive"}."""
-    if not isinstance(value, dict):
-        raise Invalid(field, "must be an object")
-    unknown = set(value) - PEER_KEYS
-    if unknown:
-        # Key names are sorted and cut short; they are the app's, not secrets.
-        raise Invalid(field, "unknown keys: %s" % ", ".join(sorted(str(k)[:20] for k in unknown)[:5]))
-    for required in ("public_key", "allowed_ips"):
-        if required not in value:
-            raise Invalid("%s.%s" % (field, required), "is required")
+    obj(value, field + ".", PEER_KEYS, ("public_key", "allowed_ips"))
     ips = items(value["allowed_ips"], field + ".allowed_ips", MAX_ALLOWED_IPS, "addresses", low=1)
     return {
-        "public_key": public_key(value["public_key"], field + ".public_key"),
+        "public_key": public_key(value["public_key"], field + ".public_key", own),
         "allowed_ips": unique([(f, client_ip(v, pools, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
     }
 
 
-def peers(values, pools, field="peers"):
+def peers(values, pools, field="peers", own=()):
     """A list of peers; no key and no address twice."""
-    result = [peer(v, pools, f) for f, v in items(values, field, MAX_PEERS, "peers")]
+    result = [peer(v, pools, f, own) for f, v in items(values, field, MAX_PEERS, "peers")]
     unique([("%s[%d]" % (field, i), p["public_key"]) for i, p in enumerate(result)], ".public_key")
     unique([("%s[%d]" % (field, i), ip) for i, p in enumerate(result) for ip in p["allowed_ips"]], ".allowed_ips")
     return result
 
 
-def tunnel_address(value, pool, field="address"):
-    """This server's IPv4 address in an exit's pool: a unicast host outside our own pool."""
-    if not isinstance(value, str) or not _IPV4_RE.fullmatch(value):
-        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value))
+def tunnel_address(value, networks, field="address"):
+    """This server's IPv4 address in an exit's pool: one of `networks` (ORBMESH_BRIDGE_NETWORKS, the exits' pools)."""
     try:
-        address = ipaddress.IPv4Address(value)
+        address = ipaddress.IPv4Address(value if isinstance(value, str) else "")
     except ValueError:
-        raise Invalid(field, "is not a valid IPv4 address") from None
-    if (address.is_unspecified or address.is_multicast or address.is_loopback or address.is_link_local
-            or address == ipaddress.IPv4Address("255.255.255.255")):
-        raise Invalid(field, "must be a unicast host address")
-    if address in pool:
-        raise Invalid(field, "must lie outside this server's pool %s" % pool)
+        raise Invalid(field, "must be an IPv4 address, got %s" % _hint(value)) from None
+    # Inside them, an address is a unicast host unless the operator listed odd networks; bridge.py also
+    # refuses one that is local or on a connected network.
+    if not any(address in net for net in networks):
+        raise Invalid(field, "must lie inside ORBMESH_BRIDGE_NETWORKS (%s)" % (
+            ", ".join(map(str, networks)) or "empty, so bridge mode is off"))
     return str(address)

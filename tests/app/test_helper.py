@@ -162,3 +162,20 @@ def test_a_timed_out_connection_is_dropped_so_a_late_reply_is_never_read(path):
     assert helper.accepts == 2
     client.close()
     helper.close()
+
+
+def test_at_most_max_open_connections_per_process(path):
+    """Calls beyond MAX_OPEN wait for a connection: every instance together stays under the helper's cap."""
+    helper = Helper(path, stall=True)  # each answer takes a second, so the calls overlap
+    client = HelperClient(path, 10)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.call("hello")))
+               for _ in range(HelperClient.MAX_OPEN + 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == HelperClient.MAX_OPEN + 4  # all answered (control)
+    assert helper.accepts == HelperClient.MAX_OPEN and len(client._idle) == HelperClient.MAX_OPEN
+    client.close()
+    helper.close()

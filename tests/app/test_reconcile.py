@@ -1,6 +1,9 @@
 """The reconcile watcher: when it syncs, and what it sends."""
+import base64
+import sqlite3
+
 from app import reconcile
-from tests.conftest import make_key
+from tests.conftest import SERVER_KEY, make_key
 
 
 def connect(client, auth, n):
@@ -20,6 +23,21 @@ def test_first_round_syncs_the_whole_database(app, client, auth, fake_helper):
     assert watcher.check_once() is not None
     assert sorted(fake_helper.peers) == sorted(make_key(i) for i in range(3))
     assert fake_helper.peers[make_key(0)]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
+
+
+def test_rows_with_keys_no_peer_may_use_are_quarantined_not_synced(app, client, auth, fake_helper):
+    """Rows from before keys were checked: the helper refuses a sync that holds one, so they stay off."""
+    connect(client, auth, 3)
+    db = sqlite3.connect(app.config["DB_PATH"])
+    with db:
+        db.execute("UPDATE peers SET public_key = ? WHERE addr = (SELECT min(addr) FROM peers)", (SERVER_KEY,))
+        db.execute("UPDATE peers SET public_key = ? WHERE public_key = ?", (base64.b64encode(bytes(32)).decode(),
+                                                                             make_key(2)))
+    fake_helper.peers.clear()
+    reconcile.Watcher(app.config, helper=fake_helper).check_once()
+    assert list(fake_helper.peers) == [make_key(1)]
+    assert db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NOT NULL").fetchone() == (2,)
+    db.close()
 
 
 def test_same_generation_is_not_synced_again_until_interval(app, fake_helper):

@@ -37,7 +37,7 @@ def test_connect_fields(app):
     for bad in ({"publicKey": "AAAA"}, {"publicKey": make_key(1), "force_direct": "true"},
                 {"publicKey": make_key(1), "force_direct": 1}, {"publicKey": make_key(1), "exitServerId": "a b"},
                 {"publicKey": make_key(1), "other": 1}, {}):
-        with pytest.raises(ValidationError):
+        with app.app_context(), pytest.raises(ValidationError):
             schema.load(bad)
 
 

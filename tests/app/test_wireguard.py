@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import SERVER_KEY, FakeHelper, make_key
+from tests.conftest import BRIDGE_KEY, SERVER_KEY, FakeHelper, make_key
 
 KEY_A, KEY_B, KEY_C = make_key(1), make_key(2), make_key(3)
 
@@ -106,6 +106,23 @@ def test_same_device_new_key_replaces_peer_and_keeps_address(client, auth, app, 
     assert set(fake_helper.peers) == {KEY_B}
     assert fake_helper.calls[-1] == ("apply", [fake_helper.peers[KEY_B]], [KEY_A])
     assert [r[0] for r in rows(app)] == [KEY_B]
+
+
+ZERO_KEY = base64.b64encode(bytes(32)).decode()
+ORDER_8_KEY = base64.b64encode(bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b880")).decode()
+
+
+@pytest.mark.parametrize("key", [SERVER_KEY, BRIDGE_KEY, ZERO_KEY, ORDER_8_KEY])
+def test_the_servers_own_keys_and_low_order_points_are_refused(client, auth, internal, snapshot, key):
+    """The server's own key as a client's left the database and the interface apart for good."""
+    before = snapshot()
+    for response in (connect(client, auth(), key), client.post("/wireguard/add-peer",
+                                                                 json=add_peer_body(publicKey=key), headers=internal)):
+        assert response.status_code == 400
+        assert response.get_json()["error"]["code"] == "VALIDATION_ERROR"
+        assert "publicKey" in response.get_json()["error"]["details"]["fields"]
+    assert snapshot() == before
+    assert connect(client, auth(), KEY_A).status_code == 200  # control
 
 
 def test_key_of_another_device_is_conflict(client, auth, snapshot):

@@ -83,6 +83,12 @@ def test_helper_unit_hardening():
                        ("ExecStart", "/opt/orbmesh/venv/bin/orbmesh-wghelper"),
                        ("Restart", "on-failure"), ("KillSignal", "SIGTERM")):
         assert d[("Service", key)] == [value], key
+    # /proc/sys read-only but for the net conf keys (the e2e deploy stack runs the helper so, tests/e2e/deploy_stack.py).
+    for key, value in (("ProtectKernelTunables", "yes"), ("SystemCallFilter", "@system-service"),
+                       ("MemoryMax", "1G"), ("TasksMax", "1024")):
+        assert d[("Service", key)] == [value], key
+    assert " ".join(d[("Service", "ReadWritePaths")]).split() == [
+        "/proc/sys/net/ipv4/conf", "-/proc/sys/net/ipv6/conf", "/run/wireguard"]
     assert ("Service", "AmbientCapabilities") not in d
     assert ("Service", "SecureBits") not in d  # noroot would strip the capabilities of root itself
     assert ("Service", "TimeoutStopSec") in d

@@ -7,12 +7,15 @@
                                                  unbound on 10.8.0.1:53 (orbmesh-unbound.service)
 
 Every process runs inside the server namespace as a child of the test and is
-stopped by its pid.  The helper runs with the capability bounding set of its
-systemd unit (CAP_NET_ADMIN only) and gunicorn with none, as the units say,
-so a capability the units forgot fails here.  Unbound is started the way
-its unit says (read from the unit file): the config rendered by its
-ExecStartPre as root, then Unbound as the unit's user with the unit's
-capabilities only.
+stopped by its pid.  The helper and gunicorn run in the sandbox their systemd
+units describe, as far as a test can build one (sandbox()): the capability
+bounding set (CAP_NET_ADMIN only for the helper, none for gunicorn), no new
+privileges and, with ProtectKernelTunables=yes, /proc/sys and /sys read-only
+but for the unit's ReadWritePaths below /proc/sys, in a mount namespace of
+their own.  So a capability or a writable path the units forgot fails here.
+Unbound is started the way its unit says (read from the unit file): the
+config rendered by its ExecStartPre as root, then Unbound as the unit's
+user with the unit's capabilities only.
 """
 import datetime
 import http.client
@@ -44,9 +47,38 @@ VENV_BIN = Path(sys.executable).parent
 HTTPS_PORT = 8443
 ORBNET_ADDR = "192.0.2.3"  # a second client-side address, on nginx's allow list
 API_PORTS = (8081, 8082)
-# The units' capability sets (deploy/systemd/*.service, CapabilityBoundingSet=).
-HELPER_CAPS = "-all,+net_admin"
-API_CAPS = "-all"
+HELPER_UNIT = DEPLOY / "systemd" / "orbmesh-wghelper.service"
+API_UNIT = DEPLOY / "systemd" / "orbmesh-api@.service"
+
+
+def service_settings(unit):
+    """{key: [values]} of a unit's [Service] section."""
+    found, section = {}, None
+    for line in unit.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def sandbox(unit):
+    """The argv prefix that runs a program in `unit`'s sandbox as far as a test can build it (module docstring)."""
+    d = service_settings(unit)
+    caps = " ".join(d.get("CapabilityBoundingSet", [])).split()
+    argv = [shutil.which("setpriv")] + (["--no-new-privs"] if d.get("NoNewPrivileges") == ["yes"] else [])
+    argv += ["--bounding-set=" + ",".join(["-all"] + ["+" + cap[len("CAP_"):].lower() for cap in caps]), "--"]
+    if d.get("ProtectKernelTunables") != ["yes"]:
+        return argv
+    # "-": ignored when missing, as systemd does.
+    writable = [p.lstrip("-") for value in d.get("ReadWritePaths", []) for p in value.split()
+                if p.lstrip("-").startswith("/proc/sys/") and (os.path.exists(p.lstrip("-")) or not p.startswith("-"))]
+    mounts = [(path, "ro") for path in ("/proc/sys", "/sys")] + [(path, "rw") for path in writable]
+    script = "set -e\n" + "".join("mount --bind %s %s\nmount -o remount,bind,%s %s\n" % (p, p, mode, p)
+                                  for p, mode in mounts) + 'exec "$@"\n'
+    return [shutil.which("unshare"), "--mount", "--propagation", "private", "--", "sh", "-c", script, "sandbox"] + argv
 
 
 def make_tls(directory, ip=SERVER_ADDR):
@@ -107,16 +139,12 @@ class DeployStack(Stack):
         self.nginx_log = self.tmp / "nginx-error.log"
         self.nginx_proc = None
         self.app_procs = {}
-        self.setpriv = shutil.which("setpriv")
 
     # processes ---------------------------------------------------------------------
 
-    def _capped(self, caps, argv):
-        return [self.setpriv, "--no-new-privs", "--bounding-set=" + caps, "--"] + argv
-
     def start_helper(self):
         log = open(self.helper_log, "ab")
-        argv = self._capped(HELPER_CAPS, [str(VENV_BIN / "orbmesh-wghelper")])
+        argv = sandbox(HELPER_UNIT) + [str(VENV_BIN / "orbmesh-wghelper")]
         self.helper_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_for(self._helper_ready, what="helper socket")
@@ -128,8 +156,8 @@ class DeployStack(Stack):
             prom.mkdir()
             env = dict(self.env, ORBMESH_BIND="127.0.0.1:%d" % port, PROMETHEUS_MULTIPROC_DIR=str(prom))
             log = open(self.tmp / ("app-%d.log" % port), "ab")
-            argv = self._capped(API_CAPS, [str(VENV_BIN / "gunicorn"), "-c", str(DEPLOY / "gunicorn.conf.py"),
-                                           "app:create_app()"])
+            argv = sandbox(API_UNIT) + [str(VENV_BIN / "gunicorn"), "-c", str(DEPLOY / "gunicorn.conf.py"),
+                                        "app:create_app()"]
             self.app_procs[port] = self.server.popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                      cwd=str(REPO))
             log.close()

@@ -118,6 +118,7 @@ class Topology:
         policy.write_text(json.dumps({"rules": [{"networks": ["192.0.2.0/24"], "exits": ["exit-1"]}]}))
         self.entry.env.update({
             "ORBMESH_NAT_UPLINK": self.internet.uplink,
+            "ORBMESH_BRIDGE_NETWORKS": "10.9.0.0/16",  # the exit's pool
             "ORBMESH_EXIT_REGISTRY_URL": "http://%s:%d/exits" % (INTERNET_ADDR, REGISTRY_PORT),
             "ORBMESH_EXIT_REGISTRY_INTERVAL": "1",
             "ORBMESH_EXIT_API_TIMEOUT": "3",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .deploy_stack import API_PORTS, HTTPS_PORT, ORBNET_ADDR, VENV_BIN, DeployStack
+from .deploy_stack import API_PORTS, HELPER_UNIT, HTTPS_PORT, ORBNET_ADDR, VENV_BIN, DeployStack, sandbox
 from .internet import SERVER_UPLINK_ADDR
 from .netns import unique_ifname
 from .stack import CLIENT_ADDR, SERVER_ADDR, wait_for
@@ -32,7 +32,7 @@ GATEWAY = "10.8.0.1"
 
 @pytest.fixture
 def deploy(netns, tmp_path):
-    for tool in ("nginx", "setpriv", "nft", "unbound", "dig"):
+    for tool in ("nginx", "setpriv", "unshare", "nft", "unbound", "dig"):
         need(tool)
     stack = DeployStack(netns, tmp_path)
     try:
@@ -83,6 +83,28 @@ def ping_gateway(client, what):
 def internet_sees(stack, expected, what):
     """The whoami server, through the tunnel, sees `expected` (retried while the tunnel settles)."""
     wait_for(lambda: stack.internet.whoami_from(stack.client, timeout=3) == expected, timeout=45, what=what)
+
+
+def test_the_helpers_sandbox_writes_net_conf_and_no_other_kernel_tunable(netns):
+    """kernel.modprobe (absent from kernels without modules) and kernel.core_pattern name programs the kernel runs
+    as full root: a taken-over helper must not set them.  Each probe writes back the value it read."""
+    for tool in ("setpriv", "unshare", "sysctl"):
+        need(tool)
+    ns = netns("sandbox")
+
+    def write(key):
+        value = ns.run("sysctl", "-n", key).stdout.rstrip("\n")
+        return ns.run(*sandbox(HELPER_UNIT), "sysctl", "-w", "%s=%s" % (key, value), check=False)
+
+    refused = [key for key in ("kernel.modprobe", "kernel.core_pattern", "net.ipv4.ip_forward")
+               if os.path.exists("/proc/sys/" + key.replace(".", "/"))]
+    assert "kernel.core_pattern" in refused
+    for key in refused:
+        assert write(key).returncode != 0, key
+    # Control: what the helper does write, per-interface forwarding, goes through the same sandbox.
+    for key in ("net.ipv4.conf.lo.forwarding", "net.ipv6.conf.lo.forwarding"):
+        done = write(key)
+        assert done.returncode == 0, (key, done.stderr)
 
 
 def test_connect_through_nginx_then_nat_to_the_internet(deploy):

@@ -139,6 +139,19 @@ def test_helper_refuses_what_a_compromised_app_sends(stack):
     assert stack.wg_peers() == before
     assert re.fullmatch(r"[0-9a-f]+", replies[7]["result"]["generation"])
 
+    # The helper's own keys as a client's, and 16 MiB of tiny objects (once 800+ MB of the helper's memory).
+    own = [replies[7]["result"]["public_key"], replies[7]["result"]["bridge_public_key"]]
+    peak = lambda: int(next(l for l in open("/proc/%d/status" % stack.helper_proc.pid)  # noqa: E731
+                            if l.startswith("VmHWM:")).split()[1]) << 10
+    before_rss = peak()
+    bad = helper_exchange(stack, [protocol.encode({"id": 9, "cmd": "apply_peers", "args": {"add": [
+        {"public_key": k, "allowed_ips": ["10.8.0.9/32"]}]}}) for k in own] + [
+        b'{"id":10,"cmd":"sync_peers","args":{"peers":[' + b"{}," * (protocol.MAX_FRAME // 3 - 20) + b"{}]}}\n"])
+    assert [r["error"]["code"] for r in bad] == [protocol.INVALID_ARGUMENT] * 2 + [protocol.TOO_LARGE], bad
+    assert peak() - before_rss < 100 << 20
+    assert stack.wg_peers() == before
+    assert helper_exchange(stack, [protocol.encode({"id": 11, "cmd": "hello"})])[0]["ok"]  # control: still serving
+
 
 def test_bad_input_changes_nothing_on_the_real_stack(stack):
     _, good = stack.connect("user-1", "dev003", keypair()[1])

@@ -15,6 +15,9 @@ from wghelper.writer import Writer
 FAKE_IF = "wgt0"
 FAKE_KEYFILE = "/state/server.key"
 SERVER_PUBLIC = base64.b64encode(b"P" * 32).decode()
+BRIDGE_KEYFILE = "/state/bridge.key"
+BRIDGE_PUBLIC = base64.b64encode(b"Q" * 32).decode()
+KEYFILES = {FAKE_KEYFILE: SERVER_PUBLIC, BRIDGE_KEYFILE: BRIDGE_PUBLIC}  # what `wg set IF private-key F` makes it
 # What the fake `wg show IF dump` prints as the private key: it must never
 # come back out of the helper.
 DUMP_PRIVATE = base64.b64encode(b"\x11" * 32).decode()
@@ -45,6 +48,8 @@ class FakeRunner:
         self.kernel = kernel
         self.socket_dir = socket_dir
         self.links = set()
+        self.link_keys = {}    # link -> the public key its dump shows (default SERVER_PUBLIC)
+        self.addresses = {}    # link -> ["10.8.0.1/16", ...], as `ip -o address show` lists them
         self.peers = {}        # key -> {"allowed_ips", "endpoint", "keepalive"}
         self.fail = None       # callable(argv) -> stderr string to fail with, or None
         self.gate = None       # threading.Event wg set waits on, when set
@@ -53,7 +58,7 @@ class FakeRunner:
         self.sysctls = {}      # "net/ipv4/conf/IF/forwarding" -> "0"; absent: no such key
         self.nft_tables = {}   # "inet NAME" -> the stdin that defined it
         self.rules = {}        # bridge rules: "10.8.0.2" -> (pref, table), as `ip -4 rule` keeps them
-        self.addresses = ""    # what `ip -o address show` prints
+        self.address_text = ""  # more lines of `ip -o address show`, as a test writes them
         self._lock = threading.Lock()
 
     def clear(self):
@@ -95,8 +100,10 @@ class FakeRunner:
         if name not in self.links:
             raise CommandFailed("wg", 1, "Unable to access interface: No such device")
         if args[0] == "show" and args[2:] == ("dump",):
-            return self._dump()
+            return self._dump(name)
         if args[0] == "set":
+            if "private-key" in args:
+                self.link_keys[name] = KEYFILES.get(args[args.index("private-key") + 1], SERVER_PUBLIC)
             self._set(list(args[2:]))
         return ""
 
@@ -114,9 +121,17 @@ class FakeRunner:
             if args[3] not in self.links:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
+            self.addresses.pop(args[3], None)
             self.daemons.discard(args[3])  # wireguard-go exits with its link
         elif args == ("-o", "address", "show"):
-            return self.addresses
+            return "".join("%d: %s    %s %s scope global %s\\       valid_lft forever\n"
+                           % (i, dev, "inet6" if ":" in cidr.split(" ")[0] else "inet", cidr, dev)
+                           for i, dev in enumerate(sorted(self.addresses), 1) for cidr in self.addresses[dev]
+                           ) + self.address_text
+        elif args[1:3] == ("address", "replace"):
+            self.addresses.setdefault(args[5], []).append(args[3])
+        elif args[1:3] == ("address", "flush"):
+            self.addresses.pop(args[4], None)
         elif args[:3] == ("-4", "rule", "show"):
             return "".join("%s:\tfrom %s lookup %s\n" % (pref, a, table)
                            for a, (pref, table) in sorted(self.rules.items()) if pref == args[4])
@@ -160,8 +175,8 @@ class FakeRunner:
 
     # --- the model ------------------------------------------------------
 
-    def _dump(self):
-        lines = ["%s\t%s\t51820\toff" % (DUMP_PRIVATE, SERVER_PUBLIC)]
+    def _dump(self, name):
+        lines = ["%s\t%s\t51820\toff" % (DUMP_PRIVATE, self.link_keys.get(name, SERVER_PUBLIC))]
         for k, p in self.peers.items():
             lines.append("\t".join([
                 k, "(none)", p["endpoint"] or "(none)", ",".join(p["allowed_ips"]) or "(none)",

@@ -47,6 +47,7 @@ SHAPES = [
                                                 None)]),
     ("addresses", (), [("ip", ["-o", "address", "show"], None)]),
     ("flush_addresses", ("wg0b1",), [("ip", ["-4", "address", "flush", "dev", "wg0b1"], None)]),
+
     ("route_default", (51901, "wg0b1"), [("ip", ["-4", "route", "replace", "default", "dev", "wg0b1", "table",
                                                  "51901"], None)]),
     ("route_unreachable", (51901,), [("ip", ["-4", "route", "replace", "unreachable", "default", "metric",

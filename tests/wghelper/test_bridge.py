@@ -5,12 +5,14 @@ from wghelper import bridge, firewall
 from wghelper.bridge import Bridges, parse_rules
 from wghelper.firewall import Firewall
 
-from .fakes import FAKE_IF, SERVER_PUBLIC, Helper, key, settings
+from wghelper.errors import ConfigError
+
+from .fakes import BRIDGE_KEYFILE, BRIDGE_PUBLIC, FAKE_IF, Helper, key, peer, settings
 
 IF = FAKE_IF
 LINK = IF + "b3"
 EXIT_KEY = key(9)
-BRIDGE_KEYFILE = "/state/bridge.key"
+EXITS = "10.9.0.0/16,192.0.2.0/24"  # ORBMESH_BRIDGE_NETWORKS of these tests
 SPEC = {"slot": 3, "public_key": EXIT_KEY, "endpoint": "198.51.100.1:51820", "address": "10.9.255.1",
         "keepalive": 25}
 SCRIPT = """\
@@ -52,6 +54,8 @@ table inet orbmesh {
 }
 """
 UP_CALLS = [
+    ["ip", "-o", "address", "show"],   # the address is neither local nor on a connected network
+    ["ip", "link", "show", "dev", LINK],     # no link of that name that is not ours
     ["ip", "link", "show", "dev", LINK],
     ["ip", "link", "add", "dev", LINK, "type", "wireguard"],
     ["wg", "show", LINK, "peers"],
@@ -69,20 +73,25 @@ UP_CALLS = [
 ]
 
 
-@pytest.fixture
-def helper(tmp_path):
-    h = Helper(tmp_path).start()
+def with_bridges(tmp_path, networks=EXITS):
+    h = Helper(tmp_path, bridge_networks=networks).start()
     fw = Firewall(h.settings, h.cmd)
-    h.ctx.bridges = Bridges(h.settings, h.cmd, fw, BRIDGE_KEYFILE, SERVER_PUBLIC, socket_dir=str(tmp_path))
+    h.ctx.bridges = Bridges(h.settings, h.cmd, fw, BRIDGE_KEYFILE, BRIDGE_PUBLIC, socket_dir=str(tmp_path))
     for name in (IF, LINK, IF + "b0"):
         h.runner.sysctls["net/ipv4/conf/%s/forwarding" % name] = "0"
+    return h
+
+
+@pytest.fixture
+def helper(tmp_path):
+    h = with_bridges(tmp_path)
     yield h
     h.writer.stop()
 
 
 def test_bridge_up_exact_argv_and_idempotent(helper):
     result = helper.result("bridge_up", SPEC)
-    assert result == {"interface": LINK, "table": 51903, "public_key": SERVER_PUBLIC}
+    assert result == {"interface": LINK, "table": 51903, "public_key": BRIDGE_PUBLIC}
     assert helper.runner.calls == UP_CALLS
     assert helper.runner.stdins[-1] == (["nft", "-f", "-"], SCRIPT)
     assert helper.result("hello")["bridges"] == [3]
@@ -207,3 +216,60 @@ def test_names_fit_and_rules_parse():
     assert firewall.script(settings(), [LINK]) == SCRIPT
     text = "20000:\tfrom 10.8.0.2 lookup 51903\n20000:\tfrom all lookup main\n0:\tfrom all lookup local\n"
     assert parse_rules(text, 20000) == {"10.8.0.2": 51903}
+
+
+@pytest.mark.parametrize("overrides", [{"interface": "abcdefghijklmb1"}, {"interface": "abcdefghijklb63"},
+                                       {"nat_uplink": IF + "b7"}])
+def test_a_bridge_link_named_like_the_interface_or_uplink_stops_the_start(overrides):
+    """A 15-character ORBMESH_INTERFACE ending in b1 made slot 1's link the client interface itself: bridge_up
+    then removed every client peer, swapped in the bridge key and flushed the gateway address."""
+    s = settings(**overrides)
+    with pytest.raises(ConfigError, match="bridge link"):
+        Bridges(s, None, None, BRIDGE_KEYFILE, BRIDGE_PUBLIC)
+    Bridges(settings(interface="abcdefghijklmno", nat_uplink="eth0"), None, None, BRIDGE_KEYFILE, BRIDGE_PUBLIC)
+
+
+@pytest.mark.parametrize("not_ours", ["other key", "not WireGuard"])
+def test_a_link_of_a_bridge_name_that_is_not_ours_is_left_alone(helper, not_ours):
+    r = helper.runner
+    helper.result("apply_peers", {"add": [peer(key(1))]})
+    r.links.add(LINK)
+    if not_ours == "other key":
+        r.link_keys[LINK] = key(5)
+    else:
+        r.fail = lambda argv: "Unable to access interface: Operation not supported" if argv[:2] == ["wg", "show"] \
+            and argv[2] == LINK else None
+    r.clear()
+    reply = helper.call("bridge_up", SPEC)
+    assert not reply["ok"] and reply["error"]["code"] == "COMMAND_FAILED"
+    assert helper.call("bridge_down", {"slot": 3})["ok"]
+    assert [c for c in r.calls if LINK in c and c[:2] != ["ip", "link"] or c[:3] == ["ip", "link", "del"]] == [
+        ["wg", "show", LINK, "dump"]] * 2
+    assert LINK in r.links and key(1) in r.peers
+    # Control: a link this helper's bridge key runs (left by a helper that was killed) is adopted.
+    r.fail, r.link_keys[LINK] = None, BRIDGE_PUBLIC
+    assert helper.result("bridge_up", SPEC)["interface"] == LINK
+
+
+@pytest.mark.parametrize("address, networks", [
+    ("10.9.255.1", ""),              # no ORBMESH_BRIDGE_NETWORKS: bridge mode is off
+    ("198.51.100.7", EXITS),         # outside them
+    ("192.0.2.1", EXITS),            # the uplink's own address
+    ("192.0.2.254", EXITS),          # on the uplink's network: the upstream gateway, say
+    ("10.9.0.2", EXITS),             # the far end of a point-to-point address
+])
+def test_bridge_address_only_from_exit_networks_and_never_local(tmp_path, address, networks):
+    h = with_bridges(tmp_path, networks)
+    try:
+        h.runner.addresses.update({"uplink0": ["192.0.2.1/24"], "ptp0": ["10.9.0.1 peer 10.9.0.2/32"]})
+        h.runner.clear()
+        reply = h.call("bridge_up", dict(SPEC, address=address))
+        assert not reply["ok"] and reply["error"]["code"] == "INVALID_ARGUMENT", reply
+        assert reply["error"]["details"]["field"] == "address"
+        assert h.runner.calls in ([], [["ip", "-o", "address", "show"]])
+        # Control: an address of the exits' networks that is nowhere on this host, twice (a new endpoint).
+        if networks:
+            assert h.result("bridge_up", SPEC)["interface"] == LINK
+            assert h.result("bridge_up", dict(SPEC, endpoint="198.51.100.2:51820"))["interface"] == LINK
+    finally:
+        h.writer.stop()

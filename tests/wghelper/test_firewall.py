@@ -259,7 +259,7 @@ def test_sets_are_written_as_nft_lists_them(nets, listed):
 
 def test_apply_blocks_the_host_networks_it_reads(tmp_path):
     n, runner = make(tmp_path)
-    runner.addresses = ADDRESSES
+    runner.address_text = ADDRESSES
     n.start()
     assert runner.calls[:2] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
     applied = runner.stdins[0][1]
@@ -441,7 +441,7 @@ def test_interface_recreation_sets_forwarding_again(tmp_path):
     iface = Interface(settings(nat_uplink=UP), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
     iface.on_up = n.interface_up
     runner.sysctls[K_WG] = "0"  # a new link starts with the default
-    runner.addresses = ADDRESSES  # and the host's networks changed meanwhile
+    runner.address_text = ADDRESSES  # and the host's networks changed meanwhile
     runner.clear()
     iface.up()
     assert runner.calls[-4:] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"],

@@ -5,7 +5,9 @@ import pytest
 
 from wghelper import protocol
 
-from .fakes import DUMP_PRIVATE, FAKE_IF, SERVER_PUBLIC, Helper, key, peer
+from wghelper.bridge import Bridges
+
+from .fakes import BRIDGE_KEYFILE, BRIDGE_PUBLIC, DUMP_PRIVATE, FAKE_IF, SERVER_PUBLIC, Helper, key, peer
 
 IF = FAKE_IF
 K1, K2, K3 = key(1), key(2), key(3)
@@ -32,6 +34,24 @@ def test_add_argv(helper):
         "peer", K1, "allowed-ips", "10.8.0.2/32", "endpoint", "192.0.2.1:51820", "persistent-keepalive", "25",
         "peer", K2, "allowed-ips", "10.8.0.3/32,10.8.0.4/32", "persistent-keepalive", "0",
     ]]
+
+
+@pytest.mark.parametrize("own", [SERVER_PUBLIC, BRIDGE_PUBLIC, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="])
+def test_the_helpers_own_keys_and_low_order_points_are_refused(tmp_path, own):
+    """The server's own key as a client's left the database and the interface apart for good."""
+    h = Helper(tmp_path, bridge_networks="10.9.0.0/16").start()
+    try:
+        h.ctx.bridges = Bridges(h.settings, h.cmd, None, BRIDGE_KEYFILE, BRIDGE_PUBLIC)
+        for cmd, args, field in [("apply_peers", {"add": [peer(K1), peer(own, "10.8.0.3/32")]}, "add[1].public_key"),
+                                 ("sync_peers", {"peers": [peer(own)]}, "peers[0].public_key"),
+                                 ("bridge_up", {"slot": 1, "public_key": own, "endpoint": "192.0.2.1:1",
+                                                "address": "10.9.0.2"}, "public_key")]:
+            reply = h.call(cmd, args)
+            assert reply["error"]["code"] == "INVALID_ARGUMENT" and reply["error"]["details"]["field"] == field
+        assert h.runner.calls == []
+        assert add(h, peer(K1)) == {"removed": 0, "applied": 1}  # control
+    finally:
+        h.writer.stop()
 
 
 def test_update_can_turn_keepalive_off(helper):

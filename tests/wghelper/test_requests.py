@@ -7,7 +7,7 @@ from wghelper.handlers import HANDLERS
 
 from .fakes import key, peer, settings
 
-S = settings()
+S = settings(bridge_networks="10.9.0.0/16")
 
 
 def test_every_command_has_a_handler_and_nothing_else_is_served():

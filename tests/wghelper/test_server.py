@@ -12,12 +12,15 @@ import time
 
 import pytest
 
+from tests.fuzz_hooks import report
 from wghelper import protocol
+from wghelper import server as server_module
 from wghelper.server import Server
 
 from .fakes import Helper, key, peer, settings
 
 NOBODY = 65534
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Served:
@@ -92,6 +95,31 @@ def test_socket_file(served):
     assert stat.S_IMODE(os.stat(os.path.dirname(served.path)).st_mode) == 0o755
 
 
+def test_socket_permissions_never_follow_a_symlink(tmp_path, monkeypatch):
+    """A path swapped for a symlink right after bind(): chmod and chown must not reach the file it points to."""
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    os.chmod(victim, 0o600)
+
+    class Swapping(socket.socket):
+        def bind(self, path):
+            super().bind(path)
+            os.rename(path, path + ".real")
+            os.symlink(victim, path)
+
+    monkeypatch.setattr(server_module.socket, "socket", Swapping)
+    s = Served(tmp_path)
+    try:
+        info = os.stat(victim)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o600, 0)
+        # Control: the socket itself got the mode and group.
+        real = os.stat(s.path + ".real")
+        assert (stat.S_IMODE(real.st_mode), real.st_gid) == (0o660, 0)
+        assert os.lstat(s.path).st_gid == NOBODY
+    finally:
+        s.close()
+
+
 def test_requests_on_one_connection(served):
     conn = served.connect()
     first = conn.call("hello", req_id=41)
@@ -139,10 +167,9 @@ def test_malformed_frames_are_answered_and_the_connection_lives(served, frame, r
     assert served.calls == []
 
 
-def test_oversize_frame_closes_the_connection(served, monkeypatch):
-    monkeypatch.setattr(protocol, "MAX_FRAME", 1024)
+def test_oversize_frame_closes_the_connection(served):
     conn = served.connect()
-    conn.send(b'{"id": 1, "cmd": "hello", "args": {"x": "' + b"a" * 4000 + b'"}}\n')
+    conn.send(b'{"id": 1, "cmd": "hello", "args": {"x": "' + b"a" * protocol.SMALL_FRAME + b'"}}\n')
     reply = conn.reply()
     assert reply["error"]["code"] == protocol.TOO_LARGE
     assert conn.at_eof()
@@ -202,6 +229,64 @@ def test_connection_cap(tmp_path):
         assert reply["ok"]
     finally:
         s.close()
+
+
+# The helper's server with the fake runner, alone in a process whose memory the test reads.
+ALONE = """
+import pathlib, sys
+from tests.wghelper.test_server import Served
+served = Served(pathlib.Path(sys.argv[1]))
+print(served.path, flush=True)
+sys.stdin.read()
+served.close()
+"""
+
+
+def peak_rss(pid):
+    """The most memory the process has held so far (VmHWM), bytes."""
+    line = next(l for l in open("/proc/%d/status" % pid) if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_frames_of_tiny_objects_do_not_blow_up_memory(tmp_path):
+    """16 MiB of `{}`s once took the helper from 27 MB to 857 MB, three at once to 1.7 GB (default /16 pool)."""
+    proc = subprocess.Popen([sys.executable, "-c", ALONE, str(tmp_path)], cwd=str(ROOT), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        path = proc.stdout.readline().strip()
+        before = peak_rss(proc.pid)
+        objects = b"{}," * ((protocol.MAX_FRAME - 100) // 3)
+        replies = []
+
+        def attack(cmd):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            conn = Conn(sock)
+            try:
+                conn.send(b'{"id":1,"cmd":"%s","args":{"x":[%s{}]}}\n' % (cmd, objects))
+            except OSError:  # hung up on us after what it read: its reply waits
+                pass
+            replies.append(conn.reply())
+            conn.close()
+
+        threads = [threading.Thread(target=attack, args=(cmd,)) for cmd in (b"hello", b"sync_peers", b"apply_peers")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        grown = peak_rss(proc.pid) - before
+        report("helper memory", "3 frames of 16 MiB of {} at once: peak RSS %d MB -> %d MB (+%d MB)" % (
+            before >> 20, (before + grown) >> 20, grown >> 20))
+        assert grown < 100 << 20, "peak RSS grew by %d MB" % (grown >> 20)
+        assert [r["error"]["code"] for r in replies] == [protocol.TOO_LARGE] * 3, replies
+        # Control: a real batch on a new connection is served.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        assert Conn(sock).call("apply_peers", {"add": [peer(key(i), "10.8.1.%d/32" % i) for i in range(2, 200)]})["ok"]
+        sock.close()
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
 
 
 def test_unexpected_errors_are_internal_and_generic(tmp_path, caplog):

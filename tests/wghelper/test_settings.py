@@ -18,7 +18,7 @@ def test_defaults():
     assert s.helper_allowed_uids == frozenset({0})
     assert s.helper_state_dir == "/var/lib/orbmesh-wghelper"
     assert (s.wg_backend, s.wireguard_go) == ("auto", "wireguard-go")
-    assert (s.helper_command_timeout, s.helper_watch_interval, s.helper_max_connections) == (10.0, 2.0, 256)
+    assert (s.helper_command_timeout, s.helper_watch_interval, s.helper_max_connections) == (10.0, 2.0, 64)
 
 
 def test_read_env_file(tmp_path):
@@ -53,6 +53,12 @@ def test_file_then_environment(tmp_path):
     assert str(s.gateway) == "10.9.0.1"  # derived from the file's pool
 
 
+def test_bridge_networks():
+    assert load({}).bridge_networks == ()  # bridge mode off
+    assert [str(n) for n in load({"ORBMESH_BRIDGE_NETWORKS": " 10.9.0.0/16, 100.64.0.0/10,"}).bridge_networks] == [
+        "10.9.0.0/16", "100.64.0.0/10"]
+
+
 def test_names_and_ids():
     s = load({"ORBMESH_HELPER_ALLOWED_UIDS": "0, root,65534", "ORBMESH_HELPER_SOCKET_GROUP": "root"})
     assert s.helper_allowed_uids == frozenset({0, 65534}) and s.helper_socket_group == 0
@@ -70,6 +76,7 @@ def test_names_and_ids():
     ("HELPER_ALLOWED_UIDS", ","), ("WG_BACKEND", "magic"),
     ("HELPER_COMMAND_TIMEOUT", "0"), ("HELPER_COMMAND_TIMEOUT", "nan"), ("HELPER_WATCH_INTERVAL", "-1"),
     ("HELPER_MAX_CONNECTIONS", "0"),
+    ("BRIDGE_NETWORKS", "10.9.0.1/16"), ("BRIDGE_NETWORKS", "fd00::/64"), ("BRIDGE_NETWORKS", "10.9.0.0/16;x"),
 ])
 def test_bad_values_name_the_variable(name, value):
     with pytest.raises(ConfigError) as info:

@@ -2,6 +2,7 @@ import base64
 import ipaddress
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from wghelper import validate
 from wghelper.validate import Invalid
@@ -22,9 +23,24 @@ KEY = b64(bytes(range(32)))
 KEY2 = b64(bytes(range(1, 33)))
 
 
-@pytest.mark.parametrize("value", [KEY, b64(b"\xff" * 32), b64(b"\x00" * 32)])
+@pytest.mark.parametrize("value", [KEY, b64(b"\xff" * 32), b64(b"\x02" + b"\x00" * 31)])
 def test_public_key_good(value):
     assert validate.public_key(value) == value
+
+
+def test_low_order_points_and_own_keys_are_refused():
+    assert len(validate.LOW_ORDER_KEYS) == 14 and b64(b"\x00" * 32) in validate.LOW_ORDER_KEYS
+    for value in validate.LOW_ORDER_KEYS:
+        with pytest.raises(Invalid, match="low-order"):
+            validate.public_key(value, "k")
+        with pytest.raises(ValueError, match="shared key"):  # what the name says: X25519 gives an all-zero secret
+            X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(base64.b64decode(value)))
+    mine, other = (b64(X25519PrivateKey.generate().public_key().public_bytes_raw()) for _ in range(2))
+    with pytest.raises(Invalid, match="own key"):
+        validate.public_key(mine, "k", own={mine})
+    # Control: an ordinary key passes, and the exchange above works with it.
+    assert validate.public_key(other, "k", own={mine}) == other
+    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(base64.b64decode(other)))
 
 
 @pytest.mark.parametrize("value", [
@@ -167,8 +183,8 @@ def test_peer_normalises_and_defaults():
 
 
 @pytest.mark.parametrize("value, field", [
-    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "preshared_key": KEY}, "peer"),
-    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "allowed-ips": []}, "peer"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "preshared_key": KEY}, "peer.preshared_key"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "allowed-ips": []}, "peer.allowed-ips"),
     ({"allowed_ips": ["10.8.0.42/32"]}, "peer.public_key"),
     ({"public_key": KEY}, "peer.allowed_ips"),
     ({"public_key": KEY, "allowed_ips": ["10.9.0.1/32"]}, "peer.allowed_ips[0]"),
@@ -221,3 +237,20 @@ def test_key_list():
         assert info.value.field.startswith("remove")
     with pytest.raises(Invalid):
         validate.key_list([KEY, KEY2], "remove", high=1)
+
+
+def test_scope_ids_never_pass():
+    """ipaddress keeps a scope id ("fd00::5%a"), and such an address equals none of the reserved ones."""
+    refused = [(validate.client_ip, "fd00:8::5%a/128", DUAL, "f"),
+               (validate.client_ip, "fd00:8::1%eth0/128", DUAL, "f"),   # the gateway, disguised
+               (validate.client_address, "fd00:8::1%1", POOL6, GATEWAY6, "f"),
+               (validate.endpoint, "[fd00::5%a]:51820"),
+               (validate.tunnel_address, "10.9.0.1%a", [ipaddress.ip_network("10.9.0.0/16")])]
+    for check, *args in refused:
+        with pytest.raises(Invalid):
+            check(*args)
+    # Control: the same values without the scope id.
+    assert validate.client_ip("fd00:8::5/128", DUAL, "f") == "fd00:8::5/128"
+    assert validate.client_address("fd00:8::5", POOL6, GATEWAY6, "f") == "fd00:8::5"
+    assert validate.endpoint("[fd00::5]:51820") == "[fd00::5]:51820"
+    assert validate.tunnel_address("10.9.0.1", [ipaddress.ip_network("10.9.0.0/16")]) == "10.9.0.1"
