@@ -237,7 +237,7 @@ http {{
         self.server.run(*argv("ExecStartPre"), env=self.env)
         caps = "-all" + "".join(",+" + cap.lower()[len("cap_"):]
                                 for cap in unit[("Service", "CapabilityBoundingSet")][0].split())
-        run_as = [self.setpriv, "--reuid=" + unit[("Service", "User")][0], "--regid=" + unit[("Service", "Group")][0],
+        run_as = [shutil.which("setpriv"), "--reuid=" + unit[("Service", "User")][0], "--regid=" + unit[("Service", "Group")][0],
                   "--init-groups", "--no-new-privs", "--bounding-set=" + caps, "--inh-caps=" + caps,
                   "--ambient-caps=" + caps, "--"]
         # Type=notify: systemd waits for READY=1 on its notify socket; so does this.

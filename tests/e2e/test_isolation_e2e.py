@@ -61,6 +61,8 @@ class Topology:
         self.server.run("ip", "route", "add", METADATA + "/32", "dev", self.internet.uplink)
         self.stack = Stack(self.server, cli1, tmp, workers=1)
         self.stack.env["ORBMESH_NAT_UPLINK"] = self.internet.uplink
+        # The rules of a node whose resolver runs (an echo stands in for it on port 53).
+        self.stack.env["ORBMESH_DNS_RESOLVER"] = "on"
 
     def start(self):
         self.stack.start_helper()
@@ -197,8 +199,9 @@ def test_settings_open_what_they_say_and_no_more(topo):
             ("udp", SERVER_UPLINK_ADDR, ECHO_PORT), ("udp", GATEWAY, 53), ("tcp", GATEWAY, 53)])
         assert not any(still.values()), [target for target, ok in still.items() if ok]
     finally:
-        for name in ("CLIENT_TO_CLIENT", "ALLOWED_DESTINATIONS", "CLIENT_NODE_PORTS", "DNS_RESOLVER"):
+        for name in ("CLIENT_TO_CLIENT", "ALLOWED_DESTINATIONS", "CLIENT_NODE_PORTS"):
             t.stack.env.pop("ORBMESH_" + name, None)
+        t.stack.env["ORBMESH_DNS_RESOLVER"] = "on"
 
 
 @pytest.mark.parametrize("how", ["helper restart", "re-created interface"])
