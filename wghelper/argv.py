@@ -79,6 +79,12 @@ class Commands:
 
     # --- ip link and address --------------------------------------------------
 
+    def links(self):
+        return self.run("ip", ["-o", "link", "show"])
+
+    def addresses(self, ifname):
+        return self.run("ip", ["-o", "address", "show", "dev", ifname])
+
     def link_exists(self, ifname):
         try:
             self.run("ip", ["link", "show", "dev", ifname])
@@ -141,7 +147,8 @@ class Commands:
 
     def start_wireguard_go(self, ifname):
         """``wireguard-go IF``: it creates the link and its control socket, then leaves a daemon behind
-        and exits.  The daemon is nobody's child: it lives until its link is deleted."""
+        and exits.  The daemon is nobody's child: it lives until its link is deleted.  Under systemd
+        ORBMESH_WIREGUARD_GO names deploy/systemd/orbmesh-wireguard-go, which starts it as a unit."""
         self.run("wireguard-go", [ifname])
 
 

@@ -4,6 +4,13 @@ import ipaddress
 from . import validate
 from .errors import Invalid
 
+# A peer put back on an interface that lost it goes to its last endpoint
+# with this keepalive: the keepalive makes WireGuard start the handshake at
+# once, instead of the client noticing after ~15 s.  The next sync sets the
+# peer's own keepalive again (reconcile, within RECONCILE_INTERVAL).  Only
+# there: a live peer's roamed endpoint is never overwritten (_differs).
+RESTORE_KEEPALIVE = 25
+
 
 def parse_dump(text):
     """Parse `wg show IF dump`; returns (interface fields, peers).
@@ -51,18 +58,25 @@ def _differs(have, want):
 
 
 def plan_sync(current, desired):
-    """What to remove and add to turn `current` peers into `desired`."""
+    """What to remove and add to turn `current` peers into `desired`; the
+    result also carries the endpoints that differ from the `last_endpoint` sent."""
     have = {p["public_key"]: p for p in current}
     wanted = {p["public_key"] for p in desired}
     removes = [key for key in have if key not in wanted]
     adds = []
     added = updated = 0
+    moved = {}
     for peer in desired:
         old = have.get(peer["public_key"])
         if old is None:
             added += 1
-            adds.append(peer)
-        elif _differs(old, peer):
+            back = peer.get("last_endpoint") and not peer["endpoint"]
+            adds.append(dict(peer, endpoint=peer["last_endpoint"], keepalive=peer["keepalive"] or RESTORE_KEEPALIVE)
+                        if back else peer)
+            continue
+        if old["endpoint"] and old["endpoint"] != peer.get("last_endpoint"):
+            moved[peer["public_key"]] = old["endpoint"]
+        if _differs(old, peer):
             updated += 1
             adds.append(peer)
-    return removes, adds, {"added": added, "removed": len(removes), "updated": updated}
+    return removes, adds, {"added": added, "removed": len(removes), "updated": updated, "endpoints": moved}

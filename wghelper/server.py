@@ -49,7 +49,7 @@ class Server:
 
     def bind(self):
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        self._remove_stale()
+        self.remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Created owner-only, then opened up: nobody connects in between.
         old_umask = os.umask(0o177)
@@ -66,7 +66,8 @@ class Server:
         self._listener = listener
         log.info("listening on %s", self.path)
 
-    def _remove_stale(self):
+    def remove_stale(self):
+        """Remove a socket no helper answers on; OSError when one does."""
         try:
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)

@@ -23,7 +23,7 @@ MAX_ALLOWED_IPS = 8
 PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _IPV4_RE = re.compile(r"^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$")
 _ENDPOINT_RE = re.compile(r"^([0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
-PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive"})
+PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive", "last_endpoint"})
 
 __all__ = ["Invalid"]
 
@@ -129,7 +129,11 @@ def keepalive(value, field="keepalive"):
 
 
 def peer(value, pool, gateway, field="peer"):
-    """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive"}."""
+    """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive", "last_endpoint"}.
+
+    ``last_endpoint`` (sync only) is where the peer was last seen: used only
+    when the peer is put back on an interface that lost it (peers.py).
+    """
     if not isinstance(value, dict):
         raise Invalid(field, "must be an object")
     unknown = set(value) - PEER_KEYS
@@ -145,6 +149,7 @@ def peer(value, pool, gateway, field="peer"):
         "allowed_ips": unique([(f, client_ip(v, pool, gateway, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
+        "last_endpoint": endpoint(value.get("last_endpoint"), field + ".last_endpoint"),
     }
 
 
