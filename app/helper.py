@@ -48,6 +48,14 @@ def peer_spec(peer):
             "endpoint": peer.endpoint, "keepalive": peer.keepalive}
 
 
+def sync_spec(peer):
+    """peer_spec plus the peer's last endpoint: used only if the interface lost the peer (wghelper/peers.py)."""
+    spec = peer_spec(peer)
+    if peer.last_endpoint:
+        spec["last_endpoint"] = peer.last_endpoint
+    return spec
+
+
 class HelperClient:
     IDLE_MAX = 16  # idle connections kept per process
 
@@ -133,8 +141,9 @@ class HelperClient:
         return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
 
     def sync(self, peers):
-        """Make the interface hold exactly `peers` (store.Peer)."""
-        return self.call("sync_peers", {"peers": [peer_spec(p) for p in peers]}, timeout=SYNC_TIMEOUT)
+        """Make the interface hold exactly `peers` (store.Peer); the result's "endpoints" are
+        where the interface saw peers, where that differs from their last_endpoint."""
+        return self.call("sync_peers", {"peers": [sync_spec(p) for p in peers]}, timeout=SYNC_TIMEOUT)
 
     # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.
 

@@ -26,13 +26,16 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     With `interval`, the need is re-checked under the lock and None is
     returned when another worker has just done it.  With `bridges`
     (app/bridges.py), exit tunnels and bridged clients' rules are synced too.
-    Quarantined peers (sweep.py) stay off the interface.
+    Quarantined peers (sweep.py) stay off the interface.  Where the
+    interface saw each peer is kept (store.set_endpoints): a peer that the
+    interface lost goes back there (wghelper/peers.py plan_sync).
     """
     with write(db):
         if interval is not None and not due(db, generation, interval):
             return None
         peers = store.live_peers(db)
         result = helper.sync(peers)
+        store.set_endpoints(db, result.pop("endpoints", None) or {})
         if bridges is not None:
             bridges.sync(db, helper)
         if generation is not None:
