@@ -38,7 +38,7 @@ class WgClient:
             time.sleep(0.05)
         raise RuntimeError("wireguard-go did not create %s" % self.ifname)
 
-    def configure(self, server_public_key, endpoint, address_cidr, allowed_ips, mtu=1420, keepalive=0):
+    def configure(self, server_public_key, endpoint, address_cidr, allowed_ips, mtu=1420, keepalive=0, metric=None):
         fd, path = tempfile.mkstemp(prefix="omwgc-")  # mkstemp creates it 0600
         with os.fdopen(fd, "w") as handle:
             handle.write(self.private_key + "\n")
@@ -50,7 +50,9 @@ class WgClient:
         self.ns.run("ip", "address", "add", address_cidr, "dev", self.ifname)
         self.ns.run("ip", "link", "set", "dev", self.ifname, "mtu", str(mtu), "up")
         for network in allowed_ips:
-            self.ns.run("ip", "route", "replace", network, "dev", self.ifname)
+            # A metric lets several clients in one namespace route the same network.
+            self.ns.run("ip", "route", "replace", network, "dev", self.ifname,
+                        *(["metric", str(metric)] if metric is not None else []))
 
     def ping(self, addr, count=1, timeout=2):
         result = self.ns.run("ping", "-n", "-c", str(count), "-W", str(timeout), addr,
