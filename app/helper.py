@@ -142,7 +142,7 @@ class HelperClient:
 
     def sync(self, peers):
         """Make the interface hold exactly `peers` (store.Peer); the result's "endpoints" are
-        where the interface saw peers, where that differs from their last_endpoint."""
+        where the interface saw each peer."""
         return self.call("sync_peers", {"peers": [sync_spec(p) for p in peers]}, timeout=SYNC_TIMEOUT)
 
     # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.

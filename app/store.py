@@ -92,7 +92,7 @@ def set_handshake(db, peer_id, when):
 
 def set_endpoints(db, endpoints):
     """Remember where the interface saw peers: {public_key: "ip:port"} (unknown keys are ignored)."""
-    db.executemany("UPDATE peers SET last_endpoint = ? WHERE public_key = ?",
+    db.executemany("UPDATE peers SET last_endpoint = ?1 WHERE public_key = ?2 AND last_endpoint IS NOT ?1",
                    [(endpoint, key) for key, endpoint in endpoints.items()])
 
 

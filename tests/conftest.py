@@ -91,9 +91,7 @@ class FakeHelper:
         self.calls.append(("sync", peers))
         self._maybe_fail()
         self.peers = {p["public_key"]: p for p in peers}
-        moved = {p["public_key"]: self.endpoints[p["public_key"]] for p in peers
-                 if self.endpoints.get(p["public_key"]) not in (None, p.get("last_endpoint"))}
-        return {"added": 0, "removed": 0, "updated": 0, "endpoints": moved}
+        return {"added": 0, "removed": 0, "updated": 0, "endpoints": dict(self.endpoints)}
 
     def bridge_up(self, slot, public_key, endpoint, address, keepalive):
         self.calls.append(("bridge_up", slot, public_key, endpoint, address, keepalive))

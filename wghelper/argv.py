@@ -47,13 +47,6 @@ class Commands:
     def peer_keys(self, ifname):
         return self.run("wg", ["show", ifname, "peers"]).split()
 
-    def controllable(self, ifname):
-        try:
-            self.run("wg", ["show", ifname])
-            return True
-        except CommandFailed:
-            return False
-
     def set_interface(self, ifname, listen_port, key_path):
         self.run("wg", ["set", ifname, "listen-port", str(listen_port), "private-key", key_path])
 

@@ -62,10 +62,6 @@ class BridgeLink(Interface):
         self.table = s.bridge_table_base + slot
         self.spec = None
 
-    def _unfit(self):
-        # Adopted whatever its peer and address: _configure sets both to the spec.
-        return None if self.cmd.controllable(self.name) else "exists but wg cannot control it"
-
     def _configure(self, adopted):
         spec, cmd = self.spec, self.cmd
         # Only the exit stays a peer (an adopted link may hold an older one).

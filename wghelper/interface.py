@@ -79,12 +79,18 @@ class Interface:
             log.info("interface %s is up (backend %s, generation %s)", self.name, self.backend, self.generation)
 
     def _unfit(self):
-        """Why the existing link cannot be adopted as it is; None when it can."""
+        """Why the existing link cannot be adopted as it is; None when it can.
+
+        Without a public key to compare (a bridge link: its _configure sets
+        its peer and address to the spec again) any link wg controls will do.
+        """
         s = self.settings
         try:
             info = parse_dump(self.cmd.dump(self.name))[0]
         except CommandFailed:
             return "exists but wg cannot control it"
+        if self.public_key is None:
+            return None
         if (info["public_key"], info["listen_port"]) != (self.public_key, s.listen_port):
             return "has another key or listen port"
         if "inet %s/%d " % (s.gateway, s.pool.prefixlen) not in self.cmd.addresses(self.name):

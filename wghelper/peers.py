@@ -59,13 +59,12 @@ def _differs(have, want):
 
 def plan_sync(current, desired):
     """What to remove and add to turn `current` peers into `desired`; the
-    result also carries the endpoints that differ from the `last_endpoint` sent."""
+    result also says where the interface saw each peer ("endpoints")."""
     have = {p["public_key"]: p for p in current}
     wanted = {p["public_key"] for p in desired}
     removes = [key for key in have if key not in wanted]
     adds = []
     added = updated = 0
-    moved = {}
     for peer in desired:
         old = have.get(peer["public_key"])
         if old is None:
@@ -73,10 +72,8 @@ def plan_sync(current, desired):
             back = peer.get("last_endpoint") and not peer["endpoint"]
             adds.append(dict(peer, endpoint=peer["last_endpoint"], keepalive=peer["keepalive"] or RESTORE_KEEPALIVE)
                         if back else peer)
-            continue
-        if old["endpoint"] and old["endpoint"] != peer.get("last_endpoint"):
-            moved[peer["public_key"]] = old["endpoint"]
-        if _differs(old, peer):
+        elif _differs(old, peer):
             updated += 1
             adds.append(peer)
-    return removes, adds, {"added": added, "removed": len(removes), "updated": updated, "endpoints": moved}
+    return removes, adds, {"added": added, "removed": len(removes), "updated": updated,
+                           "endpoints": {key: p["endpoint"] for key, p in have.items() if p["endpoint"]}}

