@@ -58,21 +58,24 @@ class Interface:
     def up(self):
         """Adopt the interface as it is, or create and configure it; new generation."""
         with self._lock:
-            unfit = self._unfit() if self.exists() else "is not there"
-            if unfit is None:
+            exists = self.exists()
+            unfit = exists and self._unfit()
+            if unfit:
+                log.warning("interface %s %s; re-creating it (its clients handshake again)", self.name, unfit)
+                self._delete_link()
+            adopted = exists and not unfit
+            if adopted:
                 self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
                 log.info("adopting interface %s (%s) as it is", self.name, self.backend)
             else:
-                if unfit != "is not there":
-                    log.warning("interface %s %s; re-creating it (its clients handshake again)", self.name, unfit)
-                    self._delete_link()
                 self._create()
             try:
-                self._configure(adopted=unfit is None)
+                self._configure(adopted)
                 if self.on_up is not None:
                     self.on_up()
             except Exception:
-                self._teardown()
+                if not adopted:  # what this call created goes again; an adopted one keeps its clients
+                    self._teardown()
                 raise
             self.generation = secrets.token_hex(8)
             self.running = True

@@ -124,6 +124,17 @@ def test_bring_up_replaces_a_link_wg_cannot_control(tmp_path):
     ] + BRING_UP_TAIL
 
 
+def test_failed_configuration_leaves_an_adopted_link_alone(tmp_path):
+    h = Helper(tmp_path)
+    h.runner.adopted(IF)
+    h.iface.public_key = SERVER_PUBLIC
+    h.runner.fail = lambda argv: "bad mtu" if "mtu" in argv else None
+    with pytest.raises(CommandFailed):
+        h.iface.up()
+    assert IF in h.runner.links and ["ip", "link", "del", "dev", IF] not in h.runner.calls
+    assert not h.iface.running
+
+
 def test_failed_configuration_removes_the_link(tmp_path):
     h = Helper(tmp_path)
     h.runner.fail = lambda argv: "bad mtu" if "mtu" in argv else None
