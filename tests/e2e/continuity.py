@@ -117,8 +117,10 @@ class Lab:
         self.pingers[transport] = Pinger(self.client, client.ifname)
 
     def close(self):
-        for part in list(self.pingers.values()) + list(self.clients.values()):
-            part.stop() if isinstance(part, Pinger) else part.close()
+        for pinger in self.pingers.values():
+            pinger.stop()
+        for client in self.clients.values():
+            client.close()
         for proc in self.relays.values():
             stop_process(proc)
         self.stack.close()
