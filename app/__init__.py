@@ -6,7 +6,7 @@ from flask import Flask
 
 from . import config as settings
 from . import (audit, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
-               reconcile, resolver, smartconnect, tunnel, wireguard, wsconn)
+               reconcile, resolver, shutdown, smartconnect, tunnel, wireguard, wsconn)
 from .allocator import Allocator
 
 
@@ -42,4 +42,5 @@ def create_app(test_config=None):
     app.register_blueprint(openapi.bp)
     app.register_blueprint(metrics_view.bp)
     reconcile.init_app(app)
+    shutdown.init_app(app)
     return app

@@ -100,7 +100,7 @@ APP = {
     "TUNNEL_SESSION_IDLE": (_float(1, 86400), 60.0, "HTTP tunnel: close a session after this long without a request, seconds"),
     "TUNNEL_TARGET_HOST": (_address, "127.0.0.1", "Where the tunnels reach WireGuard (with LISTEN_PORT)"),
     "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),
-    "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 5.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),
+    "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 1.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),
     "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),
     "LOG_FORMAT": (_choice("json", "text"), "json", "Log lines: one JSON object each, or plain text"),
     "TRUSTED_PROXIES": (_proxies, "127.0.0.1,::1", "Peers whose X-Real-IP header is believed (IPs; unix: a Unix socket peer)"),

@@ -56,6 +56,7 @@ ADDED_COLUMNS = (
     ("exit_id", "TEXT"),
     ("quarantined_at", "REAL"),
     ("handshake_at", "REAL"),
+    ("last_endpoint", "TEXT"),
 )
 # Seconds SQLite itself may wait on a lock.  It waits in C, which would stall
 # every greenlet of a gevent worker, so the long wait for the write lock is

@@ -83,6 +83,14 @@ def peer_spec(peer, addressing=None):
             "endpoint": peer.endpoint, "keepalive": peer.keepalive}
 
 
+def sync_spec(peer, addressing=None):
+    """peer_spec plus the peer's last endpoint: used only if the interface lost the peer (wghelper/peers.py)."""
+    spec = peer_spec(peer, addressing)
+    if peer.last_endpoint:
+        spec["last_endpoint"] = peer.last_endpoint
+    return spec
+
+
 class HelperClient:
     MAX_OPEN = 8  # connections per process, open or kept idle (gevent patches the semaphore below)
 
@@ -188,9 +196,10 @@ class HelperClient:
         return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
 
     def sync(self, peers):
-        """Make the interface hold exactly `peers` (store.Peer)."""
+        """Make the interface hold exactly `peers` (store.Peer); the result's "endpoints" are
+        where the interface saw each peer."""
         addressing = self.addressing()
-        return self.call("sync_peers", {"peers": [peer_spec(p, addressing) for p in peers]}, timeout=SYNC_TIMEOUT)
+        return self.call("sync_peers", {"peers": [sync_spec(p, addressing) for p in peers]}, timeout=SYNC_TIMEOUT)
 
     # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.
 

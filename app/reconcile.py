@@ -31,7 +31,9 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     Quarantined peers (sweep.py) stay off the interface, and a peer whose
     key no peer may use (a low-order point, or one of the helper's keys
     `own`: rows from before keys were checked) is quarantined, since the
-    helper refuses a sync that holds one.
+    helper refuses a sync that holds one.  Where the interface saw each
+    peer is kept (store.set_endpoints): a peer that the interface lost goes
+    back there (wghelper/peers.py plan_sync).
     """
     with write(db):
         if interval is not None and not due(db, generation, interval):
@@ -42,6 +44,7 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
             store.set_quarantined(db, bad.id, time.time())
             peers.remove(bad)
         result = helper.sync(peers)
+        store.set_endpoints(db, result.pop("endpoints", None) or {})
         if bridges is not None:
             bridges.sync(db, helper)
         if generation is not None:

@@ -227,6 +227,14 @@ class HttpSessions:
                      session.pipe.counters.line())
         return len(expired)
 
+    def close(self):
+        """Close every session: the worker is stopping (app/shutdown.py)."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+            self.slots.release(session.key[:2])
+
     def __len__(self):
         with self._lock:
             return len(self._sessions)

@@ -27,6 +27,9 @@ class Peer:
     quarantined_at: float | None = None
     # The newest handshake the stale-peer sweep has seen (survives interface re-creation).
     handshake_at: float | None = None
+    # Where the interface last saw the peer (reconcile and the sweep read it from the helper): a peer put
+    # back on an interface that lost it goes there, so the server can start the handshake.
+    last_endpoint: str | None = None
 
     @property
     def address(self):
@@ -34,7 +37,7 @@ class Peer:
 
 
 _COLUMNS = ("id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at,"
-            " mode, exit_id, quarantined_at, handshake_at")
+            " mode, exit_id, quarantined_at, handshake_at, last_endpoint")
 
 
 def _peer(row):
@@ -87,6 +90,12 @@ def set_handshake(db, peer_id, when):
     db.execute("UPDATE peers SET handshake_at = ? WHERE id = ?", (when, peer_id))
 
 
+def set_endpoints(db, endpoints):
+    """Remember where the interface saw peers: {public_key: "ip:port"} (unknown keys are ignored)."""
+    db.executemany("UPDATE peers SET last_endpoint = ?1 WHERE public_key = ?2 AND last_endpoint IS NOT ?1",
+                   [(endpoint, key) for key, endpoint in endpoints.items()])
+
+
 def count(db):
     return db.execute("SELECT count(*) FROM peers").fetchone()[0]
 
@@ -117,7 +126,7 @@ def restore(db, peer):
     db.execute("INSERT INTO peers (%s) VALUES (%s)" % (_COLUMNS, ", ".join("?" * len(_COLUMNS.split(",")))),
                (peer.id, peer.public_key, peer.addr, peer.user_id, peer.device_id, peer.source,
                 peer.endpoint, peer.keepalive, peer.created_at, peer.updated_at, peer.mode, peer.exit_id,
-                peer.quarantined_at, peer.handshake_at))
+                peer.quarantined_at, peer.handshake_at, peer.last_endpoint))
 
 
 def delete(db, peer):

@@ -62,10 +62,12 @@ def sweep(db, helper, config, audit_log=None, now=None):
     if not _claim(db, config["SWEEP_INTERVAL"], now):
         return None
     generation = helper.hello()["generation"]
-    handshakes = {p["public_key"]: p["latest_handshake"] for p in helper.dump()}
+    dump = helper.dump()
+    handshakes = {p["public_key"]: p["latest_handshake"] for p in dump}
     quarantined, freed = [], []
     with write(db):
         since = _interface_since(db, generation, now)
+        store.set_endpoints(db, {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")})
         for peer in store.client_peers(db):
             if peer.quarantined_at:
                 if now - peer.quarantined_at >= config["QUARANTINE"]:

@@ -17,7 +17,7 @@ from werkzeug.routing import WebsocketMismatch
 
 from orbmesh_relay.framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
 
-from . import metrics, ratelimit
+from . import metrics, ratelimit, shutdown
 from .auth import bearer_token, verify_device_token
 from .errors import ApiError, error_response
 from .sessions import HttpSessions, SessionSlots, UdpPipe
@@ -35,6 +35,7 @@ def _slots():
 @bp.before_request
 def _authenticate():
     g.device = verify_device_token(bearer_token(), current_app.config)
+    shutdown.refuse_new()
     if request.endpoint == "tunnel.ws":
         ratelimit.check("tunnel")
         _slots().acquire(g.device)
@@ -71,6 +72,7 @@ def _downstream(ws, pipe, activity):
 def ws(connection):
     """Relay one binary message per WireGuard datagram, both ways."""
     config = current_app.config
+    shutdown.track(connection)
     pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"], "ws")
     activity = [time.monotonic()]
     reader = threading.Thread(target=_downstream, args=(connection, pipe, activity), daemon=True)
@@ -166,7 +168,7 @@ def init_app(app):
     app.register_error_handler(WebsocketMismatch, _not_an_upgrade)
     slots = SessionSlots(app.config["TUNNEL_MAX_SESSIONS"])
     app.extensions["orbmesh_tunnel_slots"] = slots
-    app.extensions["orbmesh_http_sessions"] = HttpSessions(app.config, slots)
+    app.extensions["orbmesh_http_sessions"] = shutdown.track(HttpSessions(app.config, slots))
     app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": app.config["WS_PING_INTERVAL"],
                                          "max_message_size": MAX_DATAGRAM}
     sock.init_app(app)

@@ -223,8 +223,10 @@ if [ ! -e "$R$ENV_FILE" ]; then
     put_text "$ENV_FILE" 0640 "root:$APP_USER" <<EOF
 # OrbMesh WireGuard node settings (README, "Configuration"), read by
 # orbmesh-wghelper.service and every orbmesh-api@PORT.service.  Made once by
-# deploy/install.sh; never overwritten.  After a change:
-#   systemctl restart orbmesh.target
+# deploy/install.sh; never overwritten.  After a change (every tunnel stays up;
+# a new key, port or pool re-creates the interface):
+#   systemctl restart orbmesh-wghelper.service 'orbmesh-api@*.service'
+# "systemctl restart orbmesh.target" removes everything first.
 
 # Device tokens: OrbNET's HS256 secret (this random one is a placeholder until
 # you paste OrbNET's), or ORBMESH_JWT_ALGORITHM + ORBMESH_JWT_PUBLIC_KEY_FILE.
@@ -336,7 +338,8 @@ link /etc/nginx/sites-available/orbmesh.conf /etc/nginx/sites-enabled/orbmesh.co
 
 # --- systemd units ------------------------------------------------------------------
 
-for unit in orbmesh-wghelper.service orbmesh-api@.service orbmesh-unbound.service orbmesh.target; do
+for unit in orbmesh-wghelper.service orbmesh-api@.service orbmesh-unbound.service orbmesh.target \
+        orbmesh-down.service orbmesh-wireguard-go@.service; do
     put "$SRC/deploy/systemd/$unit" "/etc/systemd/system/$unit" 0644
 done
 INSTANCES=()
@@ -357,7 +360,7 @@ is_enabled() {  # every unit given is already enabled (no systemctl call changes
         esac
     done
 }
-UNITS=(orbmesh.target orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}")
+UNITS=(orbmesh.target orbmesh-down.service orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}")
 if [ -n "$ROOT" ]; then
     if [ "${#STALE[@]}" -gt 0 ]; then
         systemctl --root="$ROOT" disable "${STALE[@]}" >/dev/null 2>&1
@@ -375,9 +378,9 @@ elif [ -d /run/systemd/system ]; then
     nginx -t
     systemctl enable --now nginx.service
     if [ "$CHANGED" -gt 0 ]; then
-        # New code, units or site: restart the node (the helper puts every peer
-        # back, the API reconciles, Unbound renders its config anew) and reload
-        # nginx without dropping tunnels.
+        # New code, units or site: restart the helper and the API (every tunnel
+        # stays up: the helper adopts the interface), and Unbound (it renders
+        # its config anew), and reload nginx.
         systemctl restart orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}"
         systemctl reload nginx.service
     fi

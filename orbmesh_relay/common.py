@@ -9,6 +9,7 @@ import logging
 import random
 import socket
 import threading
+import time
 
 from .framing import MAX_DATAGRAM
 
@@ -68,17 +69,44 @@ class Stats:
 
 class Backoff:
     """0.5 s doubling to 30 s, each delay jittered by +-25 % so that many
-    relays cut off by the same server restart do not come back in lockstep."""
+    relays cut off by the same server restart do not come back in lockstep.
 
-    def __init__(self, first=0.5, cap=30.0):
+    When a connection that worked for FAST_AFTER seconds or more is lost,
+    the retries come fast for FAST_FOR seconds: the first at once (within
+    FAST_JITTER), then every FAST_STEP.  A server restart or reload closes
+    tunnels cleanly and is back within about that time, and WireGuard's
+    session behind the tunnel is still good, so the tunnel goes on without a
+    new handshake.  A server that accepts and then closes at once gets the
+    doubling delays.
+    """
+
+    FAST_AFTER = 2.0
+    FAST_FOR = 3.0
+    FAST_STEP = 0.25
+    FAST_JITTER = 0.1  # spreads thousands of relays over 100 ms
+
+    def __init__(self, first=0.5, cap=30.0, clock=time.monotonic):
         self.first = first
         self.cap = cap
+        self.clock = clock
         self._next = first
+        self._up_since = None  # when the connection now lost started working; None while failing
+        self._fast_until = 0.0
 
     def reset(self):
+        """The connection (or a request on it) worked."""
         self._next = self.first
+        if self._up_since is None:
+            self._up_since = self.clock()
 
     def next_delay(self):
+        now, up_since = self.clock(), self._up_since
+        self._up_since = None
+        if up_since is not None and now - up_since >= self.FAST_AFTER:
+            self._fast_until = now + self.FAST_FOR
+            return random.uniform(0, self.FAST_JITTER)
+        if now < self._fast_until:
+            return self.FAST_STEP * random.uniform(0.75, 1.25)
         delay = self._next
         self._next = min(self.cap, self._next * 2)
         return delay * random.uniform(0.75, 1.25)

@@ -9,7 +9,7 @@ import pytest
 
 from app import create_app
 from app.auth import mint_device_token
-from app.helper import Addressing, HelperFailed, HelperUnavailable, peer_spec
+from app.helper import Addressing, HelperFailed, HelperUnavailable, peer_spec, sync_spec
 from wghelper.settings import address6
 
 SECRET = "unit-test-secret-" + "x" * 32
@@ -56,6 +56,7 @@ class FakeHelper:
         self.bridges = {}  # slot -> bridge_up arguments
         self.rules = {}    # client address -> slot
         self.handshakes = {}  # public key -> latest handshake (unix time), for dump()
+        self.endpoints = {}   # public key -> where the interface saw it ("ip:port"), for dump() and sync()
 
     def _maybe_fail(self):
         if self.fail == "unavailable":
@@ -92,14 +93,15 @@ class FakeHelper:
     def dump(self):
         self.calls.append(("dump",))
         self._maybe_fail()
-        return [{"public_key": key, "latest_handshake": self.handshakes.get(key, 0)} for key in self.peers]
+        return [{"public_key": key, "latest_handshake": self.handshakes.get(key, 0),
+                 "endpoint": self.endpoints.get(key)} for key in self.peers]
 
     def sync(self, peers):
-        peers = [peer_spec(p, self.addressing()) for p in peers]
+        peers = [sync_spec(p, self.addressing()) for p in peers]
         self.calls.append(("sync", peers))
         self._maybe_fail()
         self.peers = {p["public_key"]: p for p in peers}
-        return {"added": 0, "removed": 0, "updated": 0}
+        return {"added": 0, "removed": 0, "updated": 0, "endpoints": dict(self.endpoints)}
 
     def bridge_up(self, slot, public_key, endpoint, address, keepalive):
         self.calls.append(("bridge_up", slot, public_key, endpoint, address, keepalive))

@@ -1,4 +1,10 @@
-"""orbmesh-wghelper: the root process that alone runs wg, ip, nft and sysctl."""
+"""orbmesh-wghelper: the root process that alone runs wg, ip, nft and sysctl.
+
+`orbmesh-wghelper` serves the app until SIGTERM, and then leaves the
+interface, its peers, the bridges and the NAT table as they are: clients keep
+their sessions, and the next start adopts them.  `orbmesh-wghelper down`
+(with the helper stopped) removes all of it.
+"""
 import argparse
 import logging
 import os
@@ -21,6 +27,8 @@ log = logging.getLogger("wghelper")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="orbmesh-wghelper",
                                      description="Privileged helper: manages the WireGuard interface for the OrbMesh app.")
+    parser.add_argument("action", nargs="?", choices=("run", "down"), default="run",
+                        help="run (the default): serve the app; down: remove the interface, bridges and NAT")
     parser.add_argument("--config", metavar="FILE", help="KEY=VALUE settings file (sets ORBMESH_CONFIG_FILE)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     opts = parser.parse_args(argv)
@@ -31,7 +39,13 @@ def main(argv=None):
     except ConfigError as exc:
         print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
         return 2
-    server = iface = writer = firewall = bridges = None
+    cmd = Commands(Runner(cfg.helper_command_timeout, cfg.wireguard_go))
+    firewall = Firewall(cfg, cmd, os.path.join(cfg.helper_state_dir, STATE_FILE))
+    return (down if opts.action == "down" else run)(cfg, cmd, firewall)
+
+
+def run(cfg, cmd, firewall):
+    server = iface = writer = None
     stopping = []
 
     def on_signal(signum, _frame):
@@ -43,17 +57,15 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
-        cmd = Commands(Runner(cfg.helper_command_timeout, cfg.wireguard_go))
         key_path, public_key = keys.ensure_key(cfg.helper_state_dir, cmd)
         if cfg.pool6 == settings.AUTO:
             cfg["POOL6"] = keys.ensure_ula(cfg.helper_state_dir)
         log.info("server public key %s, IPv6 pool %s", public_key, cfg.pool6 or "off")
-        firewall = Firewall(cfg, cmd, os.path.join(cfg.helper_state_dir, STATE_FILE))
         bridges = Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE))
-        iface = Interface(cfg, cmd, key_path)
+        iface = Interface(cfg, cmd, key_path, public_key)
         iface.up()
-        firewall.start()  # fail closed: if NAT cannot be set up the helper does not run
-        iface.on_up = firewall.interface_up
+        firewall.start(bridges.adopt())  # fail closed: if NAT cannot be set up the helper does not run
+        iface.on_up = firewall.reapply
         writer = Writer(cmd, cfg.interface)
         writer.start()
         iface.start_watcher()
@@ -62,23 +74,30 @@ def main(argv=None):
         if stopping:
             server.stop()
         server.serve_forever()
-        log.info("stopping on signal %s", stopping[0] if stopping else "?")
+        log.info("stopping on signal %s; the interface and its clients stay", stopping[0] if stopping else "?")
     except (CommandFailed, ConfigError, OSError) as exc:
         log.error("cannot run: %s", exc)
         code = 1
     finally:
         if server is not None:
             server.close()
-        for part in (writer, bridges):
+        for part in (writer, iface):
             if part is not None:
                 part.stop()
-        if iface is not None:
-            iface.on_up = None  # the watcher must not switch forwarding back on
-        if firewall is not None and not firewall.stop():
-            code = code or 1
-        if iface is not None:
-            iface.down()
     return code
+
+
+def down(cfg, cmd, firewall):
+    """Remove the bridges, the interface, the NAT table; forwarding back as it was."""
+    try:
+        Server(cfg, None).remove_stale()  # refuses while a helper answers: it would re-create the interface
+        ok = firewall.stop()
+        Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE)).remove_all()
+        Interface(cfg, cmd, None).down()
+    except (CommandFailed, OSError) as exc:
+        log.error("down: %s", exc)
+        return 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -47,13 +47,6 @@ class Commands:
     def peer_keys(self, ifname):
         return self.run("wg", ["show", ifname, "peers"]).split()
 
-    def controllable(self, ifname):
-        try:
-            self.run("wg", ["show", ifname])
-            return True
-        except CommandFailed:
-            return False
-
     def set_interface(self, ifname, listen_port, key_path):
         self.run("wg", ["set", ifname, "listen-port", str(listen_port), "private-key", key_path])
 
@@ -79,6 +72,10 @@ class Commands:
 
     # --- ip link and address --------------------------------------------------
 
+    def links(self):
+        """Read only: every link, a line each (bridge links a helper before us left up)."""
+        return self.run("ip", ["-o", "link", "show"])
+
     def link_exists(self, ifname):
         try:
             self.run("ip", ["link", "show", "dev", ifname])
@@ -98,10 +95,10 @@ class Commands:
     def replace_address(self, ifname, cidr):
         self.run("ip", [_family(cidr), "address", "replace", cidr, "dev", ifname])
 
-    def addresses(self):
-        """Read only: every address of the host, a line each (the firewall blocks their networks; a bridge
-        address must not be on one)."""
-        return self.run("ip", ["-o", "address", "show"])
+    def addresses(self, ifname=None):
+        """Read only: the addresses of the host (the firewall blocks their networks; a bridge address must
+        not be on one), or of one link (what an adopted link holds), a line each."""
+        return self.run("ip", ["-o", "address", "show"] + (["dev", ifname] if ifname else []))
 
     def flush_addresses(self, ifname):
         self.run("ip", ["-4", "address", "flush", "dev", ifname])
@@ -146,7 +143,8 @@ class Commands:
 
     def start_wireguard_go(self, ifname):
         """``wireguard-go IF``: it creates the link and its control socket, then leaves a daemon behind
-        and exits.  The daemon is nobody's child: it lives until its link is deleted."""
+        and exits.  The daemon is nobody's child: it lives until its link is deleted.  Under systemd
+        ORBMESH_WIREGUARD_GO names deploy/systemd/orbmesh-wireguard-go, which starts it as a unit."""
         self.run("wireguard-go", [ifname])
 
 

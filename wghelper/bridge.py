@@ -62,7 +62,8 @@ class BridgeLink(Interface):
 
     def __init__(self, bridges, slot):
         s = bridges.settings
-        super().__init__(s, bridges.cmd, bridges.key_path, bridges.socket_dir, name=link_name(s.interface, slot))
+        super().__init__(s, bridges.cmd, bridges.key_path, socket_dir=bridges.socket_dir,
+                         name=link_name(s.interface, slot))
         self.bridges = bridges
         self.table = s.bridge_table_base + slot
         self.spec = None
@@ -79,14 +80,15 @@ class BridgeLink(Interface):
             raise CommandFailed("ip", None, "%s exists and is not this helper's bridge; left alone" % self.name)
         super().up()
 
-    def _configure(self):
+    def _configure(self, adopted):
         spec, cmd = self.spec, self.cmd
         # Only the exit stays a peer (an adopted link may hold an older one).
         stale = [key for key in cmd.peer_keys(self.name) if key != spec["public_key"]]
         if stale:
             cmd.set_peers(self.name, stale, [])
         cmd.set_exit_peer(self.name, self.key_path, spec["public_key"], spec["endpoint"], spec["keepalive"])
-        cmd.flush_addresses(self.name)
+        if "inet %s/32 " % spec["address"] not in cmd.addresses(self.name):
+            cmd.flush_addresses(self.name)  # an older address would stay beside the new one
         cmd.replace_address(self.name, spec["address"] + "/32")
         cmd.link_up(self.name, self.settings.mtu)
         # Forwarding is judged on the incoming interface: clients come in on
@@ -143,20 +145,33 @@ class Bridges:
             for address, table in self._rules().items():
                 if table == link.table:
                     self.cmd.delete_rule(self.settings.bridge_rule_pref, address)
-            self.cmd.flush_table(link.table)
+            self._flush(link.table)
             if link.running or not link.foreign():
                 link.down()
             self.apply_firewall()
             log.info("bridge %s down (table %s)", link.name, link.table)
             return {"interface": link.name}
 
-    def stop(self):
-        """At helper stop: take down every bridge this helper brought up."""
-        for slot in sorted(self.links):
-            try:
-                self.down(slot)
-            except Exception as exc:
-                log.error("could not take down bridge slot %d: %s", slot, exc)
+    def adopt(self):
+        """At start: the links a helper before us left up (ours: they run our bridge key), so that the
+        first firewall ruleset still masquerades them; returns their names.  The app's next reconcile
+        sends their specs (bridge_up) again."""
+        names = {line.split(": ")[1].split("@")[0] for line in self.cmd.links().splitlines() if ": " in line}
+        for slot in range(MAX_BRIDGE_SLOTS):
+            link = BridgeLink(self, slot)
+            if link.name in names and not link.foreign():
+                link.running = True
+                self.links[slot] = link
+        return [link.name for link in self.links.values()]
+
+    def remove_all(self):
+        """`orbmesh-wghelper down`: every bridge's rules, routing table and link."""
+        self.rules({}, [], exclusive=True)
+        for slot in range(MAX_BRIDGE_SLOTS):
+            self._flush(self.settings.bridge_table_base + slot)
+        self.adopt()
+        for link in self.links.values():
+            link.down()
 
     def rules(self, add, remove, exclusive=False):
         """Point clients at bridges: `add` {address: slot}, `remove` [address].
@@ -180,6 +195,13 @@ class Bridges:
                 self.cmd.add_rule(pref, address, table)
             return {"added": len(new), "removed": len(drop - set(wanted)),
                     "rules": len(wanted) + len(set(current) - drop - set(wanted))}
+
+    def _flush(self, table):
+        try:
+            self.cmd.flush_table(table)
+        except CommandFailed as exc:
+            if "does not exist" not in exc.stderr:  # a table never used, or flushed before
+                raise
 
     def _rules(self):
         pref = self.settings.bridge_rule_pref

@@ -30,9 +30,10 @@ ruleset never exists.  With neither an uplink nor a bridge the table is
 deleted.
 
 Forwarding is switched on per interface (``net.ipv4.conf.IF.forwarding``),
-never with the global switch.  The values found before are remembered, in
-memory and in a state file, so a helper that was killed still restores
-them after its next clean stop.
+never with the global switch.  The values found before are remembered in a
+state file.  A helper that stops leaves table and forwarding as they are,
+for the interface's clients; ``orbmesh-wghelper down`` restores the values
+and deletes the table.
 """
 import ipaddress
 import json
@@ -172,9 +173,25 @@ class Firewall:
             else:
                 self._delete_table()
 
-    def start(self):
-        """Rules first, then forwarding: never forward without masquerade."""
-        self.apply()
+    def start(self, links=None):
+        """Rules (with the bridge `links` that are up; None: as before) first, then
+        forwarding: never forward without masquerade.  Fails closed: a failure
+        undoes both.  Run again after each re-creation of the interface: a new
+        link starts with the default forwarding value."""
+        try:
+            self._start(links)
+        except CommandFailed:
+            self.stop()
+            raise
+
+    def reapply(self):
+        """After the watcher re-created the interface: start() again, when there is NAT or a bridge
+        (without, as in run-local, nothing of ours is there to put back)."""
+        if self.s.nat_uplink or self.links:
+            self.start()
+
+    def _start(self, links):
+        self.apply(links)
         if not self.s.nat_uplink:
             return
         log.info("nat: table inet %s applied: clients out of %s only", self.s.nat_table, self.s.nat_uplink)
@@ -187,21 +204,11 @@ class Firewall:
                 self.cmd.write_sysctl(key, "1")
             log.info("nat: %s = 1 (was %s)", key, self.saved[key])
 
-    def interface_up(self):
-        """After each (re)creation of the WireGuard interface: the table again
-        (the host's networks may have changed since), and forwarding, as a new
-        link starts with the default value."""
-        if self.s.nat_uplink or self.links:
-            self.apply()
-        for key in self.keys:
-            if "/%s/" % self.s.interface in key and self._read(key) != "1":
-                self.cmd.write_sysctl(key, "1")
-                log.info("nat: %s = 1 again (interface re-created)", key)
-
     def stop(self):
-        """Forwarding back first, then the table.  Returns False if a step failed
-        (each failure is logged; the other steps still run)."""
+        """`orbmesh-wghelper down`, or a failed start: forwarding back to the saved values, then
+        the table gone.  Returns False if a step failed (logged; the other steps still run)."""
         ok = True
+        self.saved = dict(self._load_state(), **self.saved)
         for key, value in sorted(self.saved.items()):
             try:
                 if self._read(key) != value:
@@ -239,7 +246,7 @@ class Firewall:
         return value
 
     def _load_state(self):
-        """The values a helper that was killed had saved (only well-formed forwarding keys)."""
+        """The values an earlier helper saved (only well-formed forwarding keys)."""
         try:
             with open(self.state_path, encoding="utf-8") as handle:
                 table = json.load(handle)["sysctl"]
@@ -249,8 +256,6 @@ class Firewall:
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             log.warning("nat: ignoring unreadable %s: %s", self.state_path, exc)
             return {}
-        if saved:
-            log.info("nat: previous helper did not clean up; original values %s", saved)
         return saved
 
     def _save_state(self):

@@ -1,7 +1,14 @@
 """The WireGuard interface: bring it up like wg-quick, watch it, tear it down.
 
-The helper keeps no peers.  Each time it (re)creates the interface it picks
-a new ``generation``; the app notices the change and refills the peers.
+The interface is not the helper's: it outlives every helper process, so
+clients keep their sessions across a restart or a crash.  Starting adopts
+a link that already has our key, listen port and gateway address exactly
+as it is (nothing is set again, deleted or flushed); anything else is
+re-created, which costs every client a new handshake.  Only ``down()``
+(``orbmesh-wghelper down``) removes it.
+
+The helper keeps no peers.  Each start and each re-creation picks a new
+``generation``; the app notices the change and syncs the peers.
 """
 import logging
 import os
@@ -11,6 +18,7 @@ import threading
 import time
 
 from .errors import CommandFailed
+from .peers import parse_dump
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +28,13 @@ _NO_KERNEL_RE = re.compile(r"unknown device type|not supported|no such device", 
 
 
 class Interface:
-    def __init__(self, settings, cmd, key_path, socket_dir=WG_SOCKET_DIR, start_timeout=10.0, name=None):
+    def __init__(self, settings, cmd, key_path, public_key=None, socket_dir=WG_SOCKET_DIR, start_timeout=10.0,
+                 name=None):
         self.name = name or settings.interface
         self.settings = settings
         self.cmd = cmd
         self.key_path = key_path
+        self.public_key = public_key
         self.socket_dir = socket_dir
         self.start_timeout = start_timeout
         self.generation = None
@@ -46,28 +56,49 @@ class Interface:
         return self.cmd.link_exists(self.name)
 
     def up(self):
-        """Create (or adopt) and configure the interface; new generation."""
+        """Adopt the interface as it is, or create and configure it; new generation."""
         with self._lock:
-            if not self.exists():
-                self._create()
-            elif self.cmd.controllable(self.name):
-                # Left over from a helper that died without cleaning up.
-                self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
-                log.info("adopting existing interface %s (%s)", self.name, self.backend)
-            else:
-                log.warning("%s exists but wg cannot control it; re-creating it", self.name)
+            exists = self.exists()
+            unfit = exists and self._unfit()
+            if unfit:
+                log.warning("interface %s %s; re-creating it (its clients handshake again)", self.name, unfit)
                 self._delete_link()
+            adopted = exists and not unfit
+            if adopted:
+                self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
+                log.info("adopting interface %s (%s) as it is", self.name, self.backend)
+            else:
                 self._create()
             try:
-                self._configure()
+                self._configure(adopted)
                 if self.on_up is not None:
                     self.on_up()
             except Exception:
-                self._teardown()
+                if not adopted:  # what this call created goes again; an adopted one keeps its clients
+                    self._teardown()
                 raise
             self.generation = secrets.token_hex(8)
             self.running = True
             log.info("interface %s is up (backend %s, generation %s)", self.name, self.backend, self.generation)
+
+    def _unfit(self):
+        """Why the existing link cannot be adopted as it is; None when it can.
+
+        Without a public key to compare (a bridge link: its _configure sets
+        its peer and address to the spec again) any link wg controls will do.
+        """
+        s = self.settings
+        try:
+            info = parse_dump(self.cmd.dump(self.name))[0]
+        except CommandFailed:
+            return "exists but wg cannot control it"
+        if self.public_key is None:
+            return None
+        if (info["public_key"], info["listen_port"]) != (self.public_key, s.listen_port):
+            return "has another key or listen port"
+        if "inet %s/%d " % (s.gateway, s.pool.prefixlen) not in self.cmd.addresses(self.name):
+            return "has another address"
+        return None
 
     def _create(self):
         backend = self.settings.wg_backend
@@ -90,9 +121,10 @@ class Interface:
             time.sleep(0.05)
         self.backend = "wireguard-go"
 
-    def _configure(self):
+    def _configure(self, adopted):
         s = self.settings
-        self.cmd.set_interface(self.name, s.listen_port, self.key_path)
+        if not adopted:  # set again, a listen port would rebind wireguard-go's socket
+            self.cmd.set_interface(self.name, s.listen_port, self.key_path)
         self.cmd.replace_address(self.name, "%s/%d" % (s.gateway, s.pool.prefixlen))
         if s.pool6:
             self.cmd.replace_address(self.name, "%s/%d" % (s.gateway6, s.pool6.prefixlen))
@@ -135,12 +167,16 @@ class Interface:
         self._watcher = threading.Thread(target=watch, name="wg-watcher", daemon=True)
         self._watcher.start()
 
-    def down(self):
-        """Stop watching, then remove what we created."""
+    def stop(self):
+        """At helper stop: stop watching, and leave the interface as it is."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
+
+    def down(self):
+        """Stop watching, then remove the interface (a wireguard-go daemon exits with it)."""
+        self.stop()
         with self._lock:
             self._teardown()
             log.info("interface %s is down", self.name)

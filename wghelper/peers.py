@@ -4,6 +4,13 @@ import ipaddress
 from . import validate
 from .errors import Invalid
 
+# A peer put back on an interface that lost it goes to its last endpoint
+# with this keepalive: the keepalive makes WireGuard start the handshake at
+# once, instead of the client noticing after ~15 s.  The next sync sets the
+# peer's own keepalive again (reconcile, within RECONCILE_INTERVAL).  Only
+# there: a live peer's roamed endpoint is never overwritten (_differs).
+RESTORE_KEEPALIVE = 25
+
 
 def parse_dump(text):
     """Parse `wg show IF dump`; returns (interface fields, peers).
@@ -51,7 +58,8 @@ def _differs(have, want):
 
 
 def plan_sync(current, desired):
-    """What to remove and add to turn `current` peers into `desired`."""
+    """What to remove and add to turn `current` peers into `desired`; the
+    result also says where the interface saw each peer ("endpoints")."""
     have = {p["public_key"]: p for p in current}
     wanted = {p["public_key"] for p in desired}
     removes = [key for key in have if key not in wanted]
@@ -61,8 +69,11 @@ def plan_sync(current, desired):
         old = have.get(peer["public_key"])
         if old is None:
             added += 1
-            adds.append(peer)
+            back = peer.get("last_endpoint") and not peer["endpoint"]
+            adds.append(dict(peer, endpoint=peer["last_endpoint"], keepalive=peer["keepalive"] or RESTORE_KEEPALIVE)
+                        if back else peer)
         elif _differs(old, peer):
             updated += 1
             adds.append(peer)
-    return removes, adds, {"added": added, "removed": len(removes), "updated": updated}
+    return removes, adds, {"added": added, "removed": len(removes), "updated": updated,
+                           "endpoints": {key: p["endpoint"] for key, p in have.items() if p["endpoint"]}}

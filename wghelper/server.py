@@ -45,7 +45,7 @@ class Server:
 
     def bind(self):
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        self._remove_stale()
+        self.remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # bind() makes it 0660 (nobody connects before listen()); the group is set without following a
         # symlink, so a path swapped for one in between changes nothing else.
@@ -62,7 +62,8 @@ class Server:
         self._listener = listener
         log.info("listening on %s", self.path)
 
-    def _remove_stale(self):
+    def remove_stale(self):
+        """Remove a socket no helper answers on; OSError when one does."""
         try:
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise OSError(errno.EEXIST, "%s exists and is not a socket" % self.path)

@@ -22,7 +22,7 @@ MAX_ALLOWED_IPS = 8
 # Matched with fullmatch: "$" alone would also accept a trailing newline.
 PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _ENDPOINT_RE = re.compile(r"^([0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
-PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive"})
+PEER_KEYS = frozenset({"public_key", "allowed_ips", "endpoint", "keepalive", "last_endpoint"})
 # The Curve25519 points of small order (libsodium's list: 0, 1, two of order 8, p - 1, p, p + 1), each also
 # with the top bit set, which X25519 ignores.  As a peer's key one makes the handshake's shared secret
 # predictable; no client has one.
@@ -152,7 +152,11 @@ def keepalive(value, field="keepalive"):
 
 
 def peer(value, pools, field="peer", own=()):
-    """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive"}."""
+    """One peer as {"public_key", "allowed_ips", "endpoint", "keepalive", "last_endpoint"}.
+
+    ``last_endpoint`` (sync only) is where the peer was last seen: used only
+    when the peer is put back on an interface that lost it (peers.py).
+    """
     obj(value, field + ".", PEER_KEYS, ("public_key", "allowed_ips"))
     ips = items(value["allowed_ips"], field + ".allowed_ips", MAX_ALLOWED_IPS, "addresses", low=1)
     return {
@@ -160,6 +164,7 @@ def peer(value, pools, field="peer", own=()):
         "allowed_ips": unique([(f, client_ip(v, pools, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
+        "last_endpoint": endpoint(value.get("last_endpoint"), field + ".last_endpoint"),
     }
 
 

@@ -171,7 +171,7 @@ def test_older_database_gets_the_new_columns(tmp_path):
     init_schema(path)
     db = connect(path)
     try:
-        assert store.all_peers(db)[0].quarantined_at is None
+        assert store.all_peers(db)[0].quarantined_at is None and store.all_peers(db)[0].last_endpoint is None
         assert [p.public_key for p in store.live_peers(db)] == ["k"]
     finally:
         db.close()

@@ -96,7 +96,8 @@ def test_apply_and_sync_send_peers_in_the_wire_format(path):
     try:
         client.apply(add=[peer(2)], remove=[make_key(9)])
         client.apply(remove=[make_key(3)])
-        client.sync([peer(2), peer(4, endpoint="198.51.100.4:4000", keepalive=25, mode="bridge", exit_id="x")])
+        client.sync([peer(2), peer(4, endpoint="198.51.100.4:4000", keepalive=25, mode="bridge", exit_id="x",
+                          last_endpoint="192.0.2.4:9")])
     finally:
         client.close()
         helper.close()
@@ -109,8 +110,9 @@ def test_apply_and_sync_send_peers_in_the_wire_format(path):
         ("sync_peers", {"peers": [
             {"public_key": make_key(2), "allowed_ips": ["10.0.0.2/32", "fd00:8::2/128"], "endpoint": None,
              "keepalive": 0},
+            # The last endpoint goes to sync only, and only when known; a bridged peer has no /128.
             {"public_key": make_key(4), "allowed_ips": ["10.0.0.4/32"], "endpoint": "198.51.100.4:4000",
-             "keepalive": 25}]}),
+             "keepalive": 25, "last_endpoint": "192.0.2.4:9"}]}),
     ]
 
 

@@ -2,7 +2,7 @@
 import base64
 import sqlite3
 
-from app import reconcile
+from app import reconcile, store
 from tests.conftest import SERVER_KEY, make_key
 
 
@@ -85,3 +85,30 @@ def test_failed_helper_call_schedules_a_full_sync(app, client, auth, fake_helper
     fake_helper.peers[make_key(5)] = {"public_key": make_key(5)}  # ran, but the answer never came back
     assert watcher.check_once() is not None
     assert make_key(5) not in fake_helper.peers
+
+
+def test_endpoints_the_interface_saw_are_kept_and_sent_back(app, client, auth, fake_helper):
+    """Where a peer was last seen goes into the database, and back to the helper with every sync, which
+    uses it only to put back a peer the interface lost (wghelper/peers.py)."""
+    connect(client, auth, 2)
+    fake_helper.endpoints = {make_key(0): "198.51.100.7:41000"}
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    watcher.check_once()
+    db = watcher._connect()
+    try:
+        assert {p.public_key: p.last_endpoint for p in store.all_peers(db)} == {
+            make_key(0): "198.51.100.7:41000", make_key(1): None}
+    finally:
+        db.close()
+    fake_helper.peers.clear()  # the interface was lost
+    fake_helper.generation = "gen-2"
+    fake_helper.endpoints = {}
+    watcher.check_once()
+    sent = {p["public_key"]: p for p in syncs(fake_helper)[-1][1]}
+    assert sent[make_key(0)]["last_endpoint"] == "198.51.100.7:41000" and sent[make_key(0)]["endpoint"] is None
+    assert "last_endpoint" not in sent[make_key(1)]
+    db = watcher._connect()
+    try:  # an empty interface reports nothing, and nothing is forgotten
+        assert store.by_key(db, make_key(0)).last_endpoint == "198.51.100.7:41000"
+    finally:
+        db.close()

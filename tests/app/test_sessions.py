@@ -96,3 +96,22 @@ def test_idle_sessions_are_reaped_and_give_their_slot_back(wireguard):
     second = sessions.get(device, "b")
     assert second is not first
     assert sessions.reap(now=float("inf")) == 1
+
+
+def test_closing_the_sessions_ends_parked_takes_and_frees_the_slots(wireguard):
+    """A stopping worker (app/shutdown.py): every session closed at once, a parked take returns."""
+    import threading
+    config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
+              "TUNNEL_SESSION_IDLE": 60}
+    slots = SessionSlots(2)
+    sessions = HttpSessions(config, slots)
+    first, second = sessions.get(("u", "d1"), "a"), sessions.get(("u", "d2"), "a")
+    taken = []
+    parked = threading.Thread(target=lambda: taken.append(first.take(30)))
+    parked.start()
+    started = time.monotonic()
+    sessions.close()
+    parked.join(10)
+    assert taken == [[]] and time.monotonic() - started < 10
+    assert first.closed and second.closed and len(sessions) == 0
+    assert slots.held(("u", "d1")) == slots.held(("u", "d2")) == 0

@@ -25,7 +25,11 @@ def add(db, n, source="client", user="u", **fields):
 
 
 def test_a_deleted_row_is_restored_exactly(db):
-    peer = add(db, 2, mode="bridge", exit_id="exit-1")
+    add(db, 2, mode="bridge", exit_id="exit-1")
+    with write(db):
+        store.set_endpoints(db, {make_key(2): "198.51.100.2:4500"})
+    peer = store.by_key(db, make_key(2))
+    assert peer.last_endpoint == "198.51.100.2:4500"
     assert store.by_device(db, "u", "d2") == store.by_key(db, make_key(2)) == store.by_addr(db, peer.addr) == peer
     assert (peer.address, peer.mode, peer.exit_id) == ("10.0.0.2", "bridge", "exit-1")
     with write(db):
@@ -35,6 +39,15 @@ def test_a_deleted_row_is_restored_exactly(db):
     with write(db):
         store.restore(db, peer)
     assert store.by_key(db, make_key(2)) == peer
+
+
+def test_last_endpoints_are_kept_per_key(db):
+    add(db, 2)
+    add(db, 3)
+    with write(db):
+        store.set_endpoints(db, {make_key(2): "192.0.2.9:1", make_key(99): "192.0.2.9:2"})  # 99: no such peer
+    assert [(p.public_key, p.last_endpoint) for p in store.all_peers(db)] == [
+        (make_key(2), "192.0.2.9:1"), (make_key(3), None)]
 
 
 def test_key_change_and_delete_only_match_the_key_they_were_read_with(db):

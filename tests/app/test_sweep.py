@@ -59,12 +59,15 @@ def test_idle_client_is_quarantined_then_freed_orbnet_and_active_peers_stay(app,
     assert run(db, fake_helper, cfg, t0, audit_log) == {"quarantined": [], "freed": []}  # sees the interface
 
     fake_helper.handshakes[make_key(2)] = t0 + STALE  # device 2 is in use
+    fake_helper.endpoints[make_key(2)] = "198.51.100.2:5000"
     result = run(db, fake_helper, cfg, t0 + STALE + 1, audit_log)
     assert [p.public_key for p in result["quarantined"]] == [make_key(1)]
     assert sorted(fake_helper.peers) == sorted([make_key(2), make_key(3)])
     held = rows(db)[make_key(1)]
     assert held.quarantined_at == t0 + STALE + 1 and held.address + "/32" == idle_ip  # address still held
     assert rows(db)[make_key(2)].handshake_at == t0 + STALE
+    # Where the sweep's dump saw it is kept too: the peer goes back there if the interface is lost.
+    assert rows(db)[make_key(2)].last_endpoint == "198.51.100.2:5000" and rows(db)[make_key(1)].last_endpoint is None
     assert metrics.SWEPT_PEERS.labels("quarantined")._value.get() == quarantined_before + 1
 
     # A reconcile leaves the quarantined peer off the interface.

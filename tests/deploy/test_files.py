@@ -52,7 +52,7 @@ def directives(unit_text):
 # --- systemd ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("unit", ["orbmesh-wghelper.service", "orbmesh-api@8081.service", "orbmesh-unbound.service",
-                                  "orbmesh.target"])
+                                  "orbmesh.target", "orbmesh-down.service", "orbmesh-wireguard-go@wg0.service"])
 def test_systemd_analyze_verify(tmp_path, unit):
     tool = need("systemd-analyze")
     units = unit_copies(tmp_path)
@@ -92,6 +92,32 @@ def test_helper_unit_hardening():
     assert ("Service", "AmbientCapabilities") not in d
     assert ("Service", "SecureBits") not in d  # noroot would strip the capabilities of root itself
     assert ("Service", "TimeoutStopSec") in d
+
+
+def test_units_keep_tunnels_across_restarts_and_stop_removes_them():
+    """What survives what (docs/operations.md): wireguard-go outside the helper's cgroup, the teardown an
+    explicit act when orbmesh.target stops, ordered after the helper (so no watcher re-creates meanwhile)."""
+    helper = directives((UNITS / "orbmesh-wghelper.service").read_text())
+    assert helper[("Service", "Environment")] == ["ORBMESH_WIREGUARD_GO=/opt/orbmesh/deploy/systemd/orbmesh-wireguard-go"]
+    assert helper[("Service", "KillMode")] == ["mixed"]
+    wrapper = (UNITS / "orbmesh-wireguard-go").read_text()
+    assert os.access(UNITS / "orbmesh-wireguard-go", os.X_OK)
+    assert 'exec systemctl start "orbmesh-wireguard-go@$(systemd-escape -- "$1").service"' in wrapper
+    wg = directives((UNITS / "orbmesh-wireguard-go@.service").read_text())
+    assert wg[("Service", "ExecStart")] == ["/usr/bin/wireguard-go %I"] and wg[("Service", "Type")] == ["forking"]
+    assert wg[("Unit", "StopPropagatedFrom")] == ["orbmesh.target"] and ("Unit", "PartOf") not in wg
+    assert wg[("Unit", "Before")] == ["orbmesh-wghelper.service"] and wg[("Unit", "After")] == ["orbmesh-down.service"]
+    assert wg[("Service", "CapabilityBoundingSet")] == ["CAP_NET_ADMIN"]
+    assert wg[("Service", "DeviceAllow")] == ["/dev/net/tun rw"] and wg[("Service", "ProtectSystem")] == ["strict"]
+    down = directives((UNITS / "orbmesh-down.service").read_text())
+    for key, value in (("Type", "oneshot"), ("RemainAfterExit", "yes"), ("ExecStart", "/bin/true"),
+                       ("ExecStop", "/opt/orbmesh/venv/bin/orbmesh-wghelper down"),
+                       ("EnvironmentFile", "/etc/orbmesh/orbmesh.env"), ("CapabilityBoundingSet", "CAP_NET_ADMIN")):
+        assert down[("Service", key)] == [value], key
+    assert down[("Unit", "Before")] == ["orbmesh-wghelper.service"] and down[("Unit", "PartOf")] == ["orbmesh.target"]
+    assert down[("Install", "WantedBy")] == ["orbmesh.target"]
+    target = directives((UNITS / "orbmesh.target").read_text())
+    assert "orbmesh-down.service" in target[("Unit", "Wants")][0].split()
 
 
 def test_api_unit_hardening():

@@ -70,13 +70,17 @@ def test_install_places_every_file(installed):
                        ("etc/systemd/system/orbmesh-api@.service", 0o644),
                        ("etc/systemd/system/orbmesh.target", 0o644),
                        ("etc/systemd/system/orbmesh-unbound.service", 0o644),
+                       ("etc/systemd/system/orbmesh-down.service", 0o644),
+                       ("etc/systemd/system/orbmesh-wireguard-go@.service", 0o644),
+                       ("opt/orbmesh/deploy/systemd/orbmesh-wireguard-go", 0o755),
                        ("opt/orbmesh/app/__init__.py", 0o644), ("opt/orbmesh/wghelper/server.py", 0o644),
                        ("opt/orbmesh/deploy/gunicorn.conf.py", 0o644), ("opt/orbmesh/deploy/install.sh", 0o755),
                        ("opt/orbmesh/setup.cfg", 0o644), ("opt/orbmesh/requirements.txt", 0o644)):
         assert stat.S_IMODE((root / path).stat().st_mode) == mode, path
     assert os.readlink(etc / "nginx/sites-enabled/orbmesh.conf") == "/etc/nginx/sites-available/orbmesh.conf"
     wants = sorted(p.name for p in (etc / "systemd/system/orbmesh.target.wants").iterdir())
-    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-unbound.service",
+    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-down.service",
+                     "orbmesh-unbound.service",
                      "orbmesh-wghelper.service"]
     assert (etc / "systemd/system/multi-user.target.wants/orbmesh.target").is_symlink()
     assert not (root / "opt/orbmesh/venv").exists()
@@ -112,7 +116,8 @@ def test_changed_choices_are_applied_and_secrets_kept(installed, tmp_path):
     site = (root / "etc/nginx/sites-available/orbmesh.conf").read_text()
     assert "allow 198.51.100.7;" in site and "8082" not in site and "server 127.0.0.1:8083 " in site
     wants = sorted(p.name for p in (root / "etc/systemd/system/orbmesh.target.wants").iterdir())
-    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8083.service", "orbmesh-unbound.service",
+    assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8083.service", "orbmesh-down.service",
+                     "orbmesh-unbound.service",
                      "orbmesh-wghelper.service"]
     assert (root / "etc/orbmesh/orbmesh.env").read_bytes() == env_before
     assert (root / "etc/orbmesh/tls/key.pem").read_bytes() == key_before

@@ -149,6 +149,12 @@ class DeployStack(Stack):
         log.close()
         wait_for(self._helper_ready, what="helper socket")
 
+    def down(self):
+        """`orbmesh-wghelper down` as orbmesh-down.service runs it: with the helper's capability set."""
+        argv = self._capped(HELPER_CAPS, [str(VENV_BIN / "orbmesh-wghelper"), "down"])
+        done = self.server.run(*argv, env=self.env, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
     def start_app(self):
         for port in self.ports:
             prom = self.tmp / ("prometheus-%d" % port)

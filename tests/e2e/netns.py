@@ -53,23 +53,31 @@ def children(pid):
     return found
 
 
-def _stop_pid(pid, timeout=5.0):
-    """SIGTERM, then SIGKILL, one pid; ignores a process already gone."""
+def _gone(pid):
+    """The process has exited (a zombie waiting for its parent to reap it counts)."""
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _stop_pid(pid, timeout=5.0):
+    """SIGTERM, then SIGKILL, one pid, waiting for it to exit; ignores a process already gone.
+
+    wireguard-go daemons outlive the helper, so the namespace's teardown is
+    what ends them: it must see them exit, not just signal them.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.kill(pid, 0)
+            os.kill(pid, sig)
         except ProcessLookupError:
             return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _gone(pid):
+                return
+            time.sleep(0.02)
 
 
 class Netns:
@@ -98,8 +106,9 @@ class Netns:
             return
         for proc in self._procs:
             stop_process(proc)
-        # Children of our children (say, wireguard-go started by the helper)
-        # are in this namespace too; they are ours, and we know their pids.
+        # Children of our children and the daemons they left (say, the
+        # wireguard-go of the helper's interface) are in this namespace too;
+        # they are ours, and we know their pids.
         for pid in self.pids():
             _stop_pid(pid)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)

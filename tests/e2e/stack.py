@@ -95,6 +95,11 @@ class Stack:
         self._stop(self.helper_proc)
         self.helper_proc = None
 
+    def down(self):
+        """`orbmesh-wghelper down` with the stack's settings (the helper stopped first)."""
+        done = self.server.run(str(VENV_BIN / "orbmesh-wghelper"), "down", env=self.env, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
     def start_app(self):
         log = open(self.app_log, "ab")
         argv = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(self.workers),

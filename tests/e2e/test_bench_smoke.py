@@ -57,3 +57,18 @@ def test_memory_smoke(tmp_path):
     result = run_smoke("memory", tmp_path)
     run = result["runs"][0]
     assert run["alive"] == run["sessions"] == 20
+
+
+def test_continuity_smoke(tmp_path):
+    need("nft")
+    result = run_smoke("continuity", tmp_path)
+    assert result["runs"] == 1 and result["consistent_after"]
+    events = result["events"]
+    assert len(events) == 6
+    for name, per in events.items():
+        for transport in ("udp", "ws", "http"):
+            assert per[transport]["median_gap_s"] is not None, (name, transport)
+    # Our restarts keep every session; a lost interface cannot.
+    assert all(per[t]["same_handshake"] for name, per in events.items() if "interface lost" not in name
+               for t in ("udp", "ws", "http"))
+    assert all(events["wireguard-go killed (interface lost)"][t]["new_handshake"] for t in ("udp", "ws", "http"))

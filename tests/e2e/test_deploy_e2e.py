@@ -263,5 +263,18 @@ def test_restart_everything_brings_peers_and_nat_back(deploy):
             status, _, _ = deploy.https("GET", "/health")
             assert status == 200
         assert "table inet orbmesh" in deploy.nft_ruleset()
+        # Stopping orbmesh.target: everything stops, then orbmesh-down.service runs `down`.
+        deploy.stop_nginx()
+        deploy.stop_app()
+        deploy.stop_helper()
+        assert "table inet orbmesh" in deploy.nft_ruleset()  # a stop alone leaves it all up
+        key = "net/ipv4/conf/%s/forwarding" % deploy.internet.uplink
+        state = Path(deploy.env["ORBMESH_HELPER_STATE_DIR"]) / "nat-state.json"
+        before = json.loads(state.read_text())["sysctl"][key]
+        assert deploy.server.run("sysctl", "-n", key).stdout.strip() == "1"
+        deploy.down()
+        assert "table inet orbmesh" not in deploy.nft_ruleset()
+        assert deploy.server.run("ip", "link", "show", "dev", deploy.interface, check=False).returncode != 0
+        assert deploy.server.run("sysctl", "-n", key).stdout.strip() == before and not state.exists()
     finally:
         client.close()

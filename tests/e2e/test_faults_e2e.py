@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from .conftest import wireguard_go_in
 from .netns import children, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
@@ -205,8 +206,9 @@ def test_everything_killed_at_once_and_interface_deleted(stack):
         assert stack.wg_peers() == expected and len(expected) == 21
 
         # Power cut: helper, its wireguard-go, gunicorn's master and workers, all at once.
-        victims = [stack.helper_proc.pid, stack.app_proc.pid] + children(stack.helper_proc.pid) + \
-            children(stack.app_proc.pid)
+        # wireguard-go is nobody's child (it outlives the helper): found by its namespace.
+        victims = [stack.helper_proc.pid, stack.app_proc.pid] + children(stack.app_proc.pid) + \
+            wireguard_go_in({stack.server.inode})
         for pid in victims:
             kill9(pid)
         stack.helper_proc.wait()

@@ -84,6 +84,11 @@ class HelperProc:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(20)
 
+    def down(self):
+        """`orbmesh-wghelper down` with the same settings: (exit status, output)."""
+        done = self.ns.run(HELPER_BIN, "down", check=False, env=self.env)
+        return done.returncode, done.stdout + done.stderr
+
     def link_exists(self):
         return self.ns.run("ip", "link", "show", "dev", self.ifname, check=False).returncode == 0
 
@@ -109,7 +114,7 @@ def peer(public_key, *ips, **extra):
     return dict({"public_key": public_key, "allowed_ips": list(ips)}, **extra)
 
 
-def test_helper_comes_up_and_shuts_down_cleanly(helper):
+def test_helper_comes_up_stops_leaving_the_interface_and_down_removes_it(helper):
     status = helper.result("status")
     private = Path(helper.state_dir, "server.key").read_text()
     expected_public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True,
@@ -127,12 +132,27 @@ def test_helper_comes_up_and_shuts_down_cleanly(helper):
     wg = helper.ns.run("wg", "show", helper.ifname, "listen-port").stdout.strip()
     assert wg == "51820"
     assert private.strip() not in helper.log()
+    uapi = os.path.join(WG_SOCKET_DIR, helper.ifname + ".sock")
 
+    # `down` refuses while the helper runs: its watcher would re-create the interface.
+    code, output = helper.down()
+    assert code == 1 and "another helper is listening" in output and helper.link_exists()
+
+    # A stop leaves the interface and its wireguard-go for the clients; only the socket goes.
     assert helper.stop() == 0, helper.log()
     assert not os.path.exists(helper.socket)
+    assert helper.link_exists() and os.path.exists(uapi) and len(helper.ns.pids()) == 1
+    assert helper.ns.run("wg", "show", helper.ifname, "public-key").stdout.strip() == expected_public
+
+    # `down` removes it; wireguard-go ends with its link.
+    code, output = helper.down()
+    assert code == 0, output
     assert not helper.link_exists()
-    assert not os.path.exists(os.path.join(WG_SOCKET_DIR, helper.ifname + ".sock"))
-    assert helper.ns.pids() == []  # wireguard-go went with it
+    deadline = time.monotonic() + 10
+    while (os.path.exists(uapi) or helper.ns.pids()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(uapi) and helper.ns.pids() == []
+    assert helper.down()[0] == 0  # nothing left: still fine
 
 
 def test_add_update_remove_and_dump(helper):
@@ -172,12 +192,12 @@ def test_sync_removes_unknown_and_adds_missing(helper):
     helper.result("apply_peers", {"add": [peer(a, "10.8.0.2/32"), peer(b, "10.8.0.3/32")]})
     result = helper.result("sync_peers", {"peers": [
         peer(b, "10.8.0.5/32", keepalive=10), peer(c, "10.8.0.6/32")]})
-    assert result == {"added": 1, "removed": 1, "updated": 1}
+    assert result == {"added": 1, "removed": 1, "updated": 1, "endpoints": {}}  # no peer has been seen
     dump = {p["public_key"]: (p["allowed_ips"], p["keepalive"]) for p in helper.result("dump_peers")["peers"]}
     assert dump == {b: (["10.8.0.5/32"], 10), c: (["10.8.0.6/32"], 0)}
     again = helper.result("sync_peers", {"peers": [
         peer(b, "10.8.0.5/32", keepalive=10), peer(c, "10.8.0.6/32")]})
-    assert again == {"added": 0, "removed": 0, "updated": 0}
+    assert again == {"added": 0, "removed": 0, "updated": 0, "endpoints": {}}
 
 
 def test_concurrent_adds_all_land(helper):
@@ -199,24 +219,41 @@ def test_concurrent_adds_all_land(helper):
     assert 1 <= status["wg_set_calls"] <= len(keys)
 
 
-def test_restart_keeps_the_key_and_changes_generation(netns, workdir):
+def test_restart_adopts_the_interface_and_its_peers(netns, workdir):
     ns = netns("restart")
     first = HelperProc(ns, workdir).start()
     one = first.result("status")
-    first.result("apply_peers", {"add": [peer(genkey(), "10.8.0.2/32")]})
+    pub = genkey()
+    first.result("apply_peers", {"add": [peer(pub, "10.8.0.2/32")]})
+    index = ns.run("cat", "/sys/class/net/%s/ifindex" % first.ifname).stdout
     assert first.stop() == 0, first.log()
 
-    second = HelperProc(ns, workdir)
-    second.ifname = first.ifname
-    second.env["ORBMESH_INTERFACE"] = first.ifname
-    second.start()
+    def again(**env):
+        helper = HelperProc(ns, workdir)
+        helper.ifname = first.ifname
+        helper.env.update(ORBMESH_INTERFACE=first.ifname, **env)
+        return helper.start()
+
+    second = again()
     try:
         two = second.result("status")
         assert two["public_key"] == one["public_key"]
-        assert two["generation"] != one["generation"]
-        assert two["peer_count"] == 0  # a fresh interface: the app must refill it
+        assert two["generation"] != one["generation"]  # the app syncs: only what differs
+        assert two["peer_count"] == 1  # the same interface, peers and sessions included
+        assert ns.run("cat", "/sys/class/net/%s/ifindex" % first.ifname).stdout == index
+        assert "adopting interface %s (wireguard-go) as it is" % first.ifname in second.log()
     finally:
         assert second.stop() == 0, second.log()
+
+    # Settings that need another interface: it is re-created, and the log says so.
+    third = again(ORBMESH_LISTEN_PORT="51821")
+    try:
+        assert third.result("status")["peer_count"] == 0
+        assert third.ns.run("wg", "show", first.ifname, "listen-port").stdout.strip() == "51821"
+        assert "has another key or listen port; re-creating it" in third.log()
+    finally:
+        assert third.stop() == 0, third.log()
+        assert third.down()[0] == 0
 
 
 def test_watcher_recreates_a_deleted_interface(helper):

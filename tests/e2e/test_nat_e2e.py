@@ -128,7 +128,7 @@ def restart_helper(stack, kill=False):
 
 
 @pytest.mark.parametrize("stack_env", [{"ORBMESH_NAT_UPLINK": ""}])
-def test_masquerade_restarts_and_clean_stop(stack, internet):
+def test_masquerade_restarts_and_down(stack, internet):
     uplink = internet.uplink
     # NAT off: the tunnel works, the internet does not, nothing is changed.
     client, body = connect_client(stack, "natdev1")
@@ -138,10 +138,10 @@ def test_masquerade_restarts_and_clean_stop(stack, internet):
         assert listed_table(stack) is None and forwarding(stack.server, uplink) == "0"
         ip_forward = stack.server.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip()
 
-        # The helper NATs: the internet sees the server's uplink address.
+        # The helper NATs: the internet sees the server's uplink address.  The
+        # interface is adopted as it is: the client's session goes on.
         nat_on(stack, internet)
         restart_helper(stack)
-        new_session(stack, client, body)
         whoami_is_uplink(stack, internet, "whoami through NAT")
         assert listed_table(stack) == expected_table(stack, internet)
         assert forwarding(stack.server, uplink) == forwarding(stack.server, stack.interface) == "1"
@@ -157,23 +157,31 @@ def test_masquerade_restarts_and_clean_stop(stack, internet):
         probe = internet.ns.run("ping", "-n", "-c", "2", "-W", "1", client_ip, check=False)
         assert probe.returncode != 0, "a tunnel client answered from the internet"
 
-        # Restarts, clean three times and once a crash that leaves the table
-        # behind: always exactly one copy, and the whoami keeps working.
+        # Restarts, clean three times and once a crash, each leaving the table
+        # in place: always exactly one copy, and the whoami keeps working on the same session.
+        handshake = client.ns.run("wg", "show", client.ifname, "latest-handshakes").stdout
         for kill in (False, False, False, True):
             restart_helper(stack, kill=kill)
-            new_session(stack, client, body)
             whoami_is_uplink(stack, internet, "whoami after %s" % ("a crash" if kill else "a restart"))
             table = listed_table(stack)
             assert table == expected_table(stack, internet)
             assert table.count("masquerade") == 2  # the pool and the unique-local pool6 (NAT66), once each
             assert stack.server.run("nft", "list", "tables").stdout.split().count(TABLE) == 1
+        assert client.ns.run("wg", "show", client.ifname, "latest-handshakes").stdout == handshake
 
-        # Clean stop: table gone, forwarding back to the value found before the
-        # first NAT start (the crashed helper's state file remembered it).
+        # A stop leaves NAT and forwarding to the interface's clients ...
+        stack.stop_app()
         stack.stop_helper()
+        assert listed_table(stack) == expected_table(stack, internet)
+        assert forwarding(stack.server, uplink) == "1"
+        whoami_is_uplink(stack, internet, "whoami with the helper stopped")
+        # ... and `orbmesh-wghelper down` removes them: table gone, forwarding back
+        # to the value found before the first NAT start (the state file kept it).
+        stack.down()
         assert listed_table(stack) is None
         assert forwarding(stack.server, uplink) == "0"
         assert not (Path(stack.env["ORBMESH_HELPER_STATE_DIR"]) / firewall.STATE_FILE).exists()
+        assert stack.server.run("ip", "link", "show", "dev", stack.interface, check=False).returncode != 0
         assert internet.whoami_from(stack.client, timeout=3) is None
     finally:
         client.close()
@@ -211,5 +219,10 @@ def test_missing_uplink_fails_closed(uplinked, tmp_path):
     log = s.helper_log.read_text()
     assert "cannot run" in log and "omnosuchlink0" in log
     assert listed_table(s) is None  # applied before the failure, deleted again
-    assert server.run("ip", "link", "show", "dev", s.interface, check=False).returncode != 0
+    assert "net/ipv4/conf/%s/forwarding = 1" % s.interface in log  # switched on before the failure ...
+    assert forwarding(server, s.interface) == "0"                   # ... and back off
     assert not os.path.exists(s.env["ORBMESH_HELPER_SOCKET"])
+    # The interface stays, like any the helper leaves (no NAT, no forwarding); `down` removes it.
+    assert server.run("ip", "link", "show", "dev", s.interface, check=False).returncode == 0
+    s.down()
+    assert server.run("ip", "link", "show", "dev", s.interface, check=False).returncode != 0

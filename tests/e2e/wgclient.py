@@ -39,7 +39,7 @@ class WgClient:
         raise RuntimeError("wireguard-go did not create %s" % self.ifname)
 
     def configure(self, server_public_key, endpoint, address_cidr, allowed_ips, mtu=1420, keepalive=0,
-                  address6_cidr=None):
+                  address6_cidr=None, metric=None):
         fd, path = tempfile.mkstemp(prefix="omwgc-")  # mkstemp creates it 0600
         with os.fdopen(fd, "w") as handle:
             handle.write(self.private_key + "\n")
@@ -53,7 +53,9 @@ class WgClient:
         if address6_cidr:  # the connect response's ip6; no duplicate address detection on a tunnel
             self.ns.run("ip", "address", "add", address6_cidr, "dev", self.ifname, "nodad")
         for network in allowed_ips:
-            self.ns.run("ip", "route", "replace", network, "dev", self.ifname)
+            # A metric lets several clients in one namespace route the same network.
+            self.ns.run("ip", "route", "replace", network, "dev", self.ifname,
+                        *(["metric", str(metric)] if metric is not None else []))
 
     def ping(self, addr, count=1, timeout=2):
         result = self.ns.run("ping", "-n", "-c", str(count), "-W", str(timeout), addr,

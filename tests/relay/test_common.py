@@ -32,13 +32,44 @@ def test_status_line_is_documented():
 
 
 def test_backoff_doubles_to_the_cap_with_jitter():
-    backoff = Backoff()
+    backoff = Backoff(clock=lambda: 100.0)  # never connected: no fast retries
     delays = [backoff.next_delay() for _ in range(12)]
     bases = [min(30.0, 0.5 * 2 ** i) for i in range(12)]
     for delay, base in zip(delays, bases):
         assert 0.75 * base <= delay <= 1.25 * base
     backoff.reset()
     assert backoff.next_delay() <= 0.625
+
+
+def test_backoff_retries_fast_for_a_few_seconds_after_a_connection_that_worked():
+    now = [100.0]
+    backoff = Backoff(clock=lambda: now[0])
+    backoff.reset()  # connected ...
+    now[0] += 60
+    backoff.reset()  # ... still working (the HTTP transport resets after every request)
+    assert backoff.next_delay() <= Backoff.FAST_JITTER  # a clean close (a server restart): straight back
+    fast = []
+    while now[0] < 160.0 + Backoff.FAST_FOR:
+        fast.append(backoff.next_delay())
+        now[0] += fast[-1]
+    assert len(fast) >= 8 and all(0.1875 <= d <= 0.3125 for d in fast)
+    assert 0.375 <= backoff.next_delay() <= 0.625  # then the usual doubling
+    assert 0.75 <= backoff.next_delay() <= 1.25
+    # Back, and another restart soon after: fast again.
+    backoff.reset()
+    now[0] += Backoff.FAST_AFTER
+    assert backoff.next_delay() <= Backoff.FAST_JITTER
+
+
+def test_backoff_does_not_hammer_a_server_that_accepts_and_closes():
+    now = [100.0]
+    backoff = Backoff(clock=lambda: now[0])
+    for _ in range(5):
+        backoff.reset()  # connected, and closed again at once
+        now[0] += 0.1
+        delay = backoff.next_delay()
+        assert 0.375 <= delay <= 0.625
+        now[0] += delay
 
 
 def test_backoff_wait_reports_a_stop():

@@ -48,8 +48,9 @@ class FakeRunner:
         self.kernel = kernel
         self.socket_dir = socket_dir
         self.links = set()
-        self.link_keys = {}    # link -> the public key its dump shows (default SERVER_PUBLIC)
-        self.addresses = {}    # link -> ["10.8.0.1/16", ...], as `ip -o address show` lists them
+        self.link_keys = {}    # link -> the public key its dump shows, once `wg set IF private-key F` ran
+        self.addresses = {}    # link -> ["10.8.0.1/16", ...], as `ip address` keeps them
+        self.keyed = {}        # link -> listen port, once `wg set IF listen-port P private-key F` ran
         self.peers = {}        # key -> {"allowed_ips", "endpoint", "keepalive"}
         self.fail = None       # callable(argv) -> stderr string to fail with, or None
         self.gate = None       # threading.Event wg set waits on, when set
@@ -102,9 +103,7 @@ class FakeRunner:
         if args[0] == "show" and args[2:] == ("dump",):
             return self._dump(name)
         if args[0] == "set":
-            if "private-key" in args:
-                self.link_keys[name] = KEYFILES.get(args[args.index("private-key") + 1], SERVER_PUBLIC)
-            self._set(list(args[2:]))
+            self._set(name, list(args[2:]))
         return ""
 
     def ip(self, *args):
@@ -113,25 +112,35 @@ class FakeRunner:
         if args[:3] == ("link", "show", "dev"):
             if args[3] not in self.links:
                 raise CommandFailed("ip", 1, 'Device "%s" does not exist.' % args[3])
+        elif args == ("-o", "link", "show"):
+            return "".join("%d: %s: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 qdisc noqueue\\    link/none \n"
+                           % (n, name) for n, name in enumerate(["lo"] + sorted(self.links), 1))
+        elif args[:4] == ("-o", "address", "show", "dev"):
+            if args[4] not in self.links:
+                raise CommandFailed("ip", 1, 'Device "%s" does not exist.' % args[4])
+            return self._address_lines([args[4]])
+        elif args[1:3] == ("address", "replace"):
+            held = self.addresses.setdefault(args[5], [])
+            if args[3] not in held:
+                held.append(args[3])
+        elif args[1:3] == ("address", "flush"):
+            self.addresses.pop(args[4], None)
         elif args[:3] == ("link", "add", "dev"):
             if not self.kernel:
                 raise CommandFailed("ip", 2, "Error: Unknown device type.")
             self.links.add(args[3])
+            self.keyed.pop(args[3], None)
+            self.link_keys.pop(args[3], None)
         elif args[:3] == ("link", "del", "dev"):
             if args[3] not in self.links:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
             self.addresses.pop(args[3], None)
+            self.keyed.pop(args[3], None)
+            self.link_keys.pop(args[3], None)
             self.daemons.discard(args[3])  # wireguard-go exits with its link
         elif args == ("-o", "address", "show"):
-            return "".join("%d: %s    %s %s scope global %s\\       valid_lft forever\n"
-                           % (i, dev, "inet6" if ":" in cidr.split(" ")[0] else "inet", cidr, dev)
-                           for i, dev in enumerate(sorted(self.addresses), 1) for cidr in self.addresses[dev]
-                           ) + self.address_text
-        elif args[1:3] == ("address", "replace"):
-            self.addresses.setdefault(args[5], []).append(args[3])
-        elif args[1:3] == ("address", "flush"):
-            self.addresses.pop(args[4], None)
+            return self._address_lines(sorted(self.addresses)) + self.address_text
         elif args[:3] == ("-4", "rule", "show"):
             return "".join("%s:\tfrom %s lookup %s\n" % (pref, a, table)
                            for a, (pref, table) in sorted(self.rules.items()) if pref == args[4])
@@ -175,15 +184,35 @@ class FakeRunner:
 
     # --- the model ------------------------------------------------------
 
-    def _dump(self, name):
-        lines = ["%s\t%s\t51820\toff" % (DUMP_PRIVATE, self.link_keys.get(name, SERVER_PUBLIC))]
+    def adopted(self, ifname, address="10.8.0.1/16", port=51820):
+        """A link as a helper before this one left it: keyed, addressed, up."""
+        self.links.add(ifname)
+        self.keyed[ifname] = port
+        self.link_keys[ifname] = SERVER_PUBLIC
+        self.addresses[ifname] = [address]
+
+    def _dump(self, ifname):
+        if ifname in self.link_keys:
+            lines = ["%s\t%s\t%d\toff" % (DUMP_PRIVATE, self.link_keys[ifname], self.keyed.get(ifname, 51820))]
+        else:  # a fresh link: no key yet, a port of its own
+            lines = ["(none)\t(none)\t43117\toff"]
         for k, p in self.peers.items():
             lines.append("\t".join([
                 k, "(none)", p["endpoint"] or "(none)", ",".join(p["allowed_ips"]) or "(none)",
                 "0", "100", "200", str(p["keepalive"]) if p["keepalive"] else "off"]))
         return "\n".join(lines) + "\n"
 
-    def _set(self, args):
+    def _address_lines(self, links):
+        """`ip -o address show` lines of `links`."""
+        return "".join("%d: %s    %s %s scope global %s\\       valid_lft forever\n"
+                       % (n, dev, "inet6" if ":" in cidr.split(" ")[0] else "inet", cidr, dev)
+                       for n, dev in enumerate(links, 1) for cidr in self.addresses.get(dev, []))
+
+    def _set(self, ifname, args):
+        if "private-key" in args:
+            self.link_keys[ifname] = KEYFILES.get(args[args.index("private-key") + 1], SERVER_PUBLIC)
+            if "listen-port" in args:
+                self.keyed[ifname] = int(args[args.index("listen-port") + 1])
         i = 0
         current = None
         while i < len(args):

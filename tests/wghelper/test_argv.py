@@ -26,7 +26,6 @@ class Recorder:
 # Every method of Commands that runs a program, with the exact argv it runs.
 SHAPES = [
     ("dump", ("wg0",), [("wg", ["show", "wg0", "dump"], None)]),
-    ("controllable", ("wg0",), [("wg", ["show", "wg0"], None)]),
     ("peer_keys", ("wg0b1",), [("wg", ["show", "wg0b1", "peers"], None)]),
     ("set_interface", ("wg0", 51820, "/s/server.key"),
      [("wg", ["set", "wg0", "listen-port", "51820", "private-key", "/s/server.key"], None)]),
@@ -37,6 +36,8 @@ SHAPES = [
     ("set_exit_peer", ("wg0b1", "/s/bridge.key", K1, "198.51.100.1:51820", 25),
      [("wg", ["set", "wg0b1", "private-key", "/s/bridge.key", "peer", K1, "endpoint", "198.51.100.1:51820",
               "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "25"], None)]),
+    ("links", (), [("ip", ["-o", "link", "show"], None)]),
+    ("addresses", ("wg0",), [("ip", ["-o", "address", "show", "dev", "wg0"], None)]),
     ("link_exists", ("wg0",), [("ip", ["link", "show", "dev", "wg0"], None)]),
     ("add_wireguard_link", ("wg0",), [("ip", ["link", "add", "dev", "wg0", "type", "wireguard"], None)]),
     ("delete_link", ("wg0",), [("ip", ["link", "del", "dev", "wg0"], None)]),

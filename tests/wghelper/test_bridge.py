@@ -61,7 +61,8 @@ UP_CALLS = [
     ["wg", "show", LINK, "peers"],
     ["wg", "set", LINK, "private-key", BRIDGE_KEYFILE, "peer", EXIT_KEY, "endpoint", "198.51.100.1:51820",
      "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "25"],
-    ["ip", "-4", "address", "flush", "dev", LINK],
+    ["ip", "-o", "address", "show", "dev", LINK],
+    ["ip", "-4", "address", "flush", "dev", LINK],    # only when the address is not there yet
     ["ip", "-4", "address", "replace", "10.9.255.1/32", "dev", LINK],
     ["ip", "link", "set", "dev", LINK, "mtu", "1420", "up"],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % IF],
@@ -145,12 +146,38 @@ def test_bridge_down_removes_rules_table_nft_and_link(helper):
     assert ["ip", "link", "del", "dev", LINK] not in helper.runner.calls
 
 
-def test_stop_takes_every_bridge_down(helper):
+def test_a_new_helper_adopts_the_links_and_keeps_their_masquerade(helper):
+    """A restarted helper finds the bridge links up: its first ruleset keeps masquerading them, and the
+    app's next bridge_up re-sends the spec without taking the link down or flushing its address."""
+    helper.result("bridge_up", SPEC)
+    helper.runner.links.add("other0")  # not ours: never adopted
+    fresh = Bridges(helper.settings, helper.cmd, Firewall(helper.settings, helper.cmd), BRIDGE_KEYFILE,
+                    BRIDGE_PUBLIC)
+    assert fresh.adopt() == [LINK] and fresh.running() == [3]
+    fresh.firewall.start(fresh.adopt())
+    assert helper.runner.nft_tables["inet orbmesh"] == SCRIPT
+    helper.ctx.bridges = fresh
+    helper.runner.clear()
+    helper.result("bridge_up", SPEC)
+    calls = helper.runner.calls
+    assert ["wg", "show", LINK, "dump"] in calls and ["ip", "-4", "address", "flush", "dev", LINK] not in calls
+    assert not any(c[:3] in (["ip", "link", "del"], ["ip", "link", "add"]) for c in calls)
+    assert LINK in helper.runner.links
+
+
+def test_remove_all_takes_down_every_bridge_whoever_made_it(helper):
+    """`orbmesh-wghelper down`: links, rules and routing tables of every slot, from a fresh process."""
     helper.result("bridge_up", SPEC)
     helper.result("bridge_up", dict(SPEC, slot=0))
-    helper.ctx.bridges.stop()
+    helper.result("bridge_rules", {"add": [{"address": "10.8.0.2", "slot": 3}, {"address": "10.8.0.4", "slot": 0}]})
+    helper.runner.clear()
+    Bridges(helper.settings, helper.cmd, Firewall(helper.settings, helper.cmd), BRIDGE_KEYFILE,
+            BRIDGE_PUBLIC).remove_all()
     assert LINK not in helper.runner.links and IF + "b0" not in helper.runner.links
-    assert helper.runner.nft_tables == {}
+    assert IF in helper.runner.links  # the main interface is not a bridge
+    assert helper.runner.rules == {}
+    flushed = [c for c in helper.runner.calls if c[:4] == ["ip", "-4", "route", "flush"]]
+    assert len(flushed) == 64 and ["ip", "-4", "route", "flush", "table", "51903"] in flushed
 
 
 @pytest.mark.parametrize("args, field", [
@@ -273,3 +300,15 @@ def test_bridge_address_only_from_exit_networks_and_never_local(tmp_path, addres
             assert h.result("bridge_up", dict(SPEC, endpoint="198.51.100.2:51820"))["interface"] == LINK
     finally:
         h.writer.stop()
+
+
+def test_down_and_adoption_leave_a_foreign_link_of_a_bridge_name_alone(helper):
+    helper.result("bridge_up", SPEC)                      # ours, slot 3
+    helper.runner.links.add(IF + "b0")                    # someone else's link with slot 0's name
+    helper.runner.link_keys[IF + "b0"] = key(77)
+    fresh = Bridges(helper.settings, helper.cmd, Firewall(helper.settings, helper.cmd), BRIDGE_KEYFILE,
+                    BRIDGE_PUBLIC)
+    assert fresh.adopt() == [LINK]                        # only ours is masqueraded by the next ruleset
+    fresh.remove_all()
+    assert LINK not in helper.runner.links                # control: ours goes
+    assert IF + "b0" in helper.runner.links               # the foreign one stays

@@ -351,9 +351,10 @@ def test_missing_uplink_fails_and_cleanup_undoes_everything(tmp_path):
     with pytest.raises(CommandFailed) as info:
         n.start()
     assert "cannot stat" in info.value.stderr
-    assert runner.sysctls[K_WG] == "1" and "inet orbmesh" in runner.nft_tables
-    assert n.stop()  # what __main__ does in its finally
+    # Fail closed: start itself undid the forwarding it had switched on, and the table.
+    assert ["sysctl", "-w", K_WG + "=1"] in runner.calls
     assert runner.sysctls[K_WG] == "0" and runner.nft_tables == {}
+    assert not os.path.exists(tmp_path / firewall.STATE_FILE)
 
 
 def test_nft_failure_changes_no_sysctl(tmp_path):
@@ -361,7 +362,8 @@ def test_nft_failure_changes_no_sysctl(tmp_path):
     runner.fail = lambda argv: "Error: Could not process rule" if argv[:2] == ["nft", "-f"] else None
     with pytest.raises(CommandFailed):
         n.start()
-    assert runner.calls[-1] == ["nft", "-f", "-"]  # rules first: never forwarding without masquerade
+    # Rules first: never forwarding without masquerade; then the (failed) table is cleaned up.
+    assert runner.calls[-2:] == [["nft", "-f", "-"], ["nft", "delete", "table", "inet", "orbmesh"]]
     assert runner.sysctls == {K_WG: "0", K_UP: "0", K6_WG: "0"}
 
 
@@ -405,18 +407,19 @@ def test_remove_skips_an_interface_that_is_gone(tmp_path):
 
 # --- crash: the state file ------------------------------------------------------
 
-def test_state_file_remembers_originals_across_a_crash(tmp_path):
+def test_state_file_remembers_originals_across_restarts_and_down(tmp_path):
     first, runner = make(tmp_path)
     first.start()
     state = tmp_path / firewall.STATE_FILE
     assert json.loads(state.read_text()) == {"sysctl": {K_WG: "0", K_UP: "0"}}
     assert oct(os.stat(state).st_mode & 0o777) == "0o600"
-    # Killed: no remove().  The next helper finds forwarding at 1 ...
+    # A helper stops (or is killed) and leaves all as it is.  The next finds forwarding at 1 ...
     second = Firewall(first_settings(), Commands(runner), str(state))
     second.start()
-    assert second.saved == {K_WG: "0", K_UP: "0"}  # ... but restores the original 0
-    assert second.stop()
-    assert runner.sysctls[K_UP] == "0" and not state.exists()
+    assert second.saved == {K_WG: "0", K_UP: "0"}  # ... and still knows the original 0
+    # `orbmesh-wghelper down`, a process of its own, restores it from the file.
+    assert Firewall(first_settings(), Commands(runner), str(state)).stop()
+    assert runner.sysctls[K_UP] == runner.sysctls[K_WG] == "0" and runner.nft_tables == {} and not state.exists()
 
 
 def first_settings():
@@ -439,14 +442,13 @@ def test_interface_recreation_sets_forwarding_again(tmp_path):
     n, runner = make(tmp_path)
     n.start()
     iface = Interface(settings(nat_uplink=UP), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
-    iface.on_up = n.interface_up
+    iface.on_up = n.reapply  # as __main__ wires it
     runner.sysctls[K_WG] = "0"  # a new link starts with the default
     runner.address_text = ADDRESSES  # and the host's networks changed meanwhile
     runner.clear()
     iface.up()
-    assert runner.calls[-4:] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"],
-                                 ["sysctl", "-n", K_WG], ["sysctl", "-w", K_WG + "=1"]]
-    assert runner.sysctls[K_WG] == "1" and n.saved[K_WG] == "0"
+    assert ["sysctl", "-w", K_WG + "=1"] in runner.calls and ["sysctl", "-w", K_UP + "=1"] not in runner.calls
+    assert runner.sysctls[K_WG] == "1" and n.saved[K_WG] == "0"  # the value from before the first start
     assert runner.nft_tables["inet orbmesh"] == firewall.script(n.s, (), firewall.connected(ADDRESSES))
 
 
@@ -454,7 +456,7 @@ def test_recreation_without_uplink_or_bridges_touches_no_firewall(tmp_path):
     runner = FakeRunner()
     fw = Firewall(settings(), Commands(runner))
     iface = Interface(settings(), Commands(runner), FAKE_KEYFILE, socket_dir=str(tmp_path))
-    iface.on_up = fw.interface_up
+    iface.on_up = fw.reapply  # as __main__ wires it
     iface.up()
     assert iface.running and not any(c[0] in ("nft", "sysctl") or c[1] == "-o" for c in runner.calls)
 

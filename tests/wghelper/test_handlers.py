@@ -4,6 +4,7 @@ import json
 import pytest
 
 from wghelper import protocol
+from wghelper.peers import RESTORE_KEEPALIVE
 
 from wghelper.bridge import Bridges
 
@@ -110,7 +111,8 @@ def test_sync_applies_only_the_difference(helper):
         peer(K2, "10.8.0.4/32"),
         peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5),
     ]})
-    assert result == {"added": 1, "removed": 1, "updated": 1}
+    # K1's endpoint is reported: the app keeps it as the peer's last endpoint.
+    assert result == {"added": 1, "removed": 1, "updated": 1, "endpoints": {K1: "192.0.2.1:1"}}
     assert helper.runner.calls == [
         ["wg", "show", IF, "dump"],
         ["wg", "set", IF,
@@ -121,9 +123,9 @@ def test_sync_applies_only_the_difference(helper):
     # A second sync finds nothing to do and runs no wg set at all.
     helper.runner.clear()
     again = helper.result("sync_peers", {"peers": [
-        peer(K1, "10.8.0.2/32", keepalive=25), peer(K2, "10.8.0.4/32"),
-        peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5)]})
-    assert again == {"added": 0, "removed": 0, "updated": 0}
+        peer(K1, "10.8.0.2/32", keepalive=25, last_endpoint="192.0.2.1:1"), peer(K2, "10.8.0.4/32"),
+        peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5, last_endpoint="192.0.2.7:9")]})
+    assert again == {"added": 0, "removed": 0, "updated": 0, "endpoints": {K1: "192.0.2.1:1", K3: "192.0.2.7:9"}}
     assert helper.runner.calls == [["wg", "show", IF, "dump"]]
 
 
@@ -136,12 +138,40 @@ def test_sync_fixes_endpoint_and_keepalive():
                {"public_key": K2, "allowed_ips": ["10.8.0.3/32"], "endpoint": None, "keepalive": 0}]
     removes, adds, counts = plan_sync(current, desired)
     assert removes == [] and adds == desired
-    assert counts == {"added": 0, "removed": 0, "updated": 2}
+    assert counts == {"added": 0, "removed": 0, "updated": 2, "endpoints": {K1: "192.0.2.1:1"}}
+
+
+def test_sync_puts_a_lost_peer_back_to_its_last_endpoint(helper):
+    """The interface lost K1 (re-created): it goes back to where it was last seen, with a keepalive, so
+    the server starts the handshake; K2, still live and roamed, keeps its roamed endpoint and keepalive."""
+    add(helper, peer(K2, "10.8.0.3/32", endpoint="198.51.100.9:4000"))
+    helper.runner.clear()
+    result = helper.result("sync_peers", {"peers": [
+        peer(K1, "10.8.0.2/32", last_endpoint="192.0.2.50:1234"),
+        peer(K2, "10.8.0.3/32", last_endpoint="192.0.2.51:999"),   # recorded before it roamed
+        peer(K3, "10.8.0.4/32", endpoint="192.0.2.7:9", keepalive=5, last_endpoint="192.0.2.8:1"),
+    ]})
+    assert result == {"added": 2, "removed": 0, "updated": 0, "endpoints": {K2: "198.51.100.9:4000"}}
+    assert helper.runner.wg_sets() == [
+        ["wg", "set", IF,
+         "peer", K1, "allowed-ips", "10.8.0.2/32", "endpoint", "192.0.2.50:1234",
+         "persistent-keepalive", str(RESTORE_KEEPALIVE),
+         # An endpoint of its own (OrbNET's add-peer) wins over the last one seen.
+         "peer", K3, "allowed-ips", "10.8.0.4/32", "endpoint", "192.0.2.7:9", "persistent-keepalive", "5"]]
+    assert helper.runner.peers[K2]["endpoint"] == "198.51.100.9:4000"
+    # The next sync sets K1's own keepalive (0) again and leaves its endpoint alone.
+    helper.runner.clear()
+    helper.result("sync_peers", {"peers": [peer(K1, "10.8.0.2/32", last_endpoint="192.0.2.50:1234"),
+                                           peer(K2, "10.8.0.3/32"),
+                                           peer(K3, "10.8.0.4/32", endpoint="192.0.2.7:9", keepalive=5)]})
+    assert helper.runner.wg_sets() == [
+        ["wg", "set", IF, "peer", K1, "allowed-ips", "10.8.0.2/32", "persistent-keepalive", "0"]]
+    assert helper.runner.peers[K1]["endpoint"] == "192.0.2.50:1234"
 
 
 def test_sync_empty_set_removes_everything(helper):
     add(helper, peer(K1), peer(K2, "10.8.0.3/32"))
-    assert helper.result("sync_peers", {"peers": []}) == {"added": 0, "removed": 2, "updated": 0}
+    assert helper.result("sync_peers", {"peers": []}) == {"added": 0, "removed": 2, "updated": 0, "endpoints": {}}
     assert helper.runner.peers == {}
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from wghelper.errors import CommandFailed
 
-from .fakes import FAKE_IF, FAKE_KEYFILE, Helper
+from .fakes import FAKE_IF, FAKE_KEYFILE, SERVER_PUBLIC, Helper, key
 
 IF = FAKE_IF
 KEYFILE = FAKE_KEYFILE
@@ -80,24 +80,66 @@ def test_other_link_errors_do_not_fall_back(tmp_path):
     assert ["wireguard-go", IF] not in h.runner.calls
 
 
-def test_bring_up_reuses_a_working_link(tmp_path):
+ADOPT = [
+    ["ip", "link", "show", "dev", IF],
+    ["wg", "show", IF, "dump"],
+    ["ip", "-o", "address", "show", "dev", IF],
+    # Not the key or the port: setting a listen port again rebinds wireguard-go's socket.
+    ["ip", "-4", "address", "replace", "10.8.0.1/16", "dev", IF],
+    ["ip", "link", "set", "dev", IF, "mtu", "1420", "up"],
+]
+
+
+def test_bring_up_adopts_our_link_as_it_is(tmp_path):
     h = Helper(tmp_path)
-    h.runner.links.add(IF)
+    h.runner.adopted(IF)
+    h.runner.peers["K"] = {"allowed_ips": ["10.8.0.2/32"], "endpoint": "192.0.2.9:1", "keepalive": 0}
+    h.iface.public_key = SERVER_PUBLIC
     h.iface.up()
-    assert h.runner.calls == [["ip", "link", "show", "dev", IF], ["wg", "show", IF]] + BRING_UP_TAIL
+    assert h.runner.calls == ADOPT
+    assert h.iface.running and h.iface.backend == "kernel" and IF in h.runner.links
+    assert "K" in h.runner.peers  # no flush, no delete: the sessions go on
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda h: setattr(h.iface, "public_key", key(7)), "has another key or listen port"),
+    (lambda h: h.runner.adopted(IF, port=40000), "has another key or listen port"),
+    (lambda h: h.runner.adopted(IF, address="10.9.0.1/16"), "has another address"),
+    (lambda h: (h.runner.keyed.pop(IF), h.runner.link_keys.pop(IF)), "has another key or listen port"),  # never keyed
+])
+def test_bring_up_recreates_a_link_that_does_not_match(tmp_path, caplog, change, why):
+    h = Helper(tmp_path)
+    h.runner.adopted(IF)
+    h.iface.public_key = SERVER_PUBLIC
+    change(h)
+    h.iface.up()
+    assert ["ip", "link", "del", "dev", IF] in h.runner.calls
+    assert h.runner.calls[-4:] == [["ip", "link", "add", "dev", IF, "type", "wireguard"]] + BRING_UP_TAIL
+    assert "interface %s %s; re-creating it" % (IF, why) in caplog.text
 
 
 def test_bring_up_replaces_a_link_wg_cannot_control(tmp_path):
     h = Helper(tmp_path)
     h.runner.links.add(IF)
-    h.runner.fail = lambda argv: "Unable to access interface" if argv == ["wg", "show", IF] else None
+    h.runner.fail = lambda argv: "Unable to access interface" if argv == ["wg", "show", IF, "dump"] else None
     h.iface.up()
     assert h.runner.calls == [
         ["ip", "link", "show", "dev", IF],
-        ["wg", "show", IF],
+        ["wg", "show", IF, "dump"],
         ["ip", "link", "del", "dev", IF],
         ["ip", "link", "add", "dev", IF, "type", "wireguard"],
     ] + BRING_UP_TAIL
+
+
+def test_failed_configuration_leaves_an_adopted_link_alone(tmp_path):
+    h = Helper(tmp_path)
+    h.runner.adopted(IF)
+    h.iface.public_key = SERVER_PUBLIC
+    h.runner.fail = lambda argv: "bad mtu" if "mtu" in argv else None
+    with pytest.raises(CommandFailed):
+        h.iface.up()
+    assert IF in h.runner.links and ["ip", "link", "del", "dev", IF] not in h.runner.calls
+    assert not h.iface.running
 
 
 def test_failed_configuration_removes_the_link(tmp_path):
@@ -117,6 +159,18 @@ def test_settings_shape_the_argv(tmp_path):
         ["ip", "-4", "address", "replace", "10.77.0.9/24", "dev", IF],
         ["ip", "link", "set", "dev", IF, "mtu", "1280", "up"],
     ]
+
+
+def test_stop_leaves_the_interface(tmp_path):
+    h = Helper(tmp_path, kernel=False, helper_watch_interval="0.05").start()
+    h.iface.start_watcher()
+    h.iface.stop()
+    assert h.runner.calls == [] or set(map(tuple, h.runner.calls)) == {("ip", "link", "show", "dev", IF)}
+    assert IF in h.runner.links and h.runner.daemons == {IF}
+    h.runner.links.discard(IF)
+    h.iface.check()  # stopped: the watcher re-creates nothing any more
+    assert IF not in h.runner.links
+    h.writer.stop()
 
 
 def test_down_kernel(helper):

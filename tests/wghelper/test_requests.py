@@ -18,7 +18,7 @@ def test_every_command_has_a_handler_and_nothing_else_is_served():
 def test_arguments_come_back_normalised():
     assert requests.COMMANDS["apply_peers"]({"add": [peer(key(1), endpoint="[2001:DB8::1]:7")]}, S) == {
         "remove": [], "add": [{"public_key": key(1), "allowed_ips": ["10.8.0.2/32"],
-                               "endpoint": "[2001:db8::1]:7", "keepalive": 0}]}
+                               "endpoint": "[2001:db8::1]:7", "keepalive": 0, "last_endpoint": None}]}
     assert requests.COMMANDS["bridge_rules"]({"add": [{"address": "10.8.0.2", "slot": 3}]}, S) == {
         "add": {"10.8.0.2": 3}, "remove": [], "exclusive": False}
     assert requests.COMMANDS["bridge_up"]({"slot": 1, "public_key": key(9), "endpoint": "198.51.100.1:51820",

@@ -177,9 +177,10 @@ def test_keepalive_bad(value):
 
 def test_peer_normalises_and_defaults():
     assert validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"]}, POOLS) == {
-        "public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": None, "keepalive": 0}
-    full = {"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": "192.0.2.1:5", "keepalive": 25}
-    assert validate.peer(full, POOLS) == full
+        "public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": None, "keepalive": 0, "last_endpoint": None}
+    full = {"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "endpoint": "192.0.2.1:5", "keepalive": 25,
+            "last_endpoint": "[2001:db8::1]:7"}
+    assert validate.peer(dict(full, last_endpoint="[2001:DB8:0::1]:7"), POOLS) == full
 
 
 @pytest.mark.parametrize("value, field", [
@@ -190,6 +191,7 @@ def test_peer_normalises_and_defaults():
     ({"public_key": KEY, "allowed_ips": ["10.9.0.1/32"]}, "peer.allowed_ips[0]"),
     ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "keepalive": True}, "peer.keepalive"),
     ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "endpoint": "h:1"}, "peer.endpoint"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "last_endpoint": "0.0.0.0:1"}, "peer.last_endpoint"),
     ([KEY], "peer"),
 ])
 def test_peer_bad(value, field):
