@@ -173,9 +173,10 @@ class Lab:
         wrong = []
         if self.stack.db_peers() != self.stack.wg_peers():
             wrong.append("database %s != interface %s" % (self.stack.db_peers(), self.stack.wg_peers()))
-        s = settings.load({"ORBMESH_INTERFACE": self.stack.interface, "ORBMESH_NAT_UPLINK": self.internet.uplink})
+        s = settings.load(dict(self.stack.env, ORBMESH_NAT_UPLINK=self.internet.uplink,
+                               ORBMESH_POOL6=str(self.stack.pool6() or "off")))
         table = self.server.run("nft", "list", "table", "inet", s.nat_table, check=False).stdout
-        if table != firewall.render(s):
+        if table != firewall.render(s, (), firewall.connected(self.server.run("ip", "-o", "address", "show").stdout)):
             wrong.append("nft table:\n%s" % table)
         tables = self.server.run("nft", "list", "tables").stdout.split().count(s.nat_table)
         if tables != 1:
