@@ -49,6 +49,7 @@ ORBNET_ADDR = "192.0.2.3"  # a second client-side address, on nginx's allow list
 API_PORTS = (8081, 8082)
 HELPER_UNIT = DEPLOY / "systemd" / "orbmesh-wghelper.service"
 API_UNIT = DEPLOY / "systemd" / "orbmesh-api@.service"
+DOWN_UNIT = DEPLOY / "systemd" / "orbmesh-down.service"
 
 
 def service_settings(unit):
@@ -151,7 +152,7 @@ class DeployStack(Stack):
 
     def down(self):
         """`orbmesh-wghelper down` as orbmesh-down.service runs it: with the helper's capability set."""
-        argv = self._capped(HELPER_CAPS, [str(VENV_BIN / "orbmesh-wghelper"), "down"])
+        argv = sandbox(DOWN_UNIT) + [str(VENV_BIN / "orbmesh-wghelper"), "down"]
         done = self.server.run(*argv, env=self.env, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
 
