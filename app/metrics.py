@@ -140,12 +140,13 @@ class TunnelMeter:
         self._up = (TUNNEL_PACKETS.labels(transport, "up"), TUNNEL_BYTES.labels(transport, "up"))
         self._down = (TUNNEL_PACKETS.labels(transport, "down"), TUNNEL_BYTES.labels(transport, "down"))
 
-    def up(self, size):
-        self._up[0].inc()
+    # Counted per batch of datagrams, not per datagram: each inc() takes a lock.
+    def up(self, size, packets=1):
+        self._up[0].inc(packets)
         self._up[1].inc(size)
 
-    def down(self, size):
-        self._down[0].inc()
+    def down(self, size, packets=1):
+        self._down[0].inc(packets)
         self._down[1].inc(size)
 
     def dropped(self, reason, count=1):

@@ -51,6 +51,7 @@ class UdpPipe:
 
     def send(self, datagrams):
         """Pass WireGuard datagrams on; drop and count anything else."""
+        packets = size = 0
         for datagram in datagrams:
             if not is_wireguard(datagram):
                 self.counters.dropped += 1
@@ -60,13 +61,35 @@ class UdpPipe:
                 self.sock.send(datagram)
             except OSError:
                 # WireGuard not listening right now (ECONNREFUSED from an
-                # earlier ICMP): the datagram is lost, as on any UDP path.
+                # earlier ICMP), or its socket full: the datagram is lost,
+                # as on any UDP path.
                 self.counters.dropped += 1
                 self.meter.dropped("unreachable")
                 continue
-            self.counters.up_packets += 1
-            self.counters.up_bytes += len(datagram)
-            self.meter.up(len(datagram))
+            packets += 1
+            size += len(datagram)
+        if packets:
+            self.counters.up_packets += packets
+            self.counters.up_bytes += size
+            self.meter.up(size, packets)
+
+    def drain(self, limit):
+        """Up to `limit` datagrams already waiting, without blocking (the socket is non-blocking)."""
+        out = []
+        while len(out) < limit:
+            try:
+                data = self.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:
+                continue  # an ICMP error for an earlier send
+            out.append(data)
+        if out:
+            size = sum(map(len, out))
+            self.counters.down_packets += len(out)
+            self.counters.down_bytes += size
+            self.meter.down(size, len(out))
+        return out
 
     def recv(self, timeout=None):
         """One datagram from WireGuard, or None after `timeout` seconds."""

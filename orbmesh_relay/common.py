@@ -7,6 +7,7 @@ imports the transports: the modules form no circle.
 """
 import logging
 import random
+import select
 import socket
 import threading
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "ORBMESH_RELAY_TOKEN"
 POLL_SECONDS = 0.5  # how long a blocking read may delay noticing a stop
+DRAIN = 64  # datagrams taken from local WireGuard per wake-up
+UDP_BUFFER = 1 << 20  # room for bursts while a transport thread is busy
 
 
 class Unauthorized(Exception):
@@ -89,31 +92,50 @@ class Backoff:
 
 
 class LocalPort:
-    """The UDP socket local WireGuard talks to."""
+    """The UDP socket local WireGuard talks to.
+
+    Non-blocking, so that one wake-up can take every datagram already
+    waiting (receive_many): a transport then sends them as one batch
+    instead of paying a wake-up, a lock and a write per datagram.
+    """
 
     def __init__(self, host, port):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.bind((host, port))
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
         except OSError:
             self.sock.close()
             raise
-        self.sock.settimeout(POLL_SECONDS)
+        self.sock.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
         self.peer = None
 
     @property
     def address(self):
         return self.sock.getsockname()[:2]
 
+    def receive_many(self, limit=DRAIN):
+        """The datagrams waiting (at most `limit`), after waiting up to POLL_SECONDS for the first."""
+        if not self._poll.poll(POLL_SECONDS * 1000):
+            return []
+        out = []
+        while len(out) < limit:
+            try:
+                data, peer = self.sock.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            self.peer = peer
+            out.append(data)
+        return out
+
     def receive(self):
         """One datagram from WireGuard, or None after POLL_SECONDS."""
-        try:
-            data, peer = self.sock.recvfrom(MAX_DATAGRAM)
-        except socket.timeout:
-            return None
-        self.peer = peer
-        return data
+        got = self.receive_many(1)
+        return got[0] if got else None
 
     def send(self, datagram):
         peer = self.peer
@@ -122,6 +144,8 @@ class LocalPort:
         try:
             self.sock.sendto(datagram, peer)
         except OSError as exc:
+            # BlockingIOError included: local WireGuard is not keeping up,
+            # and the datagram is lost as UDP would lose it.
             log.debug("local send failed: %s", exc)
             return False
         return True

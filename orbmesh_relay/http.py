@@ -121,13 +121,14 @@ class HttpTransport:
 
     def _reader(self):
         relay = self.relay
-        for data in relay.local_datagrams():
+        for batch in relay.local_batches():
             with self.ready:
-                if len(self.queue) >= QUEUE_LIMIT:
-                    # The oldest is the stalest; WireGuard copes with loss.
+                self.queue.extend(batch)
+                excess = len(self.queue) - QUEUE_LIMIT
+                # The oldest are the stalest; WireGuard copes with loss.
+                for _ in range(max(0, excess)):
                     self.queue.popleft()
-                    relay.stats.drop()
-                self.queue.append(data)
+                relay.stats.drop(max(0, excess))
                 self.ready.notify()
 
     def _take(self):
