@@ -6,6 +6,7 @@ deployment keeps one device's requests on one worker.
 """
 import collections
 import logging
+import select
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from .metrics import tunnel_meter
 log = logging.getLogger(__name__)
 
 UDP_BUFFER = 1 << 20  # room for bursts between two reads of the session
+DRAIN = 64  # datagrams taken from WireGuard per wake-up
 
 
 @dataclass
@@ -46,6 +48,7 @@ class UdpPipe:
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
         self.sock.connect((host, port))
+        self.sock.setblocking(False)
         self.counters = Counters()
         self.meter = tunnel_meter(transport)
 
@@ -91,20 +94,10 @@ class UdpPipe:
             self.meter.down(size, len(out))
         return out
 
-    def recv(self, timeout=None):
-        """One datagram from WireGuard, or None after `timeout` seconds."""
-        self.sock.settimeout(timeout)
-        while True:
-            try:
-                data = self.sock.recv(MAX_DATAGRAM)
-            except TimeoutError:
-                return None
-            except ConnectionRefusedError:
-                continue  # an ICMP error for an earlier send; keep reading
-            self.counters.down_packets += 1
-            self.counters.down_bytes += len(data)
-            self.meter.down(len(data))
-            return data
+    def receive_many(self, timeout, limit):
+        """The datagrams waiting (at most `limit`), after waiting up to `timeout` s for the first."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        return self.drain(limit) if readable else []
 
     def close(self):
         self.sock.close()
@@ -153,24 +146,26 @@ class HttpSession:
     def _read(self):
         while not self.closed:
             try:
-                data = self.pipe.recv(timeout=1.0)
-            except OSError:
+                batch = self.pipe.receive_many(1.0, DRAIN)
+            except (OSError, ValueError):  # closed under us
                 break
-            if data is None:
+            if not batch:
                 continue
             with self._ready:
-                if len(self.queue) >= self.queue_size:
+                self.queue.extend(batch)
+                excess = len(self.queue) - self.queue_size
+                for _ in range(max(0, excess)):
                     self.queue.popleft()
-                    self.pipe.counters.dropped += 1
-                    self.pipe.meter.dropped("queue_full")
-                self.queue.append(data)
+                if excess > 0:
+                    self.pipe.counters.dropped += excess
+                    self.pipe.meter.dropped("queue_full", excess)
                 self._ready.notify_all()
 
-    def take(self, wait, max_count=None, max_bytes=1 << 20):
-        """Queued datagrams (waiting up to `wait` s for the first), within the limits."""
+    def take(self, wait, max_count=None, max_bytes=1 << 20, parked=None):
+        """Queued datagrams (waiting up to `wait` s for the first, or until `parked` is evicted)."""
         deadline = time.monotonic() + wait
         with self._ready:
-            while not self.queue and not self.closed:
+            while not self.queue and not self.closed and not (parked and parked.evicted):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -194,6 +189,21 @@ class HttpSession:
         self.pipe.close()
 
 
+class Parked:
+    """One long poll waiting on a session."""
+
+    __slots__ = ("session", "evicted")
+
+    def __init__(self, session):
+        self.session = session
+        self.evicted = False
+
+    def evict(self):
+        with self.session._ready:
+            self.evicted = True
+            self.session._ready.notify_all()
+
+
 class HttpSessions:
     """The HTTP tunnel sessions of this worker, keyed by (user, device, name)."""
 
@@ -202,7 +212,9 @@ class HttpSessions:
         self.queue_size = config["TUNNEL_QUEUE"]
         self.idle = config["TUNNEL_SESSION_IDLE"]
         self.slots = slots
+        self.max_parked = config["TUNNEL_MAX_PARKED"]
         self._sessions = {}
+        self._parked = collections.defaultdict(collections.deque)  # device -> its waiting polls, oldest first
         self._lock = threading.Lock()
         self._reaper = None
 
@@ -225,6 +237,37 @@ class HttpSessions:
                 self._start_reaper()
             session.last_used = time.monotonic()
             return session
+
+    def take(self, session, wait, **limits):
+        """session.take(), with at most TUNNEL_MAX_PARKED polls of one device waiting at once.
+
+        A poll over the limit evicts the device's oldest one, which answers
+        at once with what it has (usually nothing): the client then simply
+        polls again, and a device cannot pile up parked requests.
+        """
+        if wait <= 0 or session.queue:
+            return session.take(0, **limits)
+        device = session.key[:2]
+        parked = Parked(session)
+        with self._lock:
+            waiting = self._parked[device]
+            waiting.append(parked)
+            evicted = [waiting.popleft() for _ in range(len(waiting) - self.max_parked)]
+        for old in evicted:
+            old.evict()
+        try:
+            return session.take(wait, parked=parked, **limits)
+        finally:
+            with self._lock:
+                waiting = self._parked[device]
+                if parked in waiting:
+                    waiting.remove(parked)
+                if not waiting:
+                    del self._parked[device]
+
+    def parked(self, device):
+        with self._lock:
+            return len(self._parked.get(device, ()))
 
     def _start_reaper(self):
         if self._reaper is None:

@@ -100,11 +100,11 @@ def http_tunnel():
     wait = _wait_seconds(config)
     request.max_content_length = config["TUNNEL_MAX_BODY"]
     datagrams = _datagrams(kind)
-    session = current_app.extensions["orbmesh_http_sessions"].get(
-        g.device, name, on_new=lambda: ratelimit.check("tunnel"))
+    sessions = current_app.extensions["orbmesh_http_sessions"]
+    session = sessions.get(g.device, name, on_new=lambda: ratelimit.check("tunnel"))
     session.pipe.send(datagrams)
     single = kind == SINGLE_TYPE
-    out = session.take(wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
+    out = sessions.take(session, wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
     headers = {"X-Tunnel-Session": name, "Cache-Control": "no-store"}
     if single:
         if not out:

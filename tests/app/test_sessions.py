@@ -1,5 +1,6 @@
 """Tunnel sessions in one worker: the per-device cap, the UDP pipe, the HTTP sessions' queue and reaping."""
 import socket
+import threading
 import time
 
 import pytest
@@ -48,8 +49,8 @@ def test_pipe_passes_only_wireguard_up_and_counts_both_ways(wireguard):
         second, _ = wireguard.recvfrom(2048)
         assert (first, second) == (WG_DATA, WG_DATA + b"x")
         wireguard.sendto(b"down", client)
-        assert pipe.recv(timeout=5) == b"down"
-        assert pipe.recv(timeout=0.01) is None
+        assert pipe.receive_many(5, 64) == [b"down"]
+        assert pipe.receive_many(0.01, 64) == []
         counters = pipe.counters
         assert (counters.up_packets, counters.down_packets, counters.dropped) == (2, 1, 1)
     finally:
@@ -76,7 +77,7 @@ def test_a_full_queue_drops_the_oldest_and_take_keeps_its_limits(wireguard):
 
 def test_idle_sessions_are_reaped_and_give_their_slot_back(wireguard):
     config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
-              "TUNNEL_SESSION_IDLE": 60}
+              "TUNNEL_SESSION_IDLE": 60, "TUNNEL_MAX_PARKED": 2}
     slots = SessionSlots(1)
     sessions = HttpSessions(config, slots)
     device = ("u", "d")
@@ -96,3 +97,44 @@ def test_idle_sessions_are_reaped_and_give_their_slot_back(wireguard):
     second = sessions.get(device, "b")
     assert second is not first
     assert sessions.reap(now=float("inf")) == 1
+
+
+def test_parked_polls_per_device_are_bounded_the_oldest_answers_first(wireguard):
+    """Three polls of one device with room for two: the first answers at once, empty; another
+    device's poll is untouched (control), and the two newest still wait for data."""
+    config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
+              "TUNNEL_SESSION_IDLE": 60, "TUNNEL_MAX_PARKED": 2}
+    sessions = HttpSessions(config, SessionSlots(4))
+    answers = {}
+
+    def poll(name, device=("u", "d")):
+        session = sessions.get(device, "s-" + name)
+        started = time.monotonic()
+        answers[name] = (sessions.take(session, 30), time.monotonic() - started)
+
+    threads = []
+    try:
+        for name, device in (("other", ("u", "e")), ("first", ("u", "d")), ("second", ("u", "d"))):
+            threads.append(threading.Thread(target=poll, args=(name, device), daemon=True))
+            threads[-1].start()
+            wait_for(lambda n=len(threads): sum(sessions.parked(d) for d in (("u", "d"), ("u", "e"))) == n,
+                     "poll %s parked" % name)
+        third = threading.Thread(target=poll, args=("third",), daemon=True)
+        third.start()
+        wait_for(lambda: "first" in answers, "the oldest poll to be answered")
+        assert answers["first"][0] == [] and answers["first"][1] < 25
+        assert sessions.parked(("u", "d")) == 2 and sessions.parked(("u", "e")) == 1
+        assert set(answers) == {"first"}
+        # the two that still wait get data as usual
+        for name in ("second", "third"):
+            session = sessions.get(("u", "d"), "s-" + name)
+            session.pipe.send([WG_DATA])
+            _, client = wireguard.recvfrom(2048)
+            wireguard.sendto(b"to " + name.encode(), client)
+        wait_for(lambda: {"second", "third"} <= set(answers), "the waiting polls to get their data")
+        assert answers["second"][0] == [b"to second"] and answers["third"][0] == [b"to third"]
+    finally:
+        for session in list(sessions._sessions.values()):
+            session.close()
+        for thread in threads:
+            thread.join(timeout=5)
