@@ -28,6 +28,7 @@ nothing for two ping intervals has stopped reading: it is dropped.
 """
 import fcntl
 import selectors
+import socket
 import struct
 import termios
 import time
@@ -172,6 +173,12 @@ class TunnelWebSocket(simple_websocket.Server):
     def serve(self, pipe, idle_timeout):
         """Relay between the client and `pipe` until either side ends; returns why it ended."""
         self.sock.setblocking(False)
+        try:
+            # Writes are already coalesced here; Nagle would only hold a
+            # lone small frame back until the client's delayed ACK.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket behind a proxy)
         pipe.sock.setblocking(False)
         selector = selectors.DefaultSelector()
         selector.register(self.sock, _READ)

@@ -101,6 +101,39 @@ def write_result(out_dir, name, result, text):
     return path
 
 
+def chart(out_dir, name, draw):
+    """Write <out>/<name>.png: draw(figure) fills a matplotlib figure (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure = pyplot.figure(figsize=(9, 4.8), dpi=100)
+    draw(figure)
+    figure.tight_layout()
+    path = Path(out_dir) / ("%s.png" % name)
+    figure.savefig(path)
+    pyplot.close(figure)
+    print("written %s" % path)
+    return path
+
+
+# --- CPU from /proc ---------------------------------------------------------
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid, children=True):
+    """User + system CPU of a process (plus its reaped children's, if asked), 0 if it is gone."""
+    try:
+        fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / TICKS
+
+
 def targets_text(checks):
     """Lines 'target: met/MISSED (value)' for (name, ok, value) triples; smoke runs skip this."""
     return "\n".join("- %s: %s (%s)" % (name, "met" if ok else ("MISSED" if ok is False else "n/a"), value)
