@@ -223,6 +223,7 @@ def test_idle_session_closes_with_1000():
     session = Session(idle_timeout=0.2)
     accepted(session)
     closed = read_events(session.client, session.sock, lambda e: isinstance(e, CloseConnection))
+    session.thread.join(timeout=10)
     assert closed.code == 1000 and session.reason == "idle"
     session.close()
 
