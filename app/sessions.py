@@ -41,16 +41,31 @@ class UdpPipe:
     """A UDP socket connected to the local WireGuard listen port.
 
     Connected, so the kernel drops anything not coming from WireGuard itself.
+    A lazy pipe opens its socket with the first datagram it sends: until
+    then WireGuard cannot know the socket's port, so there is nothing to
+    read, and an idle WebSocket session holds no socket.
     """
 
-    def __init__(self, host, port, transport="http"):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
-        self.sock.connect((host, port))
-        self.sock.setblocking(False)
+    def __init__(self, host, port, transport="http", lazy=False):
+        self.target = (host, port)
+        self.sock = None
         self.counters = Counters()
         self.meter = tunnel_meter(transport)
+        if not lazy:
+            self._open()
+
+    def _open(self):
+        host, port = self.target
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+            sock.connect((host, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
     def send(self, datagrams):
         """Pass WireGuard datagrams on; drop and count anything else."""
@@ -61,6 +76,8 @@ class UdpPipe:
                 self.meter.dropped("not_wireguard")
                 continue
             try:
+                if self.sock is None:
+                    self._open()
                 self.sock.send(datagram)
             except OSError:
                 # WireGuard not listening right now (ECONNREFUSED from an
@@ -100,7 +117,8 @@ class UdpPipe:
         return self.drain(limit) if readable else []
 
     def close(self):
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 class SessionSlots:

@@ -52,7 +52,7 @@ def _release(exc=None):
 def ws(connection):
     """Relay WireGuard datagrams both ways: one per binary message, or batches (orbmesh.batch.v1)."""
     config = current_app.config
-    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"], "ws")
+    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"], "ws", lazy=True)
     reason = "connection lost"
     try:
         reason = connection.serve(pipe, config["WS_IDLE_TIMEOUT"])

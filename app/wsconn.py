@@ -179,16 +179,15 @@ class TunnelWebSocket(simple_websocket.Server):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a Unix socket behind a proxy)
-        pipe.sock.setblocking(False)
         selector = selectors.DefaultSelector()
         selector.register(self.sock, _READ)
-        selector.register(pipe.sock, _READ)
-        reading_udp, writing = True, False
+        reading_udp, writing = False, False
         next_ping = time.monotonic() + self.ping_interval if self.ping_interval else None
         reason = "client closed"
         try:
             while self.connected:
-                if reading_udp != (len(self._out) < HIGH_WATER):
+                # The pipe's socket exists once the client has sent something (lazy).
+                if reading_udp != (pipe.sock is not None and len(self._out) < HIGH_WATER):
                     reading_udp = not reading_udp
                     if reading_udp:
                         selector.register(pipe.sock, _READ)

@@ -138,3 +138,15 @@ def test_parked_polls_per_device_are_bounded_the_oldest_answers_first(wireguard)
             session.close()
         for thread in threads:
             thread.join(timeout=5)
+
+
+def test_a_lazy_pipe_opens_its_socket_with_the_first_wireguard_datagram(wireguard):
+    pipe = UdpPipe(*wireguard.getsockname(), lazy=True)
+    try:
+        assert pipe.sock is None
+        pipe.send([b"not wireguard"])
+        assert pipe.sock is None  # nothing was sent, so nothing can come back
+        pipe.send([WG_DATA])
+        assert pipe.sock is not None and wireguard.recvfrom(2048)[0] == WG_DATA
+    finally:
+        pipe.close()

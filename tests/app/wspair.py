@@ -20,6 +20,8 @@ class PairPipe(UdpPipe):
 
     def __init__(self):
         self.sock, self.wireguard = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.target = None
         self.counters = Counters()
         self.meter = tunnel_meter("ws")
 
