@@ -244,7 +244,8 @@ def draw(figure, result):
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.4]})
     names = list(paths)
     values = [paths[p]["median_mbps"] or 0 for p in names]
-    bars = left.barh([LABELS[p] for p in names], values, color=["#888"] + ["#2a7"] * (len(names) - 1))
+    colors = {"udp": "#888", "ws": "#2a7", "http": "#2a7", "websocat_client": "#48c", "websocat": "#48c"}
+    bars = left.barh([LABELS[p] for p in names], values, color=[colors[p] for p in names])
     left.axvline(paths["udp"]["median_mbps"] or 0, color="#c33", linestyle="--", label="plain UDP ceiling")
     for bar, name in zip(bars, names):
         left.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
@@ -252,13 +253,13 @@ def draw(figure, result):
                   va="center", fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("Mbit/s, iperf3 TCP through WireGuard (median of %d)" % result["runs"])
-    left.set_title("One tunnel")
+    left.set_title("One tunnel", fontsize=10)
     left.legend(loc="lower right", fontsize=8)
     many = result["many"]
     right.bar(["plain UDP", "WebSocket\n+ relay"], [many["median_udp_mbps"] or 0, many["median_ws_mbps"] or 0],
               color=["#888", "#2a7"])
     right.set_ylabel("Mbit/s, all tunnels together")
-    right.set_title("%d tunnels at once (%.2fx)" % (many["tunnels"], many["median_ratio"] or 0))
+    right.set_title("%d tunnels at once: %.2fx" % (many["tunnels"], many["median_ratio"] or 0), fontsize=10)
 
 
 def render(result, smoke):
