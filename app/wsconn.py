@@ -109,6 +109,9 @@ class TunnelWebSocket(simple_websocket.Server):
         super().__init__(environ, subprotocols=[BATCH_PROTOCOL], receive_bytes=RECEIVE_BYTES,
                          ping_interval=ping_interval, max_message_size=max_message_size,
                          thread_class=_NoThread, event_class=_NoEvent)
+        # Past the handshake only the frame layer is used: drop the HTTP
+        # parser, the request and their buffers (a few kB a session).
+        self.ws = self.ws.connection
         now = time.monotonic()
         self.last_heard = self.last_datagram = self.last_progress = now
 
