@@ -152,8 +152,7 @@ class HttpTransport:
         # The first request on a new connection does not wait: it opens the
         # session and proves the token at once, instead of after a full hold.
         wait = "0" if channel.conn is None else None
-        for datagram in channel.post(b"", wait=wait):
-            self.relay.deliver(datagram)
+        self.relay.deliver(channel.post(b"", wait=wait))
 
     def _sender(self):
         self._loop(SEND_TIMEOUT, self._send_once)
@@ -168,8 +167,7 @@ class HttpTransport:
             self.relay.stats.drop(len(batch))
             raise
         self.relay.stats.up(len(batch), sum(map(len, batch)))
-        for datagram in answer:
-            self.relay.deliver(datagram)
+        self.relay.deliver(answer)
 
     def _loop(self, timeout, step):
         """Run step until stop; on an error close the connection, back off, retry."""

@@ -85,12 +85,13 @@ class Relay:
             if batch:
                 yield batch
 
-    def deliver(self, datagram):
-        """A datagram from the server, to local WireGuard."""
-        if self.local.send(datagram):
-            self.stats.down(1, len(datagram))
-        else:
-            self.stats.drop()
+    def deliver(self, datagrams):
+        """Datagrams from the server, to local WireGuard."""
+        packets, size = self.local.send(datagrams)
+        if packets:
+            self.stats.down(packets, size)
+        if packets < len(datagrams):
+            self.stats.drop(len(datagrams) - packets)
 
     def fail(self, message):
         if self.fatal is None:

@@ -123,7 +123,7 @@ class WsTransport:
                 if isinstance(message, str) or not message:
                     relay.stats.drop()
                 elif not batched:
-                    relay.deliver(message)
+                    relay.deliver([message])
                 elif not self._deliver_batch(message):
                     relay.stats.drop()
             if not relay.stopping.is_set():
@@ -137,8 +137,7 @@ class WsTransport:
             datagrams = decode_batch(message)
         except FramingError:
             return False
-        for datagram in datagrams:
-            self.relay.deliver(datagram)
+        self.relay.deliver(datagrams)
         return True
 
     def close(self):

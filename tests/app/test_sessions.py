@@ -150,3 +150,19 @@ def test_a_lazy_pipe_opens_its_socket_with_the_first_wireguard_datagram(wireguar
         assert pipe.sock is not None and wireguard.recvfrom(2048)[0] == WG_DATA
     finally:
         pipe.close()
+
+
+def test_equal_sized_runs_go_out_segmented_and_arrive_as_separate_datagrams(wireguard):
+    """Eleven datagrams in two UDP_SEGMENT sends (ten of 1,400 bytes and a shorter one, then a
+    larger one alone) reach WireGuard as eleven datagrams, in order, none merged."""
+    wireguard.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    pipe = UdpPipe(*wireguard.getsockname())
+    sent = [WG_DATA[:4] + bytes([i]) * 1396 for i in range(10)] + [WG_DATA, WG_DATA[:4] + bytes(1496)]
+    try:
+        pipe.send(sent)
+        got = [wireguard.recvfrom(65535)[0] for _ in sent]
+        assert got == sent
+        assert UdpPipe.gso, "the kernel refused UDP segmentation, so only the fallback ran"
+        assert (pipe.counters.up_packets, pipe.counters.up_bytes) == (12, sum(map(len, sent)))
+    finally:
+        pipe.close()

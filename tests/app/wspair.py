@@ -18,6 +18,8 @@ from app.wsconn import TunnelWebSocket
 class PairPipe(UdpPipe):
     """UdpPipe's own send/drain over a socketpair; `wireguard` is the far end."""
 
+    gso = False  # a Unix socket ignores UDP_SEGMENT and would deliver the run as one datagram
+
     def __init__(self):
         self.sock, self.wireguard = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)

@@ -34,6 +34,8 @@ class UdpPeer:
     def __init__(self, relay_address):
         self.relay_address = tuple(relay_address)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Room for a burst of a hundred full-size datagrams, as WireGuard's own socket has.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
 
