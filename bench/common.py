@@ -63,7 +63,7 @@ def latency_summary(seconds):
 
 def median(values):
     values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 3) if values else None
 
 
 def ratio(a, b, digits=2):

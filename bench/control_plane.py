@@ -79,8 +79,25 @@ def make_stack(lab, root, tag):
 
 
 def stack_cpu(stack):
-    """CPU seconds of every process in the server namespace, reaped children included."""
-    return sum(common.cpu_seconds(pid) for pid in stack.server.pids())
+    """CPU seconds of every process in the server namespace, reaped children included, by kind."""
+    kinds = {"helper": 0.0, "app": 0.0, "wireguard-go": 0.0, "other": 0.0}
+    for pid in stack.server.pids():
+        try:
+            argv = Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        kind = next((k for k, word in (("helper", "wghelper"), ("app", "gunicorn"),
+                                       ("wireguard-go", "wireguard-go")) if word in argv), "other")
+        kinds[kind] += common.cpu_seconds(pid)
+    return kinds
+
+
+def per_cycle(before, after, cycles):
+    """ms of CPU per cycle, in all and by kind of process."""
+    if not cycles:
+        return None, {}
+    split = {k: round((after[k] - before[k]) * 1000 / cycles, 2) for k in after}
+    return round(sum(after.values()) * 1000 / cycles - sum(before.values()) * 1000 / cycles, 2), split
 
 
 def cycle_once(conn, token):
@@ -109,8 +126,9 @@ def saturation(stack, clients, duration, tag):
         for conn in conns:
             conn.close()
     cycles = len(series.get("connect", []))
+    total, split = per_cycle(cpu, stack_cpu(stack), cycles)
     return {"cycles_per_s": round(cycles / elapsed, 1) if elapsed else None,
-            "cpu_ms_per_cycle": round((stack_cpu(stack) - cpu) * 1000 / cycles, 2) if cycles else None,
+            "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
             "connect": common.latency_summary(series.get("connect", [])), "errors": len(errors),
             "error_samples": errors[:3]}
 
@@ -167,11 +185,11 @@ def open_loop(stack, rate, duration, tag, seed):
     for thread in threads:
         thread.join(timeout=duration + 300)
     elapsed = time.perf_counter() - began
-    cpu = stack_cpu(stack) - cpu
     cycles = len(latencies_connect)
+    total, split = per_cycle(cpu, stack_cpu(stack), cycles)
     return {"offered_per_s": round(rate, 1), "arrivals": len(arrivals), "cycles": cycles,
             "achieved_per_s": round(cycles / elapsed, 1) if elapsed else None,
-            "cpu_ms_per_cycle": round(cpu * 1000 / cycles, 2) if cycles else None,
+            "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
             "connect": common.latency_summary(latencies_connect), "errors": len(errors),
             "error_samples": errors[:3]}
 
@@ -196,6 +214,8 @@ def aggregate(runs):
             "p50_ms": common.median([o["connect"]["p50_ms"] for o in opened]),
             "p99_ms": common.median([o["connect"]["p99_ms"] for o in opened]),
             "cpu_ms_per_cycle": common.median([o["cpu_ms_per_cycle"] for o in opened]),
+            "cpu_ms_per_cycle_by_process": {k: common.median([o["cpu_ms_per_cycle_by_process"].get(k) for o in opened])
+                                            for k in opened[0]["cpu_ms_per_cycle_by_process"]},
             "errors": sum(s["errors"] + o["errors"] for s, o in zip(sat, opened))}
 
 
@@ -273,13 +293,14 @@ def render(result, smoke):
         for side in ("ours", "base"):
             if side in e:
                 o = e[side]
+                split = ", ".join("%s %s" % (k, v) for k, v in o["cpu_ms_per_cycle_by_process"].items() if v)
                 rows.append([level, side, o["saturation_per_s"], o["closed_loop_p99_ms"], o["offered_per_s"],
-                             o["p50_ms"], o["p99_ms"], o["cpu_ms_per_cycle"], o["errors"],
+                             o["p50_ms"], o["p99_ms"], o["cpu_ms_per_cycle"], split, o["errors"],
                              e[side + "_consistent_after"]])
     text = ("Control plane: saturation with %d closed-loop clients, then Poisson arrivals at half of it; "
             "median of %d runs of %gs per phase\n\n" % (result["clients"], result["runs"], result["duration_s"])
             + common.table(["peers", "code", "saturation cycles/s", "closed-loop p99 ms", "offered /s",
-                            "open p50 ms", "open p99 ms", "CPU ms/cycle", "errors", "db=wg"], rows))
+                            "open p50 ms", "open p99 ms", "CPU ms/cycle", "by process", "errors", "db=wg"], rows))
     levels = result["levels"]
     if not smoke and "10000" in levels:
         e = levels["10000"]
