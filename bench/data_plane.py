@@ -17,7 +17,8 @@ peer endpoint changes between paths:
 Paths are measured round-robin, run after run, so each sees the same noise;
 every figure is a median of runs and a ratio to plain UDP from the same run.
 Server CPU per relayed GB: CPU seconds of the gunicorn worker (from /proc)
-during the iperf3 run, divided by the TCP payload carried.
+during the iperf3 run, divided by the TCP payload carried; the same for the
+client side (our relay or websocat in the client namespace).
 
 Then eight tunnels at once: eight more client namespaces, each with its
 own WireGuard client and iperf3 stream, all through one gunicorn instance
@@ -89,6 +90,10 @@ class Tunnel:
         wait_for(lambda: self.client.ping(common.GATEWAY, count=1, timeout=1), timeout=60,
                  what="ping over %s" % path)
 
+    def relay_cpu(self):
+        """CPU seconds of the client-side relay processes of the current path."""
+        return sum(common.cpu_seconds(proc.pid, children=False) for proc in self.procs if proc.poll() is None)
+
     def close(self):
         for proc in self.procs:
             stop_process(proc)
@@ -136,15 +141,15 @@ def iperf_servers(lab, stack, ports):
 def single_tunnel(lab, stack, runs, seconds, pings):
     tunnel = connect_client(lab, stack, stack.client, "dp")
     iperf_servers(lab, stack, [IPERF_PORT])
-    samples = {path: {"mbps": [], "rtt_ms": [], "ratio": [], "added_rtt_ms": [], "cpu_s_per_gb": []}
-               for path in PATHS}
+    samples = {path: {"mbps": [], "rtt_ms": [], "ratio": [], "added_rtt_ms": [], "cpu_s_per_gb": [],
+                      "relay_cpu_s_per_gb": []} for path in PATHS}
     for run in range(runs):
         this_run = {}
         for path in PATHS:
             tunnel.use(path)
-            cpu_before = workers_cpu(stack)
+            cpu_before, relay_before = workers_cpu(stack), tunnel.relay_cpu()
             bps, nbytes = iperf(stack.client, seconds)
-            cpu = workers_cpu(stack) - cpu_before
+            cpu, relay_cpu = workers_cpu(stack) - cpu_before, tunnel.relay_cpu() - relay_before
             rtt = common.median(ping_rtts(stack.client, pings))
             this_run[path] = (bps / 1e6, round(rtt, 3) if rtt is not None else None)
             s = samples[path]
@@ -152,6 +157,7 @@ def single_tunnel(lab, stack, runs, seconds, pings):
             s["rtt_ms"].append(this_run[path][1])
             if path in SERVER_PATHS:
                 s["cpu_s_per_gb"].append(round(cpu / (nbytes / 1e9), 2))
+                s["relay_cpu_s_per_gb"].append(round(relay_cpu / (nbytes / 1e9), 2))
             print("run %d %s: %.0f Mbit/s, median RTT %s ms, worker CPU %.2f s" % (
                 run, path, bps / 1e6, this_run[path][1], cpu), file=sys.stderr)
         tunnel.close()
@@ -164,7 +170,8 @@ def single_tunnel(lab, stack, runs, seconds, pings):
     return {path: dict(s, median_mbps=common.median(s["mbps"]), median_rtt_ms=round3(common.median(s["rtt_ms"])),
                        median_ratio=common.median(s["ratio"]),
                        median_added_rtt_ms=round3(common.median(s["added_rtt_ms"])),
-                       median_cpu_s_per_gb=common.median(s["cpu_s_per_gb"]))
+                       median_cpu_s_per_gb=common.median(s["cpu_s_per_gb"]),
+                       median_relay_cpu_s_per_gb=common.median(s["relay_cpu_s_per_gb"]))
             for path, s in samples.items()}
 
 
@@ -264,12 +271,12 @@ def draw(figure, result):
 
 def render(result, smoke):
     rows = [[LABELS[path], s["median_mbps"], s["median_ratio"], s["median_rtt_ms"], s["median_added_rtt_ms"],
-             s["median_cpu_s_per_gb"]] for path, s in result["paths"].items()]
+             s["median_cpu_s_per_gb"], s["median_relay_cpu_s_per_gb"]] for path, s in result["paths"].items()]
     many = result["many"]
     text = ("Data plane: iperf3 TCP %d s client->server and %d pings per run, median of %d runs\n\n" % (
         result["iperf_seconds"], result["pings"], result["runs"])
         + common.table(["path", "Mbit/s", "ratio to UDP", "median RTT ms", "added RTT ms",
-                        "worker CPU s/GB"], rows)
+                        "worker CPU s/GB", "client CPU s/GB"], rows)
         + "\n\n%d tunnels at once (one gunicorn instance, 2 workers): plain UDP %s Mbit/s, WebSocket + relay "
           "%s Mbit/s, ratio %s (runs %s)" % (many["tunnels"], many["median_udp_mbps"], many["median_ws_mbps"],
                                              many["median_ratio"], many["ratio"]))
