@@ -9,10 +9,11 @@ interface already holding LEVEL peers.  Each run has two phases:
    key, then disconnect) for --duration seconds: cycles/s is the most the
    stack does; its latency is only a figure (with 50 clients always
    waiting, latency is 50 / throughput by Little's law);
-2. open loop: connects arrive as a Poisson process at half that rate, each
-   followed by its disconnect; latency is measured from the arrival's
-   scheduled time, so a late start counts (no coordinated omission).
-   p50/p99 of the connects are the figures to read.
+2. open loop: connects arrive as a Poisson process at half that rate (with
+   --base: half the mean of both sides' saturation, the same rate for
+   both), each followed by its disconnect; latency is measured from the
+   arrival's scheduled time, so a late start counts (no coordinated
+   omission).  p50/p99 of the connects are the figures to read.
 
 CPU per cycle: user + system seconds of every process in the server
 namespace (helper with the `wg`/`ip` children it reaped, gunicorn master
@@ -194,15 +195,23 @@ def open_loop(stack, rate, duration, tag, seed):
             "error_samples": errors[:3]}
 
 
-def measure(stack, clients, duration, level, run, name):
-    tag = "%s-%d-%d" % (name, level, run)
-    sat = saturation(stack, clients, duration, tag)
-    rate = (sat["cycles_per_s"] or 2) / 2
-    opened = open_loop(stack, rate, duration, tag, seed=run)
-    print("level %d run %d %s: saturation %.0f/s; open loop %.0f/s offered, p99 %s ms, %.2f ms CPU/cycle" % (
-        level, run, name, sat["cycles_per_s"] or 0, rate, opened["connect"]["p99_ms"],
-        opened["cpu_ms_per_cycle"] or 0), file=sys.stderr)
-    return {"saturation": sat, "open_loop": opened}
+def measure(stacks, clients, duration, level, run):
+    """One run on every side: saturation each, then the open loop at half their mean saturation.
+
+    The same offered rate for both sides of an A/B, since the writer merges
+    more changes per `wg set` the more arrive: CPU per cycle depends on it.
+    """
+    sat = {name: saturation(stack, clients, duration, "%s-%d-%d" % (name, level, run))
+           for name, stack in stacks.items()}
+    rate = sum(s["cycles_per_s"] or 2 for s in sat.values()) / len(sat) / 2
+    out = {}
+    for name, stack in stacks.items():
+        opened = open_loop(stack, rate, duration, "%s-%d-%d" % (name, level, run), seed=run)
+        print("level %d run %d %s: saturation %.0f/s; open loop %.0f/s offered, p99 %s ms, %.2f ms CPU/cycle" % (
+            level, run, name, sat[name]["cycles_per_s"] or 0, rate, opened["connect"]["p99_ms"],
+            opened["cpu_ms_per_cycle"] or 0), file=sys.stderr)
+        out[name] = {"saturation": sat[name], "open_loop": opened}
+    return out
 
 
 def aggregate(runs):
@@ -250,8 +259,8 @@ def main(argv=None):
                 entry[name + "_seed_sync_s"] = round(common.seed_peers(stack, level), 2)
             per_side = {name: [] for name in stacks}
             for run in range(runs):  # interleaved, so both sides see the same noise
-                for name, stack in stacks.items():
-                    per_side[name].append(measure(stack, clients, duration, level, run, name))
+                for name, got in measure(stacks, clients, duration, level, run).items():
+                    per_side[name].append(got)
             for name, stack in stacks.items():
                 entry[name] = aggregate(per_side[name])
                 entry[name + "_runs"] = per_side[name]
