@@ -93,6 +93,18 @@ def stack_cpu(stack):
     return kinds
 
 
+def writer_counters(stack):
+    """(wg set runs, peer changes applied) so far, from the helper's status: how much it merges."""
+    from app.helper import HelperClient
+
+    helper = HelperClient(stack.env["ORBMESH_HELPER_SOCKET"], 30)
+    try:
+        status = helper.status()
+    finally:
+        helper.close()
+    return status["wg_set_calls"], status["jobs_applied"]
+
+
 def per_cycle(before, after, cycles):
     """ms of CPU per cycle, in all and by kind of process."""
     if not cycles:
@@ -178,7 +190,7 @@ def open_loop(stack, rate, duration, tag, seed):
         finally:
             conn.close()
 
-    cpu = stack_cpu(stack)
+    cpu, counters = stack_cpu(stack), writer_counters(stack)
     began = time.perf_counter()
     threads = [threading.Thread(target=timed_worker, args=(w,), daemon=True) for w in range(OPEN_LOOP_WORKERS)]
     for thread in threads:
@@ -188,7 +200,10 @@ def open_loop(stack, rate, duration, tag, seed):
     elapsed = time.perf_counter() - began
     cycles = len(latencies_connect)
     total, split = per_cycle(cpu, stack_cpu(stack), cycles)
+    runs, jobs = (after - before for after, before in zip(writer_counters(stack), counters))
     return {"offered_per_s": round(rate, 1), "arrivals": len(arrivals), "cycles": cycles,
+            "wg_set_per_cycle": round(runs / cycles, 2) if cycles else None,
+            "changes_per_wg_set": round(jobs / runs, 2) if runs else None,
             "achieved_per_s": round(cycles / elapsed, 1) if elapsed else None,
             "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
             "connect": common.latency_summary(latencies_connect), "errors": len(errors),
@@ -223,6 +238,8 @@ def aggregate(runs):
             "p50_ms": common.median([o["connect"]["p50_ms"] for o in opened]),
             "p99_ms": common.median([o["connect"]["p99_ms"] for o in opened]),
             "cpu_ms_per_cycle": common.median([o["cpu_ms_per_cycle"] for o in opened]),
+            "wg_set_per_cycle": common.median([o["wg_set_per_cycle"] for o in opened]),
+            "changes_per_wg_set": common.median([o["changes_per_wg_set"] for o in opened]),
             "cpu_ms_per_cycle_by_process": {k: common.median([o["cpu_ms_per_cycle_by_process"].get(k) for o in opened])
                                             for k in opened[0]["cpu_ms_per_cycle_by_process"]},
             "errors": sum(s["errors"] + o["errors"] for s, o in zip(sat, opened))}
@@ -304,12 +321,13 @@ def render(result, smoke):
                 o = e[side]
                 split = ", ".join("%s %s" % (k, v) for k, v in o["cpu_ms_per_cycle_by_process"].items() if v)
                 rows.append([level, side, o["saturation_per_s"], o["closed_loop_p99_ms"], o["offered_per_s"],
-                             o["p50_ms"], o["p99_ms"], o["cpu_ms_per_cycle"], split, o["errors"],
-                             e[side + "_consistent_after"]])
+                             o["p50_ms"], o["p99_ms"], o["cpu_ms_per_cycle"], split, o["changes_per_wg_set"],
+                             o["errors"], e[side + "_consistent_after"]])
     text = ("Control plane: saturation with %d closed-loop clients, then Poisson arrivals at half of it; "
             "median of %d runs of %gs per phase\n\n" % (result["clients"], result["runs"], result["duration_s"])
             + common.table(["peers", "code", "saturation cycles/s", "closed-loop p99 ms", "offered /s",
-                            "open p50 ms", "open p99 ms", "CPU ms/cycle", "by process", "errors", "db=wg"], rows))
+                            "open p50 ms", "open p99 ms", "CPU ms/cycle", "by process", "changes per wg set",
+                            "errors", "db=wg"], rows))
     levels = result["levels"]
     if not smoke and "10000" in levels:
         e = levels["10000"]
