@@ -63,9 +63,9 @@ TUNNEL_BYTES = Counter("orbmesh_tunnel_bytes", "WireGuard datagram bytes carried
                        registry=REGISTRY)
 TUNNEL_PACKETS = Counter("orbmesh_tunnel_packets", "WireGuard datagrams carried by the tunnels",
                          ["transport", "direction"], registry=REGISTRY)
-DROP_REASONS = ("not_wireguard", "unreachable", "queue_full", "inbox_full")
+DROP_REASONS = ("not_wireguard", "unreachable", "queue_full")
 TUNNEL_DROPPED = Counter("orbmesh_tunnel_dropped_datagrams", "Tunnel datagrams dropped: not WireGuard, "
-                         "WireGuard unreachable, downstream queue full (HTTP), inbox full (WebSocket)",
+                         "WireGuard unreachable, downstream queue full (HTTP)",
                          ["transport", "reason"], registry=REGISTRY)
 for _transport in TRANSPORTS:
     TUNNEL_SESSIONS.labels(_transport)
