@@ -306,6 +306,11 @@ def draw(figure, result):
         right.bar(xs, [result["levels"][lv][side]["cpu_ms_per_cycle"] or 0 for lv in levels], width, label=side,
                   color=colors[side])
     left.axhline(50, color="#c33", linestyle="--", label="target 50 ms")
+    if "base" in sides:
+        for i, lv in enumerate(levels):
+            base_cpu = result["levels"][lv]["base"]["cpu_ms_per_cycle"] or 0
+            right.hlines(0.6 * base_cpu, i - 0.45, i + 0.45, color="#c33", linestyle="--",
+                         label="target: 0.6x base" if i == 0 else None)
     for axes, title in ((left, "connect p99, open loop at half saturation (ms)"),
                         (right, "stack CPU per connect + disconnect (ms)")):
         axes.set_xticks(range(len(levels)), ["%s peers" % lv for lv in levels])

@@ -97,6 +97,8 @@ def one_run(stack, count, run):
 def main(argv=None):
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=None)
+    p.add_argument("--before", type=float, default=None, metavar="KB",
+                   help="kB per session of an earlier run (another checkout), drawn on the chart")
     args = p.parse_args(argv)
     smoke = args.smoke
     count = args.sessions or (20 if smoke else 10000)
@@ -104,7 +106,7 @@ def main(argv=None):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     runs = args.runs or (1 if smoke else 3)
-    result = {"benchmark": NAME, "smoke": smoke, "sessions": count, "runs": []}
+    result = {"benchmark": NAME, "smoke": smoke, "sessions": count, "runs": [], "before_kb": args.before}
     with common.Lab() as lab:
         # gunicorn's gevent worker takes 1,000 connections unless told otherwise.
         stack = lab.stack(workers=1, env={"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_WS_IDLE_TIMEOUT": "600",

@@ -183,8 +183,7 @@ class Runner:
         return self._tools[name]
 
     def run(self, tool, args, stdin=None, redact=True):
-        kwargs = {"_in": self._null if stdin is None else stdin}
-        running = self._tool(tool)(*args, _bg=True, _bg_exc=False, **kwargs)
+        running = self._tool(tool)(*args, _in=self._null if stdin is None else stdin, _bg=True, _bg_exc=False)
         fired = []
 
         def expire():
