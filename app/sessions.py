@@ -52,6 +52,7 @@ class UdpPipe:
     def __init__(self, host, port, transport="http", lazy=False):
         self.target = (host, port)
         self.sock = None
+        self._poll = None
         self.counters = Counters()
         self.meter = tunnel_meter(transport)
         if not lazy:
@@ -126,8 +127,11 @@ class UdpPipe:
 
     def receive_many(self, timeout, limit):
         """The datagrams waiting (at most `limit`), after waiting up to `timeout` s for the first."""
-        readable, _, _ = select.select([self.sock], [], [], timeout)
-        return self.drain(limit) if readable else []
+        if self._poll is None:
+            # poll, not select(): a busy worker's descriptors pass select()'s limit of 1,024.
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        return self.drain(limit) if self._poll.poll(timeout * 1000) else []
 
     def close(self):
         if self.sock is not None:

@@ -1,4 +1,6 @@
 """Tunnel sessions in one worker: the per-device cap, the UDP pipe, the HTTP sessions' queue and reaping."""
+import os
+import resource
 import socket
 import threading
 import time
@@ -166,3 +168,22 @@ def test_equal_sized_runs_go_out_segmented_and_arrive_as_separate_datagrams(wire
         assert (pipe.counters.up_packets, pipe.counters.up_bytes) == (12, sum(map(len, sent)))
     finally:
         pipe.close()
+
+
+def test_a_pipe_whose_descriptor_is_past_1024_still_receives(wireguard):
+    """A worker holding thousands of connections hands out descriptors past select()'s limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.dup(0) for _ in range(1100)]
+    pipe = UdpPipe(*wireguard.getsockname())
+    try:
+        assert pipe.sock.fileno() > 1024, "the descriptor is low: nothing tested"
+        pipe.send([WG_DATA])
+        _, client = wireguard.recvfrom(2048)
+        wireguard.sendto(b"down", client)
+        assert pipe.receive_many(5, 64) == [b"down"]
+    finally:
+        pipe.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
