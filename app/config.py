@@ -97,6 +97,7 @@ APP = {
     "TUNNEL_MAX_BODY": (_int(1024, 16 * 1024 * 1024), 1048576, "HTTP tunnel: largest request body"),
     "TUNNEL_MAX_RESPONSE": (_int(65537, 16 * 1024 * 1024), 1048576, "HTTP tunnel: largest response body"),
     "TUNNEL_QUEUE": (_int(1, 65536), 1024, "HTTP tunnel: downstream datagrams queued per session (oldest dropped)"),
+    "TUNNEL_MAX_PARKED": (_int(1, 1000), 8, "HTTP tunnel: long polls one device may have waiting at once (per worker); one more answers the oldest"),
     "TUNNEL_SESSION_IDLE": (_float(1, 86400), 60.0, "HTTP tunnel: close a session after this long without a request, seconds"),
     "TUNNEL_TARGET_HOST": (_address, "127.0.0.1", "Where the tunnels reach WireGuard (with LISTEN_PORT)"),
     "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),

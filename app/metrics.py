@@ -63,9 +63,9 @@ TUNNEL_BYTES = Counter("orbmesh_tunnel_bytes", "WireGuard datagram bytes carried
                        registry=REGISTRY)
 TUNNEL_PACKETS = Counter("orbmesh_tunnel_packets", "WireGuard datagrams carried by the tunnels",
                          ["transport", "direction"], registry=REGISTRY)
-DROP_REASONS = ("not_wireguard", "unreachable", "queue_full", "inbox_full")
+DROP_REASONS = ("not_wireguard", "unreachable", "queue_full")
 TUNNEL_DROPPED = Counter("orbmesh_tunnel_dropped_datagrams", "Tunnel datagrams dropped: not WireGuard, "
-                         "WireGuard unreachable, downstream queue full (HTTP), inbox full (WebSocket)",
+                         "WireGuard unreachable, downstream queue full (HTTP)",
                          ["transport", "reason"], registry=REGISTRY)
 for _transport in TRANSPORTS:
     TUNNEL_SESSIONS.labels(_transport)
@@ -142,12 +142,13 @@ class TunnelMeter:
         self._up = (TUNNEL_PACKETS.labels(transport, "up"), TUNNEL_BYTES.labels(transport, "up"))
         self._down = (TUNNEL_PACKETS.labels(transport, "down"), TUNNEL_BYTES.labels(transport, "down"))
 
-    def up(self, size):
-        self._up[0].inc()
+    # Counted per batch of datagrams, not per datagram: each inc() takes a lock.
+    def up(self, size, packets=1):
+        self._up[0].inc(packets)
         self._up[1].inc(size)
 
-    def down(self, size):
-        self._down[0].inc()
+    def down(self, size, packets=1):
+        self._down[0].inc(packets)
         self._down[1].inc(size)
 
     def dropped(self, reason, count=1):

@@ -5,13 +5,15 @@ sessions' queues, and the per-device session count.  The README says how a
 deployment keeps one device's requests on one worker.
 """
 import collections
+import errno
 import logging
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
-from orbmesh_relay.framing import MAX_DATAGRAM, is_wireguard, record_size
+from orbmesh_relay.framing import MAX_DATAGRAM, gso_control, gso_runs, is_wireguard, record_size
 
 from .errors import ApiError
 from .metrics import tunnel_meter
@@ -19,6 +21,7 @@ from .metrics import tunnel_meter
 log = logging.getLogger(__name__)
 
 UDP_BUFFER = 1 << 20  # room for bursts between two reads of the session
+DRAIN = 64  # datagrams taken from WireGuard per wake-up
 
 
 @dataclass
@@ -39,52 +42,100 @@ class UdpPipe:
     """A UDP socket connected to the local WireGuard listen port.
 
     Connected, so the kernel drops anything not coming from WireGuard itself.
+    A lazy pipe opens its socket with the first datagram it sends: until
+    then WireGuard cannot know the socket's port, so there is nothing to
+    read, and an idle WebSocket session holds no socket.
     """
 
-    def __init__(self, host, port, transport="http"):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
-        self.sock.connect((host, port))
+    gso = True  # until a kernel refuses UDP_SEGMENT
+
+    def __init__(self, host, port, transport="http", lazy=False):
+        self.target = (host, port)
+        self.sock = None
+        self._poll = None
         self.counters = Counters()
         self.meter = tunnel_meter(transport)
+        if not lazy:
+            self._open()
+
+    def _open(self):
+        host, port = self.target
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+            sock.connect((host, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
     def send(self, datagrams):
-        """Pass WireGuard datagrams on; drop and count anything else."""
-        for datagram in datagrams:
-            if not is_wireguard(datagram):
-                self.counters.dropped += 1
-                self.meter.dropped("not_wireguard")
-                continue
+        """Pass WireGuard datagrams on, equal-sized runs in one system call each; drop and count the rest."""
+        valid = [d for d in datagrams if is_wireguard(d)]
+        if len(valid) < len(datagrams):
+            self.counters.dropped += len(datagrams) - len(valid)
+            self.meter.dropped("not_wireguard", len(datagrams) - len(valid))
+        if not valid:
+            return
+        if self.sock is None:
+            self._open()
+        packets = size = 0
+        for segment, run in gso_runs(valid) if UdpPipe.gso else [(0, [d]) for d in valid]:
             try:
-                self.sock.send(datagram)
-            except OSError:
+                if len(run) == 1:
+                    self.sock.send(run[0])
+                else:
+                    self.sock.sendmsg([b"".join(run)], gso_control(segment))
+            except OSError as exc:
+                if len(run) > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
+                    UdpPipe.gso = False  # a kernel without UDP segmentation: one send per datagram
+                    log.warning("UDP segmentation offload refused (%s); sending datagrams one by one", exc)
+                    self.send(run)
+                    continue
                 # WireGuard not listening right now (ECONNREFUSED from an
-                # earlier ICMP): the datagram is lost, as on any UDP path.
-                self.counters.dropped += 1
-                self.meter.dropped("unreachable")
+                # earlier ICMP), or its socket full: the datagrams are lost,
+                # as on any UDP path.
+                self.counters.dropped += len(run)
+                self.meter.dropped("unreachable", len(run))
                 continue
-            self.counters.up_packets += 1
-            self.counters.up_bytes += len(datagram)
-            self.meter.up(len(datagram))
+            packets += len(run)
+            size += sum(map(len, run))
+        if packets:
+            self.counters.up_packets += packets
+            self.counters.up_bytes += size
+            self.meter.up(size, packets)
 
-    def recv(self, timeout=None):
-        """One datagram from WireGuard, or None after `timeout` seconds."""
-        self.sock.settimeout(timeout)
-        while True:
+    def drain(self, limit):
+        """Up to `limit` datagrams already waiting, without blocking (the socket is non-blocking)."""
+        out = []
+        while len(out) < limit:
             try:
                 data = self.sock.recv(MAX_DATAGRAM)
-            except TimeoutError:
-                return None
+            except BlockingIOError:
+                break
             except ConnectionRefusedError:
-                continue  # an ICMP error for an earlier send; keep reading
-            self.counters.down_packets += 1
-            self.counters.down_bytes += len(data)
-            self.meter.down(len(data))
-            return data
+                continue  # an ICMP error for an earlier send
+            out.append(data)
+        if out:
+            size = sum(map(len, out))
+            self.counters.down_packets += len(out)
+            self.counters.down_bytes += size
+            self.meter.down(size, len(out))
+        return out
+
+    def receive_many(self, timeout, limit):
+        """The datagrams waiting (at most `limit`), after waiting up to `timeout` s for the first."""
+        if self._poll is None:
+            # poll, not select(): a busy worker's descriptors pass select()'s limit of 1,024.
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        return self.drain(limit) if self._poll.poll(timeout * 1000) else []
 
     def close(self):
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 class SessionSlots:
@@ -130,24 +181,26 @@ class HttpSession:
     def _read(self):
         while not self.closed:
             try:
-                data = self.pipe.recv(timeout=1.0)
-            except OSError:
+                batch = self.pipe.receive_many(1.0, DRAIN)
+            except (OSError, ValueError):  # closed under us
                 break
-            if data is None:
+            if not batch:
                 continue
             with self._ready:
-                if len(self.queue) >= self.queue_size:
+                self.queue.extend(batch)
+                excess = len(self.queue) - self.queue_size
+                for _ in range(max(0, excess)):
                     self.queue.popleft()
-                    self.pipe.counters.dropped += 1
-                    self.pipe.meter.dropped("queue_full")
-                self.queue.append(data)
+                if excess > 0:
+                    self.pipe.counters.dropped += excess
+                    self.pipe.meter.dropped("queue_full", excess)
                 self._ready.notify_all()
 
-    def take(self, wait, max_count=None, max_bytes=1 << 20):
-        """Queued datagrams (waiting up to `wait` s for the first), within the limits."""
+    def take(self, wait, max_count=None, max_bytes=1 << 20, parked=None):
+        """Queued datagrams (waiting up to `wait` s for the first, or until `parked` is evicted)."""
         deadline = time.monotonic() + wait
         with self._ready:
-            while not self.queue and not self.closed:
+            while not self.queue and not self.closed and not (parked and parked.evicted):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -171,6 +224,21 @@ class HttpSession:
         self.pipe.close()
 
 
+class Parked:
+    """One long poll waiting on a session."""
+
+    __slots__ = ("session", "evicted")
+
+    def __init__(self, session):
+        self.session = session
+        self.evicted = False
+
+    def evict(self):
+        with self.session._ready:
+            self.evicted = True
+            self.session._ready.notify_all()
+
+
 class HttpSessions:
     """The HTTP tunnel sessions of this worker, keyed by (user, device, name)."""
 
@@ -179,7 +247,9 @@ class HttpSessions:
         self.queue_size = config["TUNNEL_QUEUE"]
         self.idle = config["TUNNEL_SESSION_IDLE"]
         self.slots = slots
+        self.max_parked = config["TUNNEL_MAX_PARKED"]
         self._sessions = {}
+        self._parked = collections.defaultdict(collections.deque)  # device -> its waiting polls, oldest first
         self._lock = threading.Lock()
         self._reaper = None
 
@@ -202,6 +272,37 @@ class HttpSessions:
                 self._start_reaper()
             session.last_used = time.monotonic()
             return session
+
+    def take(self, session, wait, **limits):
+        """session.take(), with at most TUNNEL_MAX_PARKED polls of one device waiting at once.
+
+        A poll over the limit evicts the device's oldest one, which answers
+        at once with what it has (usually nothing): the client then simply
+        polls again, and a device cannot pile up parked requests.
+        """
+        if wait <= 0 or session.queue:
+            return session.take(0, **limits)
+        device = session.key[:2]
+        parked = Parked(session)
+        with self._lock:
+            waiting = self._parked[device]
+            waiting.append(parked)
+            evicted = [waiting.popleft() for _ in range(len(waiting) - self.max_parked)]
+        for old in evicted:
+            old.evict()
+        try:
+            return session.take(wait, parked=parked, **limits)
+        finally:
+            with self._lock:
+                waiting = self._parked[device]
+                if parked in waiting:
+                    waiting.remove(parked)
+                if not waiting:
+                    del self._parked[device]
+
+    def parked(self, device):
+        with self._lock:
+            return len(self._parked.get(device, ()))
 
     def _start_reaper(self):
         if self._reaper is None:

@@ -7,10 +7,7 @@ upgrade gets a JSON error and never a 101.
 """
 import logging
 import re
-import threading
-import time
 
-import simple_websocket
 from flask import Blueprint, Response, current_app, g, request
 from flask_sock import Sock
 from werkzeug.routing import WebsocketMismatch
@@ -51,54 +48,20 @@ def _release(exc=None):
         _slots().release(device)
 
 
-def _downstream(ws, pipe, activity):
-    """UDP from WireGuard -> binary messages, until either side closes."""
-    while ws.connected:
-        try:
-            data = pipe.recv(timeout=1.0)
-        except OSError:
-            return
-        if data is None:
-            continue
-        try:
-            ws.send(data)
-        except simple_websocket.ConnectionClosed:
-            return
-        activity[0] = time.monotonic()
-
-
 @sock.route("/ws", bp=bp)
 @metrics.tunnel_session("ws")
 def ws(connection):
-    """Relay one binary message per WireGuard datagram, both ways."""
+    """Relay WireGuard datagrams both ways: one per binary message, or batches (orbmesh.batch.v1)."""
     config = current_app.config
     shutdown.track(connection)
-    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"], "ws")
-    activity = [time.monotonic()]
-    reader = threading.Thread(target=_downstream, args=(connection, pipe, activity), daemon=True)
-    reader.start()
-    reason = "client closed"
+    pipe = UdpPipe(config["TUNNEL_TARGET_HOST"], config["LISTEN_PORT"], "ws", lazy=True)
+    reason = "connection lost"
     try:
-        while True:
-            idle_left = config["WS_IDLE_TIMEOUT"] - (time.monotonic() - activity[0])
-            if idle_left <= 0:
-                reason = "idle"
-                connection.close(1000, "idle")
-                break
-            data = connection.receive(timeout=min(idle_left, 5.0))
-            if data is not None:
-                pipe.send([data])
-                activity[0] = time.monotonic()
-    except simple_websocket.ConnectionClosed:
-        if connection.close_sent:
-            reason = "closed with %d" % connection.close_sent
+        reason = connection.serve(pipe, config["WS_IDLE_TIMEOUT"])
     finally:
         pipe.close()
-        reader.join(timeout=2)
-        pipe.counters.dropped += connection.inbox_dropped
-        pipe.meter.dropped("inbox_full", connection.inbox_dropped)
-        log.info("tunnel ws session end user=%s device=%s %s reason=%s", *g.device, pipe.counters.line(),
-                 reason)
+        log.info("tunnel ws session end user=%s device=%s %s%s reason=%s", *g.device, pipe.counters.line(),
+                 " batch" if connection.batch else "", reason)
 
 
 def _wait_seconds(config):
@@ -139,11 +102,11 @@ def http_tunnel():
     wait = _wait_seconds(config)
     request.max_content_length = config["TUNNEL_MAX_BODY"]
     datagrams = _datagrams(kind)
-    session = current_app.extensions["orbmesh_http_sessions"].get(
-        g.device, name, on_new=lambda: ratelimit.check("tunnel"))
+    sessions = current_app.extensions["orbmesh_http_sessions"]
+    session = sessions.get(g.device, name, on_new=lambda: ratelimit.check("tunnel"))
     session.pipe.send(datagrams)
     single = kind == SINGLE_TYPE
-    out = session.take(wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
+    out = sessions.take(session, wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
     headers = {"X-Tunnel-Session": name, "Cache-Control": "no-store"}
     if single:
         if not out:

@@ -1,82 +1,144 @@
-"""The WebSocket connection behind /wireguard/ws: simple-websocket, made safe.
+"""The WebSocket connection behind /wireguard/ws: one greenlet per session.
 
-simple-websocket 1.1.0 (what flask-sock runs on) has three habits a tunnel
-cannot live with, so this subclass replaces the methods that have them:
+simple-websocket (what flask-sock runs on) does the handshake; after it,
+``serve()`` relays between the client and the session's UDP socket in the
+request's own greenlet, with one selector over both sockets:
 
-- ``send()`` makes one ``socket.send()`` call, which may write only part of
-  a frame under load; and ping replies and pings are written from its
-  reader thread at the same time.  Here every write is ``sendall`` under
-  one lock, so frames are complete and never interleave.
-- It accepts permessage-deflate whenever a client offers it.  Here no
-  extension is ever negotiated.
-- Its input buffer is an unbounded list.  Here it is a bounded queue that
-  drops its oldest datagram (and counts it) when the consumer falls behind;
-  losing a datagram is what UDP would have done anyway.
+- No reader thread and no inbox.  Each message from the client goes to
+  WireGuard as soon as it is parsed, so a session holds at most one
+  partial message (MAX_DATAGRAM, or MAX_BATCH_MESSAGE in batch mode) and
+  one socket read (RECEIVE_BYTES) of the client's data.
+- Towards the client, a readable UDP socket is drained (up to DRAIN
+  datagrams) and the frames go out in one write.  What the kernel does not
+  take waits in our own buffer; above HIGH_WATER bytes the session stops
+  reading WireGuard, whose datagrams then drop in the kernel as UDP would.
+  One writer, so frames never interleave.
+- ``orbmesh.batch.v1`` (docs/tunnel-protocol.md): a client that offers it
+  gets several datagrams per message, framed as HTTP batch bodies; anyone
+  else gets one datagram per binary message.  No extension is ever
+  negotiated (no permessage-deflate).
 
-It also closes text messages with 1003 and messages over the size limit
-with 1009, closes with 1008 when a ping goes unanswered, and gives up on a
-client whose socket accepts nothing for two ping intervals.
+Closing rules: text message 1003, a message over the limit 1009, a broken
+batch 1007, idle 1000.  Liveness: any bytes from the client count; a ping's
+deadline (one ping interval) starts only once the ping has left our send
+buffers (our own and the kernel's, SIOCOUTQ), so a client busy reading a
+long queue of frames ahead of the ping is not taken for dead; no pong and
+no other frame by then closes with 1008.  A client whose socket takes
+nothing for two ping intervals has stopped reading: it is dropped.
 """
-import collections
+import fcntl
 import selectors
-import threading
+import socket
+import struct
+import termios
 import time
 
 import flask_sock
 import simple_websocket
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong, Request,
+from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request,
                             TextMessage)
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from orbmesh_relay.framing import MAX_DATAGRAM
-
+from orbmesh_relay.framing import (BATCH_PROTOCOL, MAX_BATCH_MESSAGE, MAX_DATAGRAM, FramingError, decode_batch,
+                                   pack_batches)
 
 UNSUPPORTED_DATA = CloseReason.UNSUPPORTED_DATA  # 1003
+INVALID_DATA = CloseReason.INVALID_FRAME_PAYLOAD_DATA  # 1007
 MESSAGE_TOO_BIG = CloseReason.MESSAGE_TOO_BIG  # 1009
 POLICY_VIOLATION = CloseReason.POLICY_VIOLATION  # 1008
 
+RECEIVE_BYTES = 65536
+HIGH_WATER = 256 * 1024
+DRAIN = 64
+POLL = 0.05  # how often an unsent ping or a blocked write is looked at again
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class _NoThread:
+    """simple-websocket starts a reader thread per connection; serve() reads in the request's greenlet."""
+
+    def __init__(self, target=None):
+        self.name = "tunnel"
+
+    def start(self):
+        pass
+
+    def join(self, timeout=None):
+        pass
+
+
+class _NoEvent:
+    """The base class makes an Event per connection that nothing here waits on."""
+
+    def set(self):
+        pass
+
+
+def frame(payload):
+    """A final, unmasked binary frame (server to client)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x82, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 126, size) + payload
+    return struct.pack("!BBQ", 0x82, 127, size) + payload
+
+
+def unsent_bytes(sock):
+    """Bytes the kernel holds for this socket that the peer has not taken (TIOCOUTQ/SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
 
 class TunnelWebSocket(simple_websocket.Server):
-    """A server-side WebSocket whose writes are complete and serialised."""
+    """A server-side WebSocket that relays to a UDP pipe in one greenlet (serve())."""
 
-    def __init__(self, environ, ping_interval=None, max_message_size=MAX_DATAGRAM, inbox_size=512,
-                 receive_bytes=65536, **_ignored):
-        # Set before the base class runs the handshake, which already writes.
-        self._write_lock = threading.Lock()
-        self._inbox = collections.deque()
-        self._inbox_size = inbox_size
-        self.inbox_dropped = 0
+    def __init__(self, environ, ping_interval=None, max_message_size=MAX_DATAGRAM, **_ignored):
         self.close_sent = None
+        self.batch = False
+        self.stall_timeout = 2 * ping_interval if ping_interval else 60.0
+        self._out = bytearray()
+        self._queued = 0  # bytes ever put in _out
+        self._written = 0  # bytes ever handed to the kernel
+        self._ping_end = None  # _queued just after the outstanding ping
+        self._ping_left = None  # when that ping had left every send buffer
         self._handshake_headers = list(environ.get("orbmesh.handshake_headers") or [])
-        super().__init__(environ, receive_bytes=receive_bytes, ping_interval=ping_interval,
-                         max_message_size=max_message_size)
-        # A write that cannot finish in two ping intervals means the client
-        # stopped reading or vanished: give up on it rather than hold the
-        # write lock (and with it, our pings) forever.
-        self.sock.settimeout(2 * ping_interval if ping_interval else 60.0)
+        super().__init__(environ, subprotocols=[BATCH_PROTOCOL], receive_bytes=RECEIVE_BYTES,
+                         ping_interval=ping_interval, max_message_size=max_message_size,
+                         thread_class=_NoThread, event_class=_NoEvent)
+        # Past the handshake only the frame layer is used: drop the HTTP
+        # parser, the request and their buffers (a few kB a session).
+        self.ws = self.ws.connection
+        now = time.monotonic()
+        self.last_heard = self.last_datagram = self.last_progress = now
 
     # writing
 
-    def _write(self, event):
-        """Serialise one event and write all of it; the lock covers wsproto's state too."""
-        with self._write_lock:
-            data = self.ws.send(event)
-            if data:
-                self.sock.sendall(data)
+    def _queue(self, data):
+        self._out += data
+        self._queued += len(data)
 
-    def send(self, data):
-        if not self.connected:
-            raise simple_websocket.ConnectionClosed(self.close_reason, self.close_message)
+    def _flush(self):
+        """Write what the kernel takes now; OSError means the client is gone."""
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except BlockingIOError:
+                return
+            if not sent:
+                return
+            del self._out[:sent]
+            self._written += sent
+            self.last_progress = time.monotonic()
+
+    def _send_event(self, event):
         try:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                self._write(Message(data=bytes(data)))
-            else:
-                self._write(TextMessage(data=str(data)))
-        except (OSError, LocalProtocolError):
-            self.connected = False
-            self.event.set()
-            raise simple_websocket.ConnectionClosed(self.close_reason, self.close_message) from None
+            self._queue(self.ws.send(event))
+        except LocalProtocolError:
+            pass
 
     def close(self, reason=None, message=None):
         if not self.connected:
@@ -84,105 +146,183 @@ class TunnelWebSocket(simple_websocket.Server):
         self._close(reason or CloseReason.NORMAL_CLOSURE, message)
 
     def _close(self, code, message=None):
+        """Send a close frame, giving the client a moment to take it, and stop."""
         self.connected = False
         self.close_sent = int(code)
+        self._send_event(CloseConnection(code, message))
         try:
-            self._write(CloseConnection(code, message))
-        except (OSError, LocalProtocolError):
+            self.sock.settimeout(1.0)
+            self.sock.sendall(self._out)
+        except OSError:
             pass
-        self.event.set()
+        self._out = bytearray()
 
-    # reading
-
-    def receive(self, timeout=None):
-        """The next datagram, None on timeout; ConnectionClosed once closed and drained."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._inbox:
-            if not self.connected:
-                raise simple_websocket.ConnectionClosed(self.close_reason, self.close_message)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            self.event.wait(remaining)
-            self.event.clear()
-        return self._inbox.popleft()
-
-    def _deliver(self, data):
-        if len(self._inbox) >= self._inbox_size:
-            self._inbox.popleft()
-            self.inbox_dropped += 1
-        self._inbox.append(data)
-        self.event.set()
-
-    def _thread(self):
-        selector = selectors.DefaultSelector()
-        selector.register(self.sock, selectors.EVENT_READ)
-        next_ping = time.monotonic() + self.ping_interval if self.ping_interval else None
-        try:
-            while self.connected:
-                timeout = None if next_ping is None else max(0.0, next_ping - time.monotonic())
-                if not selector.select(timeout):
-                    if not self.pong_received:
-                        self._close(POLICY_VIOLATION, "ping timeout")
-                        break
-                    self.pong_received = False
-                    self._write(Ping())
-                    next_ping += self.ping_interval
-                    continue
-                data = self.sock.recv(self.receive_bytes)
-                if not data:
-                    break
-                self.ws.receive_data(data)
-                self.connected = self._handle_events()
-        except (OSError, LocalProtocolError):
-            pass
-        finally:
-            self.connected = False
-            self.event.set()
-            selector.close()
-            self.sock.close()
+    # the handshake (the base class runs it from __init__, socket still blocking)
 
     def _handle_events(self):
         for event in self.ws.events():
             if isinstance(event, Request):
-                # No extensions: permessage-deflate is never negotiated.
-                self._write(AcceptConnection(subprotocol=None, extensions=[],
-                                             extra_headers=[(k.encode(), v.encode())
-                                                            for k, v in self._handshake_headers]))
+                self.batch = BATCH_PROTOCOL in event.subprotocols
+                if self.batch:
+                    self.max_message_size = MAX_BATCH_MESSAGE
+                self.subprotocol = BATCH_PROTOCOL if self.batch else None
+                extra = [(k.encode(), v.encode()) for k, v in self._handshake_headers]
+                self.sock.sendall(self.ws.send(AcceptConnection(subprotocol=self.subprotocol, extensions=[],
+                                                                extra_headers=extra)))
+        return True
+
+    # relaying
+
+    def serve(self, pipe, idle_timeout):
+        """Relay between the client and `pipe` until either side ends; returns why it ended."""
+        self.sock.setblocking(False)
+        try:
+            # Writes are already coalesced here; Nagle would only hold a
+            # lone small frame back until the client's delayed ACK.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket behind a proxy)
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, _READ)
+        reading_udp, writing = False, False
+        next_ping = time.monotonic() + self.ping_interval if self.ping_interval else None
+        reason = "client closed"
+        try:
+            while self.connected:
+                # The pipe's socket exists once the client has sent something (lazy).
+                if reading_udp != (pipe.sock is not None and len(self._out) < HIGH_WATER):
+                    reading_udp = not reading_udp
+                    if reading_udp:
+                        selector.register(pipe.sock, _READ)
+                    else:
+                        selector.unregister(pipe.sock)
+                if writing != bool(self._out):
+                    writing = not writing
+                    selector.modify(self.sock, _READ | (_WRITE if writing else 0))
+                now = time.monotonic()
+                for key, mask in selector.select(self._timeout(now, next_ping, idle_timeout)):
+                    if key.fileobj is pipe.sock:
+                        self._from_wireguard(pipe)
+                    else:
+                        if mask & _WRITE:
+                            self._flush()
+                        if mask & _READ and not self._from_client(pipe):
+                            break
+                if self.connected:
+                    reason, next_ping = self._timers(time.monotonic(), next_ping, idle_timeout)
+        except OSError:
+            self.connected = False
+            reason = "connection lost"
+        finally:
+            selector.close()
+            if self.connected:
+                self.connected = False
+            self.sock.close()
+        if self.close_sent and reason == "client closed":
+            reason = "closed with %d" % self.close_sent
+        return reason
+
+    def _timeout(self, now, next_ping, idle_timeout):
+        deadlines = [self.last_datagram + idle_timeout]
+        if self._out:
+            deadlines.append(min(now + POLL, self.last_progress + self.stall_timeout))
+        if self._ping_end is not None:
+            if self._ping_left is None:
+                deadlines.append(now + POLL)
+            else:
+                deadlines.append(max(self._ping_left, self.last_heard) + self.ping_interval)
+        elif next_ping is not None:
+            deadlines.append(next_ping)
+        return max(0.0, min(deadlines) - now)
+
+    def _timers(self, now, next_ping, idle_timeout):
+        """Ping, pong deadline, stalled writes, idleness; returns (reason if closed, next_ping)."""
+        if self._out and now - self.last_progress > self.stall_timeout:
+            self.connected = False
+            return "stalled", next_ping
+        if now - self.last_datagram > idle_timeout:
+            self._close(CloseReason.NORMAL_CLOSURE, "idle")
+            return "idle", next_ping
+        if self._ping_end is not None:
+            if self._ping_left is None and self._written - unsent_bytes(self.sock) >= self._ping_end:
+                self._ping_left = now
+            if self._ping_left is not None and now - max(self._ping_left, self.last_heard) > self.ping_interval:
+                self._close(POLICY_VIOLATION, "ping timeout")
+                return "closed with %d" % POLICY_VIOLATION, next_ping
+        elif next_ping is not None and now >= next_ping:
+            self._send_event(Ping())
+            self._ping_end, self._ping_left = self._queued, None
+            self._flush()
+            next_ping = now + self.ping_interval
+        return "client closed", next_ping
+
+    def _from_wireguard(self, pipe):
+        datagrams = pipe.drain(DRAIN)
+        if not datagrams:
+            return
+        self.last_datagram = time.monotonic()
+        if self.batch:
+            self._queue(b"".join(frame(body) for body in pack_batches(datagrams)))
+        else:
+            self._queue(b"".join(frame(datagram) for datagram in datagrams))
+        self._flush()
+
+    def _from_client(self, pipe):
+        """Read and act on what the client sent; False once the connection is over."""
+        try:
+            data = self.sock.recv(self.receive_bytes)
+        except BlockingIOError:
+            return True
+        if not data:
+            self.connected = False
+            return False
+        self.last_heard = time.monotonic()
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, BytesMessage):
+                if not self._collect(event, pipe):
+                    return False
+            elif isinstance(event, Ping):
+                self._send_event(event.response())
+            elif isinstance(event, Pong):
+                self._ping_end = self._ping_left = None
             elif isinstance(event, CloseConnection):
                 self.close_reason, self.close_message = event.code, event.reason
-                try:
-                    self._write(event.response())
-                except (OSError, LocalProtocolError):
-                    pass
-                self.event.set()
+                self._send_event(event.response())
+                self._flush()
+                self.connected = False
                 return False
-            elif isinstance(event, Ping):
-                self._write(event.response())
-            elif isinstance(event, Pong):
-                self.pong_received = True
             elif isinstance(event, TextMessage):
                 self._close(UNSUPPORTED_DATA, "binary messages only")
                 return False
-            elif isinstance(event, BytesMessage):
-                if not self._collect(event):
-                    self._close(MESSAGE_TOO_BIG, "message too big")
-                    return False
+        self._flush()
         return True
 
-    def _collect(self, event):
-        """Assemble a message from its frames; False once it passes the size limit."""
+    def _collect(self, event, pipe):
+        """Assemble a message from its frames and pass it on; False if it closed the connection."""
         self.incoming_message_len += len(event.data)
         if self.incoming_message_len > self.max_message_size:
+            self._close(MESSAGE_TOO_BIG, "message too big")
             return False
         if self.incoming_message is None:
             self.incoming_message = bytearray(event.data) if not event.message_finished else event.data
         else:
             self.incoming_message += event.data
-        if event.message_finished:
-            self._deliver(bytes(self.incoming_message))
-            self.incoming_message = None
-            self.incoming_message_len = 0
+        if not event.message_finished:
+            return True
+        message = bytes(self.incoming_message)
+        self.incoming_message = None
+        self.incoming_message_len = 0
+        if self.batch:
+            try:
+                datagrams = decode_batch(message)
+            except FramingError:
+                self._close(INVALID_DATA, "broken batch")
+                return False
+        else:
+            datagrams = [message]
+        pipe.send(datagrams)
+        self.last_datagram = time.monotonic()
         return True
 
 

@@ -63,7 +63,7 @@ def latency_summary(seconds):
 
 def median(values):
     values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 3) if values else None
 
 
 def ratio(a, b, digits=2):
@@ -99,6 +99,39 @@ def write_result(out_dir, name, result, text):
     print(text)
     print("\nwritten %s" % path)
     return path
+
+
+def chart(out_dir, name, draw):
+    """Write <out>/<name>.png: draw(figure) fills a matplotlib figure (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure = pyplot.figure(figsize=(9, 4.8), dpi=100)
+    draw(figure)
+    figure.tight_layout()
+    path = Path(out_dir) / ("%s.png" % name)
+    figure.savefig(path)
+    pyplot.close(figure)
+    print("written %s" % path)
+    return path
+
+
+# --- CPU from /proc ---------------------------------------------------------
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid, children=True):
+    """User + system CPU of a process (plus its reaped children's, if asked), 0 if it is gone."""
+    try:
+        fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / TICKS
 
 
 def targets_text(checks):

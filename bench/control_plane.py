@@ -1,21 +1,33 @@
 #!/usr/bin/env python3
-"""Control plane: connect + disconnect with 50 concurrent clients at 0, 1,000 and 10,000 peers.
+"""Control plane: connect latency under an open-loop load, and CPU per connect + disconnect, at 10,000 peers.
 
 Ours: the full stack (gunicorn gevent workers, helper, wireguard-go) in a
-server namespace, driven over HTTP from a client namespace.  Each client
-loops connect (a fresh key) then disconnect with its own device token.
+server namespace, driven over HTTP from a client namespace, with the
+interface already holding LEVEL peers.  Each run has two phases:
 
-Baseline, in the same run and interleaved run by run with ours: what the
-popular panels do, one change at a time under a lock, rewrite the whole
-configuration file and `wg syncconf` it, on its own wireguard-go interface
-in its own namespace with the same number of peers.  The baseline has no
-HTTP, no database and no authentication, so it is favoured.
+1. saturation: 50 client threads in a closed loop (connect with a fresh
+   key, then disconnect) for --duration seconds: cycles/s is the most the
+   stack does; its latency is only a figure (with 50 clients always
+   waiting, latency is 50 / throughput by Little's law);
+2. open loop: connects arrive as a Poisson process at half that rate (with
+   --base: half the mean of both sides' saturation, the same rate for
+   both), each followed by its disconnect; latency is measured from the
+   arrival's scheduled time, so a late start counts (no coordinated
+   omission).  p50/p99 of the connects are the figures to read.
 
-Reports connects/s (connects completed per second of wall time, while the
-same clients also disconnect) and connect latency p50/p99.
+CPU per cycle: user + system seconds of every process in the server
+namespace (helper with the `wg`/`ip` children it reaped, gunicorn master
+and workers, wireguard-go) over the open-loop phase, divided by the
+cycles completed.
+
+--base DIR runs the same on a second checkout (its own .venv) in its own
+namespaces, run by run interleaved with ours: the A/B of a change
+measured back to back on one machine.  The "panel" baseline of earlier
+versions (whole-file `wg syncconf` per change) is gone: it measured
+throughput, which the open loop does not chase.
 """
-import ipaddress
-import os
+import queue
+import random
 import subprocess
 import sys
 import threading
@@ -26,224 +38,309 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 from bench.load import Client, closed_loop  # noqa: E402
-from tests.e2e.netns import unique_ifname  # noqa: E402
-from tests.e2e.wgclient import keypair  # noqa: E402
+from tests.e2e import stack as stack_module  # noqa: E402
+from tests.e2e.stack import API_PORT, Stack  # noqa: E402
 
 NAME = "control_plane"
+OPEN_LOOP_WORKERS = 64
 
 
-class SyncconfBaseline:
-    """A wireguard-go interface changed the way panels do it: full file + `wg syncconf` per change."""
+class CheckoutStack(Stack):
+    """A Stack that runs the helper and gunicorn of another checkout (`root`, with its .venv)."""
 
-    def __init__(self, ns, tmp):
-        self.ns = ns
-        self.ifname = unique_ifname("omb")
-        self.path = Path(tmp) / "baseline.conf"
-        self.private_key, _ = keypair()
-        self.peers = {}  # key -> address
-        self.lock = threading.Lock()
-        self.pool = ipaddress.IPv4Network("10.9.0.0/16")
-        self.next = 2
-        self.free = []
-        env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-        self.proc = ns.popen(["wireguard-go", self.ifname], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        common_wait(lambda: Path("/var/run/wireguard/%s.sock" % self.ifname).exists()
-                    and ns.run("ip", "link", "show", self.ifname, check=False).returncode == 0)
-        ns.run("ip", "address", "add", "10.9.0.1/16", "dev", self.ifname)
-        ns.run("ip", "link", "set", self.ifname, "up")
-        self._write()
-        self._syncconf()
+    def start_helper(self):
+        log = open(self.helper_log, "ab")
+        self.helper_proc = self.server.popen([str(self.root / ".venv/bin/orbmesh-wghelper")], env=self.env,
+                                             stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        stack_module.wait_for(lambda: self._helper_ready(), what="helper socket")
 
-    def _address(self):
-        if self.free:
-            return self.free.pop()
-        addr = self.pool.network_address + self.next
-        self.next += 1
-        return addr
-
-    def _write(self):
-        lines = ["[Interface]", "PrivateKey = %s" % self.private_key, "ListenPort = 51821", ""]
-        for key, addr in self.peers.items():
-            lines += ["[Peer]", "PublicKey = %s" % key, "AllowedIPs = %s/32" % addr, ""]
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write("\n".join(lines))
-
-    def _syncconf(self):
-        # wg reaches a userspace interface through its UAPI socket in
-        # /var/run/wireguard, so no `ip netns exec` is needed (nor paid for).
-        subprocess.run(["wg", "syncconf", self.ifname, str(self.path)], check=True, capture_output=True)
-
-    def seed(self, total):
-        with self.lock:
-            while len(self.peers) < total:
-                self.peers[common.random_key()] = self._address()
-            self._write()
-            self._syncconf()
-
-    def add(self, key, stop):
-        with self.lock:
-            if stop.is_set():
-                return False
-            self.peers[key] = self._address()
-            self._write()
-            self._syncconf()
-            return True
-
-    def remove(self, key):
-        with self.lock:
-            self.free.append(self.peers.pop(key))
-            self._write()
-            self._syncconf()
-
-    def live_count(self):
-        out = subprocess.run(["wg", "show", self.ifname, "peers"], check=True, capture_output=True, text=True)
-        return len(out.stdout.split())
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+    def start_app(self):
+        log = open(self.app_log, "ab")
+        argv = [str(self.root / ".venv/bin/gunicorn"), "--worker-class", "gevent", "--workers", str(self.workers),
+                "--bind", "%s:%d" % (self.addr, API_PORT), "--chdir", str(self.root),
+                "--graceful-timeout", "5", "--no-control-socket", "app:create_app()"]
+        self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        stack_module.wait_for(lambda: self._answers(self.app_proc, self.app_log, "gunicorn", self.request),
+                              what="gunicorn")
 
 
-def common_wait(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError("timed out")
-        time.sleep(0.05)
+def make_stack(lab, root, tag):
+    """Namespaces and a stack running the code of `root` (this checkout when None)."""
+    env = {"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_CONNECT_RATE_LIMIT": "0"}
+    stack = lab.stack(workers=2, env=env, tag=tag)
+    # The tests' fast watchers (every 0.5 s) would be charged to every cycle: production defaults here.
+    for name in ("ORBMESH_RECONCILE_CHECK_INTERVAL", "ORBMESH_HELPER_WATCH_INTERVAL"):
+        stack.env.pop(name, None)
+    if root is not None:  # the namespaces are made the same way; only the programs differ
+        stack.__class__ = CheckoutStack
+        stack.root = Path(root).resolve()
+    return stack
 
 
-def run_ours(stack, clients, duration, level, run):
-    tokens = [stack.token("bench-u%d" % i, "cp-%d-%d" % (level, run)) for i in range(clients)]
+def stack_cpu(stack):
+    """CPU seconds of every process in the server namespace, reaped children included, by kind."""
+    kinds = {"helper": 0.0, "app": 0.0, "wireguard-go": 0.0, "other": 0.0}
+    for pid in stack.server.pids():
+        try:
+            argv = Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        kind = next((k for k, word in (("helper", "wghelper"), ("app", "gunicorn"),
+                                       ("wireguard-go", "wireguard-go")) if word in argv), "other")
+        kinds[kind] += common.cpu_seconds(pid)
+    return kinds
+
+
+def writer_counters(stack):
+    """(wg set runs, peer changes applied) so far, from the helper's status: how much it merges."""
+    from app.helper import HelperClient
+
+    helper = HelperClient(stack.env["ORBMESH_HELPER_SOCKET"], 30)
+    try:
+        status = helper.status()
+    finally:
+        helper.close()
+    return status["wg_set_calls"], status["jobs_applied"]
+
+
+def per_cycle(before, after, cycles):
+    """ms of CPU per cycle, in all and by kind of process."""
+    if not cycles:
+        return None, {}
+    split = {k: round((after[k] - before[k]) * 1000 / cycles, 2) for k in after}
+    return round(sum(after.values()) * 1000 / cycles - sum(before.values()) * 1000 / cycles, 2), split
+
+
+def cycle_once(conn, token):
+    auth = {"Authorization": "Bearer " + token}
+    status, body, t_connect = conn.request("POST", "/wireguard/connect", {"publicKey": common.random_key()}, auth)
+    if status != 200:
+        raise RuntimeError("connect %s %s" % (status, body))
+    status, body, t_disconnect = conn.request("POST", "/wireguard/disconnect", {}, auth)
+    if status != 200:
+        raise RuntimeError("disconnect %s %s" % (status, body))
+    return t_connect, t_disconnect
+
+
+def saturation(stack, clients, duration, tag):
+    tokens = [stack.token("bench-sat%d" % i, tag) for i in range(clients)]
     conns = [Client(stack.client) for _ in range(clients)]
 
     def cycle(i, stop):
-        auth = {"Authorization": "Bearer " + tokens[i]}
-        status, body, t_connect = conns[i].request("POST", "/wireguard/connect",
-                                                   {"publicKey": common.random_key()}, auth)
-        if status != 200:
-            raise RuntimeError("connect %s %s" % (status, body))
-        status, body, t_disconnect = conns[i].request("POST", "/wireguard/disconnect", {}, auth)
-        if status != 200:
-            raise RuntimeError("disconnect %s %s" % (status, body))
+        t_connect, t_disconnect = cycle_once(conns[i], tokens[i])
         return {"connect": [t_connect], "disconnect": [t_disconnect]}
 
+    cpu = stack_cpu(stack)
     try:
         series, errors, elapsed = closed_loop(cycle, clients, duration)
     finally:
         for conn in conns:
             conn.close()
-    return summarise(series, errors, elapsed)
+    cycles = len(series.get("connect", []))
+    total, split = per_cycle(cpu, stack_cpu(stack), cycles)
+    return {"cycles_per_s": round(cycles / elapsed, 1) if elapsed else None,
+            "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
+            "connect": common.latency_summary(series.get("connect", [])), "errors": len(errors),
+            "error_samples": errors[:3]}
 
 
-def run_baseline(baseline, clients, duration):
-    def cycle(i, stop):
-        key = common.random_key()
-        started = time.perf_counter()
-        if not baseline.add(key, stop):
-            return None
-        t_connect = time.perf_counter() - started
-        started = time.perf_counter()
-        baseline.remove(key)
-        return {"connect": [t_connect], "disconnect": [time.perf_counter() - started]}
+def open_loop(stack, rate, duration, tag, seed):
+    """Poisson arrivals at `rate`/s for `duration` s; latency from each arrival's scheduled time."""
+    rng = random.Random(seed)
+    arrivals, t = [], rng.expovariate(rate)
+    while t < duration:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    jobs = queue.Queue()
+    for i, at in enumerate(arrivals):
+        jobs.put((i, at))
+    latencies_connect, errors, lock = [], [], threading.Lock()
+    tokens = [stack.token("bench-open%d" % i, tag) for i in range(OPEN_LOOP_WORKERS)]
+    start = time.perf_counter() + 0.2
 
-    series, errors, elapsed = closed_loop(cycle, clients, duration)
-    return summarise(series, errors, elapsed)
+    def timed_worker(w):
+        conn = Client(stack.client)
+        auth = {"Authorization": "Bearer " + tokens[w]}
+        try:
+            while True:
+                try:
+                    _, at = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                delay = start + at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                try:
+                    status, body, _ = conn.request("POST", "/wireguard/connect",
+                                                   {"publicKey": common.random_key()}, auth)
+                    connected = time.perf_counter()
+                    if status != 200:
+                        raise RuntimeError("connect %s %s" % (status, body))
+                    status, body, _ = conn.request("POST", "/wireguard/disconnect", {}, auth)
+                    if status != 200:
+                        raise RuntimeError("disconnect %s %s" % (status, body))
+                except Exception as exc:  # counted, the run goes on
+                    with lock:
+                        errors.append(repr(exc)[:200])
+                    continue
+                with lock:
+                    latencies_connect.append(connected - (start + at))
+        finally:
+            conn.close()
+
+    cpu, counters = stack_cpu(stack), writer_counters(stack)
+    began = time.perf_counter()
+    threads = [threading.Thread(target=timed_worker, args=(w,), daemon=True) for w in range(OPEN_LOOP_WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=duration + 300)
+    elapsed = time.perf_counter() - began
+    cycles = len(latencies_connect)
+    total, split = per_cycle(cpu, stack_cpu(stack), cycles)
+    runs, jobs = (after - before for after, before in zip(writer_counters(stack), counters))
+    return {"offered_per_s": round(rate, 1), "arrivals": len(arrivals), "cycles": cycles,
+            "wg_set_per_cycle": round(runs / cycles, 2) if cycles else None,
+            "changes_per_wg_set": round(jobs / runs, 2) if runs else None,
+            "achieved_per_s": round(cycles / elapsed, 1) if elapsed else None,
+            "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
+            "connect": common.latency_summary(latencies_connect), "errors": len(errors),
+            "error_samples": errors[:3]}
 
 
-def summarise(series, errors, elapsed):
-    connects = series.get("connect", [])
-    return {"connects": len(connects), "elapsed_s": round(elapsed, 3),
-            "connects_per_s": round(len(connects) / elapsed, 1) if elapsed else None,
-            "connect": common.latency_summary(connects),
-            "disconnect": common.latency_summary(series.get("disconnect", [])),
-            "errors": len(errors), "error_samples": errors[:3]}
+def measure(stacks, clients, duration, level, run):
+    """One run on every side: saturation each, then the open loop at half their mean saturation.
+
+    The same offered rate for both sides of an A/B, since the writer merges
+    more changes per `wg set` the more arrive: CPU per cycle depends on it.
+    """
+    sat = {name: saturation(stack, clients, duration, "%s-%d-%d" % (name, level, run))
+           for name, stack in stacks.items()}
+    rate = sum(s["cycles_per_s"] or 2 for s in sat.values()) / len(sat) / 2
+    out = {}
+    for name, stack in stacks.items():
+        opened = open_loop(stack, rate, duration, "%s-%d-%d" % (name, level, run), seed=run)
+        print("level %d run %d %s: saturation %.0f/s; open loop %.0f/s offered, p99 %s ms, %.2f ms CPU/cycle" % (
+            level, run, name, sat[name]["cycles_per_s"] or 0, rate, opened["connect"]["p99_ms"],
+            opened["cpu_ms_per_cycle"] or 0), file=sys.stderr)
+        out[name] = {"saturation": sat[name], "open_loop": opened}
+    return out
 
 
-def consistent(stack):
-    """DB rows and interface peers are the same set (checked after each level)."""
-    return stack.db_peers() == stack.wg_peers()
+def aggregate(runs):
+    sat = [r["saturation"] for r in runs]
+    opened = [r["open_loop"] for r in runs]
+    return {"saturation_per_s": common.median([s["cycles_per_s"] for s in sat]),
+            "closed_loop_p99_ms": common.median([s["connect"]["p99_ms"] for s in sat]),
+            "offered_per_s": common.median([o["offered_per_s"] for o in opened]),
+            "p50_ms": common.median([o["connect"]["p50_ms"] for o in opened]),
+            "p99_ms": common.median([o["connect"]["p99_ms"] for o in opened]),
+            "cpu_ms_per_cycle": common.median([o["cpu_ms_per_cycle"] for o in opened]),
+            "wg_set_per_cycle": common.median([o["wg_set_per_cycle"] for o in opened]),
+            "changes_per_wg_set": common.median([o["changes_per_wg_set"] for o in opened]),
+            "cpu_ms_per_cycle_by_process": {k: common.median([o["cpu_ms_per_cycle_by_process"].get(k) for o in opened])
+                                            for k in opened[0]["cpu_ms_per_cycle_by_process"]},
+            "errors": sum(s["errors"] + o["errors"] for s, o in zip(sat, opened))}
 
 
 def main(argv=None):
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=None)
-    p.add_argument("--duration", type=float, default=None, help="seconds per run")
+    p.add_argument("--clients", type=int, default=None, help="closed-loop clients of the saturation phase")
+    p.add_argument("--duration", type=float, default=None, help="seconds per phase")
     p.add_argument("--levels", default=None, help="comma-separated pre-existing peer counts")
+    p.add_argument("--base", type=Path, default=None,
+                   help="another checkout (with its .venv) to measure back to back, e.g. the current main")
     args = p.parse_args(argv)
     smoke = args.smoke
-    levels = [int(x) for x in (args.levels or ("0,20" if smoke else "0,1000,10000")).split(",")]
+    levels = [int(x) for x in (args.levels or ("20" if smoke else "10000")).split(",")]
     clients = args.clients or (4 if smoke else 50)
-    duration = args.duration or (1.0 if smoke else 8.0)
+    duration = args.duration or (1.0 if smoke else 10.0)
     runs = args.runs or (1 if smoke else 3)
 
+    sides = {"ours": None}
+    if args.base is not None:
+        sides["base"] = args.base
     result = {"benchmark": NAME, "smoke": smoke, "clients": clients, "duration_s": duration, "runs": runs,
-              "levels": {}}
+              "base": str(args.base) if args.base else None, "levels": {}}
     with common.Lab() as lab:
-        # Each benchmark device connects several times a second, far past the
-        # per-device connect limit (20 a minute), so that limit is off here.
-        stack = lab.stack(workers=2, env={"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_CONNECT_RATE_LIMIT": "0"})
-        base_ns = lab.netns("bbase")
-        with stack.running():
-            baseline = SyncconfBaseline(base_ns, lab.tmp)
-            lab.on_exit(baseline.close)
-            for level in levels:
-                seeded = common.seed_peers(stack, level)
-                baseline.seed(level)
-                ours_runs, base_runs = [], []
-                for run in range(runs):  # interleaved, so both see the same noise
-                    ours_runs.append(run_ours(stack, clients, duration, level, run))
-                    base_runs.append(run_baseline(baseline, clients, duration))
-                    print("level %d run %d: ours %.0f/s p99 %s ms, baseline %.1f/s" % (
-                        level, run, ours_runs[-1]["connects_per_s"], ours_runs[-1]["connect"]["p99_ms"],
-                        base_runs[-1]["connects_per_s"]), file=sys.stderr)
-                entry = {
-                    "seed_sync_s": round(seeded, 2),
-                    "consistent_after": consistent(stack),
-                    "peers_after": len(stack.wg_peers()),
-                    "baseline_peers_after": baseline.live_count(),
-                    "ours": aggregate(ours_runs), "baseline": aggregate(base_runs),
-                    "ours_runs": ours_runs, "baseline_runs": base_runs,
-                }
-                entry["ours_over_baseline"] = common.ratio(entry["ours"]["connects_per_s"],
-                                                           entry["baseline"]["connects_per_s"], 1)
-                result["levels"][str(level)] = entry
+        stacks = {name: make_stack(lab, root, tag=name[0]) for name, root in sides.items()}
+        for stack in stacks.values():
+            lab.on_exit(stack.close)
+            stack.start_helper()
+            stack.start_app()
+        for level in levels:
+            entry = {}
+            for name, stack in stacks.items():
+                entry[name + "_seed_sync_s"] = round(common.seed_peers(stack, level), 2)
+            per_side = {name: [] for name in stacks}
+            for run in range(runs):  # interleaved, so both sides see the same noise
+                for name, got in measure(stacks, clients, duration, level, run).items():
+                    per_side[name].append(got)
+            for name, stack in stacks.items():
+                entry[name] = aggregate(per_side[name])
+                entry[name + "_runs"] = per_side[name]
+                entry[name + "_consistent_after"] = stack.db_peers() == stack.wg_peers()
+                entry[name + "_peers_after"] = len(stack.wg_peers())
+            if "base" in entry:
+                entry["cpu_ratio_to_base"] = common.ratio(entry["ours"]["cpu_ms_per_cycle"],
+                                                          entry["base"]["cpu_ms_per_cycle"])
+            result["levels"][str(level)] = entry
     text = render(result, smoke)
     common.write_result(args.out, NAME, result, text)
+    common.chart(args.out, NAME, lambda figure: draw(figure, result))
     return 0
 
 
-def aggregate(runs):
-    """Medians over runs of throughput and of each run's percentiles."""
-    return {"connects_per_s": common.median([r["connects_per_s"] for r in runs]),
-            "p50_ms": common.median([r["connect"]["p50_ms"] for r in runs]),
-            "p99_ms": common.median([r["connect"]["p99_ms"] for r in runs]),
-            "disconnect_p99_ms": common.median([r["disconnect"]["p99_ms"] for r in runs]),
-            "errors": sum(r["errors"] for r in runs)}
+def draw(figure, result):
+    left, right = figure.subplots(1, 2)
+    levels = list(result["levels"])
+    sides = [s for s in ("ours", "base") if s in result["levels"][levels[0]]]
+    width = 0.8 / len(sides)
+    colors = {"ours": "#2a7", "base": "#888"}
+    for k, side in enumerate(sides):
+        xs = [i + (k - (len(sides) - 1) / 2) * width for i in range(len(levels))]
+        left.bar(xs, [result["levels"][lv][side]["p99_ms"] or 0 for lv in levels], width, label=side,
+                 color=colors[side])
+        right.bar(xs, [result["levels"][lv][side]["cpu_ms_per_cycle"] or 0 for lv in levels], width, label=side,
+                  color=colors[side])
+    left.axhline(50, color="#c33", linestyle="--", label="target 50 ms")
+    if "base" in sides:
+        for i, lv in enumerate(levels):
+            base_cpu = result["levels"][lv]["base"]["cpu_ms_per_cycle"] or 0
+            right.hlines(0.6 * base_cpu, i - 0.45, i + 0.45, color="#c33", linestyle="--",
+                         label="target: 0.6x base" if i == 0 else None)
+    for axes, title in ((left, "connect p99, open loop at half saturation (ms)"),
+                        (right, "stack CPU per connect + disconnect (ms)")):
+        axes.set_xticks(range(len(levels)), ["%s peers" % lv for lv in levels])
+        axes.set_title(title, fontsize=10)
+        axes.legend(fontsize=8)
 
 
 def render(result, smoke):
     rows = []
     for level, e in result["levels"].items():
-        o, b = e["ours"], e["baseline"]
-        rows.append([level, o["connects_per_s"], o["p50_ms"], o["p99_ms"], b["connects_per_s"], b["p50_ms"],
-                     b["p99_ms"], e["ours_over_baseline"], o["errors"], e["consistent_after"]])
-    text = ("Control plane: %d clients, connect+disconnect, median of %d runs of %gs\n\n" % (
-        result["clients"], result["runs"], result["duration_s"])
-        + common.table(["peers", "ours conn/s", "ours p50 ms", "ours p99 ms", "syncconf conn/s",
-                        "syncconf p50 ms", "syncconf p99 ms", "ours/syncconf", "errors", "db=wg"], rows))
+        for side in ("ours", "base"):
+            if side in e:
+                o = e[side]
+                split = ", ".join("%s %s" % (k, v) for k, v in o["cpu_ms_per_cycle_by_process"].items() if v)
+                rows.append([level, side, o["saturation_per_s"], o["closed_loop_p99_ms"], o["offered_per_s"],
+                             o["p50_ms"], o["p99_ms"], o["cpu_ms_per_cycle"], split, o["changes_per_wg_set"],
+                             o["errors"], e[side + "_consistent_after"]])
+    text = ("Control plane: saturation with %d closed-loop clients, then Poisson arrivals at half of it; "
+            "median of %d runs of %gs per phase\n\n" % (result["clients"], result["runs"], result["duration_s"])
+            + common.table(["peers", "code", "saturation cycles/s", "closed-loop p99 ms", "offered /s",
+                            "open p50 ms", "open p99 ms", "CPU ms/cycle", "by process", "changes per wg set",
+                            "errors", "db=wg"], rows))
     levels = result["levels"]
-    if not smoke and "10000" in levels and "1000" in levels:
-        o10, o1 = levels["10000"]["ours"], levels["1000"]["ours"]
-        slowdown = common.ratio(o1["connects_per_s"], o10["connects_per_s"])
-        result["slowdown_10k_vs_1k"] = slowdown
-        checks = [("10k: >= 300 connects/s", o10["connects_per_s"] >= 300, o10["connects_per_s"]),
-                  ("10k: p99 < 100 ms", o10["p99_ms"] < 100, o10["p99_ms"]),
-                  ("10k vs 1k: at most 1.3x slower", slowdown is not None and slowdown <= 1.3, slowdown),
-                  ("10k: >= 10x syncconf", (levels["10000"]["ours_over_baseline"] or 0) >= 10,
-                   levels["10000"]["ours_over_baseline"])]
+    if not smoke and "10000" in levels:
+        e = levels["10000"]
+        checks = [("10k open loop at half saturation: p99 <= 50 ms", e["ours"]["p99_ms"] <= 50, e["ours"]["p99_ms"])]
+        if "base" in e:
+            checks.append(("10k CPU per cycle <= 0.6x the base", (e["cpu_ratio_to_base"] or 9) <= 0.6,
+                           "%s vs %s ms (%sx)" % (e["ours"]["cpu_ms_per_cycle"], e["base"]["cpu_ms_per_cycle"],
+                                                  e["cpu_ratio_to_base"])))
         result["targets"] = [{"target": n, "met": ok, "value": v} for n, ok, v in checks]
         text += "\n\nTargets:\n" + common.targets_text(checks)
     return text

@@ -5,6 +5,7 @@ every session is up, then "alive N" for each line read on stdin, and
 closes everything when stdin ends.
 """
 import asyncio
+import resource
 import sys
 
 from websockets.asyncio.client import connect
@@ -17,6 +18,8 @@ async def open_one(url, token, sem):
 
 
 async def main(url):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tokens = [t.strip() for t in sys.stdin.readline().split(",") if t.strip()]
     sem = asyncio.Semaphore(50)
     sessions = await asyncio.gather(*(open_one(url, t, sem) for t in tokens))

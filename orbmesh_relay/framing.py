@@ -6,7 +6,9 @@ A batch body is records back to back, nothing else::
     | len: u16, big-endian  | datagram (len bytes)   | len                   | ...
     +-----------------------+------------------------+-----------------------+---
 
-with 1 <= len <= 65,535.  The one module the server (app/tunnel.py,
+with 1 <= len <= 65,535.  The same records fill each binary message of a
+WebSocket session that negotiated the ``orbmesh.batch.v1`` subprotocol
+(BATCH_PROTOCOL), at most MAX_BATCH_MESSAGE bytes a message.  The one module the server (app/tunnel.py,
 app/sessions.py, ...) shares with the client relay: it imports only the
 standard library, so loading it from a web worker loads no relay code.
 """
@@ -16,6 +18,10 @@ MAX_DATAGRAM = 65535
 MIN_WIREGUARD = 32
 SINGLE_TYPE = "application/octet-stream"
 BATCH_TYPE = "application/x-wireguard-batch"
+BATCH_PROTOCOL = "orbmesh.batch.v1"
+# Room for one largest datagram and its prefix; a sender packs records until
+# the next would pass it (about 45 full-size WireGuard data packets).
+MAX_BATCH_MESSAGE = 2 + MAX_DATAGRAM
 
 _LEN = struct.Struct("!H")
 
@@ -66,3 +72,54 @@ def encode_batch(datagrams):
 
 def record_size(datagram):
     return 2 + len(datagram)
+
+
+def pack_batches(datagrams, limit=MAX_BATCH_MESSAGE):
+    """Batch bodies of at most `limit` bytes each, the datagrams in order."""
+    bodies, parts, size = [], [], 0
+    for datagram in datagrams:
+        if not 1 <= len(datagram) <= MAX_DATAGRAM:
+            raise FramingError("datagram of %d bytes cannot be framed" % len(datagram))
+        if parts and size + 2 + len(datagram) > limit:
+            bodies.append(b"".join(parts))
+            parts, size = [], 0
+        parts.append(_LEN.pack(len(datagram)))
+        parts.append(datagram)
+        size += 2 + len(datagram)
+    if parts:
+        bodies.append(b"".join(parts))
+    return bodies
+
+
+# UDP segmentation offload (Linux 4.18+): one sendmsg() carries several
+# datagrams of one size (the last may be shorter), and the kernel splits
+# them; on loopback the split happens at the receiving socket, so one
+# system call and one trip through the stack replace one per datagram.
+UDP_SEGMENT = 103  # linux/udp.h; socket.UDP_SEGMENT is not in every Python
+GSO_MAX_BYTES = 65000
+GSO_MAX_SEGMENTS = 64
+
+
+def gso_runs(datagrams):
+    """(segment size, [datagrams]) runs, in order, that one UDP_SEGMENT send can carry each."""
+    runs, run, size, total = [], [], 0, 0
+    for datagram in datagrams:
+        n = len(datagram)
+        if run and n <= size and total + n <= GSO_MAX_BYTES and len(run) < GSO_MAX_SEGMENTS:
+            run.append(datagram)
+            total += n
+            if n < size:  # a shorter one can only end a run
+                runs.append((size, run))
+                run = []
+            continue
+        if run:
+            runs.append((size, run))
+        run, size, total = [datagram], n, n
+    if run:
+        runs.append((size, run))
+    return runs
+
+
+def gso_control(size):
+    """The ancillary data of a UDP_SEGMENT send with segments of `size` bytes."""
+    return [(17, UDP_SEGMENT, struct.pack("=H", size))]  # 17: SOL_UDP

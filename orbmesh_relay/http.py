@@ -121,13 +121,14 @@ class HttpTransport:
 
     def _reader(self):
         relay = self.relay
-        for data in relay.local_datagrams():
+        for batch in relay.local_batches():
             with self.ready:
-                if len(self.queue) >= QUEUE_LIMIT:
-                    # The oldest is the stalest; WireGuard copes with loss.
+                self.queue.extend(batch)
+                excess = len(self.queue) - QUEUE_LIMIT
+                # The oldest are the stalest; WireGuard copes with loss.
+                for _ in range(max(0, excess)):
                     self.queue.popleft()
-                    relay.stats.drop()
-                self.queue.append(data)
+                relay.stats.drop(max(0, excess))
                 self.ready.notify()
 
     def _take(self):
@@ -151,8 +152,7 @@ class HttpTransport:
         # The first request on a new connection does not wait: it opens the
         # session and proves the token at once, instead of after a full hold.
         wait = "0" if channel.conn is None else None
-        for datagram in channel.post(b"", wait=wait):
-            self.relay.deliver(datagram)
+        self.relay.deliver(channel.post(b"", wait=wait))
 
     def _sender(self):
         self._loop(SEND_TIMEOUT, self._send_once)
@@ -167,8 +167,7 @@ class HttpTransport:
             self.relay.stats.drop(len(batch))
             raise
         self.relay.stats.up(len(batch), sum(map(len, batch)))
-        for datagram in answer:
-            self.relay.deliver(datagram)
+        self.relay.deliver(answer)
 
     def _loop(self, timeout, step):
         """Run step until stop; on an error close the connection, back off, retry."""

@@ -67,31 +67,31 @@ class Relay:
     def backoff(self):
         return Backoff(first=self.backoff_first)
 
-    def local_datagrams(self):
-        """Datagrams from local WireGuard, until the relay stops.
+    def local_batches(self):
+        """Lists of the datagrams local WireGuard sent, until the relay stops.
 
         Empty datagrams are counted as dropped: neither transport can carry one.
         """
         while not self.stopping.is_set():
             try:
-                data = self.local.receive()
+                batch = self.local.receive_many()
             except OSError:
                 if self.stopping.is_set():
                     return
                 raise
-            if data is None:
-                continue
-            if not data:
-                self.stats.drop()
-                continue
-            yield data
+            if not all(batch):
+                self.stats.drop(batch.count(b""))
+                batch = [data for data in batch if data]
+            if batch:
+                yield batch
 
-    def deliver(self, datagram):
-        """A datagram from the server, to local WireGuard."""
-        if self.local.send(datagram):
-            self.stats.down(1, len(datagram))
-        else:
-            self.stats.drop()
+    def deliver(self, datagrams):
+        """Datagrams from the server, to local WireGuard."""
+        packets, size = self.local.send(datagrams)
+        if packets:
+            self.stats.down(packets, size)
+        if packets < len(datagrams):
+            self.stats.drop(len(datagrams) - packets)
 
     def fail(self, message):
         if self.fatal is None:

@@ -1,8 +1,11 @@
-"""WebSocket transport of the client relay: GET /wireguard/ws, one binary
-message per WireGuard datagram (docs/tunnel-protocol.md).
+"""WebSocket transport of the client relay: GET /wireguard/ws
+(docs/tunnel-protocol.md).  It offers the ``orbmesh.batch.v1`` subprotocol:
+where the server takes it, each binary message carries every datagram that
+was waiting (batch framing, both ways); where it does not, one datagram per
+message, as any WebSocket client would.
 
 Given the Relay it serves, it uses the relay's attributes (url, token,
-stats, stopping, local_datagrams, deliver) and never imports relay.py.
+stats, stopping, local_batches, deliver) and never imports relay.py.
 
 Two threads: "up" reads local UDP and sends; "down" owns the connection,
 (re)connects with backoff and delivers what it receives.
@@ -15,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import connect
 
 from .common import Unauthorized, unauthorized_message
-from .framing import MAX_DATAGRAM
+from .framing import BATCH_PROTOCOL, MAX_BATCH_MESSAGE, FramingError, decode_batch, pack_batches
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,8 @@ class WsTransport:
             user_agent_header="orbmesh-wg-relay",
             # The server never negotiates it; WireGuard data does not compress.
             compression=None,
-            max_size=MAX_DATAGRAM,
+            subprotocols=[BATCH_PROTOCOL],
+            max_size=MAX_BATCH_MESSAGE,
             # Same reach as the HTTP transport, which uses no proxy either.
             proxy=None,
             open_timeout=10,
@@ -58,20 +62,22 @@ class WsTransport:
 
     def _uplink(self):
         relay = self.relay
-        for data in relay.local_datagrams():
+        for batch in relay.local_batches():
             ws = self._ws
             if ws is None:
                 # WireGuard retransmits its handshakes; queueing stale ones
                 # for a connection that may take 30 s would only add delay.
-                relay.stats.drop()
+                relay.stats.drop(len(batch))
                 continue
+            messages = pack_batches(batch) if ws.subprotocol == BATCH_PROTOCOL else batch
             try:
-                ws.send(data)
+                for message in messages:
+                    ws.send(message)
             except (ConnectionClosed, OSError) as exc:
                 log.debug("send failed: %s", exc)
-                relay.stats.drop()
+                relay.stats.drop(len(batch))
                 continue
-            relay.stats.up(1, len(data))
+            relay.stats.up(len(batch), sum(map(len, batch)))
 
     def _downlink(self):
         relay = self.relay
@@ -111,17 +117,28 @@ class WsTransport:
 
     def _receive(self, ws):
         relay = self.relay
+        batched = ws.subprotocol == BATCH_PROTOCOL
         try:
             for message in ws:
-                if isinstance(message, str):
+                if isinstance(message, str) or not message:
                     relay.stats.drop()
-                else:
-                    relay.deliver(message)
+                elif not batched:
+                    relay.deliver([message])
+                elif not self._deliver_batch(message):
+                    relay.stats.drop()
             if not relay.stopping.is_set():
                 log.warning("websocket closed (code %s); reconnecting", ws.close_code)
         except (ConnectionClosed, OSError) as exc:
             if not relay.stopping.is_set():
                 log.warning("websocket lost: %s; reconnecting", exc)
+
+    def _deliver_batch(self, message):
+        try:
+            datagrams = decode_batch(message)
+        except FramingError:
+            return False
+        self.relay.deliver(datagrams)
+        return True
 
     def close(self):
         with self._lock:

@@ -169,7 +169,11 @@ class Runner:
         # ~100 ms to every wg/ip call (profiled by bench/control_plane.py);
         # run() enforces the deadline with a timer instead.  Output in 64 KiB
         # chunks, not line by line: halves reading a 10,000-peer dump.
-        self._common = {"_tty_out": False, "_env": self._env, "_out_bufsize": 1 << 16}
+        # No stdin pipe and feeder thread unless there is stdin to feed, and no
+        # fd sweep in the forked child (Python opens every fd close-on-exec):
+        # ~10% of the CPU of a `wg` run (docs/benchmarks.md).
+        self._common = {"_tty_out": False, "_env": self._env, "_out_bufsize": 1 << 16, "_close_fds": False}
+        self._null = os.open(os.devnull, os.O_RDONLY)
         self._tools = {}
 
     def _tool(self, name):
@@ -182,8 +186,7 @@ class Runner:
         return self._tools[name]
 
     def run(self, tool, args, stdin=None, redact=True):
-        kwargs = {} if stdin is None else {"_in": stdin}
-        running = self._tool(tool)(*args, _bg=True, _bg_exc=False, **kwargs)
+        running = self._tool(tool)(*args, _in=self._null if stdin is None else stdin, _bg=True, _bg_exc=False)
         fired = []
 
         def expire():

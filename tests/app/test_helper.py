@@ -1,4 +1,6 @@
 """The helper's client: what goes over the socket, and the connections it keeps."""
+import os
+import resource
 import socket
 import threading
 import time
@@ -181,3 +183,23 @@ def test_at_most_max_open_connections_per_process(path):
     assert helper.accepts == HelperClient.MAX_OPEN and len(client._idle) == HelperClient.MAX_OPEN
     client.close()
     helper.close()
+
+
+def test_pooled_connections_past_descriptor_1024_are_checked():
+    """A worker holding thousands of tunnel sessions hands out descriptors past select()'s limit."""
+    from app.helper import _still_open
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.dup(0) for _ in range(1100)]
+    ours, helper = socket.socketpair()
+    try:
+        assert ours.fileno() > 1024, "the descriptor is low: nothing tested"
+        assert _still_open(ours)
+        helper.close()  # the control: a connection the helper closed is noticed
+        assert not _still_open(ours)
+    finally:
+        ours.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1,5 +1,8 @@
 """Tunnel sessions in one worker: the per-device cap, the UDP pipe, the HTTP sessions' queue and reaping."""
+import os
+import resource
 import socket
+import threading
 import time
 
 import pytest
@@ -48,8 +51,8 @@ def test_pipe_passes_only_wireguard_up_and_counts_both_ways(wireguard):
         second, _ = wireguard.recvfrom(2048)
         assert (first, second) == (WG_DATA, WG_DATA + b"x")
         wireguard.sendto(b"down", client)
-        assert pipe.recv(timeout=5) == b"down"
-        assert pipe.recv(timeout=0.01) is None
+        assert pipe.receive_many(5, 64) == [b"down"]
+        assert pipe.receive_many(0.01, 64) == []
         counters = pipe.counters
         assert (counters.up_packets, counters.down_packets, counters.dropped) == (2, 1, 1)
     finally:
@@ -76,7 +79,7 @@ def test_a_full_queue_drops_the_oldest_and_take_keeps_its_limits(wireguard):
 
 def test_idle_sessions_are_reaped_and_give_their_slot_back(wireguard):
     config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
-              "TUNNEL_SESSION_IDLE": 60}
+              "TUNNEL_SESSION_IDLE": 60, "TUNNEL_MAX_PARKED": 2}
     slots = SessionSlots(1)
     sessions = HttpSessions(config, slots)
     device = ("u", "d")
@@ -102,12 +105,12 @@ def test_closing_the_sessions_ends_parked_takes_and_frees_the_slots(wireguard):
     """A stopping worker (app/shutdown.py): every session closed at once, a parked take returns."""
     import threading
     config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
-              "TUNNEL_SESSION_IDLE": 60}
+              "TUNNEL_SESSION_IDLE": 60, "TUNNEL_MAX_PARKED": 8}
     slots = SessionSlots(2)
     sessions = HttpSessions(config, slots)
     first, second = sessions.get(("u", "d1"), "a"), sessions.get(("u", "d2"), "a")
     taken = []
-    parked = threading.Thread(target=lambda: taken.append(first.take(30)))
+    parked = threading.Thread(target=lambda: taken.append(sessions.take(first, 30)))
     parked.start()
     started = time.monotonic()
     sessions.close()
@@ -115,3 +118,91 @@ def test_closing_the_sessions_ends_parked_takes_and_frees_the_slots(wireguard):
     assert taken == [[]] and time.monotonic() - started < 10
     assert first.closed and second.closed and len(sessions) == 0
     assert slots.held(("u", "d1")) == slots.held(("u", "d2")) == 0
+
+
+def test_parked_polls_per_device_are_bounded_the_oldest_answers_first(wireguard):
+    """Three polls of one device with room for two: the first answers at once, empty; another
+    device's poll is untouched (control), and the two newest still wait for data."""
+    config = {"TUNNEL_TARGET_HOST": "127.0.0.1", "LISTEN_PORT": wireguard.getsockname()[1], "TUNNEL_QUEUE": 8,
+              "TUNNEL_SESSION_IDLE": 60, "TUNNEL_MAX_PARKED": 2}
+    sessions = HttpSessions(config, SessionSlots(4))
+    answers = {}
+
+    def poll(name, device=("u", "d")):
+        session = sessions.get(device, "s-" + name)
+        started = time.monotonic()
+        answers[name] = (sessions.take(session, 30), time.monotonic() - started)
+
+    threads = []
+    try:
+        for name, device in (("other", ("u", "e")), ("first", ("u", "d")), ("second", ("u", "d"))):
+            threads.append(threading.Thread(target=poll, args=(name, device), daemon=True))
+            threads[-1].start()
+            wait_for(lambda n=len(threads): sum(sessions.parked(d) for d in (("u", "d"), ("u", "e"))) == n,
+                     "poll %s parked" % name)
+        third = threading.Thread(target=poll, args=("third",), daemon=True)
+        third.start()
+        wait_for(lambda: "first" in answers, "the oldest poll to be answered")
+        assert answers["first"][0] == [] and answers["first"][1] < 25
+        assert sessions.parked(("u", "d")) == 2 and sessions.parked(("u", "e")) == 1
+        assert set(answers) == {"first"}
+        # the two that still wait get data as usual
+        for name in ("second", "third"):
+            session = sessions.get(("u", "d"), "s-" + name)
+            session.pipe.send([WG_DATA])
+            _, client = wireguard.recvfrom(2048)
+            wireguard.sendto(b"to " + name.encode(), client)
+        wait_for(lambda: {"second", "third"} <= set(answers), "the waiting polls to get their data")
+        assert answers["second"][0] == [b"to second"] and answers["third"][0] == [b"to third"]
+    finally:
+        for session in list(sessions._sessions.values()):
+            session.close()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def test_a_lazy_pipe_opens_its_socket_with_the_first_wireguard_datagram(wireguard):
+    pipe = UdpPipe(*wireguard.getsockname(), lazy=True)
+    try:
+        assert pipe.sock is None
+        pipe.send([b"not wireguard"])
+        assert pipe.sock is None  # nothing was sent, so nothing can come back
+        pipe.send([WG_DATA])
+        assert pipe.sock is not None and wireguard.recvfrom(2048)[0] == WG_DATA
+    finally:
+        pipe.close()
+
+
+def test_equal_sized_runs_go_out_segmented_and_arrive_as_separate_datagrams(wireguard):
+    """Eleven datagrams in two UDP_SEGMENT sends (ten of 1,400 bytes and a shorter one, then a
+    larger one alone) reach WireGuard as eleven datagrams, in order, none merged."""
+    wireguard.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    pipe = UdpPipe(*wireguard.getsockname())
+    sent = [WG_DATA[:4] + bytes([i]) * 1396 for i in range(10)] + [WG_DATA, WG_DATA[:4] + bytes(1496)]
+    try:
+        pipe.send(sent)
+        got = [wireguard.recvfrom(65535)[0] for _ in sent]
+        assert got == sent
+        assert UdpPipe.gso, "the kernel refused UDP segmentation, so only the fallback ran"
+        assert (pipe.counters.up_packets, pipe.counters.up_bytes) == (12, sum(map(len, sent)))
+    finally:
+        pipe.close()
+
+
+def test_a_pipe_whose_descriptor_is_past_1024_still_receives(wireguard):
+    """A worker holding thousands of connections hands out descriptors past select()'s limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.dup(0) for _ in range(1100)]
+    pipe = UdpPipe(*wireguard.getsockname())
+    try:
+        assert pipe.sock.fileno() > 1024, "the descriptor is low: nothing tested"
+        pipe.send([WG_DATA])
+        _, client = wireguard.recvfrom(2048)
+        wireguard.sendto(b"down", client)
+        assert pipe.receive_many(5, 64) == [b"down"]
+    finally:
+        pipe.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -24,6 +24,8 @@ def run_smoke(name, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / ("%s.json" % name)).read_text())
     assert result["benchmark"] == name and result["smoke"] is True
+    if name != "read_paths":
+        assert (tmp_path / ("%s.png" % name)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no chart beside the JSON"
     assert result["table"] in done.stdout
     assert "targets" not in result  # smoke runs judge nothing
     return result
@@ -31,12 +33,13 @@ def run_smoke(name, tmp_path):
 
 def test_control_plane_smoke(tmp_path):
     result = run_smoke("control_plane", tmp_path)
-    assert set(result["levels"]) == {"0", "20"}
-    for level in result["levels"].values():
-        assert level["ours"]["errors"] == 0 and level["baseline"]["errors"] == 0
-        assert level["ours_runs"][0]["connects"] > 0 and level["baseline_runs"][0]["connects"] > 0
-        assert level["consistent_after"]
-    assert result["levels"]["20"]["peers_after"] == 20 and result["levels"]["20"]["baseline_peers_after"] == 20
+    assert set(result["levels"]) == {"20"}
+    level = result["levels"]["20"]
+    assert level["ours"]["errors"] == 0 and level["ours_consistent_after"] and level["ours_peers_after"] == 20
+    run = level["ours_runs"][0]
+    assert run["saturation"]["cycles_per_s"] > 0
+    assert run["open_loop"]["cycles"] > 0 and run["open_loop"]["cycles"] == run["open_loop"]["arrivals"]
+    assert run["open_loop"]["cpu_ms_per_cycle"] > 0
 
 
 def test_read_paths_smoke(tmp_path):
@@ -48,9 +51,12 @@ def test_read_paths_smoke(tmp_path):
 def test_data_plane_smoke(tmp_path):
     need("iperf3")
     result = run_smoke("data_plane", tmp_path)
-    for path in ("udp", "ws", "http", "websocat"):
+    for path in ("udp", "ws", "http", "websocat_client", "websocat"):
         assert result["paths"][path]["median_mbps"] > 0, path
         assert result["paths"][path]["median_rtt_ms"] is not None, path
+    for path in ("ws", "http", "websocat_client"):
+        assert result["paths"][path]["median_cpu_s_per_gb"] > 0, path
+    assert result["many"]["median_udp_mbps"] > 0 and result["many"]["median_ws_mbps"] > 0
 
 
 def test_memory_smoke(tmp_path):

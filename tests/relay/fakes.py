@@ -34,6 +34,8 @@ class UdpPeer:
     def __init__(self, relay_address):
         self.relay_address = tuple(relay_address)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Room for a burst of a hundred full-size datagrams, as WireGuard's own socket has.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
 
@@ -201,7 +203,7 @@ class FakeTunnelServer:
 class FakeWsServer:
     """GET /wireguard/ws: checks the token, echoes binary messages."""
 
-    def __init__(self, tls=None):
+    def __init__(self, tls=None, subprotocols=None):
         self.requests = []  # handshake request headers
         self.connections = []
         self.received = []
@@ -209,7 +211,7 @@ class FakeWsServer:
         # compression left at the library default (deflate offered if asked)
         # so that a client asking for it would get it and the test would see.
         self.server = serve(self._handler, "127.0.0.1", 0, process_request=self._check,
-                            max_size=65535, ssl=tls)
+                            max_size=65537, ssl=tls, subprotocols=subprotocols)
         self.port = self.server.socket.getsockname()[1]
         self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

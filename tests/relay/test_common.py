@@ -93,13 +93,13 @@ def test_local_port_answers_the_last_sender():
         first.bind(("127.0.0.1", 0))
         second.bind(("127.0.0.1", 0))
         second.settimeout(5)
-        assert port.send(wg_datagram(0)) is False  # nobody has spoken yet
+        assert port.send([wg_datagram(0)]) == (0, 0)  # nobody has spoken yet
         assert port.receive() is None  # times out instead of blocking forever
         first.sendto(wg_datagram(1), port.address)
         assert port.receive() == wg_datagram(1)
         second.sendto(wg_datagram(2), port.address)
         assert port.receive() == wg_datagram(2)
-        assert port.send(wg_datagram(3)) is True
+        assert port.send([wg_datagram(3)]) == (1, len(wg_datagram(3)))
         assert second.recvfrom(65535) == (wg_datagram(3), tuple(port.address))
         first.settimeout(0.2)
         with pytest.raises(socket.timeout):
@@ -118,3 +118,20 @@ def test_local_port_in_use_raises():
             LocalPort(*taken.getsockname())
     finally:
         taken.close()
+
+
+def test_local_port_sends_equal_sized_runs_segmented_as_separate_datagrams():
+    port = LocalPort("127.0.0.1", 0)
+    wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        wireguard.bind(("127.0.0.1", 0))
+        wireguard.settimeout(5)
+        wireguard.sendto(wg_datagram(0), port.address)
+        assert port.receive_many() == [wg_datagram(0)]
+        sent = [wg_datagram(i, size=1400) for i in range(20)] + [wg_datagram(99)]
+        assert port.send(sent) == (21, sum(map(len, sent)))
+        assert [wireguard.recvfrom(65535)[0] for _ in sent] == sent
+        assert LocalPort.gso, "the kernel refused UDP segmentation, so only the fallback ran"
+    finally:
+        wireguard.close()
+        port.close()

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from orbmesh_relay.framing import (BATCH_TYPE, MAX_DATAGRAM, MIN_WIREGUARD, SINGLE_TYPE, FramingError,
-                                   decode_batch, encode_batch, is_wireguard, record_size)
+from orbmesh_relay.framing import (BATCH_TYPE, GSO_MAX_BYTES, GSO_MAX_SEGMENTS, MAX_DATAGRAM, MIN_WIREGUARD,
+                                   SINGLE_TYPE, FramingError, decode_batch, encode_batch, gso_runs, is_wireguard,
+                                   record_size)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +91,16 @@ def test_content_types_are_the_documented_ones():
     protocol = (ROOT / "docs" / "tunnel-protocol.md").read_text()
     assert "**Single** (`%s`)" % SINGLE_TYPE in protocol
     assert "**Batch** (`%s`)" % BATCH_TYPE in protocol
+
+
+def test_gso_runs_group_equal_sizes_and_let_a_shorter_one_end_a_run():
+    a, b, c = bytes(1400), bytes(100), bytes(1500)
+    runs = gso_runs([a, a, a, b, a, c, c, a])
+    assert runs == [(1400, [a, a, a, b]), (1400, [a]), (1500, [c, c, a])]
+    assert [d for _, run in runs for d in run] == [a, a, a, b, a, c, c, a]
+
+
+def test_gso_runs_stay_within_the_kernels_limits():
+    runs = gso_runs([bytes(1000)] * 200)
+    assert all(len(run) <= GSO_MAX_SEGMENTS and sum(map(len, run)) <= GSO_MAX_BYTES for _, run in runs)
+    assert sum(len(run) for _, run in runs) == 200

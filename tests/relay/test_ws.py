@@ -1,6 +1,7 @@
 """The relay's WebSocket transport against a fake echo server (not the real app)."""
 import pytest
 
+from orbmesh_relay.framing import BATCH_PROTOCOL, MAX_BATCH_MESSAGE, decode_batch
 from orbmesh_relay.relay import Relay
 from orbmesh_relay.ws import ws_uri
 from tests.relay.fakes import TOKEN, FakeWsServer, UdpPeer, wait_for, wg_datagram
@@ -51,9 +52,30 @@ def test_handshake_headers_and_no_compression(server, relay):
     assert request.path == "/wireguard/ws"
     assert request.headers["Authorization"] == "Bearer " + TOKEN
     assert "Sec-WebSocket-Extensions" not in request.headers
-    assert "Sec-WebSocket-Protocol" not in request.headers
+    assert request.headers["Sec-WebSocket-Protocol"] == BATCH_PROTOCOL  # offered; this server declines
     connection = server.connections[0]
     assert "Sec-WebSocket-Extensions" not in connection.response.headers
+    assert connection.subprotocol is None
+
+
+def test_batches_when_the_server_takes_the_subprotocol():
+    server = FakeWsServer(subprotocols=[BATCH_PROTOCOL])
+    relay = start_relay(server.url)
+    peer = UdpPeer(relay.local.address)
+    try:
+        wait_for(lambda: relay.stats.connected, what="connected")
+        sent = [wg_datagram(i, size=1400) for i in range(100)]
+        for datagram in sent:
+            peer.send(datagram)
+        assert peer.receive_all(len(sent)) == sent  # the echo, split back into datagrams, in order
+        messages = list(server.received)
+        assert [d for m in messages for d in decode_batch(m)] == sent
+        assert len(messages) < len(sent), "every datagram went in a message of its own"
+        assert max(map(len, messages)) <= MAX_BATCH_MESSAGE
+    finally:
+        peer.close()
+        relay.stop()
+        server.stop()
 
 
 def test_bad_token_is_fatal(server):
