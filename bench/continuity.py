@@ -91,7 +91,25 @@ def main(argv=None):
                                 for t, figures in per.items()}
                          for name, per in samples.items()}}
     common.write_result(args.out, NAME, result, render(result, args.smoke))
+    common.chart(args.out, NAME, lambda figure: draw(figure, result))
     return 0
+
+
+def draw(figure, result):
+    """The longest gap per event and transport (log scale: 0.06 s beside WireGuard's own 15 s)."""
+    axes = figure.subplots()
+    events = list(result["events"])
+    width = 0.27
+    for i, (transport, color) in enumerate(zip(continuity.TRANSPORTS, ("#2a7", "#27a", "#a72"))):
+        axes.bar([x + (i - 1) * width for x in range(len(events))],
+                 [max(result["events"][e][transport]["median_gap_s"], 0.01) for e in events], width,
+                 label=transport, color=color)
+    axes.axhline(result["ping_interval_s"], color="#888", linestyle=":", label="one ping interval")
+    axes.set_yscale("log")
+    axes.set_xticks(range(len(events)), [e.replace(" (", "\n(") for e in events], fontsize=7)
+    axes.set_ylabel("longest gap, s (median)")
+    axes.set_title("What a client feels while our processes restart")
+    axes.legend(fontsize=8)
 
 
 def cell(figures):
