@@ -73,6 +73,10 @@ class Topology:
         if self.wg is not None:
             self.wg.close()
         shutil.rmtree(self.etc, ignore_errors=True)
+        try:
+            self.etc.parent.rmdir()  # /etc/netns, when nothing else (say, another test) uses it
+        except OSError:
+            pass
         self.upstream.close()
         self.internet.close()
 
