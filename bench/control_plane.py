@@ -26,6 +26,7 @@ measured back to back on one machine.  The "panel" baseline of earlier
 versions (whole-file `wg syncconf` per change) is gone: it measured
 throughput, which the open loop does not chase.
 """
+import json
 import queue
 import random
 import subprocess
@@ -77,6 +78,24 @@ def make_stack(lab, root, tag):
         stack.__class__ = CheckoutStack
         stack.root = Path(root).resolve()
     return stack
+
+
+SEED = """
+import json, sys, types
+sys.path.insert(0, sys.argv[1])
+from bench import common
+print(common.seed_peers(types.SimpleNamespace(env=json.loads(sys.argv[2])), int(sys.argv[3])))
+"""
+
+
+def seed(stack, level):
+    """common.seed_peers with the stack's own code: the other checkout's schema may differ from ours."""
+    root = getattr(stack, "root", None)
+    if root is None:
+        return common.seed_peers(stack, level)
+    done = subprocess.run([str(root / ".venv" / "bin" / "python"), "-c", SEED, str(root), json.dumps(stack.env),
+                           str(level)], capture_output=True, text=True, check=True, cwd=root)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def stack_cpu(stack):
@@ -273,7 +292,7 @@ def main(argv=None):
         for level in levels:
             entry = {}
             for name, stack in stacks.items():
-                entry[name + "_seed_sync_s"] = round(common.seed_peers(stack, level), 2)
+                entry[name + "_seed_sync_s"] = round(seed(stack, level), 2)
             per_side = {name: [] for name in stacks}
             for run in range(runs):  # interleaved, so both sides see the same noise
                 for name, got in measure(stacks, clients, duration, level, run).items():
