@@ -1,8 +1,10 @@
 """The WebSocket connection behind /wireguard/ws: one greenlet per session.
 
-simple-websocket (what flask-sock runs on) does the handshake; after it,
-``serve()`` relays between the client and the session's UDP socket in the
-request's own greenlet, with one selector over both sockets:
+simple-websocket (what flask-sock runs on) does the handshake; then
+``detach()`` takes the connection out of the request (app/tunnel.py runs it
+in a greenlet of its own and the request ends), and ``serve()`` relays
+between the client and the session's UDP socket with one selector over
+both sockets:
 
 - No reader thread and no inbox.  Each message from the client goes to
   WireGuard as soon as it is parsed, so a session holds at most one
@@ -26,6 +28,7 @@ long queue of frames ahead of the ping is not taken for dead; no pong and
 no other frame by then closes with 1008.  A client whose socket takes
 nothing for two ping intervals has stopped reading: it is dropped.
 """
+import copy
 import fcntl
 import selectors
 import socket
@@ -110,10 +113,28 @@ class TunnelWebSocket(simple_websocket.Server):
                          ping_interval=ping_interval, max_message_size=max_message_size,
                          thread_class=_NoThread, event_class=_NoEvent)
         # Past the handshake only the frame layer is used: drop the HTTP
-        # parser, the request and their buffers (a few kB a session).
+        # parser, the request, the WSGI environ and their buffers (a few kB
+        # a session, held for hours).
         self.ws = self.ws.connection
+        del self.environ
+        self._handshake_headers = self.subprotocols = self.thread = self.event = None
         now = time.monotonic()
         self.last_heard = self.last_datagram = self.last_progress = now
+
+    def detach(self):
+        """A copy of this connection that outlives the request, on a duplicate of its socket.
+
+        An idle session held in the request's greenlet keeps gunicorn's and
+        Flask's request objects and a deep saved stack alive (about 12 kB of
+        the 28 kB an idle session cost; docs/benchmarks.md).  gunicorn
+        closes its own descriptor when the request ends; the duplicate keeps
+        the TCP connection.  This object is left closed, so flask-sock's
+        close() after the view does nothing.
+        """
+        session = copy.copy(self)
+        session.sock = self.sock.dup()
+        self.connected = False
+        return session
 
     # writing
 

@@ -18,7 +18,10 @@ import os
 bind = os.environ.get("ORBMESH_BIND", "") or "127.0.0.1:8081"
 worker_class = "gevent"
 workers = 1
-# Thousands of WebSocket tunnels and parked long polls per instance.
+# Open HTTP requests per worker, parked tunnel long polls included.  A
+# WebSocket tunnel leaves this count once upgraded (app/tunnel.py runs it
+# outside the request); sessions are bounded per device by
+# ORBMESH_TUNNEL_MAX_SESSIONS and in all by LimitNOFILE (one or two descriptors each).
 worker_connections = 10000
 # No preload: each worker starts its own reconcile watcher (a thread and a
 # helper connection) after the fork; preloading would start it in the master.

@@ -7,10 +7,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from simple_websocket import ConnectionClosed
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
 from orbmesh_relay.framing import BATCH_PROTOCOL, decode_batch, encode_batch
-from tests.app.wspair import Session, pair
+from tests.app.wspair import PairPipe, Session, pair
 
 
 def wg(i, size=64):
@@ -64,6 +65,29 @@ def test_batch_subprotocol_is_accepted_when_offered():
     event = read_events(client, sock, lambda e: isinstance(e, AcceptConnection))
     assert event.subprotocol == BATCH_PROTOCOL and server.batch
     sock.close()
+
+
+def test_detached_session_relays_after_the_request_closes_its_socket():
+    """The view hands the connection over and gunicorn closes its descriptor: the copy carries on."""
+    server, client, sock = pair()
+    read_events(client, sock, lambda e: isinstance(e, AcceptConnection))
+    session = server.detach()
+    server.sock.close()  # what gunicorn does when the request ends
+    with pytest.raises(ConnectionClosed):
+        server.close()  # flask-sock's close() after the view: the shell is already closed
+    assert not hasattr(session, "environ")  # the request's objects are not kept for the session
+    pipe = PairPipe()
+    relay = threading.Thread(target=lambda: pipe.__dict__.setdefault("reason", session.serve(pipe, 300.0)))
+    relay.start()
+    sock.sendall(client.send(Message(data=wg(7))))
+    assert pipe.wireguard.recv(65535) == wg(7)
+    pipe.wireguard.send(wg(8))
+    got = read_events(client, sock, lambda e: isinstance(e, BytesMessage))
+    assert got.data == wg(8)
+    sock.close()
+    relay.join(timeout=10)
+    assert pipe.reason == "client closed"
+    pipe.close()
 
 
 def test_one_datagram_per_message_both_ways():
