@@ -92,7 +92,12 @@ def sync_spec(peer, addressing=None):
 
 
 class HelperClient:
-    MAX_OPEN = 8  # connections per process, open or kept idle (gevent patches the semaphore below)
+    # Connections per process, open or kept idle (gevent patches the semaphore
+    # below).  Not fewer: the helper merges the changes of the calls that
+    # wait together into one `wg set`, so calls held back here cost more wg
+    # runs; at 8, saturation at 10,000 peers fell from about 600 to about
+    # 400 connects/s (bench/control_plane.py, docs/benchmarks.md).
+    MAX_OPEN = 32
 
     def __init__(self, path, timeout):
         self.path = path

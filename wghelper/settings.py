@@ -188,7 +188,7 @@ HELPER = {
     "WIREGUARD_GO": (text, "wireguard-go", "The wireguard-go program"),
     "HELPER_COMMAND_TIMEOUT": (seconds(0.1, 600), 10.0, "Longest run of one wg/ip/nft/sysctl command, seconds"),
     "HELPER_WATCH_INTERVAL": (seconds(0.05, 3600), 1.0, "How often the helper checks its interface, seconds"),
-    "HELPER_MAX_CONNECTIONS": (integer(1, 4096), 64, "Concurrent connections to the helper socket (8 per API instance)"),
+    "HELPER_MAX_CONNECTIONS": (integer(1, 4096), 256, "Concurrent connections to the helper socket (32 per API instance)"),
     "NAT_UPLINK": (ifname, None, "Uplink interface to masquerade clients out of (empty: no NAT, no forwarding)"),
     "NAT_TABLE": (nft_table, "orbmesh", "The helper's nftables table (inet family)"),
     "CLIENT_TO_CLIENT": (choice("on", "off"), "off", "Let tunnel clients reach each other"),

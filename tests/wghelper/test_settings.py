@@ -18,7 +18,7 @@ def test_defaults():
     assert s.helper_allowed_uids == frozenset({0})
     assert s.helper_state_dir == "/var/lib/orbmesh-wghelper"
     assert (s.wg_backend, s.wireguard_go) == ("auto", "wireguard-go")
-    assert (s.helper_command_timeout, s.helper_watch_interval, s.helper_max_connections) == (10.0, 1.0, 64)
+    assert (s.helper_command_timeout, s.helper_watch_interval, s.helper_max_connections) == (10.0, 1.0, 256)
 
 
 def test_read_env_file(tmp_path):
