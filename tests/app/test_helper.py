@@ -24,7 +24,7 @@ class Helper:
         self.stall = stall
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
-        self.server.listen(8)
+        self.server.listen(128)  # as the helper: more than MAX_OPEN connect at once
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
