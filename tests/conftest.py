@@ -2,6 +2,7 @@
 import base64
 import ipaddress
 import os
+import socket
 import sqlite3
 import sys
 
@@ -138,6 +139,16 @@ class FakeResolver:
 
     def error(self):
         return self.failure
+
+
+@pytest.fixture
+def wireguard():
+    """A UDP socket standing in for our WireGuard's listen port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    yield sock
+    sock.close()
 
 
 @pytest.fixture

@@ -13,16 +13,6 @@ from app.sessions import HttpSession, HttpSessions, SessionSlots, UdpPipe
 WG_DATA = b"\x04\x00\x00\x00" + b"d" * 28  # shaped like a transport data message
 
 
-@pytest.fixture
-def wireguard():
-    """A UDP socket standing in for our WireGuard's listen port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(5)
-    yield sock
-    sock.close()
-
-
 def wait_for(condition, what):
     deadline = time.monotonic() + 10
     while not condition():

@@ -1,20 +1,9 @@
 """POST /wireguard/tunnel in the app: what it relays, and each request it refuses before a datagram moves."""
-import socket
 
 import pytest
 
 WG_DATA = b"\x04\x00\x00\x00" + b"d" * 28  # shaped like a transport data message
 SINGLE, BATCH = "application/octet-stream", "application/x-wireguard-batch"
-
-
-@pytest.fixture
-def wireguard():
-    """A UDP socket standing in for our WireGuard's listen port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(5)
-    yield sock
-    sock.close()
 
 
 @pytest.fixture
