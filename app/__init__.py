@@ -5,7 +5,7 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import (audit, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
+from . import (audit, auth, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
                reconcile, resolver, shutdown, smartconnect, tunnel, wireguard, wsconn)
 from .allocator import Allocator
 
@@ -23,6 +23,7 @@ def create_app(test_config=None):
 
     logs.init_app(app)
     errors.init_app(app)
+    auth.init_app(app)
     db.init_app(app)
     helper.init_app(app)
     audit.init_app(app)

@@ -18,7 +18,7 @@ from werkzeug.routing import WebsocketMismatch
 from orbmesh_relay.framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
 
 from . import metrics, ratelimit, shutdown
-from .auth import bearer_token, verify_device_token
+from .auth import authenticate_device
 from .errors import ApiError, error_response
 from .sessions import HttpSessions, SessionSlots, UdpPipe
 
@@ -34,7 +34,7 @@ def _slots():
 
 @bp.before_request
 def _authenticate():
-    g.device = verify_device_token(bearer_token(), current_app.config)
+    g.device = authenticate_device()
     shutdown.refuse_new()
     if request.endpoint == "tunnel.ws":
         ratelimit.check("tunnel")
@@ -152,7 +152,7 @@ def _not_an_upgrade(exc):
     The token is still checked first, so no credentials always means 401.
     """
     try:
-        verify_device_token(bearer_token(), current_app.config)
+        authenticate_device()
     except ApiError as error:
         return error_response(error.code, error.message)
     return error_response("VALIDATION_ERROR", "This endpoint needs a WebSocket upgrade (Upgrade: websocket)")

@@ -109,8 +109,8 @@ def add_arguments(parser):
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     tls.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify the server with")
-    parser.add_argument("--http-senders", type=_arg(_senders), default=2, metavar="N",
-                        help="HTTP mode: sending requests in flight (default 2)")
+    parser.add_argument("--http-senders", type=_arg(_senders), default=1, metavar="N",
+                        help="HTTP mode: sending requests in flight (default 1)")
     parser.add_argument("--session", type=_arg(_session),
                         help="HTTP mode: X-Tunnel-Session name (default: random per process)")
 

@@ -8,6 +8,14 @@ each take what is queued, send it as one batch with X-Tunnel-Wait: 0 and
 deliver whatever the answer carries.  Each thread has its own keep-alive
 connection, so neither direction waits for the other.
 
+Every request costs the server the same, whatever it carries (gunicorn,
+Flask, the token, a TCP answer: 80% of the worker under a bulk upload,
+docs/benchmarks.md).  So while an upload is under way (the last batch held
+BULK_BYTES or more) a sender waits up to FILL_WAIT for FILL_BYTES, and the
+receiver waits PARK_PAUSE before parking again, leaving the downstream
+(the upload's TCP ACKs) to the senders' answers.  A ping or a keepalive
+never waits.
+
 Like ws.py, it gets the Relay passed in and never imports relay.py.
 """
 import collections
@@ -15,6 +23,7 @@ import http.client
 import logging
 import socket
 import threading
+import time
 from urllib.parse import urlsplit
 
 from .common import Unauthorized, unauthorized_message
@@ -27,6 +36,10 @@ MAX_BATCH_BYTES = 256 * 1024
 QUEUE_LIMIT = 1024  # datagrams; the same bound as the server's downstream queue
 PARKED_TIMEOUT = 90.0  # well above the server's default hold (20 s)
 SEND_TIMEOUT = 30.0
+BULK_BYTES = 32 * 1024
+FILL_BYTES = 128 * 1024
+FILL_WAIT = 0.002
+PARK_PAUSE = 0.004
 
 
 class TunnelError(Exception):
@@ -105,6 +118,8 @@ class HttpTransport:
         self.port = parts.port or (443 if self.https else 80)
         self.path = parts.path.rstrip("/") + PATH
         self.queue = collections.deque()
+        self.queued = 0  # bytes in queue
+        self.bulk = False  # the last batch sent held BULK_BYTES or more
         self.ready = threading.Condition()
         self.channels = []
 
@@ -120,29 +135,47 @@ class HttpTransport:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def _reader(self):
-        relay = self.relay
-        for batch in relay.local_batches():
-            with self.ready:
-                self.queue.extend(batch)
-                excess = len(self.queue) - QUEUE_LIMIT
-                # The oldest are the stalest; WireGuard copes with loss.
-                for _ in range(max(0, excess)):
-                    self.queue.popleft()
-                relay.stats.drop(max(0, excess))
-                self.ready.notify()
+        for batch in self.relay.local_batches():
+            self._put(batch)
+
+    def _put(self, batch):
+        with self.ready:
+            self.queue.extend(batch)
+            self.queued += sum(map(len, batch))
+            excess = len(self.queue) - QUEUE_LIMIT
+            # The oldest are the stalest; WireGuard copes with loss.
+            for _ in range(max(0, excess)):
+                self.queued -= len(self.queue.popleft())
+            self.relay.stats.drop(max(0, excess))
+            self.ready.notify()
 
     def _take(self):
-        """Wait for at least one datagram, then take up to MAX_BATCH_BYTES of them."""
+        """Wait for at least one datagram (in bulk, for FILL_BYTES or FILL_WAIT), then take up to
+        MAX_BATCH_BYTES of them."""
         with self.ready:
-            while not self.queue:
+            filled_by = None
+            while True:
                 if self.relay.stopping.is_set():
                     return []
-                self.ready.wait(0.5)
+                # Another sender may have emptied the queue while this one waited to fill.
+                if not self.queue:
+                    filled_by = None
+                    self.ready.wait(0.5)
+                    continue
+                if not self.bulk or self.queued >= FILL_BYTES:
+                    break
+                now = time.monotonic()
+                filled_by = filled_by or now + FILL_WAIT
+                if now >= filled_by:
+                    break
+                self.ready.wait(filled_by - now)
             batch = [self.queue.popleft()]
             size = record_size(batch[0])
             while self.queue and size + record_size(self.queue[0]) <= MAX_BATCH_BYTES:
                 size += record_size(self.queue[0])
                 batch.append(self.queue.popleft())
+            self.queued -= sum(map(len, batch))
+            self.bulk = size >= BULK_BYTES
             return batch
 
     def _receiver(self):
@@ -152,7 +185,10 @@ class HttpTransport:
         # The first request on a new connection does not wait: it opens the
         # session and proves the token at once, instead of after a full hold.
         wait = "0" if channel.conn is None else None
-        self.relay.deliver(channel.post(b"", wait=wait))
+        answer = channel.post(b"", wait=wait)
+        self.relay.deliver(answer)
+        if answer and self.bulk:
+            self.relay.stopping.wait(PARK_PAUSE)
 
     def _sender(self):
         self._loop(SEND_TIMEOUT, self._send_once)

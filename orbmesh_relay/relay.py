@@ -31,7 +31,7 @@ class Relay:
     Tests drive this directly; cli.run() adds signals and the status printer.
     """
 
-    def __init__(self, transport, url, token, listen, *, ssl_context=None, http_senders=2,
+    def __init__(self, transport, url, token, listen, *, ssl_context=None, http_senders=1,
                  session=None, backoff_first=0.5):
         self.transport_name = transport
         self.url = url

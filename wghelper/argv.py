@@ -10,10 +10,12 @@ private-key FILE``) or on stdin (``wg pubkey``).
 Commands is what the rest of the helper calls; Runner, below it, is the
 only code that imports ``sh``.
 """
+import itertools
 import logging
 import os
 import signal
 import threading
+import time
 
 import sh
 
@@ -157,6 +159,48 @@ def clean_stderr(data, secret=None):
     return text[:STDERR_LIMIT] + "..." if len(text) > STDERR_LIMIT else text
 
 
+class Deadlines:
+    """One thread that kills every run past its deadline.
+
+    A threading.Timer per run started and joined a thread on every wg and
+    ip call: 0.7 ms of the 5.6 ms of CPU a run costs (docs/benchmarks.md).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._runs = {}  # key -> (deadline, expire)
+        self._keys = itertools.count()
+        self._thread = None
+
+    def watch(self, seconds, expire):
+        """Call expire() in `seconds` unless forget(key) comes first; returns the key."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="run-deadlines", daemon=True)
+                self._thread.start()
+            key = next(self._keys)
+            self._runs[key] = (time.monotonic() + seconds, expire)
+            self._cond.notify()
+            return key
+
+    def forget(self, key):
+        with self._cond:
+            self._runs.pop(key, None)
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [key for key, (deadline, _) in self._runs.items() if deadline <= now]
+                if not due:
+                    soonest = min((deadline for deadline, _ in self._runs.values()), default=None)
+                    self._cond.wait(None if soonest is None else soonest - now)
+                    continue
+                expired = [self._runs.pop(key)[1] for key in due]
+            for expire in expired:
+                expire()
+
+
 class Runner:
     """Runs one argv with a deadline, LANG=C and a clean environment."""
 
@@ -167,7 +211,7 @@ class Runner:
         self._env = {"LANG": "C", "PATH": os.environ.get("PATH") or DEFAULT_PATH}
         # No sh `_timeout`: sh then polls the child every 0.1 s, which added
         # ~100 ms to every wg/ip call (profiled by bench/control_plane.py);
-        # run() enforces the deadline with a timer instead.  Output in 64 KiB
+        # run() enforces the deadline with Deadlines instead.  Output in 64 KiB
         # chunks, not line by line: halves reading a 10,000-peer dump.
         # No stdin pipe and feeder thread unless there is stdin to feed, and no
         # fd sweep in the forked child (Python opens every fd close-on-exec):
@@ -175,6 +219,7 @@ class Runner:
         self._common = {"_tty_out": False, "_env": self._env, "_out_bufsize": 1 << 16, "_close_fds": False}
         self._null = os.open(os.devnull, os.O_RDONLY)
         self._tools = {}
+        self._deadlines = Deadlines()
 
     def _tool(self, name):
         # Looked up on first use: a helper without NAT must start on a host without nft.
@@ -194,9 +239,7 @@ class Runner:
                 fired.append(True)
                 running.signal(signal.SIGKILL)
 
-        timer = threading.Timer(self.timeout, expire)
-        timer.daemon = True
-        timer.start()
+        key = self._deadlines.watch(self.timeout, expire)
         try:
             running.wait()
             return str(running)
@@ -205,4 +248,4 @@ class Runner:
                 raise CommandFailed(tool, None, "timed out after %gs" % self.timeout) from None
             raise CommandFailed(tool, exc.exit_code, clean_stderr(exc.stderr, stdin if redact else None)) from None
         finally:
-            timer.cancel()
+            self._deadlines.forget(key)

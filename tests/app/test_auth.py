@@ -161,3 +161,73 @@ def test_scoped_keys_from_a_file(settings, tmp_path):
     path.write_text("  # entry a\n%s=%s\n\n" % (SCOPED, ENTRY_USER))
     application = create_app(dict(settings, SCOPED_API_KEYS_FILE=str(path)))
     assert application.config["SCOPED_API_KEYS"] == {SCOPED: ENTRY_USER}
+
+
+# --- VerifiedTokens: a verified token is not decoded again until it expires ---
+
+def hs_token(app, **extra):
+    return jwt.encode(dict(claims(), **extra), app.config["JWT_SECRET"], algorithm="HS256")
+
+
+def test_a_verified_token_is_decoded_once(app, monkeypatch):
+    from app import auth
+
+    tokens, token = auth.VerifiedTokens(), hs_token(app)
+    decodes = []
+    real = jwt.decode
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    assert [tokens.verify(token, app.config) for _ in range(3)] == [("u1", "d1")] * 3
+    assert len(decodes) == 1
+
+
+def test_a_cached_token_is_refused_once_it_expires(app, monkeypatch):
+    from app import auth
+
+    tokens = auth.VerifiedTokens()
+    token = hs_token(app, exp=int(time.time()) + 5)
+    assert tokens.verify(token, app.config) == ("u1", "d1")
+    later = time.time() + 5 + app.config["JWT_LEEWAY"] + 1
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    monkeypatch.setattr(jwt.api_jwt, "datetime", _frozen_datetime(later))
+    with pytest.raises(auth.ApiError) as refused:
+        tokens.verify(token, app.config)
+    assert refused.value.code == "UNAUTHORIZED"
+
+
+def _frozen_datetime(when):
+    import datetime as real
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime.fromtimestamp(when, tz)
+    return Frozen
+
+
+def test_refused_tokens_are_not_cached_and_the_cache_is_bounded(app, monkeypatch):
+    from app import auth
+
+    tokens = auth.VerifiedTokens()
+    bad = hs_token(app, token_type="user")
+    for _ in range(2):
+        with pytest.raises(auth.ApiError):
+            tokens.verify(bad, app.config)
+    assert tokens._entries == {}
+    monkeypatch.setattr(auth.VerifiedTokens, "SIZE", 3)
+    for i in range(7):
+        tokens.verify(hs_token(app, sub="u%d" % i), app.config)
+        assert len(tokens._entries) <= 3
+    # Keyed by digest: no token is kept.
+    assert all(len(key) == 32 for key in tokens._entries)
+
+
+def test_the_cache_serves_requests_and_a_bad_token_still_gets_401(client, app):
+    token = hs_token(app)
+    for _ in range(2):
+        reply = client.post("/wireguard/connect", json={"publicKey": make_key(1)},
+                            headers={"Authorization": "Bearer " + token})
+        assert reply.status_code == 200, reply.get_json()
+    assert len(app.extensions["orbmesh_tokens"]._entries) == 1
+    reply = client.post("/wireguard/connect", json={"publicKey": make_key(1)},
+                        headers={"Authorization": "Bearer " + token[:-2] + "xx"})
+    assert reply.status_code == 401 and reply.get_json()["error"]["code"] == "UNAUTHORIZED"

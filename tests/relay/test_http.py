@@ -1,6 +1,10 @@
 """The relay's HTTP transport against a fake batch server (not the real app)."""
+import threading
+import time
+
 import pytest
 
+from orbmesh_relay import http as transport_module
 from orbmesh_relay.http import HttpTransport
 from orbmesh_relay.relay import Relay
 from tests.relay.fakes import TOKEN, FakeTunnelServer, UdpPeer, wait_for, wg_datagram
@@ -172,3 +176,97 @@ def test_base_path_and_default_port():
         other.stop()
     finally:
         relay.stop()
+
+
+# --- bulk: a sender waits to fill its batch, and only while an upload is under way ---
+
+@pytest.fixture
+def transport():
+    relay = Relay("http", "http://127.0.0.1:9", TOKEN, ("127.0.0.1", 0))  # never started
+    yield relay.transport
+    relay.stop()
+
+
+def taken_in_thread(transport):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("batch", transport._take()))
+    thread.start()
+    return thread, out
+
+
+def test_outside_bulk_a_sender_takes_what_is_there(transport, monkeypatch):
+    monkeypatch.setattr("orbmesh_relay.http.FILL_WAIT", 30.0)
+    transport._put([wg_datagram(1)])
+    assert transport._take() == [wg_datagram(1)]
+    assert not transport.bulk and transport.queued == 0
+
+
+def test_in_bulk_a_sender_waits_until_its_batch_is_full(transport, monkeypatch):
+    monkeypatch.setattr("orbmesh_relay.http.FILL_WAIT", 30.0)
+    monkeypatch.setattr("orbmesh_relay.http.FILL_BYTES", 4000)
+    transport.bulk = True
+    transport._put([wg_datagram(1, size=1000)])
+    thread, out = taken_in_thread(transport)
+    thread.join(0.2)
+    assert thread.is_alive()  # 1,000 of 4,000 bytes: still filling
+    more = [wg_datagram(i, size=1000) for i in range(2, 5)]
+    transport._put(more)
+    thread.join(10)
+    assert out["batch"] == [wg_datagram(1, size=1000)] + more
+    # 4,000 bytes is under BULK_BYTES: the next batch goes at once again.
+    assert not transport.bulk and transport.queued == 0
+
+
+def test_in_bulk_a_sender_goes_with_what_it_has_after_fill_wait(transport, monkeypatch):
+    monkeypatch.setattr("orbmesh_relay.http.FILL_WAIT", 0.05)
+    transport.bulk = True
+    transport._put([wg_datagram(1)])
+    assert transport._take() == [wg_datagram(1)]
+
+
+def test_a_sender_whose_queue_another_emptied_waits_for_the_next(transport, monkeypatch):
+    monkeypatch.setattr("orbmesh_relay.http.FILL_WAIT", 0.3)
+    transport.bulk = True
+    transport._put([wg_datagram(1)])
+    thread, out = taken_in_thread(transport)
+    time.sleep(0.1)  # now filling its batch
+    with transport.ready:  # another sender takes everything
+        transport.queue.clear()
+        transport.queued = 0
+    thread.join(0.6)  # past its fill deadline, with nothing left to take
+    assert thread.is_alive() and "batch" not in out
+    transport._put([wg_datagram(2)])
+    thread.join(10)
+    assert out["batch"] == [wg_datagram(2)]
+
+
+class _Channel:
+    conn = object()  # an open connection: the receiver parks with the server's default wait
+
+    def __init__(self, answer):
+        self.answer, self.waits = answer, []
+
+    def post(self, body, wait=None):
+        self.waits.append(wait)
+        return self.answer
+
+
+class _Stopping(threading.Event):
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return self.is_set()
+
+
+@pytest.mark.parametrize("bulk, answer, pauses", [(True, [wg_datagram(1)], True), (True, [], False),
+                                                  (False, [wg_datagram(1)], False)])
+def test_the_receiver_pauses_only_after_an_answer_during_an_upload(transport, bulk, answer, pauses):
+    transport.bulk = bulk
+    channel, stopping = _Channel(answer), _Stopping()
+    transport.relay.stopping = stopping
+    transport._receive_once(channel)
+    assert channel.waits == [None]
+    assert stopping.waits == ([transport_module.PARK_PAUSE] if pauses else [])

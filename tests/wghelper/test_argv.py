@@ -1,10 +1,12 @@
 """Everything root can run (wghelper/argv.py): each command shape's exact argv, and the real Runner."""
 import base64
+import threading
+import time
 
 import pytest
 
 from wghelper import keys
-from wghelper.argv import PEERS_PER_CALL, Commands, Runner, clean_stderr
+from wghelper.argv import PEERS_PER_CALL, Commands, Deadlines, Runner, clean_stderr
 from wghelper.errors import CommandFailed
 
 from .fakes import key
@@ -124,6 +126,38 @@ def test_real_runner_kills_a_command_past_its_timeout():
         Runner(timeout=0.5).run("ip", ["monitor", "link"])
     assert info.value.command == "ip" and info.value.exit_code is None
     assert info.value.stderr == "timed out after 0.5s"
+
+
+def test_one_runner_kills_only_the_run_past_its_deadline():
+    runner = Runner(timeout=0.5)
+    outcomes = {}
+
+    def run(name, args):
+        try:
+            outcomes[name] = runner.run("ip", args).split(":")[0]
+        except CommandFailed as exc:
+            outcomes[name] = exc.stderr
+
+    threads = [threading.Thread(target=run, args=("monitor", ["monitor", "link"])),
+               threading.Thread(target=run, args=("show", ["link", "show", "dev", "lo"]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == {"monitor": "timed out after 0.5s", "show": "1"}
+    assert list(runner._deadlines._runs) == []  # every run forgotten once over
+
+
+def test_deadlines_fire_in_order_and_not_once_forgotten():
+    deadlines, fired = Deadlines(), []
+    done = threading.Event()
+    deadlines.watch(0.3, lambda: (fired.append("late"), done.set()))
+    forgotten = deadlines.watch(0.05, lambda: fired.append("forgotten"))
+    deadlines.watch(0.1, lambda: fired.append("early"))
+    deadlines.forget(forgotten)
+    assert done.wait(5)
+    time.sleep(0.1)
+    assert fired == ["early", "late"]
 
 
 def test_real_runner_refuses_a_missing_tool():
