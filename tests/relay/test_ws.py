@@ -117,3 +117,56 @@ def test_uri():
     assert ws_uri("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/wireguard/ws"
     assert ws_uri("https://vpn.example:8443/") == "wss://vpn.example:8443/wireguard/ws"
     assert ws_uri("https://[2001:db8::1]:8443/base") == "wss://[2001:db8::1]:8443/base/wireguard/ws"
+
+
+def test_answers_the_servers_pings(server, relay):
+    pong = server.connections[0].ping()
+    assert pong.wait(10)
+
+
+def test_a_fragmented_message_arrives_whole(server, relay, peer):
+    peer.send(wg_datagram(1))  # the relay learns where local WireGuard is
+    assert peer.receive_all(1) == [wg_datagram(1)]
+    datagram = wg_datagram(2, size=1200)
+    server.connections[0].send([datagram[:500], datagram[500:1000], datagram[1000:]])
+    assert peer.receive_all(1) == [datagram]
+
+
+def test_frames_sent_with_the_handshake_answer_are_delivered():
+    """A server may write its first message in the same segment as its 101."""
+    import base64
+    import hashlib
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = threading.Event()
+    datagram = wg_datagram(7)
+
+    def serve():
+        conn, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        answer.wait(10)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + bytes([0x82, len(datagram)]) + datagram)
+        conn.recv(4096)  # until the relay goes
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    relay = start_relay("http://127.0.0.1:%d" % listener.getsockname()[1])
+    peer = UdpPeer(relay.local.address)
+    try:
+        peer.send(wg_datagram(1))  # dropped (not connected yet), but the relay learns the peer
+        wait_for(lambda: relay.stats.dropped == 1, what="the first datagram dropped")
+        answer.set()
+        assert peer.receive_all(1) == [datagram]
+    finally:
+        peer.close()
+        relay.stop()
+        listener.close()
