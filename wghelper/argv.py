@@ -198,7 +198,10 @@ class Deadlines:
                     continue
                 expired = [self._runs.pop(key)[1] for key in due]
             for expire in expired:
-                expire()
+                try:
+                    expire()
+                except Exception:  # the run ended meanwhile; this thread must live on for the others
+                    log.exception("killing a command past its deadline failed")
 
 
 class Runner:

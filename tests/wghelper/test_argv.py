@@ -170,3 +170,14 @@ def test_clean_stderr_redacts_and_truncates():
     secret = keys.generate_private_key()
     assert clean_stderr(("bad key %s\n" % secret).encode(), secret + "\n") == "bad key [redacted]"
     assert len(clean_stderr("x" * 5000)) == 503
+
+
+def test_deadlines_outlive_an_expire_that_fails():
+    deadlines, fired = Deadlines(), threading.Event()
+
+    def fails():
+        raise ProcessLookupError("gone already")
+
+    deadlines.watch(0.01, fails)
+    deadlines.watch(0.1, fired.set)
+    assert fired.wait(5)
