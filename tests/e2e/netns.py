@@ -187,6 +187,15 @@ class Netns:
             conn.close()
 
 
+def creator(made):
+    """netns(tag) -> a new namespace, created and appended to `made` (which the test deletes)."""
+    def netns(tag):
+        ns = Netns(tag)
+        made.append(ns)
+        return ns.create()
+    return netns
+
+
 def veth(ns_a, addr_a, ns_b, addr_b):
     """A veth pair from ns_a to ns_b, addressed and up; returns (if_a, if_b).
 

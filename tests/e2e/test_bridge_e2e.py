@@ -42,7 +42,7 @@ from app.bridges import bridge_user
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet, UdpSink, _WhoAmI, add_address
 from .internet import serve as _serve
-from .netns import Netns, unique_ifname, veth
+from .netns import creator, unique_ifname, veth
 from .probes import Echo, every, reach
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
@@ -78,10 +78,7 @@ class _Registry(http.server.BaseHTTPRequestHandler):
 
 class Topology:
     def __init__(self, made, tmp):
-        def netns(tag):
-            ns = Netns(tag)
-            made.append(ns)
-            return ns.create()
+        netns = creator(made)
 
         self.client, self.entry_ns, self.exit_ns = netns("cli"), netns("entry"), netns("exit")
         veth(self.entry_ns, SERVER_ADDR + "/24", self.client, CLIENT_ADDR + "/24")

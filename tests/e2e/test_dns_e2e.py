@@ -21,7 +21,7 @@ import pytest
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, DnsServer, Internet
-from .netns import Netns, veth
+from .netns import creator, veth
 from .stack import CLIENT_ADDR, GATEWAY, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient
 
@@ -33,10 +33,7 @@ ADDRESS = "198.51.100.80"
 
 class Topology:
     def __init__(self, made, tmp):
-        def netns(tag):
-            ns = Netns(tag)
-            made.append(ns)
-            return ns.create()
+        netns = creator(made)
 
         self.made = made
         self.server, self.client = netns("dnssrv"), netns("dnscli")

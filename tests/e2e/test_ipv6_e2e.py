@@ -19,7 +19,7 @@ from wghelper.settings import ULA
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR6, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet
-from .netns import Netns, unique_ifname, veth
+from .netns import creator, unique_ifname, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
 
@@ -30,10 +30,7 @@ POOL = ipaddress.ip_network("10.8.0.0/16")
 
 class Topology:
     def __init__(self, made, tmp):
-        def netns(tag):
-            ns = Netns(tag)
-            made.append(ns)
-            return ns.create()
+        netns = creator(made)
 
         self.server, self.client = netns("srv6"), netns("cli6")
         veth(self.server, SERVER_ADDR + "/24", self.client, CLIENT_ADDR + "/24")

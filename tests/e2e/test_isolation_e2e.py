@@ -23,7 +23,7 @@ from wghelper import firewall, settings
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, UPLINK_ROUTER, Internet
-from .netns import Netns, veth
+from .netns import creator, veth
 from .probes import ECHO_PORT, Echo, every, reach
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient
@@ -40,10 +40,7 @@ TABLE = "orbmesh"
 
 class Topology:
     def __init__(self, made, tmp):
-        def netns(tag):
-            ns = Netns(tag)
-            made.append(ns)
-            return ns.create()
+        netns = creator(made)
 
         self.echoes = []
         self.server, cli1, self.cli2, self.lan = netns("srv"), netns("cli1"), netns("cli2"), netns("lan")
