@@ -3,18 +3,20 @@
 #
 #   deploy/install.sh [--ports 8081,8082] [--orbnet-allow 198.51.100.7,2001:db8::/64]
 #                     [--listen 8443,[::]:8443] [--cert FULLCHAIN.pem --key KEY.pem]
-#                     [--server-name vpn.example.net] [--root DIR] [--no-venv]
+#                     [--server-name vpn.example.net] [--wireguard auto|kernel|wireguard-go]
+#                     [--wheels DIR] [--root DIR] [--no-venv]
 #
-# Debian packages (Unbound among them), the system user "orbmesh", the code in
-# /opt/orbmesh with its virtualenv, /etc/orbmesh/orbmesh.env (made once, with
-# random secrets), a TLS certificate (self-signed unless --cert/--key), the
-# nginx site, the systemd units (orbmesh-unbound.service: the DNS resolver on
-# the WireGuard gateway, its config rendered at each start); then it enables
-# and starts orbmesh.target and reloads nginx when systemd is running
-# (otherwise it only enables, and says so).
+# Debian packages (Unbound among them), the system user "orbmesh", this
+# checkout installed as a package (not editable) into the virtualenv
+# /opt/orbmesh/venv, /etc/orbmesh/orbmesh.env (made once, with random
+# secrets), a TLS certificate (self-signed unless --cert/--key), the nginx
+# site, the systemd units (orbmesh-unbound.service: the DNS resolver on the
+# WireGuard gateway, its config rendered at each start); then it enables and
+# starts orbmesh.target and reloads nginx when systemd is running (otherwise
+# it only enables, and says so).
 #
 # Idempotent: a second run with the same choices changes no file.  The choices
-# (ports, OrbNET allow list, listen addresses) are kept in
+# (ports, OrbNET allow list, listen addresses, WireGuard) are kept in
 # /etc/orbmesh/deploy.conf, so a later run without options keeps them.
 #
 #   --ports LIST         gunicorn instances (orbmesh-api@PORT on 127.0.0.1);
@@ -24,6 +26,12 @@
 #   --listen LIST        nginx TLS listen addresses (default 8443,[::]:8443)
 #   --cert/--key FILE    a real certificate chain and key to install
 #   --server-name NAME   name (or IP) in the self-signed certificate (default: hostname -f)
+#   --wireguard WHICH    kernel: the helper makes the link; wireguard-go: the
+#                        orbmesh-wireguard-go@IF unit runs the userspace daemon;
+#                        auto (default): kernel when this kernel has WireGuard
+#   --wheels DIR         offline: Python packages only from the wheels in DIR,
+#                        never from an index (build DIR where PyPI is reachable:
+#                        deploy/build-wheels DIR)
 #   --root DIR           install into DIR instead of / (for tests and images): no
 #                        apt, no user creation, no chown, no service start; every
 #                        file is still rendered and placed, units enabled with
@@ -41,8 +49,12 @@ OPT_LISTEN=""
 CERT_IN=""
 KEY_IN=""
 SERVER_NAME=""
+OPT_WIREGUARD=""
+WHEELS=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
+SCRATCH=()  # removed at exit
+trap 'rm -rf "${SCRATCH[@]}"' EXIT
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
@@ -54,7 +66,9 @@ while [ $# -gt 0 ]; do
         --cert) CERT_IN="${2:?}"; shift 2 ;;
         --key) KEY_IN="${2:?}"; shift 2 ;;
         --server-name) SERVER_NAME="${2:?}"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --wireguard) OPT_WIREGUARD="${2:?}"; shift 2 ;;
+        --wheels) WHEELS="${2:?--wheels needs a directory}"; shift 2 ;;
+        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -66,6 +80,11 @@ if [ -n "$ROOT" ]; then
 fi
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
     die "run as root (or use --root DIR to install into a directory)"
+fi
+case "$OPT_WIREGUARD" in ""|auto|kernel|wireguard-go) ;; *) die "--wireguard: auto, kernel or wireguard-go" ;; esac
+if [ -n "$WHEELS" ]; then
+    [ -d "$WHEELS" ] || die "--wheels: no directory $WHEELS"
+    WHEELS="$(cd "$WHEELS" && pwd)"
 fi
 if [ -n "$CERT_IN" ] || [ -n "$KEY_IN" ]; then
     [ -f "$CERT_IN" ] && [ -f "$KEY_IN" ] || die "--cert and --key must both name existing files"
@@ -163,53 +182,78 @@ dir /etc/systemd/system 0755 root:root
 dir /etc/nginx/sites-available 0755 root:root
 dir /etc/nginx/sites-enabled 0755 root:root
 
-# --- the code in /opt/orbmesh --------------------------------------------------
+# --- /opt/orbmesh: the virtualenv, and the files the units name ---------------
 
+# The code itself goes into the virtualenv as a package (below); here only
+# what the units and their Documentation= lines read: gunicorn's settings and
+# the manual.  Anything else under /opt/orbmesh but the venv goes, such as
+# the copied app/ and wghelper/ of an older install.sh, which gunicorn (its
+# working directory is /opt/orbmesh) would otherwise import ahead of the venv.
 DEST="$R/opt/orbmesh"
-CODE_DIRS=(app wghelper deploy docs)
-CODE_FILES=(setup.py setup.cfg requirements.txt README.md)
-source_files() {
-    (cd "$SRC" && find "${CODE_DIRS[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
-        ! -path '*.egg-info/*' | LC_ALL=C sort; printf '%s\n' "${CODE_FILES[@]}")
+DATA=(deploy docs README.md)
+data_files() {
+    (cd "$SRC" && find "${DATA[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort)
 }
 if [ "$(cd "$DEST" && pwd -P)" = "$(cd "$SRC" && pwd -P)" ]; then
-    note "running from $DEST itself: code already in place"
-else
-    while IFS= read -r file; do
-        mode=0644
-        [ -x "$SRC/$file" ] && mode=0755
-        put "$SRC/$file" "/opt/orbmesh/$file" "$mode"
-    done < <(source_files)
-    # Files of an older version that this one no longer has.
-    wanted="$(source_files)"
-    while IFS= read -r file; do
-        if ! grep -qxF "$file" <<<"$wanted"; then
-            rm -f "$DEST/$file"
-            CHANGED=$((CHANGED + 1))
-            note "removed /opt/orbmesh/$file"
-        fi
-    done < <(cd "$DEST" && find "${CODE_DIRS[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
-        ! -path '*.egg-info/*' 2>/dev/null | LC_ALL=C sort)
+    die "run install.sh from a checkout, not from /opt/orbmesh"
 fi
+while IFS= read -r file; do
+    mode=0644
+    [ -x "$SRC/$file" ] && mode=0755
+    put "$SRC/$file" "/opt/orbmesh/$file" "$mode"
+done < <(data_files)
+wanted="$(data_files)"
+while IFS= read -r file; do
+    if ! grep -qxF "$file" <<<"$wanted"; then
+        rm -f "$DEST/$file"
+        CHANGED=$((CHANGED + 1))
+        note "removed /opt/orbmesh/$file"
+    fi
+done < <(cd "$DEST" && find . -path ./venv -prune -o ! -type d -print | sed 's|^\./||' | LC_ALL=C sort)
+(cd "$DEST" && find . -mindepth 1 -path ./venv -prune -o -type d -empty -print | xargs -r rmdir -p 2>/dev/null || true)
 
 VENV="$DEST/venv"
 if [ "$NO_VENV" = 1 ]; then
     note "--no-venv: not building $VENV"
 else
+    PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+    INDEX=()
+    [ -z "$WHEELS" ] || INDEX=(--no-index --find-links "$WHEELS")
     if [ ! -x "$VENV/bin/python" ]; then
         note "creating virtualenv /opt/orbmesh/venv"
         python3 -m venv "$VENV"
         CHANGED=$((CHANGED + 1))
     fi
+    BUILD="$(mktemp -d)"
+    SCRATCH+=("$BUILD")
+    # The checkout as a wheel, built from a copy: setuptools writes build/ and
+    # *.egg-info where it builds, and the checkout may be read-only.  Every
+    # package setup.cfg names is in it; nothing here lists them.
+    mkdir "$BUILD/src"
+    tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./.run --exclude=./build \
+        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$BUILD/src" -xf -
+    "${PIP[@]}" wheel "${INDEX[@]}" --no-deps -w "$BUILD/dist" "$BUILD/src" >/dev/null
+    WHEEL="$(ls "$BUILD"/dist/*.whl)"
+    # requirements.txt pins the versions (pip takes no extras in a constraints file).
+    sed -E 's/\[[^]]*\]//' "$SRC/requirements.txt" > "$BUILD/constraints.txt"
+    # What is installed is known by the wheel's RECORD (every file and its
+    # hash) and the pins, so an unchanged tree is not installed again.
     stamp="$VENV/.orbmesh-installed"
-    if ! cat "$DEST/requirements.txt" "$DEST/setup.cfg" | cmp -s - "$stamp" \
-            || ! "$VENV/bin/python" -c "import app, wghelper" 2>/dev/null; then
-        note "installing Python packages into /opt/orbmesh/venv"
-        "$VENV/bin/pip" install -q --disable-pip-version-check -r "$DEST/requirements.txt"
-        # Editable: the code in /opt/orbmesh is what runs; re-run install.sh to update it.
-        "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$DEST"
-        "$VENV/bin/python" -m compileall -q "$DEST/app" "$DEST/wghelper" >/dev/null
-        cat "$DEST/requirements.txt" "$DEST/setup.cfg" > "$stamp"
+    digest="$("$VENV/bin/python" - "$WHEEL" "$BUILD/constraints.txt" <<'PY'
+import hashlib, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    record = next(n for n in wheel.namelist() if n.endswith(".dist-info/RECORD"))
+    lines = sorted(line for line in wheel.read(record).decode().splitlines() if not line.startswith(record + ","))
+print(hashlib.sha256("\n".join(lines).encode() + open(sys.argv[2], "rb").read()).hexdigest())
+PY
+)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] \
+            || ! (cd / && "$VENV/bin/python" -c "import app, wghelper, orbmesh_relay") 2>/dev/null; then
+        note "installing $(basename "$WHEEL") and its dependencies into /opt/orbmesh/venv${WHEELS:+ (from $WHEELS only)}"
+        "${PIP[@]}" install "${INDEX[@]}" -c "$BUILD/constraints.txt" "$WHEEL"
+        # The same version number may hold other code: this tree's goes in.
+        "${PIP[@]}" install "${INDEX[@]}" --no-deps --force-reinstall "$WHEEL"
+        echo "$digest" > "$stamp"
         CHANGED=$((CHANGED + 1))
     fi
 fi
@@ -272,15 +316,19 @@ DEPLOY_CONF=/etc/orbmesh/deploy.conf
 API_PORTS=""
 ORBNET_ALLOW=""
 NGINX_LISTEN=""
+WIREGUARD=""
 if [ -f "$R$DEPLOY_CONF" ]; then
     while IFS='=' read -r key value; do
         case "$key" in
             API_PORTS) API_PORTS="$value" ;;
             ORBNET_ALLOW) ORBNET_ALLOW="$value" ;;
             NGINX_LISTEN) NGINX_LISTEN="$value" ;;
+            WIREGUARD) WIREGUARD="$value" ;;
         esac
     done < "$R$DEPLOY_CONF"
 fi
+[ -n "$OPT_WIREGUARD" ] && WIREGUARD="$OPT_WIREGUARD"
+case "$WIREGUARD" in kernel|wireguard-go) ;; *) WIREGUARD=auto ;; esac
 if [ -z "$API_PORTS" ]; then
     cpus="$(nproc 2>/dev/null || echo 1)"
     API_PORTS="$(seq -s, 8081 $((8080 + cpus)))"
@@ -297,7 +345,7 @@ NGINX_LISTEN="$(canon "$NGINX_LISTEN")"
 
 # Render first: it refuses malformed values before anything records them.
 SITE_TMP="$(mktemp)"
-trap 'rm -f "$SITE_TMP"' EXIT
+SCRATCH+=("$SITE_TMP")
 "$SRC/deploy/nginx/render" --ports "$API_PORTS" --allow "$ORBNET_ALLOW" --listen "$NGINX_LISTEN" \
     --cert /etc/orbmesh/tls/cert.pem --key /etc/orbmesh/tls/key.pem > "$SITE_TMP"
 
@@ -309,6 +357,8 @@ API_PORTS=$API_PORTS
 ORBNET_ALLOW=$ORBNET_ALLOW
 # nginx TLS listen addresses
 NGINX_LISTEN=$NGINX_LISTEN
+# WireGuard: auto (kernel when this kernel has it, else wireguard-go), kernel or wireguard-go
+WIREGUARD=$WIREGUARD
 EOF
 
 # --- TLS certificate ------------------------------------------------------------
@@ -342,13 +392,52 @@ for unit in orbmesh-wghelper.service orbmesh-api@.service orbmesh-unbound.servic
         orbmesh-down.service orbmesh-wireguard-go@.service; do
     put "$SRC/deploy/systemd/$unit" "/etc/systemd/system/$unit" 0644
 done
+
+# Which WireGuard.  The helper cannot reach systemd, so without kernel
+# WireGuard systemd itself runs wireguard-go for the interface
+# (orbmesh-wireguard-go@IF), before the helper, which configures that link.
+kernel_wireguard() {  # built in or loaded, or a module modprobe would load
+    [ -d /sys/module/wireguard ] || modprobe -n -q wireguard 2>/dev/null
+}
+BACKEND="$WIREGUARD"
+if [ "$BACKEND" = auto ]; then
+    if kernel_wireguard; then BACKEND=kernel; else BACKEND=wireguard-go; fi
+fi
+# The interface the helper manages (ORBMESH_INTERFACE, default wg0).
+IFACE="$(sed -nE "s/^[[:space:]]*ORBMESH_INTERFACE=[\"']?([A-Za-z0-9_=+.-]{1,15})[\"']?[[:space:]]*$/\\1/p" \
+    "$R$ENV_FILE" | tail -n 1)"
+IFACE="${IFACE:-wg0}"
+WG_UNIT="orbmesh-wireguard-go@$(systemd-escape -- "$IFACE").service"
+if [ "$BACKEND" = kernel ]; then
+    put_text /etc/systemd/system/orbmesh-wghelper.service.d/backend.conf 0644 <<EOF
+# Written by deploy/install.sh (WIREGUARD=$WIREGUARD in /etc/orbmesh/deploy.conf):
+# kernel WireGuard; the helper makes the link itself.
+[Service]
+Environment=ORBMESH_WG_BACKEND=kernel
+EOF
+else
+    put_text /etc/systemd/system/orbmesh-wghelper.service.d/backend.conf 0644 <<EOF
+# Written by deploy/install.sh (WIREGUARD=$WIREGUARD in /etc/orbmesh/deploy.conf):
+# no kernel WireGuard; $WG_UNIT runs wireguard-go for $IFACE and the
+# helper only configures that link.
+[Unit]
+Wants=$WG_UNIT
+After=$WG_UNIT
+
+[Service]
+Environment=ORBMESH_WG_BACKEND=external
+EOF
+fi
+
 INSTANCES=()
 for port in ${API_PORTS//,/ }; do INSTANCES+=("orbmesh-api@$port.service"); done
+WG_UNITS=()
+[ "$BACKEND" = kernel ] || WG_UNITS=("$WG_UNIT")
 STALE=()
-for path in "$R"/etc/systemd/system/orbmesh.target.wants/orbmesh-api@*.service; do
+for path in "$R"/etc/systemd/system/orbmesh.target.wants/orbmesh-{api,wireguard-go}@*.service; do
     [ -e "$path" ] || [ -L "$path" ] || continue
     unit="$(basename "$path")"
-    [[ " ${INSTANCES[*]} " == *" $unit "* ]] || STALE+=("$unit")
+    [[ " ${INSTANCES[*]} ${WG_UNITS[*]} " == *" $unit "* ]] || STALE+=("$unit")
 done
 
 is_enabled() {  # every unit given is already enabled (no systemctl call changes files)
@@ -360,7 +449,8 @@ is_enabled() {  # every unit given is already enabled (no systemctl call changes
         esac
     done
 }
-UNITS=(orbmesh.target orbmesh-down.service orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}")
+UNITS=(orbmesh.target orbmesh-down.service "${WG_UNITS[@]}" orbmesh-wghelper.service orbmesh-unbound.service
+       "${INSTANCES[@]}")
 if [ -n "$ROOT" ]; then
     if [ "${#STALE[@]}" -gt 0 ]; then
         systemctl --root="$ROOT" disable "${STALE[@]}" >/dev/null 2>&1
@@ -380,7 +470,8 @@ elif [ -d /run/systemd/system ]; then
     if [ "$CHANGED" -gt 0 ]; then
         # New code, units or site: restart the helper and the API (every tunnel
         # stays up: the helper adopts the interface), and Unbound (it renders
-        # its config anew), and reload nginx.
+        # its config anew), and reload nginx.  Not wireguard-go: its restart
+        # would be a new interface (a new unit file applies at its next start).
         systemctl restart orbmesh-wghelper.service orbmesh-unbound.service "${INSTANCES[@]}"
         systemctl reload nginx.service
     fi

@@ -78,12 +78,13 @@ class Commands:
         """Read only: every link, a line each (bridge links a helper before us left up)."""
         return self.run("ip", ["-o", "link", "show"])
 
-    def link_exists(self, ifname):
+    def link_index(self, ifname):
+        """The link's ifindex, None when there is no such link: a link deleted and made again has a new one."""
         try:
-            self.run("ip", ["link", "show", "dev", ifname])
-            return True
+            first = self.run("ip", ["-o", "link", "show", "dev", ifname]).split(":", 1)[0]
         except CommandFailed:
-            return False
+            return None
+        return int(first) if first.strip().isdigit() else None
 
     def add_wireguard_link(self, ifname):
         self.run("ip", ["link", "add", "dev", ifname, "type", "wireguard"])
@@ -145,8 +146,9 @@ class Commands:
 
     def start_wireguard_go(self, ifname):
         """``wireguard-go IF``: it creates the link and its control socket, then leaves a daemon behind
-        and exits.  The daemon is nobody's child: it lives until its link is deleted.  Under systemd
-        ORBMESH_WIREGUARD_GO names deploy/systemd/orbmesh-wireguard-go, which starts it as a unit."""
+        and exits.  The daemon is nobody's child: it lives until its link is deleted.  Under systemd the
+        main interface's daemon is a unit of its own (ORBMESH_WG_BACKEND=external); bridge links'
+        daemons start here."""
         self.run("wireguard-go", [ifname])
 
 

@@ -7,6 +7,13 @@ as it is (nothing is set again, deleted or flushed); anything else is
 re-created, which costs every client a new handshake.  Only ``down()``
 (``orbmesh-wghelper down``) removes it.
 
+With ORBMESH_WG_BACKEND=external the link is someone else's to make:
+under systemd, orbmesh-wireguard-go@IF.service runs wireguard-go (the
+helper cannot reach systemd, docs/security.md).  The helper then only waits
+for the link, configures it (key, port, addresses) and never creates or
+deletes it, except in ``down()``; when the unit's restart brings a fresh,
+unconfigured link, the watcher configures it again.
+
 The helper keeps no peers.  Each start and each re-creation picks a new
 ``generation``; the app notices the change and syncs the peers.
 """
@@ -39,6 +46,9 @@ class Interface:
         self.start_timeout = start_timeout
         self.generation = None
         self.backend = None
+        self.index = None  # the link's ifindex when it came up: a re-made link has another
+        # Bridge links (name given) are always the helper's own to make.
+        self.external = name is None and settings.wg_backend == "external"
         self.running = False
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -53,24 +63,27 @@ class Interface:
         return os.path.join(self.socket_dir, self.name + ".sock")
 
     def exists(self):
-        return self.cmd.link_exists(self.name)
+        return self.cmd.link_index(self.name) is not None
 
     def up(self):
-        """Adopt the interface as it is, or create and configure it; new generation."""
+        """Adopt the interface as it is, or create (external: wait for) and configure it; new generation."""
         with self._lock:
             exists = self.exists()
             unfit = exists and self._unfit()
-            if unfit:
+            if unfit and not self.external:
                 log.warning("interface %s %s; re-creating it (its clients handshake again)", self.name, unfit)
                 self._delete_link()
             adopted = exists and not unfit
             if adopted:
-                self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
+                self._name_backend()
                 log.info("adopting interface %s (%s) as it is", self.name, self.backend)
+            elif self.external:
+                self._await_link()
             else:
                 self._create()
             try:
                 self._configure(adopted)
+                self.index = self.cmd.link_index(self.name)
                 if self.on_up is not None:
                     self.on_up()
             except Exception:
@@ -80,6 +93,20 @@ class Interface:
             self.generation = secrets.token_hex(8)
             self.running = True
             log.info("interface %s is up (backend %s, generation %s)", self.name, self.backend, self.generation)
+
+    def _name_backend(self):
+        self.backend = "wireguard-go" if os.path.exists(self.uapi_socket) else "kernel"
+
+    def _await_link(self):
+        """External backend: the link's own unit makes it (and, for wireguard-go, its control socket)."""
+        deadline = time.monotonic() + self.start_timeout
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise CommandFailed("ip", None, "no interface %s after %gs (ORBMESH_WG_BACKEND=external: is "
+                                    "orbmesh-wireguard-go@%s.service running?)" % (self.name, self.start_timeout,
+                                                                                   self.name))
+            time.sleep(0.05)
+        self._name_backend()
 
     def _unfit(self):
         """Why the existing link cannot be adopted as it is; None when it can.
@@ -114,12 +141,24 @@ class Interface:
         self.cmd.start_wireguard_go(self.name)
         # It returns once the link and its control socket exist; wait a little in case they lag.
         deadline = time.monotonic() + self.start_timeout
-        while not (os.path.exists(self.uapi_socket) and self.exists()):
+        while not self._ready(wireguard_go=True):
             if time.monotonic() > deadline:
                 self._delete_link()
                 raise CommandFailed("wireguard-go", None, "no interface after %gs" % self.start_timeout)
             time.sleep(0.05)
         self.backend = "wireguard-go"
+
+    def _ready(self, wireguard_go=False):
+        """The link exists and wg can reach it: wireguard-go makes its control socket after the link."""
+        if not self.exists():
+            return False
+        if wireguard_go:
+            return os.path.exists(self.uapi_socket)
+        try:
+            self.cmd.dump(self.name)
+            return True
+        except CommandFailed:
+            return False
 
     def _configure(self, adopted):
         s = self.settings
@@ -136,20 +175,28 @@ class Interface:
         except CommandFailed as exc:
             log.warning("could not delete %s: %s", self.name, exc.stderr)
 
-    def _teardown(self):
+    def _teardown(self, delete=None):
         # A wireguard-go daemon exits, taking its control socket along, when its link is deleted.
+        # An external link is left to its unit, but in down().
         self.running = False
-        if self.exists():
+        if (not self.external if delete is None else delete) and self.exists():
             self._delete_link()
 
     def check(self):
-        """One watcher tick: re-create the interface if it has gone."""
+        """One watcher tick: re-create (external: configure again) the interface if it has gone or
+        is another link of the same name."""
         with self._lock:
-            if self._stop.is_set() or (self.running and self.exists()):
+            if self._stop.is_set():
+                return
+            index = self.cmd.link_index(self.name)
+            if self.running and index is not None and index == self.index:
                 return
             if self.running:
-                log.warning("interface %s has gone; re-creating it", self.name)
+                log.warning("interface %s has gone or was made again; %s", self.name,
+                            "configuring it when its unit brings it back" if self.external else "re-creating it")
             self._teardown()
+            if self.external and index is None:
+                return  # nothing to configure yet: the next tick looks again
             try:
                 self.up()
             except CommandFailed as exc:
@@ -178,5 +225,5 @@ class Interface:
         """Stop watching, then remove the interface (a wireguard-go daemon exits with it)."""
         self.stop()
         with self._lock:
-            self._teardown()
+            self._teardown(delete=True)
             log.info("interface %s is down", self.name)

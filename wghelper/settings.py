@@ -183,8 +183,9 @@ HELPER = {
     "HELPER_SOCKET_GROUP": (group, None, "Group of the helper socket (the app's group; default: the helper's)"),
     "HELPER_ALLOWED_UIDS": (uids, "0", "Uids or user names allowed on the helper socket, comma-separated"),
     "HELPER_STATE_DIR": (abspath, "/var/lib/orbmesh-wghelper", "Helper state: server and bridge keys (0700)"),
-    "WG_BACKEND": (choice("auto", "kernel", "userspace"), "auto",
-                   "auto: kernel WireGuard, else wireguard-go; kernel; userspace (wireguard-go)"),
+    "WG_BACKEND": (choice("auto", "kernel", "userspace", "external"), "auto",
+                   "auto: kernel WireGuard, else wireguard-go; kernel; userspace (wireguard-go); external: the "
+                   "link is made outside the helper (orbmesh-wireguard-go@IF.service), which only configures it"),
     "WIREGUARD_GO": (text, "wireguard-go", "The wireguard-go program"),
     "HELPER_COMMAND_TIMEOUT": (seconds(0.1, 600), 10.0, "Longest run of one wg/ip/nft/sysctl command, seconds"),
     "HELPER_WATCH_INTERVAL": (seconds(0.05, 3600), 1.0, "How often the helper checks its interface, seconds"),

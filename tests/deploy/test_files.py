@@ -81,32 +81,42 @@ def test_helper_unit_hardening():
                        ("RuntimeDirectoryMode", "0750"), ("Group", "orbmesh"),
                        ("EnvironmentFile", "/etc/orbmesh/orbmesh.env"),
                        ("ExecStart", "/opt/orbmesh/venv/bin/orbmesh-wghelper"),
-                       ("Restart", "on-failure"), ("KillSignal", "SIGTERM")):
+                       ("Restart", "on-failure"), ("KillSignal", "SIGTERM"),
+                       ("UnsetEnvironment", "ORBMESH_JWT_SECRET ORBMESH_API_KEYS")):
         assert d[("Service", key)] == [value], key
     # /proc/sys read-only but for the net conf keys (the e2e deploy stack runs the helper so, tests/e2e/deploy_stack.py).
     for key, value in (("ProtectKernelTunables", "yes"), ("SystemCallFilter", "@system-service"),
                        ("MemoryMax", "1G"), ("TasksMax", "1024")):
         assert d[("Service", key)] == [value], key
     assert " ".join(d[("Service", "ReadWritePaths")]).split() == [
-        "/proc/sys/net/ipv4/conf", "-/proc/sys/net/ipv6/conf", "/run/wireguard"]
+        "/proc/sys/net/ipv4/conf", "-/proc/sys/net/ipv6/conf", "-/run/wireguard"]
+    # No way to systemd or D-Bus (it would start any unit as unconfined root), nor to the TLS key.
+    assert d[("Service", "InaccessiblePaths")][0].split() == [
+        "/run/systemd/private", "-/run/dbus", "-/etc/orbmesh/tls", "-/etc/shadow", "-/etc/gshadow"]
+    # Nothing in it reaches for /run/wireguard before systemd's namespace is set up (226/NAMESPACE at boot).
+    assert not any(v.startswith("+") for v in d.get(("Service", "ExecStartPre"), []))
     assert ("Service", "AmbientCapabilities") not in d
     assert ("Service", "SecureBits") not in d  # noroot would strip the capabilities of root itself
     assert ("Service", "TimeoutStopSec") in d
 
 
 def test_units_keep_tunnels_across_restarts_and_stop_removes_them():
-    """What survives what (docs/operations.md): wireguard-go outside the helper's cgroup, the teardown an
-    explicit act when orbmesh.target stops, ordered after the helper (so no watcher re-creates meanwhile)."""
+    """What survives what (docs/operations.md): wireguard-go in a unit of its own that systemd starts (the
+    helper cannot reach systemd), the teardown an explicit act when orbmesh.target stops, ordered after the
+    helper (so no watcher re-creates meanwhile)."""
     helper = directives((UNITS / "orbmesh-wghelper.service").read_text())
-    assert helper[("Service", "Environment")] == ["ORBMESH_WIREGUARD_GO=/opt/orbmesh/deploy/systemd/orbmesh-wireguard-go"]
-    assert helper[("Service", "KillMode")] == ["mixed"]
-    wrapper = (UNITS / "orbmesh-wireguard-go").read_text()
-    assert os.access(UNITS / "orbmesh-wireguard-go", os.X_OK)
-    assert 'exec systemctl start "orbmesh-wireguard-go@$(systemd-escape -- "$1").service"' in wrapper
+    assert ("Service", "Environment") not in helper  # the backend comes from install.sh's drop-in
+    assert helper[("Service", "KillMode")] == ["process"]  # bridge links' wireguard-go outlive a restart
+    assert not (UNITS / "orbmesh-wireguard-go").exists()
     wg = directives((UNITS / "orbmesh-wireguard-go@.service").read_text())
     assert wg[("Service", "ExecStart")] == ["/usr/bin/wireguard-go %I"] and wg[("Service", "Type")] == ["forking"]
-    assert wg[("Unit", "StopPropagatedFrom")] == ["orbmesh.target"] and ("Unit", "PartOf") not in wg
+    assert wg[("Service", "Restart")] == ["always"] and wg[("Install", "WantedBy")] == ["orbmesh.target"]
+    assert wg[("Unit", "PartOf")] == ["orbmesh.target"]
     assert wg[("Unit", "Before")] == ["orbmesh-wghelper.service"] and wg[("Unit", "After")] == ["orbmesh-down.service"]
+    # /run/wireguard made by systemd on every boot, and kept: the helper adopts the link through its socket.
+    assert (wg[("Service", "RuntimeDirectory")], wg[("Service", "RuntimeDirectoryPreserve")]) == (
+        ["wireguard"], ["yes"])
+    assert ("Service", "ExecStartPre") not in wg and ("Service", "ReadWritePaths") not in wg
     assert wg[("Service", "CapabilityBoundingSet")] == ["CAP_NET_ADMIN"]
     assert wg[("Service", "DeviceAllow")] == ["/dev/net/tun rw"] and wg[("Service", "ProtectSystem")] == ["strict"]
     down = directives((UNITS / "orbmesh-down.service").read_text())
@@ -149,9 +159,10 @@ def test_unbound_unit_runs_as_its_own_user_apart_from_the_node():
     pre = d[("Service", "ExecStartPre")]
     assert pre == ['+/opt/orbmesh/venv/bin/orbmesh-wg dns-config --wait 60 --username "" '
                    '--output /run/orbmesh-unbound/unbound.conf']
-    # Ordered after the helper, but never restarted or stopped with it (or with the API).
+    # Ordered after the helper, but never restarted or stopped with it (or with the API): only with the target.
     assert "orbmesh-wghelper.service" in d[("Unit", "After")][0]
-    for key in ("PartOf", "Requires", "BindsTo", "Requisite"):
+    assert d[("Unit", "PartOf")] == ["orbmesh.target"]
+    for key in ("Requires", "BindsTo", "Requisite"):
         assert ("Unit", key) not in d, key
     assert d[("Install", "WantedBy")] == ["orbmesh.target"]
 

@@ -54,7 +54,7 @@ def env_of(path):
 @pytest.fixture
 def installed(tmp_path):
     root = tmp_path / "root"
-    first = install(root, "--ports", "8081,8082")
+    first = install(root, "--ports", "8081,8082", "--wireguard", "wireguard-go")
     assert first.returncode == 0, first.stdout + first.stderr
     return root, first
 
@@ -72,16 +72,19 @@ def test_install_places_every_file(installed):
                        ("etc/systemd/system/orbmesh-unbound.service", 0o644),
                        ("etc/systemd/system/orbmesh-down.service", 0o644),
                        ("etc/systemd/system/orbmesh-wireguard-go@.service", 0o644),
-                       ("opt/orbmesh/deploy/systemd/orbmesh-wireguard-go", 0o755),
-                       ("opt/orbmesh/app/__init__.py", 0o644), ("opt/orbmesh/wghelper/server.py", 0o644),
+                       ("etc/systemd/system/orbmesh-wghelper.service.d/backend.conf", 0o644),
                        ("opt/orbmesh/deploy/gunicorn.conf.py", 0o644), ("opt/orbmesh/deploy/install.sh", 0o755),
-                       ("opt/orbmesh/setup.cfg", 0o644), ("opt/orbmesh/requirements.txt", 0o644)):
+                       ("opt/orbmesh/docs/operations.md", 0o644)):
         assert stat.S_IMODE((root / path).stat().st_mode) == mode, path
+    # The code goes into the venv as a package (not under --no-venv); no copy of it lies in /opt/orbmesh.
+    assert sorted(p.name for p in (root / "opt/orbmesh").iterdir()) == ["README.md", "deploy", "docs"]
+    backend = (etc / "systemd/system/orbmesh-wghelper.service.d/backend.conf").read_text()
+    assert "Environment=ORBMESH_WG_BACKEND=external" in backend and "After=orbmesh-wireguard-go@wg0.service" in backend
     assert os.readlink(etc / "nginx/sites-enabled/orbmesh.conf") == "/etc/nginx/sites-available/orbmesh.conf"
     wants = sorted(p.name for p in (etc / "systemd/system/orbmesh.target.wants").iterdir())
     assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-down.service",
                      "orbmesh-unbound.service",
-                     "orbmesh-wghelper.service"]
+                     "orbmesh-wghelper.service", "orbmesh-wireguard-go@wg0.service"]
     assert (etc / "systemd/system/multi-user.target.wants/orbmesh.target").is_symlink()
     assert not (root / "opt/orbmesh/venv").exists()
     assert not list(root.rglob("__pycache__")) and not list(root.rglob("tests"))
@@ -118,7 +121,7 @@ def test_changed_choices_are_applied_and_secrets_kept(installed, tmp_path):
     wants = sorted(p.name for p in (root / "etc/systemd/system/orbmesh.target.wants").iterdir())
     assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8083.service", "orbmesh-down.service",
                      "orbmesh-unbound.service",
-                     "orbmesh-wghelper.service"]
+                     "orbmesh-wghelper.service", "orbmesh-wireguard-go@wg0.service"]
     assert (root / "etc/orbmesh/orbmesh.env").read_bytes() == env_before
     assert (root / "etc/orbmesh/tls/key.pem").read_bytes() == key_before
     assert env_of(root / "etc/orbmesh/deploy.conf")["ORBNET_ALLOW"] == "198.51.100.7"
@@ -219,3 +222,49 @@ def test_installed_resolver_config_passes_unbound_checkconf(installed, tmp_path,
     # Control: unbound-checkconf does read it.
     out.write_text(text.replace("interface: ", "interfaces: ", 1))
     assert subprocess.run([checkconf, str(out)], capture_output=True, text=True, timeout=30).returncode != 0
+
+
+def test_kernel_wireguard_has_the_helper_make_the_link_and_drops_the_wireguard_go_unit(installed):
+    root, _ = installed
+    done = install(root, "--wireguard", "kernel")
+    assert done.returncode == 0, done.stdout + done.stderr
+    backend = (root / "etc/systemd/system/orbmesh-wghelper.service.d/backend.conf").read_text()
+    assert "Environment=ORBMESH_WG_BACKEND=kernel" in backend and "wireguard-go@" not in backend
+    wants = sorted(p.name for p in (root / "etc/systemd/system/orbmesh.target.wants").iterdir())
+    assert not any(name.startswith("orbmesh-wireguard-go@") for name in wants), wants
+    assert env_of(root / "etc/orbmesh/deploy.conf")["WIREGUARD"] == "kernel"
+    # Kept: a later run without the option changes nothing.
+    assert "nothing changed" in install(root).stdout
+
+
+def test_the_wireguard_go_unit_follows_the_interface_name(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/orbmesh").mkdir(parents=True)
+    (root / "etc/orbmesh/orbmesh.env").write_text("ORBMESH_JWT_SECRET=x\nORBMESH_INTERFACE=\"wg-main\"\n")
+    done = install(root, "--ports", "8081", "--wireguard", "wireguard-go")
+    assert done.returncode == 0, done.stdout + done.stderr
+    unit = "orbmesh-wireguard-go@wg\\x2dmain.service"  # systemd-escape: %I is "wg-main" again
+    assert (root / "etc/systemd/system/orbmesh.target.wants" / unit).is_symlink()
+    assert "Wants=%s" % unit in (root / "etc/systemd/system/orbmesh-wghelper.service.d/backend.conf").read_text()
+
+
+def test_an_older_layout_s_copied_code_goes(installed):
+    """install.sh once copied app/, wghelper/ and a systemctl wrapper into /opt/orbmesh; gunicorn, whose working
+    directory that is, would import the stale copy ahead of the venv's package."""
+    root, _ = installed
+    for stale in ("opt/orbmesh/app/__init__.py", "opt/orbmesh/wghelper/server.py", "opt/orbmesh/setup.cfg",
+                  "opt/orbmesh/deploy/systemd/orbmesh-wireguard-go"):
+        (root / stale).parent.mkdir(parents=True, exist_ok=True)
+        (root / stale).write_text("old\n")
+    done = install(root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (root / "opt/orbmesh").iterdir()) == ["README.md", "deploy", "docs"]
+    assert not (root / "opt/orbmesh/deploy/systemd/orbmesh-wireguard-go").exists()
+
+
+@pytest.mark.parametrize("bad", [["--wheels", "/nonexistent/wheels"], ["--wireguard", "magic"]])
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, bad):
+    root = tmp_path / "root"
+    done = install(root, *bad)
+    assert done.returncode != 0 and "install.sh:" in done.stderr
+    assert not (root / "etc").exists()

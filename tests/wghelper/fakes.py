@@ -48,6 +48,8 @@ class FakeRunner:
         self.kernel = kernel
         self.socket_dir = socket_dir
         self.links = set()
+        self.ifindex = {}      # link -> its ifindex; a link made again gets a new one
+        self._next_index = 2   # 1 is lo
         self.link_keys = {}    # link -> the public key its dump shows, once `wg set IF private-key F` ran
         self.addresses = {}    # link -> ["10.8.0.1/16", ...], as `ip address` keeps them
         self.keyed = {}        # link -> listen port, once `wg set IF listen-port P private-key F` ran
@@ -109,9 +111,11 @@ class FakeRunner:
     def ip(self, *args):
         argv = ["ip", *args]
         self._record(argv, None)
-        if args[:3] == ("link", "show", "dev"):
-            if args[3] not in self.links:
-                raise CommandFailed("ip", 1, 'Device "%s" does not exist.' % args[3])
+        if args[:4] == ("-o", "link", "show", "dev"):
+            if args[4] not in self.links:
+                raise CommandFailed("ip", 1, 'Device "%s" does not exist.' % args[4])
+            return "%d: %s: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 qdisc noqueue\\    link/none \n" % (
+                self._index(args[4]), args[4])
         elif args == ("-o", "link", "show"):
             return "".join("%d: %s: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 qdisc noqueue\\    link/none \n"
                            % (n, name) for n, name in enumerate(["lo"] + sorted(self.links), 1))
@@ -129,12 +133,14 @@ class FakeRunner:
             if not self.kernel:
                 raise CommandFailed("ip", 2, "Error: Unknown device type.")
             self.links.add(args[3])
+            self.ifindex.pop(args[3], None)
             self.keyed.pop(args[3], None)
             self.link_keys.pop(args[3], None)
         elif args[:3] == ("link", "del", "dev"):
             if args[3] not in self.links:
                 raise CommandFailed("ip", 1, "Cannot find device")
             self.links.discard(args[3])
+            self.ifindex.pop(args[3], None)
             self.addresses.pop(args[3], None)
             self.keyed.pop(args[3], None)
             self.link_keys.pop(args[3], None)
@@ -177,12 +183,27 @@ class FakeRunner:
     def wireguard_go(self, ifname):
         self._record(["wireguard-go", ifname], None)
         self.links.add(ifname)
+        self.ifindex.pop(ifname, None)
         self.daemons.add(ifname)
         if self.socket_dir:
             open(os.path.join(self.socket_dir, ifname + ".sock"), "w").close()
         return ""
 
     # --- the model ------------------------------------------------------
+
+    def _index(self, ifname):
+        if ifname not in self.ifindex:
+            self.ifindex[ifname] = self._next_index
+            self._next_index += 1
+        return self.ifindex[ifname]
+
+    def remade(self, ifname):
+        """The link was deleted and made again by someone else (a fresh wireguard-go): new index, no key."""
+        self.links.add(ifname)
+        self.ifindex.pop(ifname, None)
+        self.keyed.pop(ifname, None)
+        self.link_keys.pop(ifname, None)
+        self.addresses.pop(ifname, None)
 
     def adopted(self, ifname, address="10.8.0.1/16", port=51820):
         """A link as a helper before this one left it: keyed, addressed, up."""

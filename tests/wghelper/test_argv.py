@@ -40,7 +40,7 @@ SHAPES = [
               "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "25"], None)]),
     ("links", (), [("ip", ["-o", "link", "show"], None)]),
     ("addresses", ("wg0",), [("ip", ["-o", "address", "show", "dev", "wg0"], None)]),
-    ("link_exists", ("wg0",), [("ip", ["link", "show", "dev", "wg0"], None)]),
+    ("link_index", ("wg0",), [("ip", ["-o", "link", "show", "dev", "wg0"], None)]),
     ("add_wireguard_link", ("wg0",), [("ip", ["link", "add", "dev", "wg0", "type", "wireguard"], None)]),
     ("delete_link", ("wg0",), [("ip", ["link", "del", "dev", "wg0"], None)]),
     ("link_up", ("wg0", 1420), [("ip", ["link", "set", "dev", "wg0", "mtu", "1420", "up"], None)]),

@@ -55,8 +55,8 @@ table inet orbmesh {
 """
 UP_CALLS = [
     ["ip", "-o", "address", "show"],   # the address is neither local nor on a connected network
-    ["ip", "link", "show", "dev", LINK],     # no link of that name that is not ours
-    ["ip", "link", "show", "dev", LINK],
+    ["ip", "-o", "link", "show", "dev", LINK],     # no link of that name that is not ours
+    ["ip", "-o", "link", "show", "dev", LINK],
     ["ip", "link", "add", "dev", LINK, "type", "wireguard"],
     ["wg", "show", LINK, "peers"],
     ["wg", "set", LINK, "private-key", BRIDGE_KEYFILE, "peer", EXIT_KEY, "endpoint", "198.51.100.1:51820",
@@ -71,6 +71,7 @@ UP_CALLS = [
     ["nft", "-f", "-"],     # masquerade before the route
     ["ip", "-4", "route", "replace", "default", "dev", LINK, "table", "51903"],
     ["ip", "-4", "route", "replace", "unreachable", "default", "metric", "4294967295", "table", "51903"],
+    ["ip", "-o", "link", "show", "dev", LINK],    # its ifindex: the watcher tells a link made again by it
 ]
 
 
@@ -98,7 +99,7 @@ def test_bridge_up_exact_argv_and_idempotent(helper):
     assert helper.result("hello")["bridges"] == [3]
     helper.runner.clear()
     helper.result("bridge_up", SPEC)  # the same again: only the existence check
-    assert helper.runner.calls == [["ip", "link", "show", "dev", LINK]]
+    assert helper.runner.calls == [["ip", "-o", "link", "show", "dev", LINK]]
 
 
 def test_bridge_rules_add_replace_remove_exclusive(helper):
@@ -135,7 +136,7 @@ def test_bridge_down_removes_rules_table_nft_and_link(helper):
         ["ip", "-4", "rule", "show", "pref", "20000"],
         ["ip", "-4", "rule", "del", "pref", "20000", "from", "10.8.0.2/32"],
         ["ip", "-4", "route", "flush", "table", "51903"],
-        ["ip", "link", "show", "dev", LINK],
+        ["ip", "-o", "link", "show", "dev", LINK],
         ["ip", "link", "del", "dev", LINK],
         ["nft", "delete", "table", "inet", "orbmesh"],   # the last bridge gone, no uplink: no table
     ]
@@ -270,7 +271,8 @@ def test_a_link_of_a_bridge_name_that_is_not_ours_is_left_alone(helper, not_ours
     reply = helper.call("bridge_up", SPEC)
     assert not reply["ok"] and reply["error"]["code"] == "COMMAND_FAILED"
     assert helper.call("bridge_down", {"slot": 3})["ok"]
-    assert [c for c in r.calls if LINK in c and c[:2] != ["ip", "link"] or c[:3] == ["ip", "link", "del"]] == [
+    assert [c for c in r.calls if LINK in c and c[:2] != ["ip", "link"] and c[:3] != ["ip", "-o", "link"]
+            or c[:3] == ["ip", "link", "del"]] == [
         ["wg", "show", LINK, "dump"]] * 2
     assert LINK in r.links and key(1) in r.peers
     # Control: a link this helper's bridge key runs (left by a helper that was killed) is adopted.
