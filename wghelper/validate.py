@@ -31,6 +31,34 @@ LOW_ORDER_KEYS = frozenset(base64.b64encode(raw[:31] + bytes([raw[31] | top])).d
     "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157", "ec" + "ff" * 30 + "7f",
     "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f")) for top in (0, 0x80))
 
+# Every range that is not the internet: what a client may never reach
+# through the node (wghelper/firewall.py) and what the node's resolver never
+# queries or hands back (app/unbound.py).  This network, RFC 1918, CGNAT,
+# loopback, link-local (the metadata service), IETF protocol assignments,
+# benchmarking, multicast, reserved and broadcast; IPv6 unspecified,
+# loopback, IPv4-mapped, NAT64 (well-known and local-use: they reach IPv4
+# behind a provider's NAT64), discard-only, 6to4, unique-local, link-local,
+# multicast.
+NOT_INTERNET = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2002::/16", "fc00::/7",
+    "fe80::/10", "ff00::/8"))
+# Not globally routable either, but the internet of the tests (and of
+# documentation): never blocked.
+DOCUMENTATION = tuple(ipaddress.ip_network(n) for n in (
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+
+
+def is_internet(net):
+    """Whether a network (say, one the host is connected to) is the internet: globally routable or a
+    documentation range, and in none of NOT_INTERNET."""
+    net = ipaddress.ip_network(net, strict=False)
+    if any(net.version == n.version and net.subnet_of(n) for n in DOCUMENTATION):
+        return True
+    return net.is_global and not any(net.version == n.version and net.overlaps(n) for n in NOT_INTERNET)
+
+
 __all__ = ["Invalid"]
 
 
