@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.netns import Netns, veth
+from tests.e2e.internet import Internet
+from tests.e2e.netns import creator, veth
 from tests.need import missing, need
 
 from .node import CLIENT_ADDR, NODE_ADDR, REPO, Lab, Node, rootfs, upgrade_base, wheels
@@ -39,27 +40,33 @@ def lab(tmp_path_factory):
             handle.write("[%6.1f s] %s\n" % (time.monotonic() - started, text))
 
     made, run_dir, base_tree = [], None, None
-    node = lab = None
+    node = lab = internet = None
     try:
         cached = rootfs(log)
-        binds = {str(REPO): "/srv/orbmesh", str(wheels(REPO, log)): "/srv/wheels"}
+        binds = {"/srv/orbmesh": REPO, "/srv/wheels": wheels(REPO, log)}
         base_commit, base_tree = upgrade_base(log)
         if base_tree is not None:
-            binds.update({str(base_tree): "/srv/orbmesh-base", str(wheels(base_tree, log)): "/srv/wheels-base"})
+            binds.update({"/srv/orbmesh-base": base_tree, "/srv/wheels-base": wheels(base_tree, log)})
         run_dir = Path(tempfile.mkdtemp(prefix="omsys-", dir="/var/tmp"))
         subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(run_dir / "root")], check=True)
-        node_ns, client_ns = Netns("sysnode").create(), Netns("syscli").create()
-        made += [node_ns, client_ns]
+        netns = creator(made)
+        node_ns, client_ns = netns("sysnode"), netns("syscli")
         veth(client_ns, CLIENT_ADDR + "/24", node_ns, NODE_ADDR + "/24")
+        # A production node: an uplink into a simulated internet (v4 and v6) that it NATs clients out of,
+        # and IPv6 forwarding switched on by the operator (nspawn keeps the node's /proc/sys/net read-only,
+        # so it is set here, in the node's namespace, before the boot).
+        internet = Internet(netns, node_ns, ipv6=True)
+        node_ns.run("sysctl", "-w", "net.ipv6.conf.all.forwarding=1")
         node = Node(run_dir / "root", node_ns, binds, log_dir)
         node.boot()
         log("booted a fresh Debian in %.1f s" % (time.monotonic() - node.started))
         lab = Lab(node, client_ns, log)
+        lab.internet = internet
         lab.base_commit = base_commit
         # As an operator: install, say where apps reach WireGuard, reboot.
         lab.first_install = lab.install("/srv/orbmesh", "/srv/wheels", "--server-name", NODE_ADDR,
                                         "--ports", ",".join(map(str, Lab.API_PORTS)))
-        node.set_env(PUBLIC_HOST=NODE_ADDR)
+        node.set_env(PUBLIC_HOST=NODE_ADDR, NAT_UPLINK=internet.uplink)
         node.poweroff()
         node.boot()
         log("booted the installed node in %.1f s" % (time.monotonic() - node.started))
@@ -69,6 +76,8 @@ def lab(tmp_path_factory):
             close()
         if node is not None:
             node.poweroff()
+        if internet is not None:
+            internet.close()
         for ns in reversed(made):
             ns.delete()
         if run_dir is not None:

@@ -1,7 +1,8 @@
 """A Debian 12 node booted under a real systemd, with what deploy/install.sh installs.
 
-    client ns (192.0.2.2)  --veth--  node ns (192.0.2.1): systemd-nspawn -b of a Debian 12 root
-                                       PID 1 systemd 252, install.sh's units, nginx :8443
+    client ns (192.0.2.2)  --veth--  node ns (192.0.2.1): systemd-nspawn -b of a Debian 12 root  --uplink--  internet ns
+                                       PID 1 systemd 252, install.sh's units,     (NAT)       (tests/e2e/internet.py)
+                                       nginx :8443
 
 The root file system is made by debootstrap with the Debian packages
 install.sh asks for (read from its DEBS line) and cached under
@@ -142,7 +143,7 @@ def upgrade_base(log):
 
 
 class Node:
-    """systemd-nspawn -b of a copy of `root` in the namespace `ns`; binds: {host path: node path} (read-only)."""
+    """systemd-nspawn -b of a copy of `root` in the namespace `ns`; binds: {node path: host path} (read-only)."""
 
     def __init__(self, root, ns, binds, log_dir):
         self.root = Path(root)
@@ -163,7 +164,7 @@ class Node:
         argv = ["systemd-nspawn", "-D", str(self.root), "--register=no", "--keep-unit", "-M", self.name,
                 "--capability=CAP_NET_ADMIN", "--network-namespace-path=/run/netns/" + self.ns.name,
                 "--console=read-only", "-b"]
-        argv[1:1] = ["--bind-ro=%s:%s" % (host, inside) for host, inside in self.binds.items()]
+        argv[1:1] = ["--bind-ro=%s:%s" % (host, inside) for inside, host in self.binds.items()]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.started = time.monotonic()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.continuity import Pinger
+from tests.e2e.internet import SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6
 from tests.e2e.netns import stop_process, unique_ifname
 from tests.e2e.stack import VENV_BIN, wait_for
 from tests.e2e.wgclient import WgClient
@@ -162,6 +163,9 @@ def test_the_tunnel_reaches_both_gateways_and_the_resolver(lab, client):
     assert answer == ["127.0.0.1"], answer
     answer = lab.client.run("dig", "+short", "+time=3", "+tries=2", "@" + gateway6, "localhost", "AAAA").stdout.split()
     assert answer == ["::1"], answer
+    # Out of the uplink: the internet sees the node's address (NAT), over IPv4 and IPv6.
+    assert lab.internet.whoami_from(lab.client) == SERVER_UPLINK_ADDR
+    assert lab.internet.whoami_from(lab.client, url=lab.internet.url6) == SERVER_UPLINK_ADDR6
 
 
 def test_websocat_and_the_relay_carry_a_ping_over_wss(lab, client):
