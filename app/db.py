@@ -164,11 +164,19 @@ def init_app(app):
     app.teardown_appcontext(close_db)
 
 
+# How long the undo of a failed change waits for the lock.  Longer than a
+# write's: an undo that gave up would leave the change the caller was told
+# failed (a reconcile holds the lock for a whole helper call, and the helper
+# may be the reason the change failed).
+UNDO_PATIENCE = 60.0
+
+
 @contextlib.contextmanager
-def write(db):
-    """One serialised write transaction; rolls back on any exception."""
+def write(db, patience=None):
+    """One serialised write transaction; rolls back on any exception.  `patience`: seconds to wait for the
+    lock instead of db.busy_timeout."""
     with _write_lock:
-        _begin(db)
+        _begin(db, patience)
         try:
             yield db
         except BaseException:
@@ -177,7 +185,12 @@ def write(db):
         db.execute("COMMIT")
 
 
-def _begin(db):
+def undo(db):
+    """write() for undoing a change whose second half failed: it waits UNDO_PATIENCE for the lock."""
+    return write(db, patience=max(UNDO_PATIENCE, getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT)))
+
+
+def _begin(db, patience=None):
     """BEGIN IMMEDIATE, retried in yielding sleeps for up to db.busy_timeout.
 
     SQLite's own busy handler sleeps inside the C call, stalling every
@@ -188,7 +201,7 @@ def _begin(db):
     retry sleeps 0.5-5 ms through time.sleep (a greenlet switch).  Past the
     deadline SQLite's "database is locked" goes up (a 503 for a request).
     """
-    deadline = time.monotonic() + getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT)
+    deadline = time.monotonic() + (getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT) if patience is None else patience)
     delay = 0.0005
     waited_ms = db.execute("PRAGMA busy_timeout").fetchone()[0]
     db.execute("PRAGMA busy_timeout = 0")

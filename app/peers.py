@@ -14,7 +14,7 @@ import time
 
 from . import audit, metrics, reconcile, store
 from .allocator import PoolExhausted
-from .db import write
+from .db import undo, write
 from .errors import ApiError
 from .helper import HelperFailed, HelperUnavailable
 
@@ -115,7 +115,7 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
 
 def _undo_connect(db, helper, peer, previous, new_bridge):
     """Put the row back as it was (or drop it) and forget a bridge row made for it."""
-    with write(db):
+    with undo(db):
         # The helper may have applied what it was asked before failing.
         reconcile.schedule(db)
         if previous != peer:
@@ -168,7 +168,7 @@ def _remove_or_restore(db, helper, peers):
     try:
         helper.apply(remove=keys)
     except HELPER_ERRORS:
-        with write(db):
+        with undo(db):
             reconcile.schedule(db)
             for peer in peers:
                 try:
@@ -197,25 +197,25 @@ def add_orbnet_peer(db, helper, config, data, only_peer=False):
             raise ApiError("CONFLICT", "assignedIP %s is already in use" % data["assignedIP"])
         if owner:
             store.update_orbnet(db, owner.id, data["endpoint"], keepalive)
-            undo = owner
+            previous = owner
         else:
             store.insert(db, {"public_key": data["publicKey"], "addr": addr, "user_id": data["userUuid"],
                               "device_id": None, "source": "orbnet", "endpoint": data["endpoint"],
                               "keepalive": keepalive})
-            undo = None
+            previous = None
         peer = store.by_key(db, data["publicKey"])
     try:
         helper.apply(add=[peer])
     except HELPER_ERRORS:
-        with write(db):
+        with undo(db):
             reconcile.schedule(db)
-            if undo is None:
+            if previous is None:
                 store.delete(db, peer)
             else:
-                store.update_orbnet(db, undo.id, undo.endpoint, undo.keepalive)
+                store.update_orbnet(db, previous.id, previous.endpoint, previous.keepalive)
         raise
     log.info("add-peer user=%s addr=%s key=%s", data["userUuid"], peer.address, _short(peer.public_key))
-    audit.record("add-peer", peer, updated=undo is not None)
+    audit.record("add-peer", peer, updated=previous is not None)
     return peer
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from app import store
-from app.db import SCHEMA, connect, get_db, get_meta, init_schema, set_meta, write
+from app.db import SCHEMA, connect, get_db, get_meta, init_schema, set_meta, undo, write
 from tests.conftest import make_key
 
 
@@ -59,6 +59,23 @@ def test_write_gives_up_after_the_timeout_and_leaves_no_transaction(path):
     with write(db):  # and the connection works once the lock is gone
         set_meta(db, "k", "later")
     assert get_meta(db, "k") == "later"
+    db.close()
+
+
+def test_an_undo_outwaits_a_lock_that_a_write_gives_up_on(path):
+    """The undo of a failed change must not leave the change behind: a reconcile may hold the lock for a
+    whole (slow) helper call, longer than DB_BUSY_TIMEOUT."""
+    db = connect(path, busy_timeout=0.2)
+    thread = hold_lock(path, 1.0)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):  # control: a write gives up
+            with write(db):
+                set_meta(db, "k", "write")
+        with undo(db):
+            set_meta(db, "k", "undone")
+    finally:
+        thread.join()
+    assert get_meta(db, "k") == "undone"
     db.close()
 
 
