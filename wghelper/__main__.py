@@ -18,7 +18,9 @@ from .errors import CommandFailed, ConfigError
 from .firewall import STATE_FILE, Firewall
 from .handlers import Context
 from .interface import Interface
+from .limits import Writer as LimitsWriter
 from .server import Server
+from .usage import Samples, read_boot_id
 from .writer import Writer
 
 log = logging.getLogger("wghelper")
@@ -45,7 +47,7 @@ def main(argv=None):
 
 
 def run(cfg, cmd, firewall):
-    server = iface = writer = None
+    server = iface = writer = limits = None
     stopping = []
 
     def on_signal(signum, _frame):
@@ -68,8 +70,11 @@ def run(cfg, cmd, firewall):
         iface.on_up = firewall.reapply
         writer = Writer(cmd, cfg.interface)
         writer.start()
+        limits = LimitsWriter(firewall)
+        limits.start()
         iface.start_watcher()
-        server = Server(cfg, Context(cfg, cmd, iface, writer, public_key, bridges=bridges))
+        server = Server(cfg, Context(cfg, cmd, iface, writer, public_key, bridges=bridges, limits=limits,
+                                     samples=Samples(read_boot_id())))
         server.bind()
         if stopping:
             server.stop()
@@ -81,7 +86,7 @@ def run(cfg, cmd, firewall):
     finally:
         if server is not None:
             server.close()
-        for part in (writer, iface):
+        for part in (limits, writer, iface):
             if part is not None:
                 part.stop()
     return code

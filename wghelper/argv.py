@@ -136,6 +136,10 @@ class Commands:
     def delete_nft_table(self, name):
         self.run("nft", ["delete", "table", "inet", name])
 
+    def list_quotas(self, name):
+        """Read only, JSON: what each quota object of the table has counted (kept when it is written again)."""
+        return self.run("nft", ["-j", "list", "quotas", "table", "inet", name])
+
     def read_sysctl(self, key):
         return self.run("sysctl", ["-n", key]).strip()
 

@@ -42,6 +42,7 @@ import os
 import re
 import threading
 
+from . import limits as limits_part
 from .errors import CommandFailed
 from .settings import ULA
 
@@ -89,9 +90,11 @@ def _nets(nets):
                  else str(r[0].network_address) if r[0].num_addresses == 1 else str(r[0]) for r in runs])
 
 
-def render(s, links=(), local=()):
+def render(s, links=(), local=(), limits=None):
     """The table exactly as `nft list table inet TABLE` prints it back; `local`:
-    the host's connected networks."""
+    the host's connected networks; `limits`: the speed tiers and quotas
+    (wghelper/limits.py View; nft prints those back in its own units and
+    wraps their element lists)."""
     wg, links = s.interface, list(links)
     outside = ([s.nat_uplink] if s.nat_uplink else []) + links
     fams = [("ip", "icmp", s.pool, s.gateway, outside)]
@@ -119,18 +122,21 @@ def render(s, links=(), local=()):
     for link in links:  # nothing new from an exit into the entry itself
         inputs += ['iifname "%s" ct state established,related accept' % link, 'iifname "%s" drop' % link]
     hook = "type %s hook %s priority %s; policy accept;"
-    lines = ["table inet %s {" % s.nat_table]
+    limited = limits is not None and not limits.empty
+    lines = ["table inet %s {" % s.nat_table] + (limits_part.objects(limits) if limited else [])
     for name, head, rules in [("postrouting", hook % ("nat", "postrouting", "srcnat"), nat),
                               ("input", hook % ("filter", "input", "filter"), inputs),
                               ("forward", hook % ("filter", "forward", "filter"), forward),
                               ("to_node", None, node + ["drop"]), ("from_clients", None, clients + ["drop"])]:
-        lines += ["\tchain %s {" % name] + ["\t\t" + r for r in ([head] if head else []) + rules] + ["\t}", ""]
+        if outside:  # limits alone (no uplink, no bridge, as in run-local) change nothing else
+            lines += ["\tchain %s {" % name] + ["\t\t" + r for r in ([head] if head else []) + rules] + ["\t}", ""]
+    lines += limits_part.chains(limits, wg) if limited else []
     return "\n".join(lines[:-1] + ["}"]) + "\n"
 
 
-def script(s, links=(), local=()):
+def script(s, links=(), local=(), limits=None):
     """stdin for `nft -f -`: create-if-missing, delete, define; one transaction."""
-    return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table, render(s, links, local))
+    return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table, render(s, links, local, limits))
 
 
 def forwarding_keys(s):
@@ -161,17 +167,77 @@ class Firewall:
         self.links = ()
         self.keys = forwarding_keys(settings)
         self.saved = {}  # sysctl key -> value found before we changed it
-        self._lock = threading.Lock()  # the watcher and bridge commands both apply
+        self._lock = threading.Lock()  # the watcher, bridge and limits commands all apply
+        self.plans = {}  # user -> limits.Plan: the tiers and quotas the app asked for
+        self.written = limits_part.view({})  # what the kernel's table holds of them
+
+    def _needed(self):
+        return bool(self.s.nat_uplink or self.links or self.plans)
 
     def apply(self, links=None):
-        """Write the table for the uplink and the bridge `links` that are up (None: as before)."""
+        """Write the table for the uplink, the bridge `links` that are up (None: as before) and the limits."""
         with self._lock:
             if links is not None:
                 self.links = tuple(sorted(links))
-            if self.s.nat_uplink or self.links:
-                self.cmd.apply_nft(script(self.s, self.links, connected(self.cmd.addresses())))
-            else:
-                self._delete_table()
+            self._write(limits_part.view(self.plans))
+
+    def _write(self, limits):
+        """The whole table (or none, when nothing needs one), with `limits` (a View); each quota keeps
+        what the kernel counted in it."""
+        if not (self.s.nat_uplink or self.links or not limits.empty):
+            self._delete_table()
+            self.written = limits_part.view({})
+            return
+        if limits.quotas:
+            limits = limits_part.carried(limits, self._counted_quotas())
+        self.cmd.apply_nft(script(self.s, self.links, connected(self.cmd.addresses()), limits))
+        self.written = limits
+
+    def _counted_quotas(self):
+        try:
+            listing = json.loads(self.cmd.list_quotas(self.s.nat_table))
+        except CommandFailed as exc:
+            if _NO_TABLE in exc.stderr:
+                return {}  # no table yet: nothing was counted
+            raise
+        except ValueError:
+            log.warning("limits: unreadable quota listing; quotas start from the app's counts")
+            return {}
+        return limits_part.counted_quotas(listing)
+
+    def set_limits(self, batch):
+        """Apply `batch` (a list of (users, replace) from `limits` requests, in order) in one nft run:
+        element changes while the limits part stays and its tiers stay the same, else the table whole.
+        On a failure nothing changes, here or in the kernel."""
+        with self._lock:
+            plans = self.plans
+            for users, replace in batch:
+                plans = limits_part.merge(plans, users, replace)
+            wanted, old = limits_part.view(plans), self.plans
+            self.plans = plans
+            try:
+                if self.written.empty or wanted.empty or self.written.rates != wanted.rates:
+                    if not (self.written.empty and wanted.empty):
+                        self._write(wanted)
+                else:
+                    self._update(wanted)
+            except CommandFailed:
+                self.plans = old
+                raise
+            return {"users": len(plans), "addresses": len(set(wanted.tiers) | set(wanted.quota_of)),
+                    "tiers": sorted(wanted.rates), "quotas": len(wanted.quotas)}
+
+    def _update(self, wanted):
+        change = limits_part.delta(self.s.nat_table, self.written, wanted)
+        if change is None:
+            return
+        try:
+            self.cmd.apply_nft(change)
+        except CommandFailed as exc:  # the kernel's table is not what we wrote (say, flushed by hand)
+            log.warning("limits: element update failed (%s); writing the table whole", exc.stderr)
+            self._write(wanted)
+            return
+        self.written = wanted
 
     def start(self, links=None):
         """Rules (with the bridge `links` that are up; None: as before) first, then
@@ -187,7 +253,7 @@ class Firewall:
     def reapply(self):
         """After the watcher re-created the interface: start() again, when there is NAT or a bridge
         (without, as in run-local, nothing of ours is there to put back)."""
-        if self.s.nat_uplink or self.links:
+        if self._needed():
             self.start()
 
     def _start(self, links):

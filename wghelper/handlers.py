@@ -5,6 +5,7 @@ anything runs, then calls the handler, and turns every outcome into a
 reply, so nothing escapes to the connection loop.
 """
 import logging
+import time
 from dataclasses import dataclass, field
 
 from . import protocol, requests
@@ -24,6 +25,8 @@ class Context:
     public_key: str
     status_cache: StatusCache = field(default_factory=StatusCache)
     bridges: object = None  # wghelper/bridge.py Bridges; None in tests that need none
+    limits: object = None   # wghelper/limits.py Writer; None in tests that need none
+    samples: object = None  # wghelper/usage.py Samples; None in tests that need none
 
 
 def _require_up(ctx):
@@ -63,9 +66,17 @@ def hello(ctx, args):
             "bridges": ctx.bridges.running() if ctx.bridges else []}
 
 
+def _epoch(ctx):
+    """Which counters a dump's belong to: the link's ifindex (a link made again counts from zero)."""
+    return "%s" % ctx.interface.index
+
+
 def status(ctx, args):
     def live():
+        taken_at, epoch = time.monotonic(), _epoch(ctx)
         info, peers = parse_dump(ctx.cmd.dump(ctx.interface.name))
+        if ctx.samples is not None:  # the usage accounting reads the same dumps
+            ctx.samples.record(taken_at, epoch, peers)
         # What the interface really uses, read back from wg.
         return {"public_key": info["public_key"], "peer_count": len(peers),
                 "rx_bytes": sum(p["rx_bytes"] for p in peers), "tx_bytes": sum(p["tx_bytes"] for p in peers)}
@@ -109,6 +120,19 @@ def bridge_rules(ctx, args):
     return _bridges(ctx).rules(**args)
 
 
+def limits(ctx, args):
+    if ctx.limits is None:
+        raise HelperError(protocol.INTERFACE_DOWN, "limits are not available in this helper")
+    return ctx.limits.submit(args["users"], args["replace"])
+
+
+def usage(ctx, args):
+    if ctx.samples is None:
+        raise HelperError(protocol.INTERFACE_DOWN, "usage is not available in this helper")
+    dump = lambda: (_epoch(ctx), _peers_now(ctx))  # noqa: E731
+    return _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"]))
+
+
 HANDLERS = {
     "hello": hello,
     "status": status,
@@ -118,6 +142,8 @@ HANDLERS = {
     "bridge_up": bridge_up,
     "bridge_down": bridge_down,
     "bridge_rules": bridge_rules,
+    "limits": limits,
+    "usage": usage,
 }
 assert HANDLERS.keys() == requests.COMMANDS.keys(), "every command of the contract has a handler"
 

@@ -26,8 +26,8 @@ helper from 27 MB to 857 MB):
 * a request is at most SMALL_FRAME bytes (4 KiB), and its first
   SMALL_FRAME bytes name its command (``"cmd": "..."``; the app sends it
   second, after ``id``);
-* a batch (BATCHES: apply_peers, sync_peers, bridge_rules) carries at most
-  one item per pool address (a peer, a key, a rule), so it may have
+* a batch (BATCHES: apply_peers, sync_peers, bridge_rules, limits) carries at
+  most one item per pool address (a peer, a key, a rule, a user), so it may have
   SMALL_FRAME + ITEM_BYTES bytes and 64 + ITEM_VALUES JSON values (counted
   as ``{``, ``[`` and ``,``) per address, MAX_FRAME at most.  The helper
   reads, parses and runs one batch over SMALL_FRAME at a time;
@@ -45,7 +45,7 @@ from .errors import ProtocolError
 
 MAX_FRAME = 16 * 1024 * 1024
 SMALL_FRAME = 4096
-BATCHES = ("apply_peers", "sync_peers", "bridge_rules")
+BATCHES = ("apply_peers", "sync_peers", "bridge_rules", "limits")
 ITEM_BYTES, ITEM_VALUES = 256, 8  # a peer with two addresses and an IPv6 endpoint is about 230 bytes, 7 values
 _CMD_RE = re.compile(rb'"cmd"\s*:\s*"([a-z_]{1,32})"')
 # Bridge (multi-hop) mode: the app names an exit tunnel by a slot number below this.

@@ -79,6 +79,49 @@ def bridge_rules(args, s, own=()):
     return {"add": add, "remove": remove, "exclusive": validate.boolean(args.get("exclusive", False), "exclusive")}
 
 
+def limits(args, s, own=()):
+    """{"users": [{"user", "addresses", "rate_mbps"?, "quota"?, "used"?, "period"?}], "replace"?: bool}.
+
+    Each entry is a user's plan and every address the user holds now (an
+    entry without a tier and without a quota, or without addresses, takes
+    the user out of the table); with "replace" the list is the complete
+    set.  An address belongs to the last user that names it.  The user id
+    never reaches the table: the helper names its quota by a hash.
+    """
+    validate.obj(args, "", ("users", "replace"), ("users",))
+    users = {}
+    claimed = set()
+    for item, entry in validate.items(args["users"], "users", validate.MAX_PEERS, "users"):
+        validate.obj(entry, item + ".", ("user", "addresses", "rate_mbps", "quota", "used", "period"),
+                     ("user", "addresses"))
+        name = validate.user(entry["user"], item + ".user")
+        if name in users:
+            raise Invalid(item + ".user", "is listed twice")
+        addresses = validate.unique([(f, validate.host_address(v, _pools(s), f)) for f, v in validate.items(
+            entry["addresses"], item + ".addresses", validate.MAX_ALLOWED_IPS, "addresses")])
+        for index, address in enumerate(addresses):
+            if address in claimed:
+                raise Invalid("%s.addresses[%d]" % (item, index), "is also another user's")
+            claimed.add(address)
+        users[name] = {"addresses": addresses, "rate_mbps": validate.rate_mbps(entry.get("rate_mbps"),
+                                                                               item + ".rate_mbps"),
+                       "quota": validate.quota_bytes(entry.get("quota"), item + ".quota"),
+                       "used": validate.integer(entry.get("used", 0), 0, validate.MAX_COUNTER, item + ".used"),
+                       "period": validate.integer(entry.get("period", 0), 0, validate.MAX_COUNTER, item + ".period")}
+    return {"users": users, "replace": validate.boolean(args.get("replace", False), "replace")}
+
+
+def usage(args, s, own=()):
+    """{"since"?: {"boot", "taken_at"}, "fresh"?: bool}: per-peer counters changed since an earlier answer."""
+    validate.obj(args, "", ("since", "fresh"))
+    since = args.get("since")
+    if since is not None:
+        validate.obj(since, "since.", ("boot", "taken_at"), ("boot", "taken_at"))
+        since = {"boot": validate.boot_id(since["boot"], "since.boot"),
+                 "taken_at": validate.seconds_mark(since["taken_at"], "since.taken_at")}
+    return {"since": since, "fresh": validate.boolean(args.get("fresh", False), "fresh")}
+
+
 COMMANDS = {
     "hello": no_args,        # who the helper is: key, interface, generation
     "status": no_args,       # hello plus live peer count and traffic
@@ -88,4 +131,6 @@ COMMANDS = {
     "bridge_up": bridge_up,
     "bridge_down": bridge_down,
     "bridge_rules": bridge_rules,
+    "limits": limits,        # speed tiers and quota backstops in the nftables table (wghelper/limits.py)
+    "usage": usage,          # per-peer byte counters for the app's accounting (wghelper/usage.py)
 }

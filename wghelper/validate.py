@@ -216,3 +216,49 @@ def tunnel_address(value, networks, field="address"):
         raise Invalid(field, "must lie inside ORBMESH_BRIDGE_NETWORKS (%s)" % (
             ", ".join(map(str, networks)) or "empty, so bridge mode is off"))
     return str(address)
+
+
+# --- usage and limits (wghelper/limits.py, wghelper/usage.py) ---------------------
+
+USER_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")  # the app's userUuid
+BOOT_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+MIN_RATE_MBPS, MAX_RATE_MBPS = 1, 100_000          # a tier from 1 Mbit/s to 100 Gbit/s
+MAX_QUOTA_BYTES = 10 ** 15                          # a petabyte a period: anything above is a typo
+MAX_COUNTER = 2 ** 62
+
+
+def user(value, field="user"):
+    """A user id as the app knows it (userUuid, a token's sub); it never reaches an argv or a rule."""
+    if not isinstance(value, str) or not USER_RE.fullmatch(value):
+        raise Invalid(field, "must be 1-128 characters of A-Z a-z 0-9 _ . : @ -, got %s" % _hint(value))
+    return value
+
+
+def rate_mbps(value, field="rate_mbps"):
+    """None (no tier) or a tier in whole Mbit/s."""
+    return None if value is None else integer(value, MIN_RATE_MBPS, MAX_RATE_MBPS, field)
+
+
+def quota_bytes(value, field="quota"):
+    """None (no quota) or the bytes a user may move in a period."""
+    return None if value is None else integer(value, 0, MAX_QUOTA_BYTES, field)
+
+
+def host_address(value, pools, field):
+    """A client's address without prefix ("10.8.0.2", "fd00::2") in the pool of its family, normalised."""
+    if not isinstance(value, str) or "/" in value:
+        raise Invalid(field, "must be a client address such as 10.8.0.2, got %s" % _hint(value))
+    return client_ip("%s/%d" % (value, 128 if ":" in value else 32), pools, field).split("/")[0]
+
+
+def seconds_mark(value, field):
+    """A point on the host's monotonic clock (seconds, a finite number >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2 ** 53:
+        raise Invalid(field, "must be a number of seconds")
+    return float(value)
+
+
+def boot_id(value, field="boot"):
+    if not isinstance(value, str) or not BOOT_ID_RE.fullmatch(value):
+        raise Invalid(field, "must be a boot id (/proc/sys/kernel/random/boot_id), got %s" % _hint(value))
+    return value

@@ -2,6 +2,7 @@
 keeps a tiny model of links and peers so dump/sync see their own writes."""
 import base64
 import ipaddress
+import json
 import os
 import threading
 
@@ -60,6 +61,8 @@ class FakeRunner:
         self.daemons = set()   # links a (fake) wireguard-go daemon serves; it exits when its link goes
         self.sysctls = {}      # "net/ipv4/conf/IF/forwarding" -> "0"; absent: no such key
         self.nft_tables = {}   # "inet NAME" -> the stdin that defined it
+        self.nft_updates = []  # stdins of element and quota changes since
+        self.quota_used = {}   # quota name -> bytes the kernel counted, for `nft -j list quotas`
         self.rules = {}        # bridge rules: "10.8.0.2" -> (pref, table), as `ip -4 rule` keeps them
         self.address_text = ""  # more lines of `ip -o address show`, as a test writes them
         self._lock = threading.Lock()
@@ -161,11 +164,23 @@ class FakeRunner:
         argv = ["nft", *args]
         self._record(argv, stdin)
         if args == ("-f", "-"):
-            first = stdin.splitlines()[0]          # "table inet NAME {}"
-            self.nft_tables[" ".join(first.split()[1:3])] = stdin
+            first = stdin.splitlines()[0]
+            if first.startswith("table "):         # "table inet NAME {}": the table whole
+                self.nft_tables[" ".join(first.split()[1:3])] = stdin
+            else:                                  # "add element inet NAME ...": changes to a table that is there
+                if "inet " + first.split()[3] not in self.nft_tables:
+                    raise CommandFailed("nft", 1, "Error: Could not process rule: No such file or directory")
+                self.nft_updates.append(stdin)
         elif args[:2] == ("delete", "table"):
             if self.nft_tables.pop(" ".join(args[2:4]), None) is None:
                 raise CommandFailed("nft", 1, "Error: Could not process rule: No such file or directory")
+        elif args[:3] == ("-j", "list", "quotas"):
+            if " ".join(args[-2:]) not in self.nft_tables:
+                raise CommandFailed("nft", 1, "Error: No such file or directory; did you mean table 'x' in family "
+                                    "inet?")
+            return json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}}] + [
+                {"quota": {"family": "inet", "name": name, "table": args[-1], "bytes": 1, "used": used, "inv": True}}
+                for name, used in self.quota_used.items()]})
         return ""
 
     def sysctl(self, *args):

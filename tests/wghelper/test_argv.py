@@ -63,6 +63,7 @@ SHAPES = [
                                            None)]),
     ("apply_nft", ("table inet orbmesh {}\n",), [("nft", ["-f", "-"], "table inet orbmesh {}\n")]),
     ("delete_nft_table", ("orbmesh",), [("nft", ["delete", "table", "inet", "orbmesh"], None)]),
+    ("list_quotas", ("orbmesh",), [("nft", ["-j", "list", "quotas", "table", "inet", "orbmesh"], None)]),
     ("read_sysctl", ("net/ipv4/conf/wg0/forwarding",), [("sysctl", ["-n", "net/ipv4/conf/wg0/forwarding"], None)]),
     ("start_wireguard_go", ("wg0",), [("wireguard-go", ["wg0"], None)]),
     ("write_sysctl", ("net/ipv4/conf/wg0/forwarding", "1"),

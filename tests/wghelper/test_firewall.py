@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.need import need
-from wghelper import firewall
+from wghelper import firewall, limits
 from wghelper.argv import Commands, Runner
 from wghelper.errors import CommandFailed, ConfigError
 from wghelper.firewall import Firewall
@@ -533,3 +533,101 @@ def test_a_helper_without_nat_starts_on_a_host_without_nft(tmp_path):
     assert runner.calls == [["nft", "delete", "table", "inet", "orbmesh"]]
     with pytest.raises(CommandFailed):  # control: with NAT asked for, a missing nft is fatal
         Firewall(settings(nat_uplink=UP), Commands(runner), None).start()
+
+
+# --- speed tiers and quota backstops in the same table (wghelper/limits.py) ----------
+
+def tier(*addresses, rate=20, quota=None, used=0, period=0):
+    return {"addresses": list(addresses), "rate_mbps": rate, "quota": quota, "used": used, "period": period}
+
+
+def test_limits_alone_write_a_table_with_only_them_then_change_elements(tmp_path):
+    runner = FakeRunner()
+    fw = Firewall(settings(), Commands(runner), str(tmp_path / firewall.STATE_FILE))
+    fw.start()
+    runner.clear()
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
+    assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]  # whole: no table before
+    assert runner.stdins[-1][1] == firewall.script(fw.s, (), (), limits.view(fw.plans))
+    assert "chain from_clients" not in runner.stdins[-1][1]  # no uplink: no isolation rules appear
+    runner.clear()
+    fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False), ({"u2": tier("10.8.0.4")}, False)])
+    assert runner.calls == [["nft", "-f", "-"]] and len(runner.nft_updates) == 1  # one transaction, two requests
+    assert runner.nft_updates[0].count("add element") == 4 and "delete" not in runner.nft_updates[0]
+    runner.clear()
+    assert fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])["addresses"] == 3
+    assert runner.calls == []  # nothing changed: no run
+    fw.set_limits([({"u1": tier(), "u2": tier()}, False)])
+    assert runner.calls == [["nft", "delete", "table", "inet", "orbmesh"]] and fw.plans == {}
+    assert runner.nft_tables == {}
+
+
+def test_a_new_tier_writes_the_table_whole_with_the_isolation_rules(tmp_path):
+    fw, runner = make(tmp_path)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
+    runner.clear()
+    fw.set_limits([({"u2": tier("10.8.0.3", rate=50)}, False)])
+    assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
+    written = runner.stdins[-1][1]
+    assert "chain rate_50_up" in written and "chain rate_20_up" in written and "chain from_clients" in written
+    # The last limit gone: the table stays for the uplink, without the limits part.
+    fw.set_limits([({}, True)])
+    assert runner.stdins[-1][1] == SCRIPT_V4
+
+
+def test_a_quota_keeps_what_the_kernel_counted_when_the_table_is_written_again(tmp_path):
+    fw, runner = make(tmp_path)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2", rate=None, quota=1000, used=10)}, False)])
+    name = limits.quota_name("u1", limits.Plan((), quota=1000))
+    assert "quota %s {\n\t\tover 1000 bytes used 10 bytes" % name in runner.stdins[-1][1]
+    runner.quota_used = {name: 600}  # what the kernel has counted since
+    runner.clear()
+    fw.apply(["wgt0b1"])  # a bridge comes up: the table is written whole
+    assert runner.calls[:2] == [["nft", "-j", "list", "quotas", "table", "inet", "orbmesh"],
+                                ["ip", "-o", "address", "show"]]
+    assert "over 1000 bytes used 600 bytes" in runner.stdins[-1][1]
+    # A new period is a new object, from the app's count; the old one goes.
+    runner.clear()
+    fw.set_limits([({"u1": tier("10.8.0.2", rate=None, quota=1000, used=0, period=1)}, False)])
+    assert runner.calls == [["nft", "-f", "-"]]
+    assert "delete quota inet orbmesh %s" % name in runner.nft_updates[-1]
+
+
+def test_a_failed_write_changes_nothing(tmp_path):
+    fw, runner = make(tmp_path)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
+    before, written = dict(fw.plans), fw.written
+    runner.fail = lambda argv: "Error: syntax error" if argv[:2] == ["nft", "-f"] else None
+    with pytest.raises(CommandFailed):
+        fw.set_limits([({"u2": tier("10.8.0.3", rate=7)}, False)])     # whole
+    with pytest.raises(CommandFailed):
+        fw.set_limits([({"u2": tier("10.8.0.3")}, False)])              # elements, then whole: both fail
+    assert fw.plans == before and fw.written is written
+    runner.fail = None
+    fw.set_limits([({"u2": tier("10.8.0.3")}, False)])
+    assert set(fw.plans) == {"u1", "u2"}
+
+
+def test_an_element_update_that_fails_falls_back_to_the_whole_table(tmp_path):
+    fw, runner = make(tmp_path)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
+    runner.nft_tables.clear()  # someone deleted the table behind our back
+    runner.clear()
+    fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])
+    assert runner.calls == [["nft", "-f", "-"], ["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
+    assert "10.8.0.3 : jump rate_20_up" in runner.nft_tables["inet orbmesh"]
+
+
+def test_limits_come_back_after_the_interface_is_made_again_without_nat(tmp_path):
+    runner = FakeRunner()
+    fw = Firewall(settings(), Commands(runner), None)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
+    runner.nft_tables.clear()
+    fw.reapply()
+    assert "10.8.0.2 : jump rate_20_up" in runner.nft_tables["inet orbmesh"]
+    assert not any(c[0] == "sysctl" for c in runner.calls)  # no uplink: forwarding untouched

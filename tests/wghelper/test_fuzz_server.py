@@ -50,9 +50,20 @@ peer_values = st.fixed_dictionaries(
               | json_values,
               "keepalive": st.integers(-5, 70000) | json_values,
               "interface": st.text(max_size=10)})
-arg_values = st.dictionaries(st.sampled_from(["peers", "public_keys", "add", "remove", "interface"]) | st.text(max_size=8),
+user_values = st.fixed_dictionaries(  # limits
+    {"user": st.sampled_from(["u1", "u 1", "", "a" * 129]) | json_values,
+     "addresses": st.lists(st.sampled_from(["10.8.0.2", "10.8.0.1", "fd00::2", "10.8.0.2/32"]) | json_values,
+                           max_size=3) | json_values},
+    optional={"rate_mbps": st.sampled_from([0, 1, 20, 100001, 2.5, None, True]) | json_values,
+              "quota": st.integers(-2, 2**64) | json_values, "used": st.integers(-2, 2**64) | json_values,
+              "period": st.integers(-2, 2**64) | json_values})
+since_values = st.fixed_dictionaries(  # usage
+    {"boot": st.sampled_from(["12345678-aaaa-bbbb-cccc-1234567890ab", "x"]) | json_values,
+     "taken_at": st.floats() | st.integers(-2, 2**64) | json_values})
+arg_values = st.dictionaries(st.sampled_from(["peers", "public_keys", "add", "remove", "interface", "users", "since",
+                                              "fresh", "replace"]) | st.text(max_size=8),
                              st.lists(peer_values, max_size=3) | st.lists(st.text(max_size=50), max_size=3)
-                             | json_values, max_size=3)
+                             | st.lists(user_values, max_size=3) | since_values | json_values, max_size=3)
 requests = st.fixed_dictionaries(
     {"cmd": st.sampled_from(sorted(HANDLERS)) | st.sampled_from(["", "rm", "hello ", "HELLO", "__class__"])
      | st.text(max_size=30) | json_values},

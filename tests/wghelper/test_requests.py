@@ -12,7 +12,8 @@ S = settings(bridge_networks="10.9.0.0/16")
 
 def test_every_command_has_a_handler_and_nothing_else_is_served():
     assert set(requests.COMMANDS) == set(HANDLERS) == {
-        "hello", "status", "apply_peers", "dump_peers", "sync_peers", "bridge_up", "bridge_down", "bridge_rules"}
+        "hello", "status", "apply_peers", "dump_peers", "sync_peers", "bridge_up", "bridge_down", "bridge_rules",
+        "limits", "usage"}
 
 
 def test_arguments_come_back_normalised():
@@ -38,8 +39,53 @@ def test_arguments_come_back_normalised():
     ("bridge_down", {"slot": "0"}, "slot"),
     ("bridge_rules", {"add": [{"address": "10.8.0.2", "slot": 0}], "remove": ["10.8.0.2"]}, "remove"),
     ("bridge_rules", {"remove": ["10.8.0.2", "10.8.0.2"]}, "remove[1]"),
+    ("limits", {}, "users"),
+    ("limits", {"users": [{"user": "u 1", "addresses": []}]}, "users[0].user"),
+    ("limits", {"users": [{"user": "u1"}]}, "users[0].addresses"),
+    ("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.1"]}]}, "users[0].addresses[0]"),  # the gateway
+    ("limits", {"users": [{"user": "u1", "addresses": ["10.9.0.2"]}]}, "users[0].addresses[0]"),
+    ("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2/32"]}]}, "users[0].addresses[0]"),
+    ("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2", "10.8.0.2"]}]}, "users[0].addresses[1]"),
+    ("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"]}, {"user": "u2", "addresses": ["10.8.0.2"]}]},
+     "users[1].addresses[0]"),
+    ("limits", {"users": [{"user": "u1", "addresses": []}, {"user": "u1", "addresses": []}]}, "users[1].user"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "rate_mbps": 0}]}, "users[0].rate_mbps"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "rate_mbps": 100001}]}, "users[0].rate_mbps"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "rate_mbps": 2.5}]}, "users[0].rate_mbps"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "rate_mbps": True}]}, "users[0].rate_mbps"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "quota": -1}]}, "users[0].quota"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "quota": 10 ** 16}]}, "users[0].quota"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "used": -5}]}, "users[0].used"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "period": "2"}]}, "users[0].period"),
+    ("limits", {"users": [{"user": "u1", "addresses": [], "name": "x"}]}, "users[0].name"),
+    ("limits", {"users": [], "replace": "yes"}, "replace"),
+    ("usage", {"since": {"boot": "x", "taken_at": 1.0}}, "since.boot"),
+    ("usage", {"since": {"boot": "0" * 8 + "-0000-0000-0000-" + "0" * 12, "taken_at": -1}}, "since.taken_at"),
+    ("usage", {"since": {"boot": "0" * 8 + "-0000-0000-0000-" + "0" * 12}}, "since.taken_at"),
+    ("usage", {"fresh": 1}, "fresh"),
+    ("usage", {"all": True}, "all"),
 ])
 def test_bad_arguments_name_the_field(cmd, args, field):
     with pytest.raises(Invalid) as info:
         requests.COMMANDS[cmd](args, S)
     assert info.value.field == field
+
+
+def test_limits_arguments_come_back_normalised():
+    s6 = settings(pool6="fd00:8::/64")
+    got = requests.COMMANDS["limits"]({"users": [
+        {"user": "u1", "addresses": ["10.8.0.2", "FD00:8::0002"], "rate_mbps": 20},
+        {"user": "u2", "addresses": [], "quota": 0, "used": 7, "period": 3}], "replace": True}, s6)
+    assert got == {"replace": True, "users": {
+        "u1": {"addresses": ["10.8.0.2", "fd00:8::2"], "rate_mbps": 20, "quota": None, "used": 0, "period": 0},
+        "u2": {"addresses": [], "rate_mbps": None, "quota": 0, "used": 7, "period": 3}}}
+    # IPv6 off: an IPv6 address is refused like any address outside the pools.
+    with pytest.raises(Invalid):
+        requests.COMMANDS["limits"]({"users": [{"user": "u1", "addresses": ["fd00:8::2"]}]}, S)
+
+
+def test_usage_arguments():
+    boot = "12345678-aaaa-bbbb-cccc-1234567890ab"
+    assert requests.COMMANDS["usage"]({}, S) == {"since": None, "fresh": False}
+    assert requests.COMMANDS["usage"]({"since": {"boot": boot, "taken_at": 12}, "fresh": True}, S) == {
+        "since": {"boot": boot, "taken_at": 12.0}, "fresh": True}

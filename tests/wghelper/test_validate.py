@@ -256,3 +256,59 @@ def test_scope_ids_never_pass():
     assert validate.client_address("fd00:8::5", POOL6, GATEWAY6, "f") == "fd00:8::5"
     assert validate.endpoint("[fd00::5]:51820") == "[fd00::5]:51820"
     assert validate.tunnel_address("10.9.0.1", [ipaddress.ip_network("10.9.0.0/16")]) == "10.9.0.1"
+
+
+# --- usage and limits ----------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["u", "user-1", "a" * 128, "orb:1@x.y_z-"])
+def test_user_good(value):
+    assert validate.user(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "a" * 129, "u 1", "u\n", "u;drop", "ü", None, 7, ["u"]])
+def test_user_bad(value):
+    with pytest.raises(Invalid):
+        validate.user(value)
+
+
+@pytest.mark.parametrize("value, ok", [(None, True), (1, True), (100000, True), (0, False), (100001, False),
+                                       (-20, False), (20.0, False), ("20", False), (True, False)])
+def test_rate_mbps(value, ok):
+    if ok:
+        assert validate.rate_mbps(value) == value
+    else:
+        with pytest.raises(Invalid):
+            validate.rate_mbps(value)
+
+
+@pytest.mark.parametrize("value, ok", [(None, True), (0, True), (10 ** 15, True), (10 ** 15 + 1, False),
+                                       (-1, False), (1e9, False), (False, False)])
+def test_quota_bytes(value, ok):
+    if ok:
+        assert validate.quota_bytes(value) == value
+    else:
+        with pytest.raises(Invalid):
+            validate.quota_bytes(value)
+
+
+def test_host_address():
+    pools = [(ipaddress.ip_network("10.8.0.0/16"), ipaddress.ip_address("10.8.0.1")),
+             (ipaddress.ip_network("fd00:8::/64"), ipaddress.ip_address("fd00:8::1"))]
+    assert validate.host_address("10.8.0.2", pools, "a") == "10.8.0.2"
+    assert validate.host_address("FD00:8::00aa", pools, "a") == "fd00:8::aa"
+    for bad in ("10.8.0.1", "10.8.255.255", "10.9.0.2", "fd00:8::1", "fd00:9::2", "10.8.0.2/32", "fd00:8::2%eth0",
+                "", None, 3):
+        with pytest.raises(Invalid):
+            validate.host_address(bad, pools, "a")
+
+
+def test_seconds_mark_and_boot_id():
+    assert validate.seconds_mark(5, "t") == 5.0
+    for bad in (-1, float("nan"), float("inf"), True, "5", 2 ** 53):
+        with pytest.raises(Invalid):
+            validate.seconds_mark(bad, "t")
+    boot = "12345678-aaaa-bbbb-cccc-1234567890ab"
+    assert validate.boot_id(boot) == boot
+    for bad in (boot.upper(), boot + "\n", boot[:-1], "", None):
+        with pytest.raises(Invalid):
+            validate.boot_id(bad)

@@ -1,0 +1,300 @@
+"""Speed tiers and quota backstops (wghelper/limits.py): plans, the exact rules, deltas, the merging writer."""
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+
+from tests.need import missing, need
+from wghelper import firewall, limits
+from wghelper.errors import CommandFailed
+from wghelper.limits import Plan
+
+from .fakes import settings
+
+
+def entry(*addresses, rate=None, quota=None, used=0, period=0):
+    return {"addresses": list(addresses), "rate_mbps": rate, "quota": quota, "used": used, "period": period}
+
+
+QA = limits.quota_name("alice", Plan((), quota=50_000_000))
+
+OBJECTS_AND_CHAINS = """\
+table inet orbmesh {
+\tquota %(qa)s {
+\t\tover 50000000 bytes used 1000 bytes
+\t}
+
+\tmap limit_up4 {
+\t\ttype ipv4_addr : verdict
+\t\telements = { 10.8.0.2 : jump rate_20_up, 10.8.0.10 : jump rate_20_up }
+\t}
+
+\tmap limit_up6 {
+\t\ttype ipv6_addr : verdict
+\t\telements = { fd00:8::2 : jump rate_20_up }
+\t}
+
+\tmap limit_down4 {
+\t\ttype ipv4_addr : verdict
+\t\telements = { 10.8.0.2 : jump rate_20_down, 10.8.0.10 : jump rate_20_down }
+\t}
+
+\tmap limit_down6 {
+\t\ttype ipv6_addr : verdict
+\t\telements = { fd00:8::2 : jump rate_20_down }
+\t}
+
+\tmap quota4 {
+\t\ttype ipv4_addr : quota
+\t\telements = { 10.8.0.3 : "%(qa)s" }
+\t}
+
+\tmap quota6 {
+\t\ttype ipv6_addr : quota
+\t}
+
+\tset rate_20_up4 {
+\t\ttype ipv4_addr
+\t\tsize 65535
+\t\tflags dynamic,timeout
+\t\ttimeout 1m
+\t}
+
+\tset rate_20_up6 {
+\t\ttype ipv6_addr
+\t\tsize 65535
+\t\tflags dynamic,timeout
+\t\ttimeout 1m
+\t}
+
+\tset rate_20_down4 {
+\t\ttype ipv4_addr
+\t\tsize 65535
+\t\tflags dynamic,timeout
+\t\ttimeout 1m
+\t}
+
+\tset rate_20_down6 {
+\t\ttype ipv6_addr
+\t\tsize 65535
+\t\tflags dynamic,timeout
+\t\ttimeout 1m
+\t}
+
+\tchain rate_20_up {
+\t\tupdate @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
+\t\tupdate @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
+\t}
+
+\tchain rate_20_down {
+\t\tupdate @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
+\t\tupdate @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
+\t}
+
+\tchain limits_in {
+\t\ttype filter hook prerouting priority filter; policy accept;
+\t\tiifname "wgt0" ip saddr vmap @limit_up4
+\t\tiifname "wgt0" ip6 saddr vmap @limit_up6
+\t\tiifname "wgt0" quota name ip saddr map @quota4 drop
+\t\tiifname "wgt0" quota name ip6 saddr map @quota6 drop
+\t}
+
+\tchain limits_out {
+\t\ttype filter hook postrouting priority filter; policy accept;
+\t\toifname "wgt0" ip daddr vmap @limit_down4
+\t\toifname "wgt0" ip6 daddr vmap @limit_down6
+\t\toifname "wgt0" quota name ip daddr map @quota4 drop
+\t\toifname "wgt0" quota name ip6 daddr map @quota6 drop
+\t}
+}
+""" % {"qa": QA}
+
+PLANS = {"bob": Plan(("10.8.0.10", "10.8.0.2", "fd00:8::2"), rate_mbps=20),
+         "alice": Plan(("10.8.0.3",), quota=50_000_000, used=1000)}
+
+
+# --- plans --------------------------------------------------------------------------
+
+def test_merge_upserts_clears_and_moves_addresses():
+    plans = limits.merge({}, {"u1": entry("10.8.0.2", rate=20), "u2": entry("10.8.0.3")})
+    assert plans == {"u1": Plan(("10.8.0.2",), 20)}  # u2 has no limit: not in the table
+    plans = limits.merge(plans, {"u3": entry("10.8.0.2", "10.8.0.4", quota=5)})
+    assert plans == {"u3": Plan(("10.8.0.2", "10.8.0.4"), None, 5)}  # the address is u3's now; u1 has none left
+    plans = limits.merge(plans, {"u1": entry("10.8.0.5", rate=7)})
+    assert set(plans) == {"u1", "u3"}
+    assert limits.merge(plans, {"u3": entry()}) == {"u1": Plan(("10.8.0.5",), 7)}   # no addresses: out
+    assert limits.merge(plans, {"u9": entry("10.8.0.9", rate=1)}, replace=True) == {"u9": Plan(("10.8.0.9",), 1)}
+
+
+def test_quota_names_follow_user_quota_and_period():
+    base = limits.quota_name("u1", Plan((), quota=100))
+    assert base.startswith("q") and len(base) == 25 and base.isalnum()
+    assert limits.quota_name("u1", Plan(("10.8.0.2",), quota=100, used=99)) == base  # usage and addresses: same
+    assert len({base, limits.quota_name("u2", Plan((), quota=100)), limits.quota_name("u1", Plan((), quota=101)),
+                limits.quota_name("u1", Plan((), quota=100, period=1))}) == 4
+
+
+def test_view_clamps_used_to_the_quota():
+    v = limits.view({"u1": Plan(("10.8.0.2",), quota=10, used=25)})
+    assert list(v.quotas.values()) == [(10, 10)]
+
+
+# --- the rules ----------------------------------------------------------------------
+
+def test_exact_limits_part_without_nat():
+    # No uplink and no bridge (run-local): the table holds the limits and nothing else.
+    assert firewall.render(settings(), limits=limits.view(PLANS)) == OBJECTS_AND_CHAINS
+
+
+def test_limits_go_around_the_isolation_chains():
+    table = firewall.render(settings(nat_uplink="up0"), limits=limits.view(PLANS))
+    chains = [line.split()[1] for line in table.splitlines() if line.startswith("\tchain ")]
+    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "rate_20_up", "rate_20_down",
+                      "limits_in", "limits_out"]
+    assert table.index("\tquota ") < table.index("\tmap limit_up4") < table.index("\tchain postrouting")
+    # Without limits, the table is the one it always was.
+    assert firewall.render(settings(nat_uplink="up0"), limits=limits.view({})) == firewall.render(
+        settings(nat_uplink="up0"))
+
+
+def test_each_tier_has_its_chains_and_meters():
+    v = limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5), "b": Plan(("10.8.0.3",), rate_mbps=100000)})
+    table = firewall.render(settings(), limits=v)
+    assert "10.8.0.2 : jump rate_5_up" in table and "10.8.0.3 : jump rate_100000_down" in table
+    assert "limit rate over 625000 bytes/second burst 65536 bytes" in table  # the smallest burst
+    assert "limit rate over 12500000000 bytes/second burst 625000000 bytes" in table
+    assert table.count("\tset rate_") == 8
+
+
+# --- deltas ---------------------------------------------------------------------------
+
+def test_a_new_device_of_a_tiered_user_is_two_element_adds():
+    old = limits.view(PLANS)
+    new = limits.view(dict(PLANS, bob=Plan(PLANS["bob"].addresses + ("10.8.0.11",), rate_mbps=20)))
+    assert limits.delta("orbmesh", old, new) == (
+        "add element inet orbmesh limit_up4 { 10.8.0.11 : jump rate_20_up }\n"
+        "add element inet orbmesh limit_down4 { 10.8.0.11 : jump rate_20_down }\n")
+    assert limits.delta("orbmesh", new, new) is None
+
+
+def test_a_new_period_replaces_the_quota_object():
+    old = limits.view(PLANS)
+    reset = dict(PLANS, alice=Plan(("10.8.0.3", "fd00:8::3"), quota=50_000_000, used=0, period=1))
+    q1 = limits.quota_name("alice", reset["alice"])
+    assert limits.delta("orbmesh", old, limits.view(reset)) == (
+        "delete element inet orbmesh quota4 { 10.8.0.3 }\n"
+        "delete quota inet orbmesh %s\n"
+        "add quota inet orbmesh %s { over 50000000 bytes used 0 bytes }\n"
+        'add element inet orbmesh quota4 { 10.8.0.3 : "%s" }\n'
+        'add element inet orbmesh quota6 { fd00:8::3 : "%s" }\n' % (QA, q1, q1, q1))
+
+
+def test_a_user_leaving_a_tier_that_others_keep():
+    old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20)))
+    assert limits.delta("orbmesh", old, limits.view(PLANS)) == (
+        "delete element inet orbmesh limit_up4 { 10.8.0.7 }\n"
+        "delete element inet orbmesh limit_down4 { 10.8.0.7 }\n")
+
+
+def test_a_new_or_gone_tier_needs_the_table_whole():
+    with pytest.raises(limits.NeedsWhole):
+        limits.delta("orbmesh", limits.view(PLANS), limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), 30))))
+    with pytest.raises(limits.NeedsWhole):
+        limits.delta("orbmesh", limits.view(PLANS), limits.view({"alice": PLANS["alice"]}))
+
+
+def test_carried_keeps_what_the_kernel_counted():
+    v = limits.view(PLANS)
+    counted = limits.counted_quotas({"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"quota": {"family": "inet", "name": QA, "table": "orbmesh", "bytes": 50000000, "used": 7777, "inv": True}},
+        {"quota": {"name": "someone_elses", "used": 5}}, {"quota": {"name": QA[:-1] + "z", "used": "x"}}]})
+    assert counted == {QA: 7777}
+    assert limits.carried(v, counted).quotas == {QA: (50_000_000, 7777)}
+    assert limits.carried(v, {QA: 10}).quotas == {QA: (50_000_000, 1000)}      # the app counted more: kept
+    assert limits.carried(v, {QA: 10 ** 9}).quotas == {QA: (50_000_000, 50_000_000)}
+    assert limits.counted_quotas([]) == {} and limits.counted_quotas({"nftables": ["x"]}) == {}
+
+
+# --- with the real nft, in a network namespace of its own ---------------------------
+
+def _in_fresh_netns(tmp_path, *scripts):
+    """Run `nft -f` of each script, then list the table, in a network namespace that ends with the call."""
+    need("nft")
+    if os.geteuid() != 0:
+        missing("needs root for a network namespace")
+    paths = []
+    for i, text in enumerate(scripts):
+        paths.append(tmp_path / ("%d.nft" % i))
+        paths[-1].write_text(text)
+    program = " && ".join(["nft -f %s" % p for p in paths] + ["nft -j list table inet orbmesh"])
+    done = subprocess.run([need("unshare"), "--net", "sh", "-c", program], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["nftables"]
+
+
+def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
+    s = settings(nat_uplink="up0", pool6="fd00:8::/64")
+    first = limits.view(PLANS)
+    more = dict(PLANS, bob=Plan(PLANS["bob"].addresses + ("10.8.0.11",), rate_mbps=20),
+                alice=Plan(("10.8.0.3",), quota=50_000_000, period=1))
+    second = limits.view(more)
+    listed = _in_fresh_netns(tmp_path, firewall.script(s, (), (), first), limits.delta("orbmesh", first, second))
+    elements = {item["map"]["name"]: item["map"].get("elem", []) for item in listed if "map" in item}
+    assert [e[0] for e in elements["limit_up4"]] == ["10.8.0.2", "10.8.0.10", "10.8.0.11"]
+    quotas = {item["quota"]["name"]: item["quota"] for item in listed if "quota" in item}
+    assert list(quotas) == [limits.quota_name("alice", more["alice"])]
+    assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 50_000_000
+
+
+# --- the writer -------------------------------------------------------------------------
+
+class FakeFirewall:
+    def __init__(self):
+        self.batches = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.bad = set()  # users whose request fails
+
+    def set_limits(self, batch):
+        self.entered.set()
+        assert self.gate.wait(10)
+        self.batches.append(batch)
+        if any(user in self.bad for users, _ in batch for user in users):
+            raise CommandFailed("nft", 1, "Error: bad")
+        return {"users": len(batch)}
+
+
+def test_writer_merges_requests_that_wait_together_and_isolates_a_failure():
+    fw = FakeFirewall()
+    writer = limits.Writer(fw)
+    writer.start()
+    results = {}
+
+    def call(user):
+        try:
+            results[user] = writer.submit({user: entry("10.8.0.2", rate=1)})
+        except CommandFailed as exc:
+            results[user] = exc
+
+    first = threading.Thread(target=call, args=("u0",))
+    first.start()
+    assert fw.entered.wait(5)  # u0's run is under way; the next three wait together
+    fw.bad.add("u2")
+    others = [threading.Thread(target=call, args=("u%d" % i,)) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    while len(writer._queue) < 3:
+        threading.Event().wait(0.01)
+    fw.gate.set()
+    for thread in [first] + others:
+        thread.join(5)
+    writer.stop()
+    assert [len(b) for b in fw.batches] == [1, 3, 1, 1, 1]  # the merged run failed, then one by one
+    assert isinstance(results["u2"], CommandFailed)
+    assert results["u1"] == results["u3"] == {"users": 1}
+    with pytest.raises(Exception):
+        writer.submit({"u9": entry()})  # stopped

@@ -1,0 +1,131 @@
+"""Per-peer counters for the app's accounting (wghelper/usage.py), and the usage and limits commands."""
+import pytest
+
+from wghelper import usage
+from wghelper.limits import Writer as LimitsWriter
+from wghelper.firewall import Firewall
+from wghelper.usage import Samples
+
+from .fakes import Helper, key, peer
+
+BOOT = "12345678-aaaa-bbbb-cccc-1234567890ab"
+OTHER_BOOT = "87654321-aaaa-bbbb-cccc-1234567890ab"
+
+
+def dumped(*rows):
+    return [{"public_key": k, "rx_bytes": rx, "tx_bytes": tx, "latest_handshake": hs, "endpoint": ep}
+            for k, rx, tx, hs, ep in rows]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_only_what_changed_since_the_last_sample_comes_back():
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    dumps = iter([("5", dumped((key(1), 10, 20, 0, None), (key(2), 0, 0, 0, None))),
+                  ("5", dumped((key(1), 10, 20, 0, None), (key(2), 7, 0, 1, "192.0.2.9:5")))])
+    first = samples.sample(lambda: next(dumps))
+    assert first["complete"] and first["taken_at"] == 100.0 and first["epoch"] == "5" and first["boot"] == BOOT
+    assert sorted(first["peers"]) == sorted([[key(1), 10, 20, 0, None], [key(2), 0, 0, 0, None]])
+    clock.now = 100.5  # younger than REFRESH: the same sample, nothing new since it
+    assert samples.sample(lambda: pytest.fail("dumped"), {"boot": BOOT, "taken_at": 100.0})["peers"] == []
+    clock.now = 102.0
+    second = samples.sample(lambda: next(dumps), {"boot": BOOT, "taken_at": 100.0})
+    assert second["peers"] == [[key(2), 7, 0, 1, "192.0.2.9:5"]] and not second["complete"]
+    # Another boot (or no since at all): everything.
+    assert len(samples.sample(lambda: None, {"boot": OTHER_BOOT, "taken_at": 100.0})["peers"]) == 2
+
+
+def test_a_new_epoch_reports_every_peer_again():
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    samples.record(100.0, "5", dumped((key(1), 10, 20, 0, None)))
+    samples.record(101.0, "6", dumped((key(1), 10, 20, 0, None)))  # same values, but the link was made again
+    assert samples.sample(lambda: None, {"boot": BOOT, "taken_at": 100.0})["peers"] == [[key(1), 10, 20, 0, None]]
+
+
+def test_an_older_dump_never_replaces_a_newer_one():
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    samples.record(105.0, "5", dumped((key(1), 50, 50, 0, None)))
+    samples.record(104.0, "5", dumped((key(1), 40, 40, 0, None)))  # a slow background dump that started earlier
+    clock.now = 105.5
+    assert samples.sample(lambda: None)["peers"] == [[key(1), 50, 50, 0, None]]
+
+
+def test_fresh_dumps_now_and_concurrent_callers_share_nothing_stale():
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    calls = []
+
+    def dump():
+        calls.append(clock.now)
+        return "5", dumped((key(1), len(calls), 0, 0, None))
+
+    samples.sample(dump)
+    clock.now = 100.2
+    assert samples.sample(dump)["peers"][0][1] == 1 and len(calls) == 1
+    assert samples.sample(dump, fresh=True)["peers"][0][1] == 2 and samples.taken_at == 100.2
+
+
+def test_boot_id_is_read_from_the_kernel():
+    assert usage.read_boot_id().count("-") == 4
+
+
+# --- the commands, through dispatch ---------------------------------------------------------
+
+@pytest.fixture
+def helper(tmp_path):
+    h = Helper(tmp_path).start()
+    h.ctx.samples = Samples(BOOT)
+    firewall = Firewall(h.settings, h.cmd)
+    h.ctx.limits = LimitsWriter(firewall)
+    h.ctx.limits.start()
+    yield h
+    h.ctx.limits.stop()
+    h.writer.stop()
+
+
+def test_usage_command_reads_the_interface(helper):
+    helper.result("apply_peers", {"add": [peer(key(1)), peer(key(2), "10.8.0.3/32")]})
+    helper.runner.clear()
+    got = helper.result("usage", {})
+    assert helper.runner.calls == [["wg", "show", "wgt0", "dump"]]
+    assert sorted(got["peers"]) == sorted([[key(1), 100, 200, 0, None], [key(2), 100, 200, 0, None]])
+    assert got["epoch"] == str(helper.iface.index) and got["boot"] == BOOT and got["complete"]
+    since = {"boot": BOOT, "taken_at": got["taken_at"]}
+    assert helper.result("usage", {"since": since})["peers"] == []  # nothing changed, and no new dump
+    assert helper.runner.calls == [["wg", "show", "wgt0", "dump"]]
+
+
+def test_status_dumps_feed_the_usage_samples(helper):
+    helper.result("apply_peers", {"add": [peer(key(1))]})
+    helper.result("status")
+    helper.runner.clear()
+    assert helper.result("usage", {})["peers"] == [[key(1), 100, 200, 0, None]]
+    assert helper.runner.calls == []  # the status dump was young enough
+
+
+def test_limits_command_writes_the_table(helper):
+    got = helper.result("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "rate_mbps": 20}]})
+    assert got == {"users": 1, "addresses": 1, "tiers": [20], "quotas": 0}
+    assert "10.8.0.2 : jump rate_20_up" in helper.runner.nft_tables["inet orbmesh"]
+    assert "u1" not in helper.runner.nft_tables["inet orbmesh"]  # no user id in the table
+    reply = helper.call("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.1"], "rate_mbps": 20}]})
+    assert reply["error"]["code"] == "INVALID_ARGUMENT" and reply["error"]["details"] == {
+        "field": "users[0].addresses[0]"}
+
+
+def test_limits_failure_is_command_failed_and_leaves_the_table(helper):
+    helper.result("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "rate_mbps": 20}]})
+    table = helper.runner.nft_tables["inet orbmesh"]
+    helper.runner.fail = lambda argv: "Error: boom" if argv[0] == "nft" else None
+    reply = helper.call("limits", {"users": [{"user": "u2", "addresses": ["10.8.0.3"], "rate_mbps": 5}]})
+    assert reply["error"]["code"] == "COMMAND_FAILED"
+    assert helper.runner.nft_tables["inet orbmesh"] == table

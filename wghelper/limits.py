@@ -1,0 +1,323 @@
+"""Speed tiers and quota backstops: the limits part of the helper's one nftables table.
+
+The app names users, their addresses and numbers (wghelper/requests.py
+``limits``); every name in the table is derived here, and a user id never
+reaches it (a quota is named by a hash).  What the part holds, for the
+users with a tier or a quota:
+
+    quota q<hash> { over Q bytes used U bytes }           one per user with a quota
+    map limit_up4, limit_up6 { address : jump rate_<R>_up }   a tiered user's addresses
+    map limit_down4, limit_down6 { address : jump rate_<R>_down }
+    map quota4, quota6 { address : "q<hash>" }            a user's addresses share the quota
+    set rate_<R>_up4 ... (dynamic)                        a token bucket per address: a meter
+    chain rate_<R>_up, rate_<R>_down                      one per tier in use, and direction
+    chain limits_in   prerouting, from the WireGuard interface: what clients send
+    chain limits_out  postrouting, into the WireGuard interface: what clients receive
+
+Speed tier: each address of a tiered user (IPv4 and IPv6) has its own
+bucket of R Mbit/s of IP packets in each direction, so every device of the
+user is held to the tier and nobody else is touched; prerouting and
+postrouting see what is forwarded and what the node itself sends or
+receives alike.  A packet over the rate is dropped (TCP slows down to it).
+
+Quota backstop: the app cuts a user whose counted usage reached the quota
+(every peer leaves the interface).  It counts from the interface's
+counters every few seconds; in between, the kernel's quota object stops
+the user's packets once the period's bytes reach the quota, so a fast
+download cannot run past it between two counts.  The object starts at the
+usage the app counted (``used``) and counts IP bytes from there (the
+interface's counters add WireGuard's 32 bytes and padding per packet, so
+they reach the quota first).  Its name holds the user, the quota and the
+period: a new period or quota is a new object; anything else keeps it and
+what it counted, also when the table is written whole again (Firewall reads
+the kernel's counts first) and across helper restarts.
+
+Writing: the part goes into the table written whole (firewall.render) at
+start, after the interface is re-created, when a bridge comes or goes and
+whenever the set of tiers in use changes.  Otherwise a change of members
+(a device connects, a user gets a tier that is already in use) is one
+``nft -f -`` of element adds and deletes.  Either is one atomic
+transaction: on an error nothing of it is applied, and what the helper
+believes is written stays what it was.
+"""
+import hashlib
+import ipaddress
+import threading
+from dataclasses import dataclass
+
+from . import protocol
+from .errors import HelperError
+
+HOOKS = (("in", "prerouting", "iifname", "saddr", "up"), ("out", "postrouting", "oifname", "daddr", "down"))
+METER_SIZE = 65535      # a bucket for every address of a /16 pool
+METER_TIMEOUT = "1m"    # an idle address's bucket goes (it comes back full)
+BURST_SECONDS = 0.05    # a bucket holds this much of its rate (at least MIN_BURST)
+MIN_BURST = 65536
+QUOTA_SIZE = 24         # hex digits of the hash in a quota's name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A user's limits and addresses, as the app last sent them."""
+    addresses: tuple
+    rate_mbps: int | None = None
+    quota: int | None = None
+    used: int = 0
+    period: int = 0
+
+
+def quota_name(user, plan):
+    """The quota object of this user, quota and period: q + 24 hex digits."""
+    digest = hashlib.sha256(("%s\0%d\0%d" % (user, plan.quota, plan.period)).encode()).hexdigest()
+    return "q" + digest[:QUOTA_SIZE]
+
+
+@dataclass(frozen=True)
+class View:
+    """What the table holds for a set of plans (every field is compared to compute a delta)."""
+    tiers: dict      # address -> rate (Mbit/s)
+    quotas: dict     # quota name -> (over, used)
+    quota_of: dict   # address -> quota name
+
+    @property
+    def rates(self):
+        return frozenset(self.tiers.values())
+
+    @property
+    def empty(self):
+        return not self.tiers and not self.quota_of
+
+
+def view(plans):
+    tiers, quotas, quota_of = {}, {}, {}
+    for user, plan in plans.items():
+        for address in plan.addresses:
+            if plan.rate_mbps is not None:
+                tiers[address] = plan.rate_mbps
+            if plan.quota is not None:
+                name = quota_name(user, plan)
+                quotas[name] = (plan.quota, min(plan.used, plan.quota))
+                quota_of[address] = name
+    return View(tiers, quotas, quota_of)
+
+
+def merge(plans, users, replace=False):
+    """The plans after a ``limits`` request: `users` ({user: args}) over `plans` (or instead, with
+    replace).  A user without a tier and a quota, or without addresses, leaves; an address belongs to the
+    user who named it last."""
+    new = {} if replace else dict(plans)
+    claimed = {a for entry in users.values() for a in entry["addresses"]}
+    for user in list(new):
+        if user in users:
+            continue
+        kept = tuple(a for a in new[user].addresses if a not in claimed)
+        if kept != new[user].addresses:
+            new[user] = Plan(kept, new[user].rate_mbps, new[user].quota, new[user].used, new[user].period)
+        if not kept:
+            del new[user]
+    for user, entry in users.items():
+        plan = Plan(tuple(entry["addresses"]), entry["rate_mbps"], entry["quota"], entry["used"], entry["period"])
+        if plan.addresses and (plan.rate_mbps is not None or plan.quota is not None):
+            new[user] = plan
+        else:
+            new.pop(user, None)
+    return new
+
+
+def _family(address):
+    return 6 if ":" in address else 4
+
+
+def _elements(pairs):
+    return "{ %s }" % ", ".join("%s : %s" % pair for pair in pairs)
+
+
+def _sorted(addresses):
+    """IPv4 first, each family in address order (as nft lists elements)."""
+    return sorted(addresses, key=lambda a: (_family(a), ipaddress.ip_address(a)))
+
+
+def burst(rate_mbps):
+    return max(MIN_BURST, int(rate_mbps * 125000 * BURST_SECONDS))
+
+
+def objects(v):
+    """The quotas, maps and meters (nft lists them before the chains)."""
+    lines = []
+    for name, (over, used) in sorted(v.quotas.items()):
+        lines += ["\tquota %s {" % name, "\t\tover %d bytes%s" % (over, " used %d bytes" % used if used else ""),
+                  "\t}", ""]
+    maps = [("limit_%s%d" % (d, f), "verdict", [(a, "jump rate_%d_%s" % (r, d)) for a, r in v.tiers.items()
+                                               if _family(a) == f]) for d in ("up", "down") for f in (4, 6)]
+    maps += [("quota%d" % f, "quota", [(a, '"%s"' % n) for a, n in v.quota_of.items() if _family(a) == f])
+             for f in (4, 6)]
+    for name, kind, pairs in maps:
+        order = {a: i for i, a in enumerate(_sorted([a for a, _ in pairs]))}
+        pairs.sort(key=lambda pair: order[pair[0]])
+        lines += ["\tmap %s {" % name, "\t\ttype ipv%d_addr : %s" % (int(name[-1]), kind)]
+        lines += ["\t\telements = %s" % _elements(pairs)] if pairs else []
+        lines += ["\t}", ""]
+    for rate in sorted(v.rates):
+        for d in ("up", "down"):
+            for f in (4, 6):
+                lines += ["\tset rate_%d_%s%d {" % (rate, d, f), "\t\ttype ipv%d_addr" % f,
+                          "\t\tsize %d" % METER_SIZE, "\t\tflags dynamic,timeout", "\t\ttimeout %s" % METER_TIMEOUT,
+                          "\t}", ""]
+    return lines
+
+
+def chains(v, ifname):
+    """The tiers' chains and the two hooked ones."""
+    lines = []
+    for rate in sorted(v.rates):
+        for _, _, _, key, d in HOOKS:
+            lines += ["\tchain rate_%d_%s {" % (rate, d)]
+            for f, ip in ((4, "ip"), (6, "ip6")):
+                lines.append("\t\tupdate @rate_%d_%s%d { %s %s limit rate over %d bytes/second burst %d bytes } drop"
+                             % (rate, d, f, ip, key, rate * 125000, burst(rate)))
+            lines += ["\t}", ""]
+    for name, hook, match, key, d in HOOKS:
+        lines += ["\tchain limits_%s {" % name,
+                  "\t\ttype filter hook %s priority filter; policy accept;" % hook]
+        for f, ip in ((4, "ip"), (6, "ip6")):
+            lines.append('\t\t%s "%s" %s %s vmap @limit_%s%d' % (match, ifname, ip, key, d, f))
+        for f, ip in ((4, "ip"), (6, "ip6")):
+            lines.append('\t\t%s "%s" quota name %s %s map @quota%d drop' % (match, ifname, ip, key, f))
+        lines += ["\t}", ""]
+    return lines
+
+
+class NeedsWhole(Exception):
+    """The change adds or removes a tier: chains and meters change, so the table is written whole."""
+
+
+def delta(table, old, new):
+    """`nft -f -` input turning what `old` (a View) wrote into `new`: element and quota changes in one
+    transaction; None when nothing changes.  NeedsWhole when the tiers in use differ."""
+    if old.rates != new.rates:
+        raise NeedsWhole()
+    removes, adds = [], []
+    for d in ("up", "down"):
+        for address in _sorted(set(old.tiers) | set(new.tiers)):
+            was, now = old.tiers.get(address), new.tiers.get(address)
+            if was != now:
+                target = "limit_%s%d" % (d, _family(address))
+                if was is not None:
+                    removes.append("delete element inet %s %s { %s }" % (table, target, address))
+                if now is not None:
+                    adds.append("add element inet %s %s { %s : jump rate_%d_%s }" % (table, target, address, now, d))
+    for address in _sorted(set(old.quota_of) | set(new.quota_of)):
+        was, now = old.quota_of.get(address), new.quota_of.get(address)
+        if was != now:
+            target = "quota%d" % _family(address)
+            if was is not None:
+                removes.append("delete element inet %s %s { %s }" % (table, target, address))
+            if now is not None:
+                adds.append('add element inet %s %s { %s : "%s" }' % (table, target, address, now))
+    # A quota object goes after the elements that name it, and comes before them.
+    gone = ["delete quota inet %s %s" % (table, n) for n in sorted(set(old.quotas) - set(new.quotas))]
+    made = ["add quota inet %s %s { over %d bytes used %d bytes }" % (table, n, *new.quotas[n])
+            for n in sorted(set(new.quotas) - set(old.quotas))]
+    lines = removes + gone + made + adds
+    return "\n".join(lines) + "\n" if lines else None
+
+
+def carried(v, counted):
+    """`v` with each quota's used bytes at least what the kernel counted (`counted`: name -> used)."""
+    quotas = {n: (over, min(over, max(used, counted.get(n, 0)))) for n, (over, used) in v.quotas.items()}
+    return View(v.tiers, quotas, v.quota_of)
+
+
+def counted_quotas(listing):
+    """{name: used} from `nft -j list quotas table inet T`'s JSON (only well-formed objects of ours)."""
+    found = {}
+    for item in listing.get("nftables", []) if isinstance(listing, dict) else []:
+        quota = item.get("quota") if isinstance(item, dict) else None
+        if isinstance(quota, dict) and isinstance(quota.get("name"), str) and isinstance(quota.get("used"), int):
+            if len(quota["name"]) == QUOTA_SIZE + 1 and quota["name"].startswith("q"):
+                found[quota["name"]] = quota["used"]
+    return found
+
+
+class Writer:
+    """One thread applies the waiting ``limits`` requests together (Firewall.set_limits).
+
+    A connect of a tiered user names its new address before its peer goes
+    on the interface; under a burst of connects the requests that wait
+    together cost one nft run.  Each request waits for its own answer; when
+    a merged run fails, the requests are applied one by one so that only
+    the bad one fails.
+    """
+
+    def __init__(self, firewall):
+        self.firewall = firewall
+        self._cond = threading.Condition()
+        self._queue = []
+        self._stopping = False
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="limits-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            pending, self._queue = self._queue, []
+        for job in pending:
+            job.finish(error=stopped())
+
+    def submit(self, users, replace=False):
+        job = _Job(users, replace)
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise stopped()
+            self._queue.append(job)
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                result = self.firewall.set_limits([(job.users, job.replace) for job in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].finish(error=exc)
+                    continue
+                for job in batch:
+                    try:
+                        job.finish(result=self.firewall.set_limits([(job.users, job.replace)]))
+                    except Exception as single:
+                        job.finish(error=single)
+                continue
+            for job in batch:
+                job.finish(result=result)
+
+
+class _Job:
+    def __init__(self, users, replace):
+        self.users, self.replace = users, replace
+        self.done = threading.Event()
+        self.result = self.error = None
+
+    def finish(self, result=None, error=None):
+        self.result, self.error = result, error
+        self.done.set()
+
+
+def stopped():
+    return HelperError(protocol.INTERFACE_DOWN, "the helper is stopping")

@@ -1,0 +1,72 @@
+"""Per-peer byte counters for the app's usage accounting (the ``usage`` command).
+
+The app counts usage as deltas of the interface's per-peer counters
+(app/usage.py); this module hands it the counters, read with the same
+``wg show dump`` the status cache makes (wghelper/statuscache.py feeds
+every dump it makes here too), so /health and the accounting share dumps.
+
+A sample is stamped with the host's monotonic clock (``taken_at``), the
+boot it belongs to and the interface's epoch (its ifindex: a link deleted
+and made again has another, and its counters start from zero; a helper
+that adopts the link after a restart keeps it).  An answer carries only
+the peers whose counters, handshake or endpoint changed after the caller's
+last sample (``since``): at 10,000 peers most are idle, and the app
+compares few.  A sample older than a newer one is never answered, so
+samples reach the app in order.
+"""
+import threading
+import time
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+REFRESH = 1.0  # a sample younger than this is answered as it is
+
+
+def read_boot_id(path=BOOT_ID):
+    with open(path, encoding="ascii") as handle:
+        return handle.read().strip()
+
+
+class Samples:
+    def __init__(self, boot, clock=time.monotonic, refresh=REFRESH):
+        self.boot, self.clock, self.refresh = boot, clock, refresh
+        self._lock = threading.Lock()
+        self._dumping = threading.Lock()  # one dump at a time; the others wait for it
+        self.taken_at = None
+        self.epoch = None
+        self.dump_seconds = 0.0
+        self._peers = {}    # key -> (rx, tx, handshake, endpoint)
+        self._changed = {}  # key -> taken_at of the sample where its values last changed
+
+    def record(self, taken_at, epoch, peers, seconds=0.0):
+        """Keep a dump (peers as parse_dump gives them) taken at `taken_at`, unless a newer one is kept."""
+        values = {p["public_key"]: (p["rx_bytes"], p["tx_bytes"], p["latest_handshake"], p["endpoint"])
+                  for p in peers}
+        with self._lock:
+            if self.taken_at is not None and taken_at <= self.taken_at:
+                return
+            if epoch != self.epoch:
+                self._changed = {}
+            self._changed = {key: (self._changed.get(key, taken_at) if self._peers.get(key) == value else taken_at)
+                             for key, value in values.items()}
+            self._peers, self.taken_at, self.epoch = values, taken_at, epoch
+            self.dump_seconds = seconds
+
+    def sample(self, dump, since=None, fresh=False):
+        """The counters changed after `since` ({"boot", "taken_at"}; None: all), from a sample no older than
+        REFRESH (or a new one: `fresh`).  dump() -> (epoch, peers) makes a new one."""
+        if fresh or self._age() >= self.refresh:
+            with self._dumping:
+                if fresh or self._age() >= self.refresh:
+                    taken_at = self.clock()
+                    started = time.perf_counter()
+                    epoch, peers = dump()
+                    self.record(taken_at, epoch, peers, time.perf_counter() - started)
+        with self._lock:
+            after = since["taken_at"] if since and since["boot"] == self.boot else None
+            rows = [[key, *values] for key, values in self._peers.items()
+                    if after is None or self._changed[key] > after]
+            return {"boot": self.boot, "epoch": self.epoch, "taken_at": self.taken_at, "complete": after is None,
+                    "dump_seconds": round(self.dump_seconds, 4), "peers": rows}
+
+    def _age(self):
+        return float("inf") if self.taken_at is None else self.clock() - self.taken_at
