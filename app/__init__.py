@@ -6,7 +6,7 @@ from flask import Flask
 
 from . import config as settings
 from . import (audit, auth, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
-               reconcile, resolver, shutdown, smartconnect, tunnel, wireguard, wsconn)
+               reconcile, resolver, shutdown, smartconnect, tunnel, usage, usage_view, wireguard, wsconn)
 from .allocator import Allocator
 
 
@@ -35,6 +35,8 @@ def create_app(test_config=None):
     bridges.init_app(app)
 
     app.register_blueprint(wireguard.bp)
+    app.register_blueprint(usage_view.bp)
+    usage.init_app(app)
     app.register_blueprint(tunnel.bp)
     wsconn.init_app(app)
     tunnel.init_app(app)

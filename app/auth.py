@@ -41,8 +41,13 @@ def verify_device_token(token, config):
     return _verify(token, config)[0]
 
 
+# Claims a token may carry for the device's plan (app/usage.py checks them); the API's limits win.
+PLAN_CLAIMS = ("rate_mbps", "quota_bytes")
+
+
 def _verify(token, config):
-    """((user_id, device_id), exp) of a token PyJWT accepts, or ApiError UNAUTHORIZED."""
+    """((user_id, device_id), exp, plan) of a token PyJWT accepts, or ApiError UNAUTHORIZED; plan: the
+    PLAN_CLAIMS it carries, as they are."""
     if not token or len(token) > MAX_TOKEN_CHARS:
         raise ApiError("UNAUTHORIZED", BAD_TOKEN)
     options = {"require": ["exp", "iss", "sub"]}
@@ -60,7 +65,7 @@ def _verify(token, config):
     if (claims.get("token_type") != DEVICE_TOKEN_TYPE or not isinstance(user, str)
             or not isinstance(device, str) or not _ID.match(user) or not _ID.match(device)):
         raise ApiError("UNAUTHORIZED", BAD_TOKEN)
-    return (user, device), claims["exp"]
+    return (user, device), claims["exp"], {k: claims[k] for k in PLAN_CLAIMS if k in claims}
 
 
 class VerifiedTokens:
@@ -76,36 +81,43 @@ class VerifiedTokens:
     SIZE = 4096
 
     def __init__(self):
-        self._entries = {}  # digest -> (exp, (user, device))
+        self._entries = {}  # digest -> (exp, (user, device), plan)
 
     def verify(self, token, config):
+        return self.verify_with_plan(token, config)[0]
+
+    def verify_with_plan(self, token, config):
+        """((user, device), plan claims) of a valid token."""
         if not token or len(token) > MAX_TOKEN_CHARS:
             raise ApiError("UNAUTHORIZED", BAD_TOKEN)  # before hashing 8 KiB and more for nothing
         key = _digest(token)
         hit = self._entries.get(key)
         if hit is not None and hit[0] > time.time() - config["JWT_LEEWAY"]:
-            return hit[1]
-        device, exp = _verify(token, config)
+            return hit[1], hit[2]
+        device, exp, plan = _verify(token, config)
         if len(self._entries) >= self.SIZE:
             self._entries = {}
-        self._entries[key] = (exp, device)
-        return device
+        self._entries[key] = (exp, device, plan)
+        return device, plan
 
 
 def authenticate_device():
-    """(user_id, device_id) of the request's device token, or ApiError UNAUTHORIZED."""
-    return current_app.extensions["orbmesh_tokens"].verify(bearer_token(), current_app.config)
+    """(user_id, device_id) of the request's device token, or ApiError UNAUTHORIZED; its plan claims on
+    g.device_plan."""
+    device, g.device_plan = current_app.extensions["orbmesh_tokens"].verify_with_plan(bearer_token(),
+                                                                                      current_app.config)
+    return device
 
 
 def init_app(app):
     app.extensions["orbmesh_tokens"] = VerifiedTokens()
 
 
-def mint_device_token(config, user, device, ttl=3600, signing_key=None):
-    """A device token as OrbNET would issue it (for local use and tests)."""
+def mint_device_token(config, user, device, ttl=3600, signing_key=None, plan=None):
+    """A device token as OrbNET would issue it (for local use and tests); `plan`: PLAN_CLAIMS to carry."""
     now = int(time.time())
     claims = {"iss": config["JWT_ISSUER"], "sub": user, "device_id": device,
-              "token_type": DEVICE_TOKEN_TYPE, "iat": now, "exp": now + int(ttl)}
+              "token_type": DEVICE_TOKEN_TYPE, "iat": now, "exp": now + int(ttl), **(plan or {})}
     if config["JWT_AUDIENCE"]:
         claims["aud"] = config["JWT_AUDIENCE"]
     key = signing_key if signing_key is not None else config["JWT_SECRET"]

@@ -49,6 +49,37 @@ CREATE TABLE IF NOT EXISTS bridge_uses (
     used_at     REAL NOT NULL,
     PRIMARY KEY (user_id, device_id, exit_id)
 );
+CREATE TABLE IF NOT EXISTS usage_users (
+    user_id      TEXT PRIMARY KEY,
+    rate_mbps    INTEGER,
+    rate_from    TEXT CHECK (rate_from IN ('api', 'token')),
+    quota_bytes  INTEGER,
+    quota_from   TEXT CHECK (quota_from IN ('api', 'token')),
+    period       INTEGER NOT NULL DEFAULT 0,
+    period_start REAL NOT NULL,
+    cut_at       REAL
+);
+CREATE TABLE IF NOT EXISTS usage_devices (
+    user_id      TEXT NOT NULL,
+    source       TEXT NOT NULL CHECK (source IN ('client', 'orbnet')),
+    device       TEXT NOT NULL,
+    bytes_up     INTEGER NOT NULL DEFAULT 0,
+    bytes_down   INTEGER NOT NULL DEFAULT 0,
+    handshake_at REAL,
+    transport    TEXT,
+    tunnel       TEXT,
+    PRIMARY KEY (user_id, source, device)
+);
+CREATE TABLE IF NOT EXISTS usage_seen (
+    public_key  TEXT PRIMARY KEY,
+    epoch       TEXT NOT NULL,
+    rx          INTEGER NOT NULL,
+    tx          INTEGER NOT NULL,
+    user_id     TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    device      TEXT NOT NULL,
+    active_at   REAL
+);
 """
 # Columns added after the first release: (name, definition), added to older files at start.
 ADDED_COLUMNS = (

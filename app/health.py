@@ -29,7 +29,7 @@ bp = Blueprint("health", __name__)
 
 def _database():
     try:
-        return {"ok": True}, store.count(get_db())
+        return {"ok": True}, store.count_live(get_db())  # quarantined and quota-held peers are off on purpose
     except Exception as exc:  # any database failure is reported, not raised
         log.warning("health: database check failed: %s", exc.__class__.__name__)
         return {"ok": False, "error": "database unavailable"}, None

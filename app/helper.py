@@ -219,6 +219,17 @@ class HelperClient:
         return self.call("bridge_rules", {"add": list(add), "remove": list(remove), "exclusive": exclusive},
                          timeout=SYNC_TIMEOUT if exclusive else None)
 
+    # Usage, speed tiers and quotas (app/usage.py, wghelper/limits.py, wghelper/usage.py).
+
+    def limits(self, users, replace=False):
+        """The tiers and quotas of `users` (the helper's entries), or with `replace` of every user."""
+        return self.call("limits", {"users": list(users), "replace": replace},
+                         timeout=SYNC_TIMEOUT if replace else None)
+
+    def usage(self, since=None, fresh=False):
+        """Per-peer counters that moved after the sample `since` ({"boot", "taken_at"}; None: all)."""
+        return self.call("usage", {"since": since, "fresh": fresh}, timeout=SYNC_TIMEOUT)
+
 
 def get_helper():
     return current_app.extensions["orbmesh_helper"]

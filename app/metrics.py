@@ -34,7 +34,7 @@ REGISTRY = CollectorRegistry()
 # Results of the peer endpoints: "ok" or the error code in lower case, with
 # malformed and oversized input folded into "invalid".
 RESULTS = ("ok", "invalid", "unauthorized", "conflict", "not_found", "not_implemented", "pool_exhausted",
-           "helper_unavailable", "helper_error", "database_unavailable", "internal_error")
+           "helper_unavailable", "helper_error", "database_unavailable", "internal_error", "quota_exceeded")
 _RESULT_OF_CODE = {"VALIDATION_ERROR": "invalid", "PAYLOAD_TOO_LARGE": "invalid"}
 
 
@@ -83,6 +83,17 @@ for _action in SWEEP_ACTIONS:
     SWEPT_PEERS.labels(_action)
 AUDIT_FAILURES = Counter("orbmesh_audit_write_failures", "Audit log lines that could not be written",
                          registry=REGISTRY)
+LIMITS = _results_counter("orbmesh_limits_requests", "POST /wireguard/limits requests by result")
+USAGE_TRANSPORTS = ("udp", "ws", "http")
+USAGE_BYTES = Counter("orbmesh_usage_bytes", "Bytes counted as usage from the interface's per-peer counters, by the "
+                      "transport the peer used (up: client to node)", ["transport", "direction"], registry=REGISTRY)
+for _transport in USAGE_TRANSPORTS:
+    for _direction in ("up", "down"):
+        USAGE_BYTES.labels(_transport, _direction)
+QUOTA_CUTS = Counter("orbmesh_quota_cuts", "Users whose peers left the interface because their usage reached "
+                     "the quota", registry=REGISTRY)
+QUOTA_FAILURES = Counter("orbmesh_quota_enforcement_failures", "Quota cuts that failed (the helper refused or "
+                         "did not answer); retried at the next count", registry=REGISTRY)
 DNS_PROBE_FAILURES = Counter("orbmesh_dns_probe_failures", "Probes of the node's DNS resolver (on the gateway) "
                              "that got no good answer", registry=REGISTRY)
 

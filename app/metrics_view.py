@@ -14,7 +14,9 @@ from prometheus_client.core import GaugeMetricFamily
 from . import store
 from .auth import api_key_required
 from .db import get_db
+from .helper import HelperFailed, HelperUnavailable, get_helper
 from .metrics import MULTIPROCESS, REGISTRY
+from .usage_view import UsageGauges
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -47,6 +49,23 @@ class StateCollector:
                                 "hold their address", value=quarantined)
 
 
+class HelperGauges:
+    """Whether the helper answers and its interface is up, asked when scraped (hello runs no command)."""
+
+    def __init__(self, helper):
+        self.helper = helper
+
+    def collect(self):
+        try:
+            running = bool(self.helper.hello().get("running"))
+            up = 1
+        except (HelperUnavailable, HelperFailed):
+            up, running = 0, False
+        yield GaugeMetricFamily("orbmesh_helper_up", "1 when the root helper answered this scrape", value=up)
+        yield GaugeMetricFamily("orbmesh_interface_up", "1 when the helper reports its WireGuard interface up",
+                                value=int(running))
+
+
 class _Local:
     """This process's metrics, for single-process mode."""
 
@@ -71,5 +90,6 @@ def exposition(*collectors):
 def metrics():
     """Prometheus text exposition, summed over the workers."""
     state = StateCollector(get_db(), current_app.extensions["orbmesh_allocator"])
-    return Response(exposition(state), content_type=CONTENT_TYPE_PLAIN_0_0_4,
+    return Response(exposition(state, UsageGauges(get_db()), HelperGauges(get_helper())),
+                    content_type=CONTENT_TYPE_PLAIN_0_0_4,
                     headers={"Cache-Control": "no-store"})

@@ -59,7 +59,7 @@ PATHS = {
         "responses": _limited({"200": _json("ConnectResponse"),
                                **_errors("UNAUTHORIZED", "CONFLICT", "POOL_EXHAUSTED", "EXIT_NOT_FOUND",
                                          "BRIDGE_UNAVAILABLE", "RATE_LIMITED", "DEVICE_LIMIT", "BRIDGE_LIMIT",
-                                         *HELPER)},
+                                         "QUOTA_EXCEEDED", *HELPER)},
                               "200", "429")}},
     "/wireguard/disconnect": {"post": {
         "summary": "Remove the device's peer and free its address (idempotent)",
@@ -85,7 +85,8 @@ PATHS = {
         "security": DEVICE,
         "description": "A request without a WebSocket upgrade is 400 (after the token check: 401 first).",
         "responses": _limited({"101": {"description": "Switching Protocols"},
-                               **_errors("UNAUTHORIZED", "TOO_MANY_SESSIONS", "RATE_LIMITED")}, "101", "429")}},
+                               **_errors("UNAUTHORIZED", "TOO_MANY_SESSIONS", "RATE_LIMITED", "QUOTA_EXCEEDED")},
+                              "101", "429")}},
     "/wireguard/tunnel": {"post": {
         "summary": "HTTP tunnel: datagrams up in the body, datagrams down in the response",
         "security": DEVICE,
@@ -101,8 +102,30 @@ PATHS = {
             SINGLE_TYPE: {"schema": {"type": "string", "format": "binary"}},
             BATCH_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
             "204": {"description": "No datagram within the wait (single form)"},
-            **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS", "RATE_LIMITED")},
+            **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS", "RATE_LIMITED",
+                      "QUOTA_EXCEEDED")},
             "200", "204", "429")}},
+    "/wireguard/usage": {"get": {
+        "summary": "A user's usage in the period, per device and in total, or a page of every user's",
+        "description": "With userUuid: that user (an unknown user has usage zero). Without: users in order, at most "
+                       "limit (1000) a page; nextCursor (null on the last page) asks for the next.",
+        "security": INTERNAL,
+        "parameters": [
+            {"name": "userUuid", "in": "query", "required": False, "schema": dict(schemas._ID_DOC, type="string")},
+            {"name": "cursor", "in": "query", "required": False,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+        "responses": {"200": {"description": "The user's usage (userUuid), or a page of users", "content": {
+            "application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/UserUsageResponse"},
+                                                      {"$ref": "#/components/schemas/UsagePage"}]}}}},
+                      **_errors("UNAUTHORIZED", "FORBIDDEN")}}},
+    "/wireguard/limits": {"post": {
+        "summary": "Set or clear a user's speed tier and data quota on this node; resetUsage starts a new period",
+        "description": "Answers the user's usage. A user under the quota again is back on the interface at once; "
+                       "one at or over it is cut at once.",
+        "security": INTERNAL, "requestBody": _body("Limits"),
+        "responses": {"200": _json("UserUsageResponse"), **_errors("UNAUTHORIZED", "FORBIDDEN", *HELPER)}}},
     "/health": {"get": {
         "summary": "Health of the database, the helper, the interface and the DNS resolver",
         "description": "The status for anyone; the wireguard, database, helper and resolver blocks only with an "
@@ -126,6 +149,8 @@ SCHEMAS = {
     "RemovePeer": schemas.RemovePeerSchema, "Error": schemas.ErrorSchema, "Message": schemas.MessageSchema,
     "RemovePeerResponse": schemas.RemovePeerResponseSchema, "ConnectResponse": schemas.ConnectResponseSchema,
     "StatusResponse": schemas.StatusResponseSchema, "Health": schemas.HealthSchema,
+    "Limits": schemas.LimitsSchema, "UserUsageResponse": schemas.UserUsageResponseSchema,
+    "UsagePage": schemas.UsagePageSchema,
 }
 
 

@@ -12,7 +12,7 @@ import logging
 import sqlite3
 import time
 
-from . import audit, metrics, reconcile, store
+from . import audit, metrics, reconcile, store, usage
 from .allocator import PoolExhausted
 from .db import undo, write
 from .errors import ApiError
@@ -27,7 +27,7 @@ def _short(key):
 
 
 def connect_device(db, helper, allocator, bridges, user_id, device_id, public_key, exit_id=None,
-                   force_direct=False, max_devices=0):
+                   force_direct=False, max_devices=0, plan=None):
     """Give the device a peer with `public_key`; return the Peer on the interface.
 
     Its route is the first step: through the tunnel to an exit when the
@@ -35,32 +35,39 @@ def connect_device(db, helper, allocator, bridges, user_id, device_id, public_ke
     (bridges.choose_exit), else direct; the Peer's mode and exit_id say
     which.  When SmartConnect only recommended the exit and the exit fails,
     the client gets a direct tunnel: a direct tunnel beats none.  A new
-    device of a user who already has `max_devices` (when not 0) is refused.
+    device of a user who already has `max_devices` (when not 0) is refused,
+    and so is a user at the quota (`plan`: the token's plan claims, usage.admit).
     """
     exit, recommended = bridges.choose_exit(exit_id, force_direct)
     if exit is not None:
         try:
-            return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, bridges, exit)
+            return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, plan, bridges, exit)
         except ApiError as exc:
             if not (recommended and exc.code in ("BRIDGE_UNAVAILABLE", "BRIDGE_LIMIT")):
                 raise
         log.warning("smartconnect: exit %s unavailable, connecting directly", exit["id"])
-    return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices)
+    return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, plan)
 
 
-def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, bridges=None, exit=None):
+def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, plan=None, bridges=None,
+             exit=None):
     """connect_device along one route: through the tunnel to `exit`, or direct without one.
 
     A bridged peer's rule is in place before the peer is on the interface,
     so a bridged client never sends a packet out directly.  The device cap
     is counted in the same write transaction that would allocate, so
-    concurrent connects cannot pass it together.
+    concurrent connects cannot pass it together.  A tiered user's new
+    address is in the helper's table before its peer is on the interface.
     """
     mode, exit_id = ("bridge", exit["id"]) if exit else ("direct", None)
+    existing = store.by_device(db, user_id, device_id)
+    if existing and existing.public_key != public_key:
+        usage.settle(db, helper, None, [existing])  # its key leaves the interface: count what it moved
     with write(db):
         owner = store.by_key(db, public_key)
         if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
             raise ApiError("CONFLICT", "This public key is already registered to another peer")
+        limits = usage.admit(db, user_id, plan)
         current = store.by_device(db, user_id, device_id)
         if exit:
             bridges.admit(db, user_id, device_id, exit_id, current.exit_id if current else None)
@@ -94,6 +101,8 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
         if exit:
             bridges.open(helper, exit, slot)
             helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
+        if limits.limited:
+            usage.push(db, helper, user_id)
         # A quarantined peer's old key is already off the interface.
         helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])
         if current and current.mode == "bridge" and not exit:
@@ -104,6 +113,8 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
     if current and current.mode == "bridge" and current.exit_id != exit_id:
         with write(db):
             store.mark_bridge_idle(db, current.exit_id, time.time())
+    if old_key:
+        usage.forget(db, [old_key])
     if quarantined_at:
         metrics.SWEPT_PEERS.labels("released").inc()
     log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s%s", user_id, device_id, peer.address,
@@ -134,6 +145,7 @@ def _undo_connect(db, helper, peer, previous, new_bridge):
 
 def disconnect_device(db, helper, user_id, device_id):
     """Remove the device's peer; True if there was one."""
+    usage.settle(db, helper, None, [p for p in [store.by_device(db, user_id, device_id)] if p])
     with write(db):
         peer = store.by_device(db, user_id, device_id)
         if peer is None:
@@ -141,6 +153,7 @@ def disconnect_device(db, helper, user_id, device_id):
         store.delete(db, peer)
     _remove_or_restore(db, helper, [peer])
     _unroute(db, helper, [peer])
+    _unlimit(db, helper, [peer])
     log.info("disconnect user=%s device=%s addr=%s", user_id, device_id, peer.address)
     audit.record("disconnect", peer)
     return True
@@ -159,6 +172,15 @@ def _unroute(db, helper, peers):
     with write(db):
         for exit_id in sorted({p.exit_id for p in bridged}):
             store.mark_bridge_idle(db, exit_id, time.time())
+
+
+def _unlimit(db, helper, peers):
+    """After peers left the interface: their counters start from zero next time, and their addresses leave
+    their users' limits."""
+    usage.forget(db, [p.public_key for p in peers])
+    for user_id in sorted({p.user_id for p in peers}):
+        if usage.plan_of(db, user_id).limited:
+            usage.push_quietly(db, helper, user_id)
 
 
 def _remove_or_restore(db, helper, peers):
@@ -186,6 +208,7 @@ def add_orbnet_peer(db, helper, config, data, only_peer=False):
     addr = int(ipaddress.IPv4Address(data["assignedIP"]))
     keepalive = 0 if data["noKeepalive"] else config["KEEPALIVE"]
     with write(db):
+        limits = usage.admit(db, data["userUuid"])
         owner = store.by_key(db, data["publicKey"])
         holder = store.by_addr(db, addr)
         if only_peer and any(p.public_key != data["publicKey"] for p in store.by_user(db, data["userUuid"])):
@@ -205,6 +228,8 @@ def add_orbnet_peer(db, helper, config, data, only_peer=False):
             previous = None
         peer = store.by_key(db, data["publicKey"])
     try:
+        if limits.limited:
+            usage.push(db, helper, data["userUuid"])
         helper.apply(add=[peer])
     except HELPER_ERRORS:
         with undo(db):
@@ -221,6 +246,7 @@ def add_orbnet_peer(db, helper, config, data, only_peer=False):
 
 def remove_user_peers(db, helper, user_id, public_key=None):
     """Remove every peer of the user (client and OrbNET), or only the one with `public_key`; return how many."""
+    usage.settle(db, helper, None, [p for p in store.by_user(db, user_id) if public_key in (None, p.public_key)])
     with write(db):
         peers = [p for p in store.by_user(db, user_id) if public_key in (None, p.public_key)]
         for peer in peers:
@@ -228,6 +254,7 @@ def remove_user_peers(db, helper, user_id, public_key=None):
     if peers:
         _remove_or_restore(db, helper, peers)
         _unroute(db, helper, peers)
+        _unlimit(db, helper, peers)
         log.info("remove-peer user=%s removed=%d", user_id, len(peers))
         for peer in peers:
             audit.record("remove-peer", peer)

@@ -14,7 +14,7 @@ import time
 
 from wghelper.validate import LOW_ORDER_KEYS
 
-from . import store, sweep
+from . import store, sweep, usage
 from .audit import SYSTEM
 from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
 from .helper import HelperClient, HelperFailed, HelperUnavailable, own_keys
@@ -47,6 +47,7 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
         store.set_endpoints(db, result.pop("endpoints", None) or {})
         if bridges is not None:
             bridges.sync(db, helper)
+        usage.sync_limits(db, helper)  # the helper's tiers and quotas: exactly the database's
         if generation is not None:
             set_meta(db, "reconciled_generation", generation)
         set_meta(db, "reconciled_at", time.time())
@@ -135,11 +136,22 @@ class Watcher:
         finally:
             db.close()
 
+    def usage_once(self):
+        """Count usage, when it is on and due (once across the workers per USAGE_INTERVAL)."""
+        if not self.config.get("USAGE_INTERVAL"):
+            return None
+        db = self._connect()
+        try:
+            return usage.collect(db, self.helper, self.config, audit_log=self.audit_log)
+        finally:
+            db.close()
+
     def round(self):
-        """check_once and sweep_once, with every failure logged instead of raised."""
+        """check_once, sweep_once and usage_once, with every failure logged instead of raised."""
         try:
             self.check_once()
             self.sweep_once()
+            self.usage_once()
             self.last_error = None
         except (HelperUnavailable, HelperFailed) as exc:
             if self.last_error != exc.code:

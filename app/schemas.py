@@ -221,6 +221,100 @@ class HealthSchema(Schema):
     error = fields.Nested(ErrorBodySchema)
 
 
+# Usage, speed tiers and quotas (app/usage.py, app/usage_view.py).
+
+class StrictInteger(fields.Integer):
+    """Only a JSON integer: no 20.0, "20" or true."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class LimitsSchema(Schema):
+    userUuid = _identifier(required=True)
+    rateMbps = StrictInteger(allow_none=True, validate=validate.Range(1, 100_000, error=(
+        "Must be a speed tier from 1 Mbit/s to 100 Gbit/s (1 to 100000), or null to clear it.")), metadata={
+        "description": "Speed tier in Mbit/s, each direction, each address of the user; null clears it, absent "
+                       "leaves it", "example": 20})
+    quotaBytes = StrictInteger(allow_none=True, validate=validate.Range(0, 10 ** 15, error=(
+        "Must be 0 to 10^15 bytes, or null to clear it.")), metadata={
+        "description": "Data allowance of the period, up and down together; null clears it, absent leaves it",
+        "example": 50000000000})
+    resetUsage = StrictBoolean(load_default=False, metadata={"description": "Start a new usage period"})
+
+
+class UsageQuerySchema(Schema):
+    userUuid = _identifier()
+    cursor = fields.String(validate=validate.Length(1, 200))
+    limit = StrictInteger(validate=validate.Range(1, 1000), metadata={"description": "users per page (1000)"})
+
+    @validates_schema
+    def _one_or_pages(self, data, **kwargs):
+        if "userUuid" in data and ("cursor" in data or "limit" in data):
+            raise ValidationError("Ask for one userUuid, or page with cursor and limit; not both.", "userUuid")
+
+
+class DeviceUsageSchema(Schema):
+    deviceId = fields.String(required=True, allow_none=True, metadata={"description": "null for an OrbNET peer"})
+    source = fields.String(required=True, validate=validate.OneOf(["client", "orbnet"]))
+    publicKey = fields.String(required=True, allow_none=True)
+    bytesUp = fields.Integer(required=True, metadata={"description": "bytes the node received from the device"})
+    bytesDown = fields.Integer(required=True)
+    bytes = fields.Integer(required=True)
+    lastHandshake = fields.String(required=True, allow_none=True, metadata={"example": "2026-12-01T10:00:00Z"})
+    transport = fields.String(required=True, allow_none=True, validate=validate.OneOf(["udp", "ws", "http"]))
+    connected = fields.Boolean(required=True)
+    state = fields.String(required=True, validate=validate.OneOf(["active", "quota", "quarantined", "disconnected"]))
+
+
+class UsageTotalSchema(Schema):
+    bytesUp = fields.Integer(required=True)
+    bytesDown = fields.Integer(required=True)
+    bytes = fields.Integer(required=True)
+
+
+class LimitsFromSchema(Schema):
+    rateMbps = fields.String(required=True, allow_none=True, validate=validate.OneOf(["api", "token"]))
+    quotaBytes = fields.String(required=True, allow_none=True, validate=validate.OneOf(["api", "token"]))
+
+
+class UserUsageSchema(Schema):
+    userUuid = fields.String(required=True)
+    period = fields.Integer(required=True)
+    periodStart = fields.String(required=True, allow_none=True, metadata={"description": "null: never seen"})
+    rateMbps = fields.Integer(required=True, allow_none=True)
+    quotaBytes = fields.Integer(required=True, allow_none=True)
+    limitsFrom = fields.Nested(LimitsFromSchema, required=True)
+    state = fields.String(required=True, validate=validate.OneOf(["active", "quota_exceeded"]))
+    total = fields.Nested(UsageTotalSchema, required=True)
+    devices = fields.List(fields.Nested(DeviceUsageSchema), required=True)
+
+
+class UserUsageResponseSchema(UserUsageSchema):
+    success = fields.Boolean(required=True)
+
+
+class UsagePageSchema(Schema):
+    success = fields.Boolean(required=True)
+    users = fields.List(fields.Nested(UserUsageSchema), required=True)
+    nextCursor = fields.String(required=True, allow_none=True)
+
+
+def load_query(schema):
+    """The query string, one value per name, loaded with `schema` (unknown or repeated names are refused)."""
+    given = request.args.to_dict(flat=False)
+    repeated = sorted(name for name, values in given.items() if len(values) > 1)
+    if repeated:
+        raise ValidationError({name: ["Give this parameter once."] for name in repeated})
+    values = {name: values[0] for name, values in given.items()}
+    if "limit" in values:  # a query string has no numbers: only digits make one here
+        values["limit"] = int(values["limit"]) if values["limit"].isdigit() and len(values["limit"]) < 8 else \
+            values["limit"]
+    return schema.load(values)
+
+
 def _reject_constant(name):
     raise ValueError(name)
 

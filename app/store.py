@@ -1,8 +1,9 @@
 """The rows: peers (Peer) and the bridges in use, and every query on them.
 
 Call the changing queries inside db.write().  A client peer may be
-quarantined (sweep.py): its row and address stay, but it is not on the
-interface (live_peers leaves it out).
+quarantined (sweep.py), and every peer of a user the quota cut is held
+(usage.py): their rows and addresses stay, but they are not on the
+interface (live_peers leaves them out).
 """
 import ipaddress
 import time
@@ -70,10 +71,14 @@ def all_peers(db):
     return [Peer(*row) for row in db.execute("SELECT %s FROM peers ORDER BY addr" % _COLUMNS)]
 
 
+# The peers that belong on the interface: not quarantined, and not of a user the quota cut.
+ON_INTERFACE = "quarantined_at IS NULL AND user_id NOT IN (SELECT user_id FROM usage_users WHERE cut_at IS NOT NULL)"
+
+
 def live_peers(db):
-    """The peers that belong on the interface (all but the quarantined)."""
-    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE quarantined_at IS NULL ORDER BY addr"
-                                             % _COLUMNS)]
+    """The peers that belong on the interface (ON_INTERFACE)."""
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE %s ORDER BY addr"
+                                             % (_COLUMNS, ON_INTERFACE))]
 
 
 def client_peers(db):
@@ -102,8 +107,12 @@ def count(db):
 
 def count_live_by_source(db):
     """{source: peers on the interface}; a source without any is left out."""
-    return dict(db.execute("SELECT source, count(*) FROM peers WHERE quarantined_at IS NULL GROUP BY source")
+    return dict(db.execute("SELECT source, count(*) FROM peers WHERE %s GROUP BY source" % ON_INTERFACE)
                 .fetchall())
+
+
+def count_live(db):
+    return db.execute("SELECT count(*) FROM peers WHERE %s" % ON_INTERFACE).fetchone()[0]
 
 
 def count_quarantined(db):

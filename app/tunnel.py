@@ -17,8 +17,9 @@ from werkzeug.routing import WebsocketMismatch
 
 from orbmesh_relay.framing import BATCH_TYPE, MAX_DATAGRAM, SINGLE_TYPE, FramingError, decode_batch, encode_batch
 
-from . import metrics, ratelimit, shutdown
+from . import metrics, ratelimit, shutdown, usage
 from .auth import authenticate_device
+from .db import get_db
 from .errors import ApiError, error_response
 from .sessions import HttpSessions, SessionSlots, UdpPipe
 
@@ -36,10 +37,12 @@ def _slots():
 def _authenticate():
     g.device = authenticate_device()
     shutdown.refuse_new()
+    usage.refuse_cut(get_db(), g.device[0])
     if request.endpoint == "tunnel.ws":
         ratelimit.check("tunnel")
         _slots().acquire(g.device)
         g.tunnel_slot = g.device
+        usage.note_tunnel(get_db(), *g.device, "ws")
         # The 101 is written by the WebSocket server, not by a Flask response.
         request.environ["orbmesh.handshake_headers"] = ratelimit.headers()
 
@@ -134,7 +137,7 @@ def http_tunnel():
     request.max_content_length = config["TUNNEL_MAX_BODY"]
     datagrams = _datagrams(kind)
     sessions = current_app.extensions["orbmesh_http_sessions"]
-    session = sessions.get(g.device, name, on_new=lambda: ratelimit.check("tunnel"))
+    session = sessions.get(g.device, name, on_new=lambda: _new_session("http"))
     session.pipe.send(datagrams)
     single = kind == SINGLE_TYPE
     out = sessions.take(session, wait, max_count=1 if single else None, max_bytes=config["TUNNEL_MAX_RESPONSE"])
@@ -144,6 +147,12 @@ def http_tunnel():
             return Response(status=204, headers=headers)
         return Response(out[0], mimetype=SINGLE_TYPE, headers=headers)
     return Response(encode_batch(out), mimetype=BATCH_TYPE, headers=headers)
+
+
+def _new_session(transport):
+    """A new HTTP session: counted against the rate limit, and the device's transport noted (usage)."""
+    ratelimit.check("tunnel")
+    usage.note_tunnel(get_db(), *g.device, transport)
 
 
 def _not_an_upgrade(exc):

@@ -3,7 +3,7 @@ import ipaddress
 
 from flask import Blueprint, current_app, g
 
-from . import metrics, peers, ratelimit, resolver
+from . import metrics, peers, ratelimit, resolver, usage
 from .auth import api_key_required, check_scope, device_token_required, peer_key_required
 from .bridges import get_bridges
 from .db import get_db
@@ -60,7 +60,7 @@ def connect():
     helper = get_helper()
     peer = peers.connect_device(get_db(), helper, _allocator(), get_bridges(), *g.device, data["publicKey"],
                                 exit_id=data.get("exitServerId"), force_direct=data["force_direct"],
-                                max_devices=config["MAX_DEVICES_PER_USER"])
+                                max_devices=config["MAX_DEVICES_PER_USER"], plan=usage.device_plan())
     ip6, gateway6 = client_ipv6(helper, peer)
     return {"success": True, "publicKey": peer.public_key, "serverPublicKey": hello["public_key"],
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],

@@ -18,6 +18,7 @@ API_KEYS = ["orbnet-key-one-0123456789", "orbnet-key-two-0123456789"]
 SERVER_KEY = base64.b64encode(b"S" * 32).decode()
 POOL6 = "fd00:8::/64"  # the fake helper's pool6, as a helper that made its unique-local pool announces it
 BRIDGE_KEY = base64.b64encode(b"B" * 32).decode()
+FAKE_BOOT = "12345678-aaaa-bbbb-cccc-1234567890ab"
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -58,6 +59,10 @@ class FakeHelper:
         self.rules = {}    # client address -> slot
         self.handshakes = {}  # public key -> latest handshake (unix time), for dump()
         self.endpoints = {}   # public key -> where the interface saw it ("ip:port"), for dump() and sync()
+        self.counters = {}    # public key -> (rx, tx) as the interface counts them, for usage()
+        self.epoch = "7"      # the link's ifindex: a test changes it to "re-create" the interface
+        self.taken_at = 1000.0
+        self.limited = {}     # user -> the limits entry the helper holds
 
     def _maybe_fail(self):
         if self.fail == "unavailable":
@@ -127,6 +132,29 @@ class FakeHelper:
         for rule in add:
             self.rules[rule["address"]] = rule["slot"]
         return {"added": len(add), "removed": len(remove), "rules": len(self.rules)}
+
+
+    def limits(self, users, replace=False):
+        self.calls.append(("limits", [dict(u) for u in users], replace))
+        self._maybe_fail()
+        if replace:
+            self.limited = {}
+        for entry in users:
+            if entry["addresses"] and ("rate_mbps" in entry or "quota" in entry):
+                self.limited[entry["user"]] = dict(entry)
+            else:
+                self.limited.pop(entry["user"], None)
+        return {"users": len(self.limited)}
+
+    def usage(self, since=None, fresh=False):
+        """Every peer's counters, in a sample one second newer than the last (the real helper answers only
+        the peers that moved since `since`; all of them is what it answers a caller it cannot compare)."""
+        self.calls.append(("usage", since, fresh))
+        self._maybe_fail()
+        self.taken_at += 1
+        return {"boot": FAKE_BOOT, "epoch": self.epoch, "taken_at": self.taken_at, "complete": True,
+                "dump_seconds": 0.001, "peers": [[key, *self.counters.get(key, (0, 0)), self.handshakes.get(key, 0),
+                                                  self.endpoints.get(key)] for key in self.peers]}
 
 
 class FakeResolver:
