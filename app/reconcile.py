@@ -136,22 +136,11 @@ class Watcher:
         finally:
             db.close()
 
-    def usage_once(self):
-        """Count usage, when it is on and due (once across the workers per USAGE_INTERVAL)."""
-        if not self.config.get("USAGE_INTERVAL"):
-            return None
-        db = self._connect()
-        try:
-            return usage.collect(db, self.helper, self.config, audit_log=self.audit_log)
-        finally:
-            db.close()
-
     def round(self):
-        """check_once, sweep_once and usage_once, with every failure logged instead of raised."""
+        """check_once and sweep_once, with every failure logged instead of raised."""
         try:
             self.check_once()
             self.sweep_once()
-            self.usage_once()
             self.last_error = None
         except (HelperUnavailable, HelperFailed) as exc:
             if self.last_error != exc.code:

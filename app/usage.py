@@ -50,14 +50,17 @@ from flask import current_app, g
 
 from . import audit, metrics, reconcile, store
 from .audit import SYSTEM
-from .db import get_meta, set_meta, undo, write
+from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, undo, write
 from .errors import ApiError
-from .helper import HelperFailed, HelperUnavailable
+from .helper import HelperClient, HelperFailed, HelperUnavailable
 
 log = logging.getLogger(__name__)
 HELPER_ERRORS = (HelperUnavailable, HelperFailed)
 
 COST_SHARE = 0.02          # the collector's part of one core, at most
+NEAR_SHARE = 0.25          # ... and while a user nears the quota
+MIN_GAP = 0.05             # seconds: the shortest time between two counts
+FRESH_BELOW = 1.0          # a count due sooner than this asks the helper for a new dump (its own are reused 1 s)
 ACTIVE_BYTES = 16384       # a peer that moved this much in a sample moved lately (settle counts afresh)
 SETTLE_WINDOW = 10.0       # seconds
 RESTORE_KEEPALIVE = 25     # a released peer goes back to its last endpoint with this (wghelper/peers.py)
@@ -205,35 +208,60 @@ def interval(db, config):
     return max(config["USAGE_INTERVAL"], float(get_meta(db, "usage_cost", 0)) / COST_SHARE)
 
 
-def _claim(db, every, now):
-    if now - float(get_meta(db, "usage_claimed_at", 0)) < every:
+def _claim(db, config, now):
+    """Take the count that is due (meta usage_next_at), once across the workers; the lease lasts an
+    interval, in case this worker dies before it sets the next."""
+    if now < float(get_meta(db, "usage_next_at", 0)):
         return False
     with write(db):
-        if now - float(get_meta(db, "usage_claimed_at", 0)) < every:
+        if now < float(get_meta(db, "usage_next_at", 0)):
             return False
-        set_meta(db, "usage_claimed_at", now)
+        set_meta(db, "usage_next_at", now + interval(db, config))
         return True
 
 
 def collect(db, helper, config, force=False, fresh=False, audit_log=None):
-    """Count one sample (when due, or `force`); cut the users it takes to their quota.  Returns the
-    users whose usage moved, or None when nothing was counted."""
+    """Count one sample (when due, or `force`); cut the users it takes to their quota, and set when the
+    next count is due.  Returns the users whose usage moved, or None when nothing was counted."""
     now = time.time()
-    if not force and not _claim(db, interval(db, config), now):
+    if not force and not _claim(db, config, now):
         return None
     started = time.perf_counter()
-    sample = helper.usage(since=_since(db), fresh=fresh)
+    sample = helper.usage(since=_since(db), fresh=fresh or bool(get_meta(db, "usage_fresh")))
     with write(db):
         last = _since(db)
         if last and last["boot"] == sample["boot"] and sample["taken_at"] <= last["taken_at"]:
             return None  # this sample or a newer one is counted already
         moved = _count(db, sample, config, now)
+        elapsed = sample["taken_at"] - last["taken_at"] if last and last["boot"] == sample["boot"] else 0
         set_meta(db, "usage_sample", json.dumps({"boot": sample["boot"], "taken_at": sample["taken_at"]}))
         set_meta(db, "usage_cost", round(sample.get("dump_seconds", 0) + time.perf_counter() - started, 4))
+        gap = _next_gap(db, config, moved["users"], elapsed)
+        set_meta(db, "usage_next_at", now + gap)
+        set_meta(db, "usage_fresh", "1" if gap < FRESH_BELOW else "")
     for (transport, direction), size in moved["bytes"].items():
         metrics.USAGE_BYTES.labels(transport, direction).inc(size)
-    enforce(db, helper, moved["users"], audit_log)
-    return moved["users"]
+    log.debug("usage counted %d peers (%d moved), next count in %.3f s", len(sample["peers"]), len(moved["users"]),
+              gap)
+    enforce(db, helper, set(moved["users"]) | set(sample.get("over_quota", ())), audit_log,
+            kernel=set(sample.get("over_quota", ())))
+    return set(moved["users"])
+
+
+def _next_gap(db, config, moved, elapsed):
+    """Seconds to the next count: the interval, or, while a user with a quota moves towards it, half the
+    time the user would take to reach it at this pace (the counters are read often enough to cut near
+    the quota; the helper's quota object stops what runs past it in between).  Never more often than
+    NEAR_SHARE of a core allows."""
+    gap = interval(db, config)
+    floor = max(MIN_GAP, float(get_meta(db, "usage_cost", 0)) / NEAR_SHARE)
+    for user_id, size in moved.items():
+        plan = plan_of(db, user_id)
+        if elapsed > 0 and size > 0 and plan.quota_bytes is not None and plan.cut_at is None:
+            left = plan.quota_bytes - total_of(db, user_id)
+            if left > 0:
+                gap = min(gap, max(floor, left / (size / elapsed) / 2))
+    return gap
 
 
 def _loopback(config):
@@ -270,13 +298,13 @@ def _count(db, sample, config, now):
     tunnels = {r[:3]: r[3] for r in _chunked(db, "SELECT user_id, source, device, tunnel FROM usage_devices "
                                                  "WHERE tunnel IS NOT NULL AND user_id IN (%s)",
                                              sorted({d[0] for d in devices if d[6]}))}
-    moved = {"bytes": {}, "users": set()}
+    moved = {"bytes": {}, "users": {}}
     rows = []
     for user_id, source, device, up, down, handshake, tunnel in devices:
         transport = None if tunnel is None else (tunnels.get((user_id, source, device), "ws") if tunnel else "udp")
         rows.append((user_id, source, device, up, down, handshake, transport))
         if up or down:
-            moved["users"].add(user_id)
+            moved["users"][user_id] = moved["users"].get(user_id, 0) + up + down
             for direction, size in (("up", up), ("down", down)):
                 if size:
                     k = (transport or "udp", direction)
@@ -336,24 +364,25 @@ def forget(db, keys):
 
 # --- enforcing the quota ----------------------------------------------------------------------------
 
-def enforce(db, helper, user_ids, audit_log=None):
-    """Cut every user of `user_ids` whose usage reached the quota; a failure is counted and retried at the
-    next count."""
+def enforce(db, helper, user_ids, audit_log=None, kernel=()):
+    """Cut every user of `user_ids` whose usage reached the quota, or whose quota object the helper's
+    table used up (`kernel`); a failure is counted and retried at the next count."""
     for user_id in sorted(user_ids):
         plan, total = plan_of(db, user_id), total_of(db, user_id)
-        if plan.cut_at is None and over_quota(plan, total):
+        if plan.cut_at is None and (over_quota(plan, total) or (user_id in kernel and plan.quota_bytes is not None)):
             try:
-                cut(db, helper, user_id, audit_log)
+                cut(db, helper, user_id, audit_log, user_id in kernel)
             except HELPER_ERRORS as exc:
                 metrics.QUOTA_FAILURES.inc()
                 log.error("quota: could not cut user=%s: %s", user_id, exc.message)
 
 
-def cut(db, helper, user_id, audit_log=None):
-    """Every peer of the user off the interface, rows kept; in one transaction with the helper's change."""
+def cut(db, helper, user_id, audit_log=None, kernel=False):
+    """Every peer of the user off the interface, rows kept; in one transaction with the helper's change.
+    `kernel`: the helper's quota object is used up (the usage may be a little short of the quota)."""
     with write(db):
         plan, total = plan_of(db, user_id), total_of(db, user_id)
-        if plan.cut_at is not None or not over_quota(plan, total):
+        if plan.cut_at is not None or plan.quota_bytes is None or not (kernel or over_quota(plan, total)):
             return False
         peers = [p for p in store.by_user(db, user_id) if p.quarantined_at is None]
         db.execute("UPDATE usage_users SET cut_at = ? WHERE user_id = ?", (time.time(), user_id))
@@ -544,7 +573,54 @@ def device_plan():
     return g.get("device_plan") or {}
 
 
+class Collector:
+    """Each worker's counting loop: count when a count is due (usage_next_at, shared by the workers),
+    then sleep until the next one is, looking again at least every second."""
+
+    def __init__(self, config, helper=None, audit_log=None):
+        self.config, self.audit_log = config, audit_log
+        self.helper = helper or HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
+        self.poll = min(config["USAGE_INTERVAL"], 1.0)
+        self._stop = threading.Event()
+        self._thread = None
+        self.last_error = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="usage", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+    def round(self, db):
+        """One look: count if due; the seconds to wait before the next look."""
+        try:
+            collect(db, self.helper, self.config, audit_log=self.audit_log)
+            self.last_error = None
+            return min(max(float(get_meta(db, "usage_next_at", 0)) - time.time(), 0.01), self.poll)
+        except HELPER_ERRORS as exc:
+            if self.last_error != exc.code:
+                log.warning("usage waiting for helper: %s", exc.message)
+            self.last_error = exc.code
+        except Exception:  # the loop must outlive any one failure (a locked database, say)
+            log.exception("usage round failed")
+        return self.poll
+
+    def _run(self):
+        db = connect(self.config["DB_PATH"], self.config.get("DB_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT))
+        try:
+            while not self._stop.is_set():
+                self._stop.wait(self.round(db))
+        finally:
+            db.close()
+
+
 def init_app(app):
     app.extensions["orbmesh_cut_users"] = CutUsers()
+    # Counting runs beside the reconcile watcher (and, like it, not in tests that turn the watcher off).
+    if app.config["USAGE_INTERVAL"] > 0 and app.config["RECONCILE_CHECK_INTERVAL"] > 0:
+        collector = Collector(app.config, audit_log=app.extensions.get("orbmesh_audit"))
+        app.extensions["orbmesh_usage"] = collector
+        collector.start()
 
 

@@ -63,6 +63,7 @@ class FakeHelper:
         self.epoch = "7"      # the link's ifindex: a test changes it to "re-create" the interface
         self.taken_at = 1000.0
         self.limited = {}     # user -> the limits entry the helper holds
+        self.over_quota = []  # users whose quota object in the helper's table is used up
 
     def _maybe_fail(self):
         if self.fail == "unavailable":
@@ -153,8 +154,9 @@ class FakeHelper:
         self._maybe_fail()
         self.taken_at += 1
         return {"boot": FAKE_BOOT, "epoch": self.epoch, "taken_at": self.taken_at, "complete": True,
-                "dump_seconds": 0.001, "peers": [[key, *self.counters.get(key, (0, 0)), self.handshakes.get(key, 0),
-                                                  self.endpoints.get(key)] for key in self.peers]}
+                "dump_seconds": 0.001, "over_quota": list(self.over_quota),
+                "peers": [[key, *self.counters.get(key, (0, 0)), self.handshakes.get(key, 0), self.endpoints.get(key)]
+                          for key in self.peers]}
 
 
 class FakeResolver:

@@ -205,6 +205,13 @@ class Firewall:
             return {}
         return limits_part.counted_quotas(listing)
 
+    def over_quota(self):
+        """The users whose quota object the kernel has used up ([] without quotas: nothing is run)."""
+        with self._lock:
+            if not self.written.quotas:
+                return []
+            return limits_part.used_up(self.plans, self.written, self._counted_quotas())
+
     def set_limits(self, batch):
         """Apply `batch` (a list of (users, replace) from `limits` requests, in order) in one nft run:
         element changes while the limits part stays and its tiers stay the same, else the table whole.

@@ -130,7 +130,8 @@ def usage(ctx, args):
     if ctx.samples is None:
         raise HelperError(protocol.INTERFACE_DOWN, "usage is not available in this helper")
     dump = lambda: (_epoch(ctx), _peers_now(ctx))  # noqa: E731
-    return _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"]))
+    over = ctx.limits.firewall.over_quota if ctx.limits is not None else None
+    return _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"], over))
 
 
 HANDLERS = {

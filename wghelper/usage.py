@@ -51,9 +51,10 @@ class Samples:
             self._peers, self.taken_at, self.epoch = values, taken_at, epoch
             self.dump_seconds = seconds
 
-    def sample(self, dump, since=None, fresh=False):
+    def sample(self, dump, since=None, fresh=False, over_quota=None):
         """The counters changed after `since` ({"boot", "taken_at"}; None: all), from a sample no older than
-        REFRESH (or a new one: `fresh`).  dump() -> (epoch, peers) makes a new one."""
+        REFRESH (or a new one: `fresh`).  dump() -> (epoch, peers) makes a new one; over_quota() -> the
+        users whose quota object in the nftables table is used up (wghelper/limits.py), asked every time."""
         if fresh or self._age() >= self.refresh:
             with self._dumping:
                 if fresh or self._age() >= self.refresh:
@@ -61,12 +62,15 @@ class Samples:
                     started = time.perf_counter()
                     epoch, peers = dump()
                     self.record(taken_at, epoch, peers, time.perf_counter() - started)
+        started = time.perf_counter()
+        over = over_quota() if over_quota is not None else []
         with self._lock:
             after = since["taken_at"] if since and since["boot"] == self.boot else None
             rows = [[key, *values] for key, values in self._peers.items()
                     if after is None or self._changed[key] > after]
             return {"boot": self.boot, "epoch": self.epoch, "taken_at": self.taken_at, "complete": after is None,
-                    "dump_seconds": round(self.dump_seconds, 4), "peers": rows}
+                    "dump_seconds": round(self.dump_seconds + time.perf_counter() - started, 4), "peers": rows,
+                    "over_quota": over}
 
     def _age(self):
         return float("inf") if self.taken_at is None else self.clock() - self.taken_at

@@ -270,6 +270,22 @@ def test_a_higher_quota_lets_them_back_and_a_lower_one_cuts_at_once(app, client,
     assert list(fake_helper.peers) == [make_key(1)]
 
 
+def test_a_user_whose_kernel_quota_is_used_up_is_cut_a_little_short(app, client, auth, internal, fake_helper, cfg,
+                                                                      db, tmp_path):
+    """The helper's quota object counts IP packets; when it is used up the usage may be just short of it."""
+    audit_log = AuditLog(str(tmp_path / "quota-audit.log"), 1 << 20, 2)
+    limits(client, internal, quotaBytes=1000)
+    limits(client, internal, userUuid="v")  # no quota: a name the helper sends is not enough
+    connect(client, auth, 1)
+    fake_helper.counters[make_key(1)] = (600, 390)
+    fake_helper.over_quota = ["u", "v"]
+    count(db, fake_helper, cfg, audit_log=audit_log)
+    assert usage.plan_of(db, "u").cut_at is not None and fake_helper.peers == {}
+    assert usage.plan_of(db, "v").cut_at is None
+    line = json.loads(open(tmp_path / "quota-audit.log").read())
+    assert (line["usage_bytes"], line["quota_bytes"]) == (990, 1000)
+
+
 def test_a_cut_that_fails_is_counted_and_retried(app, client, auth, internal, fake_helper, cfg, db):
     limits(client, internal, quotaBytes=100)
     connect(client, auth, 1)

@@ -581,18 +581,25 @@ def test_a_quota_keeps_what_the_kernel_counted_when_the_table_is_written_again(t
     fw.start()
     fw.set_limits([({"u1": tier("10.8.0.2", rate=None, quota=1000, used=10)}, False)])
     name = limits.quota_name("u1", limits.Plan((), quota=1000))
-    assert "quota %s {\n\t\tover 1000 bytes used 10 bytes" % name in runner.stdins[-1][1]
+    assert "quota %s {\n\t\tover 961 bytes used 9 bytes" % name in runner.stdins[-1][1]  # the kernel's share
     runner.quota_used = {name: 600}  # what the kernel has counted since
     runner.clear()
     fw.apply(["wgt0b1"])  # a bridge comes up: the table is written whole
     assert runner.calls[:2] == [["nft", "-j", "list", "quotas", "table", "inet", "orbmesh"],
                                 ["ip", "-o", "address", "show"]]
-    assert "over 1000 bytes used 600 bytes" in runner.stdins[-1][1]
+    assert "over 961 bytes used 600 bytes" in runner.stdins[-1][1]
+    runner.clear()
+    assert fw.over_quota() == [] and runner.calls == [["nft", "-j", "list", "quotas", "table", "inet", "orbmesh"]]
+    runner.quota_used = {name: 961}
+    assert fw.over_quota() == ["u1"]
     # A new period is a new object, from the app's count; the old one goes.
     runner.clear()
     fw.set_limits([({"u1": tier("10.8.0.2", rate=None, quota=1000, used=0, period=1)}, False)])
     assert runner.calls == [["nft", "-f", "-"]]
     assert "delete quota inet orbmesh %s" % name in runner.nft_updates[-1]
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
+    runner.clear()
+    assert fw.over_quota() == [] and runner.calls == []  # no quota left: nothing run
 
 
 def test_a_failed_write_changes_nothing(tmp_path):

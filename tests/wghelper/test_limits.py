@@ -23,7 +23,7 @@ QA = limits.quota_name("alice", Plan((), quota=50_000_000))
 OBJECTS_AND_CHAINS = """\
 table inet orbmesh {
 \tquota %(qa)s {
-\t\tover 50000000 bytes used 1000 bytes
+\t\tover 48076923 bytes used 961 bytes
 \t}
 
 \tmap limit_up4 {
@@ -136,9 +136,10 @@ def test_quota_names_follow_user_quota_and_period():
                 limits.quota_name("u1", Plan((), quota=100, period=1))}) == 4
 
 
-def test_view_clamps_used_to_the_quota():
-    v = limits.view({"u1": Plan(("10.8.0.2",), quota=10, used=25)})
-    assert list(v.quotas.values()) == [(10, 10)]
+def test_the_kernel_holds_its_share_of_the_quota_and_usage():
+    v = limits.view({"u1": Plan(("10.8.0.2",), quota=50_000_000, used=26_000)})
+    assert list(v.quotas.values()) == [(48_076_923, 25_000)]  # 25/26: WireGuard counts ~4% more than nft
+    assert list(limits.view({"u1": Plan(("10.8.0.2",), quota=10, used=25)}).quotas.values()) == [(9, 9)]
 
 
 # --- the rules ----------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_a_new_period_replaces_the_quota_object():
     assert limits.delta("orbmesh", old, limits.view(reset)) == (
         "delete element inet orbmesh quota4 { 10.8.0.3 }\n"
         "delete quota inet orbmesh %s\n"
-        "add quota inet orbmesh %s { over 50000000 bytes used 0 bytes }\n"
+        "add quota inet orbmesh %s { over 48076923 bytes used 0 bytes }\n"
         'add element inet orbmesh quota4 { 10.8.0.3 : "%s" }\n'
         'add element inet orbmesh quota6 { fd00:8::3 : "%s" }\n' % (QA, q1, q1, q1))
 
@@ -212,10 +213,20 @@ def test_carried_keeps_what_the_kernel_counted():
         {"quota": {"family": "inet", "name": QA, "table": "orbmesh", "bytes": 50000000, "used": 7777, "inv": True}},
         {"quota": {"name": "someone_elses", "used": 5}}, {"quota": {"name": QA[:-1] + "z", "used": "x"}}]})
     assert counted == {QA: 7777}
-    assert limits.carried(v, counted).quotas == {QA: (50_000_000, 7777)}
-    assert limits.carried(v, {QA: 10}).quotas == {QA: (50_000_000, 1000)}      # the app counted more: kept
-    assert limits.carried(v, {QA: 10 ** 9}).quotas == {QA: (50_000_000, 50_000_000)}
+    assert limits.carried(v, counted).quotas == {QA: (48_076_923, 7777)}
+    assert limits.carried(v, {QA: 10}).quotas == {QA: (48_076_923, 961)}      # the app counted more: kept
+    assert limits.carried(v, {QA: 10 ** 9}).quotas == {QA: (48_076_923, 48_076_923)}
     assert limits.counted_quotas([]) == {} and limits.counted_quotas({"nftables": ["x"]}) == {}
+
+
+def test_used_up_names_the_users_whose_object_the_kernel_filled():
+    plans = {"alice": Plan(("10.8.0.3",), quota=1000), "bob": Plan(("10.8.0.4",), quota=1000, period=2),
+             "carol": Plan(("10.8.0.5",), rate_mbps=5)}
+    v = limits.view(plans)
+    name = {u: limits.quota_name(u, p) for u, p in plans.items() if p.quota}
+    assert limits.used_up(plans, v, {name["alice"]: 961, name["bob"]: 960}) == ["alice"]
+    assert limits.used_up(plans, v, {}) == []
+    assert limits.used_up(plans, limits.view({}), {name["alice"]: 5000}) == []  # not written: not ours to judge
 
 
 # --- with the real nft, in a network namespace of its own ---------------------------
@@ -247,7 +258,7 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
     assert [e[0] for e in elements["limit_up4"]] == ["10.8.0.2", "10.8.0.10", "10.8.0.11"]
     quotas = {item["quota"]["name"]: item["quota"] for item in listed if "quota" in item}
     assert list(quotas) == [limits.quota_name("alice", more["alice"])]
-    assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 50_000_000
+    assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 48_076_923
 
 
 # --- the writer -------------------------------------------------------------------------

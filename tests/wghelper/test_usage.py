@@ -1,7 +1,7 @@
 """Per-peer counters for the app's accounting (wghelper/usage.py), and the usage and limits commands."""
 import pytest
 
-from wghelper import usage
+from wghelper import limits, usage
 from wghelper.limits import Writer as LimitsWriter
 from wghelper.firewall import Firewall
 from wghelper.usage import Samples
@@ -120,6 +120,14 @@ def test_limits_command_writes_the_table(helper):
     reply = helper.call("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.1"], "rate_mbps": 20}]})
     assert reply["error"]["code"] == "INVALID_ARGUMENT" and reply["error"]["details"] == {
         "field": "users[0].addresses[0]"}
+
+
+def test_usage_names_the_users_whose_quota_object_is_used_up(helper):
+    helper.result("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "quota": 1000}]})
+    assert helper.result("usage", {})["over_quota"] == []
+    plan = helper.ctx.limits.firewall.plans["u1"]
+    helper.runner.quota_used = {limits.quota_name("u1", plan): 961}
+    assert helper.result("usage", {})["over_quota"] == ["u1"]
 
 
 def test_limits_failure_is_command_failed_and_leaves_the_table(helper):
