@@ -16,7 +16,7 @@ from . import audit, metrics, reconcile, store, usage
 from .allocator import PoolExhausted
 from .db import undo, write
 from .errors import ApiError
-from .helper import HelperFailed, HelperUnavailable
+from .helper import HelperFailed, HelperUnavailable, together
 
 log = logging.getLogger(__name__)
 HELPER_ERRORS = (HelperUnavailable, HelperFailed)
@@ -101,10 +101,17 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
         if exit:
             bridges.open(helper, exit, slot)
             helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
-        if limits.limited:
-            usage.push(db, helper, user_id)
         # A quarantined peer's old key is already off the interface.
-        helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])
+        change = lambda: helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])  # noqa
+        if limits.limited:  # the new address's tier and quota, and the peer, at once
+            entry = usage.entry(db, helper, user_id)
+            (_, refused), (_, failed) = together(lambda: helper.limits([entry]), change)
+            if refused is not None and failed is None:
+                _take_off(helper, peer)  # no peer without its user's limits
+            if refused or failed:
+                raise failed or refused
+        else:
+            change()
         if current and current.mode == "bridge" and not exit:
             helper.bridge_rules(remove=[peer.address])
     except ApiError:
@@ -122,6 +129,14 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
              " (back from quarantine)" if quarantined_at else "")
     audit.record("connect", peer, rekeyed=bool(old_key), released_from_quarantine=bool(quarantined_at))
     return peer
+
+
+def _take_off(helper, peer):
+    """Best effort: a peer the failed connect put on the interface goes (else the next reconcile takes it)."""
+    try:
+        helper.apply(remove=[peer.public_key])
+    except HELPER_ERRORS:
+        pass
 
 
 def _undo_connect(db, helper, peer, previous, new_bridge):
@@ -153,7 +168,6 @@ def disconnect_device(db, helper, user_id, device_id):
         store.delete(db, peer)
     _remove_or_restore(db, helper, [peer])
     _unroute(db, helper, [peer])
-    _unlimit(db, helper, [peer])
     log.info("disconnect user=%s device=%s addr=%s", user_id, device_id, peer.address)
     audit.record("disconnect", peer)
     return True
@@ -174,22 +188,21 @@ def _unroute(db, helper, peers):
             store.mark_bridge_idle(db, exit_id, time.time())
 
 
-def _unlimit(db, helper, peers):
-    """After peers left the interface: their counters start from zero next time, and their addresses leave
-    their users' limits."""
-    usage.forget(db, [p.public_key for p in peers])
-    for user_id in sorted({p.user_id for p in peers}):
-        if usage.plan_of(db, user_id).limited:
-            usage.push_quietly(db, helper, user_id)
-
-
 def _remove_or_restore(db, helper, peers):
+    """Take the peers (their rows deleted) off the interface, and their addresses out of their users'
+    limits at the same time; if the interface change fails, the rows come back."""
     keys = [p.public_key for p in peers if not p.quarantined_at]  # the quarantined are off already
-    if not keys:
+    users = sorted({p.user_id for p in peers if usage.plan_of(db, p.user_id).limited})
+    entries = [usage.entry(db, helper, u) for u in users]
+    calls = ([lambda: helper.apply(remove=keys)] if keys else []) + ([lambda: helper.limits(entries)] if entries else [])
+    outcomes = together(*calls) if calls else []
+    if entries and outcomes[-1][1] is not None:
+        usage.pushed_late(db, ",".join(users), outcomes[-1][1])
+    error = outcomes[0][1] if keys else None
+    if error is None:
+        usage.forget(db, keys)  # their counters start from zero if they come back
         return
-    try:
-        helper.apply(remove=keys)
-    except HELPER_ERRORS:
+    if isinstance(error, HELPER_ERRORS):
         with undo(db):
             reconcile.schedule(db)
             for peer in peers:
@@ -197,7 +210,7 @@ def _remove_or_restore(db, helper, peers):
                     store.restore(db, peer)
                 except sqlite3.IntegrityError:
                     log.warning("could not restore addr=%s after helper failure", peer.address)
-        raise
+    raise error
 
 
 def add_orbnet_peer(db, helper, config, data, only_peer=False):
@@ -254,7 +267,6 @@ def remove_user_peers(db, helper, user_id, public_key=None):
     if peers:
         _remove_or_restore(db, helper, peers)
         _unroute(db, helper, peers)
-        _unlimit(db, helper, peers)
         log.info("remove-peer user=%s removed=%d", user_id, len(peers))
         for peer in peers:
             audit.record("remove-peer", peer)

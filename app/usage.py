@@ -166,9 +166,14 @@ def _entry(db, helper, plan, peers=None):
     return entry
 
 
+def entry(db, helper, user_id):
+    """The helper's `limits` entry for the user as the database has it now."""
+    return _entry(db, helper, plan_of(db, user_id))
+
+
 def push(db, helper, user_id):
     """Send the user's limits and addresses to the helper (a user without limits leaves its table)."""
-    return helper.limits([_entry(db, helper, plan_of(db, user_id))])
+    return helper.limits([entry(db, helper, user_id)])
 
 
 def push_quietly(db, helper, user_id):
@@ -176,9 +181,14 @@ def push_quietly(db, helper, user_id):
     try:
         push(db, helper, user_id)
     except HELPER_ERRORS as exc:
-        log.warning("limits of user=%s not updated: %s", user_id, exc.message)
-        with write(db):
-            reconcile.schedule(db)
+        pushed_late(db, user_id, exc)
+
+
+def pushed_late(db, user_id, exc):
+    """A limits update after peers left failed: the next reconcile puts the helper's table right."""
+    log.warning("limits of user=%s not updated: %s", user_id, exc.message)
+    with write(db):
+        reconcile.schedule(db)
 
 
 def sync_limits(db, helper):
@@ -226,9 +236,9 @@ def collect(db, helper, config, force=False, fresh=False, audit_log=None):
     now = time.time()
     if not force and not _claim(db, config, now):
         return None
-    started = time.perf_counter()
     sample = helper.usage(since=_since(db), fresh=fresh or bool(get_meta(db, "usage_fresh")))
     with write(db):
+        started = time.perf_counter()  # the cost is the helper's dump and our counting, not the lock's wait
         last = _since(db)
         if last and last["boot"] == sample["boot"] and sample["taken_at"] <= last["taken_at"]:
             return None  # this sample or a newer one is counted already

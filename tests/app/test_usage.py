@@ -8,6 +8,7 @@ from app import metrics, reconcile, store, usage
 from app.audit import AuditLog
 from app.db import connect as db_connect
 from app.db import get_meta, write
+from app.helper import HelperFailed
 from tests.app.scrape import delta, scrape, value
 from tests.conftest import FAKE_BOOT, make_key
 
@@ -157,30 +158,29 @@ def test_transport_handshake_and_bytes_by_transport(app, client, auth, fake_help
 
 # --- limits and the token's plan ----------------------------------------------------------------------
 
-def test_a_tiered_users_address_reaches_the_helper_before_its_peer(app, client, auth, internal, fake_helper, db):
+def test_a_tiered_users_address_reaches_the_helper_with_its_peer(app, client, auth, internal, fake_helper, db):
     limits(client, internal, rateMbps=20)
     fake_helper.calls.clear()
     body = connect(client, auth, 1)
-    kinds = [c[0] for c in fake_helper.calls]
-    assert kinds.index("limits") < kinds.index("apply")
+    assert sorted(c[0] for c in fake_helper.calls if c[0] in ("limits", "apply")) == ["apply", "limits"]
     assert fake_helper.limited["u"] == {"user": "u", "addresses": ["10.8.0.2", body["ip6"].split("/")[0]],
                                         "rate_mbps": 20}
     client.post("/wireguard/disconnect", headers=auth("u", "d1"))
     assert "u" not in fake_helper.limited  # no address left
+    # An untiered user's connect and disconnect cost no limits call at all.
+    fake_helper.calls.clear()
+    client.post("/wireguard/connect", json={"publicKey": make_key(5)}, headers=auth("v", "d5"))
+    client.post("/wireguard/disconnect", headers=auth("v", "d5"))
+    assert not [c for c in fake_helper.calls if c[0] == "limits"]
 
 
 def test_a_failed_limits_call_fails_the_connect_and_allocates_nothing(app, client, auth, internal, fake_helper,
                                                                       snapshot):
     limits(client, internal, rateMbps=20)
     before = snapshot()
-    original = fake_helper.limits
 
     def failing(users, replace=False):
-        fake_helper.fail = "failed"
-        try:
-            return original(users, replace)
-        finally:
-            fake_helper.fail = None
+        raise HelperFailed({"code": "COMMAND_FAILED", "message": "nft exited 1"})
 
     fake_helper.limits = failing
     response = client.post("/wireguard/connect", json={"publicKey": make_key(1)}, headers=auth("u", "d1"))
