@@ -48,6 +48,7 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
         if bridges is not None:
             bridges.sync(db, helper)
         usage.sync_limits(db, helper)  # the helper's tiers and quotas: exactly the database's
+        usage.prune(db)
         if generation is not None:
             set_meta(db, "reconciled_generation", generation)
         set_meta(db, "reconciled_at", time.time())

@@ -296,8 +296,8 @@ def _count(db, sample, config, now):
         owner = row[4:7] if row else owners[key]
         fresh = row is None or row[1] != epoch or rx < row[2] or tx < row[3]
         up, down = (rx, tx) if fresh else (rx - row[2], tx - row[3])
-        if not fresh and not up and not down and not endpoint and not handshake:
-            continue
+        if not up and not down and not endpoint and not handshake and (row is None or not fresh):
+            continue  # nothing moved and nothing to remember (no baseline is a baseline of zero)
         active = now if up + down >= ACTIVE_BYTES else (row[7] if row else None)
         counted.append((key, epoch, rx, tx, *owner, active))
         host = endpoint.rsplit(":", 1)[0].strip("[]") if endpoint else None
@@ -322,8 +322,8 @@ def _count(db, sample, config, now):
     db.executemany("INSERT INTO usage_seen (public_key, epoch, rx, tx, user_id, source, device, active_at) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (public_key) DO UPDATE SET epoch = excluded.epoch, "
                    "rx = excluded.rx, tx = excluded.tx, active_at = excluded.active_at", counted)
-    for user_id in {r[0] for r in rows}:
-        _ensure(db, user_id, now)
+    db.executemany("INSERT INTO usage_users (user_id, period_start) VALUES (?, ?) ON CONFLICT (user_id) DO NOTHING",
+                   [(user_id, now) for user_id in {r[0] for r in rows}])
     db.executemany(
         "INSERT INTO usage_devices (user_id, source, device, bytes_up, bytes_down, handshake_at, transport) "
         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (user_id, source, device) DO UPDATE SET "
@@ -363,6 +363,12 @@ def settle(db, helper, config, peers, audit_log=None):  # config None: the app's
         collect(db, helper, config, force=True, fresh=True, audit_log=audit_log)
     except HELPER_ERRORS as exc:
         log.warning("usage not counted before removing %d peers: %s", len(keys), exc.message)
+
+
+def prune(db):
+    """Inside reconcile, right after the interface was made equal to the database: baselines of keys that
+    have no row are of peers that are gone."""
+    db.execute("DELETE FROM usage_seen WHERE public_key NOT IN (SELECT public_key FROM peers)")
 
 
 def forget(db, keys):

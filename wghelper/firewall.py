@@ -139,6 +139,19 @@ def script(s, links=(), local=(), limits=None):
     return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table, render(s, links, local, limits))
 
 
+def _owners_after(owners, before, after, touched):
+    """{address: user} once the `touched` users' plans went from `before` to `after` (a copy)."""
+    owners = dict(owners)
+    for user in touched:
+        for address in before[user].addresses if user in before else ():
+            if owners.get(address) == user:
+                del owners[address]
+    for user in touched:
+        for address in after[user].addresses if user in after else ():
+            owners[address] = user
+    return owners
+
+
 def forwarding_keys(s):
     """The per-interface forwarding sysctls, '/'-separated.
 
@@ -169,6 +182,7 @@ class Firewall:
         self.saved = {}  # sysctl key -> value found before we changed it
         self._lock = threading.Lock()  # the watcher, bridge and limits commands all apply
         self.plans = {}  # user -> limits.Plan: the tiers and quotas the app asked for
+        self.owners = {}  # address -> user, of self.plans
         self.written = limits_part.view({})  # what the kernel's table holds of them
 
     def _needed(self):
@@ -217,26 +231,33 @@ class Firewall:
         element changes while the limits part stays and its tiers stay the same, else the table whole.
         On a failure nothing changes, here or in the kernel."""
         with self._lock:
-            plans = self.plans
+            plans, owners, changed = self.plans, self.owners, set()
             for users, replace in batch:
-                plans = limits_part.merge(plans, users, replace)
-            wanted, old = limits_part.view(plans), self.plans
-            self.plans = plans
+                before = plans
+                plans, touched = limits_part.merge(plans, users, replace, None if replace else owners)
+                owners = limits_part.owners_of(plans) if replace else _owners_after(owners, before, plans, touched)
+                changed |= touched
+            # Only the users that changed are looked at: a connect costs the same at 10 or 10,000 users.
+            old_part = limits_part.view({u: self.plans[u] for u in changed if u in self.plans})
+            new_part = limits_part.view({u: plans[u] for u in changed if u in plans})
+            wanted, old = limits_part.patch(self.written, old_part, new_part), (self.plans, self.owners)
+            self.plans, self.owners = plans, owners
             try:
-                if self.written.empty or wanted.empty or self.written.rates != wanted.rates:
+                if limits_part.needs_whole(self.written, wanted):
                     if not (self.written.empty and wanted.empty):
                         self._write(wanted)
                 else:
-                    self._update(wanted)
+                    self._update(wanted, old_part, new_part)
             except CommandFailed:
-                self.plans = old
+                self.plans, self.owners = old
                 raise
-            return {"users": len(plans), "addresses": len(set(wanted.tiers) | set(wanted.quota_of)),
-                    "tiers": sorted(wanted.rates), "quotas": len(wanted.quotas)}
+            return {"users": len(plans), "addresses": len(owners), "tiers": sorted(wanted.rates),
+                    "quotas": len(wanted.quotas)}
 
-    def _update(self, wanted):
-        change = limits_part.delta(self.s.nat_table, self.written, wanted)
+    def _update(self, wanted, old_part, new_part):
+        change = limits_part.delta(self.s.nat_table, old_part, new_part)
         if change is None:
+            self.written = wanted
             return
         try:
             self.cmd.apply_nft(change)

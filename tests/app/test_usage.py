@@ -108,6 +108,17 @@ def test_the_next_count_asks_only_for_what_moved_since(app, client, auth, fake_h
     assert since[0] is None and since[1] == {"boot": FAKE_BOOT, "taken_at": fake_helper.taken_at - 1}
 
 
+def test_reconcile_prunes_the_baselines_of_keys_without_a_row(app, client, auth, fake_helper, cfg, db):
+    connect(client, auth, 1)
+    connect(client, auth, 2)
+    fake_helper.counters.update({make_key(1): (5, 5), make_key(2): (5, 5)})
+    count(db, fake_helper, cfg)
+    with write(db):
+        store.delete(db, store.by_key(db, make_key(1)))  # say, freed by the sweep
+    reconcile.reconcile(db, fake_helper)
+    assert [r[0] for r in db.execute("SELECT public_key FROM usage_seen")] == [make_key(2)]
+
+
 def test_a_removed_peer_is_still_counted_for_its_device(app, client, auth, fake_helper, cfg, db):
     connect(client, auth, 1)
     fake_helper.counters[make_key(1)] = (10, 20)

@@ -118,14 +118,29 @@ PLANS = {"bob": Plan(("10.8.0.10", "10.8.0.2", "fd00:8::2"), rate_mbps=20),
 # --- plans --------------------------------------------------------------------------
 
 def test_merge_upserts_clears_and_moves_addresses():
-    plans = limits.merge({}, {"u1": entry("10.8.0.2", rate=20), "u2": entry("10.8.0.3")})
-    assert plans == {"u1": Plan(("10.8.0.2",), 20)}  # u2 has no limit: not in the table
-    plans = limits.merge(plans, {"u3": entry("10.8.0.2", "10.8.0.4", quota=5)})
+    plans, changed = limits.merge({}, {"u1": entry("10.8.0.2", rate=20), "u2": entry("10.8.0.3")})
+    assert plans == {"u1": Plan(("10.8.0.2",), 20)} and changed == {"u1", "u2"}  # u2 has no limit: not in it
+    plans, changed = limits.merge(plans, {"u3": entry("10.8.0.2", "10.8.0.4", quota=5)})
     assert plans == {"u3": Plan(("10.8.0.2", "10.8.0.4"), None, 5)}  # the address is u3's now; u1 has none left
-    plans = limits.merge(plans, {"u1": entry("10.8.0.5", rate=7)})
+    assert changed == {"u1", "u3"}
+    plans, _ = limits.merge(plans, {"u1": entry("10.8.0.5", rate=7)})
     assert set(plans) == {"u1", "u3"}
-    assert limits.merge(plans, {"u3": entry()}) == {"u1": Plan(("10.8.0.5",), 7)}   # no addresses: out
-    assert limits.merge(plans, {"u9": entry("10.8.0.9", rate=1)}, replace=True) == {"u9": Plan(("10.8.0.9",), 1)}
+    assert limits.merge(plans, {"u3": entry()})[0] == {"u1": Plan(("10.8.0.5",), 7)}   # no addresses: out
+    assert limits.merge(plans, {"u9": entry("10.8.0.9", rate=1)}, replace=True) == (
+        {"u9": Plan(("10.8.0.9",), 1)}, {"u1", "u3", "u9"})
+    # With the owners of the addresses, only the users that lose one are looked at, with the same result.
+    many = {"u%d" % i: Plan(("10.8.1.%d" % i,), 5) for i in range(2, 200)}
+    moved = {"u1": entry("10.8.1.7", rate=9)}
+    assert limits.merge(many, moved, owners=limits.owners_of(many)) == limits.merge(many, moved)
+    assert limits.merge(many, moved, owners=limits.owners_of(many))[1] == {"u1", "u7"}
+
+
+def test_patch_replaces_only_the_changed_users_and_keeps_what_the_kernel_counted():
+    full = limits.carried(limits.view(PLANS), {QA: 5555})
+    new_part = limits.view({"bob": Plan(("10.8.0.99",), 50), "alice": PLANS["alice"]})
+    patched = limits.patch(full, limits.view({"bob": PLANS["bob"], "alice": PLANS["alice"]}), new_part)
+    assert patched.tiers == {"10.8.0.99": 50} and patched.quotas == {QA: (48_076_923, 5555)}
+    assert full.tiers == limits.view(PLANS).tiers  # a copy: what was written is not changed
 
 
 def test_quota_names_follow_user_quota_and_period():
@@ -200,10 +215,10 @@ def test_a_user_leaving_a_tier_that_others_keep():
 
 
 def test_a_new_or_gone_tier_needs_the_table_whole():
-    with pytest.raises(limits.NeedsWhole):
-        limits.delta("orbmesh", limits.view(PLANS), limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), 30))))
-    with pytest.raises(limits.NeedsWhole):
-        limits.delta("orbmesh", limits.view(PLANS), limits.view({"alice": PLANS["alice"]}))
+    assert limits.needs_whole(limits.view(PLANS), limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), 30))))
+    assert limits.needs_whole(limits.view(PLANS), limits.view({"alice": PLANS["alice"]}))
+    assert limits.needs_whole(limits.view({}), limits.view(PLANS))  # the part itself comes
+    assert not limits.needs_whole(limits.view(PLANS), limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), 20))))
 
 
 def test_carried_keeps_what_the_kernel_counted():
