@@ -136,10 +136,15 @@ class Stack:
             proc.kill()
             proc.wait(timeout=5)
 
-    def start_resolver(self):
-        """Unbound as run-local starts it: orbmesh-wg dns-config (asks the helper), then unbound, which drops to "unbound"."""
+    def start_resolver(self, edit=None):
+        """Unbound as run-local starts it: orbmesh-wg dns-config (asks the helper), then unbound, which drops to "unbound".
+
+        edit: text -> text, applied to the rendered config (say, a lab root instead of the internet's).
+        """
         conf = self.tmp / "unbound.conf"
         self.server.run(str(VENV_BIN / "orbmesh-wg"), "dns-config", "--output", str(conf), env=self.env)
+        if edit is not None:
+            conf.write_text(edit(conf.read_text()))
         self.resolver_proc = self._run_resolver_argv(["unbound", "-d", "-p", "-c", str(conf)])
         wait_for(self._resolver_ready, what="unbound answering on the gateway")
 
