@@ -53,9 +53,10 @@ class Addressing:
     One row, two addresses: a peer's IPv6 address is pool6's network
     address plus the offset its IPv4 address has in the pool.  Clients get
     it only in ipv6 mode "forward" (wghelper/ipv6.py): in mode "local" the
-    node cannot forward their IPv6, and a client with no IPv6 address falls
-    back to IPv4 at once instead of stalling, so every peer is as with IPv6
-    off.  A hello without a mode (a helper older than the modes) is "forward".
+    node cannot forward their IPv6, and a client without an IPv6 address
+    uses IPv4 rather than an IPv6 that vanishes, so every peer is as with
+    IPv6 off.  A hello without a mode (a helper older than the modes) is
+    "forward".
     """
 
     def __init__(self, hello):

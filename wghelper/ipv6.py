@@ -11,9 +11,12 @@ stall until their own timeouts.  So:
   ICMPv6 "no route", so a connect fails in milliseconds and apps fall back
   to IPv4; that is only logged here.
 * LOCAL (forwarding is 0, or unreadable): clients get no IPv6 at all (no
-  /128 on the peer, ``ip6`` null), so they have no IPv6 address and use
-  IPv4.  Their ``::/0`` still goes into the tunnel and ends here: nothing
-  leaks.
+  /128 on the peer, ``ip6`` null), so they have only link-local IPv6 and
+  connect to names over IPv4 (RFC 6724 orders an IPv6 address, which only a
+  link-local source would reach, after IPv4).  Their ``::/0`` still goes
+  into the tunnel and ends here: nothing leaks.  A connect to an IPv6
+  *address* is dropped here too and waits for its own timeout
+  (docs/operations.md, "IPv6 modes").
 * OFF: ORBMESH_POOL6=off.
 
 Read at start only: the app learns the mode with the new generation of a
