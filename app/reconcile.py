@@ -79,8 +79,11 @@ def due(db, generation, interval, now=None):
 class Watcher:
     """A background loop per worker: ask the helper for its generation, sync when due."""
 
-    def __init__(self, config, helper=None, bridges=None, audit_log=None):
+    def __init__(self, config, helper=None, bridges=None, audit_log=None, learner=None):
         self.config = config
+        # The worker's request-path HelperClient: told each hello, so that its connects follow a helper
+        # restarted in another ipv6 mode (HelperClient.learn) as this watcher's sync does.
+        self.learner = learner
         self.audit_log = audit_log
         self.db_path = config["DB_PATH"]
         self.bridges = bridges
@@ -105,6 +108,8 @@ class Watcher:
         """One round: returns the sync result, or None when nothing was due."""
         hello = self.helper.hello()
         generation = hello["generation"]
+        if self.learner is not None:
+            self.learner.learn(hello)
         db = self._connect()
         try:
             if self._eager:
@@ -158,6 +163,6 @@ class Watcher:
 def init_app(app):
     if app.config["RECONCILE_CHECK_INTERVAL"] > 0:
         watcher = Watcher(app.config, bridges=app.extensions.get("orbmesh_bridges"),
-                          audit_log=app.extensions.get("orbmesh_audit"))
+                          audit_log=app.extensions.get("orbmesh_audit"), learner=app.extensions["orbmesh_helper"])
         app.extensions["orbmesh_watcher"] = watcher
         watcher.start()

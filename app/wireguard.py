@@ -8,7 +8,7 @@ from .auth import api_key_required, check_scope, device_token_required, peer_key
 from .bridges import get_bridges
 from .db import get_db
 from .errors import ApiError
-from .helper import get_helper
+from .helper import Addressing, get_helper
 from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema, load_body
 
 bp = Blueprint("wireguard", __name__, url_prefix="/wireguard")
@@ -83,10 +83,10 @@ def disconnect():
 @bp.get("/status")
 @api_key_required
 def status():
-    """Public key and peer count, read from the live interface; the IPv6 gateway (null: IPv6 off)."""
+    """Public key and peer count, read from the live interface; the IPv6 gateway (null: peers get no IPv6)."""
     live = get_helper().status()
     return {"success": True, "publicKey": live["public_key"], "peerCount": live["peer_count"],
-            "gateway6": live.get("gateway6")}
+            "gateway6": Addressing(live).gateway6}
 
 
 @bp.post("/add-peer")

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from . import keys, settings
+from . import ipv6, keys, settings
 from .argv import Commands, Runner
 from .bridge import Bridges
 from .errors import CommandFailed, ConfigError
@@ -61,6 +61,7 @@ def run(cfg, cmd, firewall):
         if cfg.pool6 == settings.AUTO:
             cfg["POOL6"] = keys.ensure_ula(cfg.helper_state_dir)
         log.info("server public key %s, IPv6 pool %s", public_key, cfg.pool6 or "off")
+        cfg["IPV6_MODE"] = ipv6.decide(cfg, cmd)  # before anything is served: hello names it
         bridges = Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE))
         iface = Interface(cfg, cmd, key_path, public_key)
         iface.up()

@@ -108,6 +108,11 @@ class Commands:
 
     # --- ip route and rule (bridge tables) ----------------------------------
 
+    def default_routes6(self):
+        """Read only: the main table's IPv6 default routes, a line each (none: IPv6 beyond the node is
+        refused at once; wghelper/ipv6.py)."""
+        return self.run("ip", ["-6", "route", "show", "default"])
+
     def route_default(self, table, ifname):
         self.run("ip", ["-4", "route", "replace", "default", "dev", ifname, "table", str(table)])
 

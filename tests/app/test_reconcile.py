@@ -1,5 +1,6 @@
 """The reconcile watcher: when it syncs, and what it sends."""
 import base64
+import os
 import sqlite3
 
 from app import reconcile, store
@@ -112,3 +113,45 @@ def test_endpoints_the_interface_saw_are_kept_and_sent_back(app, client, auth, f
         assert store.by_key(db, make_key(0)).last_endpoint == "198.51.100.7:41000"
     finally:
         db.close()
+
+
+class Learner:
+    """The request path's HelperClient, as the watcher sees it: it is only told each hello."""
+
+    def __init__(self):
+        self.hellos = []
+
+    def learn(self, hello):
+        self.hellos.append(hello)
+
+
+def test_a_helper_restarted_in_another_ipv6_mode_converges_every_peer(app, client, auth, fake_helper):
+    """Started without IPv6 forwarding (mode local) the peers lose their /128s, and get them back when it
+    starts with forwarding again; the request path learns each mode from the watcher's hello."""
+    connect(client, auth, 2)
+    learner = Learner()
+    watcher = reconcile.Watcher(app.config, helper=fake_helper, learner=learner)
+    watcher.check_once()
+    assert fake_helper.peers[make_key(0)]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
+    for mode, generation, ips in (("local", "gen-2", ["10.8.0.2/32"]),
+                                  ("forward", "gen-3", ["10.8.0.2/32", "fd00:8::2/128"])):
+        fake_helper.pools["ipv6"], fake_helper.generation = mode, generation  # a helper restart
+        assert watcher.check_once() is not None
+        assert fake_helper.peers[make_key(0)]["allowed_ips"] == ips
+        assert fake_helper.peers[make_key(1)]["allowed_ips"][0] == "10.8.0.3/32" and len(
+            fake_helper.peers[make_key(1)]["allowed_ips"]) == len(ips)
+        assert (learner.hellos[-1]["ipv6"], learner.hellos[-1]["generation"]) == (mode, generation)
+
+
+def test_each_workers_watcher_tells_its_request_path(settings, monkeypatch):
+    """init_app hands the watcher the app's own HelperClient to tell (not a second one of its own)."""
+    from app import create_app
+    for name in list(os.environ):
+        if name.startswith("ORBMESH_"):
+            monkeypatch.delenv(name)
+    app = create_app(dict(settings, RECONCILE_CHECK_INTERVAL=3600))
+    watcher = app.extensions["orbmesh_watcher"]
+    try:
+        assert watcher.learner is app.extensions["orbmesh_helper"] and watcher.helper is not watcher.learner
+    finally:
+        watcher.stop()

@@ -74,6 +74,36 @@ def test_ipv6_off_gives_nulls_and_the_reference_dns(client, auth, app):
     assert response.get_json()["gateway6"] is None
 
 
+def test_ipv6_not_forwarded_gives_no_ipv6_but_keeps_all_of_it_in_the_tunnel(client, auth, app, internal):
+    """ipv6 mode "local" (the node does not forward IPv6, wghelper/ipv6.py): no address, no /128, no IPv6
+    resolver, but ::/0 stays in allowedIPs so the client's IPv6 goes nowhere but into the tunnel."""
+    app.extensions["orbmesh_helper"] = local = FakeHelper(ipv6="local")
+    body = connect(client, auth(), KEY_A).get_json()
+    assert (body["ip"], body["ip6"], body["gateway6"]) == ("10.8.0.2/32", None, None)
+    assert body["allowedIPs"] == ["0.0.0.0/0", "::/0"] and body["dns"] == ["10.8.0.1", "1.1.1.1"]
+    assert local.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
+    assert client.get("/wireguard/status", headers=internal).get_json()["gateway6"] is None
+    # Control: the same node forwarding IPv6 gives the same device both addresses.
+    app.extensions["orbmesh_helper"] = forward = FakeHelper(ipv6="forward")
+    body = connect(client, auth(), KEY_A).get_json()
+    assert (body["ip6"], body["gateway6"]) == ("fd00:8::2/128", "fd00:8::1")
+    assert body["dns"] == ["10.8.0.1", "fd00:8::1", "1.1.1.1"]
+    assert forward.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
+    assert client.get("/wireguard/status", headers=internal).get_json()["gateway6"] == "fd00:8::1"
+
+
+def test_add_peer_128_without_ipv6_forwarding_is_refused(client, internal, app):
+    app.extensions["orbmesh_helper"] = local = FakeHelper(ipv6="local")
+    response = client.post("/wireguard/add-peer", json=add_peer_body(allowedIPs="10.8.0.42/32,fd00:8::2a/128"),
+                           headers=internal)
+    assert response.status_code == 400
+    assert "IPv6 is off on this server (ipv6: local)" in response.get_json()["error"]["details"]["fields"][
+        "allowedIPs"][0]
+    assert local.peers == {}
+    assert client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal).status_code == 200
+    assert local.peers[KEY_C]["allowed_ips"] == ["10.8.0.42/32"]
+
+
 @pytest.mark.parametrize("overrides, dns", [
     ({"DNS_RESOLVER": "off"}, ["1.1.1.1"]),  # never sent to a resolver that is not there
     ({"DNS_RESOLVER": "off", "DNS": "10.8.0.1,9.9.9.9"}, ["10.8.0.1", "9.9.9.9"]),  # an explicit list wins

@@ -51,6 +51,7 @@ SHAPES = [
     ("addresses", (), [("ip", ["-o", "address", "show"], None)]),
     ("flush_addresses", ("wg0b1",), [("ip", ["-4", "address", "flush", "dev", "wg0b1"], None)]),
 
+    ("default_routes6", (), [("ip", ["-6", "route", "show", "default"], None)]),
     ("route_default", (51901, "wg0b1"), [("ip", ["-4", "route", "replace", "default", "dev", "wg0b1", "table",
                                                  "51901"], None)]),
     ("route_unreachable", (51901,), [("ip", ["-4", "route", "replace", "unreachable", "default", "metric",
