@@ -117,6 +117,7 @@ def test_batch_mode_carries_many_datagrams_per_message_in_order():
     (TextMessage(data="hi"), 1003, ()),
     (Message(data=bytes(65536)), 1009, ()),
     (Message(data=b"\x00\x50\x04"), 1007, (BATCH_PROTOCOL,)),  # a record longer than the message
+    (Message(data=b"\x00\x01x" * 1000), 1007, (BATCH_PROTOCOL,)),  # records shorter than WireGuard's
 ])
 def test_bad_messages_close_with_their_code(event, code, subprotocols):
     session = Session(subprotocols=subprotocols)
@@ -124,6 +125,20 @@ def test_bad_messages_close_with_their_code(event, code, subprotocols):
     session.sock.sendall(session.client.send(event))
     closed = read_events(session.client, session.sock, lambda e: isinstance(e, CloseConnection))
     assert closed.code == code and session.server.close_sent == code
+    session.close()
+
+
+def test_a_batch_with_a_short_record_sends_nothing_and_closes_with_1007():
+    session = Session(subprotocols=[BATCH_PROTOCOL])
+    accepted(session)
+    session.sock.sendall(session.client.send(Message(data=encode_batch([wg(1)]))))
+    assert session.pipe.wireguard.recv(65535) == wg(1)  # the control: a whole batch goes through
+    session.sock.sendall(session.client.send(Message(data=encode_batch([wg(2)]) + b"\x00\x1f" + wg(3)[:31])))
+    closed = read_events(session.client, session.sock, lambda e: isinstance(e, CloseConnection))
+    assert closed.code == 1007
+    session.pipe.wireguard.settimeout(0.2)
+    with pytest.raises(TimeoutError):  # wg(2), before the short record, did not go on either
+        session.pipe.wireguard.recv(65535)
     session.close()
 
 

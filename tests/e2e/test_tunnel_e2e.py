@@ -210,7 +210,10 @@ def test_broken_batch_leaves_the_http_session_intact(stack, tunnel):
     headers = {"Authorization": "Bearer " + stack.token("tunnel-user", "framing"), "Content-Type": BATCH_TYPE,
                "X-Tunnel-Session": "e2e-framing", "X-Tunnel-Wait": "0"}
     url = "http://%s:%d/wireguard/tunnel" % (SERVER_ADDR, API_PORT)
-    for body in (b"\x00\x50" + b"\x04" * 10, b"\x00\x00", b"\x01" * (2 * 1024 * 1024)):
+    # A record longer than the body, one of length 0, a megabyte of 1-byte records (shorter than any
+    # WireGuard message: refused at the first), a body over the limit.
+    for body in (b"\x00\x50" + b"\x04" * 10, b"\x00\x00", b"\x00\x01x" * (1024 * 1024 // 3),
+                 b"\x01" * (2 * 1024 * 1024)):
         status, _, _ = stack.client.http("POST", url, headers=headers, body=body)
         assert status in (400, 413)
     assert client.ping(GATEWAY, count=3, timeout=2), "the session broke after bad requests"
