@@ -267,6 +267,51 @@ def test_idle_session_closes_with_1000():
     session.close()
 
 
+def send_for(session, message, seconds, every=0.05):
+    """Send `message` every `every` s for `seconds` s or until the server closes; the close's code or None."""
+    deadline = time.monotonic() + seconds
+    session.sock.settimeout(every)
+    while time.monotonic() < deadline:
+        try:
+            session.sock.sendall(session.client.send(message))
+        except OSError:
+            break  # the server has closed and gone
+        try:
+            data = session.sock.recv(65536)
+        except TimeoutError:
+            continue
+        session.client.receive_data(data)
+        for event in session.client.events():
+            if isinstance(event, CloseConnection):
+                return event.code
+        if not data:
+            break
+    return None
+
+
+@pytest.mark.parametrize("subprotocols,junk", [
+    ((), Message(data=b"\x09" * 64)),  # no WireGuard message type
+    ((), Message(data=b"\x04\x00\x00\x00")),  # too short for one
+    ((BATCH_PROTOCOL,), Message(data=b"")),  # an empty batch
+    ((BATCH_PROTOCOL,), Message(data=encode_batch([b"\x09" * 64]))),
+])
+def test_junk_does_not_keep_a_session_open(subprotocols, junk):
+    """Only WireGuard datagrams forwarded reset the idle timer (issue 23); junk is dropped and counted."""
+    idle = 0.5
+    session = Session(idle_timeout=idle, subprotocols=subprotocols)
+    accepted(session)
+    good = Message(data=encode_batch([wg(1)]) if subprotocols else wg(1))
+    # The control: WireGuard datagrams for four idle timeouts keep the session open ...
+    assert send_for(session, good, 4 * idle) is None
+    forwarded = session.pipe.counters.up_packets
+    assert session.reason is None and forwarded > 4
+    # ... and junk at the same pace does not: the session closes as idle.
+    assert send_for(session, junk, 10 * idle) == 1000
+    session.thread.join(timeout=10)
+    assert session.reason == "idle" and session.pipe.counters.up_packets == forwarded
+    session.close()
+
+
 def test_hundred_thousand_frames_arrive_whole_and_in_order_under_gevent():
     """Under gevent, as in gunicorn: every frame whole and in order, pings in between."""
     out = subprocess.run([sys.executable, "-m", "tests.app.ws_stress"], capture_output=True, text=True,
