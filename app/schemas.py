@@ -59,9 +59,11 @@ class StrictBoolean(fields.Boolean):
 
 
 class HostPort(fields.String):
-    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820 (the helper's rule)."""
+    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820 (the helper's rule, which also
+    refuses this host's loopback and broadcast, multicast or unspecified addresses: a peer is another host)."""
 
-    default_error_messages = {"hostport": "Must be IP:port, with [brackets] around IPv6; no host names."}
+    default_error_messages = {"hostport": "Must be IP:port of another host, with [brackets] around IPv6; no host "
+                                          "names, and no loopback, broadcast, multicast or unspecified address."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
