@@ -20,7 +20,9 @@ target, so each probe that must fail has a control that succeeds: the same
 service reached from the server itself, or by a client once a setting opens
 it, or the node's API port beside its other ports.
 """
+import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -348,3 +350,25 @@ def test_a_failed_start_and_a_down_that_fails_halfway_leave_clients_no_path(topo
     t.new_sessions()
     t.one_copy_as_rendered()
     assert t.forwarding(t.stack.interface) == "1"
+
+
+def test_an_app_disconnects_through_its_tunnel_on_the_apps_own_port(topo):
+    """Where the app serves directly (./scripts/run-local sets ORBMESH_CLIENT_API_PORT to its port), a client
+    whose tunnel carries the node's address calls /wireguard/disconnect through it and gets its answer."""
+    t = topo
+    client, body, _ = t.clients[1]  # client 2 reaches the app's address (192.0.2.1) only through its tunnel
+    none(reach(t.cli2, [("tcp", SERVER_ADDR, 8080)]))  # the app's port is not the API port by default ...
+    t.restart_helper(CLIENT_API_PORT="8080")
+    try:
+        every_one(reach(t.cli2, [("tcp", SERVER_ADDR, 8080)]))  # ... and is once it is
+        none(reach(t.cli2, [("tcp", SERVER_UPLINK_ADDR, API_PORT)]))  # and 8443 no longer
+        started = time.monotonic()
+        status, _, answer = t.cli2.http("POST", "http://%s:8080/wireguard/disconnect" % SERVER_ADDR, timeout=5,
+                                        headers={"Authorization": "Bearer " + t.stack.token("iso-user", "iso-c2")})
+        took = time.monotonic() - started
+        assert (status, json.loads(answer)["success"]) == (200, True), answer
+        assert took < 1.0, took  # the answer came back through the tunnel it removes
+        wait_for(lambda: client.public_key not in t.stack.wg_peers(), timeout=10, what="its peer gone after")
+        print("disconnect through the tunnel on the app's own port: %.3f s" % took)
+    finally:
+        t.stack.env.pop("ORBMESH_CLIENT_API_PORT", None)
