@@ -1,7 +1,8 @@
 """Blueprint: /wireguard/connect, disconnect, status, add-peer, remove-peer."""
 import ipaddress
+import logging
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, current_app, g, jsonify
 
 from . import metrics, peers, ratelimit, resolver
 from .auth import api_key_required, check_scope, device_token_required, peer_key_required
@@ -9,9 +10,11 @@ from .bridges import get_bridges
 from .db import get_db
 from .errors import ApiError
 from .helper import Addressing, get_helper
+from .logs import client_address
 from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema, load_body
 
 bp = Blueprint("wireguard", __name__, url_prefix="/wireguard")
+log = logging.getLogger(__name__)
 
 connect_schema = ConnectSchema()
 empty_schema = EmptySchema()
@@ -76,8 +79,25 @@ def connect():
 def disconnect():
     """Remove the device's peer and free its address; a second call is a no-op."""
     load_body(empty_schema)
-    peers.disconnect_device(get_db(), get_helper(), *g.device)
-    return {"success": True, "message": "Disconnected successfully"}
+    answer = {"success": True, "message": "Disconnected successfully"}
+    peer = peers.forget_asked_through_own_tunnel(get_db(), get_helper(), *g.device, client_address())
+    if peer is None:
+        peers.disconnect_device(get_db(), get_helper(), *g.device)
+        return answer
+    # Asked through the tunnel being removed: the answer first, then the peer (after the response is
+    # written, outside the request: a context of its own).
+    app = current_app._get_current_object()
+
+    def remove():
+        with app.app_context():
+            try:
+                peers.remove_forgotten(get_db(), get_helper(), peer)
+            except Exception:  # nobody to answer; reconcile takes a peer with no row off
+                log.exception("removing the peer of a device that disconnected through its tunnel failed")
+
+    response = jsonify(answer)
+    response.call_on_close(remove)
+    return response
 
 
 @bp.get("/status")

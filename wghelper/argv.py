@@ -95,6 +95,10 @@ class Commands:
     def link_up(self, ifname, mtu):
         self.run("ip", ["link", "set", "dev", ifname, "mtu", str(mtu), "up"])
 
+    def link_down(self, ifname):
+        """No packet in or out of the link (the firewall's last resort when it cannot write its table)."""
+        self.run("ip", ["link", "set", "dev", ifname, "down"])
+
     def replace_address(self, ifname, cidr):
         self.run("ip", [_family(cidr), "address", "replace", cidr, "dev", ifname])
 

@@ -140,6 +140,11 @@ def listed(parse_one):
     return parse
 
 
+def port_or_off(value):
+    """A TCP port, or "off" (None)."""
+    return None if value == "off" else integer(1, 65535)(value)
+
+
 def networks4(value):
     return tuple(network(ipaddress.IPv4Network, "IPv4")(item.strip()) for item in str(value).split(",") if item.strip())
 
@@ -201,6 +206,9 @@ HELPER = {
                              "CIDRs clients may reach despite the blocked ranges (empty: none)"),
     "CLIENT_NODE_PORTS": (listed(integer(1, 65535)), None,
                           "TCP ports of the node itself clients may reach through the tunnel (empty: none)"),
+    "CLIENT_API_PORT": (port_or_off, 8443,
+                        "TCP port the node publishes its API on (nginx's), reachable through the tunnel so an app "
+                        "can disconnect while connected; off: closed"),
     "BRIDGE_TABLE_BASE": (integer(256, 2 ** 31 - 1024), 51900,
                           "Routing table of bridge slot N is this + N"),
     "BRIDGE_RULE_PREF": (integer(1, 32765), 20000, "Priority of the policy rules of bridged clients"),

@@ -216,6 +216,41 @@ def test_disconnect_helper_failure_keeps_peer(client, auth, app, fake_helper):
     assert rows(app) == before
 
 
+@pytest.mark.parametrize("source", ["10.8.0.2", "fd00:8::2"])
+def test_disconnect_through_its_own_tunnel_answers_before_the_peer_goes(client, auth, app, fake_helper, source):
+    """A full tunnel routes the node's address into the tunnel: an answer sent after the peer had gone would
+    never reach the device, so the peer goes once the answer is written."""
+    connect(client, auth(), KEY_A)
+    # As nginx passes it on (X-Real-IP from loopback, a trusted proxy): the device's own tunnel address.
+    response = client.post("/wireguard/disconnect", headers=dict(auth(), **{"X-Real-IP": source}), buffered=False)
+    assert response.status_code == 200
+    assert response.get_json() == {"success": True, "message": "Disconnected successfully"}
+    assert rows(app) == [] and KEY_A in fake_helper.peers  # the row is gone, the peer still carries the answer
+    response.close()  # the server has written the answer
+    assert fake_helper.peers == {}
+
+
+def test_disconnect_through_its_tunnel_leaves_a_helper_failure_to_reconcile(client, auth, app, fake_helper):
+    connect(client, auth(), KEY_A)
+    response = client.post("/wireguard/disconnect", headers=dict(auth(), **{"X-Real-IP": "10.8.0.2"}),
+                           buffered=False)
+    fake_helper.fail = "unavailable"
+    response.close()
+    assert response.status_code == 200 and rows(app) == []  # the database, the truth, no longer has it ...
+    with app.app_context():
+        from app.db import get_db, get_meta
+        assert get_meta(get_db(), "reconciled_generation") == ""  # ... and reconcile takes the peer off
+    fake_helper.fail = None
+
+
+@pytest.mark.parametrize("source", ["10.8.0.3", "192.0.2.7", "fd00:8::3"])
+def test_disconnect_from_elsewhere_removes_the_peer_before_answering(client, auth, app, fake_helper, source):
+    connect(client, auth(), KEY_A)
+    response = client.post("/wireguard/disconnect", headers=dict(auth(), **{"X-Real-IP": source}), buffered=False)
+    assert response.status_code == 200 and fake_helper.peers == {}  # before the answer is even read
+    response.close()
+
+
 def test_status_reads_live_interface(client, internal, auth):
     connect(client, auth(), KEY_A)
     response = client.get("/wireguard/status", headers=internal)
