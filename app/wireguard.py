@@ -1,6 +1,7 @@
 """Blueprint: /wireguard/connect, disconnect, status, add-peer, remove-peer."""
 import ipaddress
 import logging
+import time
 
 from flask import Blueprint, current_app, g, jsonify
 
@@ -15,6 +16,8 @@ from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema
 
 bp = Blueprint("wireguard", __name__, url_prefix="/wireguard")
 log = logging.getLogger(__name__)
+# Seconds a peer that disconnected through its own tunnel stays after its answer is written.
+THROUGH_TUNNEL_GRACE = 0.5
 
 connect_schema = ConnectSchema()
 empty_schema = EmptySchema()
@@ -89,6 +92,9 @@ def disconnect():
     app = current_app._get_current_object()
 
     def remove():
+        # The answer is written to nginx, not yet through the tunnel: a moment for it (and its
+        # retransmissions) to leave by the peer before the peer goes.  time.sleep yields under gevent.
+        time.sleep(THROUGH_TUNNEL_GRACE)
         with app.app_context():
             try:
                 peers.remove_forgotten(get_db(), get_helper(), peer)
