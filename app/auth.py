@@ -128,14 +128,18 @@ def mint_device_token(config, user, device, ttl=3600, signing_key=None, plan=Non
 # a space, then the token between optional blanks.  nginx picks the instance
 # by the token this pattern finds (deploy/nginx/orbmesh.conf, the same
 # pattern, checked by tests/deploy/test_files.py), so every spelling accepted
-# here lands on one instance.
-BEARER_PATTERN = r"^bearer [ \t]*([^ \t]+)[ \t]*$"
+# here lands on one instance.  A JWT is base64url without padding, but PyJWT
+# also verifies "T=" when T's signature leaves room for one: group 2 takes
+# trailing "=" apart, nginx hashes on group 1 alone (so "T=" meets T's
+# instance) and bearer_token() refuses the padded spelling.
+BEARER_PATTERN = r"^bearer [ \t]*([^ \t=]+)(=*)[ \t]*$"
 _BEARER = re.compile(BEARER_PATTERN, re.IGNORECASE | re.ASCII)
 
 
 def bearer_token():
+    """The device token of the request, or "" (refused) when absent, odd or padded with "="."""
     match = _BEARER.match(request.headers.get("Authorization", ""))
-    return match.group(1) if match else ""
+    return match.group(1) if match and not match.group(2) else ""
 
 
 def device_token_required(view):

@@ -91,7 +91,7 @@ APP = {
     "SCOPED_API_KEYS_FILE": (_str, "", "File with one KEY=userUuid per line (added to SCOPED_API_KEYS)"),
     "MAX_BODY_BYTES": (_int(256, 16 * 1024 * 1024), 65536, "Largest accepted request body"),
     "WS_PING_INTERVAL": (_float(1, 3600), 20.0, "WebSocket tunnel: ping every this many seconds; no pong by the next one closes"),
-    "WS_IDLE_TIMEOUT": (_float(1, 86400), 300.0, "WebSocket tunnel: close after this long without a datagram, seconds"),
+    "WS_IDLE_TIMEOUT": (_float(1, 86400), 300.0, "WebSocket tunnel: close after this long without a WireGuard datagram either way (junk, pings and pongs do not count), seconds"),
     "TUNNEL_MAX_SESSIONS": (_int(1, 1000), 4, "Tunnel sessions per device (both transports, per worker)"),
     "TUNNEL_HOLD": (_float(0, 120), 20.0, "HTTP tunnel: longest wait for downstream datagrams, seconds"),
     "TUNNEL_MAX_BODY": (_int(1024, 16 * 1024 * 1024), 1048576, "HTTP tunnel: largest request body"),

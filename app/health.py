@@ -21,7 +21,7 @@ from . import resolver, store
 from .auth import has_api_key
 from .db import get_db
 from .errors import envelope
-from .helper import HelperFailed, HelperUnavailable, get_helper
+from .helper import Addressing, HelperFailed, HelperUnavailable, get_helper
 
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
@@ -37,15 +37,18 @@ def _database():
 
 def _wireguard(config):
     block = {"interface": config["INTERFACE"], "running": False, "port": None, "publicKey": None,
-             "peerCount": None, "mtu": None, "rxBytes": None, "txBytes": None, "backend": None, "gateway6": None}
+             "peerCount": None, "mtu": None, "rxBytes": None, "txBytes": None, "backend": None, "gateway6": None,
+             "ipv6": None}
     try:
         live = get_helper().status()
     except (HelperUnavailable, HelperFailed) as exc:
         return block, {"ok": False, "error": exc.message}
+    addressing = Addressing(live)  # ipv6: what clients get, forward, local or off (wghelper/ipv6.py)
     block.update(interface=live.get("interface"), running=bool(live.get("running")),
                  port=live.get("listen_port"), publicKey=live.get("public_key"),
                  peerCount=live.get("peer_count"), mtu=live.get("mtu"), rxBytes=live.get("rx_bytes"),
-                 txBytes=live.get("tx_bytes"), backend=live.get("backend"), gateway6=live.get("gateway6"))
+                 txBytes=live.get("tx_bytes"), backend=live.get("backend"), gateway6=addressing.gateway6,
+                 ipv6=addressing.mode)
     return block, {"ok": True}
 
 

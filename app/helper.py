@@ -21,7 +21,7 @@ import threading
 from flask import current_app
 
 from wghelper import protocol
-from wghelper.settings import address6
+from wghelper.settings import IPV6_FORWARD, IPV6_OFF, address6
 
 from .errors import ApiError
 from .metrics import timed_helper_call
@@ -51,11 +51,18 @@ class Addressing:
     """The helper's pools, as its hello announces them (the unique-local pool6 is made and kept by the helper).
 
     One row, two addresses: a peer's IPv6 address is pool6's network
-    address plus the offset its IPv4 address has in the pool.
+    address plus the offset its IPv4 address has in the pool.  Clients get
+    it only in ipv6 mode "forward" (wghelper/ipv6.py): in mode "local" the
+    node cannot forward their IPv6, and a client without an IPv6 address
+    uses IPv4 rather than an IPv6 that vanishes, so every peer is as with
+    IPv6 off.  A hello without a mode (a helper older than the modes) is
+    "forward".
     """
 
     def __init__(self, hello):
-        self.pool6 = ipaddress.IPv6Network(hello["pool6"]) if hello.get("pool6") else None
+        announced = hello.get("pool6")
+        self.mode = hello.get("ipv6") or (IPV6_FORWARD if announced else IPV6_OFF)
+        self.pool6 = ipaddress.IPv6Network(announced) if announced and self.mode == IPV6_FORWARD else None
         self.pool = ipaddress.IPv4Network(hello["pool"]) if self.pool6 else None
         self.gateway6 = hello.get("gateway6") if self.pool6 else None
 
@@ -180,8 +187,13 @@ class HelperClient:
 
     def hello(self):
         result = self.call("hello")
-        self._addressing = Addressing(result)
+        self.learn(result)
         return result
+
+    def learn(self, hello):
+        """Take the pools and IPv6 mode of a `hello` (this client's, or the reconcile watcher's: a helper
+        restarted in another ipv6 mode has a new generation, which only the watcher asks for)."""
+        self._addressing = Addressing(hello)
 
     def addressing(self):
         """The helper's pools (Addressing), from the last hello; asked once when there was none."""

@@ -173,6 +173,64 @@ def disconnect_device(db, helper, user_id, device_id):
     return True
 
 
+def forget_asked_through_own_tunnel(db, helper, user_id, device_id, source):
+    """A disconnect asked from one of the device's own tunnel addresses (a full tunnel routes the node's
+    address into it): once its peer is off the interface no answer could reach the device, so the row
+    goes now and the peer is returned, for remove_forgotten() after the answer is out.  None (nothing
+    done) for any other source: disconnect_device() then does it all before answering."""
+    source = _ip(source)
+    peer = store.by_device(db, user_id, device_id)
+    if source is None or peer is None or source not in _tunnel_addresses(helper, peer, source.version):
+        return None
+    usage.settle(db, helper, None, [peer])
+    with write(db):
+        again = store.by_device(db, user_id, device_id)
+        if again is None or again.public_key != peer.public_key:  # changed meanwhile: the ordinary path decides
+            return None
+        peer = again
+        store.delete(db, peer)
+    log.info("disconnect user=%s device=%s addr=%s, through its tunnel: its peer goes after the answer",
+             user_id, device_id, peer.address)
+    audit.record("disconnect", peer)
+    return peer
+
+
+def _tunnel_addresses(helper, peer, version):
+    if version == 4:
+        return {_ip(peer.address)}
+    try:
+        ip6 = helper.addressing().of(peer)  # IPv6 only: a disconnect that needs no helper stays so
+    except HELPER_ERRORS:
+        return set()
+    return {_ip(ip6.split("/")[0])} if ip6 else set()
+
+
+def remove_forgotten(db, helper, peer):
+    """The peer of a row forget_asked_through_own_tunnel() deleted, off the interface.  No one waits
+    for an error any more: if the helper cannot take it off, the next reconcile does (the database, the
+    truth, no longer has it).  What it moved meanwhile is still counted (usage: its baseline keeps its
+    owner), and its address leaves its user's limits."""
+    usage.settle(db, helper, None, [peer])
+    try:
+        if not peer.quarantined_at:
+            helper.apply(remove=[peer.public_key])
+        usage.forget(db, [peer.public_key])
+    except HELPER_ERRORS as exc:
+        log.warning("could not remove the peer of addr=%s now (%s); reconcile will", peer.address, exc.message)
+        with write(db):
+            reconcile.schedule(db)
+    _unroute(db, helper, [peer])
+    if usage.plan_of(db, peer.user_id).limited:
+        usage.push_quietly(db, helper, peer.user_id)
+
+
+def _ip(text):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def _unroute(db, helper, peers):
     """After bridged peers are gone: drop their rules, start their bridges' idle clocks."""
     bridged = [p for p in peers if p.mode == "bridge"]

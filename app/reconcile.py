@@ -8,6 +8,7 @@ snapshot and the sync and be undone by it.  Several workers share the
 work through ``meta``: whoever syncs a generation first records it, and
 the others see that and skip.
 """
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +23,8 @@ from .helper import HelperClient, HelperFailed, HelperUnavailable, own_keys
 log = logging.getLogger(__name__)
 
 
-def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_log=None, own=()):
+def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_log=None, own=(),
+              forget_refused=False):
     """Sync and return the helper's counts.
 
     With `interval`, the need is re-checked under the lock and None is
@@ -31,7 +33,11 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     Quarantined peers (sweep.py) stay off the interface, and a peer whose
     key no peer may use (a low-order point, or one of the helper's keys
     `own`: rows from before keys were checked) is quarantined, since the
-    helper refuses a sync that holds one.  Where the interface saw each
+    helper refuses a sync that holds one.  For the same reason, with
+    `forget_refused`, an endpoint the helper refuses (loopback, broadcast,
+    ...) is forgotten: only rows from before it refused them can hold one
+    (nothing stores one since), so the watcher asks for it on its first
+    round, not every time (about 10 us a peer).  Where the interface saw each
     peer is kept (store.set_endpoints): a peer that the interface lost goes
     back there (wghelper/peers.py plan_sync).
     """
@@ -43,6 +49,8 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
             log.warning("reconcile quarantined addr=%s: its key is a low-order point or the server's own", bad.address)
             store.set_quarantined(db, bad.id, time.time())
             peers.remove(bad)
+        if forget_refused:
+            peers = [_without_refused_endpoints(db, p) for p in peers]
         result = helper.sync(peers)
         store.set_endpoints(db, result.pop("endpoints", None) or {})
         if bridges is not None:
@@ -58,6 +66,27 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     if repairs and audit_log is not None:
         audit_log.write("reconcile", SYSTEM, None, None, peers=len(peers), generation=generation, **repairs)
     return result
+
+
+def _without_refused_endpoints(db, peer):
+    """`peer`, its endpoints forgotten where the helper now refuses them (a row stored before it did).
+
+    A loopback, broadcast, multicast or unspecified endpoint is never a
+    client's; one in the sync would make the helper refuse every peer.
+    """
+    refused = peer.endpoint is not None and store.sendable(peer.endpoint) is None
+    refused_last = peer.last_endpoint is not None and store.sendable(peer.last_endpoint, last=True) is None
+    if not (refused or refused_last):
+        return peer
+    log.warning("reconcile forgot the endpoint of addr=%s: loopback, broadcast, multicast or unspecified",
+                peer.address)
+    if refused:
+        store.update_orbnet(db, peer.id, None, peer.keepalive)
+        peer = dataclasses.replace(peer, endpoint=None)
+    if refused_last:
+        store.set_endpoints(db, {peer.public_key: None})
+        peer = dataclasses.replace(peer, last_endpoint=None)
+    return peer
 
 
 def schedule(db):
@@ -81,8 +110,11 @@ def due(db, generation, interval, now=None):
 class Watcher:
     """A background loop per worker: ask the helper for its generation, sync when due."""
 
-    def __init__(self, config, helper=None, bridges=None, audit_log=None):
+    def __init__(self, config, helper=None, bridges=None, audit_log=None, learner=None):
         self.config = config
+        # The worker's request-path HelperClient: told each hello, so that its connects follow a helper
+        # restarted in another ipv6 mode (HelperClient.learn) as this watcher's sync does.
+        self.learner = learner
         self.audit_log = audit_log
         self.db_path = config["DB_PATH"]
         self.bridges = bridges
@@ -107,11 +139,13 @@ class Watcher:
         """One round: returns the sync result, or None when nothing was due."""
         hello = self.helper.hello()
         generation = hello["generation"]
+        if self.learner is not None:
+            self.learner.learn(hello)
         db = self._connect()
         try:
             if self._eager:
                 result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log,
-                                   own=own_keys(hello))
+                                   own=own_keys(hello), forget_refused=True)
             elif due(db, generation, self.interval):
                 result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges,
                                    audit_log=self.audit_log, own=own_keys(hello))
@@ -160,6 +194,6 @@ class Watcher:
 def init_app(app):
     if app.config["RECONCILE_CHECK_INTERVAL"] > 0:
         watcher = Watcher(app.config, bridges=app.extensions.get("orbmesh_bridges"),
-                          audit_log=app.extensions.get("orbmesh_audit"))
+                          audit_log=app.extensions.get("orbmesh_audit"), learner=app.extensions["orbmesh_helper"])
         app.extensions["orbmesh_watcher"] = watcher
         watcher.start()

@@ -10,6 +10,7 @@ from flask import current_app, request
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from wghelper import validate as validate_helper
+from wghelper.settings import IPV6_FORWARD, IPV6_LOCAL, IPV6_OFF
 
 from .errors import ApiError
 from .helper import get_helper, own_keys
@@ -58,9 +59,11 @@ class StrictBoolean(fields.Boolean):
 
 
 class HostPort(fields.String):
-    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820 (the helper's rule)."""
+    """An IP literal and a port: 192.0.2.7:51820 or [2001:db8::7]:51820 (the helper's rule, which also
+    refuses this host's loopback and broadcast, multicast or unspecified addresses: a peer is another host)."""
 
-    default_error_messages = {"hostport": "Must be IP:port, with [brackets] around IPv6; no host names."}
+    default_error_messages = {"hostport": "Must be IP:port of another host, with [brackets] around IPv6; no host "
+                                          "names, and no loopback, broadcast, multicast or unspecified address."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
@@ -124,10 +127,12 @@ class AddPeerSchema(Schema):
             raise ValidationError("Must be exactly the assignedIP as a /32 (e.g. %s/32)." % address, "allowedIPs")
         if ipv6:
             # The peer gets its /128 in any case (one row, two addresses); naming it is optional.
-            ip6 = get_helper().addressing().ip6(address)
+            addressing = get_helper().addressing()
+            ip6 = addressing.ip6(address)
             if ip6 is None or ipv6 != {ipaddress.IPv6Network(ip6)}:
                 raise ValidationError("The only IPv6 entry allowed is the peer's own /128 (%s)."
-                                      % (ip6 or "none: IPv6 is off on this server"), "allowedIPs")
+                                      % (ip6 or "none: IPv6 is off on this server (ipv6: %s)" % addressing.mode),
+                                      "allowedIPs")
 
 
 class RemovePeerSchema(Schema):
@@ -173,7 +178,8 @@ class ConnectResponseSchema(Schema):
     exitServerId = fields.String(required=True, allow_none=True)
     ip6 = fields.String(required=True, allow_none=True, metadata={
         "example": "fd12:3456:789a::2a/128",
-        "description": "The client's IPv6 address: pool6 plus its IPv4 offset. null: IPv6 off, or a bridged session"})
+        "description": "The client's IPv6 address: pool6 plus its IPv4 offset. null: IPv6 off or not forwarded "
+                       "(ipv6 mode off or local), or a bridged session"})
     gateway6 = fields.String(required=True, allow_none=True, metadata={
         "example": "fd12:3456:789a::1", "description": "The IPv6 gateway, null when ip6 is"})
 
@@ -182,7 +188,7 @@ class StatusResponseSchema(Schema):
     success = fields.Boolean(required=True)
     publicKey = fields.String(required=True)
     peerCount = fields.Integer(required=True)
-    gateway6 = fields.String(allow_none=True, metadata={"description": "The IPv6 gateway; null: IPv6 off"})
+    gateway6 = fields.String(allow_none=True, metadata={"description": "The IPv6 gateway; null: peers get no IPv6"})
 
 
 class WireguardHealthSchema(Schema):
@@ -196,6 +202,9 @@ class WireguardHealthSchema(Schema):
     txBytes = fields.Integer(allow_none=True)
     backend = fields.String(allow_none=True)
     gateway6 = fields.String(allow_none=True)
+    ipv6 = fields.String(allow_none=True, validate=validate.OneOf([IPV6_FORWARD, IPV6_LOCAL, IPV6_OFF]), metadata={
+        "description": "What IPv6 clients get: forward (their /128), local (none: the node does not forward "
+                       "IPv6), off (ORBMESH_POOL6=off); null: the helper did not answer"})
 
 
 class ComponentHealthSchema(Schema):

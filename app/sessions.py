@@ -72,16 +72,20 @@ class UdpPipe:
         self.sock = sock
 
     def send(self, datagrams):
-        """Pass WireGuard datagrams on, equal-sized runs in one system call each; drop and count the rest."""
+        """Pass WireGuard datagrams on, equal-sized runs in one system call each; drop and count the rest.
+
+        Returns how many went to WireGuard: only those are a sign of a live
+        tunnel (app/wsconn.py's idle timer).
+        """
         valid = [d for d in datagrams if is_wireguard(d)]
         if len(valid) < len(datagrams):
             self.counters.dropped += len(datagrams) - len(valid)
             self.meter.dropped("not_wireguard", len(datagrams) - len(valid))
         if not valid:
-            return
+            return 0
         if self.sock is None:
             self._open()
-        packets = size = 0
+        packets = size = again = 0
         for segment, run in gso_runs(valid) if UdpPipe.gso else [(0, [d]) for d in valid]:
             try:
                 if len(run) == 1:
@@ -92,7 +96,7 @@ class UdpPipe:
                 if len(run) > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
                     UdpPipe.gso = False  # a kernel without UDP segmentation: one send per datagram
                     log.warning("UDP segmentation offload refused (%s); sending datagrams one by one", exc)
-                    self.send(run)
+                    again += self.send(run)  # counted there
                     continue
                 # WireGuard not listening right now (ECONNREFUSED from an
                 # earlier ICMP), or its socket full: the datagrams are lost,
@@ -106,6 +110,7 @@ class UdpPipe:
             self.counters.up_packets += packets
             self.counters.up_bytes += size
             self.meter.up(size, packets)
+        return packets + again
 
     def drain(self, limit):
         """Up to `limit` datagrams already waiting, without blocking (the socket is non-blocking)."""

@@ -9,6 +9,8 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
+from wghelper import validate
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -96,9 +98,26 @@ def set_handshake(db, peer_id, when):
 
 
 def set_endpoints(db, endpoints):
-    """Remember where the interface saw peers: {public_key: "ip:port"} (unknown keys are ignored)."""
+    """Remember where the interface saw peers: {public_key: "ip:port"} (unknown keys are ignored).
+
+    What the helper would refuse as a last endpoint (broadcast, multicast,
+    unspecified, malformed) is kept as NULL: it goes back with every sync,
+    and one refused peer would fail the whole sync.
+    """
+    # Only what changed is checked (about 10 us an endpoint, under the
+    # write lock; most peers are where they were at the last reconcile).
+    known = dict(db.execute("SELECT public_key, last_endpoint FROM peers"))
     db.executemany("UPDATE peers SET last_endpoint = ?1 WHERE public_key = ?2 AND last_endpoint IS NOT ?1",
-                   [(endpoint, key) for key, endpoint in endpoints.items()])
+                   [(sendable(endpoint, last=True), key) for key, endpoint in endpoints.items()
+                    if key in known and known[key] != endpoint])
+
+
+def sendable(endpoint, last=False):
+    """`endpoint` normalised if the helper accepts it (as a peer's last endpoint if `last`), else None."""
+    try:
+        return (validate.last_endpoint if last else validate.endpoint)(endpoint)
+    except validate.Invalid:
+        return None
 
 
 def count(db):

@@ -5,9 +5,20 @@ pool(s) only; every other source is refused, so the node is never an open
 resolver.  ip-freebind lets it bind before the WireGuard interface (and its
 addresses) exists, so it starts in any order with the helper and outlives
 the helper's restarts untouched.
+
+It keeps to the firewall's rules (wghelper/validate.py: NOT_INTERNET, the
+one list of what is not the internet): it never sends a query to an address
+in those ranges or the client pools, so a delegation naming 10.x or
+169.254.169.254 cannot make the node query a LAN resolver or the metadata
+service for a client, and it removes answers carrying them, so a public
+name cannot rebind a client's browser to the node's networks or another
+client.  The upstreams the operator names are the one exemption: they are
+queried wherever they are (docs/security.md says what that exposes).
 """
 import ipaddress
 import re
+
+from wghelper.validate import NOT_INTERNET
 
 from .resolver import PORT
 
@@ -57,13 +68,33 @@ def render(pool, gateway, upstreams=(), dnssec=True, pool6=None, gateway6=None, 
         lines += ['    module-config: "validator iterator"', '    trust-anchor-file: "%s"' % TRUST_ANCHOR]
     else:
         lines += ['    module-config: "iterator"']
-    if upstreams:
-        lines.append("    do-not-query-localhost: no")  # the operator named these; one may be a local forwarder
+    # Localhost is in NOT_INTERNET: Unbound's own rule for it is off so that the list below,
+    # less the upstreams, is the one rule (an upstream may be a local forwarder on 127.0.0.1).
+    lines.append("    do-not-query-localhost: no")
+    lines += ["    do-not-query-address: %s" % network for network in without(blocked(pools), upstreams)]
+    # Local data (the localhost zone's 127.0.0.1 and ::1) is exempt: Unbound allows it by default.
+    lines += ["    private-address: %s" % network for network in blocked(pools)]
     lines += ["remote-control:", "    control-enable: no"]
     if upstreams:
         lines += ["forward-zone:", '    name: "."']
         lines += ["    forward-addr: %s" % address for address in upstreams]
     return "\n".join(lines) + "\n"
+
+
+def blocked(pools):
+    """NOT_INTERNET, then each pool it does not already hold (a public pool, a routed IPv6 prefix)."""
+    return list(NOT_INTERNET) + [pool for pool in pools
+                                 if not any(pool.version == n.version and pool.subnet_of(n) for n in NOT_INTERNET)]
+
+
+def without(networks, upstreams):
+    """networks less a hole for each upstream (its /32 or /128, nothing around it)."""
+    for upstream in upstreams:
+        hole = ipaddress.ip_network(upstream)
+        networks = [part for network in networks
+                    for part in (sorted(network.address_exclude(hole))
+                                 if network.version == hole.version and hole.subnet_of(network) else [network])]
+    return networks
 
 
 def from_settings(values, hello=None, username="unbound"):

@@ -1,17 +1,23 @@
 """Blueprint: /wireguard/connect, disconnect, status, add-peer, remove-peer."""
 import ipaddress
+import logging
+import time
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, current_app, g, jsonify
 
 from . import metrics, peers, ratelimit, resolver, usage
 from .auth import api_key_required, check_scope, device_token_required, peer_key_required
 from .bridges import get_bridges
 from .db import get_db
 from .errors import ApiError
-from .helper import get_helper
+from .helper import Addressing, get_helper
+from .logs import client_address
 from .schemas import AddPeerSchema, ConnectSchema, EmptySchema, RemovePeerSchema, load_body
 
 bp = Blueprint("wireguard", __name__, url_prefix="/wireguard")
+log = logging.getLogger(__name__)
+# Seconds a peer that disconnected through its own tunnel stays after its answer is written.
+THROUGH_TUNNEL_GRACE = 0.5
 
 connect_schema = ConnectSchema()
 empty_schema = EmptySchema()
@@ -76,17 +82,37 @@ def connect():
 def disconnect():
     """Remove the device's peer and free its address; a second call is a no-op."""
     load_body(empty_schema)
-    peers.disconnect_device(get_db(), get_helper(), *g.device)
-    return {"success": True, "message": "Disconnected successfully"}
+    answer = {"success": True, "message": "Disconnected successfully"}
+    peer = peers.forget_asked_through_own_tunnel(get_db(), get_helper(), *g.device, client_address())
+    if peer is None:
+        peers.disconnect_device(get_db(), get_helper(), *g.device)
+        return answer
+    # Asked through the tunnel being removed: the answer first, then the peer (after the response is
+    # written, outside the request: a context of its own).
+    app = current_app._get_current_object()
+
+    def remove():
+        # The answer is written to nginx, not yet through the tunnel: a moment for it (and its
+        # retransmissions) to leave by the peer before the peer goes.  time.sleep yields under gevent.
+        time.sleep(THROUGH_TUNNEL_GRACE)
+        with app.app_context():
+            try:
+                peers.remove_forgotten(get_db(), get_helper(), peer)
+            except Exception:  # nobody to answer; reconcile takes a peer with no row off
+                log.exception("removing the peer of a device that disconnected through its tunnel failed")
+
+    response = jsonify(answer)
+    response.call_on_close(remove)
+    return response
 
 
 @bp.get("/status")
 @api_key_required
 def status():
-    """Public key and peer count, read from the live interface; the IPv6 gateway (null: IPv6 off)."""
+    """Public key and peer count, read from the live interface; the IPv6 gateway (null: peers get no IPv6)."""
     live = get_helper().status()
     return {"success": True, "publicKey": live["public_key"], "peerCount": live["peer_count"],
-            "gateway6": live.get("gateway6")}
+            "gateway6": Addressing(live).gateway6}
 
 
 @bp.post("/add-peer")

@@ -21,7 +21,8 @@ both sockets:
   negotiated (no permessage-deflate).
 
 Closing rules: text message 1003, a message over the limit 1009, a broken
-batch 1007, idle 1000.  Liveness: any bytes from the client count; a ping's
+batch 1007, idle 1000 (no WireGuard datagram forwarded either way; dropped
+junk does not count).  Liveness: any bytes from the client count; a ping's
 deadline (one ping interval) starts only once the ping has left our send
 buffers (our own and the kernel's, SIOCOUTQ), so a client busy reading a
 long queue of frames ahead of the ping is not taken for dead; no pong and
@@ -342,8 +343,11 @@ class TunnelWebSocket(simple_websocket.Server):
                 return False
         else:
             datagrams = [message]
-        pipe.send(datagrams)
-        self.last_datagram = time.monotonic()
+        # Only datagrams that went on to WireGuard reset the idle timer: junk
+        # the pipe drops (or an empty batch) would otherwise hold the session
+        # and its slot open for as long as a client cared to send it.
+        if pipe.send(datagrams):
+            self.last_datagram = time.monotonic()
         return True
 
 

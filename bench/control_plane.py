@@ -50,6 +50,7 @@ class CheckoutStack(Stack):
     """A Stack that runs the helper and gunicorn of another checkout (`root`, with its .venv)."""
 
     def start_helper(self):
+        self.set_ipv6_forwarding()  # as Stack: both checkouts give their clients IPv6
         log = open(self.helper_log, "ab")
         self.helper_proc = self.server.popen([str(self.root / ".venv/bin/orbmesh-wghelper")], env=self.env,
                                              stdout=log, stderr=subprocess.STDOUT)

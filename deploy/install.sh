@@ -4,6 +4,7 @@
 #   deploy/install.sh [--ports 8081,8082] [--orbnet-allow 198.51.100.7,2001:db8::/64]
 #                     [--listen 8443,[::]:8443] [--cert FULLCHAIN.pem --key KEY.pem]
 #                     [--server-name vpn.example.net] [--wireguard auto|kernel|wireguard-go]
+#                     [--ipv6-forwarding | --no-ipv6-forwarding]
 #                     [--wheels DIR] [--root DIR] [--no-venv]
 #
 # Debian packages (Unbound among them), the system user "orbmesh", this
@@ -16,7 +17,7 @@
 # it only enables, and says so).
 #
 # Idempotent: a second run with the same choices changes no file.  The choices
-# (ports, OrbNET allow list, listen addresses, WireGuard) are kept in
+# (ports, OrbNET allow list, listen addresses, WireGuard, IPv6 forwarding) are kept in
 # /etc/orbmesh/deploy.conf, so a later run without options keeps them.
 #
 #   --ports LIST         gunicorn instances (orbmesh-api@PORT on 127.0.0.1);
@@ -29,6 +30,11 @@
 #   --wireguard WHICH    kernel: the helper makes the link; wireguard-go: the
 #                        orbmesh-wireguard-go@IF unit runs the userspace daemon;
 #                        auto (default): kernel when this kernel has WireGuard
+#   --ipv6-forwarding    give tunnel clients IPv6 beyond this server: writes and
+#                        applies /etc/sysctl.d/60-orbmesh-ipv6.conf
+#                        (net.ipv6.conf.all.forwarding=1, accept_ra=2 on
+#                        ORBMESH_NAT_UPLINK); --no-ipv6-forwarding removes it.
+#                        Without forwarding clients get no IPv6, only IPv4
 #   --wheels DIR         offline: Python packages only from the wheels in DIR,
 #                        never from an index (build DIR where PyPI is reachable:
 #                        deploy/build-wheels DIR)
@@ -50,6 +56,7 @@ CERT_IN=""
 KEY_IN=""
 SERVER_NAME=""
 OPT_WIREGUARD=""
+OPT_IPV6_FORWARDING=""
 WHEELS=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -68,7 +75,9 @@ while [ $# -gt 0 ]; do
         --server-name) SERVER_NAME="${2:?}"; shift 2 ;;
         --wireguard) OPT_WIREGUARD="${2:?}"; shift 2 ;;
         --wheels) WHEELS="${2:?--wheels needs a directory}"; shift 2 ;;
-        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+        --ipv6-forwarding) OPT_IPV6_FORWARDING=on; shift ;;
+        --no-ipv6-forwarding) OPT_IPV6_FORWARDING=off; shift ;;
+        -h|--help) sed -n '/^set -euo pipefail/q;2,$p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -287,8 +296,9 @@ ORBMESH_API_KEYS=$api_key
 #ORBMESH_LISTEN_PORT=51820
 #ORBMESH_POOL=10.8.0.0/16
 # Clients' IPv6 pool: auto (this node's unique-local /64, made once, NAT66 out of
-# the uplink), a routed prefix (no NAT66), or off.  IPv6 beyond this server also
-# needs net.ipv6.conf.all.forwarding=1 (docs/operations.md, "Dual stack").
+# the uplink), a routed prefix (no NAT66), or off.  Clients get IPv6 only while
+# net.ipv6.conf.all.forwarding=1: deploy/install.sh --ipv6-forwarding
+# (docs/operations.md, "Dual stack").
 #ORBMESH_POOL6=auto
 
 # DNS for clients: Unbound on the gateway address (orbmesh-unbound.service),
@@ -317,6 +327,7 @@ API_PORTS=""
 ORBNET_ALLOW=""
 NGINX_LISTEN=""
 WIREGUARD=""
+IPV6_FORWARDING=""
 if [ -f "$R$DEPLOY_CONF" ]; then
     while IFS='=' read -r key value; do
         case "$key" in
@@ -324,11 +335,14 @@ if [ -f "$R$DEPLOY_CONF" ]; then
             ORBNET_ALLOW) ORBNET_ALLOW="$value" ;;
             NGINX_LISTEN) NGINX_LISTEN="$value" ;;
             WIREGUARD) WIREGUARD="$value" ;;
+            IPV6_FORWARDING) IPV6_FORWARDING="$value" ;;
         esac
     done < "$R$DEPLOY_CONF"
 fi
 [ -n "$OPT_WIREGUARD" ] && WIREGUARD="$OPT_WIREGUARD"
 case "$WIREGUARD" in kernel|wireguard-go) ;; *) WIREGUARD=auto ;; esac
+[ -n "$OPT_IPV6_FORWARDING" ] && IPV6_FORWARDING="$OPT_IPV6_FORWARDING"
+[ "$IPV6_FORWARDING" = on ] || IPV6_FORWARDING=off
 if [ -z "$API_PORTS" ]; then
     cpus="$(nproc 2>/dev/null || echo 1)"
     API_PORTS="$(seq -s, 8081 $((8080 + cpus)))"
@@ -359,7 +373,53 @@ ORBNET_ALLOW=$ORBNET_ALLOW
 NGINX_LISTEN=$NGINX_LISTEN
 # WireGuard: auto (kernel when this kernel has it, else wireguard-go), kernel or wireguard-go
 WIREGUARD=$WIREGUARD
+# IPv6 for tunnel clients: on (/etc/sysctl.d/60-orbmesh-ipv6.conf forwards it) or off
+IPV6_FORWARDING=$IPV6_FORWARDING
 EOF
+
+# --- IPv6 forwarding: /etc/sysctl.d/60-orbmesh-ipv6.conf ----------------------------
+
+env_ifname() {  # env_ifname NAME: an interface name set in orbmesh.env as ORBMESH_NAME, or nothing
+    sed -nE "s/^[[:space:]]*ORBMESH_$1=[\"']?([A-Za-z0-9_=+.-]{1,15})[\"']?[[:space:]]*$/\\1/p" "$R$ENV_FILE" \
+        | tail -n 1
+}
+# Linux forwards IPv6 only with net.ipv6.conf.all.forwarding=1, the host's
+# switch; the helper reads it at start and gives clients IPv6 only when it is
+# on (docs/operations.md, "Dual stack"), so it is written only when asked for.
+# accept_ra=2 comes first: switching forwarding on drops the default routes
+# learnt from router advertisements, except on links that keep accepting them.
+SYSCTL_FILE=/etc/sysctl.d/60-orbmesh-ipv6.conf
+if [ "$IPV6_FORWARDING" = on ]; then
+    UPLINK="$(env_ifname NAT_UPLINK)"
+    if [ -n "$UPLINK" ]; then  # '/' form: an interface name may hold dots
+        ra="net/ipv6/conf/$UPLINK/accept_ra = 2"
+    else
+        ra="# No ORBMESH_NAT_UPLINK in $ENV_FILE yet: set it and run install.sh again for accept_ra = 2 on it."
+    fi
+    put_text "$SYSCTL_FILE" 0644 <<EOF
+# Written by deploy/install.sh (IPV6_FORWARDING=on in $DEPLOY_CONF): tunnel clients
+# get IPv6 beyond this server.  The uplink keeps learning its IPv6 default route
+# from router advertisements while the host forwards:
+$ra
+net.ipv6.conf.all.forwarding = 1
+EOF
+    if [ -z "$ROOT" ] && ! sysctl -q -p "$SYSCTL_FILE"; then
+        note "warning: sysctl -p $SYSCTL_FILE failed (is ORBMESH_NAT_UPLINK=$UPLINK an interface here?)"
+    fi
+    note "IPv6 forwarding is on ($SYSCTL_FILE): tunnel clients get IPv6"
+else
+    if [ -e "$R$SYSCTL_FILE" ]; then
+        rm -f "$R$SYSCTL_FILE"
+        CHANGED=$((CHANGED + 1))
+        note "removed $SYSCTL_FILE (the running value stays until a reboot or sysctl -w)"
+    fi
+    if [ -z "$ROOT" ] && [ "$(sysctl -n net.ipv6.conf.all.forwarding 2>/dev/null)" = 1 ]; then
+        note "IPv6 forwarding is on (set outside install.sh): tunnel clients get IPv6"
+    else
+        note "IPv6 forwarding is off: tunnel clients get no IPv6 address, only IPv4 (nothing leaks, no IPv6" \
+             "black hole); deploy/install.sh --ipv6-forwarding turns it on"
+    fi
+fi
 
 # --- TLS certificate ------------------------------------------------------------
 
@@ -404,8 +464,7 @@ if [ "$BACKEND" = auto ]; then
     if kernel_wireguard; then BACKEND=kernel; else BACKEND=wireguard-go; fi
 fi
 # The interface the helper manages (ORBMESH_INTERFACE, default wg0).
-IFACE="$(sed -nE "s/^[[:space:]]*ORBMESH_INTERFACE=[\"']?([A-Za-z0-9_=+.-]{1,15})[\"']?[[:space:]]*$/\\1/p" \
-    "$R$ENV_FILE" | tail -n 1)"
+IFACE="$(env_ifname INTERFACE)"
 IFACE="${IFACE:-wg0}"
 WG_UNIT="orbmesh-wireguard-go@$(systemd-escape -- "$IFACE").service"
 if [ "$BACKEND" = kernel ]; then

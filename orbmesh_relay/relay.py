@@ -10,6 +10,7 @@ import threading
 import time
 
 from .common import Backoff, LocalPort, Stats, Unauthorized
+from .framing import MIN_WIREGUARD
 from .http import HttpTransport
 from .ws import WsTransport
 
@@ -70,7 +71,9 @@ class Relay:
     def local_batches(self):
         """Lists of the datagrams local WireGuard sent, until the relay stops.
 
-        Empty datagrams are counted as dropped: neither transport can carry one.
+        Datagrams shorter than the smallest WireGuard message are counted as
+        dropped: a batch cannot carry one (framing.MIN_WIREGUARD; the server
+        refuses the whole batch), and the server would drop it anyway.
         """
         while not self.stopping.is_set():
             try:
@@ -79,9 +82,10 @@ class Relay:
                 if self.stopping.is_set():
                     return
                 raise
-            if not all(batch):
-                self.stats.drop(batch.count(b""))
-                batch = [data for data in batch if data]
+            short = sum(1 for data in batch if len(data) < MIN_WIREGUARD)
+            if short:
+                self.stats.drop(short)
+                batch = [data for data in batch if len(data) >= MIN_WIREGUARD]
             if batch:
                 yield batch
 

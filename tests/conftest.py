@@ -47,10 +47,12 @@ class FakeHelper:
     the pools hello announces (`pool6` None: IPv6 off).
     """
 
-    def __init__(self, pool="10.8.0.0/16", gateway="10.8.0.1", pool6=POOL6):
+    def __init__(self, pool="10.8.0.0/16", gateway="10.8.0.1", pool6=POOL6, ipv6=None):
         gateway6 = pool6 and str(address6(ipaddress.ip_network(pool), ipaddress.ip_network(pool6),
                                           ipaddress.ip_address(gateway)))
-        self.pools = {"pool": pool, "gateway": gateway, "pool6": pool6, "gateway6": gateway6}
+        # ipv6: the helper's IPv6 mode (wghelper/ipv6.py): forward with a pool6, else off, unless given.
+        self.pools = {"pool": pool, "gateway": gateway, "pool6": pool6, "gateway6": gateway6,
+                      "ipv6": ipv6 or ("forward" if pool6 else "off")}
         self.peers = {}
         self.calls = []
         self.fail = None  # None, "unavailable" or "failed"

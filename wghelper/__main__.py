@@ -3,7 +3,7 @@
 `orbmesh-wghelper` serves the app until SIGTERM, and then leaves the
 interface, its peers, the bridges and the NAT table as they are: clients keep
 their sessions, and the next start adopts them.  `orbmesh-wghelper down`
-(with the helper stopped) removes all of it.
+(with the helper stopped) removes all of it, the table last.
 """
 import argparse
 import logging
@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from . import keys, settings
+from . import ipv6, keys, settings
 from .argv import Commands, Runner
 from .bridge import Bridges
 from .errors import CommandFailed, ConfigError
@@ -63,10 +63,14 @@ def run(cfg, cmd, firewall):
         if cfg.pool6 == settings.AUTO:
             cfg["POOL6"] = keys.ensure_ula(cfg.helper_state_dir)
         log.info("server public key %s, IPv6 pool %s", public_key, cfg.pool6 or "off")
+        cfg["IPV6_MODE"] = ipv6.decide(cfg, cmd)  # before anything is served: hello names it
         bridges = Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE))
         iface = Interface(cfg, cmd, key_path, public_key)
+        # Fail closed: the filter before the interface it guards, forwarding only once both are there.
+        # If either fails the helper does not run, and the table stays.
+        firewall.start(bridges.adopt())
         iface.up()
-        firewall.start(bridges.adopt())  # fail closed: if NAT cannot be set up the helper does not run
+        firewall.forward()
         iface.on_up = firewall.reapply
         writer = Writer(cmd, cfg.interface)
         writer.start()
@@ -93,16 +97,16 @@ def run(cfg, cmd, firewall):
 
 
 def down(cfg, cmd, firewall):
-    """Remove the bridges, the interface, the NAT table; forwarding back as it was."""
+    """Remove the bridges and the interface, then the table, then forwarding back as it was: in the
+    reverse order of a start, so the filter outlives every link it guards (a failure stops there)."""
     try:
         Server(cfg, None).remove_stale()  # refuses while a helper answers: it would re-create the interface
-        ok = firewall.stop()
         Bridges(cfg, cmd, firewall, *keys.ensure_key(cfg.helper_state_dir, cmd, keys.BRIDGE_KEY_FILE)).remove_all()
         Interface(cfg, cmd, None).down()
     except (CommandFailed, OSError) as exc:
-        log.error("down: %s", exc)
+        log.error("down: %s; the table and forwarding stay", exc)
         return 1
-    return 0 if ok else 1
+    return 0 if firewall.stop() else 1
 
 
 if __name__ == "__main__":

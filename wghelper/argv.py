@@ -95,6 +95,10 @@ class Commands:
     def link_up(self, ifname, mtu):
         self.run("ip", ["link", "set", "dev", ifname, "mtu", str(mtu), "up"])
 
+    def link_down(self, ifname):
+        """No packet in or out of the link (the firewall's last resort when it cannot write its table)."""
+        self.run("ip", ["link", "set", "dev", ifname, "down"])
+
     def replace_address(self, ifname, cidr):
         self.run("ip", [_family(cidr), "address", "replace", cidr, "dev", ifname])
 
@@ -107,6 +111,11 @@ class Commands:
         self.run("ip", ["-4", "address", "flush", "dev", ifname])
 
     # --- ip route and rule (bridge tables) ----------------------------------
+
+    def default_routes6(self):
+        """Read only: the main table's IPv6 default routes, a line each (none: IPv6 beyond the node is
+        refused at once; wghelper/ipv6.py)."""
+        return self.run("ip", ["-6", "route", "show", "default"])
 
     def route_default(self, table, ifname):
         self.run("ip", ["-4", "route", "replace", "default", "dev", ifname, "table", str(table)])

@@ -1,21 +1,33 @@
 """The helper's one nftables table, and per-interface forwarding.
 
 The helper owns ``table inet ORBMESH_NAT_TABLE`` completely, and render()
-is the only place its rules are written:
+is the only place its rules are written.  The table is there whenever the
+node can forward a client's packet: with ORBMESH_NAT_UPLINK, with a bridge
+link up, or when the host forwards for the WireGuard interface on its own
+(``net.ipv4.conf.<IF, or default before it exists>.forwarding``, or
+``net.ipv6.conf.all.forwarding`` with an IPv6 pool: a routed prefix needs no
+uplink).  It holds:
 
 * with ORBMESH_NAT_UPLINK: masquerade the pool (and ORBMESH_POOL6 when it
-  is unique-local) out of the uplink, and from the uplink back into the
-  WireGuard interface let only what is established or related;
+  is unique-local) out of the uplink;
 * for each bridge link that is up (wghelper/bridge.py): masquerade the pool
   out of the link (the exit accepts only our address in its pool); from
   the link only replies, into the WireGuard interface or the node itself;
 * tenant isolation: what comes from clients jumps to ``from_clients``
-  (forward) or ``to_node`` (input).  A client reaches the uplink and its
-  bridge links, never other clients, private, link-local or reserved
-  ranges, nor the host's connected networks (BLOCKED, connected());
+  (forward) or ``to_node`` (input).  A client reaches the internet, never
+  other clients nor what is not the internet (validate.NOT_INTERNET) nor
+  the host's connected networks that are not the internet (a public uplink
+  subnet is the internet: its other hosts are reachable); out of the
+  uplink and its bridge links only, or, without an uplink, out of any
+  interface of a family the host itself routes (its ``all.forwarding``).
+  Nothing new enters the WireGuard interface from elsewhere.
   ALLOWED_DESTINATIONS and CLIENT_TO_CLIENT open more.  Of the node it
-  reaches only the gateway (ping, and DNS with DNS_RESOLVER) and the
-  CLIENT_NODE_PORTS.  An exit's entry is an ordinary client of its pool.
+  reaches only the gateway (ping, and DNS with DNS_RESOLVER), the
+  CLIENT_API_PORT (so an app disconnects while its full tunnel is up) and
+  the CLIENT_NODE_PORTS.  An exit's entry is an ordinary client of its pool;
+* speed tiers and quota backstops (wghelper/limits.py), whenever a user has
+  one: then the table is there even where the node forwards nothing, with
+  those alone.
 
 The hooked chains have policy accept, so other traffic on the host is left
 alone; an ``accept`` here does not override a drop elsewhere (an iptables
@@ -26,14 +38,22 @@ watcher re-creates an interface; the table is written again then too.
 Each change is one ``nft -f -`` whose script creates the table (a no-op
 when it exists), deletes it and defines it again: one atomic transaction,
 so any number of restarts leaves exactly one copy and a half-applied
-ruleset never exists.  With neither an uplink nor a bridge the table is
-deleted.
+ruleset never exists.  When the node cannot forward at all the table is
+deleted (the local run: clients reach the node, nothing beyond).
+
+Fail closed, in this order: the table before the interface is adopted or
+created (start), forwarding after (forward).  A failed start never deletes
+the table.  A failure to switch forwarding on puts every value the helper
+changed back (no forwarding, the table stays); a table that cannot be
+written at all leaves an earlier one as it was and takes an existing
+WireGuard link down (no packet in or out until a start succeeds).
 
 Forwarding is switched on per interface (``net.ipv4.conf.IF.forwarding``),
-never with the global switch.  The values found before are remembered in a
-state file.  A helper that stops leaves table and forwarding as they are,
-for the interface's clients; ``orbmesh-wghelper down`` restores the values
-and deletes the table.
+never with the global switch, and only with ORBMESH_NAT_UPLINK.  The values
+found before are remembered in a state file.  A helper that stops leaves
+table and forwarding as they are, for the interface's clients;
+``orbmesh-wghelper down``, once the link is gone, deletes the table and
+restores the values.
 """
 import ipaddress
 import json
@@ -45,6 +65,7 @@ import threading
 from . import limits as limits_part
 from .errors import CommandFailed
 from .settings import ULA
+from .validate import NOT_INTERNET, is_internet
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +76,6 @@ _STATE_KEY_RE = re.compile(r"^net/ipv[46]/conf/(?!\.\.?/)[A-Za-z0-9_=+.-]{1,15}/
 # that is not there (LANG=C, set by the Runner).
 _NO_TABLE = "No such file or directory"
 _NO_KEY = "cannot stat"
-
-
-# Never reachable from a client unless ALLOWED_DESTINATIONS says so (besides
-# the host's own connected networks, read when the table is applied): this
-# network, RFC 1918, CGNAT, loopback, link-local (the metadata service),
-# multicast, reserved and broadcast; IPv6 loopback, ULA, link-local, multicast.
-BLOCKED = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8",
-                                             "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3",
-                                             "::1/128", "fc00::/7", "fe80::/10", "ff00::/8")]
 _ADDRESS_RE = re.compile(r"\binet6? ([0-9a-fA-F.:]+(?:/[0-9]+)?)(?: peer ([0-9a-fA-F.:]+/[0-9]+))?")
 
 
@@ -72,8 +84,23 @@ def connected(text):
     return [ipaddress.ip_network(peer or own, strict=False) for own, peer in _ADDRESS_RE.findall(text)]
 
 
+def blocked(local, version):
+    """What a client never reaches unless ALLOWED_DESTINATIONS says so: every range that is not the
+    internet, and those of the host's connected networks `local` that are not either."""
+    return [n for n in list(NOT_INTERNET) + [n for n in local if not is_internet(n)] if n.version == version]
+
+
 def _set(elements):
     return elements[0] if len(elements) == 1 else "{ %s }" % ", ".join(elements)
+
+
+def _addr(a):
+    """An address as nft prints it (inet_ntop: an IPv6 address with an IPv4 one inside ends in dotted form)."""
+    if a.version == 6 and a.ipv4_mapped is not None:
+        return "::ffff:%s" % a.ipv4_mapped
+    if a.version == 6 and int(a) >> 32 == 0 and int(a) >> 16:
+        return "::%s" % ipaddress.IPv4Address(int(a))
+    return str(a)
 
 
 def _nets(nets):
@@ -86,20 +113,22 @@ def _nets(nets):
             runs[-1].append(n)
         else:
             runs.append([n])
-    return _set(["%s-%s" % (r[0].network_address, r[-1].broadcast_address) if len(r) > 1
-                 else str(r[0].network_address) if r[0].num_addresses == 1 else str(r[0]) for r in runs])
+    return _set(["%s-%s" % (_addr(r[0].network_address), _addr(r[-1].broadcast_address)) if len(r) > 1
+                 else _addr(r[0].network_address) if r[0].num_addresses == 1
+                 else "%s/%d" % (_addr(r[0].network_address), r[0].prefixlen) for r in runs])
 
 
-def render(s, links=(), local=(), limits=None):
-    """The table exactly as `nft list table inet TABLE` prints it back; `local`:
-    the host's connected networks; `limits`: the speed tiers and quotas
-    (wghelper/limits.py View; nft prints those back in its own units and
-    wraps their element lists)."""
+def render(s, links=(), local=(), routed=(), limits=None, isolating=True):
+    """The table exactly as `nft list table inet TABLE` prints it back; `local`: the host's connected
+    networks; `routed`: the IP versions (4, 6) the host forwards on its own, which clients may leave by
+    any interface when there is no uplink; `limits`: the speed tiers and quotas (a wghelper/limits.py
+    View; nft prints those back in its own units and wraps their element lists); not `isolating`: the
+    node forwards nothing, and the table holds the limits alone."""
     wg, links = s.interface, list(links)
-    outside = ([s.nat_uplink] if s.nat_uplink else []) + links
-    fams = [("ip", "icmp", s.pool, s.gateway, outside)]
+    uplink = [s.nat_uplink] if s.nat_uplink else []
+    fams = [("ip", "icmp", s.pool, s.gateway, uplink + links)]
     if s.pool6 is not None:  # bridged clients have no IPv6 (their peers carry no /128)
-        fams.append(("ip6", "icmpv6", s.pool6, s.gateway6, [s.nat_uplink] if s.nat_uplink else []))
+        fams.append(("ip6", "icmpv6", s.pool6, s.gateway6, uplink))
     nat, node, clients = [], ["ct state established,related accept"], []
     for f, icmp, pool, gateway, exits in fams:
         # A routed IPv6 prefix is reachable as it is: only IPv4 and unique-local pools are hidden.
@@ -111,16 +140,20 @@ def render(s, links=(), local=(), limits=None):
         opened = [n for n in s.allowed_destinations or () if n.version == pool.version]
         clients += ["%s daddr %s accept" % (f, _nets(opened))] if opened else []
         clients += ['oifname "%s" %s daddr %s accept' % (wg, f, pool)] if s.client_to_client == "on" else []
-        clients.append("%s daddr %s drop" % (f, _nets([n for n in BLOCKED + list(local) if n.version == pool.version])))
+        clients.append("%s daddr %s drop" % (f, _nets(blocked(local, pool.version))))
         clients += ['oifname "%s" %s saddr %s accept' % (out, f, pool) for out in exits]
-    if s.client_node_ports:
-        node.append("tcp dport %s accept" % _set([str(p) for p in sorted(set(s.client_node_ports))]))
+        if not uplink and pool.version in routed:
+            clients.append('oifname != "%s" %s saddr %s accept' % (wg, f, pool))
+    ports = set(s.client_node_ports or ()) | ({s.client_api_port} if s.client_api_port else set())
+    if ports:
+        node.append("tcp dport %s accept" % _set([str(p) for p in sorted(ports)]))
     forward, inputs = ['iifname "%s" jump from_clients' % wg], ['iifname "%s" jump to_node' % wg]
-    for out in outside:
-        forward.append('iifname "%s" oifname "%s" ct state established,related accept' % (out, wg))
-        forward.append('iifname "%s" %sdrop' % (out, "" if out in links else 'oifname "%s" ' % wg))
-    for link in links:  # nothing new from an exit into the entry itself
+    for link in links:  # from an exit only replies, into the clients or the entry itself
+        forward += ['iifname "%s" oifname "%s" ct state established,related accept' % (link, wg),
+                    'iifname "%s" drop' % link]
         inputs += ['iifname "%s" ct state established,related accept' % link, 'iifname "%s" drop' % link]
+    # Clients are reachable from nowhere: into the WireGuard interface only replies.
+    forward += ['oifname "%s" ct state established,related accept' % wg, 'oifname "%s" drop' % wg]
     hook = "type %s hook %s priority %s; policy accept;"
     limited = limits is not None and not limits.empty
     lines = ["table inet %s {" % s.nat_table] + (limits_part.objects(limits) if limited else [])
@@ -128,15 +161,16 @@ def render(s, links=(), local=(), limits=None):
                               ("input", hook % ("filter", "input", "filter"), inputs),
                               ("forward", hook % ("filter", "forward", "filter"), forward),
                               ("to_node", None, node + ["drop"]), ("from_clients", None, clients + ["drop"])]:
-        if outside:  # limits alone (no uplink, no bridge, as in run-local) change nothing else
+        if isolating:
             lines += ["\tchain %s {" % name] + ["\t\t" + r for r in ([head] if head else []) + rules] + ["\t}", ""]
     lines += limits_part.chains(limits, wg) if limited else []
     return "\n".join(lines[:-1] + ["}"]) + "\n"
 
 
-def script(s, links=(), local=(), limits=None):
+def script(s, links=(), local=(), routed=(), limits=None, isolating=True):
     """stdin for `nft -f -`: create-if-missing, delete, define; one transaction."""
-    return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table, render(s, links, local, limits))
+    return "table inet %s {}\ndelete table inet %s\n%s" % (s.nat_table, s.nat_table,
+                                                          render(s, links, local, routed, limits, isolating))
 
 
 def _owners_after(owners, before, after, touched):
@@ -153,7 +187,7 @@ def _owners_after(owners, before, after, touched):
 
 
 def forwarding_keys(s):
-    """The per-interface forwarding sysctls, '/'-separated.
+    """The per-interface forwarding sysctls the helper switches on, '/'-separated.
 
     '/' because interface names may hold dots ("eth0.100"), which sysctl
     would read as separators in the dotted form.
@@ -185,27 +219,30 @@ class Firewall:
         self.owners = {}  # address -> user, of self.plans
         self.written = limits_part.view({})  # what the kernel's table holds of them
 
-    def _needed(self):
-        return bool(self.s.nat_uplink or self.links or self.plans)
-
     def apply(self, links=None):
-        """Write the table for the uplink, the bridge `links` that are up (None: as before) and the limits."""
+        """Write the table for the uplink, the bridge `links` that are up (None: as before) and the limits,
+        or delete it when the node cannot forward a client's packet and no user has a limit."""
         with self._lock:
             if links is not None:
                 self.links = tuple(sorted(links))
             self._write(limits_part.view(self.plans))
 
     def _write(self, limits):
-        """The whole table (or none, when nothing needs one), with `limits` (a View); each quota keeps
-        what the kernel counted in it."""
-        if not (self.s.nat_uplink or self.links or not limits.empty):
+        """The whole table with `limits` (a View; each quota keeps what the kernel counted in it), its
+        isolation rules when the node can forward; or no table when it needs none."""
+        needed, routed = self._plan()
+        if not needed and limits.empty:
             self._delete_table()
             self.written = limits_part.view({})
             return
         if limits.quotas:
             limits = limits_part.carried(limits, self._counted_quotas())
-        self.cmd.apply_nft(script(self.s, self.links, connected(self.cmd.addresses()), limits))
+        self.cmd.apply_nft(script(self.s, self.links, connected(self.cmd.addresses()), routed, limits, needed))
         self.written = limits
+        if needed:
+            log.info("nat: table inet %s applied: clients out of %s only", self.s.nat_table,
+                     ", ".join(([self.s.nat_uplink] if self.s.nat_uplink else []) + list(self.links) +
+                               ["any interface (IPv%d)" % v for v in routed]) or "no interface")
 
     def _counted_quotas(self):
         try:
@@ -267,28 +304,70 @@ class Firewall:
             return
         self.written = wanted
 
-    def start(self, links=None):
-        """Rules (with the bridge `links` that are up; None: as before) first, then
-        forwarding: never forward without masquerade.  Fails closed: a failure
-        undoes both.  Run again after each re-creation of the interface: a new
-        link starts with the default forwarding value."""
+    def _plan(self):
+        """(whether the node can forward a client's packet, the IP versions the host routes on its own).
+
+        Without an uplink the host's own switches decide: the global ones (the helper never writes them)
+        for where clients may leave, and the WireGuard interface's IPv4 one (before the link exists: the
+        default it will get) for whether anything is forwarded at all.
+        """
+        if self.s.nat_uplink:
+            return True, ()
+        routed = [4] if self._on("net/ipv4/conf/all/forwarding") else []
+        if self.s.pool6 is not None and self._on("net/ipv6/conf/all/forwarding"):
+            routed.append(6)
+        if self.links or routed:
+            return True, tuple(routed)
+        own = "net/ipv4/conf/%s/forwarding" % self.s.interface
+        return self._on(own if self.cmd.link_index(self.s.interface) is not None
+                        else "net/ipv4/conf/default/forwarding"), ()
+
+    def _on(self, key):
         try:
-            self._start(links)
+            return self._read(key) != "0"
+        except CommandFailed as exc:
+            if _NO_KEY in exc.stderr:  # no such link, or a kernel without IPv6
+                return False
+            raise
+
+    def start(self, links=None):
+        """The table (with the bridge `links` that are up; None: as before), before the interface is
+        adopted or created.  Fails closed: nothing is deleted (an earlier table stays as it was), and an
+        existing WireGuard link is taken down, so its clients have no path until a start succeeds."""
+        try:
+            self.apply(links)
+        except CommandFailed as exc:
+            log.error("nat: cannot write table inet %s: %s", self.s.nat_table, exc)
+            self._no_path()
+            raise
+
+    def _no_path(self):
+        try:
+            if self.cmd.link_index(self.s.interface) is not None:
+                self.cmd.link_down(self.s.interface)
+                log.error("nat: interface %s set down: no filter, so no path for its clients", self.s.interface)
+        except CommandFailed as exc:
+            log.error("nat: cannot set %s down: %s", self.s.interface, exc.stderr)
+
+    def forward(self):
+        """With an uplink, once the interface exists: per-interface forwarding on.  Fails closed: a
+        failure puts back every value the helper changed (clients get no forwarding; the table stays).
+        Run again after each re-creation of the interface: a new link starts with the default value."""
+        if not self.s.nat_uplink:
+            return
+        try:
+            self._forward()
         except CommandFailed:
-            self.stop()
+            self._restore()
             raise
 
     def reapply(self):
-        """After the watcher re-created the interface: start() again, when there is NAT or a bridge
-        (without, as in run-local, nothing of ours is there to put back)."""
-        if self._needed():
-            self.start()
+        """After the watcher re-created the interface: the table again (the host's networks read anew),
+        then forwarding."""
+        self.apply()
+        self.forward()
 
-    def _start(self, links):
-        self.apply(links)
-        if not self.s.nat_uplink:
-            return
-        log.info("nat: table inet %s applied: clients out of %s only", self.s.nat_table, self.s.nat_uplink)
+    def _forward(self):
         self.saved = dict(self._load_state(), **self.saved)
         for key in self.keys:
             current = self._read(key)
@@ -299,8 +378,18 @@ class Firewall:
             log.info("nat: %s = 1 (was %s)", key, self.saved[key])
 
     def stop(self):
-        """`orbmesh-wghelper down`, or a failed start: forwarding back to the saved values, then
-        the table gone.  Returns False if a step failed (logged; the other steps still run)."""
+        """`orbmesh-wghelper down`, once the link is gone: the table, then forwarding back to the saved
+        values.  Returns False if a step failed (logged; the other steps still run)."""
+        ok = True
+        try:
+            self._delete_table()
+        except CommandFailed as exc:
+            log.error("nat: cannot delete table inet %s: %s", self.s.nat_table, exc.stderr)
+            ok = False
+        return self._restore() and ok
+
+    def _restore(self):
+        """Every forwarding value the helper changed back as it was; the state file goes once all are."""
         ok = True
         self.saved = dict(self._load_state(), **self.saved)
         for key, value in sorted(self.saved.items()):
@@ -313,11 +402,6 @@ class Firewall:
                 log.log(logging.INFO if gone else logging.ERROR, "nat: cannot restore %s to %s: %s", key, value,
                         exc.stderr)
                 ok = ok and gone
-        try:
-            self._delete_table()
-        except CommandFailed as exc:
-            log.error("nat: cannot delete table inet %s: %s", self.s.nat_table, exc.stderr)
-            ok = False
         if ok:
             self.saved = {}
             if self.state_path and os.path.exists(self.state_path):
@@ -329,7 +413,7 @@ class Firewall:
             self.cmd.delete_nft_table(self.s.nat_table)
             log.info("nat: table inet %s deleted", self.s.nat_table)
         except CommandFailed as exc:
-            # No table to delete; or no nft at all, on a host that never needed NAT.
+            # No table to delete; or no nft at all, on a host that never needed one.
             if _NO_TABLE not in exc.stderr and exc.stderr != "not found in PATH":
                 raise
 

@@ -62,6 +62,9 @@ def hello(ctx, args):
             # IPv6: null when off.  The app and the DNS resolver learn the node's
             # own unique-local pool here: only root can read where it is kept.
             "pool6": str(s.pool6) if s.pool6 else None, "gateway6": str(s.gateway6) if s.gateway6 else None,
+            # Whether clients get IPv6 from them (wghelper/ipv6.py): the interface holds gateway6 in
+            # every mode, so the resolver listens there when a restart makes the mode "forward".
+            "ipv6": s.ipv6_mode,
             "bridge_public_key": ctx.bridges.public_key if ctx.bridges else None,
             "bridges": ctx.bridges.running() if ctx.bridges else []}
 

@@ -175,11 +175,11 @@ class Interface:
         except CommandFailed as exc:
             log.warning("could not delete %s: %s", self.name, exc.stderr)
 
-    def _teardown(self, delete=None):
+    def _teardown(self):
         # A wireguard-go daemon exits, taking its control socket along, when its link is deleted.
         # An external link is left to its unit, but in down().
         self.running = False
-        if (not self.external if delete is None else delete) and self.exists():
+        if not self.external and self.exists():
             self._delete_link()
 
     def check(self):
@@ -222,8 +222,15 @@ class Interface:
             self._watcher = None
 
     def down(self):
-        """Stop watching, then remove the interface (a wireguard-go daemon exits with it)."""
+        """Stop watching, then remove the interface (a wireguard-go daemon exits with it).  Raises
+        CommandFailed while the link is still there: what guards it (the firewall's table) must stay."""
         self.stop()
         with self._lock:
-            self._teardown(delete=True)
+            self.running = False
+            try:
+                if self.exists():
+                    self.cmd.delete_link(self.name)
+            except CommandFailed:
+                if self.exists():  # not just gone meanwhile (a wireguard-go daemon exiting)
+                    raise
             log.info("interface %s is down", self.name)

@@ -14,8 +14,10 @@ from .protocol import MAX_BRIDGE_SLOTS
 
 
 def _pools(s):
-    """Where peers' addresses may lie: /32s in the pool, /128s in POOL6 (when on)."""
-    return [(s.pool, s.gateway), (s.pool6, s.gateway6)]
+    """Where peers' addresses may lie: /32s in the pool, /128s in POOL6 only while clients get IPv6
+    (ipv6 mode "forward", wghelper/ipv6.py): a /128 from an app that has not yet seen a helper start in
+    mode "local" is refused rather than left to black-hole its client's IPv6."""
+    return [(s.pool, s.gateway), s.clients6]
 
 
 def no_args(args, s, own=()):

@@ -115,6 +115,10 @@ def pool4(value):
 # fc00::/7: unique-local addresses (RFC 4193), the only pools NAT66 masquerades.
 ULA = ipaddress.IPv6Network("fc00::/7")
 AUTO = "auto"
+# What IPv6 the node gives its clients (the helper decides at start, wghelper/ipv6.py, and names it in
+# its hello): "forward": a /128 each, forwarded (net.ipv6.conf.all.forwarding is 1); "local": none, the
+# kernel would drop their IPv6 silently (forwarding is 0); "off": ORBMESH_POOL6=off.
+IPV6_FORWARD, IPV6_LOCAL, IPV6_OFF = "forward", "local", "off"
 
 
 def pool6(value):
@@ -134,6 +138,11 @@ def listed(parse_one):
     def parse(value):
         return tuple(parse_one(item) for item in (value.replace(",", " ").split() if isinstance(value, str) else value))
     return parse
+
+
+def port_or_off(value):
+    """A TCP port, or "off" (None)."""
+    return None if value == "off" else integer(1, 65535)(value)
 
 
 def networks4(value):
@@ -197,6 +206,9 @@ HELPER = {
                              "CIDRs clients may reach despite the blocked ranges (empty: none)"),
     "CLIENT_NODE_PORTS": (listed(integer(1, 65535)), None,
                           "TCP ports of the node itself clients may reach through the tunnel (empty: none)"),
+    "CLIENT_API_PORT": (port_or_off, 8443,
+                        "TCP port the node publishes its API on (nginx's), reachable through the tunnel so an app "
+                        "can disconnect while connected; off: closed"),
     "BRIDGE_TABLE_BASE": (integer(256, 2 ** 31 - 1024), 51900,
                           "Routing table of bridge slot N is this + N"),
     "BRIDGE_RULE_PREF": (integer(1, 32765), 20000, "Priority of the policy rules of bridged clients"),
@@ -270,6 +282,19 @@ class Settings(dict):
     def gateway6(self):
         """The gateway's offset in POOL6 (None while IPv6 is off, or its pool is not made yet)."""
         return address6(self.pool, self.pool6, self.gateway) if isinstance(self.pool6, ipaddress.IPv6Network) else None
+
+    @property
+    def ipv6_mode(self):
+        """IPV6_FORWARD, IPV6_LOCAL or IPV6_OFF: the mode __main__ decided at start (IPV6_MODE; without
+        one, as in unit tests, forward whenever there is a pool6)."""
+        if self.pool6 is None:
+            return IPV6_OFF
+        return self.get("IPV6_MODE") or IPV6_FORWARD
+
+    @property
+    def clients6(self):
+        """(pool6, gateway6) that clients' addresses come from: (None, None) unless IPv6 is forwarded."""
+        return (self.pool6, self.gateway6) if self.ipv6_mode == IPV6_FORWARD else (None, None)
 
 
 def load(environ=None, overrides=None):

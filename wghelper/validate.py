@@ -157,8 +157,37 @@ def client_address(value, pool, gateway, field):
     return client_ip("%s/%d" % (value, pool.max_prefixlen), [(pool, gateway)], field).split("/")[0]
 
 
-def endpoint(value, field="endpoint"):
-    """None, "IPv4:port" or "[IPv6]:port"; IP literals only, we never resolve."""
+# Where WireGuard may never be told to send: nowhere (0.0.0.0/8 and "::"
+# as destinations mean this host), everyone (multicast; IPv4 broadcast and
+# the reserved 240/4 it ends), or this host's own services (loopback).
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_BROADCAST = ipaddress.ip_network("240.0.0.0/4")
+
+
+def _not_a_peer(address, loopback):
+    """Why `address` cannot be a peer's endpoint, or None; an IPv4-mapped IPv6 address as its IPv4 one."""
+    for ip in {address, getattr(address, "ipv4_mapped", None) or address}:
+        if ip.is_unspecified or (ip.version == 4 and ip in _THIS_NETWORK):
+            return "an unspecified address"
+        if ip.is_multicast:
+            return "a multicast address"
+        if ip.version == 4 and ip in _BROADCAST:
+            return "a broadcast or reserved address"
+        if ip.is_loopback and not loopback:
+            return "a loopback address"
+    return None
+
+
+def endpoint(value, field="endpoint", loopback=False):
+    """None, "IPv4:port" or "[IPv6]:port"; IP literals only, we never resolve.
+
+    Never loopback, broadcast, multicast or unspecified, also written as
+    IPv4-mapped IPv6 ("[::ffff:127.0.0.1]"): a peer is another host.
+    `loopback` admits loopback for where the interface last saw a peer
+    (last_endpoint) only: a client over the WebSocket or HTTP tunnel comes
+    from the app's own socket on loopback, and going back there is how
+    that client gets its session back after the interface was lost.
+    """
     if value is None:
         return None
     match = _ENDPOINT_RE.fullmatch(value) if isinstance(value, str) else None
@@ -170,9 +199,15 @@ def endpoint(value, field="endpoint"):
         raise Invalid(field, "is not a valid IP address") from None
     if not 1 <= int(match.group(2)) <= 65535:
         raise Invalid(field, "port must be between 1 and 65535")
-    if address.is_unspecified or address.is_multicast:
-        raise Invalid(field, "must be a unicast address")
+    kind = _not_a_peer(address, loopback)
+    if kind:
+        raise Invalid(field, "must be the unicast address of another host, not %s" % kind)
     return ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, int(match.group(2)))
+
+
+def last_endpoint(value, field="last_endpoint"):
+    """Where the interface last saw a peer: an endpoint() that may be loopback (the app's tunnel sockets)."""
+    return endpoint(value, field, loopback=True)
 
 
 def keepalive(value, field="keepalive"):
@@ -192,7 +227,7 @@ def peer(value, pools, field="peer", own=()):
         "allowed_ips": unique([(f, client_ip(v, pools, f)) for f, v in ips]),
         "endpoint": endpoint(value.get("endpoint"), field + ".endpoint"),
         "keepalive": keepalive(value.get("keepalive", 0), field + ".keepalive"),
-        "last_endpoint": endpoint(value.get("last_endpoint"), field + ".last_endpoint"),
+        "last_endpoint": last_endpoint(value.get("last_endpoint"), field + ".last_endpoint"),
     }
 
 

@@ -120,11 +120,30 @@ def test_bearer_spellings_the_app_accepts(client, spelling):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("spelling", ["Bearer\t{}", "Bearer{}", "Bearer {} x", "Bearer: {}", "Bearerx {}"])
+# A padded token: PyJWT verifies "T=" as T (test below), so each would be one more spelling of a token.
+PADDED_SPELLINGS = ["Bearer {}=", "Bearer {}==", "bEaReR  {}= \t", "Bearer {}=\t"]
+
+
+@pytest.mark.parametrize("spelling", ["Bearer\t{}", "Bearer{}", "Bearer {} x", "Bearer: {}", "Bearerx {}",
+                                      *PADDED_SPELLINGS])
 def test_other_spellings_are_refused(client, spelling):
     response = client.post("/wireguard/connect", json={"publicKey": make_key(1)},
                            headers={"Authorization": spelling.format(hs(claims()))})
     assert response.status_code == 401
+
+
+def test_a_padded_token_is_refused_although_pyjwt_verifies_it(app, client):
+    """A device token has one spelling (issue 23): "T=" verified like T and hashed to another instance."""
+    token = hs(claims())
+    assert len(token.rsplit(".", 1)[1]) % 4 == 3  # a 32-byte HS256 signature leaves room for one "="
+    # The control: PyJWT itself takes the padded token, so the refusal below is the app's own rule.
+    assert auth.verify_device_token(token + "=", app.config) == ("user-1", "device-1")
+    headers = {"Authorization": "Bearer %s=" % token}
+    assert client.post("/wireguard/disconnect", headers=headers).status_code == 401
+    assert client.post("/wireguard/disconnect", headers={"Authorization": "Bearer " + token}).status_code == 200
+    # "=" inside the token is no spelling of anything: refused too.
+    middle = token[:10] + "=" + token[10:]
+    assert client.post("/wireguard/disconnect", headers={"Authorization": "Bearer " + middle}).status_code == 401
 
 
 def test_wrong_audience_and_missing_audience(settings, monkeypatch):

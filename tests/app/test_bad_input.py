@@ -173,6 +173,21 @@ ADD_PEER_BAD = {
     "endpoint-port-0": {"endpoint": "203.0.113.5:0"},
     "endpoint-port-big": {"endpoint": "203.0.113.5:65536"},
     "endpoint-v6-unbracketed": {"endpoint": "2001:db8::1:51820"},
+    # A peer is another host (issue 23): never this node's loopback, nor broadcast, multicast or nowhere.
+    "endpoint-loopback": {"endpoint": "127.0.0.1:22"},
+    "endpoint-loopback-other": {"endpoint": "127.0.0.53:53"},
+    "endpoint-loopback-v6": {"endpoint": "[::1]:51820"},
+    "endpoint-loopback-v4-mapped": {"endpoint": "[::ffff:127.0.0.1]:22"},
+    "endpoint-broadcast": {"endpoint": "255.255.255.255:51820"},
+    "endpoint-broadcast-v4-mapped": {"endpoint": "[::ffff:255.255.255.255]:51820"},
+    "endpoint-reserved": {"endpoint": "240.0.0.1:51820"},
+    "endpoint-multicast": {"endpoint": "224.0.0.251:5353"},
+    "endpoint-multicast-v6": {"endpoint": "[ff02::1]:51820"},
+    "endpoint-multicast-v4-mapped": {"endpoint": "[::ffff:239.255.255.250]:1900"},
+    "endpoint-unspecified": {"endpoint": "0.0.0.0:51820"},
+    "endpoint-this-network": {"endpoint": "0.0.0.1:51820"},
+    "endpoint-unspecified-v6": {"endpoint": "[::]:51820"},
+    "endpoint-unspecified-v4-mapped": {"endpoint": "[::ffff:0.0.0.0]:51820"},
     "no-keepalive-string": {"noKeepalive": "false"},
     "unknown-field": {"persistentKeepalive": 5},
 }
@@ -191,6 +206,21 @@ def test_add_peer_bad_bodies(client, internal, snapshot, name):
     assert response.status_code == 400, response.get_json()
     assert response.get_json()["error"]["code"] == "VALIDATION_ERROR"
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ADD_PEER_BAD if n.startswith("endpoint-")))
+def test_add_peer_bad_endpoint_names_the_field(client, internal, name):
+    response = client.post("/wireguard/add-peer", json=dict(ADD_PEER_OK, **ADD_PEER_BAD[name]), headers=internal)
+    assert response.status_code == 400
+    assert list(response.get_json()["error"]["details"]["fields"]) == ["endpoint"]
+
+
+@pytest.mark.parametrize("endpoint", ["198.51.100.7:51820", "[2001:db8::7]:51820", "[::ffff:198.51.100.7]:1"])
+def test_add_peer_endpoint_of_another_host_is_taken(client, internal, fake_helper, endpoint):
+    """The control for the refusals above: the same body with a public endpoint is added."""
+    response = client.post("/wireguard/add-peer", json=dict(ADD_PEER_OK, endpoint=endpoint), headers=internal)
+    assert response.status_code == 200, response.get_json()
+    assert fake_helper.peers[KEY]["endpoint"] is not None
 
 
 @pytest.mark.parametrize("body", [{}, {"userUuid": ""}, {"userUuid": 7}, {"userUuid": "u", "x": 1},

@@ -34,6 +34,16 @@ def test_parse_skips_bad_entries_without_logging_values(caplog):
         exits.parse({"exits": "x"})
 
 
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:51820", "[::1]:51820", "[::ffff:127.0.0.1]:51820",
+                                      "255.255.255.255:51820", "224.0.0.1:51820", "0.0.0.0:51820", "[::]:51820"])
+def test_an_exit_endpoint_that_is_no_other_host_is_skipped(caplog, endpoint):
+    """The bridge would send this node's tunnel there: its own services, everyone, nowhere (issue 23)."""
+    with caplog.at_level(logging.WARNING):
+        parsed = exits.parse({"exits": [dict(EXIT, id="odd", endpoint=endpoint), EXIT]})
+    assert sorted(parsed) == ["exit-1"]  # the control: the good entry beside it is taken
+    assert "skipping entry 0 (odd): bad endpoint" in caplog.text
+
+
 def test_plain_http_exits_only_when_allowed(caplog):
     plain = [dict(EXIT, id="plain", apiUrl="http://198.51.100.1:8080"), EXIT]
     with caplog.at_level(logging.WARNING):

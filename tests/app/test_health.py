@@ -2,7 +2,7 @@
 unhealthy without the helper; the status for anyone, the details only with an internal API key."""
 import pytest
 
-from tests.conftest import make_key
+from tests.conftest import FakeHelper, make_key
 
 DETAILS = {"wireguard", "database", "helper", "resolver"}
 
@@ -11,7 +11,7 @@ def test_health_healthy(client, internal):
     body = client.get("/health", headers=internal).get_json()
     assert body["status"] == "healthy"
     assert body["wireguard"]["running"] is True and body["wireguard"]["peerCount"] == 0
-    assert body["wireguard"]["gateway6"] == "fd00:8::1"
+    assert body["wireguard"]["gateway6"] == "fd00:8::1" and body["wireguard"]["ipv6"] == "forward"
     assert body["database"] == {"ok": True} and body["helper"] == {"ok": True}
     assert body["resolver"] == {"enabled": True, "address": "10.8.0.1", "ok": True}
 
@@ -65,3 +65,17 @@ def test_health_unhealthy_without_helper(client, fake_helper, internal):
     detailed = client.get("/health", headers=internal)
     assert detailed.status_code == 503 and detailed.get_json()["helper"]["ok"] is False
     assert detailed.get_json()["wireguard"]["gateway6"] is None
+    assert detailed.get_json()["wireguard"]["ipv6"] is None  # unknown without the helper
+
+
+@pytest.mark.parametrize("helper, ipv6, gateway6", [
+    (dict(), "forward", "fd00:8::1"),
+    (dict(ipv6="local"), "local", None),  # the node does not forward IPv6: clients get none
+    (dict(pool6=None), "off", None),       # ORBMESH_POOL6=off
+], ids=["forward", "local", "off"])
+def test_health_names_the_ipv6_mode(client, app, internal, helper, ipv6, gateway6):
+    app.extensions["orbmesh_helper"] = FakeHelper(**helper)
+    body = client.get("/health", headers=internal).get_json()
+    assert body["status"] == "healthy"  # no IPv6 is a choice of the host, not a fault
+    assert (body["wireguard"]["ipv6"], body["wireguard"]["gateway6"]) == (ipv6, gateway6)
+    assert "ipv6" not in client.get("/health").get_json()  # a detail: only with the key

@@ -92,6 +92,19 @@ def test_one_row_two_addresses():
     assert Addressing({"generation": "g"}).ip6("10.0.0.2") is None  # a helper that announces no pool6
 
 
+def test_clients_get_ipv6_only_where_the_helper_forwards_it():
+    """ipv6 mode "local" (wghelper/ipv6.py) is IPv6 off for every peer; a hello without a mode (an older
+    helper) is forward when it names a pool6."""
+    local = Addressing(dict(HELLO, ipv6="local"))
+    assert local.mode == "local" and local.ip6("10.0.0.2") is None and local.gateway6 is None
+    assert peer_spec(peer(2), local)["allowed_ips"] == ["10.0.0.2/32"]
+    forward = Addressing(dict(HELLO, ipv6="forward"))  # control
+    assert forward.mode == "forward" and peer_spec(peer(2), forward)["allowed_ips"] == ["10.0.0.2/32",
+                                                                                          "fd00:8::2/128"]
+    assert Addressing(HELLO).mode == "forward" and Addressing(HELLO).gateway6 == "fd00:8::1"
+    assert Addressing(dict(HELLO, pool6=None, gateway6=None)).mode == "off"
+
+
 def test_apply_and_sync_send_peers_in_the_wire_format(path):
     helper = Helper(path, hello=HELLO)
     client = HelperClient(path, 2)
@@ -131,6 +144,23 @@ def test_each_hello_refreshes_the_pools(path):
         client.close()
         helper.close()
     assert [r["cmd"] for r in helper.requests] == ["hello", "hello"]
+
+
+def test_a_hello_someone_else_asked_is_learnt(path):
+    """The reconcile watcher has a client of its own and hands each hello to the request path's: a helper
+    restarted in another ipv6 mode changes what the next connect gets, with no hello of its own."""
+    helper = Helper(path, hello=HELLO)
+    client = HelperClient(path, 2)
+    try:
+        assert client.addressing().gateway6 == "fd00:8::1"
+        client.learn(dict(HELLO, ipv6="local", generation="g2"))
+        assert client.addressing().ip6(167772162) is None and client.addressing().mode == "local"
+        client.apply(add=[peer(2)])
+        assert helper.requests[-1]["args"]["add"][0]["allowed_ips"] == ["10.0.0.2/32"]
+    finally:
+        client.close()
+        helper.close()
+    assert [r["cmd"] for r in helper.requests] == ["hello", "apply_peers"]
 
 
 # --- connections kept per process ----------------------------------------------------

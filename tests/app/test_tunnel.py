@@ -39,6 +39,8 @@ def test_a_single_datagram_goes_up_and_the_answer_comes_back(client, auth, wireg
     (SINGLE, {"X-Tunnel-Wait": "3"}, WG_DATA, 400, "VALIDATION_ERROR"),  # over TUNNEL_HOLD
     (SINGLE, {"X-Tunnel-Wait": "soon"}, WG_DATA, 400, "VALIDATION_ERROR"),
     (BATCH, {}, b"\x00\x05abc", 400, "VALIDATION_ERROR"),  # a record longer than the body
+    (BATCH, {}, batch(WG_DATA[:31]), 400, "VALIDATION_ERROR"),  # shorter than any WireGuard message
+    (BATCH, {}, batch(WG_DATA) + b"\x00\x01x" * 1000, 400, "VALIDATION_ERROR"),  # the good record is not sent
     (SINGLE, {}, b"x" * 65536, 413, "PAYLOAD_TOO_LARGE"),
 ])
 def test_refused_requests_send_nothing(client, auth, wireguard, content_type, headers, body, status, code):

@@ -1,10 +1,12 @@
 """app/unbound.py: the Unbound config, read by unbound-checkconf (tests/need.py: skipped without it, failed under CI)."""
+import ipaddress
 import subprocess
 
 import pytest
 
 from app import unbound
 from tests.need import need
+from wghelper.validate import NOT_INTERNET
 
 
 def checkconf(tmp_path, text):
@@ -23,6 +25,8 @@ VARIANTS = {
     "forwarding, not validating": dict(upstreams=["9.9.9.9", "2620:fe::fe"], dnssec=False),
     "with an IPv6 gateway": dict(pool6="fd00:8::/64", gateway6="fd00:8::1", upstreams=["127.0.0.1"]),
     "started as its user": dict(username=""),
+    "private and loopback upstreams": dict(upstreams=["127.0.0.1", "10.0.0.2", "fd00::53", "::1"]),
+    "a routed IPv6 pool": dict(pool6="2001:db8:42::/64", gateway6="2001:db8:42::1"),
 }
 
 
@@ -93,3 +97,67 @@ def test_from_settings_takes_ipv6_from_the_helper_hello():
     dual = unbound.from_settings(values, {"pool6": "fd00:66::/64", "gateway6": "fd00:66::1"})
     assert server_lines(dual, "interface") == ["10.66.0.1", "fd00:66::1"]
     assert unbound.from_settings(values, {"pool6": None, "gateway6": None}) == plain
+
+
+BLOCKED = [str(network) for network in NOT_INTERNET]
+
+
+def networks(text, key):
+    return [ipaddress.ip_network(value) for value in server_lines(text, key)]
+
+
+def covered(nets, address):
+    return any(ipaddress.ip_address(address) in net for net in nets)
+
+
+def test_never_queries_nor_returns_what_a_client_may_not_reach():
+    """The firewall's list, in its order: the pools here are inside it (10/8, fc00::/7), so nothing is added."""
+    text = unbound.render("10.8.0.0/16", "10.8.0.1", pool6="fd00:8::/64", gateway6="fd00:8::1")
+    assert server_lines(text, "do-not-query-address") == BLOCKED
+    assert server_lines(text, "private-address") == BLOCKED
+    # What the review found (a LAN resolver, the metadata service, unique-local, NAT64) is among them.
+    assert {"10.0.0.0/8", "169.254.0.0/16", "192.168.0.0/16", "fc00::/7", "fe80::/10", "64:ff9b::/96",
+            "127.0.0.0/8", "::1/128"} <= set(BLOCKED)
+    # Localhost is in the list, so Unbound's own rule for it is off (one owner of the fact) ...
+    assert server_lines(text, "do-not-query-localhost") == ["no"]
+    # ... and with no upstream it is never queried all the same.
+    assert covered(networks(text, "do-not-query-address"), "127.0.0.1")
+    assert covered(networks(text, "do-not-query-address"), "::1")
+    # All of it in the server clause, before the other clauses.
+    server = text[:text.index("remote-control:")]
+    assert server.count("do-not-query-address:") == server.count("private-address:") == len(BLOCKED)
+
+
+@pytest.mark.parametrize("pool, pool6, added", [
+    ("10.8.0.0/16", "2001:db8:42::/64", ["2001:db8:42::/64"]),  # a routed prefix: global, clients' addresses
+    ("198.51.100.0/24", None, ["198.51.100.0/24"]),
+    ("100.64.0.0/16", "fd00:8::/64", []),  # CGNAT and unique-local: already in the list
+])
+def test_the_pools_are_added_where_the_list_does_not_hold_them(pool, pool6, added):
+    """No answer may carry another client's address (rebinding into the pool), and no query goes to one."""
+    gateway = str(next(ipaddress.ip_network(pool).hosts()))
+    text = unbound.render(pool, gateway, pool6=pool6, gateway6=pool6 and pool6.replace("::/64", "::1"))
+    assert server_lines(text, "private-address") == BLOCKED + added
+    assert server_lines(text, "do-not-query-address") == BLOCKED + added
+
+
+def test_an_upstream_the_operator_names_is_the_one_exemption_and_only_itself():
+    upstreams = ["127.0.0.1", "10.0.0.2", "fd00::53", "::1", "9.9.9.9"]
+    text = unbound.render("10.8.0.0/16", "10.8.0.1", upstreams=upstreams, pool6="fd00:8::/64", gateway6="fd00:8::1")
+    dnq = networks(text, "do-not-query-address")
+    for upstream in upstreams:
+        assert not covered(dnq, upstream), upstream
+    for neighbour in ("127.0.0.0", "127.0.0.2", "127.255.255.255", "10.0.0.1", "10.0.0.3", "10.8.0.1", "fd00::52",
+                      "fd00::54", "::", "169.254.169.254"):
+        assert covered(dnq, neighbour), neighbour
+    # Exactly NOT_INTERNET less the four addresses in it: every entry inside it, none overlapping another.
+    assert all(any(net.version == n.version and net.subnet_of(n) for n in NOT_INTERNET) for net in dnq)
+    for version in (4, 6):
+        mine = [net for net in dnq if net.version == version]
+        assert sum(net.num_addresses for net in ipaddress.collapse_addresses(mine)) == sum(
+            net.num_addresses for net in mine)
+    assert sum(net.num_addresses for net in dnq) == sum(net.num_addresses for net in NOT_INTERNET) - 4
+    # Their answers are filtered like any other: the exemption is about where to ask, not what to hand on.
+    assert server_lines(text, "private-address") == BLOCKED
+    assert server_lines(text, "do-not-query-localhost") == ["no"]
+    assert server_lines(text[text.index("forward-zone:"):], "forward-addr") == upstreams

@@ -74,6 +74,36 @@ def test_ipv6_off_gives_nulls_and_the_reference_dns(client, auth, app):
     assert response.get_json()["gateway6"] is None
 
 
+def test_ipv6_not_forwarded_gives_no_ipv6_but_keeps_all_of_it_in_the_tunnel(client, auth, app, internal):
+    """ipv6 mode "local" (the node does not forward IPv6, wghelper/ipv6.py): no address, no /128, no IPv6
+    resolver, but ::/0 stays in allowedIPs so the client's IPv6 goes nowhere but into the tunnel."""
+    app.extensions["orbmesh_helper"] = local = FakeHelper(ipv6="local")
+    body = connect(client, auth(), KEY_A).get_json()
+    assert (body["ip"], body["ip6"], body["gateway6"]) == ("10.8.0.2/32", None, None)
+    assert body["allowedIPs"] == ["0.0.0.0/0", "::/0"] and body["dns"] == ["10.8.0.1", "1.1.1.1"]
+    assert local.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32"]
+    assert client.get("/wireguard/status", headers=internal).get_json()["gateway6"] is None
+    # Control: the same node forwarding IPv6 gives the same device both addresses.
+    app.extensions["orbmesh_helper"] = forward = FakeHelper(ipv6="forward")
+    body = connect(client, auth(), KEY_A).get_json()
+    assert (body["ip6"], body["gateway6"]) == ("fd00:8::2/128", "fd00:8::1")
+    assert body["dns"] == ["10.8.0.1", "fd00:8::1", "1.1.1.1"]
+    assert forward.peers[KEY_A]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
+    assert client.get("/wireguard/status", headers=internal).get_json()["gateway6"] == "fd00:8::1"
+
+
+def test_add_peer_128_without_ipv6_forwarding_is_refused(client, internal, app):
+    app.extensions["orbmesh_helper"] = local = FakeHelper(ipv6="local")
+    response = client.post("/wireguard/add-peer", json=add_peer_body(allowedIPs="10.8.0.42/32,fd00:8::2a/128"),
+                           headers=internal)
+    assert response.status_code == 400
+    assert "IPv6 is off on this server (ipv6: local)" in response.get_json()["error"]["details"]["fields"][
+        "allowedIPs"][0]
+    assert local.peers == {}
+    assert client.post("/wireguard/add-peer", json=add_peer_body(), headers=internal).status_code == 200
+    assert local.peers[KEY_C]["allowed_ips"] == ["10.8.0.42/32"]
+
+
 @pytest.mark.parametrize("overrides, dns", [
     ({"DNS_RESOLVER": "off"}, ["1.1.1.1"]),  # never sent to a resolver that is not there
     ({"DNS_RESOLVER": "off", "DNS": "10.8.0.1,9.9.9.9"}, ["10.8.0.1", "9.9.9.9"]),  # an explicit list wins
@@ -184,6 +214,41 @@ def test_disconnect_helper_failure_keeps_peer(client, auth, app, fake_helper):
     fake_helper.fail = "unavailable"
     assert client.post("/wireguard/disconnect", headers=auth()).status_code == 503
     assert rows(app) == before
+
+
+@pytest.mark.parametrize("source", ["10.8.0.2", "fd00:8::2"])
+def test_disconnect_through_its_own_tunnel_answers_before_the_peer_goes(client, auth, app, fake_helper, source):
+    """A full tunnel routes the node's address into the tunnel: an answer sent after the peer had gone would
+    never reach the device, so the peer goes once the answer is written."""
+    connect(client, auth(), KEY_A)
+    # As nginx passes it on (X-Real-IP from loopback, a trusted proxy): the device's own tunnel address.
+    response = client.post("/wireguard/disconnect", headers=dict(auth(), **{"X-Real-IP": source}), buffered=False)
+    assert response.status_code == 200
+    assert response.get_json() == {"success": True, "message": "Disconnected successfully"}
+    assert rows(app) == [] and KEY_A in fake_helper.peers  # the row is gone, the peer still carries the answer
+    response.close()  # the server has written the answer
+    assert fake_helper.peers == {}
+
+
+def test_disconnect_through_its_tunnel_leaves_a_helper_failure_to_reconcile(client, auth, app, fake_helper):
+    connect(client, auth(), KEY_A)
+    response = client.post("/wireguard/disconnect", headers=dict(auth(), **{"X-Real-IP": "10.8.0.2"}),
+                           buffered=False)
+    fake_helper.fail = "unavailable"
+    response.close()
+    assert response.status_code == 200 and rows(app) == []  # the database, the truth, no longer has it ...
+    with app.app_context():
+        from app.db import get_db, get_meta
+        assert get_meta(get_db(), "reconciled_generation") == ""  # ... and reconcile takes the peer off
+    fake_helper.fail = None
+
+
+@pytest.mark.parametrize("source", ["10.8.0.3", "192.0.2.7", "fd00:8::3"])
+def test_disconnect_from_elsewhere_removes_the_peer_before_answering(client, auth, app, fake_helper, source):
+    connect(client, auth(), KEY_A)
+    response = client.post("/wireguard/disconnect", headers=dict(auth(), **{"X-Real-IP": source}), buffered=False)
+    assert response.status_code == 200 and fake_helper.peers == {}  # before the answer is even read
+    response.close()
 
 
 def test_status_reads_live_interface(client, internal, auth):

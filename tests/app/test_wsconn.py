@@ -117,6 +117,7 @@ def test_batch_mode_carries_many_datagrams_per_message_in_order():
     (TextMessage(data="hi"), 1003, ()),
     (Message(data=bytes(65536)), 1009, ()),
     (Message(data=b"\x00\x50\x04"), 1007, (BATCH_PROTOCOL,)),  # a record longer than the message
+    (Message(data=b"\x00\x01x" * 1000), 1007, (BATCH_PROTOCOL,)),  # records shorter than WireGuard's
 ])
 def test_bad_messages_close_with_their_code(event, code, subprotocols):
     session = Session(subprotocols=subprotocols)
@@ -124,6 +125,20 @@ def test_bad_messages_close_with_their_code(event, code, subprotocols):
     session.sock.sendall(session.client.send(event))
     closed = read_events(session.client, session.sock, lambda e: isinstance(e, CloseConnection))
     assert closed.code == code and session.server.close_sent == code
+    session.close()
+
+
+def test_a_batch_with_a_short_record_sends_nothing_and_closes_with_1007():
+    session = Session(subprotocols=[BATCH_PROTOCOL])
+    accepted(session)
+    session.sock.sendall(session.client.send(Message(data=encode_batch([wg(1)]))))
+    assert session.pipe.wireguard.recv(65535) == wg(1)  # the control: a whole batch goes through
+    session.sock.sendall(session.client.send(Message(data=encode_batch([wg(2)]) + b"\x00\x1f" + wg(3)[:31])))
+    closed = read_events(session.client, session.sock, lambda e: isinstance(e, CloseConnection))
+    assert closed.code == 1007
+    session.pipe.wireguard.settimeout(0.2)
+    with pytest.raises(TimeoutError):  # wg(2), before the short record, did not go on either
+        session.pipe.wireguard.recv(65535)
     session.close()
 
 
@@ -249,6 +264,51 @@ def test_idle_session_closes_with_1000():
     closed = read_events(session.client, session.sock, lambda e: isinstance(e, CloseConnection))
     session.thread.join(timeout=10)
     assert closed.code == 1000 and session.reason == "idle"
+    session.close()
+
+
+def send_for(session, message, seconds, every=0.05):
+    """Send `message` every `every` s for `seconds` s or until the server closes; the close's code or None."""
+    deadline = time.monotonic() + seconds
+    session.sock.settimeout(every)
+    while time.monotonic() < deadline:
+        try:
+            session.sock.sendall(session.client.send(message))
+        except OSError:
+            break  # the server has closed and gone
+        try:
+            data = session.sock.recv(65536)
+        except TimeoutError:
+            continue
+        session.client.receive_data(data)
+        for event in session.client.events():
+            if isinstance(event, CloseConnection):
+                return event.code
+        if not data:
+            break
+    return None
+
+
+@pytest.mark.parametrize("subprotocols,junk", [
+    ((), Message(data=b"\x09" * 64)),  # no WireGuard message type
+    ((), Message(data=b"\x04\x00\x00\x00")),  # too short for one
+    ((BATCH_PROTOCOL,), Message(data=b"")),  # an empty batch
+    ((BATCH_PROTOCOL,), Message(data=encode_batch([b"\x09" * 64]))),
+])
+def test_junk_does_not_keep_a_session_open(subprotocols, junk):
+    """Only WireGuard datagrams forwarded reset the idle timer (issue 23); junk is dropped and counted."""
+    idle = 0.5
+    session = Session(idle_timeout=idle, subprotocols=subprotocols)
+    accepted(session)
+    good = Message(data=encode_batch([wg(1)]) if subprotocols else wg(1))
+    # The control: WireGuard datagrams for four idle timeouts keep the session open ...
+    assert send_for(session, good, 4 * idle) is None
+    forwarded = session.pipe.counters.up_packets
+    assert session.reason is None and forwarded > 4
+    # ... and junk at the same pace does not: the session closes as idle.
+    assert send_for(session, junk, 10 * idle) == 1000
+    session.thread.join(timeout=10)
+    assert session.reason == "idle" and session.pipe.counters.up_packets == forwarded
     session.close()
 
 

@@ -269,6 +269,16 @@ def test_nginx_hashes_on_the_token_the_app_reads():
     assert (pattern, value) == (BEARER_PATTERN, "$1")
 
 
+def test_a_padded_token_hashes_as_the_token():
+    """The map's $1 leaves trailing "=" out, so "T=" (which the app refuses) meets T's instance."""
+    from app.auth import BEARER_PATTERN
+    from tests.app.test_auth_attacks import BEARER_SPELLINGS, PADDED_SPELLINGS
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJlLW9mLTMyLWJ5dGVzLi4uLi4uLi4uLi4uLi4"
+    nginx = re.compile(BEARER_PATTERN, re.IGNORECASE)  # "~*": PCRE, case-insensitive
+    hashed = {nginx.match(spelling.format(token)).group(1) for spelling in BEARER_SPELLINGS + PADDED_SPELLINGS}
+    assert hashed == {token}
+
+
 @pytest.mark.parametrize("args", [
     ["--ports", ""],
     ["--ports", "8081;"],

@@ -48,7 +48,7 @@ def tree(root):
 
 
 def env_of(path):
-    return dict(re.findall(r"^([A-Z_]+)=(.*)$", path.read_text(), re.M))
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", path.read_text(), re.M))
 
 
 @pytest.fixture
@@ -268,3 +268,51 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, bad):
     done = install(root, *bad)
     assert done.returncode != 0 and "install.sh:" in done.stderr
     assert not (root / "etc").exists()
+
+
+SYSCTL_FILE = "etc/sysctl.d/60-orbmesh-ipv6.conf"
+
+
+def sysctl_lines(root):
+    """The settings of the installed sysctl.d file, in order (comments and blank lines out)."""
+    text = (root / SYSCTL_FILE).read_text()
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_ipv6_forwarding_is_off_unless_asked_for_and_says_what_that_means(installed):
+    root, first = installed
+    assert not (root / SYSCTL_FILE).exists()
+    assert env_of(root / "etc/orbmesh/deploy.conf")["IPV6_FORWARDING"] == "off"
+    assert "IPv6 forwarding is off: tunnel clients get no IPv6 address, only IPv4" in first.stdout
+    assert "--ipv6-forwarding turns it on" in first.stdout
+
+
+@pytest.mark.parametrize("uplink, ra", [("eth0", "net/ipv6/conf/eth0/accept_ra = 2"),
+                                        ("eth0.100", "net/ipv6/conf/eth0.100/accept_ra = 2"),  # '/' form: dots
+                                        (None, None)])
+def test_ipv6_forwarding_is_written_on_request_kept_and_removed(tmp_path, uplink, ra):
+    root = tmp_path / "root"
+    (root / "etc/orbmesh").mkdir(parents=True)
+    (root / "etc/orbmesh/orbmesh.env").write_text("ORBMESH_JWT_SECRET=x\n" + (
+        "ORBMESH_NAT_UPLINK=%s\n" % uplink if uplink else "#ORBMESH_NAT_UPLINK=eth0\n"))
+    done = install(root, "--ports", "8081", "--ipv6-forwarding")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # accept_ra before forwarding: switching forwarding on drops RA default routes on links without it.
+    assert sysctl_lines(root) == ([ra] if ra else []) + ["net.ipv6.conf.all.forwarding = 1"]
+    assert stat.S_IMODE((root / SYSCTL_FILE).stat().st_mode) == 0o644
+    assert env_of(root / "etc/orbmesh/deploy.conf")["IPV6_FORWARDING"] == "on"
+    assert "IPv6 forwarding is on (/etc/sysctl.d/60-orbmesh-ipv6.conf)" in done.stdout
+    assert "IPv6 forwarding is off" not in done.stdout
+    if not uplink:
+        assert "No ORBMESH_NAT_UPLINK in /etc/orbmesh/orbmesh.env yet" in (root / SYSCTL_FILE).read_text()
+
+    # Kept: a later run without the option changes nothing.
+    again = install(root)
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
+    assert (root / SYSCTL_FILE).exists()
+
+    off = install(root, "--no-ipv6-forwarding")
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert not (root / SYSCTL_FILE).exists() and "removed /etc/sysctl.d/60-orbmesh-ipv6.conf" in off.stdout
+    assert env_of(root / "etc/orbmesh/deploy.conf")["IPV6_FORWARDING"] == "off"
+    assert "IPv6 forwarding is off" in off.stdout

@@ -144,6 +144,7 @@ class DeployStack(Stack):
     # processes ---------------------------------------------------------------------
 
     def start_helper(self):
+        self.set_ipv6_forwarding()
         log = open(self.helper_log, "ab")
         argv = sandbox(HELPER_UNIT) + [str(VENV_BIN / "orbmesh-wghelper")]
         self.helper_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)

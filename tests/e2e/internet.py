@@ -7,9 +7,10 @@ HTTP server on 203.0.113.100 answers every GET with the address it sees the
 caller at, so a test can tell whether NAT happened.  With ipv6=True the same
 again in IPv6: uplink 2001:db8:113::1/64, router ::62, and the whoami server
 also on 2001:db8:114::100, beyond the router.
-DnsServer adds a DNS server there (a second Unbound, serving fixed records).
+DnsServer adds a DNS server there (a second Unbound, serving fixed records, or a lab root zone).
 """
 import http.server
+import ipaddress
 import socket
 import subprocess
 import threading
@@ -127,23 +128,33 @@ class UdpSink:
 
 
 class DnsServer:
-    """Unbound in `ns` on address:53 serving `records` ({name: IPv4}) to the `allowed` sources only.
+    """Unbound in `ns` on address:53 serving `records` ({name: address or [addresses]}, A or AAAA) to the
+    `allowed` sources only; with `root`, the text of a zone file, also an authoritative "." (a lab root:
+    its delegations are referrals, so a resolver pointed at it follows them).
 
     Every other source is refused, so an answer that reaches a client proves
     the query came from an allowed address (say, the server's uplink).
     """
 
-    def __init__(self, ns, address, records, allowed, directory):
+    def __init__(self, ns, address, records, allowed, directory, root=None):
         self.ns, self.address = ns, address
         conf = directory / ("dns-%s.conf" % address)
         self.log = directory / ("dns-%s.log" % address)
         lines = ["server:", "    interface: %s" % address, "    port: 53", '    username: ""', '    chroot: ""',
                  '    pidfile: ""', "    do-daemonize: no", "    use-syslog: no", '    logfile: ""',
                  "    log-queries: yes", '    module-config: "iterator"',
-                 "    access-control: 0.0.0.0/0 refuse", "    access-control: ::/0 refuse"]
-        lines += ["    access-control: %s/32 allow" % source for source in allowed]
-        for name, ip in records.items():
-            lines += ['    local-zone: "%s." static' % name, '    local-data: "%s. 60 IN A %s"' % (name, ip)]
+                 "    access-control: 0.0.0.0/0 refuse", "    access-control: ::/0 refuse",
+                 "    access-control: 127.0.0.0/8 refuse", "    access-control: ::1/128 refuse"]  # allowed by default
+        lines += ["    access-control: %s allow" % ipaddress.ip_network(source) for source in allowed]
+        for name, ips in records.items():
+            lines.append('    local-zone: "%s." static' % name)
+            lines += ['    local-data: "%s. 60 IN %s %s"' % (name, "AAAA" if ":" in ip else "A", ip)
+                      for ip in ([ips] if isinstance(ips, str) else ips)]
+        if root is not None:
+            zonefile = directory / ("root-%s.zone" % address)
+            zonefile.write_text(root)
+            lines += ["auth-zone:", '    name: "."', '    zonefile: "%s"' % zonefile, "    for-downstream: yes",
+                      "    for-upstream: no"]
         lines += ["remote-control:", "    control-enable: no"]
         conf.write_text("\n".join(lines) + "\n")
         with open(self.log, "ab") as log:
@@ -157,12 +168,13 @@ class DnsServer:
                           check=False).stdout
         return "status: REFUSED" in out
 
-    def askers(self, name):
-        """Source addresses that asked this server for `name` (log-queries: "info: SOURCE NAME. TYPE CLASS")."""
+    def askers(self, name=None):
+        """Source addresses that asked this server for `name`, or for anything (log-queries: "info: SOURCE NAME.
+        TYPE CLASS")."""
         found = []
         for line in self.log.read_text().splitlines():
             fields = line.partition(" info: ")[2].split()
-            if len(fields) == 4 and fields[1] == name + ".":
+            if len(fields) == 4 and (name is None or fields[1] == name + "."):
                 found.append(fields[0])
         return found
 

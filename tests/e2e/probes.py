@@ -14,6 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 ECHO_PORT = 7007
 IP_FREEBIND = 15  # <linux/in.h>; not in the socket module
+IPV6_FREEBIND = 78  # <linux/in6.h>
+
+
+def family(addr):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
 class _TcpEcho(socketserver.BaseRequestHandler):
@@ -28,7 +33,7 @@ class _UdpEcho(socketserver.BaseRequestHandler):
 
 
 class Echo:
-    """TCP and UDP echo on `port` of each of `addrs` in `ns` (bound one by one,
+    """TCP and UDP echo on `port` of each of `addrs` (IPv4 or IPv6) in `ns` (bound one by one,
     so a UDP answer leaves from the address it was sent to)."""
 
     def __init__(self, ns, addrs, port=ECHO_PORT):
@@ -36,9 +41,10 @@ class Echo:
         for addr in addrs:
             for kind, cls, handler in ((socket.SOCK_STREAM, socketserver.ThreadingTCPServer, _TcpEcho),
                                        (socket.SOCK_DGRAM, socketserver.UDPServer, _UdpEcho)):
-                sock = ns.socket_in(socket.AF_INET, kind)
+                sock = ns.socket_in(family(addr), kind)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # the gateway may come and go
+                # The gateway may come and go.
+                sock.setsockopt(*((socket.IPPROTO_IPV6, IPV6_FREEBIND) if ":" in addr else (socket.SOL_IP, IP_FREEBIND)), 1)
                 sock.bind((addr, port))
                 if kind == socket.SOCK_STREAM:
                     sock.listen(16)
@@ -55,8 +61,8 @@ class Echo:
             server.server_close()
 
 
-def _socket(ns, kind, device):
-    sock = ns.socket_in(socket.AF_INET, kind)
+def _socket(ns, addr, kind, device):
+    sock = ns.socket_in(family(addr), kind)
     if device:  # as a process bound to that link would send
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
     return sock
@@ -64,7 +70,7 @@ def _socket(ns, kind, device):
 
 def tcp(ns, addr, port=ECHO_PORT, timeout=2.0, device=None):
     """Whether a TCP connection opens (or is refused: either way the far end answered)."""
-    sock = _socket(ns, socket.SOCK_STREAM, device)
+    sock = _socket(ns, addr, socket.SOCK_STREAM, device)
     sock.settimeout(timeout)
     try:
         sock.connect((addr, port))
@@ -78,7 +84,7 @@ def tcp(ns, addr, port=ECHO_PORT, timeout=2.0, device=None):
 
 
 def udp(ns, addr, port=ECHO_PORT, timeout=2.0, device=None):
-    sock = _socket(ns, socket.SOCK_DGRAM, device)
+    sock = _socket(ns, addr, socket.SOCK_DGRAM, device)
     sock.settimeout(timeout)
     try:
         sock.sendto(b"u", (addr, port))

@@ -74,12 +74,25 @@ class Stack:
         }
         self.resolver_proc = None
         self.resolver_log = self.tmp / "unbound.log"
+        # net.ipv6.conf.all.forwarding in the server namespace, written before each helper start (the
+        # helper reads it then: wghelper/ipv6.py).  On, as docs/operations.md has the operator set it, so
+        # clients get IPv6 (ipv6 mode "forward"); False: mode "local"; None: left as the namespace has it.
+        self.ipv6_forwarding = True
         self.config = {"JWT_ALGORITHM": "HS256", "JWT_SECRET": self.secret, "JWT_ISSUER": "orbnet",
                        "JWT_AUDIENCE": ""}
 
     # processes
 
+    def set_ipv6_forwarding(self):
+        if self.ipv6_forwarding is not None:
+            self.server.run("sysctl", "-w", "net.ipv6.conf.all.forwarding=%d" % bool(self.ipv6_forwarding))
+
+    def ipv6_forwarded(self):
+        """Whether the server namespace forwards IPv6 now (as the helper saw it at start, unless changed since)."""
+        return self.server.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
+
     def start_helper(self):
+        self.set_ipv6_forwarding()
         log = open(self.helper_log, "ab")
         self.helper_proc = self.server.popen([str(VENV_BIN / "orbmesh-wghelper")], env=self.env,
                                              stdout=log, stderr=subprocess.STDOUT)
@@ -136,10 +149,15 @@ class Stack:
             proc.kill()
             proc.wait(timeout=5)
 
-    def start_resolver(self):
-        """Unbound as run-local starts it: orbmesh-wg dns-config (asks the helper), then unbound, which drops to "unbound"."""
+    def start_resolver(self, edit=None):
+        """Unbound as run-local starts it: orbmesh-wg dns-config (asks the helper), then unbound, which drops to "unbound".
+
+        edit: text -> text, applied to the rendered config (say, a lab root instead of the internet's).
+        """
         conf = self.tmp / "unbound.conf"
         self.server.run(str(VENV_BIN / "orbmesh-wg"), "dns-config", "--output", str(conf), env=self.env)
+        if edit is not None:
+            conf.write_text(edit(conf.read_text()))
         self.resolver_proc = self._run_resolver_argv(["unbound", "-d", "-p", "-c", str(conf)])
         wait_for(self._resolver_ready, what="unbound answering on the gateway")
 
@@ -242,13 +260,15 @@ class Stack:
 
     def db_peers(self):
         """{public_key: allowed IPs} the interface must hold for the database's rows, as `wg show` prints
-        them: the /32, then the /128 at the same offset in pool6 (direct peers only, IPv6 on)."""
+        them: the /32, then the /128 at the same offset in pool6 (direct peers only, IPv6 on and forwarded:
+        without forwarding clients get no IPv6, wghelper/ipv6.py)."""
         db = sqlite3.connect(self.env["ORBMESH_DB_PATH"])
         try:
             rows = db.execute("SELECT public_key, addr, mode FROM peers").fetchall()
         finally:
             db.close()
-        pool, pool6 = ipaddress.ip_network(self.env.get("ORBMESH_POOL", "10.8.0.0/16")), self.pool6()
+        pool = ipaddress.ip_network(self.env.get("ORBMESH_POOL", "10.8.0.0/16"))
+        pool6 = self.pool6() if self.ipv6_forwarded() else None
         peers = {}
         for key, addr, mode in rows:
             peers[key] = "%s/32" % ipaddress.IPv4Address(addr)

@@ -20,7 +20,7 @@ from .deploy_stack import API_PORTS, HELPER_UNIT, HTTPS_PORT, ORBNET_ADDR, VENV_
 from .internet import SERVER_UPLINK_ADDR
 from .netns import unique_ifname
 from .stack import CLIENT_ADDR, SERVER_ADDR, wait_for
-from tests.app.test_auth_attacks import BEARER_SPELLINGS
+from tests.app.test_auth_attacks import BEARER_SPELLINGS, PADDED_SPELLINGS
 from tests.need import need
 
 from .wgclient import WgClient, keypair
@@ -194,23 +194,29 @@ def test_internal_endpoints_only_from_allowed_addresses(deploy):
     assert status == 413 and json.loads(raw)["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
-def answering_instance(deploy, authorization):
+def answering_instance(deploy, authorization, expect=200):
     """The port of the gunicorn instance nginx sent a disconnect to (found by its request id in that log)."""
     request_id = uuid.uuid4().hex
     status, _, raw = deploy.https("POST", "/wireguard/disconnect",
                                   headers={"Authorization": authorization, "X-Request-ID": request_id})
-    assert status == 200, (authorization[:12], raw)  # the app accepted this spelling
+    assert status == expect, (authorization[:12], raw)  # the app accepted (or refused) this spelling
     ports = [p for p in API_PORTS if request_id in (deploy.tmp / ("app-%d.log" % p)).read_text(errors="replace")]
     assert len(ports) == 1, ports
     return ports[0]
 
 
 def test_every_spelling_of_a_token_lands_on_one_instance(deploy):
-    """nginx hashes on the token alone: "bEaReR    T" meets the same instance (limits, sessions) as "Bearer T"."""
+    """nginx hashes on the token alone: "bEaReR    T" meets the same instance (limits, sessions) as "Bearer T".
+
+    "T=" too, which the app refuses (401): PyJWT would verify it as T, so it must not be a way to another
+    instance either.
+    """
     seen = {}
     for n in range(32):
         token = deploy.token("spelling-user", "device%02d" % n)
         instances = {answering_instance(deploy, spelling.format(token)) for spelling in BEARER_SPELLINGS}
+        instances |= {answering_instance(deploy, spelling.format(token), expect=401)
+                      for spelling in PADDED_SPELLINGS}
         assert len(instances) == 1, "token %d spread over %s" % (n, instances)
         seen.setdefault(instances.pop(), n)
         if len(seen) == len(API_PORTS) and n >= 3:

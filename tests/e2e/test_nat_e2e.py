@@ -218,11 +218,16 @@ def test_missing_uplink_fails_closed(uplinked, tmp_path):
     assert proc.wait(timeout=60) == 1
     log = s.helper_log.read_text()
     assert "cannot run" in log and "omnosuchlink0" in log
-    assert listed_table(s) is None  # applied before the failure, deleted again
+    # Applied before the interface, and kept: a failed start never takes the filter away.
+    cfg = settings.load(dict(s.env, ORBMESH_POOL6=str(s.pool6() or "off")))
+    assert listed_table(s) == firewall.render(cfg, (), firewall.connected(server.run("ip", "-o", "address",
+                                                                                      "show").stdout))
     assert "net/ipv4/conf/%s/forwarding = 1" % s.interface in log  # switched on before the failure ...
     assert forwarding(server, s.interface) == "0"                   # ... and back off
     assert not os.path.exists(s.env["ORBMESH_HELPER_SOCKET"])
-    # The interface stays, like any the helper leaves (no NAT, no forwarding); `down` removes it.
+    # The interface stays, like any the helper leaves (no forwarding, its filter); `down` removes it, then
+    # the table.
     assert server.run("ip", "link", "show", "dev", s.interface, check=False).returncode == 0
     s.down()
     assert server.run("ip", "link", "show", "dev", s.interface, check=False).returncode != 0
+    assert listed_table(s) is None

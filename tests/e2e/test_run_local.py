@@ -46,6 +46,11 @@ def test_run_local_prints_working_token_curl_and_lookup(netns, tmp_path):
     if readable.returncode != 0:
         missing("user nobody cannot read the checkout %s, so run-local rightly runs the app as root" % ROOT)
     ns = netns("local")
+    # IPv6 forwarding on, as docs/operations.md has the operator set it, so the client gets IPv6 (the
+    # helper's ipv6 mode "forward"; without it, "local": no ip6, tests/e2e/test_ipv6_mode_e2e.py).
+    ns.run("sysctl", "-w", "net.ipv6.conf.all.forwarding=1")
+    switches = ("net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding")
+    before = [ns.run("sysctl", "-n", key).stdout.strip() for key in switches]
     interface = unique_ifname("oml")
     internet = Internet(netns, ns)
     dns = DnsServer(internet.ns, INTERNET_ADDR, {"example.com": "198.51.100.80"}, [SERVER_UPLINK_ADDR], tmp_path)
@@ -81,9 +86,11 @@ def test_run_local_prints_working_token_curl_and_lookup(netns, tmp_path):
         assert "inet6 %s/64" % reply["gateway6"] in ns.run("ip", "-6", "address", "show", "dev", interface).stdout
         assert "%s/32 %s" % (reply["ip"].split("/")[0], reply["ip6"]) in ns.run("wg", "show", interface,
                                                                                  "allowed-ips").stdout
-        # No NAT uplink: no table, and forwarding as it was.
+        # No NAT uplink: no table, and forwarding as it was, the interface's too (a new link's default).
         assert ns.run("nft", "list", "tables", check=False).stdout.strip() == ""
-        assert ns.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "0"
+        assert [ns.run("sysctl", "-n", key).stdout.strip() for key in switches] == before
+        assert ns.run("sysctl", "-n", "net/ipv4/conf/%s/forwarding" % interface).stdout == ns.run(
+            "sysctl", "-n", "net.ipv4.conf.default.forwarding").stdout
         # The resolver answers on both gateways, named in that order.
         assert reply["dns"] == ["10.8.0.1", reply["gateway6"], "1.1.1.1"]
         lookup = next(line for line in output if line.startswith("dig "))

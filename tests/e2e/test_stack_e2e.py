@@ -153,6 +153,33 @@ def test_helper_refuses_what_a_compromised_app_sends(stack):
     assert helper_exchange(stack, [protocol.encode({"id": 11, "cmd": "hello"})])[0]["ok"]  # control: still serving
 
 
+def test_helper_never_points_wireguard_at_this_host_or_everyone(stack):
+    """Endpoints on loopback, broadcast, multicast or nowhere are refused by the helper itself (issue 23)."""
+    key = keypair()[1]
+    before = stack.wg_peers()
+
+    def apply(request_id, endpoint):
+        return protocol.encode({"id": request_id, "cmd": "apply_peers", "args": {"add": [
+            {"public_key": key, "allowed_ips": ["10.8.0.9/32"], "endpoint": endpoint}]}})
+
+    odd = ["127.0.0.1:22", "[::1]:22", "[::ffff:127.0.0.1]:22", "255.255.255.255:51820",
+           "[::ffff:255.255.255.255]:51820", "224.0.0.1:51820", "0.0.0.0:51820"]
+    replies = helper_exchange(stack, [apply(i, e) for i, e in enumerate(odd)] + [protocol.encode(
+        {"id": 99, "cmd": "bridge_up", "args": {"slot": 1, "public_key": key, "endpoint": "127.0.0.1:51820",
+                                                "address": "10.9.255.1"}})])
+    assert [r["error"]["code"] for r in replies] == [protocol.INVALID_ARGUMENT] * (len(odd) + 1), replies
+    assert all("endpoint" in r["error"]["message"] for r in replies), replies
+    assert stack.wg_peers() == before
+    # The control: the same peer with another host's endpoint is applied, and WireGuard holds it there.
+    assert helper_exchange(stack, [apply(100, "192.0.2.50:51820")])[0]["ok"]
+    try:
+        endpoints = stack.server.run("wg", "show", stack.interface, "endpoints").stdout
+        assert "%s\t192.0.2.50:51820" % key in endpoints
+    finally:
+        helper_exchange(stack, [protocol.encode({"id": 101, "cmd": "apply_peers", "args": {"remove": [key]}})])
+    assert stack.wg_peers() == before
+
+
 def test_bad_input_changes_nothing_on_the_real_stack(stack):
     _, good = stack.connect("user-1", "dev003", keypair()[1])
     token = stack.token("user-1", "dev004")
@@ -170,6 +197,11 @@ def test_bad_input_changes_nothing_on_the_real_stack(stack):
         ("POST", "/wireguard/add-peer", {"userUuid": "u", "publicKey": keypair()[1],
                                          "allowedIPs": good["ip"], "assignedIP": good["ip"][:-3]},
          {"X-API-Key": stack.api_key}, 409),
+        # An endpoint that is no other host (issue 23): this node's loopback, in either spelling, broadcast.
+        *[("POST", "/wireguard/add-peer", {"userUuid": "u", "publicKey": keypair()[1], "allowedIPs": "10.8.0.200/32",
+                                           "assignedIP": "10.8.0.200", "endpoint": endpoint},
+           {"X-API-Key": stack.api_key}, 400)
+          for endpoint in ("127.0.0.1:22", "[::ffff:127.0.0.1]:22", "[::1]:22", "255.255.255.255:51820")],
         ("POST", "/wireguard/remove-peer", {"userUuid": "user-1"}, {"X-API-Key": "wrong-key-0123456789"}, 401),
         ("GET", "/wireguard/status", None, {}, 401),
     ]

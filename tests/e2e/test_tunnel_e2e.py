@@ -21,6 +21,7 @@ from orbmesh_relay.framing import BATCH_TYPE
 from .netns import unique_ifname
 from .stack import API_PORT, SERVER_ADDR, VENV_BIN, wait_for
 from .wgclient import WgClient
+from .wsclient import RawWebSocket
 
 pytestmark = pytest.mark.e2e
 GATEWAY = "10.8.0.1"
@@ -210,11 +211,57 @@ def test_broken_batch_leaves_the_http_session_intact(stack, tunnel):
     headers = {"Authorization": "Bearer " + stack.token("tunnel-user", "framing"), "Content-Type": BATCH_TYPE,
                "X-Tunnel-Session": "e2e-framing", "X-Tunnel-Wait": "0"}
     url = "http://%s:%d/wireguard/tunnel" % (SERVER_ADDR, API_PORT)
-    for body in (b"\x00\x50" + b"\x04" * 10, b"\x00\x00", b"\x01" * (2 * 1024 * 1024)):
+    # A record longer than the body, one of length 0, a megabyte of 1-byte records (shorter than any
+    # WireGuard message: refused at the first), a body over the limit.
+    for body in (b"\x00\x50" + b"\x04" * 10, b"\x00\x00", b"\x00\x01x" * (1024 * 1024 // 3),
+                 b"\x01" * (2 * 1024 * 1024)):
         status, _, _ = stack.client.http("POST", url, headers=headers, body=body)
         assert status in (400, 413)
     assert client.ping(GATEWAY, count=3, timeout=2), "the session broke after bad requests"
     assert relay.status()["reconnects"] == 0
+
+
+@pytest.mark.parametrize("stack_env", [{"ORBMESH_WS_PING_INTERVAL": "2", "ORBMESH_WS_IDLE_TIMEOUT": "4"}])
+def test_only_wireguard_datagrams_keep_a_websocket_session_open(stack, tunnel):
+    """A client that sends only junk is closed as idle; a real WireGuard client's session lives on (issue 23)."""
+    idle = 4
+    client, relay, _ = tunnel("ws", "idle-real")
+    ping_through(client, "ping over ws")
+    # The relay connects at once; if the client took longer than the idle timeout to send its first
+    # datagram, that connection closed as idle and the relay reconnected, rightly: count from here.
+    reconnects = relay.status()["reconnects"]
+    ended_before = _session_ends(stack, "idle-real")
+    sock = stack.client.socket_in(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect((SERVER_ADDR, API_PORT))
+    junk = RawWebSocket(sock, "%s:%d" % (SERVER_ADDR, API_PORT),
+                        headers=[("Authorization", "Bearer " + stack.token("tunnel-user", "idle-junk"))])
+    try:
+        start = time.monotonic()
+        # Both send twice a second for three idle timeouts: the relay real WireGuard pings, the other junk
+        # (and it answers the server's pings, so only the idle timer can close it).
+        while time.monotonic() - start < 3 * idle:
+            assert client.ping(GATEWAY, count=1, timeout=2), "the real tunnel stopped"
+            if junk.closed_with is None:
+                try:
+                    junk.send_bytes(b"\x09" * 64)
+                except OSError:
+                    pass  # closed under us: pump reads the close frame
+                junk.pump(timeout=0.5)
+            else:
+                time.sleep(0.5)
+        assert junk.closed_with == 1000, "the junk-only session was not closed as idle"
+        assert relay.status()["reconnects"] == reconnects, "the real WireGuard session was closed"
+        junk_end = _session_ends(stack, "idle-junk")
+        assert len(junk_end) == 1 and "reason=idle" in junk_end[0] and "up=0/0" in junk_end[0], junk_end
+        assert _session_ends(stack, "idle-real") == ended_before
+    finally:
+        junk.close()
+
+
+def _session_ends(stack, device):
+    return [line for line in stack.app_log.read_text().splitlines()
+            if "tunnel ws session end" in line and "device=%s " % device in line]
 
 
 def test_generic_websocket_client_in_binary_mode(stack):

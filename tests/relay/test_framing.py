@@ -6,7 +6,7 @@ import pytest
 
 from orbmesh_relay.framing import (BATCH_TYPE, GSO_MAX_BYTES, GSO_MAX_SEGMENTS, MAX_DATAGRAM, MIN_WIREGUARD,
                                    SINGLE_TYPE, FramingError, decode_batch, encode_batch, gso_runs, is_wireguard,
-                                   record_size)
+                                   pack_batches, record_size)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,30 +38,37 @@ def test_limits():
 
 
 def test_encoding_is_length_prefixed_big_endian():
-    assert encode_batch([b"ab", b"c"]) == b"\x00\x02ab\x00\x01c"
+    assert encode_batch([b"a" * 32, b"c" * 33]) == b"\x00\x20" + b"a" * 32 + b"\x00\x21" + b"c" * 33
     assert encode_batch([bytes(258)]) == b"\x01\x02" + bytes(258)
     assert encode_batch([]) == b""
 
 
 def test_round_trip_keeps_order_and_bytes():
-    datagrams = [b"x", wg(1), wg(4, 1420), bytes(range(256)) * 3, b"\xff" * MAX_DATAGRAM]
+    datagrams = [bytes(32), wg(1), wg(4, 1420), bytes(range(256)) * 3, b"\xff" * MAX_DATAGRAM]
     decoded = decode_batch(encode_batch(datagrams))
     assert decoded == datagrams
     assert all(type(d) is bytes for d in decoded)  # not views into the request body
 
 
 def test_decode_accepts_bytearray_and_empty_body():
-    assert decode_batch(bytearray(b"\x00\x01z")) == [b"z"]
+    assert decode_batch(bytearray(b"\x00\x20" + b"z" * 32)) == [b"z" * 32]
     assert decode_batch(b"") == []
+
+
+GOOD = b"\x00\x20" + wg(4)  # one whole record of the smallest WireGuard message: 34 bytes
 
 
 @pytest.mark.parametrize("body, where", [
     (b"\x00", "inside a length prefix at byte 0"),
-    (b"\x00\x01a\x00", "inside a length prefix at byte 3"),
+    (GOOD + b"\x00", "inside a length prefix at byte 34"),
     (b"\x00\x00", "record of length 0 at byte 0"),
-    (b"\x00\x01a\x00\x00\x00\x01b", "record of length 0 at byte 3"),
-    (b"\x00\x05abc", "inside a 5-byte record at byte 0"),
-    (b"\x00\x01a\xff\xffabc", "inside a 65535-byte record at byte 3"),
+    (GOOD + b"\x00\x00" + GOOD, "record of length 0 at byte 34"),
+    (b"\x00\x25abc", "inside a 37-byte record at byte 0"),
+    (GOOD + b"\xff\xffabc", "inside a 65535-byte record at byte 34"),
+    # Shorter than any WireGuard message (issue 23): refused, not split into records.
+    (b"\x00\x01a", "record of length 1 at byte 0"),
+    (GOOD + b"\x00\x1f" + wg(4)[:31], "record of length 31 at byte 34"),
+    (b"\x00\x01a" * 10, "record of length 1 at byte 0"),
 ])
 def test_broken_bodies_are_refused_whole(body, where):
     # A good record before the break must not come out either: the whole
@@ -74,10 +81,24 @@ def test_framing_error_is_a_value_error():
     assert issubclass(FramingError, ValueError)
 
 
-@pytest.mark.parametrize("datagram", [b"", bytes(MAX_DATAGRAM + 1)])
+@pytest.mark.parametrize("datagram", [b"", b"x", wg(4)[:31], bytes(MAX_DATAGRAM + 1)])
 def test_unframeable_datagrams_are_refused(datagram):
-    with pytest.raises(FramingError, match="%d bytes cannot be framed" % len(datagram)):
-        encode_batch([b"fine", datagram])
+    # What decode_batch refuses no sender may frame: not an empty datagram, not one shorter than the
+    # smallest WireGuard message, not one over 65,535 bytes.
+    with pytest.raises(FramingError, match="of %d bytes cannot be framed" % len(datagram)):
+        encode_batch([wg(4), datagram])
+    with pytest.raises(FramingError, match="of %d bytes cannot be framed" % len(datagram)):
+        pack_batches([wg(4), datagram])
+
+
+def test_a_megabyte_of_short_records_is_refused_at_the_first():
+    """1 MiB of 1-byte records was 349,525 datagrams for the server's one loop to walk; now none."""
+    body = b"\x00\x01a" * (1024 * 1024 // 3)
+    with pytest.raises(FramingError, match="record of length 1 at byte 0"):
+        decode_batch(body)
+    # Control: the same size in whole WireGuard records decodes (the refusal is the length, not the size).
+    records = decode_batch(encode_batch([wg(4)] * (1024 * 1024 // 34)))
+    assert len(records) == 1024 * 1024 // 34 and records[0] == wg(4)
 
 
 def test_record_size():

@@ -270,3 +270,12 @@ def test_the_receiver_pauses_only_after_an_answer_during_an_upload(transport, bu
     transport._receive_once(channel)
     assert channel.waits == [None]
     assert stopping.waits == ([transport_module.PARK_PAUSE] if pauses else [])
+
+
+def test_datagrams_too_short_for_wireguard_are_dropped_not_framed(server, relay, peer):
+    """The server refuses a whole batch with a record under 32 bytes (issue 23): the relay never frames one."""
+    peer.send(b"\x04\x00\x00\x00" + bytes(27))  # 31 bytes
+    peer.send(wg_datagram(1))
+    assert peer.receive_all(1) == [wg_datagram(1)]  # the control: a real one goes up and comes back
+    wait_for(lambda: relay.stats.dropped == 1, what="the short datagram counted as dropped")
+    assert server.upstream == [wg_datagram(1)]

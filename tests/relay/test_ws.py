@@ -170,3 +170,21 @@ def test_frames_sent_with_the_handshake_answer_are_delivered():
         peer.close()
         relay.stop()
         listener.close()
+
+
+def test_datagrams_too_short_for_wireguard_are_dropped_not_framed():
+    """The server closes on a batch with a record under 32 bytes (issue 23): the relay never frames one."""
+    server = FakeWsServer(subprotocols=[BATCH_PROTOCOL])
+    relay = start_relay(server.url)
+    peer = UdpPeer(relay.local.address)
+    try:
+        wait_for(lambda: relay.stats.connected, what="connected")
+        peer.send(b"\x04\x00\x00\x00" + bytes(27))  # 31 bytes
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1) == [wg_datagram(1)]  # the control: a real one goes up and comes back
+        wait_for(lambda: relay.stats.dropped == 1, what="the short datagram counted as dropped")
+        assert [d for m in server.received for d in decode_batch(m)] == [wg_datagram(1)]
+    finally:
+        peer.close()
+        relay.stop()
+        server.stop()

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import probes
 from tests.e2e.continuity import Pinger
 from tests.e2e.internet import SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6
 from tests.e2e.netns import stop_process, unique_ifname
 from tests.e2e.stack import VENV_BIN, wait_for
-from tests.e2e.wgclient import WgClient
+from tests.e2e.wgclient import WgClient, keypair
+from tests.need import need
 
 from .node import NODE_ADDR
 
@@ -241,6 +243,66 @@ def test_the_units_stay_in_their_box(lab):
                   "connect /run/dbus/system_bus_socket", "run systemctl", "read /etc/orbmesh/tls/key.pem",
                   "read /etc/shadow"):
         assert boxed[probe] != "ok", (probe, boxed)
+
+
+def test_an_app_disconnects_through_its_full_tunnel_while_other_ports_stay_closed(lab, tmp_path):
+    """wg-quick's full tunnel (what the apps do): the node's own address goes through the tunnel too, and
+    the seed's /wireguard/disconnect over https://NODE:8443 (nginx) answers 200 within a second, while
+    a port the node listens on for something else (22, SSH's) is not reachable through it."""
+    need("wg-quick")
+    node, client = lab.node, lab.client
+    token = lab.token("system-user", "wg-quick")
+    private, public = keypair()
+    status, text = lab.curl("POST", "/wireguard/connect", token=token, body=json.dumps({"publicKey": public}))
+    assert status == 200, text
+    body = json.loads(text)
+    ifname = unique_ifname("omq")
+    conf = tmp_path / (ifname + ".conf")  # wg-quick names the interface after the file; no DNS= (no resolvconf)
+    conf.write_text("[Interface]\nPrivateKey = %s\nAddress = %s, %s\nMTU = %d\n\n[Peer]\nPublicKey = %s\n"
+                    "Endpoint = %s\nAllowedIPs = %s\nPersistentKeepalive = %d\n"
+                    % (private, body["ip"], body["ip6"], body["mtu"], body["serverPublicKey"],
+                       body["serverEndpoint"], ", ".join(body["allowedIPs"]), body["keepalive"]))
+    conf.chmod(0o600)
+    # Something else the node listens on, on every address (SSH would be here); a unit of our own.
+    node.run("systemd-run", "--unit", "orbmesh-test-port22", "python3", "-c",
+             "import socket\ns = socket.create_server(('::', 22), family=socket.AF_INET6, dualstack_ipv6=True)\n"
+             "while True:\n    s.accept()[0].close()")
+    try:
+        # Control: the port answers where no tunnel is in the way (the client's own link to the node).
+        assert wait_for(lambda: probes.tcp(client, NODE_ADDR, 22), timeout=15, what="the node listening on 22")
+        client.run("wg-quick", "up", str(conf))
+        try:
+            # In this lab the client shares the node's /24, which wg-quick leaves outside the tunnel (only
+            # default routes are suppressed); on the internet the node's address is beyond the client's
+            # default route and goes into the tunnel.  So here TCP to it is sent into wg-quick's table.
+            table = client.run("wg", "show", ifname, "fwmark").stdout.strip()
+            client.run("ip", "rule", "add", "to", NODE_ADDR, "ipproto", "tcp", "lookup", str(int(table, 16)),
+                       "pref", "100")
+            assert wait_for(lambda: client.run("ping", "-n", "-c", "1", "-W", "1", GATEWAY,
+                                               check=False).returncode == 0, timeout=30, what="wg-quick's tunnel")
+            reached = probes.reach(client, [("tcp", NODE_ADDR, lab.HTTPS_PORT), ("tcp", NODE_ADDR, 22),
+                                            ("tcp", SERVER_UPLINK_ADDR6, lab.HTTPS_PORT),
+                                            ("tcp", SERVER_UPLINK_ADDR6, 22)])
+            lab.log("through wg-quick's tunnel: %s" % reached)
+            assert reached == {("tcp", NODE_ADDR, lab.HTTPS_PORT): True, ("tcp", NODE_ADDR, 22): False,
+                               ("tcp", SERVER_UPLINK_ADDR6, lab.HTTPS_PORT): True,
+                               ("tcp", SERVER_UPLINK_ADDR6, 22): False}, reached
+            started = time.monotonic()
+            status, text = lab.curl("POST", "/wireguard/disconnect", token=token, timeout=5)
+            took = time.monotonic() - started
+            lab.log("disconnect through the full tunnel: %s in %.3f s" % (status, took))
+            assert status == 200 and json.loads(text)["success"] is True, (status, text, took)
+            assert took < 1.0, took
+            # It came through the tunnel: nginx saw the tunnel's address.
+            access = (node.root / "var/log/nginx/access.log").read_text().splitlines()
+            assert [line for line in access if "/wireguard/disconnect" in line][-1].startswith(
+                body["ip"].split("/")[0] + " "), access[-3:]
+            assert public not in node.run("wg", "show", IFACE, "peers").stdout
+        finally:
+            client.run("wg-quick", "down", str(conf), check=False)
+            client.run("ip", "rule", "del", "pref", "100", check=False)
+    finally:
+        node.run("systemctl", "stop", "orbmesh-test-port22", check=False)
 
 
 def test_a_second_install_changes_nothing(lab):

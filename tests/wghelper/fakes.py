@@ -65,6 +65,7 @@ class FakeRunner:
         self.quota_used = {}   # quota name -> bytes the kernel counted, for `nft -j list quotas`
         self.rules = {}        # bridge rules: "10.8.0.2" -> (pref, table), as `ip -4 rule` keeps them
         self.address_text = ""  # more lines of `ip -o address show`, as a test writes them
+        self.routes6 = ""      # what `ip -6 route show default` prints
         self._lock = threading.Lock()
 
     def clear(self):
@@ -150,6 +151,8 @@ class FakeRunner:
             self.daemons.discard(args[3])  # wireguard-go exits with its link
         elif args == ("-o", "address", "show"):
             return self._address_lines(sorted(self.addresses)) + self.address_text
+        elif args == ("-6", "route", "show", "default"):
+            return self.routes6
         elif args[:3] == ("-4", "rule", "show"):
             return "".join("%s:\tfrom %s lookup %s\n" % (pref, a, table)
                            for a, (pref, table) in sorted(self.rules.items()) if pref == args[4])

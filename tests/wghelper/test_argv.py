@@ -44,6 +44,7 @@ SHAPES = [
     ("add_wireguard_link", ("wg0",), [("ip", ["link", "add", "dev", "wg0", "type", "wireguard"], None)]),
     ("delete_link", ("wg0",), [("ip", ["link", "del", "dev", "wg0"], None)]),
     ("link_up", ("wg0", 1420), [("ip", ["link", "set", "dev", "wg0", "mtu", "1420", "up"], None)]),
+    ("link_down", ("wg0",), [("ip", ["link", "set", "dev", "wg0", "down"], None)]),
     ("replace_address", ("wg0", "10.8.0.1/16"), [("ip", ["-4", "address", "replace", "10.8.0.1/16", "dev", "wg0"],
                                                  None)]),
     ("replace_address", ("wg0", "fd00::1/64"), [("ip", ["-6", "address", "replace", "fd00::1/64", "dev", "wg0"],
@@ -51,6 +52,7 @@ SHAPES = [
     ("addresses", (), [("ip", ["-o", "address", "show"], None)]),
     ("flush_addresses", ("wg0b1",), [("ip", ["-4", "address", "flush", "dev", "wg0b1"], None)]),
 
+    ("default_routes6", (), [("ip", ["-6", "route", "show", "default"], None)]),
     ("route_default", (51901, "wg0b1"), [("ip", ["-4", "route", "replace", "default", "dev", "wg0b1", "table",
                                                  "51901"], None)]),
     ("route_unreachable", (51901,), [("ip", ["-4", "route", "replace", "unreachable", "default", "metric",

@@ -36,18 +36,21 @@ table inet orbmesh {
 \t\tiifname "wgt0" jump from_clients
 \t\tiifname "wgt0b3" oifname "wgt0" ct state established,related accept
 \t\tiifname "wgt0b3" drop
+\t\toifname "wgt0" ct state established,related accept
+\t\toifname "wgt0" drop
 \t}
 
 \tchain to_node {
 \t\tct state established,related accept
 \t\tip daddr 10.8.0.1 icmp type echo-request accept
 \t\tip daddr 10.8.0.1 meta l4proto { tcp, udp } th dport 53 accept
+\t\ttcp dport 8443 accept
 \t\tdrop
 \t}
 
 \tchain from_clients {
-\t\tip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, \
-224.0.0.0/3 } drop
+\t\tip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.0.0.0/24, \
+192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3 } drop
 \t\toifname "wgt0b3" ip saddr 10.8.0.0/16 accept
 \t\tdrop
 \t}
@@ -67,6 +70,7 @@ UP_CALLS = [
     ["ip", "link", "set", "dev", LINK, "mtu", "1420", "up"],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % IF],
     ["sysctl", "-w", "net/ipv4/conf/%s/forwarding=1" % LINK],
+    ["sysctl", "-n", "net/ipv4/conf/all/forwarding"],  # no uplink: does the host route clients itself?
     ["ip", "-o", "address", "show"],  # the host's networks, blocked for clients
     ["nft", "-f", "-"],     # masquerade before the route
     ["ip", "-4", "route", "replace", "default", "dev", LINK, "table", "51903"],
@@ -138,8 +142,15 @@ def test_bridge_down_removes_rules_table_nft_and_link(helper):
         ["ip", "-4", "route", "flush", "table", "51903"],
         ["ip", "-o", "link", "show", "dev", LINK],
         ["ip", "link", "del", "dev", LINK],
-        ["nft", "delete", "table", "inet", "orbmesh"],   # the last bridge gone, no uplink: no table
+        # The last bridge gone, no uplink: the table stays while the WireGuard interface forwards (the
+        # bridge switched that on), now with no way out for clients.
+        ["sysctl", "-n", "net/ipv4/conf/all/forwarding"],
+        ["ip", "-o", "link", "show", "dev", IF],
+        ["sysctl", "-n", "net/ipv4/conf/%s/forwarding" % IF],
+        ["ip", "-o", "address", "show"],
+        ["nft", "-f", "-"],
     ]
+    assert helper.runner.nft_tables["inet orbmesh"] == firewall.script(helper.settings, [])
     assert helper.runner.rules == {"10.8.0.4": ("20000", "51901")}  # another bridge's client stays
     assert helper.result("hello")["bridges"] == []
     helper.runner.clear()
@@ -236,7 +247,10 @@ def test_two_bridges_share_the_table_and_keep_it_until_the_last_goes(helper):
     helper.result("bridge_down", {"slot": 3})
     assert helper.runner.nft_tables["inet orbmesh"] == firewall.script(helper.settings, [IF + "b0"])
     helper.result("bridge_down", {"slot": 0})
-    assert helper.runner.nft_tables == {}
+    assert helper.runner.nft_tables["inet orbmesh"] == firewall.script(helper.settings, [])  # wgt0 forwards
+    helper.runner.sysctls["net/ipv4/conf/%s/forwarding" % IF] = "0"
+    helper.result("bridge_down", {"slot": 0})
+    assert helper.runner.nft_tables == {}  # nothing forwards any more: no table
 
 
 def test_names_fit_and_rules_parse():

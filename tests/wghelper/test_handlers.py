@@ -193,7 +193,7 @@ def test_hello_runs_no_command(helper):
     assert result == {"generation": helper.iface.generation, "interface": IF, "public_key": SERVER_PUBLIC,
                       "backend": "kernel", "running": True, "listen_port": 51820, "mtu": 1420,
                       "pool": "10.8.0.0/16", "gateway": "10.8.0.1", "pool6": None, "gateway6": None,
-                      "bridge_public_key": None, "bridges": []}
+                      "ipv6": "off", "bridge_public_key": None, "bridges": []}
     assert helper.runner.calls == []
 
 
@@ -211,6 +211,30 @@ def test_dual_stack_hello_and_peers(tmp_path):
             assert reply["error"]["code"] == protocol.INVALID_ARGUMENT, bad
             assert reply["error"]["details"] == {"field": "add[0].allowed_ips[1]"}
         assert h.runner.calls == []
+    finally:
+        h.writer.stop()
+
+
+def test_hello_names_the_ipv6_mode_and_local_takes_no_128(tmp_path):
+    """In mode "local" (no IPv6 forwarding, wghelper/ipv6.py) the interface keeps gateway6, but no peer may
+    hold a /128: an app that has not seen this helper's start yet is refused rather than black-holing a
+    client's IPv6."""
+    h = Helper(tmp_path, pool="10.9.0.0/24", gateway="10.9.0.9", pool6="2001:db8:9::/120").start()
+    try:
+        assert h.result("hello")["ipv6"] == "forward"  # what __main__ decided: none, as here, is forward
+        h.settings["IPV6_MODE"] = "local"  # as __main__ sets it at start
+        hello = h.result("hello")
+        assert (hello["ipv6"], hello["pool6"], hello["gateway6"]) == ("local", "2001:db8:9::/120", "2001:db8:9::9")
+        assert h.result("status")["ipv6"] == "local"
+        h.runner.clear()
+        reply = h.call("apply_peers", {"add": [peer(K1, "10.9.0.2/32", "2001:db8:9::2/128")]})
+        assert reply["error"]["code"] == protocol.INVALID_ARGUMENT
+        assert reply["error"]["details"] == {"field": "add[0].allowed_ips[1]"}
+        reply = h.call("sync_peers", {"peers": [peer(K1, "10.9.0.2/32", "2001:db8:9::2/128")]})
+        assert reply["error"]["code"] == protocol.INVALID_ARGUMENT and h.runner.wg_sets() == []
+        # Control: the same peer with its /32 alone goes on.
+        assert add(h, peer(K1, "10.9.0.2/32")) == {"removed": 0, "applied": 1}
+        assert h.runner.peers[K1]["allowed_ips"] == ["10.9.0.2/32"]
     finally:
         h.writer.stop()
 

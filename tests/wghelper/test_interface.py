@@ -288,3 +288,27 @@ def test_external_down_deletes_the_link(tmp_path):
     h.runner.clear()
     h.iface.down()
     assert h.runner.calls == [["ip", "-o", "link", "show", "dev", IF], ["ip", "link", "del", "dev", IF]]
+
+
+def test_down_raises_while_the_link_stays(helper):
+    """`orbmesh-wghelper down` must not go on to delete the table that guards a link still there."""
+    helper.runner.fail = lambda argv: "RTNETLINK answers: Operation not permitted" if argv[1:3] == ["link", "del"] \
+        else None
+    with pytest.raises(CommandFailed):
+        helper.iface.down()
+    assert IF in helper.runner.links and not helper.iface.running
+    helper.runner.fail = None  # control
+    helper.iface.down()
+    assert IF not in helper.runner.links
+
+
+def test_down_of_a_link_gone_meanwhile_succeeds(helper):
+    def fail(argv):
+        if argv[1:3] == ["link", "del"]:  # a wireguard-go daemon exited between the check and the delete
+            helper.runner.links.discard(IF)
+            return "Cannot find device \"%s\"" % IF
+        return None
+
+    helper.runner.fail = fail
+    helper.iface.down()
+    assert IF not in helper.runner.links

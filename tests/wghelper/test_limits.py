@@ -161,7 +161,7 @@ def test_the_kernel_holds_its_share_of_the_quota_and_usage():
 
 def test_exact_limits_part_without_nat():
     # No uplink and no bridge (run-local): the table holds the limits and nothing else.
-    assert firewall.render(settings(), limits=limits.view(PLANS)) == OBJECTS_AND_CHAINS
+    assert firewall.render(settings(), limits=limits.view(PLANS), isolating=False) == OBJECTS_AND_CHAINS
 
 
 def test_limits_go_around_the_isolation_chains():
@@ -268,7 +268,7 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
     more = dict(PLANS, bob=Plan(PLANS["bob"].addresses + ("10.8.0.11",), rate_mbps=20),
                 alice=Plan(("10.8.0.3",), quota=50_000_000, period=1))
     second = limits.view(more)
-    listed = _in_fresh_netns(tmp_path, firewall.script(s, (), (), first), limits.delta("orbmesh", first, second))
+    listed = _in_fresh_netns(tmp_path, firewall.script(s, limits=first), limits.delta("orbmesh", first, second))
     elements = {item["map"]["name"]: item["map"].get("elem", []) for item in listed if "map" in item}
     assert [e[0] for e in elements["limit_up4"]] == ["10.8.0.2", "10.8.0.10", "10.8.0.11"]
     quotas = {item["quota"]["name"]: item["quota"] for item in listed if "quota" in item}

@@ -156,12 +156,43 @@ def test_endpoint_good(value, expected):
     "2001:db8::1:51820",                                      # v6 without brackets
     "[2001:db8::1%eth0]:1", "[fe80::1]", "[::1]:-1",
     "0.0.0.0:1", "224.0.0.1:1", "[::]:1",
+    "0.1.2.3:1", "[::ffff:0.0.0.0]:1",                       # unspecified: as a destination, this host
+    "127.0.0.1:22", "127.1.2.3:51820", "[::1]:51820", "[::ffff:127.0.0.1]:22",   # loopback: this host's services
+    "255.255.255.255:1", "240.0.0.1:1", "[::ffff:255.255.255.255]:1",            # broadcast and reserved
+    "[ff02::1]:1", "[::ffff:224.0.0.1]:1", "239.255.255.250:1900",               # multicast
     "192.0.2.1:51820 ", "192.0.2.1:51820\n", "192.0.2.1:5e3",
     42, ["192.0.2.1:1"], {"ip": "192.0.2.1"},
 ])
 def test_endpoint_bad(value):
     with pytest.raises(Invalid):
         validate.endpoint(value)
+
+
+@pytest.mark.parametrize("value, kind", [
+    ("127.0.0.1:22", "loopback"), ("[::ffff:127.0.0.1]:22", "loopback"), ("[::1]:22", "loopback"),
+    ("255.255.255.255:1", "broadcast"), ("[::ffff:255.255.255.255]:1", "broadcast"),
+    ("224.0.0.1:1", "multicast"), ("[::ffff:224.0.0.1]:1", "multicast"),
+    ("0.0.0.0:1", "unspecified"), ("[::]:1", "unspecified"), ("[::ffff:0.0.0.0]:1", "unspecified"),
+])
+def test_endpoint_that_is_no_other_host_says_why(value, kind):
+    with pytest.raises(Invalid) as info:
+        validate.endpoint(value, "peer.endpoint")
+    assert info.value.field == "peer.endpoint" and kind in info.value.message
+
+
+def test_last_endpoint_may_be_loopback_and_nothing_else_odd():
+    """A tunnel client's last endpoint is the app's socket on loopback; the interface goes back there
+    after it was lost (docs/operations.md, What survives what)."""
+    assert validate.last_endpoint("127.0.0.1:40000") == "127.0.0.1:40000"
+    assert validate.last_endpoint("[::1]:40000") == "[::1]:40000"
+    assert validate.last_endpoint("198.51.100.7:41000") == "198.51.100.7:41000"
+    for value in ("255.255.255.255:1", "224.0.0.1:1", "0.0.0.0:1", "[::]:1", "h:1"):
+        with pytest.raises(Invalid):
+            validate.last_endpoint(value)
+    with pytest.raises(Invalid):  # the control: the same address as a configured endpoint is refused
+        validate.endpoint("127.0.0.1:40000")
+    assert validate.peer({"public_key": KEY, "allowed_ips": ["10.8.0.42/32"], "last_endpoint": "127.0.0.1:40000"},
+                         POOLS)["last_endpoint"] == "127.0.0.1:40000"
 
 
 @pytest.mark.parametrize("value", [0, 1, 25, 65535])
@@ -192,6 +223,8 @@ def test_peer_normalises_and_defaults():
     ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "keepalive": True}, "peer.keepalive"),
     ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "endpoint": "h:1"}, "peer.endpoint"),
     ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "last_endpoint": "0.0.0.0:1"}, "peer.last_endpoint"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "endpoint": "127.0.0.1:1"}, "peer.endpoint"),
+    ({"public_key": KEY, "allowed_ips": ["10.8.0.2/32"], "last_endpoint": "255.255.255.255:1"}, "peer.last_endpoint"),
     ([KEY], "peer"),
 ])
 def test_peer_bad(value, field):
