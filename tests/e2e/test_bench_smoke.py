@@ -78,3 +78,16 @@ def test_continuity_smoke(tmp_path):
     assert all(per[t]["same_handshake"] for name, per in events.items() if "interface lost" not in name
                for t in ("udp", "ws", "http"))
     assert all(events["wireguard-go killed (interface lost)"][t]["new_handshake"] for t in ("udp", "ws", "http"))
+
+
+def test_usage_smoke(tmp_path):
+    need("iperf3")
+    need("nft")
+    result = run_smoke("usage", tmp_path)
+    assert result["consistent_after"] and result["level"] == 50
+    for mode in ("none", "tiers"):
+        assert result[mode]["median_down_mbps"] > 0 and result[mode]["median_up_mbps"] > 0, mode
+        assert result[mode]["errors"] == 0 and result[mode]["p99_ms"] is not None, mode
+    # Every seeded user and the forwarding client, IPv4 and IPv6, both directions; five plans and the line.
+    assert result["table"]["elements"] >= 4 * 51 and result["table"]["tiers"] == 6
+    assert result["collector"]["on"]["interval_s"] == 2.0 and result["collector"]["off"]["interval_s"] == 0
