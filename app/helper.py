@@ -247,26 +247,6 @@ def get_helper():
     return current_app.extensions["orbmesh_helper"]
 
 
-def together(*calls):
-    """Run helper calls at once (each waits on its own socket; under gevent, greenlets); [(result, error)] in
-    order.  The calls must not touch the database: two greenlets would share its connection."""
-    outcomes = [(None, None)] * len(calls)
-
-    def run(i):
-        try:
-            outcomes[i] = (calls[i](), None)
-        except Exception as exc:  # handed back to the caller
-            outcomes[i] = (None, exc)
-
-    threads = [threading.Thread(target=run, args=(i,), name="helper-call") for i in range(1, len(calls))]
-    for thread in threads:
-        thread.start()
-    run(0)
-    for thread in threads:
-        thread.join()
-    return outcomes
-
-
 def own_keys(hello=None):
     """The helper's public keys (server and bridge), which no peer may use; from `hello` or one hello per process."""
     if hello is not None:

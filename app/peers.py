@@ -16,7 +16,7 @@ from . import audit, metrics, reconcile, store, usage
 from .allocator import PoolExhausted
 from .db import undo, write
 from .errors import ApiError
-from .helper import HelperFailed, HelperUnavailable, together
+from .helper import HelperFailed, HelperUnavailable
 
 log = logging.getLogger(__name__)
 HELPER_ERRORS = (HelperUnavailable, HelperFailed)
@@ -57,7 +57,8 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
     so a bridged client never sends a packet out directly.  The device cap
     is counted in the same write transaction that would allocate, so
     concurrent connects cannot pass it together.  A tiered user's new
-    address is in the helper's table before its peer is on the interface.
+    address joins the helper's table right after its peer is on the
+    interface (usage.later: the pushes of many connects go as one).
     """
     mode, exit_id = ("bridge", exit["id"]) if exit else ("direct", None)
     existing = store.by_device(db, user_id, device_id)
@@ -102,16 +103,7 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
             bridges.open(helper, exit, slot)
             helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
         # A quarantined peer's old key is already off the interface.
-        change = lambda: helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])  # noqa
-        if limits.limited:  # the new address's tier and quota, and the peer, at once
-            entry = usage.entry(db, helper, user_id)
-            (_, refused), (_, failed) = together(lambda: helper.limits([entry]), change)
-            if refused is not None and failed is None:
-                _take_off(helper, peer)  # no peer without its user's limits
-            if refused or failed:
-                raise failed or refused
-        else:
-            change()
+        helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])
         if current and current.mode == "bridge" and not exit:
             helper.bridge_rules(remove=[peer.address])
     except ApiError:
@@ -122,6 +114,8 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
             store.mark_bridge_idle(db, current.exit_id, time.time())
     if old_key:
         usage.forget(db, [old_key])
+    if limits.limited:
+        usage.later(db, helper, user_id)
     if quarantined_at:
         metrics.SWEPT_PEERS.labels("released").inc()
     log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s%s", user_id, device_id, peer.address,
@@ -129,14 +123,6 @@ def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices,
              " (back from quarantine)" if quarantined_at else "")
     audit.record("connect", peer, rekeyed=bool(old_key), released_from_quarantine=bool(quarantined_at))
     return peer
-
-
-def _take_off(helper, peer):
-    """Best effort: a peer the failed connect put on the interface goes (else the next reconcile takes it)."""
-    try:
-        helper.apply(remove=[peer.public_key])
-    except HELPER_ERRORS:
-        pass
 
 
 def _undo_connect(db, helper, peer, previous, new_bridge):
@@ -221,7 +207,7 @@ def remove_forgotten(db, helper, peer):
             reconcile.schedule(db)
     _unroute(db, helper, [peer])
     if usage.plan_of(db, peer.user_id).limited:
-        usage.push_quietly(db, helper, peer.user_id)
+        usage.later(db, helper, peer.user_id)
 
 
 def _ip(text):
@@ -247,20 +233,13 @@ def _unroute(db, helper, peers):
 
 
 def _remove_or_restore(db, helper, peers):
-    """Take the peers (their rows deleted) off the interface, and their addresses out of their users'
-    limits at the same time; if the interface change fails, the rows come back."""
+    """Take the peers (their rows deleted) off the interface, then their addresses out of their users'
+    limits (usage.later); if the interface change fails, the rows come back."""
     keys = [p.public_key for p in peers if not p.quarantined_at]  # the quarantined are off already
-    users = sorted({p.user_id for p in peers if usage.plan_of(db, p.user_id).limited})
-    entries = [usage.entry(db, helper, u) for u in users]
-    calls = ([lambda: helper.apply(remove=keys)] if keys else []) + ([lambda: helper.limits(entries)] if entries else [])
-    outcomes = together(*calls) if calls else []
-    if entries and outcomes[-1][1] is not None:
-        usage.pushed_late(db, ",".join(users), outcomes[-1][1])
-    error = outcomes[0][1] if keys else None
-    if error is None:
-        usage.forget(db, keys)  # their counters start from zero if they come back
-        return
-    if isinstance(error, HELPER_ERRORS):
+    try:
+        if keys:
+            helper.apply(remove=keys)
+    except HELPER_ERRORS:
         with undo(db):
             reconcile.schedule(db)
             for peer in peers:
@@ -268,7 +247,11 @@ def _remove_or_restore(db, helper, peers):
                     store.restore(db, peer)
                 except sqlite3.IntegrityError:
                     log.warning("could not restore addr=%s after helper failure", peer.address)
-    raise error
+        raise
+    usage.forget(db, keys)  # their counters start from zero if they come back
+    for user_id in sorted({p.user_id for p in peers}):
+        if usage.plan_of(db, user_id).limited:
+            usage.later(db, helper, user_id)
 
 
 def add_orbnet_peer(db, helper, config, data, only_peer=False):

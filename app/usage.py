@@ -185,10 +185,68 @@ def push_quietly(db, helper, user_id):
 
 
 def pushed_late(db, user_id, exc):
-    """A limits update after peers left failed: the next reconcile puts the helper's table right."""
+    """A limits update after peers came or left failed: the next reconcile puts the helper's table right."""
     log.warning("limits of user=%s not updated: %s", user_id, exc.message)
     with write(db):
         reconcile.schedule(db)
+
+
+def later(db, helper, user_id):
+    """The user's addresses changed (a connect, a disconnect): its limits follow, with those of the other
+    users whose addresses changed meanwhile, in one helper call (Pusher).  Without the watcher (tests),
+    at once."""
+    pusher = current_app.extensions.get("orbmesh_limits_pusher")
+    if pusher is None:
+        push_quietly(db, helper, user_id)
+    else:
+        pusher.want(user_id)
+
+
+class Pusher:
+    """Each worker's queue of users whose addresses changed; one greenlet sends their limits together.
+
+    A tiered connect or disconnect costs the helper an nft run (a fork): under a burst of connects the
+    runs, not the connects, were the limit (bench/usage.py).  So the connect answers once its peer is on
+    the interface, and its address joins the table a moment later (LINGER, or as long as the previous
+    call takes), merged with every other change of that moment into one call.  A failure schedules a
+    reconcile, which writes every limit again.
+    """
+
+    LINGER = 0.02
+
+    def __init__(self, config, helper=None):
+        self.config = config
+        self.helper = helper or HelperClient(config["HELPER_SOCKET"], config["HELPER_TIMEOUT"])
+        self._wanted = set()
+        self._wake = threading.Event()
+        self._thread = None
+        self._db = None
+
+    def want(self, user_id):
+        self._wanted.add(user_id)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="limits-pusher", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self):
+        self._db = connect(self.config["DB_PATH"], self.config.get("DB_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT))
+        while True:
+            self._wake.wait()
+            time.sleep(self.LINGER)  # let the changes of this moment gather
+            self._wake.clear()
+            users, self._wanted = sorted(self._wanted), set()
+            try:
+                self.helper.limits([entry(self._db, self.helper, u) for u in users])
+            except HELPER_ERRORS as exc:
+                pushed_late(self._db, ",".join(users), exc)
+            except Exception:  # the loop must outlive any one failure (a locked database, say)
+                log.exception("limits push failed")
+                try:
+                    with write(self._db):
+                        reconcile.schedule(self._db)
+                except Exception:
+                    log.exception("could not schedule a reconcile")
 
 
 def sync_limits(db, helper):
@@ -633,6 +691,8 @@ class Collector:
 
 def init_app(app):
     app.extensions["orbmesh_cut_users"] = CutUsers()
+    if app.config["RECONCILE_CHECK_INTERVAL"] > 0:  # with the watcher, whose reconcile puts failures right
+        app.extensions["orbmesh_limits_pusher"] = Pusher(app.config)
     # Counting runs beside the reconcile watcher (and, like it, not in tests that turn the watcher off).
     if app.config["USAGE_INTERVAL"] > 0 and app.config["RECONCILE_CHECK_INTERVAL"] > 0:
         collector = Collector(app.config, audit_log=app.extensions.get("orbmesh_audit"))

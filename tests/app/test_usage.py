@@ -185,19 +185,22 @@ def test_a_tiered_users_address_reaches_the_helper_with_its_peer(app, client, au
     assert not [c for c in fake_helper.calls if c[0] == "limits"]
 
 
-def test_a_failed_limits_call_fails_the_connect_and_allocates_nothing(app, client, auth, internal, fake_helper,
-                                                                      snapshot):
+def test_a_failed_limits_push_leaves_the_connect_and_schedules_a_reconcile(app, client, auth, internal, fake_helper,
+                                                                            db):
+    """The peer is on the interface first; its limits follow (usage.later), and a failure there is put
+    right by the next reconcile, which writes every limit again."""
     limits(client, internal, rateMbps=20)
-    before = snapshot()
 
     def failing(users, replace=False):
         raise HelperFailed({"code": "COMMAND_FAILED", "message": "nft exited 1"})
 
     fake_helper.limits = failing
-    response = client.post("/wireguard/connect", json={"publicKey": make_key(1)}, headers=auth("u", "d1"))
-    assert response.status_code == 502 and response.get_json()["error"]["code"] == "HELPER_ERROR"
-    rows, meta, peers = snapshot()
-    assert rows == before[0] and peers == before[2]
+    with write(db):
+        db.execute("INSERT INTO meta (key, value) VALUES ('reconciled_generation', 'gen-1') "
+                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+    connect(client, auth, 1)
+    assert make_key(1) in fake_helper.peers
+    assert get_meta(db, "reconciled_generation") == ""  # the next watcher round syncs in full
 
 
 def test_the_token_plan_applies_until_the_api_sets_one(app, client, token, internal, fake_helper, db):
