@@ -25,8 +25,10 @@ Limits.  A user's speed tier and quota are OrbNET's (POST /wireguard/limits:
 ``rate_from``/``quota_from`` 'api') or, until OrbNET sets them, the device
 token's claims ('token'); the API's values win, a null from the API too.
 The helper holds them in its nftables table (wghelper/limits.py) for every
-address the user holds now: a connect names its new address before its
-peer goes on the interface (push), a disconnect takes it out after.
+address the user holds now: a connect's new address joins it right after
+its peer is on the interface, a disconnect takes it out after (later(): the
+changes of a moment go in one call; a limits call of OrbNET's is pushed at
+once).
 
 Quota.  When a user's usage in the period reaches the quota, every peer of
 the user leaves the interface and the rows stay (``cut_at``; reconcile

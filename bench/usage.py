@@ -15,8 +15,9 @@ and the same stack measured with a speed tier set for every one of them
    arrivals at half of it (bench/control_plane.py's saturation() and
    open_loop()), each mode at half its own saturation (the target), and both
    at half the mean of the two (the A/B at one offered rate); with tiers,
-   the connecting users have a tier too, so each connect names its address
-   in the helper's table beside its peer, and each disconnect takes it out;
+   the connecting users have a tier too, so each connect puts its address
+   into the helper's table (right after its peer), each disconnect takes it
+   out;
 3. the usage collector: CPU of every process in the server namespace over
    an idle window, counting on (the default ORBMESH_USAGE_INTERVAL) and off
    (0), the app restarted between them.
