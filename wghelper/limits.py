@@ -56,7 +56,7 @@ from .errors import HelperError
 HOOKS = (("in", "prerouting", "iifname", "saddr", "up"), ("out", "postrouting", "oifname", "daddr", "down"))
 METER_SIZE = 65535      # a bucket for every address of a /16 pool
 METER_TIMEOUT = "1m"    # an idle address's bucket goes (it comes back full)
-BURST_SECONDS = 0.05    # a bucket holds this much of its rate (at least MIN_BURST)
+BURST_SECONDS = 0.2     # what a bucket holds beyond its one second of rate (nft adds that), at least MIN_BURST
 MIN_BURST = 65536
 QUOTA_SIZE = 24         # hex digits of the hash in a quota's name
 KERNEL_SHARE = (25, 26)  # the kernel's quota object holds 25/26 (1/1.04) of the usage's bytes (see above)

@@ -84,13 +84,13 @@ table inet orbmesh {
 \t}
 
 \tchain rate_20_up {
-\t\tupdate @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
-\t\tupdate @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
+\t\tupdate @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t\tupdate @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
 \t}
 
 \tchain rate_20_down {
-\t\tupdate @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
-\t\tupdate @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 125000 bytes } drop
+\t\tupdate @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t\tupdate @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
 \t}
 
 \tchain limits_in {
@@ -179,8 +179,9 @@ def test_each_tier_has_its_chains_and_meters():
     v = limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5), "b": Plan(("10.8.0.3",), rate_mbps=100000)})
     table = firewall.render(settings(), limits=v)
     assert "10.8.0.2 : jump rate_5_up" in table and "10.8.0.3 : jump rate_100000_down" in table
-    assert "limit rate over 625000 bytes/second burst 65536 bytes" in table  # the smallest burst
-    assert "limit rate over 12500000000 bytes/second burst 625000000 bytes" in table
+    assert "limit rate over 625000 bytes/second burst 125000 bytes" in table
+    assert "limit rate over 12500000000 bytes/second burst 2500000000 bytes" in table
+    assert limits.burst(1) == 65536  # the smallest
     assert table.count("\tset rate_") == 8
 
 
