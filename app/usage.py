@@ -59,7 +59,7 @@ from .helper import HelperClient, HelperFailed, HelperUnavailable
 log = logging.getLogger(__name__)
 HELPER_ERRORS = (HelperUnavailable, HelperFailed)
 
-COST_SHARE = 0.02          # the collector's part of one core, at most
+COST_SHARE = 0.01          # the collector's part of one core, by the wall time of a count (its CPU ran 1.35x that)
 NEAR_SHARE = 0.25          # ... and while a user nears the quota
 MIN_GAP = 0.05             # seconds: the shortest time between two counts
 FRESH_BELOW = 1.0          # a count due sooner than this asks the helper for a new dump (its own are reused 1 s)
