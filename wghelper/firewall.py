@@ -55,6 +55,7 @@ table and forwarding as they are, for the interface's clients;
 ``orbmesh-wghelper down``, once the link is gone, deletes the table and
 restores the values.
 """
+import collections
 import ipaddress
 import json
 import logging
@@ -173,17 +174,44 @@ def script(s, links=(), local=(), routed=(), limits=None, isolating=True):
                                                           render(s, links, local, routed, limits, isolating))
 
 
-def _owners_after(owners, before, after, touched):
-    """{address: user} once the `touched` users' plans went from `before` to `after` (a copy)."""
-    owners = dict(owners)
-    for user in touched:
-        for address in before[user].addresses if user in before else ():
-            if owners.get(address) == user:
-                del owners[address]
-    for user in touched:
-        for address in after[user].addresses if user in after else ():
-            owners[address] = user
-    return owners
+class _Owners:
+    """{address: user} seen through changes not yet made to it (None: gone); commit() makes them.  A
+    limits request at 10,000 users changes a few addresses: no copy of the whole index."""
+
+    def __init__(self, base):
+        self.base, self.changes = base, {}
+
+    def get(self, address, default=None):
+        value = self.changes[address] if address in self.changes else self.base.get(address)
+        return default if value is None else value
+
+    def __contains__(self, address):
+        return self.get(address) is not None
+
+    def __getitem__(self, address):
+        value = self.get(address)
+        if value is None:
+            raise KeyError(address)
+        return value
+
+    def moved(self, before, after, touched):
+        """The `touched` users' plans went from `before` to `after`."""
+        for user in touched:
+            for address in before[user].addresses if user in before else ():
+                if self.get(address) == user:
+                    self.changes[address] = None
+        for user in touched:
+            for address in after[user].addresses if user in after else ():
+                self.changes[address] = user
+
+    def commit(self):
+        for address, user in self.changes.items():
+            if user is None:
+                self.base.pop(address, None)
+            else:
+                self.base[address] = user
+        self.changes = {}
+        return self.base
 
 
 def forwarding_keys(s):
@@ -217,7 +245,7 @@ class Firewall:
         self._lock = threading.Lock()  # the watcher, bridge and limits commands all apply
         self.plans = {}  # user -> limits.Plan: the tiers and quotas the app asked for
         self.owners = {}  # address -> user, of self.plans
-        self.written = limits_part.view({})  # what the kernel's table holds of them
+        self.written = limits_part.view({})  # what the kernel's table holds of them (and its rates)
 
     def apply(self, links=None):
         """Write the table for the uplink, the bridge `links` that are up (None: as before) and the limits,
@@ -268,41 +296,68 @@ class Firewall:
         element changes while the limits part stays and its tiers stay the same, else the table whole.
         On a failure nothing changes, here or in the kernel."""
         with self._lock:
-            plans, owners, changed = self.plans, self.owners, set()
+            plans, owners, changed = self.plans, _Owners(self.owners), set()
             for users, replace in batch:
                 before = plans
                 plans, touched = limits_part.merge(plans, users, replace, None if replace else owners)
-                owners = limits_part.owners_of(plans) if replace else _owners_after(owners, before, plans, touched)
+                if replace:
+                    owners = _Owners(limits_part.owners_of(plans))
+                else:
+                    owners.moved(before, plans, touched)
                 changed |= touched
-            # Only the users that changed are looked at: a connect costs the same at 10 or 10,000 users.
+            # Only the users that changed are looked at: a connect costs the same at 10 or 10,000 users
+            # (and holds the helper's interpreter no longer: its peer changes wait for it).
             old_part = limits_part.view({u: self.plans[u] for u in changed if u in self.plans})
             new_part = limits_part.view({u: plans[u] for u in changed if u in plans})
-            wanted, old = limits_part.patch(self.written, old_part, new_part), (self.plans, self.owners)
-            self.plans, self.owners = plans, owners
-            try:
-                if limits_part.needs_whole(self.written, wanted):
-                    if not (self.written.empty and wanted.empty):
-                        self._write(wanted)
-                else:
-                    self._update(wanted, old_part, new_part)
-            except CommandFailed:
-                self.plans, self.owners = old
-                raise
-            return {"users": len(plans), "addresses": len(owners), "tiers": sorted(wanted.rates),
-                    "quotas": len(wanted.quotas)}
+            rates = self._rates_after(old_part, new_part)
+            empty = not any(rates) and not self._quota_addresses_after(old_part, new_part)
+            if self.written.empty or empty or set(rates) != set(self.rates):
+                wanted = limits_part.patch(self.written, old_part, new_part)
+                if not (self.written.empty and wanted.empty):
+                    self._write(wanted)  # on a failure nothing below runs: plans and owners stay
+            else:
+                self._update(old_part, new_part)
+            self.plans, self.owners = plans, owners.commit()
+            return {"users": len(plans), "addresses": len(self.owners), "tiers": sorted(self.rates),
+                    "quotas": len(self.written.quotas)}
 
-    def _update(self, wanted, old_part, new_part):
+    @property
+    def rates(self):
+        return self._rates
+
+    @property
+    def written(self):
+        return self._written
+
+    @written.setter
+    def written(self, view):
+        self._written = view
+        self._rates = collections.Counter(view.tiers.values())
+
+    def _rates_after(self, old_part, new_part):
+        """{rate: addresses} once `old_part` is replaced by `new_part`, without the rates that none hold."""
+        after = collections.Counter(self.rates)
+        after.subtract(rate for address, rate in old_part.tiers.items() if address in self.written.tiers)
+        after.update(new_part.tiers.values())
+        return {rate: n for rate, n in after.items() if n > 0}
+
+    def _quota_addresses_after(self, old_part, new_part):
+        return len(self.written.quota_of) - sum(a in self.written.quota_of for a in old_part.quota_of) + \
+            len(new_part.quota_of)
+
+    def _update(self, old_part, new_part):
+        """Element changes; the written view is changed in place once the kernel took them."""
         change = limits_part.delta(self.s.nat_table, old_part, new_part)
-        if change is None:
-            self.written = wanted
-            return
-        try:
-            self.cmd.apply_nft(change)
-        except CommandFailed as exc:  # the kernel's table is not what we wrote (say, flushed by hand)
-            log.warning("limits: element update failed (%s); writing the table whole", exc.stderr)
-            self._write(wanted)
-            return
-        self.written = wanted
+        if change is not None:
+            try:
+                self.cmd.apply_nft(change)
+            except CommandFailed as exc:  # the kernel's table is not what we wrote (say, flushed by hand)
+                log.warning("limits: element update failed (%s); writing the table whole", exc.stderr)
+                self._write(limits_part.patch(self.written, old_part, new_part))
+                return
+        rates = collections.Counter(self._rates_after(old_part, new_part))  # before the view changes
+        limits_part.patch_in_place(self.written, old_part, new_part)
+        self._rates = rates
 
     def _plan(self):
         """(whether the node can forward a client's packet, the IP versions the host routes on its own).

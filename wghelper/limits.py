@@ -144,6 +144,21 @@ def owners_of(plans):
     return {a: user for user, plan in plans.items() for a in plan.addresses}
 
 
+def patch_in_place(full, old_part, new_part):
+    """patch(), changing `full`'s dicts themselves (the common path: no copy of 10,000 users' entries)."""
+    for address in old_part.tiers:
+        full.tiers.pop(address, None)
+    for address in old_part.quota_of:
+        full.quota_of.pop(address, None)
+    kept = {name: full.quotas[name] for name in new_part.quotas if name in full.quotas and name in old_part.quotas}
+    for name in old_part.quotas:
+        full.quotas.pop(name, None)
+    full.tiers.update(new_part.tiers)
+    full.quota_of.update(new_part.quota_of)
+    full.quotas.update(new_part.quotas)
+    full.quotas.update(kept)
+
+
 def patch(full, old_part, new_part):
     """`full` (a View) with the entries of the changed users' `old_part` replaced by their `new_part`; a
     quota object that stays keeps what `full` holds for it (what the kernel counted)."""

@@ -701,10 +701,13 @@ def test_limits_alone_write_a_table_with_only_them_then_change_elements(tmp_path
     runner.clear()
     fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False), ({"u2": tier("10.8.0.4")}, False)])
     assert runner.calls == [["nft", "-f", "-"]] and len(runner.nft_updates) == 1  # one transaction, two requests
+    assert fw.rates == {20: 3} and fw.written.tiers == {"10.8.0.2": 20, "10.8.0.3": 20, "10.8.0.4": 20}
     assert runner.nft_updates[0].count("add element") == 4 and "delete" not in runner.nft_updates[0]
     runner.clear()
     assert fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])["addresses"] == 3
     assert runner.calls == []  # nothing changed: no run
+    fw.set_limits([({"u2": tier()}, False)])
+    assert fw.rates == {20: 2} and fw.owners == {"10.8.0.2": "u1", "10.8.0.3": "u1"}
     fw.set_limits([({"u1": tier(), "u2": tier()}, False)])
     assert runner.calls[-1] == ["nft", "delete", "table", "inet", "orbmesh"] and fw.plans == {}
     assert runner.nft_tables == {}
