@@ -133,7 +133,11 @@ def admit(db, user_id, claims=None):
     """Inside a connect's write transaction: take the token's plan where the API set none, and refuse a
     user at the quota.  Returns the Plan in effect."""
     claims = token_plan(claims or {})
-    _ensure(db, user_id)
+    plan = plan_of(db, user_id)
+    if plan.period_start is None:
+        _ensure(db, user_id)
+    if not claims and not plan.limited and plan.cut_at is None:
+        return plan  # the common connect: one read, nothing written
     if "rate_mbps" in claims:
         db.execute("UPDATE usage_users SET rate_mbps = ?, rate_from = 'token' WHERE user_id = ? "
                    "AND coalesce(rate_from, '') != 'api'", (claims["rate_mbps"], user_id))
