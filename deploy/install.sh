@@ -467,17 +467,24 @@ fi
 IFACE="$(env_ifname INTERFACE)"
 IFACE="${IFACE:-wg0}"
 WG_UNIT="orbmesh-wireguard-go@$(systemd-escape -- "$IFACE").service"
+# The port nginx publishes the API on (the first of NGINX_LISTEN): tunnel
+# clients may reach it, so an app can disconnect while its full tunnel is up.
+first_listen="${NGINX_LISTEN%%,*}"
+PUBLIC_PORT="${first_listen##*:}"
 if [ "$BACKEND" = kernel ]; then
     put_text /etc/systemd/system/orbmesh-wghelper.service.d/backend.conf 0644 <<EOF
-# Written by deploy/install.sh (WIREGUARD=$WIREGUARD in /etc/orbmesh/deploy.conf):
-# kernel WireGuard; the helper makes the link itself.
+# Written by deploy/install.sh (WIREGUARD=$WIREGUARD, NGINX_LISTEN in /etc/orbmesh/deploy.conf);
+# a value set in /etc/orbmesh/orbmesh.env wins over these.
+# Kernel WireGuard: the helper makes the link itself.
 [Service]
 Environment=ORBMESH_WG_BACKEND=kernel
+Environment=ORBMESH_CLIENT_API_PORT=$PUBLIC_PORT
 EOF
 else
     put_text /etc/systemd/system/orbmesh-wghelper.service.d/backend.conf 0644 <<EOF
-# Written by deploy/install.sh (WIREGUARD=$WIREGUARD in /etc/orbmesh/deploy.conf):
-# no kernel WireGuard; $WG_UNIT runs wireguard-go for $IFACE and the
+# Written by deploy/install.sh (WIREGUARD=$WIREGUARD, NGINX_LISTEN in /etc/orbmesh/deploy.conf);
+# a value set in /etc/orbmesh/orbmesh.env wins over these.
+# No kernel WireGuard: $WG_UNIT runs wireguard-go for $IFACE and the
 # helper only configures that link.
 [Unit]
 Wants=$WG_UNIT
@@ -485,6 +492,7 @@ After=$WG_UNIT
 
 [Service]
 Environment=ORBMESH_WG_BACKEND=external
+Environment=ORBMESH_CLIENT_API_PORT=$PUBLIC_PORT
 EOF
 fi
 
