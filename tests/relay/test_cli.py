@@ -19,8 +19,8 @@ from tests.relay.fakes import TOKEN, FakeTunnelServer, FakeWsServer, UdpPeer, wg
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STATUS = re.compile(r"\Arelay (ws|http) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
-                    r"reconnects=(\d+) connected=(yes|no)\Z")
+STATUS = re.compile(r"\Arelay (ws|http|udp|none) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
+                    r"reconnects=(\d+) connected=(yes|no) rtt=(-|[\d.]+ms) switches=(\d+)\Z")
 
 # Both commands, in-process: (name in messages, how to call it).
 ENTRY_POINTS = {
@@ -121,9 +121,9 @@ def test_python_dash_m_runs_the_command():
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: orbmesh-relay ")
-    refused = subprocess.run([sys.executable, "-m", "orbmesh_relay", "--transport", "udp"], cwd=ROOT,
+    refused = subprocess.run([sys.executable, "-m", "orbmesh_relay", "--transport", "quic"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "invalid choice: 'udp'" in refused.stderr
+    assert refused.returncode == 2 and "invalid choice: 'quic'" in refused.stderr
 
 
 class RelayProcess:

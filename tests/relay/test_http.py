@@ -230,7 +230,7 @@ def test_a_sender_whose_queue_another_emptied_waits_for_the_next(transport, monk
     transport._put([wg_datagram(1)])
     thread, out = taken_in_thread(transport)
     time.sleep(0.1)  # now filling its batch
-    with transport.ready:  # another sender takes everything
+    with transport.queue_changed:  # another sender takes everything
         transport.queue.clear()
         transport.queued = 0
     thread.join(0.6)  # past its fill deadline, with nothing left to take
@@ -266,7 +266,7 @@ class _Stopping(threading.Event):
 def test_the_receiver_pauses_only_after_an_answer_during_an_upload(transport, bulk, answer, pauses):
     transport.bulk = bulk
     channel, stopping = _Channel(answer), _Stopping()
-    transport.relay.stopping = stopping
+    transport.stopping = stopping
     transport._receive_once(channel)
     assert channel.waits == [None]
     assert stopping.waits == ([transport_module.PARK_PAUSE] if pauses else [])

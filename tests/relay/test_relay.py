@@ -6,6 +6,7 @@ import pytest
 from orbmesh_relay.cli import tls_context
 from orbmesh_relay.http import HttpTransport
 from orbmesh_relay.relay import Relay, transport_class
+from orbmesh_relay.udp import UdpTransport
 from orbmesh_relay.ws import WsTransport
 from tests.relay.fakes import TOKEN, FakeTunnelServer, FakeWsServer, UdpPeer, self_signed, wait_for, wg_datagram
 
@@ -13,8 +14,9 @@ from tests.relay.fakes import TOKEN, FakeTunnelServer, FakeWsServer, UdpPeer, se
 def test_transport_by_name():
     assert transport_class("ws") is WsTransport
     assert transport_class("http") is HttpTransport
-    with pytest.raises(ValueError, match="unknown transport 'udp'"):
-        transport_class("udp")
+    assert transport_class("udp") is UdpTransport
+    with pytest.raises(ValueError, match="unknown transport 'quic'"):
+        transport_class("quic")
 
 
 def test_listen_on_ipv6_loopback():
