@@ -274,7 +274,7 @@ class Auto:
             if self.udp_since is None:
                 self.udp_since = time.monotonic()
         else:
-            self.next_check = None
+            self.next_check = time.monotonic() + jittered(self.interval)
             self.udp_since = None
         # The other TCP transport goes, unless it is the way back from a UDP trial.
         keep = {new}

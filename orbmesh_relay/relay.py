@@ -127,13 +127,20 @@ class Relay:
         current = self.control.current
         return current.name if current is not None else "none"
 
+    def _refresh_connected(self):
+        current = self.control.current
+        self.stats.set_connected(current is not None and current.ready and self.control.state == "connected")
+
     def status_line(self):
+        self._refresh_connected()
         current = self.control.current
         return self.stats.line(self.transport_name, current.rtt if current is not None else None,
                                self.switch_count)
 
     def status(self):
         """The JSON status (docs/api.md): current transport, RTT, bytes, switches."""
+        if not self.stopping.is_set():
+            self._refresh_connected()
         return status_dict(self, time.monotonic())
 
     # --- threads ------------------------------------------------------------------------------------
@@ -195,8 +202,7 @@ class Relay:
         while not self.stopping.wait(TICK):
             now = time.monotonic()
             self.control.tick(now)
-            current = self.control.current
-            self.stats.set_connected(current is not None and current.ready and self.control.state == "connected")
+            self._refresh_connected()
             if self.status_file is not None and now >= next_status:
                 next_status = now + STATUS_EVERY
                 self.status_file.write(self.status())

@@ -45,11 +45,15 @@ def parse_endpoint(text):
     """'HOST:PORT' or '[IPV6]:PORT' -> (host, port); the port defaults to 51820."""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError("--endpoint must be HOST:PORT or [IPV6]:PORT")
+        port = rest[1:]
+        if rest and not port:
+            raise ValueError("--endpoint must be HOST:PORT or [IPV6]:PORT")
     elif text.count(":") == 1:
         host, port = text.split(":")
     else:
-        host, port = text, ""
+        host, port = text, ""  # a name, an IPv4 address or a bare IPv6 address: the default port
     if not host or (port and not port.isdigit()) or (port and not 0 < int(port) < 65536):
         raise ValueError("--endpoint must be HOST:PORT or [IPV6]:PORT")
     return host, int(port) if port else DEFAULT_PORT

@@ -1,13 +1,18 @@
 """Fakes for the client relay's tests: tiny tunnel servers that echo, a UDP
 stand-in for local WireGuard.  Everything on 127.0.0.1, every wait bounded."""
+import base64
 import collections
 import http.server
+import json
+import os
 import socket
 import struct
 import threading
 import time
 
 from websockets.sync.server import serve
+
+from orbmesh_relay import probe
 
 TOKEN = "relay-test-token-0123456789"
 
@@ -93,6 +98,8 @@ class FakeTunnelServer:
         self.blocked = 0  # requests with datagrams waiting at the gate
         self.gate = threading.Event()
         self.gate.set()
+        self.probe = None  # a FakeNode whose probe tickets POST /wireguard/probe hands out
+        self.ticket_requests = 0
         self.stopped = False
         self.connections = set()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
@@ -127,6 +134,9 @@ class FakeTunnelServer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("Authorization") != "Bearer " + TOKEN:
                     return self._answer(401, b'{"error": {"code": "UNAUTHORIZED"}}', "application/json")
+                if self.path == "/wireguard/probe":
+                    status, answer = fake.ticket()
+                    return self._answer(status, json.dumps(answer).encode(), "application/json")
                 datagrams = decode(body)
                 headers = dict(self.headers.items())
                 with fake.lock:
@@ -174,6 +184,16 @@ class FakeTunnelServer:
                     pass  # the relay stopped or gave up on this request
 
         return Handler
+
+    def ticket(self):
+        """POST /wireguard/probe: (status, JSON answer); set `probe` to a FakeNode to hand out its tickets."""
+        with self.lock:
+            self.ticket_requests += 1
+        if self.probe is None:
+            return 404, {"success": False, "error": {"code": "NOT_FOUND", "message": "UDP probes are off"}}
+        ticket, key = probe.new_ticket(self.probe.secret)
+        return 200, {"success": True, "port": self.probe.probe_port, "ticket": base64.b64encode(ticket).decode(),
+                     "key": base64.b64encode(key).decode(), "expiresIn": probe.TICKET_TTL, "serverTime": time.time()}
 
     def echo(self, session, datagrams):
         with self.lock:
@@ -275,3 +295,61 @@ def self_signed(directory):
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+class FakeNode:
+    """A node's UDP side on 127.0.0.1: "WireGuard" echoes every datagram, and a
+    probe echo answers probes made with its tickets (orbmesh_relay/probe.py).
+
+    `blocked` drops everything both ways, as a middlebox blocking UDP would.
+    """
+
+    def __init__(self):
+        self.secret = os.urandom(32)
+        self.wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.wireguard.bind(("127.0.0.1", 0))
+        self.probes = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.probes.bind(("127.0.0.1", 0))
+        self.port = self.wireguard.getsockname()[1]
+        self.probe_port = self.probes.getsockname()[1]
+        self.endpoint = "127.0.0.1:%d" % self.port
+        self.blocked = False
+        self.received = []  # (datagram, source) at "WireGuard"
+        self.probed = 0  # probes answered or refused
+        self.probes_seen = 0  # every datagram at the probe port, blocked or not
+        self.stopped = False
+        self.threads = [threading.Thread(target=self._serve, args=(sock, handle), daemon=True)
+                        for sock, handle in ((self.wireguard, self._echo), (self.probes, self._answer))]
+        for thread in self.threads:
+            thread.start()
+
+    def _serve(self, sock, handle):
+        sock.settimeout(0.1)
+        while not self.stopped:
+            try:
+                data, source = sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if sock is self.probes:
+                self.probes_seen += 1
+            if not self.blocked:
+                handle(sock, data, source)
+
+    def _echo(self, sock, data, source):
+        self.received.append((data, source))
+        sock.sendto(data, source)
+
+    def _answer(self, sock, data, source):
+        self.probed += 1
+        reply = probe.answer(data, source, self.secret)
+        if reply is not None:
+            sock.sendto(reply, source)
+
+    def stop(self):
+        self.stopped = True
+        for thread in self.threads:
+            thread.join(2)
+        self.wireguard.close()
+        self.probes.close()

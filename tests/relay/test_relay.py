@@ -1,4 +1,5 @@
 """Relay: a local port, a transport and its threads, against fake servers."""
+import json
 import ssl
 
 import pytest
@@ -78,3 +79,74 @@ def test_tls_unknown_ca_is_refused(transport, certificate):
     finally:
         relay.stop()
         server.stop()
+
+
+# --- auto, in-process: a fake node (UDP), a fake HTTP tunnel (no WebSocket there) -----------------
+
+@pytest.fixture
+def node():
+    from tests.relay.fakes import FakeNode
+    fake = FakeNode()
+    yield fake
+    fake.stop()
+
+
+def test_auto_starts_on_udp_falls_back_and_moves_back(node, monkeypatch, tmp_path, caplog):
+    from orbmesh_relay import auto
+    caplog.set_level("INFO", logger="orbmesh_relay")
+    monkeypatch.setattr(auto, "CHECK_FIRST", 0.5)  # look at UDP again soon
+    api = FakeTunnelServer()  # POST only: the WebSocket upgrade fails, HTTP works
+    api.probe = node
+    status_path = tmp_path / "status.json"
+    relay = Relay("auto", api.url, TOKEN, ("127.0.0.1", 0), endpoint=node.endpoint, backoff_first=0.05,
+                  status_file=status_path).start()
+    peer = UdpPeer(relay.local.address)
+    try:
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1) == [wg_datagram(1)]
+        wait_for(lambda: relay.transport_name == "udp", what="on udp")
+        wait_for(lambda: relay.transport.ticket is not None, what="a probe ticket")
+        node.blocked = True  # UDP blocked mid-session
+        echo = None
+        for i in range(200):
+            peer.send(wg_datagram(100 + i))
+            echo = peer.receive_all(1, timeout=0.05)
+            if echo:
+                break
+        assert echo and relay.transport_name == "http"
+        assert [s["to"] for s in relay.switches] == ["udp", "http"]
+        assert relay.switches[1]["reason"].startswith("no answer over udp")
+        node.blocked = False  # UDP is back
+        wait_for(lambda: relay.transport_name == "udp", timeout=30, what="back on udp")
+        assert relay.switches[-1]["reason"] == "udp answers again (12 of 12 probes)"
+        peer.send(wg_datagram(999))
+        assert peer.receive_all(1) == [wg_datagram(999)]
+        status = json.loads(status_path.read_text())
+        assert status["mode"] == "auto" and status["switch_count"] == 3
+        assert status["per_transport"]["http"]["up_packets"] >= 1
+        logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("switch ")]
+        assert logged == ["switch none -> udp: first answer from the node came over udp",
+                          "switch udp -> http: " + relay.switches[1]["reason"],
+                          "switch http -> udp: udp answers again (12 of 12 probes)"]
+    finally:
+        peer.close()
+        relay.stop()
+        api.stop()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auto_ends_on_a_refused_token_instead_of_looping(node, status):
+    api = FakeTunnelServer()
+    api.ticket = lambda: (403, {"success": False})  # a device refused (a good token gets this far)
+    token = "not-the-token" if status == 401 else TOKEN
+    relay = Relay("auto", api.url, token, ("127.0.0.1", 0), endpoint=node.endpoint).start()
+    peer = UdpPeer(relay.local.address)
+    try:
+        node.blocked = True
+        peer.send(wg_datagram(1))
+        assert relay.stopping.wait(15)
+        assert str(status) in relay.fatal
+    finally:
+        peer.close()
+        relay.stop()
+        api.stop()
