@@ -101,6 +101,7 @@ APP = {
     "TUNNEL_SESSION_IDLE": (_float(1, 86400), 60.0, "HTTP tunnel: close a session after this long without a request, seconds"),
     "TUNNEL_TARGET_HOST": (_address, "127.0.0.1", "Where the tunnels reach WireGuard (with LISTEN_PORT)"),
     "PROBE_PORT": (_int(0, 65535), 51822, "UDP port of the relay's probe echo, beside WireGuard's (0 = off)"),
+    "PROBE_HOST": (_address, "::", "Address the probe echo binds (::: every IPv6 and IPv4 address)"),
     "PROBE_KEY_FILE": (_str, None, "Secret behind the probe tickets, made at first use (default: probe.key beside DB_PATH)"),
     "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),
     "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 1.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),

@@ -70,22 +70,25 @@ def read_secret(path):
 class Echo:
     """The UDP echo of one worker: every address (IPv6 and IPv4) on the probe port."""
 
-    def __init__(self, port, secret):
-        self.port = port
+    def __init__(self, host, port, secret):
         self.secret = secret
-        self.sock = self._bind(port)
+        self.sock = self._bind(host, port)
+        self.port = self.sock.getsockname()[1]
         self.answered = self.refused = 0
         self.closed = False
 
     @staticmethod
-    def _bind(port):
+    def _bind(host, port):
+        """`host` "::" is every address, IPv6 and IPv4 (IPv4 alone where the host has no IPv6)."""
         try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            address = ("::", port)
-        except OSError:  # no IPv6 on this host
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            address = ("0.0.0.0", port)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+            if host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:
+            if host != "::":
+                raise
+            sock, host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), "0.0.0.0"
+        address = (host, port)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
@@ -135,11 +138,11 @@ def echo():
     with state["lock"]:
         if state["echo"] is None:
             config = current_app.config
-            running = Echo(config["PROBE_PORT"], read_secret(config["PROBE_KEY_FILE"]))
+            running = Echo(config["PROBE_HOST"], config["PROBE_PORT"], read_secret(config["PROBE_KEY_FILE"]))
             shutdown.track(running)
             _start(running.serve)
             state["echo"] = running
-            log.info("probe echo listening on udp port %d", config["PROBE_PORT"])
+            log.info("probe echo listening on udp port %d", running.port)
         return state["echo"]
 
 
