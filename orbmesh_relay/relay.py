@@ -13,6 +13,7 @@ this module.
 """
 import logging
 import os
+import ssl
 import threading
 import time
 from urllib.parse import urlsplit
@@ -92,6 +93,8 @@ class Relay:
         self.mode = transport
         self.url = url
         self.token = token
+        if ssl_context is None and urlsplit(url).scheme == "https":
+            ssl_context = ssl.create_default_context()  # the system's CAs, the host name checked
         self.ssl_context = ssl_context
         self.http_senders = http_senders
         self.session = session or "relay-" + os.urandom(8).hex()

@@ -150,3 +150,14 @@ def test_auto_ends_on_a_refused_token_instead_of_looping(node, status):
         peer.close()
         relay.stop()
         api.stop()
+
+
+def test_an_https_url_without_a_context_verifies_with_the_system_cas():
+    relay = Relay("ws", "https://vpn.example:8443", TOKEN, ("127.0.0.1", 0))
+    try:
+        assert relay.ssl_context.verify_mode == ssl.CERT_REQUIRED and relay.ssl_context.check_hostname
+    finally:
+        relay.stop()
+    plain = Relay("ws", "http://vpn.example:8080", TOKEN, ("127.0.0.1", 0))
+    plain.stop()
+    assert plain.ssl_context is None
