@@ -226,6 +226,7 @@ class FakeWsServer:
     def __init__(self, tls=None, subprotocols=None):
         self.requests = []  # handshake request headers
         self.connections = []
+        self.refuse = None  # a status (401, 403, ...) every upgrade gets
         self.received = []
         self.lock = threading.Lock()
         # compression left at the library default (deflate offered if asked)
@@ -244,6 +245,8 @@ class FakeWsServer:
             return connection.respond(404, "not found\n")
         if request.headers.get("Authorization") != "Bearer " + TOKEN:
             return connection.respond(401, '{"error": {"code": "UNAUTHORIZED"}}\n')
+        if self.refuse:
+            return connection.respond(self.refuse, '{"error": {"code": "REFUSED"}}\n')
         return None
 
     def _handler(self, connection):
@@ -353,3 +356,52 @@ class FakeNode:
             thread.join(2)
         self.wireguard.close()
         self.probes.close()
+
+
+class DarkProxy:
+    """A TCP proxy on 127.0.0.1 to `port`; go_dark() makes every connection through it a path gone
+    dark: both ends stay open, bytes are taken and dropped, nothing arrives (no reset, no close)."""
+
+    def __init__(self, port):
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.dark = False
+        self.accepted = 0
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                if not self.dark:
+                    sink.sendall(data)
+            except OSError:
+                return
+
+    def go_dark(self):
+        self.dark = True
+
+    def stop(self):
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
