@@ -162,7 +162,7 @@ class LocalPort:
         except OSError:
             sock.close()
             raise
-        self.port = Port(sock)
+        self.port = Port(sock, POLL_SECONDS)
         self.sock = sock
         self.peer = None
 
@@ -176,9 +176,7 @@ class LocalPort:
 
     def receive_many(self, limit=DRAIN):
         """The datagrams waiting (at most about `limit`), after waiting up to POLL_SECONDS for the first."""
-        if not self.port.wait(POLL_SECONDS):
-            return []
-        got = self.port.receive(limit)
+        got = self.port.take(limit)
         if got:
             self.peer = got[-1][1]
         return [data for data, _ in got]

@@ -147,7 +147,7 @@ class UdpTransport(Transport):
         except OSError:
             sock.close()
             raise
-        return Port(sock)
+        return Port(sock, POLL_SECONDS)
 
     def workers(self):
         return [(self._receiver, "relay-udp"), (self._tickets, "relay-udp-ticket")]
@@ -166,14 +166,13 @@ class UdpTransport(Transport):
         while not self.stopping.is_set():
             port = self.port
             try:
-                if not port.wait(POLL_SECONDS):
-                    continue
-                got = port.receive(DRAIN)
+                got = port.take(DRAIN)
             except (OSError, ValueError):
                 if port is self.port and not self.stopping.is_set():
                     raise
                 continue  # kick() replaced the socket under us
-            self._arrived(got, time.monotonic())
+            if got:
+                self._arrived(got, time.monotonic())
 
     def _arrived(self, got, now):
         datagrams = []

@@ -7,8 +7,11 @@ Windows (Windows has no sendmsg() at all), so every such path is behind
 LINUX_PATHS, which is also off when ORBMESH_RELAY_PORTABLE is set: the
 tests run every transport that way to prove the plain paths work.
 
-Nothing here blocks: the sockets are non-blocking and callers wait with
-`selectors` (select.poll does not exist on Windows).
+Waiting for a datagram: on Linux the socket blocks with the kernel's own
+receive timeout (SO_RCVTIMEO), so a datagram costs one recvmsg() and no
+epoll_wait() before it, and every other call passes MSG_DONTWAIT; elsewhere
+the socket is non-blocking and waits with `selectors` (select.poll does not
+exist on Windows).  No call blocks for longer than POLL.
 """
 import errno
 import logging
@@ -23,6 +26,7 @@ from .framing import MAX_DATAGRAM, gso_control, gso_runs
 log = logging.getLogger(__name__)
 
 PORTABLE_ENV = "ORBMESH_RELAY_PORTABLE"
+POLL = 0.5  # the longest a read waits, so that a stop is noticed
 
 
 def linux_paths_wanted(environ=os.environ, platform=sys.platform):
@@ -52,44 +56,75 @@ class Port:
     for good the first time the kernel refuses them.
     """
 
-    def __init__(self, sock):
+    def __init__(self, sock, timeout=0.5):
         self.sock = sock
-        sock.setblocking(False)
         self.gso = LINUX_PATHS and hasattr(sock, "sendmsg")
         self.gro = False
+        # Linux: the socket blocks, with the kernel's own receive timeout, so that a datagram costs one
+        # recvmsg() and no epoll_wait() before it; every other call passes MSG_DONTWAIT.  Elsewhere:
+        # a non-blocking socket and a selector.
+        self.blocking = LINUX_PATHS and hasattr(socket, "MSG_DONTWAIT") and hasattr(socket, "SO_RCVTIMEO")
+        self._flags = socket.MSG_DONTWAIT if self.blocking else 0
+        if self.blocking:
+            sock.setblocking(True)
+            seconds = int(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
+            self._selector = None
+        else:
+            sock.setblocking(False)
+            self._selector = selector()
+            self._selector.register(sock, selectors.EVENT_READ)
         if LINUX_PATHS and _GRO_SPACE:
             try:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
                 self.gro = True
             except OSError:
                 pass
-        self._selector = selector()
-        self._selector.register(sock, selectors.EVENT_READ)
 
     def wait(self, timeout):
         """Whether something is waiting to be read, after waiting up to `timeout` seconds."""
+        if self._selector is None:
+            return bool(_readable(self.sock, timeout))
         return bool(self._selector.select(timeout))
+
+    def take(self, limit):
+        """[(datagram, address)]: after waiting up to the port's timeout for the first, every one
+        already waiting, at most about `limit`."""
+        if not self.blocking:
+            return self.receive(limit) if self.wait(POLL) else []
+        first = self._read(0)
+        if first is None:
+            return []
+        return first + self.receive(limit - len(first))
 
     def receive(self, limit):
         """[(datagram, address)] already waiting, at most about `limit` datagrams."""
         out = []
         while len(out) < limit:
+            got = self._read(self._flags)
+            if got is None:
+                break
+            out.extend(got)
+        return out
+
+    def _read(self, flags):
+        """The datagram(s) of one read (GRO: maybe several), or None when none came."""
+        while True:
             try:
                 if self.gro:
-                    data, ancdata, _, address = self.sock.recvmsg(MAX_DATAGRAM, _GRO_SPACE)
+                    data, ancdata, _, address = self.sock.recvmsg(MAX_DATAGRAM, _GRO_SPACE, flags)
                 else:
-                    data, address = self.sock.recvfrom(MAX_DATAGRAM)
+                    data, address = self.sock.recvfrom(MAX_DATAGRAM, flags)
                     ancdata = ()
-            except BlockingIOError:
-                break
+            except BlockingIOError:  # nothing waiting; or, blocking, the receive timeout
+                return None
             except _RECEIVE_NOISE:
                 continue
             size = _gro_size(ancdata)
             if size and len(data) > size:
-                out.extend((data[i:i + size], address) for i in range(0, len(data), size))
-            else:
-                out.append((data, address))
-        return out
+                return [(data[i:i + size], address) for i in range(0, len(data), size)]
+            return [(data, address)]
 
     def send(self, datagrams, address):
         """Send to `address`, equal-sized runs in one system call each where GSO works; (packets, bytes) sent.
@@ -101,9 +136,9 @@ class Port:
         for segment, run in runs:
             try:
                 if len(run) == 1:
-                    self.sock.sendto(run[0], address)
+                    self.sock.sendto(run[0], self._flags, address)
                 else:
-                    self.sock.sendmsg([b"".join(run)], gso_control(segment), 0, address)
+                    self.sock.sendmsg([b"".join(run)], gso_control(segment), self._flags, address)
             except OSError as exc:
                 if len(run) > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                     self.gso = False  # no UDP segmentation here: one send per datagram from now on
@@ -118,9 +153,16 @@ class Port:
 
     def close(self):
         try:
-            self._selector.close()
+            if self._selector is not None:
+                self._selector.close()
         finally:
             self.sock.close()
+
+
+def _readable(sock, timeout):
+    with selector() as one:
+        one.register(sock, selectors.EVENT_READ)
+        return one.select(timeout)
 
 
 def _gro_size(ancdata):

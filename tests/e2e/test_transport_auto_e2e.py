@@ -71,6 +71,45 @@ def test_udp_open_connects_over_udp_within_a_second(lab, family):
     assert ("198.51.100.2:" if family == 4 else "[2001:db8:a::2]:") in endpoints
 
 
+def test_on_udp_the_relay_carries_within_5_percent_of_wireguard_talking_udp_directly(lab):
+    """iperf3 through one WireGuard client whose endpoint alternates between the node and the relay.
+
+    On a shared machine one 2-second run varies by +-20 %, so the runs come in pairs, each pair
+    in the other order than the last (direct-relay, relay-direct, ...), and the median of the
+    pairs' ratios is what counts.
+    """
+    requirements("iperf3")
+    client = lab.client_through_relay("auto", "throughput")
+    client.start_relay()
+    client.start_pinging()
+    client.on("udp")
+    client.pinger.stop()
+    server = lab.server.popen(["iperf3", "-s", "-B", GATEWAY, "-p", "5203"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    key = client.body["serverPublicKey"]
+    endpoints = {"direct": lab.endpoint(4), "relay": "127.0.0.1:%d" % client.port}
+
+    def mbps(path):
+        lab.client.run("wg", "set", client.wg.ifname, "peer", key, "endpoint", endpoints[path])
+        wait_for(lambda: client.wg.ping(GATEWAY, 1, 1), what="ping via %s" % path)
+        out = lab.client.run("iperf3", "-c", GATEWAY, "-p", "5203", "-t", "2", "-J", timeout=60).stdout
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+
+    try:
+        pairs = []
+        for i in range(10):
+            order = ("direct", "relay") if i % 2 == 0 else ("relay", "direct")
+            got = {path: mbps(path) for path in order}
+            pairs.append((got["direct"], got["relay"]))
+    finally:
+        stop_process(server)
+    ratios = sorted(relay / direct for direct, relay in pairs)
+    ratio = (ratios[4] + ratios[5]) / 2
+    assert client.status()["transport"] == "udp" and client.status()["switch_count"] == 1
+    assert ratio >= 0.95, "median ratio %.2f; (direct, relay) Mbit/s: %s" % (
+        ratio, [(round(d), round(r)) for d, r in pairs])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_udp_blocked_first_ping_within_two_seconds_over_websocket(lab, family):
     lab.block("udp")

@@ -2,6 +2,7 @@
 import errno
 import selectors
 import socket
+import time
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_a_run_arrives_as_the_datagrams_it_was(linux, monkeypatch):
     monkeypatch.setattr(udpio, "LINUX_PATHS", linux)
     sender, receiver = pair()
     try:
-        assert (sender.gso, receiver.gro) == (linux, linux)
+        assert (sender.gso, receiver.gro, receiver.blocking) == (linux, linux, linux)
+        # Elsewhere: a non-blocking socket and select(), the one selector Windows has.
         assert isinstance(receiver._selector, selectors.SelectSelector) is not linux
         sent = [wg_datagram(i, size=1400) for i in range(30)] + [wg_datagram(99, size=100), wg_datagram(7)]
         address = receiver.sock.getsockname()
@@ -77,9 +79,9 @@ class _Refusing:
     def sendmsg(self, buffers, ancdata, flags, address):
         raise OSError(errno.EIO, "no GSO here")
 
-    def sendto(self, data, address):
+    def sendto(self, data, *flags_and_address):
         self.plain.append(data)
-        return self.real.sendto(data, address)
+        return self.real.sendto(data, *flags_and_address)
 
 
 def test_a_refused_gso_send_falls_back_for_good(monkeypatch):
@@ -102,6 +104,30 @@ def test_a_full_or_failing_send_loses_the_datagrams_quietly():
     sender, receiver = pair()
     try:
         assert sender.send([wg_datagram(1)], ("127.0.0.1", 0)) == (0, 0)  # port 0: refused by the kernel
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("linux", [True, False])
+def test_take_waits_for_the_first_then_takes_what_is_there(linux, monkeypatch):
+    monkeypatch.setattr(udpio, "LINUX_PATHS", linux)
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(("127.0.0.1", 0))
+    b.bind(("127.0.0.1", 0))
+    sender, receiver = Port(a, 0.2), Port(b, 0.2)
+    try:
+        started = time.monotonic()
+        assert receiver.take(64) == []  # nothing: back after about the timeout, not forever
+        assert 0.1 <= time.monotonic() - started <= 2.0
+        sent = [wg_datagram(i) for i in range(5)]
+        for datagram in sent:
+            a.sendto(datagram, b.getsockname())
+        got = []
+        while len(got) < 5:
+            got += receiver.take(64)
+        assert [d for d, _ in got] == sent
     finally:
         sender.close()
         receiver.close()
