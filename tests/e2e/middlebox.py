@@ -256,20 +256,23 @@ class Client:
         self.env = dict(os.environ, ORBMESH_RELAY_TOKEN=self.token, **(env or {}))
 
     def start_relay(self, running=True):
-        """The relay, and once it listens the WireGuard client pointed at it; returns when it listened
-        (the start its bounds count from: an app starts the relay, then brings WireGuard up)."""
+        """The relay, and once it listens the WireGuard client pointed at it, as an app would start them.
+
+        Returns when the WireGuard client was up: the start the issue's bounds count from (the relay
+        already listening).  `listening_at` keeps when the relay was ready, `wireguard_up_at` the start."""
         log = open(self.log_path, "ab")
         self.relay = self.lab.client.popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_for(lambda: self.relay.poll() is not None or "listening on udp" in self.log_tail(), timeout=30,
                  what="the relay to listen")
         assert not running or self.relay.poll() is None, self.log_tail()
-        started = time.time()
+        self.listening_at = time.time()
         body = self.body
         self.wg.configure(server_public_key=body["serverPublicKey"], endpoint="127.0.0.1:%d" % self.port,
                           address_cidr=body["ip"], allowed_ips=[GATEWAY + "/32"], mtu=body["mtu"],
                           keepalive=body["keepalive"], metric=len(self.lab.pingers))
-        return started
+        self.wireguard_up_at = time.time()
+        return self.wireguard_up_at
 
     def start_pinging(self):
         self.pinger = Pinger(self.lab.client, self.wg.ifname)
