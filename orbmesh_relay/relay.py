@@ -42,12 +42,18 @@ def transport_class(name):
 
 
 class Fixed:
-    """One transport, chosen by the user; a dead path is made again, never switched."""
+    """One transport, chosen by the user; a dead path is made again, never switched.
+
+    The first time the path dies it is made again at once and a warning logged; while it stays dead
+    (nothing answered since) it is made again after 1 s, 2 s, 4 s ... up to 30 s, logged at debug:
+    a UDP path blocked for an hour is not a new socket and a log line every second.
+    """
 
     def __init__(self, relay, name):
         self.relay = relay
         self.current = transport_class(name)(relay)
         self.current.measure_rtt = True
+        self._failing = None  # (since, next kick at, the wait after it) while dead and unanswered
 
     @property
     def state(self):
@@ -66,11 +72,24 @@ class Fixed:
         pass
 
     def tick(self, now):
-        reason = self.current.tick(now)
-        if reason:
-            log.warning("%s: %s; connecting again", self.current.name, reason)
-            self.relay.stats.reconnect()
-            self.current.kick(reason)
+        current = self.current
+        reason = current.tick(now)
+        if self._failing is not None and (current.live.last_answer or 0) > self._failing[0]:
+            log.info("%s answers again", current.name)
+            self._failing = None
+        if not reason:
+            return
+        if self._failing is None:
+            log.warning("%s: %s; connecting again", current.name, reason)
+            self._failing = (now, now + 1.0, 2.0)
+        elif now < self._failing[1]:
+            return
+        else:
+            log.debug("%s: %s; connecting again", current.name, reason)
+            since, _, wait = self._failing
+            self._failing = (since, now + wait, min(30.0, wait * 2))
+        self.relay.stats.reconnect()
+        current.kick(reason)
 
     def details(self, now):
         return {}

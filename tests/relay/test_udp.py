@@ -207,3 +207,30 @@ def test_the_servers_clock_is_used_for_probe_times(node, api, monkeypatch):
     assert abs(ticket["offset"]) < 1
     assert ticket["renew_at"] > time.monotonic() + 1000  # three quarters of an hour
     assert udp.PROBE_PATH == "/wireguard/probe"
+
+
+def test_a_path_that_stays_dead_is_made_again_less_and_less_often(node, api, caplog):
+    caplog.set_level("DEBUG", logger="orbmesh_relay")
+    relay = start(node, api)
+    peer = UdpPeer(relay.local.address)
+    try:
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1)
+        node.blocked = True
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < 8:  # WireGuard keeps sending into the block
+            peer.send(wg_datagram(10 + i))
+            i += 1
+            time.sleep(0.1)
+        # Every second without the backoff (about 7); after 1, 2 and 4 s more with it.
+        assert 2 <= relay.stats.reconnects <= 4, relay.stats.reconnects
+        warnings = [r for r in caplog.records if r.levelname == "WARNING" and "no answer over udp" in r.getMessage()]
+        assert len(warnings) == 1
+        node.blocked = False
+        peer.send(wg_datagram(2))
+        assert peer.receive_all(1, timeout=3) == [wg_datagram(2)]
+        wait_for(lambda: any("udp answers again" in r.getMessage() for r in caplog.records), what="logged")
+    finally:
+        peer.close()
+        relay.stop()
