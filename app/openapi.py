@@ -103,6 +103,11 @@ PATHS = {
             "204": {"description": "No datagram within the wait (single form)"},
             **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS", "RATE_LIMITED")},
             "200", "204", "429")}},
+    "/wireguard/probe": {"post": {
+        "summary": "A ticket and key for UDP probes: does UDP to this node work both ways? (docs/tunnel-protocol.md)",
+        "security": DEVICE, "requestBody": _body("Empty", required=False),
+        "responses": _limited({"200": _json("ProbeTicket"),
+                               **_errors("UNAUTHORIZED", "NOT_FOUND", "RATE_LIMITED")}, "200", "429")}},
     "/health": {"get": {
         "summary": "Health of the database, the helper, the interface and the DNS resolver",
         "description": "The status for anyone; the wireguard, database, helper and resolver blocks only with an "
@@ -126,6 +131,7 @@ SCHEMAS = {
     "RemovePeer": schemas.RemovePeerSchema, "Error": schemas.ErrorSchema, "Message": schemas.MessageSchema,
     "RemovePeerResponse": schemas.RemovePeerResponseSchema, "ConnectResponse": schemas.ConnectResponseSchema,
     "StatusResponse": schemas.StatusResponseSchema, "Health": schemas.HealthSchema,
+    "ProbeTicket": schemas.ProbeTicketSchema,
 }
 
 

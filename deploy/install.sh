@@ -294,6 +294,8 @@ ORBMESH_API_KEYS=$api_key
 #ORBMESH_NAT_UPLINK=eth0
 #ORBMESH_INTERFACE=wg0
 #ORBMESH_LISTEN_PORT=51820
+# UDP probe echo for orbmesh-relay --transport auto (0: off); open it beside WireGuard's.
+#ORBMESH_PROBE_PORT=51822
 #ORBMESH_POOL=10.8.0.0/16
 # Clients' IPv6 pool: auto (this node's unique-local /64, made once, NAT66 out of
 # the uplink), a routed prefix (no NAT66), or off.  Clients get IPv6 only while
@@ -566,6 +568,6 @@ Next:
        deploy/install.sh --orbnet-allow 198.51.100.7,2001:db8::/64
   3. Replace the self-signed certificate with a real one:
        deploy/install.sh --cert /path/fullchain.pem --key /path/privkey.pem
-  4. Open UDP ${ORBMESH_LISTEN_PORT:-51820} (WireGuard) and TCP ${NGINX_LISTEN##*:} (HTTPS) in the host firewall.
+  4. Open UDP ${ORBMESH_LISTEN_PORT:-51820} (WireGuard), UDP ${ORBMESH_PROBE_PORT:-51822} (the relay's probes) and TCP ${NGINX_LISTEN##*:} (HTTPS) in the host firewall.
   5. systemctl restart orbmesh.target; check: curl -k https://127.0.0.1:${NGINX_LISTEN##*:}/health
 EOF
