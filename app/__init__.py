@@ -5,8 +5,8 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import (audit, auth, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, ratelimit,
-               reconcile, resolver, shutdown, smartconnect, tunnel, usage, usage_view, wireguard, wsconn)
+from . import (audit, auth, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, probe,
+               ratelimit, reconcile, resolver, shutdown, smartconnect, tunnel, usage, usage_view, wireguard, wsconn)
 from .allocator import Allocator
 
 
@@ -40,6 +40,7 @@ def create_app(test_config=None):
     app.register_blueprint(tunnel.bp)
     wsconn.init_app(app)
     tunnel.init_app(app)
+    probe.init_app(app)
     resolver.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)

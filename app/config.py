@@ -100,6 +100,9 @@ APP = {
     "TUNNEL_MAX_PARKED": (_int(1, 1000), 8, "HTTP tunnel: long polls one device may have waiting at once (per worker); one more answers the oldest"),
     "TUNNEL_SESSION_IDLE": (_float(1, 86400), 60.0, "HTTP tunnel: close a session after this long without a request, seconds"),
     "TUNNEL_TARGET_HOST": (_address, "127.0.0.1", "Where the tunnels reach WireGuard (with LISTEN_PORT)"),
+    "PROBE_PORT": (_int(0, 65535), 51822, "UDP port of the relay's probe echo, beside WireGuard's (0 = off)"),
+    "PROBE_HOST": (_address, "::", "Address the probe echo binds (::: every IPv6 and IPv4 address)"),
+    "PROBE_KEY_FILE": (_str, None, "Secret behind the probe tickets, made at first use (default: probe.key beside DB_PATH)"),
     "RECONCILE_INTERVAL": (_float(0, 86400), 300.0, "Full reconcile at least this often, seconds (0 = only on change)"),
     "RECONCILE_CHECK_INTERVAL": (_float(0, 3600), 1.0, "How often to ask the helper whether its interface is new, seconds (0 = no watcher)"),
     "LOG_LEVEL": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "Log level"),
@@ -162,6 +165,8 @@ def _derive(s):
         s["JWT_PUBLIC_KEY"] = _read_secret_file(s["JWT_PUBLIC_KEY_FILE"], "JWT_PUBLIC_KEY_FILE")
     else:
         s["JWT_PUBLIC_KEY"] = ""
+    if s["PROBE_KEY_FILE"] is None:
+        s["PROBE_KEY_FILE"] = os.path.join(os.path.dirname(os.path.abspath(s["DB_PATH"])), "probe.key")
     if s["EXIT_REGISTRY_CACHE"] is None:
         s["EXIT_REGISTRY_CACHE"] = os.path.join(os.path.dirname(os.path.abspath(s["DB_PATH"])), "exit-registry.json")
     if s["API_KEYS_FILE"]:

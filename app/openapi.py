@@ -105,6 +105,11 @@ PATHS = {
             **_errors("UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE", "TOO_MANY_SESSIONS", "RATE_LIMITED",
                       "QUOTA_EXCEEDED")},
             "200", "204", "429")}},
+    "/wireguard/probe": {"post": {
+        "summary": "A ticket and key for UDP probes: does UDP to this node work both ways? (docs/tunnel-protocol.md)",
+        "security": DEVICE, "requestBody": _body("Empty", required=False),
+        "responses": _limited({"200": _json("ProbeTicket"),
+                               **_errors("UNAUTHORIZED", "NOT_FOUND", "RATE_LIMITED")}, "200", "429")}},
     "/wireguard/usage": {"get": {
         "summary": "A user's usage in the period, per device and in total, or a page of every user's",
         "description": "With userUuid: that user (an unknown user has usage zero). Without: users in order, at most "
@@ -149,6 +154,7 @@ SCHEMAS = {
     "RemovePeer": schemas.RemovePeerSchema, "Error": schemas.ErrorSchema, "Message": schemas.MessageSchema,
     "RemovePeerResponse": schemas.RemovePeerResponseSchema, "ConnectResponse": schemas.ConnectResponseSchema,
     "StatusResponse": schemas.StatusResponseSchema, "Health": schemas.HealthSchema,
+    "ProbeTicket": schemas.ProbeTicketSchema,
     "Limits": schemas.LimitsSchema, "UserUsageResponse": schemas.UserUsageResponseSchema,
     "UsagePage": schemas.UsagePageSchema,
 }

@@ -191,6 +191,16 @@ class StatusResponseSchema(Schema):
     gateway6 = fields.String(allow_none=True, metadata={"description": "The IPv6 gateway; null: peers get no IPv6"})
 
 
+class ProbeTicketSchema(Schema):
+    success = fields.Boolean(required=True)
+    port = fields.Integer(required=True, metadata={"description": "UDP port of the probe echo (ORBMESH_PROBE_PORT)"})
+    ticket = fields.String(required=True, metadata={"description": "base64 of the 20-byte ticket every probe carries"})
+    key = fields.String(required=True, metadata={"description": "base64 of the 32-byte key the probes' MAC uses"})
+    expiresIn = fields.Integer(required=True, metadata={"description": "seconds the ticket is good for"})
+    serverTime = fields.Float(required=True, metadata={"description": "the server's clock (unix seconds): probes "
+                                                                      "carry their send time in it"})
+
+
 class WireguardHealthSchema(Schema):
     interface = fields.String(required=True)
     running = fields.Boolean(required=True)

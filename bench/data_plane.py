@@ -228,7 +228,11 @@ def main(argv=None):
     result = {"benchmark": NAME, "smoke": smoke, "iperf_seconds": seconds, "pings": pings, "runs": runs}
     with common.Lab() as lab:
         # One worker: the HTTP tunnel's sessions live in one process (README, Tunnel transports).
-        stack = lab.stack(workers=1, env={"ORBMESH_LOG_LEVEL": "WARNING"})
+        # The iperf3 servers listen on the node's gateway, which tenant isolation closes to clients but
+        # for the ports opened here (docs/security.md, Tenant isolation).
+        ports = [IPERF_PORT] + [IPERF_PORT + 10 + i for i in range(count)]
+        stack = lab.stack(workers=1, env={"ORBMESH_LOG_LEVEL": "WARNING",
+                                          "ORBMESH_CLIENT_NODE_PORTS": ",".join(map(str, ports))})
         with stack.running():
             result["paths"] = single_tunnel(lab, stack, runs, seconds, pings)
             # WebSocket sessions need no affinity: the instance gets both cores.

@@ -294,6 +294,8 @@ ORBMESH_API_KEYS=$api_key
 #ORBMESH_NAT_UPLINK=eth0
 #ORBMESH_INTERFACE=wg0
 #ORBMESH_LISTEN_PORT=51820
+# UDP probe echo for orbmesh-relay --transport auto (0: off); open it beside WireGuard's.
+#ORBMESH_PROBE_PORT=51822
 #ORBMESH_POOL=10.8.0.0/16
 # Clients' IPv6 pool: auto (this node's unique-local /64, made once, NAT66 out of
 # the uplink), a routed prefix (no NAT66), or off.  Clients get IPv6 only while
@@ -467,17 +469,24 @@ fi
 IFACE="$(env_ifname INTERFACE)"
 IFACE="${IFACE:-wg0}"
 WG_UNIT="orbmesh-wireguard-go@$(systemd-escape -- "$IFACE").service"
+# The port nginx publishes the API on (the first of NGINX_LISTEN): tunnel
+# clients may reach it, so an app can disconnect while its full tunnel is up.
+first_listen="${NGINX_LISTEN%%,*}"
+PUBLIC_PORT="${first_listen##*:}"
 if [ "$BACKEND" = kernel ]; then
     put_text /etc/systemd/system/orbmesh-wghelper.service.d/backend.conf 0644 <<EOF
-# Written by deploy/install.sh (WIREGUARD=$WIREGUARD in /etc/orbmesh/deploy.conf):
-# kernel WireGuard; the helper makes the link itself.
+# Written by deploy/install.sh (WIREGUARD=$WIREGUARD, NGINX_LISTEN in /etc/orbmesh/deploy.conf);
+# a value set in /etc/orbmesh/orbmesh.env wins over these.
+# Kernel WireGuard: the helper makes the link itself.
 [Service]
 Environment=ORBMESH_WG_BACKEND=kernel
+Environment=ORBMESH_CLIENT_API_PORT=$PUBLIC_PORT
 EOF
 else
     put_text /etc/systemd/system/orbmesh-wghelper.service.d/backend.conf 0644 <<EOF
-# Written by deploy/install.sh (WIREGUARD=$WIREGUARD in /etc/orbmesh/deploy.conf):
-# no kernel WireGuard; $WG_UNIT runs wireguard-go for $IFACE and the
+# Written by deploy/install.sh (WIREGUARD=$WIREGUARD, NGINX_LISTEN in /etc/orbmesh/deploy.conf);
+# a value set in /etc/orbmesh/orbmesh.env wins over these.
+# No kernel WireGuard: $WG_UNIT runs wireguard-go for $IFACE and the
 # helper only configures that link.
 [Unit]
 Wants=$WG_UNIT
@@ -485,6 +494,7 @@ After=$WG_UNIT
 
 [Service]
 Environment=ORBMESH_WG_BACKEND=external
+Environment=ORBMESH_CLIENT_API_PORT=$PUBLIC_PORT
 EOF
 fi
 
@@ -558,6 +568,6 @@ Next:
        deploy/install.sh --orbnet-allow 198.51.100.7,2001:db8::/64
   3. Replace the self-signed certificate with a real one:
        deploy/install.sh --cert /path/fullchain.pem --key /path/privkey.pem
-  4. Open UDP ${ORBMESH_LISTEN_PORT:-51820} (WireGuard) and TCP ${NGINX_LISTEN##*:} (HTTPS) in the host firewall.
+  4. Open UDP ${ORBMESH_LISTEN_PORT:-51820} (WireGuard), UDP ${ORBMESH_PROBE_PORT:-51822} (the relay's probes) and TCP ${NGINX_LISTEN##*:} (HTTPS) in the host firewall.
   5. systemctl restart orbmesh.target; check: curl -k https://127.0.0.1:${NGINX_LISTEN##*:}/health
 EOF

@@ -17,7 +17,8 @@ import time
 from urllib.parse import urlsplit
 
 from .common import TOKEN_ENV
-from .relay import Relay
+from .relay import MODES, Relay
+from .udp import parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ def add_arguments(parser):
     # The parser's prog ("orbmesh-relay" or "orbmesh-wg relay") prefixes
     # run()'s messages, as argparse's own errors are prefixed.
     parser.set_defaults(relay_prog=parser.prog)
-    parser.add_argument("--transport", choices=("ws", "http"), required=True)
+    parser.add_argument("--transport", choices=MODES, required=True,
+                        help="auto: the best path now (UDP, else WebSocket, else HTTP), switching as the "
+                             "network changes; or one of them, fixed")
     parser.add_argument("--url", type=_arg(base_url), required=True,
                         help="server base URL, http(s)://HOST:PORT")
     parser.add_argument("--token", help="device token; default: the %s environment variable "
@@ -113,6 +116,11 @@ def add_arguments(parser):
                         help="HTTP mode: sending requests in flight (default 1)")
     parser.add_argument("--session", type=_arg(_session),
                         help="HTTP mode: X-Tunnel-Session name (default: random per process)")
+    parser.add_argument("--endpoint", type=_arg(parse_endpoint), metavar="HOST:PORT",
+                        help="udp and auto: the node's WireGuard endpoint (connect's serverEndpoint; "
+                             "default: the --url host, port 51820)")
+    parser.add_argument("--status-file", metavar="PATH",
+                        help="write the JSON status here every second and at each switch")
 
 
 def run(args):
@@ -131,7 +139,8 @@ def run(args):
     if urlsplit(args.url).scheme == "https":
         context = tls_context(args.insecure, args.ca_file)
     relay = Relay(args.transport, args.url, token, args.listen, ssl_context=context,
-                  http_senders=args.http_senders, session=args.session)
+                  http_senders=args.http_senders, session=args.session, endpoint=args.endpoint,
+                  status_file=args.status_file)
     log.info("listening on udp %s port %d, relaying to %s over %s",
              *relay.local.address, args.url, args.transport)
 
@@ -145,8 +154,11 @@ def run(args):
     def on_status(signum, frame):
         flags["status"] = True
 
-    previous = {sig: signal.signal(sig, handler) for sig, handler in
-                ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGUSR1, on_status))}
+    # Windows has no SIGUSR1: there the status comes every --status-interval and from --status-file.
+    handlers = [(signal.SIGTERM, on_stop), (signal.SIGINT, on_stop)]
+    if hasattr(signal, "SIGUSR1"):
+        handlers.append((signal.SIGUSR1, on_status))
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers}
     try:
         relay.start()
         interval = args.status_interval

@@ -1,19 +1,18 @@
-"""What the relay and both transports share: the counters behind the status
+"""What the relay and its transports share: the counters behind the status
 line, the reconnect backoff, the UDP port local WireGuard talks to, and the
 one error no retry can cure.
 
 Kept apart from relay.py so that the transports can use it while relay.py
 imports the transports: the modules form no circle.
 """
-import errno
 import logging
 import random
-import select
 import socket
 import threading
 import time
 
-from .framing import MAX_DATAGRAM, gso_control, gso_runs
+from .liveness import Liveness
+from .udpio import Port
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +23,18 @@ UDP_BUFFER = 1 << 20  # room for bursts while a transport thread is busy
 
 
 class Unauthorized(Exception):
-    """The server refused the token: retrying cannot help."""
+    """The server refused the token (401) or the device (403): retrying cannot help."""
 
 
-def unauthorized_message():
+def unauthorized_message(status=401):
+    if status == 403:
+        return "the server refused this device (403); check the token's device and the server's limits"
     return "the server refused the token (401); check --token or %s" % TOKEN_ENV
 
 
 class Stats:
     """Counters shared by every thread of one relay (the status line's
-    format is documented in the package docstring)."""
+    format is documented in the package docstring), in all and per transport."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -42,16 +43,28 @@ class Stats:
         self.dropped = 0
         self.reconnects = 0
         self.connected = False
+        self.per_transport = {}  # name -> [up packets, up bytes, down packets, down bytes]
 
-    def up(self, packets, nbytes):
+    def _of(self, transport):
+        return self.per_transport.setdefault(transport, [0, 0, 0, 0])
+
+    def up(self, packets, nbytes, transport=None):
         with self._lock:
             self.up_packets += packets
             self.up_bytes += nbytes
+            if transport:
+                counts = self._of(transport)
+                counts[0] += packets
+                counts[1] += nbytes
 
-    def down(self, packets, nbytes):
+    def down(self, packets, nbytes, transport=None):
         with self._lock:
             self.down_packets += packets
             self.down_bytes += nbytes
+            if transport:
+                counts = self._of(transport)
+                counts[2] += packets
+                counts[3] += nbytes
 
     def drop(self, count=1):
         with self._lock:
@@ -64,11 +77,22 @@ class Stats:
     def set_connected(self, value):
         self.connected = bool(value)
 
-    def line(self, transport):
+    def line(self, transport, rtt=None, switches=0):
+        """The status line; `rtt` in seconds (None: not measured yet)."""
         with self._lock:
-            return "relay %s up=%d/%d down=%d/%d dropped=%d reconnects=%d connected=%s" % (
+            return ("relay %s up=%d/%d down=%d/%d dropped=%d reconnects=%d connected=%s rtt=%s switches=%d" % (
                 transport, self.up_packets, self.up_bytes, self.down_packets, self.down_bytes,
-                self.dropped, self.reconnects, "yes" if self.connected else "no")
+                self.dropped, self.reconnects, "yes" if self.connected else "no",
+                "-" if rtt is None else "%.1fms" % (rtt * 1000), switches))
+
+    def snapshot(self):
+        """The counters as a dict (the JSON status's "bytes" and "packets")."""
+        with self._lock:
+            return {"up_packets": self.up_packets, "up_bytes": self.up_bytes,
+                    "down_packets": self.down_packets, "down_bytes": self.down_bytes,
+                    "dropped": self.dropped, "reconnects": self.reconnects,
+                    "per_transport": {name: {"up_packets": c[0], "up_bytes": c[1], "down_packets": c[2],
+                                             "down_bytes": c[3]} for name, c in sorted(self.per_transport.items())}}
 
 
 class Backoff:
@@ -128,40 +152,34 @@ class LocalPort:
     instead of paying a wake-up, a lock and a write per datagram.
     """
 
-    gso = True  # until a kernel refuses UDP_SEGMENT (framing.gso_runs)
-
     def __init__(self, host, port):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self.sock.bind((host, port))
+            sock.bind((host, port))
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
         except OSError:
-            self.sock.close()
+            sock.close()
             raise
-        self.sock.setblocking(False)
-        self._poll = select.poll()
-        self._poll.register(self.sock, select.POLLIN)
+        self.port = Port(sock, POLL_SECONDS)
+        self.sock = sock
         self.peer = None
 
     @property
     def address(self):
         return self.sock.getsockname()[:2]
 
+    @property
+    def gso(self):
+        return self.port.gso
+
     def receive_many(self, limit=DRAIN):
-        """The datagrams waiting (at most `limit`), after waiting up to POLL_SECONDS for the first."""
-        if not self._poll.poll(POLL_SECONDS * 1000):
-            return []
-        out = []
-        while len(out) < limit:
-            try:
-                data, peer = self.sock.recvfrom(MAX_DATAGRAM)
-            except BlockingIOError:
-                break
-            self.peer = peer
-            out.append(data)
-        return out
+        """The datagrams waiting (at most about `limit`), after waiting up to POLL_SECONDS for the first."""
+        got = self.port.take(limit)
+        if got:
+            self.peer = got[-1][1]
+        return [data for data, _ in got]
 
     def receive(self):
         """One datagram from WireGuard, or None after POLL_SECONDS."""
@@ -173,26 +191,51 @@ class LocalPort:
         peer = self.peer
         if peer is None:
             return 0, 0
-        packets = size = 0
-        for segment, run in gso_runs(datagrams) if LocalPort.gso else [(0, [d]) for d in datagrams]:
-            try:
-                if len(run) == 1:
-                    self.sock.sendto(run[0], peer)
-                else:
-                    self.sock.sendmsg([b"".join(run)], gso_control(segment), 0, peer)
-            except OSError as exc:
-                if len(run) > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
-                    LocalPort.gso = False  # no UDP segmentation here: one send per datagram
-                    more = self.send(run)
-                    packets, size = packets + more[0], size + more[1]
-                    continue
-                # BlockingIOError included: local WireGuard is not keeping up,
-                # and the datagrams are lost as UDP would lose them.
-                log.debug("local send failed: %s", exc)
-                continue
-            packets += len(run)
-            size += sum(map(len, run))
-        return packets, size
+        return self.port.send(datagrams, peer)
 
     def close(self):
-        self.sock.close()
+        self.port.close()
+
+
+class Transport:
+    """What every transport is to the relay (the relay passes itself in; a
+    transport never imports relay.py).
+
+    The relay starts workers() in threads of its own, calls send() from its
+    one uplink thread and tick() from its monitor thread every TICK seconds;
+    a transport hands what the server sent to relay.deliver(datagrams, self).
+    tick() returns why the path is dead (a sentence) or None; kick() drops
+    the connection so that the transport makes a new one at once; close()
+    ends it for good.  Each transport has its own `stopping`, so the relay
+    can close one (auto mode) and keep the others.
+    """
+
+    name = ""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.stopping = threading.Event()
+        self.live = Liveness()
+        self.ready = False  # can carry datagrams now (connected)
+        self.failures = 0  # connection attempts failed in a row
+        self.opened_at = time.monotonic()
+
+    @property
+    def rtt(self):
+        return self.live.srtt
+
+    def workers(self):
+        return []
+
+    def send(self, batch):
+        raise NotImplementedError
+
+    def tick(self, now):
+        return None
+
+    def kick(self, reason):
+        pass
+
+    def close(self):
+        self.stopping.set()
+        self.ready = False

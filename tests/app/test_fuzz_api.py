@@ -32,6 +32,8 @@ APP = create_app({
     # (the limits have their own tests); a port nothing listens on for the tunnel's UDP.
     "TUNNEL_HOLD": 0.05, "TUNNEL_SESSION_IDLE": 1, "TUNNEL_MAX_SESSIONS": 1000, "CONNECT_RATE_LIMIT": 100000,
     "TUNNEL_RATE_LIMIT": 100000, "LISTEN_PORT": 9, "POOL": "10.77.0.0/16",
+    # The probe echo a ticket starts: on loopback only, not every address of the host.
+    "PROBE_HOST": "127.0.0.1",
 })
 APP.extensions["orbmesh_helper"] = FakeHelper()
 REQUESTS = {"count": 0}  # every request the app served, check probes included

@@ -253,6 +253,10 @@ def test_rendered_site_content():
     allows = re.findall(r"allow (\S+);", internal)
     assert allows == ["127.0.0.1", "::1", "198.51.100.7", "2001:db8::/64"]
     assert internal.index("allow 2001:db8::/64;") < internal.index("deny all;") < internal.index("proxy_pass")
+    # The device-token endpoints are public, the relay's probe ticket among them (behind nginx a
+    # missing one would be a 403, which ends orbmesh-relay --transport auto).
+    for path in ("/wireguard/connect", "/wireguard/disconnect", "/wireguard/probe", "/health", "/openapi.json"):
+        assert re.search(r"location = %s +\{ proxy_pass http://orbmesh_api; \}" % re.escape(path), site), path
     # The internal endpoints have no public location of their own: they fall to "location /".
     for path in ("/wireguard/status", "/wireguard/add-peer", "/wireguard/remove-peer", "/metrics"):
         assert "location = %s " % path not in site and "location %s " % path not in site

@@ -80,6 +80,8 @@ def test_install_places_every_file(installed):
     assert sorted(p.name for p in (root / "opt/orbmesh").iterdir()) == ["README.md", "deploy", "docs"]
     backend = (etc / "systemd/system/orbmesh-wghelper.service.d/backend.conf").read_text()
     assert "Environment=ORBMESH_WG_BACKEND=external" in backend and "After=orbmesh-wireguard-go@wg0.service" in backend
+    # Tunnel clients reach the API where nginx publishes it (the first listen address's port).
+    assert "Environment=ORBMESH_CLIENT_API_PORT=8443" in backend
     assert os.readlink(etc / "nginx/sites-enabled/orbmesh.conf") == "/etc/nginx/sites-available/orbmesh.conf"
     wants = sorted(p.name for p in (etc / "systemd/system/orbmesh.target.wants").iterdir())
     assert wants == ["orbmesh-api@8081.service", "orbmesh-api@8082.service", "orbmesh-down.service",
@@ -316,3 +318,11 @@ def test_ipv6_forwarding_is_written_on_request_kept_and_removed(tmp_path, uplink
     assert not (root / SYSCTL_FILE).exists() and "removed /etc/sysctl.d/60-orbmesh-ipv6.conf" in off.stdout
     assert env_of(root / "etc/orbmesh/deploy.conf")["IPV6_FORWARDING"] == "off"
     assert "IPv6 forwarding is off" in off.stdout
+
+
+def test_the_api_port_tunnel_clients_reach_follows_nginx(installed):
+    root, _ = installed
+    done = install(root, "--listen", "[::]:9443,9443")
+    assert done.returncode == 0, done.stdout + done.stderr
+    backend = (root / "etc/systemd/system/orbmesh-wghelper.service.d/backend.conf").read_text()
+    assert "Environment=ORBMESH_CLIENT_API_PORT=9443" in backend and "=8443" not in backend

@@ -56,6 +56,7 @@ class Stack:
         self.app_log = self.tmp / "app.log"
         self.helper_proc = None
         self.app_proc = None
+        self.extra_binds = []
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "ORBMESH_INTERFACE": self.interface,
@@ -119,6 +120,8 @@ class Stack:
                 "--bind", "%s:%d" % (self.addr, API_PORT), "--chdir", str(Path(__file__).parents[2]),
                 "--access-logfile", str(self.access_log), "--access-logformat", '%(p)s "%(r)s" %(s)s',
                 "--graceful-timeout", "5", "--no-control-socket", "app:create_app()"]
+        for bind in self.extra_binds:  # say, the server's IPv6 address too
+            argv[-1:-1] = ["--bind", bind]
         self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_for(lambda: self._answers(self.app_proc, self.app_log, "gunicorn", self.request), what="gunicorn")

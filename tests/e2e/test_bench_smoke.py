@@ -80,6 +80,21 @@ def test_continuity_smoke(tmp_path):
     assert all(events["wireguard-go killed (interface lost)"][t]["new_handshake"] for t in ("udp", "ws", "http"))
 
 
+def test_transport_auto_smoke(tmp_path):
+    need("iperf3")
+    need("nft")
+    result = run_smoke("transport_auto", tmp_path)
+    assert set(result["runs"]) == {"auto", "udp", "ws", "http"}
+    for mode, run in result["runs"].items():
+        assert run["per_second_mbps"] and max(run["per_second_mbps"]) > 0, mode
+        assert [e["what"] for e in run["events"]] == [e["what"] for e in result["schedule"]]
+    switches = result["runs"]["auto"]["switches"]
+    assert switches and switches[0]["from"] == "udp" and switches[0]["to"] == "ws"  # the UDP block
+    assert all(s["loss_window_s"] is not None and s["reason"] for s in switches)
+    assert [r["switches"] for m, r in result["runs"].items() if m != "auto"] == [[], [], []]  # fixed: never
+    assert len(result["phases"]) == len(result["schedule"]) + 1
+
+
 def test_usage_smoke(tmp_path):
     need("iperf3")
     need("nft")

@@ -86,8 +86,16 @@ def test_run_local_prints_working_token_curl_and_lookup(netns, tmp_path):
         assert "inet6 %s/64" % reply["gateway6"] in ns.run("ip", "-6", "address", "show", "dev", interface).stdout
         assert "%s/32 %s" % (reply["ip"].split("/")[0], reply["ip6"]) in ns.run("wg", "show", interface,
                                                                                  "allowed-ips").stdout
-        # No NAT uplink: no table, and forwarding as it was, the interface's too (a new link's default).
-        assert ns.run("nft", "list", "tables", check=False).stdout.strip() == ""
+        # No NAT uplink: forwarding as it was, the interface's too (a new link's default).  This host
+        # forwards IPv6 (switched on above), so tunnel clients could reach its networks: the helper's
+        # isolation table is there, and it touches nothing but the tunnel's own traffic (each hooked
+        # rule names the interface) and masquerades nothing.
+        assert ns.run("nft", "list", "tables", check=False).stdout.split() == ["table", "inet", "orbmesh"]
+        table = ns.run("nft", "list", "table", "inet", "orbmesh").stdout
+        hooked = [line.strip() for chain in ("input", "forward") for line in
+                  table.split("chain %s {" % chain)[1].split("}")[0].splitlines()[2:] if line.strip()]
+        assert hooked and all(('"%s"' % interface) in rule for rule in hooked), hooked
+        assert "masquerade" not in table
         assert [ns.run("sysctl", "-n", key).stdout.strip() for key in switches] == before
         assert ns.run("sysctl", "-n", "net/ipv4/conf/%s/forwarding" % interface).stdout == ns.run(
             "sysctl", "-n", "net.ipv4.conf.default.forwarding").stdout

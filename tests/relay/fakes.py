@@ -1,13 +1,18 @@
 """Fakes for the client relay's tests: tiny tunnel servers that echo, a UDP
 stand-in for local WireGuard.  Everything on 127.0.0.1, every wait bounded."""
+import base64
 import collections
 import http.server
+import json
+import os
 import socket
 import struct
 import threading
 import time
 
 from websockets.sync.server import serve
+
+from orbmesh_relay import probe
 
 TOKEN = "relay-test-token-0123456789"
 
@@ -93,6 +98,8 @@ class FakeTunnelServer:
         self.blocked = 0  # requests with datagrams waiting at the gate
         self.gate = threading.Event()
         self.gate.set()
+        self.probe = None  # a FakeNode whose probe tickets POST /wireguard/probe hands out
+        self.ticket_requests = 0
         self.stopped = False
         self.connections = set()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
@@ -127,6 +134,9 @@ class FakeTunnelServer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("Authorization") != "Bearer " + TOKEN:
                     return self._answer(401, b'{"error": {"code": "UNAUTHORIZED"}}', "application/json")
+                if self.path == "/wireguard/probe":
+                    status, answer = fake.ticket()
+                    return self._answer(status, json.dumps(answer).encode(), "application/json")
                 datagrams = decode(body)
                 headers = dict(self.headers.items())
                 with fake.lock:
@@ -175,6 +185,16 @@ class FakeTunnelServer:
 
         return Handler
 
+    def ticket(self):
+        """POST /wireguard/probe: (status, JSON answer); set `probe` to a FakeNode to hand out its tickets."""
+        with self.lock:
+            self.ticket_requests += 1
+        if self.probe is None:
+            return 404, {"success": False, "error": {"code": "NOT_FOUND", "message": "UDP probes are off"}}
+        ticket, key = probe.new_ticket(self.probe.secret)
+        return 200, {"success": True, "port": self.probe.probe_port, "ticket": base64.b64encode(ticket).decode(),
+                     "key": base64.b64encode(key).decode(), "expiresIn": probe.TICKET_TTL, "serverTime": time.time()}
+
     def echo(self, session, datagrams):
         with self.lock:
             self.queues[session].extend(datagrams)
@@ -206,6 +226,7 @@ class FakeWsServer:
     def __init__(self, tls=None, subprotocols=None):
         self.requests = []  # handshake request headers
         self.connections = []
+        self.refuse = None  # a status (401, 403, ...) every upgrade gets
         self.received = []
         self.lock = threading.Lock()
         # compression left at the library default (deflate offered if asked)
@@ -224,6 +245,8 @@ class FakeWsServer:
             return connection.respond(404, "not found\n")
         if request.headers.get("Authorization") != "Bearer " + TOKEN:
             return connection.respond(401, '{"error": {"code": "UNAUTHORIZED"}}\n')
+        if self.refuse:
+            return connection.respond(self.refuse, '{"error": {"code": "REFUSED"}}\n')
         return None
 
     def _handler(self, connection):
@@ -275,3 +298,110 @@ def self_signed(directory):
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+class FakeNode:
+    """A node's UDP side on 127.0.0.1: "WireGuard" echoes every datagram, and a
+    probe echo answers probes made with its tickets (orbmesh_relay/probe.py).
+
+    `blocked` drops everything both ways, as a middlebox blocking UDP would.
+    """
+
+    def __init__(self):
+        self.secret = os.urandom(32)
+        self.wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.wireguard.bind(("127.0.0.1", 0))
+        self.probes = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.probes.bind(("127.0.0.1", 0))
+        self.port = self.wireguard.getsockname()[1]
+        self.probe_port = self.probes.getsockname()[1]
+        self.endpoint = "127.0.0.1:%d" % self.port
+        self.blocked = False
+        self.received = []  # (datagram, source) at "WireGuard"
+        self.probed = 0  # probes answered or refused
+        self.probes_seen = 0  # every datagram at the probe port, blocked or not
+        self.stopped = False
+        self.threads = [threading.Thread(target=self._serve, args=(sock, handle), daemon=True)
+                        for sock, handle in ((self.wireguard, self._echo), (self.probes, self._answer))]
+        for thread in self.threads:
+            thread.start()
+
+    def _serve(self, sock, handle):
+        sock.settimeout(0.1)
+        while not self.stopped:
+            try:
+                data, source = sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if sock is self.probes:
+                self.probes_seen += 1
+            if not self.blocked:
+                handle(sock, data, source)
+
+    def _echo(self, sock, data, source):
+        self.received.append((data, source))
+        sock.sendto(data, source)
+
+    def _answer(self, sock, data, source):
+        self.probed += 1
+        reply = probe.answer(data, source, self.secret)
+        if reply is not None:
+            sock.sendto(reply, source)
+
+    def stop(self):
+        self.stopped = True
+        for thread in self.threads:
+            thread.join(2)
+        self.wireguard.close()
+        self.probes.close()
+
+
+class DarkProxy:
+    """A TCP proxy on 127.0.0.1 to `port`; go_dark() makes every connection through it a path gone
+    dark: both ends stay open, bytes are taken and dropped, nothing arrives (no reset, no close)."""
+
+    def __init__(self, port):
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.dark = False
+        self.accepted = 0
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                if not self.dark:
+                    sink.sendall(data)
+            except OSError:
+                return
+
+    def go_dark(self):
+        self.dark = True
+
+    def stop(self):
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -1,5 +1,6 @@
 """The orbmesh-relay command, and `orbmesh-wg relay` that runs the same code,
 in-process and as processes against fake servers."""
+import json
 import os
 import queue
 import re
@@ -15,12 +16,12 @@ import pytest
 from app.cli import main as wg_main
 from orbmesh_relay import cli, relay as relay_module
 from orbmesh_relay.cli import parse_listen
-from tests.relay.fakes import TOKEN, FakeTunnelServer, FakeWsServer, UdpPeer, wg_datagram
+from tests.relay.fakes import TOKEN, FakeNode, FakeTunnelServer, FakeWsServer, UdpPeer, wait_for, wg_datagram
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STATUS = re.compile(r"\Arelay (ws|http) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
-                    r"reconnects=(\d+) connected=(yes|no)\Z")
+STATUS = re.compile(r"\Arelay (ws|http|udp|none) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
+                    r"reconnects=(\d+) connected=(yes|no) rtt=(-|[\d.]+ms) switches=(\d+)\Z")
 
 # Both commands, in-process: (name in messages, how to call it).
 ENTRY_POINTS = {
@@ -58,6 +59,8 @@ def test_parse_listen_refuses(text):
     (["--session", "bad name"], "--session must match"),
     (["--http-senders", "0"], "--http-senders must be"),
     (["--insecure", "--ca-file", "x.pem"], "not allowed with"),
+    (["--endpoint", "host:x"], "--endpoint must be"),
+    (["--transport", "quic"], "invalid choice: 'quic'"),
 ])
 def test_bad_options(command, argv, message, capsys):
     base = {"--transport": "http", "--url": "http://127.0.0.1:1", "--listen": "127.0.0.1:0"}
@@ -121,9 +124,9 @@ def test_python_dash_m_runs_the_command():
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: orbmesh-relay ")
-    refused = subprocess.run([sys.executable, "-m", "orbmesh_relay", "--transport", "udp"], cwd=ROOT,
+    refused = subprocess.run([sys.executable, "-m", "orbmesh_relay", "--transport", "quic"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "invalid choice: 'udp'" in refused.stderr
+    assert refused.returncode == 2 and "invalid choice: 'quic'" in refused.stderr
 
 
 class RelayProcess:
@@ -234,3 +237,35 @@ def test_process_bad_token_exits_2(transport, command):
         relay.kill()
         server.stop()
     assert "not-the-token" not in "\n".join(relay.err_lines + list(relay.err.queue))
+
+
+@pytest.mark.parametrize("transport", ["udp", "auto"])
+def test_process_udp_and_auto_with_a_status_file(transport, tmp_path):
+    node = FakeNode()
+    api = FakeTunnelServer()
+    api.probe = node
+    path = tmp_path / "status.json"
+    relay = RelayProcess("--transport", transport, "--url", api.url, "--endpoint", node.endpoint,
+                         "--status-interval", "0", "--status-file", str(path))
+    peer = None
+    try:
+        peer = UdpPeer(relay.address())
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1) == [wg_datagram(1)]
+        relay.proc.send_signal(signal.SIGUSR1)
+        status = relay.next_status()
+        assert status.group(1) == "udp" and status.group(8) == "yes"
+        assert status.group(10) == ("1" if transport == "auto" else "0")  # auto's first choice is a switch
+        written = wait_for(lambda: path.exists() and json.loads(path.read_text()), what="the status file")
+        assert written["mode"] == transport and written["transport"] == "udp"
+        if transport == "auto":
+            relay.next_err(r"switch none -> udp: first answer from the node came over udp")
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.finish() == 0
+    finally:
+        if peer:
+            peer.close()
+        relay.kill()
+        api.stop()
+        node.stop()
+    assert TOKEN not in "\n".join(relay.err_lines + list(relay.err.queue)) + path.read_text()

@@ -9,26 +9,26 @@ import orbmesh_relay
 from orbmesh_relay.common import TOKEN_ENV, Backoff, LocalPort, Stats, Unauthorized, unauthorized_message
 from tests.relay.fakes import wg_datagram
 
-STATUS = re.compile(r"\Arelay (ws|http) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
-                    r"reconnects=(\d+) connected=(yes|no)\Z")
+STATUS = re.compile(r"\Arelay (ws|http|udp|none) up=(\d+)/(\d+) down=(\d+)/(\d+) dropped=(\d+) "
+                    r"reconnects=(\d+) connected=(yes|no) rtt=(-|[\d.]+ms) switches=(\d+)\Z")
 
 
 def test_status_line_format():
     stats = Stats()
-    assert stats.line("ws") == "relay ws up=0/0 down=0/0 dropped=0 reconnects=0 connected=no"
+    assert stats.line("ws") == "relay ws up=0/0 down=0/0 dropped=0 reconnects=0 connected=no rtt=- switches=0"
     stats.up(3, 300)
     stats.down(2, 128)
     stats.drop(4)
     stats.reconnect()
     stats.set_connected(True)
-    line = stats.line("http")
-    assert line == "relay http up=3/300 down=2/128 dropped=4 reconnects=1 connected=yes"
+    line = stats.line("http", rtt=0.01234, switches=2)
+    assert line == "relay http up=3/300 down=2/128 dropped=4 reconnects=1 connected=yes rtt=12.3ms switches=2"
     assert STATUS.match(line)
 
 
 def test_status_line_is_documented():
-    assert "relay TRANSPORT up=PKTS/BYTES down=PKTS/BYTES dropped=N reconnects=N connected=yes|no" \
-        in orbmesh_relay.__doc__
+    assert ("relay TRANSPORT up=PKTS/BYTES down=PKTS/BYTES dropped=N reconnects=N connected=yes|no "
+            "rtt=MSms|- switches=N") in orbmesh_relay.__doc__
 
 
 def test_backoff_doubles_to_the_cap_with_jitter():
@@ -131,7 +131,7 @@ def test_local_port_sends_equal_sized_runs_segmented_as_separate_datagrams():
         sent = [wg_datagram(i, size=1400) for i in range(20)] + [wg_datagram(99)]
         assert port.send(sent) == (21, sum(map(len, sent)))
         assert [wireguard.recvfrom(65535)[0] for _ in sent] == sent
-        assert LocalPort.gso, "the kernel refused UDP segmentation, so only the fallback ran"
+        assert port.gso, "the kernel refused UDP segmentation, so only the fallback ran"
     finally:
         wireguard.close()
         port.close()

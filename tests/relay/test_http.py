@@ -230,7 +230,7 @@ def test_a_sender_whose_queue_another_emptied_waits_for_the_next(transport, monk
     transport._put([wg_datagram(1)])
     thread, out = taken_in_thread(transport)
     time.sleep(0.1)  # now filling its batch
-    with transport.ready:  # another sender takes everything
+    with transport.queue_changed:  # another sender takes everything
         transport.queue.clear()
         transport.queued = 0
     thread.join(0.6)  # past its fill deadline, with nothing left to take
@@ -266,7 +266,7 @@ class _Stopping(threading.Event):
 def test_the_receiver_pauses_only_after_an_answer_during_an_upload(transport, bulk, answer, pauses):
     transport.bulk = bulk
     channel, stopping = _Channel(answer), _Stopping()
-    transport.relay.stopping = stopping
+    transport.stopping = stopping
     transport._receive_once(channel)
     assert channel.waits == [None]
     assert stopping.waits == ([transport_module.PARK_PAUSE] if pauses else [])
@@ -279,3 +279,43 @@ def test_datagrams_too_short_for_wireguard_are_dropped_not_framed(server, relay,
     assert peer.receive_all(1) == [wg_datagram(1)]  # the control: a real one goes up and comes back
     wait_for(lambda: relay.stats.dropped == 1, what="the short datagram counted as dropped")
     assert server.upstream == [wg_datagram(1)]
+
+
+def test_a_path_gone_dark_is_left_after_the_deadline_not_tcps(server):
+    """Requests hang on connections that stay open: every connection is made again after about a second."""
+    from orbmesh_relay import liveness
+    from tests.relay.fakes import DarkProxy
+    proxy = DarkProxy(server.port)
+    relay = start_relay(proxy.url)
+    peer = UdpPeer(relay.local.address)
+    try:
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1) == [wg_datagram(1)]
+        before = proxy.accepted
+        proxy.go_dark()
+        sent_at = time.monotonic()
+        peer.send(wg_datagram(2))
+        wait_for(lambda: relay.stats.reconnects >= 1, timeout=10, what="the relay to give up on them")
+        assert liveness.DEAD_MIN <= time.monotonic() - sent_at <= 5.0
+        wait_for(lambda: proxy.accepted > before, what="new connections")
+    finally:
+        peer.close()
+        relay.stop()
+        proxy.stop()
+
+
+def test_an_answer_that_is_not_a_batch_is_a_failed_request(server):
+    original = server.server.RequestHandlerClass._answer
+
+    def not_a_batch(handler, status, body, content_type):
+        return original(handler, status, body, "text/html" if status == 200 else content_type)
+
+    server.server.RequestHandlerClass._answer = not_a_batch
+    relay = start_relay(server.url)
+    try:
+        wait_for(lambda: relay.stats.reconnects >= 1, what="the receiver to retry")
+        assert not relay.stats.connected and relay.fatal is None
+        server.server.RequestHandlerClass._answer = original  # control: proper answers connect it
+        wait_for(lambda: relay.stats.connected, what="connected")
+    finally:
+        relay.stop()

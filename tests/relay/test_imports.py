@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "orbmesh_relay"
-MODULES = {"__init__", "__main__", "framing", "common", "ws", "http", "relay", "cli"}
+MODULES = {"__init__", "__main__", "framing", "probe", "liveness", "route", "udpio", "common", "udp", "ws", "http",
+           "auto", "status", "relay", "cli"}
 ALLOWED_THIRD_PARTY = {"websockets"}
 SERVER_SIDE = ("flask", "app", "wghelper", "sh", "gevent", "werkzeug")
 
@@ -82,8 +83,10 @@ def test_package_has_no_import_cycle():
     graph, _ = import_graph(PACKAGE, "orbmesh_relay")
     assert set(graph) == MODULES
     # The walker sees the imports that exist (an empty graph has no cycle either).
-    assert {"ws", "http", "common"} <= graph["relay"]
-    assert graph["ws"] == {"common", "framing"} and graph["http"] == {"common", "framing"}
+    assert {"ws", "http", "udp", "auto", "common"} <= graph["relay"]
+    assert graph["ws"] == {"common", "framing", "route"} and graph["http"] == {"common", "framing", "route"}
+    assert graph["auto"] == {"udp", "ws", "http"}  # the transports, never relay.py
+    assert graph["probe"] == set() and graph["framing"] == set()  # the server loads these alone
     assert graph["__init__"] == set()  # so the server's import of framing loads nothing else
     assert find_cycle(graph) is None
 
@@ -152,13 +155,14 @@ def test_fresh_interpreter_loads_no_server_code():
     assert "flask" in polluted["server_side"] and "werkzeug" in polluted["server_side"]
 
 
-def test_server_loads_only_the_framing_rules():
-    done = subprocess.run([sys.executable, "-c", "import json, sys, orbmesh_relay.framing; "
-                           "print(json.dumps(sorted(sys.modules)))"], cwd=ROOT, capture_output=True,
+@pytest.mark.parametrize("module", ["framing", "probe"])
+def test_server_loads_only_the_wire_formats(module):
+    done = subprocess.run([sys.executable, "-c", "import json, sys, orbmesh_relay.%s; "
+                           "print(json.dumps(sorted(sys.modules)))" % module], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout)
-    assert [m for m in loaded if m.split(".")[0] == "orbmesh_relay"] == ["orbmesh_relay", "orbmesh_relay.framing"]
+    assert [m for m in loaded if m.split(".")[0] == "orbmesh_relay"] == ["orbmesh_relay", "orbmesh_relay." + module]
     assert "websockets" not in loaded
 
 

@@ -1,10 +1,13 @@
 """The relay's WebSocket transport against a fake echo server (not the real app)."""
+import time
+
 import pytest
 
+from orbmesh_relay import liveness
 from orbmesh_relay.framing import BATCH_PROTOCOL, MAX_BATCH_MESSAGE, decode_batch
 from orbmesh_relay.relay import Relay
 from orbmesh_relay.ws import ws_uri
-from tests.relay.fakes import TOKEN, FakeWsServer, UdpPeer, wait_for, wg_datagram
+from tests.relay.fakes import TOKEN, DarkProxy, FakeWsServer, UdpPeer, wait_for, wg_datagram
 
 
 @pytest.fixture
@@ -172,6 +175,30 @@ def test_frames_sent_with_the_handshake_answer_are_delivered():
         listener.close()
 
 
+@pytest.mark.parametrize("bad", ["text", "broken batch"])
+def test_a_message_that_does_not_parse_is_a_failed_path(bad):
+    server = FakeWsServer(subprotocols=[BATCH_PROTOCOL])
+    relay = start_relay(server.url)
+    peer = UdpPeer(relay.local.address)
+    try:
+        wait_for(lambda: relay.stats.connected, what="connected")
+        peer.send(wg_datagram(1))
+        assert len(peer.receive_all(1)) == 1
+        server.connections[0].send("hello" if bad == "text" else b"\x00\x50" + b"\x04" * 10)
+        wait_for(lambda: relay.stats.reconnects >= 1, what="a new connection")
+        wait_for(lambda: relay.stats.connected and len(server.connections) == 2, what="connected again")
+        for i in range(50):  # control: the new connection carries
+            peer.send(wg_datagram(2))
+            if peer.receive_all(1, timeout=0.2):
+                break
+        else:
+            raise AssertionError("nothing came back over the new connection")
+    finally:
+        peer.close()
+        relay.stop()
+        server.stop()
+
+
 def test_datagrams_too_short_for_wireguard_are_dropped_not_framed():
     """The server closes on a batch with a record under 32 bytes (issue 23): the relay never frames one."""
     server = FakeWsServer(subprotocols=[BATCH_PROTOCOL])
@@ -188,3 +215,46 @@ def test_datagrams_too_short_for_wireguard_are_dropped_not_framed():
         peer.close()
         relay.stop()
         server.stop()
+
+
+def test_a_refused_device_is_fatal():
+    server = FakeWsServer()
+    server.refuse = 403
+    relay = start_relay(server.url)
+    try:
+        assert relay.stopping.wait(10)
+        assert "403" in relay.fatal and relay.stats.reconnects == 0
+    finally:
+        relay.stop()
+        server.stop()
+
+
+def test_a_path_gone_dark_is_left_after_the_deadline_not_tcps(server):
+    """The connection stays open and nothing comes back: TCP would wait minutes, the relay about a second."""
+    proxy = DarkProxy(server.port)
+    relay = start_relay(proxy.url)
+    peer = UdpPeer(relay.local.address)
+    try:
+        wait_for(lambda: relay.stats.connected, what="connected through the proxy")
+        peer.send(wg_datagram(1))
+        assert peer.receive_all(1) == [wg_datagram(1)]
+        proxy.go_dark()
+        sent_at = time.monotonic()
+        peer.send(wg_datagram(2))
+        wait_for(lambda: relay.stats.reconnects >= 1, timeout=10, what="the relay to give up on it")
+        assert liveness.DEAD_MIN <= time.monotonic() - sent_at <= 5.0
+        wait_for(lambda: proxy.accepted >= 2, what="a new connection made at once")
+    finally:
+        peer.close()
+        relay.stop()
+        proxy.stop()
+
+
+def test_a_route_change_makes_a_new_connection(server, relay, peer, monkeypatch):
+    from orbmesh_relay import route
+    peer.send(wg_datagram(1))
+    assert peer.receive_all(1) == [wg_datagram(1)]
+    monkeypatch.setattr(route, "source_for", lambda peer_address: "192.0.2.99")  # the laptop moved
+    wait_for(lambda: relay.stats.reconnects >= 1, what="a new connection")
+    monkeypatch.undo()
+    wait_for(lambda: relay.stats.connected and len(server.connections) >= 2, what="connected again")

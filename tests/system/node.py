@@ -296,5 +296,8 @@ class Lab:
     def install(self, tree="/srv/orbmesh", wheels="/srv/wheels", *args):
         done = self.node.run("bash", tree + "/deploy/install.sh", "--wheels", wheels, *args, check=False, timeout=600)
         self.log("install.sh from %s:\n%s%s" % (tree, done.stdout[-2500:], done.stderr[-2500:]))
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if done.returncode != 0:
+            journal = self.node.run("journalctl", "-n", "60", "--no-pager", "-u", "orbmesh*", check=False).stdout
+            raise AssertionError("install.sh failed:\n%s%s\njournal:\n%s" % (
+                done.stdout[-2500:], done.stderr[-2500:], journal[-4000:]))
         return done.stdout
