@@ -38,7 +38,7 @@ from tests.e2e.stack import wait_for  # noqa: E402
 NAME = "transport_auto"
 MODES = ("auto", "udp", "ws", "http")
 COLORS = {"udp": "#2a7", "ws": "#27a", "http": "#a72", "none": "#ccc", "auto": "#000"}
-IPERF_PORT = 5201
+IPERF_PORT = middlebox.IPERF_PORTS[0]  # opened on the node by the lab
 SCHEDULE = [(10, ("udp",), "block UDP"), (40, (), "unblock UDP"), (70, ("get",), "block WebSocket upgrades"),
             (85, ("udp", "get"), "block UDP too (only HTTP POSTs pass)")]
 DURATION = 100

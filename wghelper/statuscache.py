@@ -36,10 +36,11 @@ class StatusCache:
     def get(self, key, compute):
         """compute() -> value, at most as old as described above; key: what invalidates it."""
         value = self._fresh(key, self.refresh)
-        if value is None and self._fresh(key, self.max_age) is not None and not self._background:
+        stale = self._fresh(key, self.max_age) if value is None else None
+        if stale is not None and not self._background:
             self._background = True  # a second thread starting too only costs one more dump
             threading.Thread(target=self._refresh, args=(key, compute), name="status-refresh", daemon=True).start()
-            value = self._fresh(key, self.max_age)
+        value = value if value is not None else stale
         if value is not None:
             return value
         with self._lock:  # another caller may have just dumped

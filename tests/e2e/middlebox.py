@@ -42,6 +42,10 @@ LINK_A = {"client4": "198.51.100.2", "mbox4": "198.51.100.1", "client6": "2001:d
 LINK_B = {"client4": "203.0.113.2", "mbox4": "203.0.113.1", "client6": "2001:db8:b::2", "mbox6": "2001:db8:b::1"}
 PROBE_PORT = 51822
 ECHO_PORT = 7007
+# The node's firewall lets a client reach only the node's own services on the gateway; the lab's
+# iperf3 servers and transfer listener are opened the way an operator opens a service.
+IPERF_PORTS = (5201, 5202, 5203)
+TRANSFER_PORT = 5204
 TABLE = "orbmesh_mbox"
 BLOCKS = {
     "udp": ["meta l4proto udp drop"],
@@ -100,7 +104,8 @@ class Lab:
         self.blocked = set()
         self.stack = Stack(self.server, self.client, tmp_path, workers=1, server_addr=SERVER4)
         self.stack.extra_binds = ["[%s]:%d" % (SERVER6, API_PORT)]
-        self.stack.env.update({"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_PROBE_PORT": str(PROBE_PORT)})
+        self.stack.env.update({"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_PROBE_PORT": str(PROBE_PORT),
+                               "ORBMESH_CLIENT_NODE_PORTS": ",".join(map(str, IPERF_PORTS + (TRANSFER_PORT,)))})
         self.stack.env.update(env or {})
         self.clients, self.relays, self.pingers = [], [], []
 
@@ -308,9 +313,10 @@ class Client:
         listen_ns, dial_ns = (self.lab.server, self.lab.client) if direction == "up" else (self.lab.client,
                                                                                            self.lab.server)
         listener = listen_ns.socket_in(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if direction == "down":
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.wg.ifname.encode())
-        listener.bind((GATEWAY if direction == "up" else client_ip, 0))
+        listener.bind((GATEWAY, TRANSFER_PORT) if direction == "up" else (client_ip, 0))
         listener.listen(1)
         listener.settimeout(60)
         received = hashlib.sha256()
