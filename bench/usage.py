@@ -173,7 +173,7 @@ def main(argv=None):
                 s = samples[mode]
                 s["table_s"].append(round(set_tiers(stack, mode == "tiers"), 2))
                 if mode == "tiers":
-                    result["table"] = dict(zip(("elements", "tiers"), table_size(stack)))
+                    result["nft_table"] = dict(zip(("elements", "tiers"), table_size(stack)))
                 down, up = forward(stack, internet, seconds)
                 s["down"].append(down)
                 s["up"].append(up)
@@ -238,8 +238,8 @@ def render(result, smoke):
                         "half of it /s", "its open p99 ms", "common rate /s", "open p50 ms", "open p99 ms",
                         "CPU ms/cycle", "errors"], rows)
         + "\n\nforwarding with tiers / without: down %s, up %s; table: %s elements in the tier maps, %s tiers; "
-          "written whole in %s s" % (result["ratio_down"], result["ratio_up"], result.get("table", {}).get("elements"),
-                                     result.get("table", {}).get("tiers"), result["tiers"]["table_write_s"])
+          "written whole in %s s" % (result["ratio_down"], result["ratio_up"], result.get("nft_table", {}).get("elements"),
+                                     result.get("nft_table", {}).get("tiers"), result["tiers"]["table_write_s"])
         + "\ncollector: server namespace CPU %s%% of a core counting off, %s%% on (interval %s s, last count %s s): "
           "%s%% of a core" % (c["off"]["cpu_percent"], c["on"]["cpu_percent"], c["on"]["interval_s"],
                               c["on"]["last_count_cost_s"], c["cost_percent"]))
