@@ -51,6 +51,12 @@ class Writer:
         self.wg_set_calls = 0
         self.version = 0  # bumped after every wg set has finished, failed or not (statuscache.py)
         self.jobs_applied = 0
+        # The keys on the interface, when known: read from a dump that no wg set overlapped (learn) and
+        # kept by every wg set since; None after a failed one (what it did is unknown).  The status
+        # command counts peers from it instead of dumping 60,000 of them after every change.
+        self._keys, self._keys_generation = None, None
+        self._keys_lock = threading.Lock()
+        self._setting = False  # a wg set is running
         self._queue = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -142,10 +148,32 @@ class Writer:
         self.jobs_applied += 1
         job.finish(result=result)
 
+    def learn(self, keys, generation, version):
+        """A dump of the interface of `generation` that started when `version` was current found `keys`:
+        kept unless a wg set ran during it (one finished: the version moved; or one is running)."""
+        with self._keys_lock:
+            if self.version == version and not self._setting:
+                self._keys, self._keys_generation = set(keys), generation
+
+    def peer_count(self, generation):
+        """How many peers the interface of `generation` holds, or None when unknown."""
+        keys = self._keys
+        return len(keys) if keys is not None and self._keys_generation == generation else None
+
     def _apply(self, removes, adds):
         if removes or adds:
             self.wg_set_calls += 1
+            with self._keys_lock:
+                keys, self._keys, self._setting = self._keys, None, True
             try:
                 self.cmd.set_peers(self.ifname, removes, adds)
+                if keys is not None:
+                    keys.difference_update(removes)
+                    keys.update(p["public_key"] for p in adds)
+            except BaseException:
+                keys = None
+                raise
             finally:
-                self.version += 1
+                with self._keys_lock:
+                    self._keys, self._setting = keys, False
+                    self.version += 1
