@@ -15,7 +15,7 @@ import time
 
 from wghelper.validate import LOW_ORDER_KEYS
 
-from . import store, sweep, usage
+from . import drift, store, sweep, usage
 from .audit import SYSTEM
 from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
 from .helper import HelperClient, HelperFailed, HelperUnavailable, own_keys
@@ -146,6 +146,10 @@ class Watcher:
             if self._eager:
                 result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log,
                                    own=own_keys(hello), forget_refused=True)
+            elif get_meta(db, "reconciled_generation") == generation:
+                # The same interface: look for drift without holding the lock (app/drift.py).
+                result = drift.check(db, self.helper, generation, self.interval, hello, bridges=self.bridges,
+                                     audit_log=self.audit_log, own=own_keys(hello))
             elif due(db, generation, self.interval):
                 result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges,
                                    audit_log=self.audit_log, own=own_keys(hello))
