@@ -151,7 +151,15 @@ def count_live_by_source(db):
 
 
 def count_live(db):
-    return db.execute("SELECT count(*) FROM peers WHERE %s" % ON_INTERFACE).fetchone()[0]
+    """count_live_by_source summed, without reading every row: every /health asks, and the scan took
+    23 ms at 60,000 peers, stalling the worker's other requests (SQLite does not yield to gevent).  All
+    rows (SQLite counts a table by its pages), less the quarantined (a partial index) and the live peers
+    of the users the quota cut (by user)."""
+    total = db.execute("SELECT count(*) FROM peers").fetchone()[0]
+    held = db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NOT NULL").fetchone()[0]
+    cut = db.execute("SELECT count(*) FROM peers WHERE quarantined_at IS NULL AND user_id IN "
+                     "(SELECT user_id FROM usage_users WHERE cut_at IS NOT NULL)").fetchone()[0]
+    return total - held - cut
 
 
 def count_quarantined(db):

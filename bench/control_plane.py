@@ -216,7 +216,7 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
     jobs = queue.Queue()
     for i, at in enumerate(arrivals):
         jobs.put((i, at))
-    latencies_connect, errors, lock = [], [], threading.Lock()
+    latencies_connect, errors, lock, timeline = [], [], threading.Lock(), []
     tokens = [stack.token("bench-open%d" % i, tag) for i in range(OPEN_LOOP_WORKERS)]
     start = time.perf_counter() + 0.2
 
@@ -247,6 +247,7 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
                     continue
                 with lock:
                     latencies_connect.append(connected - (start + at))
+                    timeline.append((round(at, 2), round((connected - (start + at)) * 1000, 1)))
         finally:
             conn.close()
 
@@ -269,7 +270,10 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
             "achieved_per_s": round(cycles / elapsed, 1) if elapsed else None,
             "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
             "connect": common.latency_summary(latencies_connect), "errors": len(errors),
-            "error_samples": errors[:3], "reads": polled}
+            "error_samples": errors[:3], "reads": polled,
+            # When the slowest 2% arrived (s into the phase, ms): a stall shows as one cluster, a busy
+            # machine as a spread.
+            "slowest": sorted(sorted(timeline, key=lambda x: -x[1])[:max(1, len(timeline) // 50)])}
 
 
 def measure(stacks, clients, duration, level, run):

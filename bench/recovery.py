@@ -96,6 +96,9 @@ def cold_start(stack, pinger, expected, run):
     stack.stop_app()
     stack.stop_helper()
     stack.server.run("ip", "link", "del", "dev", stack.interface, check=False)
+    # wireguard-go takes a while to let go of 60,000 peers; a new one for the same name fails meanwhile.
+    wait(lambda: "wireguard-go" not in control_plane.processes(stack)
+         and not os.path.exists("/var/run/wireguard/%s.sock" % stack.interface), "the old wireguard-go gone")
     answered = {}
 
     def connect_until_answered():
