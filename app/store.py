@@ -6,6 +6,7 @@ quarantined (sweep.py), and every peer of a user the quota cut is held
 interface (live_peers leaves them out).
 """
 import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ class Peer:
 
     @property
     def address(self):
-        return str(ipaddress.IPv4Address(self.addr))
+        return socket.inet_ntoa(self.addr.to_bytes(4, "big"))  # str(IPv4Address) at a tenth of the cost
 
 
 _COLUMNS = ("id, public_key, addr, user_id, device_id, source, endpoint, keepalive, created_at, updated_at,"
