@@ -230,3 +230,34 @@ def test_no_secret_reaches_any_log(stack):
     logs = "".join(path.read_text() for path in (stack.app_log, stack.helper_log, stack.access_log))
     assert "connect" in logs and "listening on" in logs  # the logs are really there
     assert [name for name, value in secrets_used.items() if value in logs] == []
+
+
+def test_connects_and_disconnects_during_a_large_sync_are_kept(stack):
+    """Since issue 27 reconcile's sync runs without the database write lock, and the helper lets changes
+    in between its slices of 1,000: what connects and disconnects while 4,000 peers go back on a lost
+    interface must end as the database says, not as the rows read before the sync said."""
+    from bench.common import seed_peers
+
+    seed_peers(stack, 4000)
+    staying, body = bring_up_client(stack, "user-1", "stays")
+    leaving, leaving_body = bring_up_client(stack, "user-1", "leaves")
+    try:
+        assert staying.ping(body["gateway"], count=1, timeout=3) and leaving.ping(body["gateway"], count=1, timeout=3)
+        stack.server.run("ip", "link", "del", "dev", stack.interface)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            new = list(pool.map(lambda i: (stack.connect("user-new", "n%d" % i, keypair()[1])), range(10)))
+            gone = list(pool.map(lambda i: stack.call("POST", "/wireguard/disconnect",
+                                                      token=stack.token("seed-%d" % i, "seed")), range(5)))
+            gone.append(stack.call("POST", "/wireguard/disconnect", token=stack.token("user-1", "leaves")))
+        assert [s for s, _ in new] == [200] * 10 and [s for s, _ in gone] == [200] * 6, (new, gone)
+        expected = stack.db_peers()
+        assert len(expected) == 4000 - 5 + 1 + 10
+        wait_for(lambda: stack.wg_peers() == expected, timeout=180, what="the interface equal to the database")
+        assert all(b["publicKey"] in stack.wg_peers() for _, b in new)
+        assert leaving_body["publicKey"] not in stack.wg_peers()
+        # A client that stayed passes traffic again (the control); the one that left does not.
+        assert wait_for(lambda: staying.ping(body["gateway"], count=1, timeout=2), timeout=60, what="ping")
+        assert not leaving.ping(body["gateway"], count=2, timeout=1), "a disconnected client still passes traffic"
+    finally:
+        staying.close()
+        leaving.close()
