@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS usage_users (
     period_start REAL NOT NULL,
     cut_at       REAL
 );
+CREATE INDEX IF NOT EXISTS usage_users_cut ON usage_users (user_id) WHERE cut_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS usage_devices (
     user_id      TEXT NOT NULL,
     source       TEXT NOT NULL CHECK (source IN ('client', 'orbnet')),
@@ -142,6 +143,9 @@ def init_schema(path):
                 for name, definition in ADDED_COLUMNS:
                     if name not in have:
                         db.execute("ALTER TABLE peers ADD COLUMN %s %s" % (name, definition))
+                # After the columns: an older file gets quarantined_at above.  For store.count_live.
+                db.execute("CREATE INDEX IF NOT EXISTS peers_quarantined ON peers (quarantined_at) "
+                           "WHERE quarantined_at IS NOT NULL")
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:

@@ -2,11 +2,14 @@
 
 Runs at start, whenever the helper reports a new interface generation (the
 helper restarted or the interface was re-created), and every
-RECONCILE_INTERVAL seconds.  The rows are read and the sync is sent while
-holding the write lock, so no connect or disconnect can slip between the
-snapshot and the sync and be undone by it.  Several workers share the
-work through ``meta``: whoever syncs a generation first records it, and
-the others see that and skip.
+RECONCILE_INTERVAL seconds (that one by app/drift.py, on the same
+interface).  The rows are read under the write lock and the sync runs
+without it (at 60,000 peers it takes seconds, bench/recovery.py); then,
+under the lock again, what committed meanwhile is compared with what was
+sent and put right (_repair), so no connect or disconnect that slipped in
+between is undone by the sync.  Several workers share the work through
+``meta``: whoever takes a generation first records it, and the others see
+that and skip.
 """
 import dataclasses
 import logging
@@ -15,9 +18,9 @@ import time
 
 from wghelper.validate import LOW_ORDER_KEYS
 
-from . import store, sweep, usage
+from . import drift, store, sweep, usage
 from .audit import SYSTEM
-from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, write
+from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, undo, write
 from .helper import HelperClient, HelperFailed, HelperUnavailable, own_keys
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     with write(db):
         if interval is not None and not due(db, generation, interval):
             return None
+        if generation is not None:  # taken, so the other workers do not sync it too meanwhile
+            set_meta(db, "reconciled_generation", generation)
+            set_meta(db, "reconciled_at", time.time())
         peers = store.live_peers(db)
         for bad in [p for p in peers if p.public_key in LOW_ORDER_KEYS or p.public_key in own]:
             log.warning("reconcile quarantined addr=%s: its key is a low-order point or the server's own", bad.address)
@@ -51,21 +57,49 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
             peers.remove(bad)
         if forget_refused:
             peers = [_without_refused_endpoints(db, p) for p in peers]
+    # The sync itself runs without the lock: at 60,000 peers it takes wireguard-go about 16 s to add
+    # them all, and no connect could commit meanwhile (bench/recovery.py).  What committed during it is
+    # put right below, under the lock; the helper's writer lets changes in between its slices.
+    try:
         result = helper.sync(peers)
-        store.set_endpoints(db, result.pop("endpoints", None) or {})
-        if bridges is not None:
-            bridges.sync(db, helper)
-        usage.sync_limits(db, helper)  # the helper's tiers and quotas: exactly the database's
-        usage.prune(db)
-        if generation is not None:
-            set_meta(db, "reconciled_generation", generation)
-        set_meta(db, "reconciled_at", time.time())
+        with write(db):
+            _repair(db, helper, peers, own)
+            store.set_endpoints(db, result.pop("endpoints", None) or {})
+            if bridges is not None:
+                bridges.sync(db, helper)
+            usage.sync_limits(db, helper)  # the helper's tiers and quotas: exactly the database's
+            usage.prune(db)
+            if generation is not None:
+                set_meta(db, "reconciled_generation", generation)
+            set_meta(db, "reconciled_at", time.time())
+    except BaseException:
+        with undo(db):
+            schedule(db)  # every worker syncs again
+        raise
     log.info("reconcile peers=%d added=%s removed=%s updated=%s", len(peers),
              result.get("added"), result.get("removed"), result.get("updated"))
     repairs = {k: result.get(k) for k in ("added", "removed", "updated") if result.get(k)}
     if repairs and audit_log is not None:
         audit_log.write("reconcile", SYSTEM, None, None, peers=len(peers), generation=generation, **repairs)
     return result
+
+
+def _shape(peer):
+    """What a peer's spec on the interface is made of (helper.peer_spec)."""
+    return peer.addr, peer.mode, peer.endpoint, peer.keepalive
+
+
+def _repair(db, helper, sent, own):
+    """Inside write(), after a sync of `sent` (the rows read before it): put on or take off the peers
+    whose rows a connect, disconnect or change committed while the sync ran without the lock."""
+    sent = {p.public_key: p for p in sent}
+    now = {p.public_key: p for p in store.live_peers(db)
+           if p.public_key not in LOW_ORDER_KEYS and p.public_key not in own}
+    removes = [key for key in sent if key not in now]
+    adds = [p for key, p in now.items() if key not in sent or _shape(sent[key]) != _shape(p)]
+    if removes or adds:
+        log.info("reconcile repaired what changed during the sync: %d on, %d off", len(adds), len(removes))
+        helper.apply(add=adds, remove=removes)
 
 
 def _without_refused_endpoints(db, peer):
@@ -146,6 +180,10 @@ class Watcher:
             if self._eager:
                 result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log,
                                    own=own_keys(hello), forget_refused=True)
+            elif get_meta(db, "reconciled_generation") == generation:
+                # The same interface: look for drift without holding the lock (app/drift.py).
+                result = drift.check(db, self.helper, generation, self.interval, hello, bridges=self.bridges,
+                                     audit_log=self.audit_log, own=own_keys(hello))
             elif due(db, generation, self.interval):
                 result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges,
                                    audit_log=self.audit_log, own=own_keys(hello))

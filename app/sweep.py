@@ -20,7 +20,11 @@ them does the work per SWEEP_INTERVAL: ``meta.swept_at`` is checked and set
 in one write transaction (a lease by time).  The quarantine, the frees and
 the helper call happen in one transaction under the write lock, as in
 reconcile, so no connect can slip in between; if the helper fails, the
-transaction is rolled back and nothing is quarantined or freed.
+transaction is rolled back and nothing is quarantined or freed.  That is
+done a SLICE of rows (by address) per transaction, with the lock let go in
+between: one transaction over 60,000 rows held every connect for the walk
+and a `wg set` removing thousands of peers at once (bench/profile.py).  A
+helper failure ends the round there: the slices before it stay done.
 """
 import logging
 import time
@@ -30,6 +34,8 @@ from .audit import SYSTEM
 from .db import get_meta, set_meta, write
 
 log = logging.getLogger(__name__)
+
+SLICE = 1000  # rows per write transaction
 
 
 def _claim(db, interval, now):
@@ -64,32 +70,52 @@ def sweep(db, helper, config, audit_log=None, now=None):
     generation = helper.hello()["generation"]
     dump = helper.dump()
     handshakes = {p["public_key"]: p["latest_handshake"] for p in dump}
+    endpoints = {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")}
     quarantined, freed = [], []
     with write(db):
         since = _interface_since(db, generation, now)
-        store.set_endpoints(db, {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")})
-        for peer in store.client_peers(db):
-            if peer.quarantined_at:
-                if now - peer.quarantined_at >= config["QUARANTINE"]:
-                    store.delete(db, peer)
-                    freed.append(peer)
-                continue
-            seen = handshakes.get(peer.public_key) or 0
-            if seen > (peer.handshake_at or 0):
-                store.set_handshake(db, peer.id, seen)
-            if now - idle_since(peer, seen, since) >= config["STALE_AFTER"]:
-                store.set_quarantined(db, peer.id, now)
-                quarantined.append(peer)
-        # Inside the transaction: a helper failure rolls every change back.
-        if quarantined:
-            helper.apply(remove=[p.public_key for p in quarantined])
-        unrouted = [p.address for p in freed if p.mode == "bridge"]
-        if unrouted:
-            # A freed address may go to a direct client next; a bridge rule
-            # left for it would send that client's traffic to the exit.
-            helper.bridge_rules(remove=unrouted)
-    _report(quarantined, freed, handshakes, since, now, audit_log)
+    after = -1
+    try:
+        while True:
+            with write(db):
+                rows = store.client_peers_after(db, after, SLICE)
+                if not rows:
+                    break
+                after = rows[-1].addr
+                more = _slice(db, helper, config, rows, handshakes, endpoints, since, now)
+            quarantined += more[0]
+            freed += more[1]
+            time.sleep(0)  # a yield (gevent): connects waiting for the lock go first
+    finally:
+        _report(quarantined, freed, handshakes, since, now, audit_log)
     return {"quarantined": quarantined, "freed": freed}
+
+
+def _slice(db, helper, config, rows, handshakes, endpoints, since, now):
+    """One slice of the round (call inside write()): ([quarantined], [freed])."""
+    quarantined, freed = [], []
+    store.set_endpoints(db, {p.public_key: endpoints[p.public_key] for p in rows if p.public_key in endpoints})
+    for peer in rows:
+        if peer.quarantined_at:
+            if now - peer.quarantined_at >= config["QUARANTINE"]:
+                store.delete(db, peer)
+                freed.append(peer)
+            continue
+        seen = handshakes.get(peer.public_key) or 0
+        if seen > (peer.handshake_at or 0):
+            store.set_handshake(db, peer.id, seen)
+        if now - idle_since(peer, seen, since) >= config["STALE_AFTER"]:
+            store.set_quarantined(db, peer.id, now)
+            quarantined.append(peer)
+    # Inside the transaction: a helper failure rolls the slice's changes back.
+    if quarantined:
+        helper.apply(remove=[p.public_key for p in quarantined])
+    unrouted = [p.address for p in freed if p.mode == "bridge"]
+    if unrouted:
+        # A freed address may go to a direct client next; a bridge rule
+        # left for it would send that client's traffic to the exit.
+        helper.bridge_rules(remove=unrouted)
+    return quarantined, freed
 
 
 def _report(quarantined, freed, handshakes, since, now, audit_log):

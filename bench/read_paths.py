@@ -10,6 +10,7 @@ watcher notices and syncs every peer back.  The time is from the deletion
 until `wg` shows every peer again with the right allowed IPs.
 """
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,50 @@ def latencies(client, path, headers, count):
             raise RuntimeError("%s answered %s: %s" % (path, status, body))
         samples.append(seconds)
     return samples, body
+
+
+class Poller:
+    """/wireguard/status and /health in turn, one request at a time, every `pause` seconds, while another
+    load runs (bench/control_plane.py's open loop): their latency under that load.  Gentle (10 requests/s),
+    as monitoring is: at 50/s its own CPU tripled the stack's CPU per connect."""
+
+    def __init__(self, stack, pause=0.2):
+        self.stack, self.pause = stack, pause
+        self.samples = {"status": [], "health": []}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self):
+        client = Client(self.stack.client)
+        key = {"X-API-Key": self.stack.api_key}
+        try:
+            while not self._stop.is_set():
+                for name, path, headers in (("status", "/wireguard/status", key), ("health", "/health", {})):
+                    try:
+                        status, _, seconds = client.request("GET", path, headers=headers)
+                    except Exception:  # counted; a new connection next time
+                        self.errors += 1
+                        client.close()
+                        client = Client(self.stack.client)
+                        continue
+                    if status == 200 or (name == "health" and status == 503):
+                        self.samples[name].append(seconds)  # 503: degraded, answered all the same
+                    else:
+                        self.errors += 1
+                self._stop.wait(self.pause)
+        finally:
+            client.close()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=60)
+        return {"status": common.latency_summary(self.samples["status"]),
+                "health": common.latency_summary(self.samples["health"]), "errors": self.errors}
 
 
 def status_after_change(stack, client, key, count, run):

@@ -103,7 +103,8 @@ class FakeHelper:
         self.calls.append(("dump",))
         self._maybe_fail()
         return [{"public_key": key, "latest_handshake": self.handshakes.get(key, 0),
-                 "endpoint": self.endpoints.get(key)} for key in self.peers]
+                 "endpoint": self.endpoints.get(key), "allowed_ips": list(peer["allowed_ips"]),
+                 "keepalive": peer["keepalive"]} for key, peer in self.peers.items()]
 
     def sync(self, peers):
         peers = [sync_spec(p, self.addressing()) for p in peers]

@@ -50,8 +50,16 @@ def _on_interface(ctx, work):
         raise
 
 
+def _dump(ctx):
+    """parse_dump of the interface now; the writer learns its keys from it (Writer.learn)."""
+    generation, version = ctx.interface.generation, ctx.writer.version
+    info, peers = parse_dump(ctx.cmd.dump(ctx.interface.name))
+    ctx.writer.learn([p["public_key"] for p in peers], generation, version)
+    return info, peers
+
+
 def _peers_now(ctx):
-    return parse_dump(ctx.cmd.dump(ctx.interface.name))[1]
+    return _dump(ctx)[1]
 
 
 def hello(ctx, args):
@@ -77,7 +85,7 @@ def _epoch(ctx):
 def status(ctx, args):
     def live():
         taken_at, epoch = time.monotonic(), _epoch(ctx)
-        info, peers = parse_dump(ctx.cmd.dump(ctx.interface.name))
+        info, peers = _dump(ctx)
         if ctx.samples is not None:  # the usage accounting reads the same dumps
             ctx.samples.record(taken_at, epoch, peers)
         # What the interface really uses, read back from wg.
@@ -85,10 +93,15 @@ def status(ctx, args):
                 "rx_bytes": sum(p["rx_bytes"] for p in peers), "tx_bytes": sum(p["tx_bytes"] for p in peers)}
 
     _require_up(ctx)
-    # Read before the dump: see wghelper/statuscache.py for why this keeps peer_count exact.
-    key = (ctx.interface.generation, ctx.writer.version)
+    generation = ctx.interface.generation
+    count = ctx.writer.peer_count(generation)
+    # Read before the dump: see wghelper/statuscache.py for why this keeps peer_count exact.  When the
+    # writer knows the count, it is exact without a dump, and only the counters come from a cached one.
+    key = (generation, ctx.writer.version if count is None else None)
     result = hello(ctx, args)
     result.update(_on_interface(ctx, lambda: ctx.status_cache.get(key, live)))
+    if count is not None:
+        result["peer_count"] = count
     result.update({"wg_set_calls": ctx.writer.wg_set_calls, "jobs_applied": ctx.writer.jobs_applied})
     return result
 

@@ -68,3 +68,25 @@ def test_allocator_does_not_scan_the_pool(db):
     assert addr == first + 20000
     # A scan of 20,000 index entries would take well over 20 callbacks of 1,000 VM steps.
     assert len(steps) < 20
+
+
+def test_after_a_wrap_the_run_at_the_start_is_walked_once_and_a_freed_address_below_it_is_still_found(db):
+    allocator = Allocator("10.8.0.0/27", "10.8.0.1")  # .2 - .30
+    _take(db, allocator, 29)
+    for last in ("10.8.0.25", "10.8.0.26", "10.8.0.27"):  # freed after the run .2 - .24
+        with write(db):
+            store.delete(db, store.by_addr(db, int(ipaddress.IPv4Address(last))))
+    assert _take(db, allocator, 1, start=100) == ["10.8.0.25"]  # the wrap walks the run once ...
+    with write(db):
+        set_meta(db, "next_addr", allocator.first)  # wrapped again
+    walks = []
+    db.set_trace_callback(lambda sql: walks.append(sql) if "NOT EXISTS" in sql else None)
+    assert _take(db, allocator, 1, start=101) == ["10.8.0.26"]  # ... and starts after it next time
+    db.set_trace_callback(None)
+    # One jump, from .25 (the end of the last walk): not from .2 over the whole run again.
+    assert len(walks) == 1 and "p.addr >= %d " % int(ipaddress.IPv4Address("10.8.0.25")) in walks[0]
+    with write(db):
+        store.delete(db, store.by_addr(db, int(ipaddress.IPv4Address("10.8.0.3"))))
+    assert _take(db, allocator, 2, start=102) == ["10.8.0.27", "10.8.0.3"]
+    with write(db), pytest.raises(PoolExhausted):
+        allocator.allocate(db)

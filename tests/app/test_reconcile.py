@@ -183,3 +183,32 @@ def test_each_workers_watcher_tells_its_request_path(settings, monkeypatch):
         assert watcher.learner is app.extensions["orbmesh_helper"] and watcher.helper is not watcher.learner
     finally:
         watcher.stop()
+
+
+def test_what_commits_while_the_sync_runs_is_not_undone_by_it(app, client, auth, fake_helper):
+    """The sync runs without the write lock: a connect and a disconnect that commit (and reach the
+    interface) while it runs, before the helper plans from the rows read earlier, are put right after."""
+    connect(client, auth, 2)
+    real_sync = fake_helper.sync
+
+    def slow_sync(peers):
+        assert client.post("/wireguard/connect", json={"publicKey": make_key(5)},
+                           headers=auth("u", "d5")).status_code == 200
+        assert client.post("/wireguard/disconnect", json={}, headers=auth("u", "d0")).status_code == 200
+        return real_sync(peers)  # plans from the rows read before: would re-add d0 and drop d5
+    fake_helper.sync = slow_sync
+    reconcile.Watcher(app.config, helper=fake_helper).check_once()
+    assert sorted(fake_helper.peers) == sorted([make_key(1), make_key(5)])
+
+
+def test_a_failed_sync_makes_every_worker_sync_again(app, client, auth, fake_helper):
+    connect(client, auth, 1)
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    watcher.check_once()
+    fake_helper.generation = "gen-2"
+    fake_helper.fail = "failed"
+    watcher.round()
+    fake_helper.fail = None
+    other = reconcile.Watcher(app.config, helper=fake_helper)
+    other._eager = False  # another worker, past its first round
+    assert other.check_once() is not None  # the generation was not left marked as synced

@@ -122,3 +122,16 @@ def test_a_bridge_goes_idle_only_without_clients_and_a_connect_wakes_it(db):
     with write(db):
         assert store.bridge_slot(db, "a", 4) == (0, False)
     assert store.bridge_rows(db) == [("a", 0, None, 0)]
+
+
+def test_count_live_is_the_live_list_without_reading_it(db):
+    """/health's count: rows less the quarantined less the live rows of users the quota cut."""
+    for n in range(2, 12):
+        add(db, n, user="u%d" % (n % 3))
+    add(db, 20, source="orbnet", user="u1")
+    with write(db):
+        store.set_quarantined(db, store.by_key(db, make_key(3)).id, 1.0)  # u0, quarantined and cut: once
+        store.set_quarantined(db, store.by_key(db, make_key(4)).id, 1.0)
+        db.execute("INSERT INTO usage_users (user_id, period_start, cut_at) VALUES ('u0', 0, 5), ('u2', 0, NULL)")
+    assert store.count_live(db) == len(store.live_peers(db)) == sum(store.count_live_by_source(db).values()) == 7
+    assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'peers_quarantined'").fetchone()

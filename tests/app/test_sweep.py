@@ -210,3 +210,39 @@ def test_freeing_a_bridged_peer_drops_its_rule(app, fake_helper, cfg, db):
     assert fake_helper.rules == {peer.address: 0}  # still its own address while quarantined
     assert [p.address for p in run(db, fake_helper, cfg, t0 + STALE + 2 + QUARANTINE)["freed"]] == [peer.address]
     assert fake_helper.rules == {}
+
+
+def test_a_round_goes_a_slice_at_a_time(app, client, auth, fake_helper, cfg, db, monkeypatch):
+    """Each slice is its own transaction and its own `wg set`: a connect never waits for the whole table."""
+    monkeypatch.setattr(sweep, "SLICE", 2)
+    t0 = time.time()
+    for i in range(5):
+        connect(client, auth, i)
+    run(db, fake_helper, cfg, t0)
+    fake_helper.calls.clear()
+    result = run(db, fake_helper, cfg, t0 + STALE + 1)
+    assert sorted(p.public_key for p in result["quarantined"]) == sorted(make_key(i) for i in range(5))
+    assert [len(c[2]) for c in fake_helper.calls if c[0] == "apply"] == [2, 2, 1]
+    assert fake_helper.peers == {}
+
+
+def test_a_helper_failure_rolls_back_its_slice_and_ends_the_round(app, client, auth, fake_helper, cfg, db,
+                                                                  monkeypatch):
+    monkeypatch.setattr(sweep, "SLICE", 1)
+    t0 = time.time()
+    for i in range(3):
+        connect(client, auth, i)
+    run(db, fake_helper, cfg, t0)
+    real_apply, applied = fake_helper.apply, []
+
+    def second_fails(add=(), remove=()):
+        from app.helper import HelperUnavailable
+        if applied:
+            raise HelperUnavailable()
+        applied.append(remove)
+        return real_apply(add, remove)
+    fake_helper.apply = second_fails
+    with pytest.raises(Exception):
+        run(db, fake_helper, cfg, t0 + STALE + 1)
+    quarantined = {k for k, p in rows(db).items() if p.quarantined_at}
+    assert quarantined == {make_key(0)} and sorted(fake_helper.peers) == [make_key(1), make_key(2)]

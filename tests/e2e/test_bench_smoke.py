@@ -24,7 +24,7 @@ def run_smoke(name, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / ("%s.json" % name)).read_text())
     assert result["benchmark"] == name and result["smoke"] is True
-    if name != "read_paths":
+    if name not in ("read_paths", "profile"):
         assert (tmp_path / ("%s.png" % name)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no chart beside the JSON"
     assert result["table"] in done.stdout
     assert "targets" not in result  # smoke runs judge nothing
@@ -40,6 +40,12 @@ def test_control_plane_smoke(tmp_path):
     assert run["saturation"]["cycles_per_s"] > 0
     assert run["open_loop"]["cycles"] > 0 and run["open_loop"]["cycles"] == run["open_loop"]["arrivals"]
     assert run["open_loop"]["cpu_ms_per_cycle"] > 0
+    # The read paths polled during the open loop, the load average beside every run, RSS per process.
+    reads = run["open_loop"]["reads"]
+    assert reads["status"]["n"] > 0 and reads["health"]["n"] > 0 and reads["errors"] == 0
+    assert len(run["load_avg_before"]) == 3 and len(run["load_avg_after"]) == 3
+    assert {"helper", "worker0", "worker1", "wireguard-go"} <= set(level["ours_rss_mb"])
+    assert (tmp_path / "control_plane_rss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_read_paths_smoke(tmp_path):
@@ -106,3 +112,26 @@ def test_usage_smoke(tmp_path):
     # Every seeded user and the forwarding client, IPv4 and IPv6, both directions; five plans and the line.
     assert result["nft_table"]["elements"] >= 4 * 51 and result["nft_table"]["tiers"] == 6
     assert result["collector"]["on"]["interval_s"] == 2.0 and result["collector"]["off"]["interval_s"] == 0
+
+
+def test_recovery_smoke(tmp_path):
+    result = run_smoke("recovery", tmp_path)
+    assert result["level"] == 20 and result["consistent_after"]
+    lost, cold = result["lost"][0], result["cold"][0]
+    assert lost["peers_back_s"] is not None and lost["traffic_s"] is not None
+    assert cold["connect_answered_s"] is not None and cold["peers_back_s"] is not None and cold["traffic_s"]
+
+
+def test_rss_growth_smoke(tmp_path):
+    result = run_smoke("rss_growth", tmp_path)
+    level = result["levels"]["20"]
+    assert level["errors"] == 0 and level["cycles"] > 0 and len(level["samples"]) >= 2
+    assert {"helper", "worker0", "worker1", "wireguard-go"} <= set(level["growth"])
+
+
+def test_profile_smoke(tmp_path):
+    """The profile's plumbing: stack, load and (with py-spy installed) one collapsed-stack file per process."""
+    result = run_smoke("profile", tmp_path)
+    assert result["open_loop"]["errors"] == 0 and result["open_loop"]["cycles"] > 0
+    if result["py_spy"]:
+        assert {"helper", "worker0", "worker1"} <= set(result["processes"])

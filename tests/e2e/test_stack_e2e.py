@@ -8,6 +8,7 @@ import pytest
 
 from wghelper import protocol
 
+from . import probes
 from .stack import wait_for
 from .netns import unique_ifname
 from .wgclient import WgClient, keypair
@@ -15,7 +16,7 @@ from .wgclient import WgClient, keypair
 pytestmark = pytest.mark.e2e
 
 
-def bring_up_client(stack, user, device):
+def bring_up_client(stack, user, device, metric=None):
     """Connect over HTTP and configure a WireGuard client from the response alone."""
     client = WgClient(stack.client, unique_ifname("omc"))
     status, body = stack.connect(user, device, client.public_key)
@@ -23,7 +24,7 @@ def bring_up_client(stack, user, device):
     assert body["success"] is True and body["publicKey"] == client.public_key
     client.configure(server_public_key=body["serverPublicKey"], endpoint=body["serverEndpoint"],
                      address_cidr=body["ip"], allowed_ips=body["allowedIPs"], mtu=body["mtu"],
-                     keepalive=body["keepalive"])
+                     keepalive=body["keepalive"], metric=metric)
     return client, body
 
 
@@ -230,3 +231,46 @@ def test_no_secret_reaches_any_log(stack):
     logs = "".join(path.read_text() for path in (stack.app_log, stack.helper_log, stack.access_log))
     assert "connect" in logs and "listening on" in logs  # the logs are really there
     assert [name for name, value in secrets_used.items() if value in logs] == []
+
+
+def test_connects_and_disconnects_during_a_large_sync_are_kept(stack):
+    """Since issue 27 reconcile's sync runs without the database write lock, and the helper lets changes
+    in between its slices of 1,000: what connects and disconnects while 4,000 peers go back on a lost
+    interface must end as the database says, not as the rows read before the sync said."""
+    from bench.common import seed_peers
+
+    seed_peers(stack, 4000)
+    # Two clients in one namespace: each its own route (metric) and each ping bound to its own interface.
+    staying, body = bring_up_client(stack, "user-1", "stays", metric=10)
+    leaving, leaving_body = bring_up_client(stack, "user-1", "leaves", metric=20)
+
+    def pings(client, count=1):
+        return any(probes.ping(stack.client, body["gateway"], timeout=2, device=client.ifname) for _ in range(count))
+    try:
+        assert pings(staying) and pings(leaving)
+        from app.helper import HelperClient
+        helper = HelperClient(stack.env["ORBMESH_HELPER_SOCKET"], 10)
+        old = helper.hello()["generation"]
+        stack.server.run("ip", "link", "del", "dev", stack.interface)
+        # The helper makes the link again at once; the app's watcher then syncs the 4,000 peers back while
+        # these connects and disconnects run (a connect before the link is back is refused: INTERFACE_DOWN).
+        wait_for(lambda: (lambda h: h["generation"] != old and h["running"])(helper.hello()), timeout=30,
+                 what="the link made again")
+        helper.close()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            new = list(pool.map(lambda i: (stack.connect("user-new", "n%d" % i, keypair()[1])), range(10)))
+            gone = list(pool.map(lambda i: stack.call("POST", "/wireguard/disconnect",
+                                                      token=stack.token("seed-%d" % i, "seed")), range(5)))
+            gone.append(stack.call("POST", "/wireguard/disconnect", token=stack.token("user-1", "leaves")))
+        assert [s for s, _ in new] == [200] * 10 and [s for s, _ in gone] == [200] * 6, (new, gone)
+        expected = stack.db_peers()
+        assert len(expected) == 4000 - 5 + 1 + 10
+        wait_for(lambda: stack.wg_peers() == expected, timeout=180, what="the interface equal to the database")
+        assert all(b["publicKey"] in stack.wg_peers() for _, b in new)
+        assert leaving_body["publicKey"] not in stack.wg_peers()
+        # A client that stayed passes traffic again (the control); the one that left does not.
+        assert wait_for(lambda: pings(staying), timeout=60, what="ping")
+        assert not pings(leaving, count=2), "a disconnected client still passes traffic"
+    finally:
+        staying.close()
+        leaving.close()

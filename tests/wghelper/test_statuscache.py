@@ -105,8 +105,28 @@ def test_status_counts_every_change_made_through_the_helper(helper):
     assert helper.result("status")["peer_count"] == 2
     helper.result("apply_peers", {"remove": [key(1)]})
     assert helper.result("status")["peer_count"] == 1
+    # The first dump taught the writer the keys; it counts every change since without one.
     dumps = [c for c in helper.runner.calls if c[:2] == ["wg", "show"]]
-    assert len(dumps) == 3
+    assert len(dumps) == 1
+
+
+def test_a_failed_change_makes_the_count_come_from_a_dump_again(helper):
+    helper.result("apply_peers", {"add": [peer(key(1))]})
+    assert helper.result("status")["peer_count"] == 1
+    helper.runner.fail = lambda argv: "boom" if argv[:2] == ["wg", "set"] else None
+    assert not helper.call("apply_peers", {"add": [peer(key(2), "10.8.0.3/32")]})["ok"]
+    helper.runner.fail = None
+    assert helper.writer.peer_count(helper.iface.generation) is None
+    helper.result("status")
+    assert len([c for c in helper.runner.calls if c[:2] == ["wg", "show"]]) == 2
+
+
+def test_a_dump_while_a_change_runs_teaches_nothing(helper):
+    version = helper.writer.version
+    helper.result("apply_peers", {"add": [peer(key(1))]})
+    helper.writer.learn([], helper.iface.generation, version)  # a dump that started before that change
+    assert helper.writer.peer_count(helper.iface.generation) is None
+    assert helper.result("status")["peer_count"] == 1
 
 
 def test_status_reuses_the_dump_while_nothing_changed(helper):

@@ -345,3 +345,40 @@ def test_seconds_mark_and_boot_id():
     for bad in (boot.upper(), boot + "\n", boot[:-1], "", None):
         with pytest.raises(Invalid):
             validate.boot_id(bad)
+
+
+def _client_ip_by_ipaddress(value, pools):
+    """client_ip as it was before its integer fast path: the reference the fast path must agree with."""
+    net = ipaddress.ip_network(value, strict=True)
+    pool, gateway = next((p for p in pools if p[0] is not None and p[0].version == net.version), pools[0])
+    if net.version != pool.version or net.prefixlen != net.max_prefixlen or net.network_address not in pool or \
+            net.network_address in (pool.network_address, gateway, pool.broadcast_address):
+        raise ValueError(value)
+    return str(net)
+
+
+def test_client_ip_fast_path_agrees_with_ipaddress():
+    """A sync of 60,000 peers is checked by integers (bench/recovery.py); the answer must be the same,
+    the normalised string included, for canonical, non-canonical, reserved and outside addresses."""
+    import random
+    rng = random.Random(27)
+    pools = [(ipaddress.ip_network("10.8.0.0/16"), ipaddress.ip_address("10.8.0.1")),
+             (ipaddress.ip_network("fd00:8:0:0::/64"), ipaddress.ip_address("fd00:8::1"))]
+    values = ["10.8.0.0/32", "10.8.0.1/32", "10.8.255.255/32", "10.8.0.2/32", "10.8.0.02/32", "10.9.0.2/32",
+              "10.8.0.2/31", "fd00:8::/128", "fd00:8::1/128", "fd00:8::2/128", "FD00:8::2/128", "fd00:8:0::2/128",
+              "fd00:8::0:2/128", "fd00:8::ffff:ffff:ffff:ffff/128", "fd00:9::2/128", "fd00:8::2/127",
+              "fd00:8::1.2.3.4/128", "::ffff:10.8.0.2/128", "10.8.0.2/032", " 10.8.0.2/32", "10.8.0.2/32 "]
+    for _ in range(3000):
+        values.append("10.8.%d.%d/32" % (rng.randrange(256), rng.randrange(256)))
+        low = [rng.choice((0, 0, 0, 1, rng.randrange(65536))) for _ in range(4)]
+        values.append("%s/128" % ipaddress.IPv6Address((int(pools[1][0].network_address) | int.from_bytes(
+            b"".join(x.to_bytes(2, "big") for x in low), "big"))))
+        values.append("fd00:8:0:0:%x:%x:%x:%x/128" % tuple(low))  # often not canonical
+    for value in values:
+        try:
+            want = _client_ip_by_ipaddress(value, pools)
+        except ValueError:
+            with pytest.raises(Invalid):
+                validate.client_ip(value, pools, "f")
+            continue
+        assert validate.client_ip(value, pools, "f") == want, value

@@ -107,3 +107,34 @@ def test_failed_merge_is_retried_job_by_job(tmp_path):
 def test_stopped_writer_refuses_work(helper):
     helper.writer.stop()
     assert helper.call("apply_peers", {"add": [peer(K1)]})["error"]["code"] == protocol.INTERFACE_DOWN
+
+
+def test_a_sync_lets_changes_in_between_its_slices_and_a_later_change_wins(tmp_path, monkeypatch):
+    """A sync of 60,000 peers is 60 `wg set` calls: a connect waits for one slice, not for all of them,
+    and a key it changed is not changed back by the slices still to come."""
+    from wghelper import writer as writer_module
+    monkeypatch.setattr(writer_module, "SLICE", 2)
+    h = Helper(tmp_path).start()
+    try:
+        h.runner.gate = threading.Event()
+        planned = [peer(key(i), "10.8.2.%d/32" % i) for i in range(1, 7)]  # three slices of two
+        sync = threading.Thread(target=h.writer.run_planned,
+                                args=(lambda: ([], planned, {"added": 6}),))
+        sync.start()
+        assert h.runner.entered.wait(5)  # inside the first slice's wg set
+        done = []
+        connect = threading.Thread(target=lambda: done.append(h.writer.apply([key(5)], [])))
+        connect.start()
+        deadline = time.monotonic() + 5
+        while h.writer.pending() < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        h.runner.gate.set()
+        sync.join(5)
+        connect.join(5)
+        sets = h.runner.wg_sets()
+        keys = [[a for a in s if a in {key(i) for i in range(1, 7)}] for s in sets]
+        # slice 1, then the waiting change, then the rest without key 5 (the later remove wins)
+        assert keys == [[key(1), key(2)], [key(5)], [key(3), key(4)], [key(6)]]
+        assert "remove" in sets[1] and done == [{"removed": 1, "applied": 0}]
+    finally:
+        h.writer.stop()
