@@ -23,8 +23,8 @@ from flask import current_app
 from wghelper import protocol
 from wghelper.settings import IPV6_FORWARD, IPV6_OFF, address6
 
-from .errors import ApiError
-from .metrics import timed_helper_call
+from .api.errors import ApiError
+from .ops.metrics import timed_helper_call
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class HelperClient:
         return self.call("bridge_rules", {"add": list(add), "remove": list(remove), "exclusive": exclusive},
                          timeout=SYNC_TIMEOUT if exclusive else None)
 
-    # Usage, speed tiers and quotas (app/usage.py, wghelper/limits.py, wghelper/usage.py).
+    # Usage, speed tiers and quotas (app/peers/usage.py, wghelper/limits.py, wghelper/usage.py).
 
     def limits(self, users, replace=False):
         """The tiers and quotas of `users` (the helper's entries), or with `replace` of every user."""

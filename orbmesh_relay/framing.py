@@ -11,8 +11,8 @@ with 32 <= len <= 65,535: no WireGuard message is shorter than 32 bytes
 to walk for nothing (1 MiB of 1-byte records was 349,525 of them, 0.19 s of
 the worker's one loop).  The same records fill each binary message of a
 WebSocket session that negotiated the ``orbmesh.batch.v1`` subprotocol
-(BATCH_PROTOCOL), at most MAX_BATCH_MESSAGE bytes a message.  The one module the server (app/tunnel.py,
-app/sessions.py, ...) shares with the client relay: it imports only the
+(BATCH_PROTOCOL), at most MAX_BATCH_MESSAGE bytes a message.  The one module the server (app/tunnel/routes.py,
+app/tunnel/sessions.py, ...) shares with the client relay: it imports only the
 standard library, so loading it from a web worker loads no relay code.
 """
 import struct

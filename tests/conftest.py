@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from app import create_app
-from app.auth import mint_device_token
+from app.api.auth import mint_device_token
 from app.helper import Addressing, HelperFailed, HelperUnavailable, peer_spec, sync_spec
 from wghelper.settings import address6
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import config, errors
+from app import config
+from app.api import errors
 from tests.conftest import API_KEYS
 from wghelper import settings as helper_settings
 
@@ -255,7 +256,7 @@ def test_cited_paths_exist(page):
 
 
 def test_cited_path_check_reports_a_moved_file():
-    text = "see `tests/app/test_sweep.py` and `tests/unit/test_app_sweep.py`, `--flag` and `wg show`"
+    text = "see `tests/app/peers/test_sweep.py` and `tests/unit/test_app_sweep.py`, `--flag` and `wg show`"
     assert missing_cited_paths(text) == ["tests/unit/test_app_sweep.py"]
 
 

@@ -33,7 +33,7 @@ LOW_ORDER_KEYS = frozenset(base64.b64encode(raw[:31] + bytes([raw[31] | top])).d
 
 # Every range that is not the internet: what a client may never reach
 # through the node (wghelper/firewall.py) and what the node's resolver never
-# queries or hands back (app/unbound.py).  This network, RFC 1918, CGNAT,
+# queries or hands back (app/dns/unbound.py).  This network, RFC 1918, CGNAT,
 # loopback, link-local (the metadata service), IETF protocol assignments,
 # benchmarking, multicast, reserved and broadcast; IPv6 unspecified,
 # loopback, IPv4-mapped, NAT64 (well-known and local-use: they reach IPv4

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from app.helper import Addressing, HelperClient, HelperUnavailable, peer_spec
-from app.store import Peer
+from app.peers.store import Peer
 from tests.conftest import make_key
 from wghelper import protocol
 
