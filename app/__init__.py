@@ -34,7 +34,6 @@ def create_app(test_config=None):
     audit.init_app(app)
     ratelimit.init_app(app)
     app.extensions["orbmesh_allocator"] = Allocator(values["POOL"], values["GATEWAY"])
-    app.extensions["orbmesh_server_key"] = {}
     exits.init_app(app)
     smartconnect.init_app(app)
     bridges.init_app(app)

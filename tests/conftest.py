@@ -10,7 +10,7 @@ import pytest
 
 from app import create_app
 from app.api.auth import mint_device_token
-from app.helper import Addressing, HelperFailed, HelperUnavailable, peer_spec, sync_spec
+from app.helper import Addressing, HelperFailed, HelperUnavailable, Said, peer_spec, sync_spec
 from wghelper.settings import address6
 
 SECRET = "unit-test-secret-" + "x" * 32
@@ -39,8 +39,9 @@ def make_key(seed):
     return base64.b64encode((seed + 1).to_bytes(4, "big") * 8).decode()
 
 
-class FakeHelper:
-    """Stands in for HelperClient: keeps peers in memory, records calls.
+class FakeHelper(Said):
+    """Stands in for HelperClient: keeps peers in memory, records calls; what its hello said is kept as
+    HelperClient keeps it (app/helper.py Said).
 
     Peers go in as store.Peer and are kept and recorded as the helper's wire
     format (app/helper.py peer_spec), as HelperClient would send them, with

@@ -20,6 +20,8 @@ import time
 import jwt
 from flask import current_app, g, request
 
+from wghelper.validate import IDENTIFIER_RE
+
 from .errors import ApiError
 
 DEVICE_TOKEN_TYPE = "device"
@@ -27,7 +29,7 @@ BAD_TOKEN = "Invalid or expired device token"
 BAD_KEY = "Invalid or missing API key"
 SCOPED_ONLY = "This API key may only add and remove the peers of its own userUuid"
 MAX_TOKEN_CHARS = 8192
-_ID = re.compile(r"\A[A-Za-z0-9_.:@-]{1,128}\Z")
+_ID = IDENTIFIER_RE
 
 
 def _verification_key(config):

@@ -2,6 +2,8 @@
 
 Every failure leaves the app as
 ``{"success": false, "error": {"code": ..., "message": ..., "details"?: ...}}``.
+The domain raises its own errors (app/failures.py), which carry a code and
+no HTTP; here each code gets its status.
 """
 import logging
 import sqlite3
@@ -9,6 +11,8 @@ import sqlite3
 from flask import jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
+
+from ..failures import Failure
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +49,14 @@ _HTTP_CODES = {
 }
 
 
-class ApiError(Exception):
-    """An error the API reports on purpose."""
+class ApiError(Failure):
+    """An error the edge itself reports on purpose (a header, a token, a rate limit), with its code."""
 
     def __init__(self, code, message, details=None):
-        super().__init__(message)
+        if code not in CODES:
+            raise ValueError("not an error code: %s" % code)
+        super().__init__(message, details)
         self.code = code
-        self.status = CODES[code]
-        self.message = message
-        self.details = details
 
 
 def envelope(code, message, details=None):
@@ -69,8 +72,8 @@ def error_response(code, message, details=None, status=None):
     return response
 
 
-def _api_error(exc):
-    return error_response(exc.code, exc.message, exc.details, exc.status)
+def _failure(exc):
+    return error_response(exc.code, exc.message, exc.details)
 
 
 def _validation_error(exc):
@@ -99,7 +102,7 @@ def _unexpected(exc):
 
 
 def init_app(app):
-    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(Failure, _failure)
     app.register_error_handler(ValidationError, _validation_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(sqlite3.Error, _database_error)

@@ -12,12 +12,11 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from wghelper import validate as validate_helper
 from wghelper.settings import IPV6_FORWARD, IPV6_LOCAL, IPV6_OFF
 
-from ..helper import get_helper, own_keys
 from .errors import ApiError
 
-_ID_RE = r"\A[A-Za-z0-9_.:@-]{1,128}\Z"
-# The same rules for /openapi.json, in the ECMA-262 dialect JSON Schema uses (no \A or \Z there).
-_ID_DOC = {"pattern": "^[A-Za-z0-9_.:@-]{1,128}$"}
+# The same rules as validate_helper.IDENTIFIER_RE for /openapi.json, in the ECMA-262 dialect JSON Schema
+# uses (no \A or \Z there).
+_ID_DOC = {"pattern": "^%s$" % validate_helper.IDENTIFIER}
 _KEY_DOC = {"pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "example": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="}
 
 
@@ -25,7 +24,9 @@ class WireGuardKey(fields.String):
     """Standard base64 of exactly 32 bytes, as `wg genkey | wg pubkey` prints.
 
     The helper's own validator decides, so the app never accepts a key the
-    helper would refuse.
+    helper would refuse.  Whether it is one of the server's own keys is the
+    connect's question (app/peers/lifecycle.py, from the hello the app
+    already holds): validation asks nothing.
     """
 
     default_error_messages = {"key": "Must be a WireGuard key: base64 of exactly 32 bytes, not a low-order point "
@@ -34,19 +35,9 @@ class WireGuardKey(fields.String):
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
         try:
-            return validate_helper.public_key(value, own=self.own())
+            return validate_helper.public_key(value)
         except validate_helper.Invalid:
             raise self.make_error("key") from None
-
-    def own(self):
-        return ()
-
-
-class DeviceKey(WireGuardKey):
-    """A device's key: never one of the helper's own (server, bridge), which it names in hello."""
-
-    def own(self):
-        return own_keys()
 
 
 class StrictBoolean(fields.Boolean):
@@ -74,7 +65,7 @@ class HostPort(fields.String):
 
 
 def _identifier(**kwargs):
-    return fields.String(validate=validate.Regexp(_ID_RE, error="Must be 1-128 characters of A-Z a-z 0-9 _ . : @ -."),
+    return fields.String(validate=validate.Regexp(validate_helper.IDENTIFIER_RE, error="Must be 1-128 characters of A-Z a-z 0-9 _ . : @ -."),
                          metadata=_ID_DOC, **kwargs)
 
 
@@ -94,7 +85,7 @@ def pool_host(value, field):
 
 
 class ConnectSchema(Schema):
-    publicKey = DeviceKey(required=True, metadata=_KEY_DOC)
+    publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
     exitServerId = _identifier()
     force_direct = StrictBoolean(load_default=False)
 
@@ -105,7 +96,7 @@ class EmptySchema(Schema):
 
 class AddPeerSchema(Schema):
     userUuid = _identifier(required=True)
-    publicKey = DeviceKey(required=True, metadata=_KEY_DOC)
+    publicKey = WireGuardKey(required=True, metadata=_KEY_DOC)
     allowedIPs = fields.String(required=True, validate=validate.Length(max=128), metadata={
         "description": "The assignedIP as a /32, optionally with the peer's own IPv6 /128 (docs/api.md)",
         "example": "10.8.0.42/32"})
@@ -125,14 +116,9 @@ class AddPeerSchema(Schema):
         ipv6 = {net for net in networks if net.version == 6}
         if networks - ipv6 != {ipaddress.IPv4Network(address)}:
             raise ValidationError("Must be exactly the assignedIP as a /32 (e.g. %s/32)." % address, "allowedIPs")
-        if ipv6:
-            # The peer gets its /128 in any case (one row, two addresses); naming it is optional.
-            addressing = get_helper().addressing()
-            ip6 = addressing.ip6(address)
-            if ip6 is None or ipv6 != {ipaddress.IPv6Network(ip6)}:
-                raise ValidationError("The only IPv6 entry allowed is the peer's own /128 (%s)."
-                                      % (ip6 or "none: IPv6 is off on this server (ipv6: %s)" % addressing.mode),
-                                      "allowedIPs")
+        # The peer gets its /128 in any case (one row, two addresses); naming it is optional.  Whether
+        # it is that one depends on the helper's pools: the add-peer's question (app/peers/lifecycle.py).
+        data["allowedIPs6"] = ipv6
 
 
 class RemovePeerSchema(Schema):

@@ -49,14 +49,6 @@ def client_ipv6(helper, peer):
     return ip6, addressing.gateway6 if ip6 else None
 
 
-def server_hello():
-    """The helper's hello; its key and addresses never change while it runs, so each worker asks once."""
-    cache = current_app.extensions["orbmesh_server_key"]
-    if "hello" not in cache:
-        cache["hello"] = get_helper().hello()
-    return cache["hello"]
-
-
 @bp.post("/connect")
 @metrics.counted(metrics.CONNECTS)
 @device_token_required
@@ -65,13 +57,12 @@ def connect():
     """Register the device's key on the interface and hand back its tunnel config."""
     data = load_body(connect_schema)
     config = current_app.config
-    hello = server_hello()
     helper = get_helper()
     peer = lifecycle.connect_device(get_db(), helper, _allocator(), get_bridges(), *g.device, data["publicKey"],
                                 exit_id=data.get("exitServerId"), force_direct=data["force_direct"],
                                 max_devices=config["MAX_DEVICES_PER_USER"], plan=usage.device_plan())
     ip6, gateway6 = client_ipv6(helper, peer)
-    return {"success": True, "publicKey": peer.public_key, "serverPublicKey": hello["public_key"],
+    return {"success": True, "publicKey": peer.public_key, "serverPublicKey": helper.server_key(),
             "ip": peer.address + "/32", "gateway": config["GATEWAY"],
             "serverEndpoint": server_endpoint(config), "dns": resolver.client_dns(config, gateway6),
             "allowedIPs": config["CLIENT_ALLOWED_IPS"], "mtu": config["MTU"],

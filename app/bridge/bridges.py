@@ -23,7 +23,7 @@ from flask import current_app
 
 from wghelper.protocol import MAX_BRIDGE_SLOTS as MAX_SLOTS
 
-from ..api.errors import ApiError
+from ..failures import BridgeLimit, BridgeUnavailable, ExitNotFound
 from ..helper import HelperFailed, HelperUnavailable
 from ..ops.logs import client_address
 from ..peers import store
@@ -34,14 +34,12 @@ log = logging.getLogger(__name__)
 HELPER_ERRORS = (HelperUnavailable, HelperFailed)
 
 
-def bridge_public_key(helper, cache):
-    """This server's bridge key (public half; the helper keeps the private one)."""
-    if not cache.get("bridge"):
-        key = helper.hello().get("bridge_public_key")
-        if not key:
-            raise ApiError("BRIDGE_UNAVAILABLE", "The WireGuard helper has no bridge key")
-        cache["bridge"] = key
-    return cache["bridge"]
+def bridge_public_key(helper):
+    """This server's bridge key (public half; the helper keeps the private one), as its hello says."""
+    key = helper.bridge_key()
+    if not key:
+        raise BridgeUnavailable("The WireGuard helper has no bridge key")
+    return key
 
 
 def bridge_user(public_key):
@@ -57,12 +55,11 @@ def bridge_keepalive(config):
 class Bridges:
     max_slots = MAX_SLOTS  # tunnels the helper can hold, one interface and routing table each
 
-    def __init__(self, config, registry, client, policy, key_cache):
+    def __init__(self, config, registry, client, policy):
         self.config = config
         self.registry = registry
         self.client = client
         self.policy = policy
-        self.key_cache = key_cache
 
     # --- one step of a connect (peers.connect_device) -------------------------
 
@@ -75,7 +72,7 @@ class Bridges:
         if exit_id:
             exit = self.registry.get(exit_id)
             if exit is None:
-                raise ApiError("EXIT_NOT_FOUND", "No exit server with id %s" % exit_id)
+                raise ExitNotFound("No exit server with id %s" % exit_id)
             return exit, False
         if force_direct or not self.policy:
             return None, False
@@ -102,8 +99,8 @@ class Bridges:
         for who, used, limit in (("device", device, self.config["BRIDGE_EXITS_PER_DEVICE"]),
                                  ("user", user, self.config["BRIDGE_EXITS_PER_USER"])):
             if limit and exit_id not in used and len(used) >= limit:
-                raise ApiError("BRIDGE_LIMIT", "This %s has used %d exit servers within %g s; connect through "
-                               "one of them, or directly, or retry later" % (who, len(used), grace))
+                raise BridgeLimit("This %s has used %d exit servers within %g s; connect through "
+                                  "one of them, or directly, or retry later" % (who, len(used), grace))
         store.record_bridge_use(db, user_id, device_id, {exit_id, current_exit} - {None}, now, since)
 
     def open(self, helper, exit, slot):
@@ -111,7 +108,7 @@ class Bridges:
 
         BRIDGE_UNAVAILABLE when the exit does not answer (app/bridge/exits.py).
         """
-        key = bridge_public_key(helper, self.key_cache)
+        key = bridge_public_key(helper)
         self.client.register(exit, bridge_user(key), key)
         helper.bridge_up(slot, exit["publicKey"], exit["endpoint"], exit["bridgeAddress"],
                          bridge_keepalive(self.config))
@@ -182,15 +179,15 @@ class Bridges:
         exit = self.registry.exits.get(exit_id)
         if exit is None:
             return
-        key = bridge_public_key(helper, self.key_cache)
+        key = bridge_public_key(helper)
         try:
             self.client.unregister(exit, bridge_user(key), key)
-        except ApiError:
+        except BridgeUnavailable:
             log.warning("bridge: could not unregister from exit %s; it keeps an idle peer", exit_id)
         if any(r[0] == exit_id for r in store.bridge_rows(db)):
             try:
                 self.client.register(exit, bridge_user(key), key)
-            except ApiError:
+            except BridgeUnavailable:
                 log.warning("bridge: exit %s reopened but not answering; the next connect registers", exit_id)
 
 
@@ -201,4 +198,4 @@ def get_bridges():
 def init_app(app):
     app.extensions["orbmesh_bridges"] = Bridges(
         app.config, app.extensions["orbmesh_exits"], app.extensions["orbmesh_exit_client"],
-        app.extensions["orbmesh_smartconnect"], app.extensions["orbmesh_server_key"])
+        app.extensions["orbmesh_smartconnect"])

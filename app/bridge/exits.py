@@ -23,8 +23,10 @@ import time
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
-from ..api.errors import ApiError
-from ..api.schemas import _ID_RE, HostPort, WireGuardKey
+from wghelper.validate import IDENTIFIER_RE
+
+from ..api.schemas import HostPort, WireGuardKey
+from ..failures import BridgeUnavailable
 from .httpjson import request as http_json
 from .httpjson import tls_context
 
@@ -35,7 +37,7 @@ class ExitSchema(Schema):
     class Meta:
         unknown = EXCLUDE  # OrbNET may send more than we use
 
-    id = fields.String(required=True, validate=validate.Regexp(_ID_RE))
+    id = fields.String(required=True, validate=validate.Regexp(IDENTIFIER_RE))
     endpoint = HostPort(required=True)
     publicKey = WireGuardKey(required=True)
     apiUrl = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
@@ -192,7 +194,7 @@ class ExitClient:
             return http_json("POST", exit["apiUrl"] + path, self.timeout, body, exit["apiKey"], self.tls)
         except OSError as exc:
             log.warning("exit %s: %s failed: %s", exit["id"], path, exc)
-            raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s cannot be reached" % exit["id"]) from None
+            raise BridgeUnavailable("Exit server %s cannot be reached" % exit["id"]) from None
 
     def register(self, exit, user, public_key):
         """Make this server a peer of the exit at bridgeAddress (add-peer is idempotent there)."""
@@ -203,14 +205,14 @@ class ExitClient:
         if status != 200:
             code = (reply or {}).get("error", {}).get("code") if isinstance(reply, dict) else None
             log.warning("exit %s: add-peer answered %s %s", exit["id"], status, code)
-            raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s refused the bridge (%s)"
-                           % (exit["id"], code or "HTTP %s" % status))
+            raise BridgeUnavailable("Exit server %s refused the bridge (%s)"
+                                    % (exit["id"], code or "HTTP %s" % status))
 
     def unregister(self, exit, user, public_key):
         """Remove our own peer from the exit: the user's peer with `public_key` (our remove-peer extension)."""
         status, _ = self._call(exit, "/wireguard/remove-peer", {"userUuid": user, "publicKey": public_key})
         if status not in (200, 404):
-            raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s: remove-peer answered %s" % (exit["id"], status))
+            raise BridgeUnavailable("Exit server %s: remove-peer answered %s" % (exit["id"], status))
 
     def healthy(self, exit):
         """The exit's /health says healthy or degraded; remembered SMARTCONNECT_HEALTH_TTL seconds."""

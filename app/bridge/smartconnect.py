@@ -20,7 +20,8 @@ import logging
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from ..api.schemas import _ID_RE
+from wghelper.validate import IDENTIFIER_RE
+
 from ..config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Network(fields.String):
 
 class RuleSchema(Schema):
     networks = fields.List(Network(), required=True, validate=validate.Length(min=1, max=4096))
-    exits = fields.List(fields.String(validate=validate.Regexp(_ID_RE)), required=True,
+    exits = fields.List(fields.String(validate=validate.Regexp(IDENTIFIER_RE)), required=True,
                         validate=validate.Length(max=64))
 
 

@@ -36,9 +36,9 @@ from orbmesh_relay import cli as relay_cli
 
 from .. import config as settings
 from ..api.auth import mint_device_token
-from ..api.errors import ApiError
 from ..bridge.bridges import bridge_user
 from ..dns import unbound
+from ..failures import Failure
 from ..helper import HelperClient, HelperFailed, HelperUnavailable
 
 
@@ -94,7 +94,7 @@ def _dns_config(args):
         return 0 if values["DNS_RESOLVER"] == "on" else 1
     try:
         hello = None if args.no_helper else _hello(values, args.wait)
-    except ApiError as exc:
+    except Failure as exc:
         raise settings.ConfigError("cannot ask the helper at %s for its addresses: %s"
                                    % (values["HELPER_SOCKET"], exc.message)) from None
     text = unbound.from_settings(values, hello, username=args.username)

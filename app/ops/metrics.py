@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, multiprocess
 from werkzeug.exceptions import HTTPException
 
-from ..api.errors import ApiError
+from ..failures import Failure
 
 # prometheus_client picks its value store when it is imported; this is the
 # same test, made at the same time.
@@ -100,7 +100,7 @@ DNS_PROBE_FAILURES = Counter("orbmesh_dns_probe_failures", "Probes of the node's
 
 def result_of(exc):
     """The `result` label for an exception leaving a view."""
-    if isinstance(exc, ApiError):
+    if isinstance(exc, Failure):
         return _RESULT_OF_CODE.get(exc.code, exc.code.lower())
     if isinstance(exc, ValidationError):
         return "invalid"

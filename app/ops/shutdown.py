@@ -17,7 +17,7 @@ import signal
 import threading
 import weakref
 
-from ..api.errors import ApiError
+from ..failures import ServerStopping
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def track(session):
 def refuse_new():
     """Before a tunnel request: none starts on a stopping worker (the relay retries, reaching the next)."""
     if _stopping.is_set():
-        raise ApiError("SERVER_STOPPING", "This server is restarting; connect again")
+        raise ServerStopping("This server is restarting; connect again")
 
 
 def close_all():

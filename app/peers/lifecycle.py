@@ -11,12 +11,13 @@ import ipaddress
 import logging
 import sqlite3
 import time
+from dataclasses import dataclass
 
-from ..api.errors import ApiError
+from ..failures import BridgeLimit, BridgeUnavailable, Conflict, DeviceLimit, Failure, InvalidInput, PoolExhausted
 from ..helper import HelperFailed, HelperUnavailable
 from ..ops import metrics
 from . import audit, reconcile, store, usage
-from .allocator import PoolExhausted
+from .allocator import PoolExhausted as allocator_pool_exhausted
 from .db import undo, write
 
 log = logging.getLogger(__name__)
@@ -27,103 +28,174 @@ def _short(key):
     return key[:8] + "..."
 
 
+# Said of a key the schema let through (its form is right) that this server holds itself.
+OWN_KEY = "Must be a WireGuard key: base64 of exactly 32 bytes, not a low-order point nor this server's own key."
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One device's connect: who, with which key, under which caps (`plan`: the token's plan claims)."""
+    user_id: str
+    device_id: str
+    public_key: str
+    max_devices: int = 0
+    plan: dict = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the device's traffic goes: direct (no exit), or through the tunnel to `exit` (bridges opens it)."""
+    exit: dict = None
+    bridges: object = None
+
+    @property
+    def mode(self):
+        return "bridge" if self.exit else "direct"
+
+    @property
+    def exit_id(self):
+        return self.exit["id"] if self.exit else None
+
+
+DIRECT = Route()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the claim step wrote: the device's row now (`peer`) and before (`previous`), and what it changed."""
+    peer: object
+    previous: object
+    old_key: str
+    quarantined_at: float
+    limits: object
+    slot: int = None
+    new_bridge: str = None
+
+
 def connect_device(db, helper, allocator, bridges, user_id, device_id, public_key, exit_id=None,
                    force_direct=False, max_devices=0, plan=None):
     """Give the device a peer with `public_key`; return the Peer on the interface.
 
-    Its route is the first step: through the tunnel to an exit when the
-    connect asks for one (`exit_id`) or SmartConnect recommends one
+    Its route first: through the tunnel to an exit when the connect asks
+    for one (`exit_id`) or SmartConnect recommends one
     (bridges.choose_exit), else direct; the Peer's mode and exit_id say
     which.  When SmartConnect only recommended the exit and the exit fails,
-    the client gets a direct tunnel: a direct tunnel beats none.  A new
-    device of a user who already has `max_devices` (when not 0) is refused,
-    and so is a user at the quota (`plan`: the token's plan claims, usage.admit).
+    the client gets a direct tunnel: a direct tunnel beats none.  Then, on
+    that route, claim (the row) and apply (the interface).
     """
+    if public_key in helper.own_keys():  # from the hello the worker already holds: no helper call
+        raise InvalidInput.field("publicKey", OWN_KEY)
+    ask = Ask(user_id, device_id, public_key, max_devices, plan)
     exit, recommended = bridges.choose_exit(exit_id, force_direct)
     if exit is not None:
         try:
-            return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, plan, bridges, exit)
-        except ApiError as exc:
-            if not (recommended and exc.code in ("BRIDGE_UNAVAILABLE", "BRIDGE_LIMIT")):
+            return _connect(db, helper, allocator, ask, Route(exit, bridges))
+        except (BridgeUnavailable, BridgeLimit):
+            if not recommended:
                 raise
         log.warning("smartconnect: exit %s unavailable, connecting directly", exit["id"])
-    return _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, plan)
+    return _connect(db, helper, allocator, ask, DIRECT)
 
 
-def _connect(db, helper, allocator, user_id, device_id, public_key, max_devices, plan=None, bridges=None,
-             exit=None):
-    """connect_device along one route: through the tunnel to `exit`, or direct without one.
-
-    A bridged peer's rule is in place before the peer is on the interface,
-    so a bridged client never sends a packet out directly.  The device cap
-    is counted in the same write transaction that would allocate, so
-    concurrent connects cannot pass it together.  A tiered user's new
-    address joins the helper's table right after its peer is on the
-    interface (usage.later: the pushes of many connects go as one).
-    """
-    mode, exit_id = ("bridge", exit["id"]) if exit else ("direct", None)
-    existing = store.by_device(db, user_id, device_id)
-    if existing and existing.public_key != public_key:
+def _connect(db, helper, allocator, ask, route):
+    """connect_device along one route: claim, apply, then what follows a connect that holds."""
+    existing = store.by_device(db, ask.user_id, ask.device_id)
+    if existing and existing.public_key != ask.public_key:
         usage.settle(db, helper, None, [existing])  # its key leaves the interface: count what it moved
+    claim = _claim(db, allocator, ask, route)
+    _apply(db, helper, claim, route)
+    _connected(db, helper, ask, route, claim)
+    return claim.peer
+
+
+def _claim(db, allocator, ask, route):
+    """The device's row, in one write transaction: key, quota, exit limits, device cap, address, bridge slot.
+
+    The device cap is counted in the same transaction that would allocate,
+    so concurrent connects cannot pass it together.  A quarantined peer
+    (sweep.py) keeps its address and is released here.
+    """
     with write(db):
-        owner = store.by_key(db, public_key)
-        if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (user_id, device_id)):
-            raise ApiError("CONFLICT", "This public key is already registered to another peer")
-        limits = usage.admit(db, user_id, plan)
-        current = store.by_device(db, user_id, device_id)
-        if exit:
-            bridges.admit(db, user_id, device_id, exit_id, current.exit_id if current else None)
+        owner = store.by_key(db, ask.public_key)
+        if owner and (owner.source != "client" or (owner.user_id, owner.device_id) != (ask.user_id, ask.device_id)):
+            raise Conflict("This public key is already registered to another peer")
+        limits = usage.admit(db, ask.user_id, ask.plan)
+        current = store.by_device(db, ask.user_id, ask.device_id)
+        if route.exit:
+            route.bridges.admit(db, ask.user_id, ask.device_id, route.exit_id, current.exit_id if current else None)
         quarantined_at = current.quarantined_at if current else None
         if quarantined_at:
             store.set_quarantined(db, current.id, None)
-        if current:
-            if current.public_key != public_key:
-                store.set_key(db, current.id, current.public_key, public_key)
-            if (current.mode, current.exit_id) != (mode, exit_id):
-                store.set_route(db, current.id, mode, exit_id)
-            peer = store.by_key(db, public_key)
-        else:
-            if max_devices and store.count_devices(db, user_id) >= max_devices:
-                raise ApiError("DEVICE_LIMIT", "This user already has %d devices connected to this server; "
-                               "disconnect one first" % max_devices)
-            try:
-                addr = allocator.allocate(db)
-            except PoolExhausted:
-                raise ApiError("POOL_EXHAUSTED", "No free addresses left in the pool") from None
-            peer = store.insert(db, {"public_key": public_key, "addr": addr, "user_id": user_id,
-                                     "device_id": device_id, "source": "client", "endpoint": None,
-                                     "keepalive": 0, "mode": mode, "exit_id": exit_id})
+        peer = _take_row(db, allocator, ask, route, current)
         slot = new_bridge = None
-        if exit:
-            slot, new_bridge = store.bridge_slot(db, exit_id, bridges.max_slots)
+        if route.exit:
+            slot, new_bridge = store.bridge_slot(db, route.exit_id, route.bridges.max_slots)
             if slot is None:
-                raise ApiError("BRIDGE_UNAVAILABLE", "This server has no free bridge slot")
-    old_key = current.public_key if current and current.public_key != public_key else None
+                raise BridgeUnavailable("This server has no free bridge slot")
+    old_key = current.public_key if current and current.public_key != ask.public_key else None
+    return Claim(peer, current, old_key, quarantined_at, limits, slot, route.exit_id if new_bridge else None)
+
+
+def _take_row(db, allocator, ask, route, current):
+    """The device's row with the asked key and route: its own, rekeyed or rerouted, or a new one at a free address."""
+    if current:
+        if current.public_key != ask.public_key:
+            store.set_key(db, current.id, current.public_key, ask.public_key)
+        if (current.mode, current.exit_id) != (route.mode, route.exit_id):
+            store.set_route(db, current.id, route.mode, route.exit_id)
+        return store.by_key(db, ask.public_key)
+    if ask.max_devices and store.count_devices(db, ask.user_id) >= ask.max_devices:
+        raise DeviceLimit("This user already has %d devices connected to this server; disconnect one first"
+                          % ask.max_devices)
     try:
-        if exit:
-            bridges.open(helper, exit, slot)
-            helper.bridge_rules(add=[{"address": peer.address, "slot": slot}])
+        addr = allocator.allocate(db)
+    except allocator_pool_exhausted:
+        raise PoolExhausted("No free addresses left in the pool") from None
+    return store.insert(db, {"public_key": ask.public_key, "addr": addr, "user_id": ask.user_id,
+                             "device_id": ask.device_id, "source": "client", "endpoint": None,
+                             "keepalive": 0, "mode": route.mode, "exit_id": route.exit_id})
+
+
+def _apply(db, helper, claim, route):
+    """The claim on the interface; on any failure the row is undone and the error goes to the client.
+
+    A bridged peer's rule is in place before the peer is on the interface,
+    so a bridged client never sends a packet out directly.
+    """
+    peer, previous = claim.peer, claim.previous
+    try:
+        if route.exit:
+            route.bridges.open(helper, route.exit, claim.slot)
+            helper.bridge_rules(add=[{"address": peer.address, "slot": claim.slot}])
         # A quarantined peer's old key is already off the interface.
-        helper.apply(add=[peer], remove=[old_key] if old_key and not quarantined_at else [])
-        if current and current.mode == "bridge" and not exit:
+        helper.apply(add=[peer], remove=[claim.old_key] if claim.old_key and not claim.quarantined_at else [])
+        if previous and previous.mode == "bridge" and not route.exit:
             helper.bridge_rules(remove=[peer.address])
-    except ApiError:
-        _undo_connect(db, helper, peer, current, exit_id if new_bridge else None)
+    except Failure:
+        _undo_connect(db, helper, peer, previous, claim.new_bridge)
         raise
-    if current and current.mode == "bridge" and current.exit_id != exit_id:
+
+
+def _connected(db, helper, ask, route, claim):
+    """After a connect holds: the old exit's idle clock, usage and limits, metrics, the log and the audit.
+
+    A tiered user's new address joins the helper's table right after its
+    peer is on the interface (usage.later: the pushes of many connects go as one).
+    """
+    previous, peer = claim.previous, claim.peer
+    if previous and previous.mode == "bridge" and previous.exit_id != route.exit_id:
         with write(db):
-            store.mark_bridge_idle(db, current.exit_id, time.time())
-    if old_key:
-        usage.forget(db, [old_key])
-    if limits.limited:
-        usage.later(db, helper, user_id)
-    if quarantined_at:
+            store.mark_bridge_idle(db, previous.exit_id, time.time())
+    if claim.old_key:
+        usage.forget(db, [claim.old_key])
+    if claim.limits.limited:
+        usage.later(db, helper, ask.user_id)
+    if claim.quarantined_at:
         metrics.SWEPT_PEERS.labels("released").inc()
-    log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s%s", user_id, device_id, peer.address,
-             _short(public_key), mode, " exit=%s" % exit_id if exit_id else "", " (rekeyed)" if old_key else "",
-             " (back from quarantine)" if quarantined_at else "")
-    audit.record("connect", peer, rekeyed=bool(old_key), released_from_quarantine=bool(quarantined_at))
-    return peer
+    log.info("connect user=%s device=%s addr=%s key=%s mode=%s%s%s%s", ask.user_id, ask.device_id, peer.address,
+             _short(ask.public_key), route.mode, " exit=%s" % route.exit_id if route.exit else "",
+             " (rekeyed)" if claim.old_key else "", " (back from quarantine)" if claim.quarantined_at else "")
+    audit.record("connect", peer, rekeyed=bool(claim.old_key), released_from_quarantine=bool(claim.quarantined_at))
 
 
 def _undo_connect(db, helper, peer, previous, new_bridge):
@@ -262,17 +334,19 @@ def add_orbnet_peer(db, helper, config, data, only_peer=False):
     """
     addr = int(ipaddress.IPv4Address(data["assignedIP"]))
     keepalive = 0 if data["noKeepalive"] else config["KEEPALIVE"]
+    if data["publicKey"] in helper.own_keys():
+        raise InvalidInput.field("publicKey", OWN_KEY)
+    _check_ipv6(helper, data["assignedIP"], data.get("allowedIPs6"))
     with write(db):
         limits = usage.admit(db, data["userUuid"])
         owner = store.by_key(db, data["publicKey"])
         holder = store.by_addr(db, addr)
         if only_peer and any(p.public_key != data["publicKey"] for p in store.by_user(db, data["userUuid"])):
-            raise ApiError("CONFLICT", "This userUuid already holds a peer and its key may hold only one; "
-                           "remove it first")
+            raise Conflict("This userUuid already holds a peer and its key may hold only one; remove it first")
         if owner and (owner.source != "orbnet" or owner.user_id != data["userUuid"] or owner.addr != addr):
-            raise ApiError("CONFLICT", "This public key is already registered to another peer")
+            raise Conflict("This public key is already registered to another peer")
         if holder and holder != owner:
-            raise ApiError("CONFLICT", "assignedIP %s is already in use" % data["assignedIP"])
+            raise Conflict("assignedIP %s is already in use" % data["assignedIP"])
         if owner:
             store.update_orbnet(db, owner.id, data["endpoint"], keepalive)
             previous = owner
@@ -297,6 +371,17 @@ def add_orbnet_peer(db, helper, config, data, only_peer=False):
     log.info("add-peer user=%s addr=%s key=%s", data["userUuid"], peer.address, _short(peer.public_key))
     audit.record("add-peer", peer, updated=previous is not None)
     return peer
+
+
+def _check_ipv6(helper, address, named):
+    """The IPv6 networks an add-peer named in allowedIPs (if any) must be exactly the peer's own /128."""
+    if not named:
+        return
+    addressing = helper.addressing()
+    ip6 = addressing.ip6(address)
+    if ip6 is None or named != {ipaddress.IPv6Network(ip6)}:
+        raise InvalidInput.field("allowedIPs", "The only IPv6 entry allowed is the peer's own /128 (%s)."
+                                 % (ip6 or "none: IPv6 is off on this server (ipv6: %s)" % addressing.mode))
 
 
 def remove_user_peers(db, helper, user_id, public_key=None):

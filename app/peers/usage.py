@@ -44,13 +44,14 @@ import binascii
 import dataclasses
 import json
 import logging
-import re
 import threading
 import time
 
 from flask import current_app, g
 
-from ..api.errors import ApiError
+from wghelper.validate import IDENTIFIER_RE
+
+from ..failures import InvalidInput, QuotaExceeded
 from ..helper import HelperClient, HelperFailed, HelperUnavailable
 from ..ops import metrics
 from . import audit, reconcile, store
@@ -68,7 +69,7 @@ ACTIVE_BYTES = 16384       # a peer that moved this much in a sample moved latel
 SETTLE_WINDOW = 10.0       # seconds
 RESTORE_KEEPALIVE = 25     # a released peer goes back to its last endpoint with this (wghelper/peers.py)
 PAGE = 1000
-_USER = re.compile(r"\A[A-Za-z0-9_.:@-]{1,128}\Z")
+_USER = IDENTIFIER_RE
 
 
 # --- the plan: tier and quota in effect -------------------------------------------------------
@@ -115,8 +116,8 @@ def token_plan(claims):
             continue
         value = claims[claim]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
-            raise ApiError("VALIDATION_ERROR", "The device token's plan is invalid",
-                           {"fields": {"token." + claim: ["Must be null or an integer from %d to %d." % (low, high)]}})
+            raise InvalidInput("The device token's plan is invalid", {"fields": {
+                "token." + claim: ["Must be null or an integer from %d to %d." % (low, high)]}})
         plan[claim] = value
     return plan
 
@@ -126,8 +127,8 @@ def over_quota(plan, total):
 
 
 def quota_exceeded(plan, total):
-    return ApiError("QUOTA_EXCEEDED", "This user's data quota on this server is used up",
-                    {"usageBytes": total, "quotaBytes": plan.quota_bytes})
+    return QuotaExceeded("This user's data quota on this server is used up",
+                         {"usageBytes": total, "quotaBytes": plan.quota_bytes})
 
 
 def admit(db, user_id, claims=None):
@@ -646,8 +647,8 @@ def refuse_cut(db, user_id):
     """403 QUOTA_EXCEEDED for a user the quota cut (the tunnel endpoints)."""
     hit = current_app.extensions["orbmesh_cut_users"].get(db).get(user_id)
     if hit is not None:
-        raise ApiError("QUOTA_EXCEEDED", "This user's data quota on this server is used up",
-                       {"usageBytes": hit[0], "quotaBytes": hit[1]})
+        raise QuotaExceeded("This user's data quota on this server is used up",
+                            {"usageBytes": hit[0], "quotaBytes": hit[1]})
 
 
 def device_plan():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from orbmesh_relay.framing import MAX_DATAGRAM, gso_control, gso_runs, is_wireguard, record_size
 
-from ..api.errors import ApiError
+from ..failures import TooManySessions
 from ..ops.metrics import tunnel_meter
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class SessionSlots:
     def acquire(self, device):
         with self._lock:
             if self._held[device] >= self.limit:
-                raise ApiError("TOO_MANY_SESSIONS", "This device already has %d tunnel sessions" % self.limit)
+                raise TooManySessions("This device already has %d tunnel sessions" % self.limit)
             self._held[device] += 1
 
     def release(self, device):

@@ -4,7 +4,7 @@ from marshmallow import ValidationError
 
 from app.api.errors import ApiError
 from app.api.schemas import AddPeerSchema, ConnectSchema, EmptySchema, load_body
-from tests.conftest import make_key
+from tests.conftest import BRIDGE_KEY, SERVER_KEY, FakeHelper, make_key
 
 
 def load(app, schema, body, content_type="application/json"):
@@ -65,3 +65,20 @@ def test_add_peer_address_must_be_a_client_address_of_the_pool(app):
             with pytest.raises(ValidationError) as info:
                 schema.load(add_peer(**changes))
             assert field in info.value.messages, (changes, info.value.messages)
+
+
+def test_validation_asks_the_helper_nothing(app, fake_helper):
+    """The server's own keys have a key's form, so the schemas pass them (the connect and the add-peer refuse
+    them from the hello the worker holds: tests/app/api/test_wireguard.py); an IPv6 entry is only parsed."""
+    fake_helper.calls.clear()
+    with app.app_context():
+        for key in (SERVER_KEY, BRIDGE_KEY):
+            assert ConnectSchema().load({"publicKey": key})["publicKey"] == key
+        loaded = AddPeerSchema().load(add_peer(allowedIPs="10.8.0.42/32, fd00:8::2a/128"))
+        assert [str(net) for net in loaded["allowedIPs6"]] == ["fd00:8::2a/128"]
+        with pytest.raises(ValidationError):  # the schema still refuses what is not a key's form
+            ConnectSchema().load({"publicKey": "AAAA"})
+    assert fake_helper.calls == []
+    fresh = FakeHelper()
+    fresh.own_keys()  # the control: asking for the keys is a hello the fake records
+    assert fresh.calls == [("hello",)]

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from app.api.errors import ApiError
 from app.bridge.bridges import bridge_user
+from app.failures import BridgeUnavailable
 from app.peers import db as database
 from app.peers.reconcile import reconcile
 from tests.app.bridge.exitstub import SlowExit
@@ -31,7 +31,7 @@ class FakeExitClient:
     def register(self, exit, user, public_key):
         self.calls.append(("register", exit["id"], user, public_key))
         if self.down:
-            raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s cannot be reached" % exit["id"])
+            raise BridgeUnavailable("Exit server %s cannot be reached" % exit["id"])
 
     def unregister(self, exit, user, public_key):
         self.calls.append(("unregister", exit["id"], user, public_key))
@@ -189,8 +189,8 @@ def test_the_bridge_user_is_derived_from_the_bridge_key(client, auth, app, exit_
     """Two entries with the same ORBMESH_PUBLIC_HOST (127.0.0.1 unless set) must not share a user on an exit."""
     assert USER == "orbmesh-bridge-" + "42" * 32 and bridge_user(make_key(5)) != USER
     assert connect(client, auth(), KEY_A, exitServerId="exit-1").status_code == 200
-    other_entry = app.extensions["orbmesh_bridges"]
-    other_entry.key_cache["bridge"] = make_key(5)  # another server: another bridge key
+    helper = app.extensions["orbmesh_helper"]
+    helper.learn(dict(helper.hello(), bridge_public_key=make_key(5)))  # another server: another bridge key
     assert connect(client, auth("u", "d2"), KEY_B, exitServerId="exit-1").status_code == 200
     users = [call[2] for call in exit_api.calls if call[0] == "register"]
     assert users == [USER, bridge_user(make_key(5))]

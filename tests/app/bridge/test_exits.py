@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from app.api.errors import ApiError
 from app.bridge import exits
+from app.failures import BridgeUnavailable
 from tests.app.bridge.exitstub import SlowExit
 from tests.conftest import BRIDGE_KEY, make_key
 
@@ -66,7 +66,7 @@ def test_an_exit_that_answers_one_byte_at_a_time_is_given_up_on_at_the_deadline(
     slow = SlowExit(interval=0.5)
     try:
         client = exits.ExitClient({"EXIT_API_TIMEOUT": 1.0, "SMARTCONNECT_HEALTH_TTL": 0})
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(BridgeUnavailable) as info:
             client.unregister(dict(EXIT, apiUrl=slow.url), "me", BRIDGE_KEY)
         assert info.value.code == "BRIDGE_UNAVAILABLE"
         assert slow.received.is_set() and not slow.finished.is_set()
@@ -149,7 +149,7 @@ def test_exit_client_never_follows_redirects_with_the_key(tmp_path):
     try:
         client = exits.ExitClient({"EXIT_API_TIMEOUT": 2.0, "SMARTCONNECT_HEALTH_TTL": 0})
         target = dict(EXIT, apiUrl="http://127.0.0.1:%d" % server.server_address[1])
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(BridgeUnavailable) as info:
             client.register(target, "me", BRIDGE_KEY)
         assert info.value.code == "BRIDGE_UNAVAILABLE"
         assert seen == [("/wireguard/add-peer", API_KEY)]

@@ -1,11 +1,11 @@
 """The peer lifecycle on its own: the route step of a connect, and every undo when a step fails."""
 import pytest
 
-from app.api.errors import ApiError
+from app.failures import BridgeUnavailable, Failure, InvalidInput
 from app.peers import lifecycle, store
 from app.peers.allocator import Allocator
 from app.peers.db import connect, get_meta, init_schema, set_meta, write
-from tests.conftest import FakeHelper, make_key
+from tests.conftest import BRIDGE_KEY, SERVER_KEY, FakeHelper, make_key
 
 EXIT = {"id": "exit-1", "publicKey": make_key(77), "endpoint": "198.51.100.1:51820", "bridgeAddress": "10.9.255.1"}
 KEY_A, KEY_B = make_key(1), make_key(2)
@@ -30,7 +30,7 @@ class Bridges:
     def open(self, helper, exit, slot):
         self.opened.append((exit["id"], slot))
         if self.down:
-            raise ApiError("BRIDGE_UNAVAILABLE", "Exit server %s cannot be reached" % exit["id"])
+            raise BridgeUnavailable("Exit server %s cannot be reached" % exit["id"])
 
 
 @pytest.fixture
@@ -44,7 +44,11 @@ def db(tmp_path):
 
 @pytest.fixture
 def helper():
-    return FakeHelper()
+    """A helper whose hello the worker already holds (as after its first request), so calls list only steps."""
+    fake = FakeHelper()
+    fake.said()
+    fake.calls.clear()
+    return fake
 
 
 def connect_device(db, helper, bridges, device="d1", key=KEY_A, **options):
@@ -86,7 +90,7 @@ def test_a_bridged_connect_opens_the_exit_and_routes_before_the_peer_is_on(db, h
 def test_an_exit_asked_for_that_fails_is_an_error_and_leaves_nothing(db, helper):
     bridges = Bridges()
     bridges.down = True
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(Failure) as info:
         connect_device(db, helper, bridges, exit_id="exit-1")
     assert info.value.code == "BRIDGE_UNAVAILABLE"
     assert rows(db) == [] and helper.peers == {} and helper.rules == {}
@@ -107,7 +111,7 @@ def test_no_free_bridge_slot_is_refused_before_anything_is_opened(db, helper):
     with write(db):
         store.bridge_slot(db, "exit-0", 1)  # another exit holds the only slot
     bridges = Bridges(max_slots=1)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(Failure) as info:
         connect_device(db, helper, bridges, exit_id="exit-1")
     assert info.value.code == "BRIDGE_UNAVAILABLE" and "no free bridge slot" in info.value.message
     assert rows(db) == [] and bridges.opened == [] and helper.calls == []
@@ -120,7 +124,7 @@ def test_a_failed_switch_from_bridge_to_direct_keeps_the_bridge_route(db, helper
     connect_device(db, helper, bridges, exit_id="exit-1")
     before = rows(db)
     fail_apply(helper)
-    with pytest.raises(ApiError):
+    with pytest.raises(Failure):
         connect_device(db, helper, bridges, force_direct=True)
     assert rows(db) == before and helper.rules == {"10.8.0.2": 0}
     assert store.bridge_rows(db) == [("exit-1", 0, None, 1)]  # still in use, not idle
@@ -134,7 +138,7 @@ def test_a_quarantined_device_whose_reconnect_fails_stays_quarantined(db, helper
     helper.peers.clear()  # the sweep took it off the interface
     before = rows(db)
     helper.fail = "unavailable"
-    with pytest.raises(ApiError):
+    with pytest.raises(Failure):
         connect_device(db, helper, Bridges(), key=KEY_B)
     assert rows(db) == before == [(KEY_A, "10.8.0.2", "direct", None, 1000.0)]
     helper.fail = None
@@ -149,7 +153,7 @@ def test_a_failed_helper_call_asks_for_a_full_reconcile(db, helper):
     connect_device(db, helper, Bridges())
     assert get_meta(db, "reconciled_generation") == "gen-1"
     helper.fail = "failed"
-    with pytest.raises(ApiError):
+    with pytest.raises(Failure):
         connect_device(db, helper, Bridges(), device="d2", key=KEY_B)
     # The helper may have applied the peer before its answer was lost.
     assert get_meta(db, "reconciled_generation") == ""
@@ -161,7 +165,7 @@ def test_a_failed_orbnet_update_puts_the_old_endpoint_back(db, helper):
     lifecycle.add_orbnet_peer(db, helper, {"KEEPALIVE": 25}, data)
     before = rows(db), store.by_key(db, KEY_A).endpoint
     helper.fail = "failed"
-    with pytest.raises(ApiError):
+    with pytest.raises(Failure):
         lifecycle.add_orbnet_peer(db, helper, {"KEEPALIVE": 25}, dict(data, endpoint="203.0.113.9:4000",
                                                                    noKeepalive=True))
     peer = store.by_key(db, KEY_A)
@@ -169,3 +173,13 @@ def test_a_failed_orbnet_update_puts_the_old_endpoint_back(db, helper):
     helper.fail = None
     lifecycle.add_orbnet_peer(db, helper, {"KEEPALIVE": 25}, dict(data, endpoint="203.0.113.9:4000", noKeepalive=True))
     assert (store.by_key(db, KEY_A).endpoint, helper.peers[KEY_A]["keepalive"]) == ("203.0.113.9:4000", 0)
+
+
+@pytest.mark.parametrize("own", [SERVER_KEY, BRIDGE_KEY])
+def test_the_servers_own_keys_are_refused_from_the_held_hello(db, helper, own):
+    """Root would refuse them too; the app knows them from the hello it holds and asks nothing."""
+    with pytest.raises(InvalidInput) as info:
+        connect_device(db, helper, Bridges(), key=own)
+    assert info.value.details == {"fields": {"publicKey": [lifecycle.OWN_KEY]}}
+    assert rows(db) == [] and helper.calls == []
+    assert connect_device(db, helper, Bridges()).public_key == KEY_A  # the control: another key connects

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from app.api.errors import ApiError
+from app.failures import TooManySessions
 from app.tunnel.sessions import HttpSession, HttpSessions, SessionSlots, UdpPipe
 
 WG_DATA = b"\x04\x00\x00\x00" + b"d" * 28  # shaped like a transport data message
@@ -24,7 +25,7 @@ def test_slots_cap_each_device_separately():
     slots = SessionSlots(2)
     slots.acquire(("u", "d1"))
     slots.acquire(("u", "d1"))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TooManySessions) as info:
         slots.acquire(("u", "d1"))
     assert info.value.code == "TOO_MANY_SESSIONS"
     slots.acquire(("u", "d2"))  # another device has its own two
@@ -81,7 +82,7 @@ def test_idle_sessions_are_reaped_and_give_their_slot_back(wireguard):
     assert slots.held(device) == 0 and len(sessions) == 0  # refused before a slot or a socket was taken
     first = sessions.get(device, "a")
     assert sessions.get(device, "a") is first and slots.held(device) == 1
-    with pytest.raises(ApiError):
+    with pytest.raises(TooManySessions):
         sessions.get(device, "b")  # the device's only slot is taken
     assert sessions.reap() == 0  # not idle yet
     assert sessions.reap(now=float("inf")) == 1
