@@ -12,7 +12,7 @@ from .dns import resolver
 from .ops import health, logs, shutdown
 from .peers import audit, db, reconcile, usage
 from .peers.allocator import Allocator
-from .tunnel import routes, wsconn
+from .tunnel import routes
 
 
 def create_app(test_config=None):
@@ -42,7 +42,6 @@ def create_app(test_config=None):
     app.register_blueprint(usage_view.bp)
     usage.init_app(app)
     app.register_blueprint(routes.bp)
-    wsconn.init_app(app)
     routes.init_app(app)
     probe.init_app(app)
     resolver.init_app(app)

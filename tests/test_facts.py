@@ -1,8 +1,10 @@
-"""One owner per fact: a pattern both processes check is written in one place, and everyone asks it.
+"""One owner per fact: a pattern both processes check, or a loop both sides run, is written in one place.
 
 The userUuid / device / exit identifier lives in wghelper/validate.py (the
-contract the app imports); a second spelling of it anywhere in the code is
-a pattern that can drift.  The check has a control that must fail.
+contract the app imports); the UDP send loop (GSO runs, the fallback, what
+is lost) in orbmesh_relay/udpio.py, which the server's tunnel pipe imports.
+A second copy of either is one that can drift.  Each check has a control
+that must fail.
 """
 import re
 from pathlib import Path
@@ -39,3 +41,22 @@ def test_everyone_asks_the_one_pattern():
     assert exits.IDENTIFIER_RE is smartconnect.IDENTIFIER_RE is validate.IDENTIFIER_RE
     assert validate.IDENTIFIER_RE.match("orb-1@example.com") and not validate.IDENTIFIER_RE.match("a b")
     assert not validate.IDENTIFIER_RE.match("a\n") and not validate.IDENTIFIER_RE.match("x" * 129)
+
+
+def send_loops(source):
+    """Lines of `source` that send a datagram run with UDP segmentation (sendmsg with gso_control)."""
+    return [line.strip() for line in source.splitlines() if "sendmsg(" in line and "gso_control" in line]
+
+
+def test_one_udp_layer_for_the_server_and_the_relay():
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            lines = send_loops(path.read_text())
+            if lines:
+                found[str(path.relative_to(ROOT))] = lines
+    assert list(found) == ["orbmesh_relay/udpio.py"], found
+    assert send_loops("self.sock.sendmsg([b''.join(run)], gso_control(segment))") != []  # the control
+    from app.tunnel import sessions
+    from orbmesh_relay import udpio
+    assert sessions.send_runs is udpio.send_runs

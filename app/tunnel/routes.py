@@ -9,8 +9,10 @@ import logging
 import re
 import threading
 
+import flask_sock
 import gevent
 import gevent.monkey
+import simple_websocket
 from flask import Blueprint, Response, current_app, g, request
 from flask_sock import Sock
 from werkzeug.routing import WebsocketMismatch
@@ -24,6 +26,7 @@ from ..ops import metrics, shutdown
 from ..peers import usage
 from ..peers.db import get_db
 from .sessions import HttpSessions, SessionSlots, UdpPipe
+from .wsconn import TunnelWebSocket
 
 log = logging.getLogger(__name__)
 bp = Blueprint("tunnel", __name__, url_prefix="/wireguard")
@@ -169,7 +172,22 @@ def _not_an_upgrade(exc):
     return error_response("VALIDATION_ERROR", "This endpoint needs a WebSocket upgrade (Upgrade: websocket)")
 
 
+def _websockets_are_tunnel_websockets():
+    """Make flask-sock build the /ws route's connections as TunnelWebSocket (wsconn.py).
+
+    flask-sock 0.7 creates each connection with the name ``Server`` from its
+    own module and has no option to choose the class; pointing that name at
+    our subclass is the one seam it has, so it is set here, beside the route
+    it serves.  The check makes an upgrade that changes this fail at start,
+    not in production traffic.
+    """
+    if flask_sock.Server not in (simple_websocket.Server, TunnelWebSocket):
+        raise RuntimeError("unexpected flask_sock.Server; re-check app/tunnel/wsconn.py against flask-sock")
+    flask_sock.Server = TunnelWebSocket
+
+
 def init_app(app):
+    _websockets_are_tunnel_websockets()
     app.register_error_handler(WebsocketMismatch, _not_an_upgrade)
     slots = SessionSlots(app.config["TUNNEL_MAX_SESSIONS"])
     app.extensions["orbmesh_tunnel_slots"] = slots

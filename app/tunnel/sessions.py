@@ -5,7 +5,6 @@ sessions' queues, and the per-device session count.  The README says how a
 deployment keeps one device's requests on one worker.
 """
 import collections
-import errno
 import logging
 import select
 import socket
@@ -13,7 +12,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from orbmesh_relay.framing import MAX_DATAGRAM, gso_control, gso_runs, is_wireguard, record_size
+from orbmesh_relay.framing import MAX_DATAGRAM, is_wireguard, record_size
+from orbmesh_relay.udpio import send_runs
 
 from ..failures import TooManySessions
 from ..ops.metrics import tunnel_meter
@@ -85,32 +85,20 @@ class UdpPipe:
             return 0
         if self.sock is None:
             self._open()
-        packets = size = again = 0
-        for segment, run in gso_runs(valid) if UdpPipe.gso else [(0, [d]) for d in valid]:
-            try:
-                if len(run) == 1:
-                    self.sock.send(run[0])
-                else:
-                    self.sock.sendmsg([b"".join(run)], gso_control(segment))
-            except OSError as exc:
-                if len(run) > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
-                    UdpPipe.gso = False  # a kernel without UDP segmentation: one send per datagram
-                    log.warning("UDP segmentation offload refused (%s); sending datagrams one by one", exc)
-                    again += self.send(run)  # counted there
-                    continue
-                # WireGuard not listening right now (ECONNREFUSED from an
-                # earlier ICMP), or its socket full: the datagrams are lost,
-                # as on any UDP path.
-                self.counters.dropped += len(run)
-                self.meter.dropped("unreachable", len(run))
-                continue
-            packets += len(run)
-            size += sum(map(len, run))
+        packets, size, lost, gso = send_runs(self.sock, valid, self.gso)
+        if self.gso and not gso:
+            UdpPipe.gso = False  # a kernel without UDP segmentation: one send per datagram, in every pipe
+            log.warning("UDP segmentation offload refused; sending datagrams one by one")
+        if lost:
+            # WireGuard not listening right now (ECONNREFUSED from an earlier
+            # ICMP), or its socket full: lost, as on any UDP path.
+            self.counters.dropped += lost
+            self.meter.dropped("unreachable", lost)
         if packets:
             self.counters.up_packets += packets
             self.counters.up_bytes += size
             self.meter.up(size, packets)
-        return packets + again
+        return packets
 
     def drain(self, limit):
         """Up to `limit` datagrams already waiting, without blocking (the socket is non-blocking)."""

@@ -37,7 +37,6 @@ import struct
 import termios
 import time
 
-import flask_sock
 import simple_websocket
 from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request,
                             TextMessage)
@@ -350,15 +349,3 @@ class TunnelWebSocket(simple_websocket.Server):
             self.last_datagram = time.monotonic()
         return True
 
-
-def init_app(app):
-    """Make flask-sock build TunnelWebSocket connections.
-
-    flask-sock 0.7 creates each connection with the name ``Server`` from its
-    own module and has no option to choose the class; pointing that name at
-    our subclass is the one seam it has.  The check makes an upgrade that
-    changes this fail at start, not in production traffic.
-    """
-    if flask_sock.Server not in (simple_websocket.Server, TunnelWebSocket):
-        raise RuntimeError("unexpected flask_sock.Server; re-check app/tunnel/wsconn.py against flask-sock")
-    flask_sock.Server = TunnelWebSocket
