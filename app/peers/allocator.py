@@ -1,11 +1,8 @@
 """Client addresses: next-fit allocation over the pool, in the database's own index."""
 import ipaddress
 
+from ..failures import PoolExhausted
 from .db import get_meta, set_meta
-
-
-class PoolExhausted(Exception):
-    pass
 
 
 class Allocator:
@@ -34,7 +31,7 @@ class Allocator:
             if addr is not None:
                 set_meta(db, "next_addr", addr + 1 if addr < self.last else self.first)
                 return addr
-        raise PoolExhausted()
+        raise PoolExhausted("No free addresses left in the pool")
 
     def _first_free(self, db, start, stop):
         addr = start

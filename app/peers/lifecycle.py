@@ -13,11 +13,10 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from ..failures import BridgeLimit, BridgeUnavailable, Conflict, DeviceLimit, Failure, InvalidInput, PoolExhausted
+from ..failures import BridgeLimit, BridgeUnavailable, Conflict, DeviceLimit, Failure, InvalidInput
 from ..helper import HelperFailed, HelperUnavailable
 from ..ops import metrics
 from . import audit, reconcile, store, usage
-from .allocator import PoolExhausted as allocator_pool_exhausted
 from .db import undo, write
 
 log = logging.getLogger(__name__)
@@ -147,11 +146,7 @@ def _take_row(db, allocator, ask, route, current):
     if ask.max_devices and store.count_devices(db, ask.user_id) >= ask.max_devices:
         raise DeviceLimit("This user already has %d devices connected to this server; disconnect one first"
                           % ask.max_devices)
-    try:
-        addr = allocator.allocate(db)
-    except allocator_pool_exhausted:
-        raise PoolExhausted("No free addresses left in the pool") from None
-    return store.insert(db, {"public_key": ask.public_key, "addr": addr, "user_id": ask.user_id,
+    return store.insert(db, {"public_key": ask.public_key, "addr": allocator.allocate(db), "user_id": ask.user_id,
                              "device_id": ask.device_id, "source": "client", "endpoint": None,
                              "keepalive": 0, "mode": route.mode, "exit_id": route.exit_id})
 
