@@ -65,7 +65,8 @@ class HostPort(fields.String):
 
 
 def _identifier(**kwargs):
-    return fields.String(validate=validate.Regexp(validate_helper.IDENTIFIER_RE, error="Must be 1-128 characters of A-Z a-z 0-9 _ . : @ -."),
+    return fields.String(validate=validate.Regexp(validate_helper.IDENTIFIER_RE,
+                                                  error="Must be 1-128 characters of A-Z a-z 0-9 _ . : @ -."),
                          metadata=_ID_DOC, **kwargs)
 
 
