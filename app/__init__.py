@@ -5,9 +5,14 @@ gunicorn -k gevent 'app:create_app()'
 from flask import Flask
 
 from . import config as settings
-from . import (audit, auth, bridges, db, errors, exits, health, helper, logs, metrics_view, openapi, probe,
-               ratelimit, reconcile, resolver, shutdown, smartconnect, tunnel, usage, usage_view, wireguard, wsconn)
-from .allocator import Allocator
+from . import helper
+from .api import auth, errors, metrics_view, openapi, probe, ratelimit, usage_view, wireguard
+from .bridge import bridges, exits, smartconnect
+from .dns import resolver
+from .ops import health, logs, shutdown
+from .peers import audit, db, reconcile, usage
+from .peers.allocator import Allocator
+from .tunnel import routes
 
 
 def create_app(test_config=None):
@@ -29,7 +34,6 @@ def create_app(test_config=None):
     audit.init_app(app)
     ratelimit.init_app(app)
     app.extensions["orbmesh_allocator"] = Allocator(values["POOL"], values["GATEWAY"])
-    app.extensions["orbmesh_server_key"] = {}
     exits.init_app(app)
     smartconnect.init_app(app)
     bridges.init_app(app)
@@ -37,9 +41,8 @@ def create_app(test_config=None):
     app.register_blueprint(wireguard.bp)
     app.register_blueprint(usage_view.bp)
     usage.init_app(app)
-    app.register_blueprint(tunnel.bp)
-    wsconn.init_app(app)
-    tunnel.init_app(app)
+    app.register_blueprint(routes.bp)
+    routes.init_app(app)
     probe.init_app(app)
     resolver.init_app(app)
     app.register_blueprint(health.bp)

@@ -7,11 +7,11 @@ SETTINGS is both; docs/configuration.md lists every one of them.
 """
 import ipaddress
 import os
-import re
 from pathlib import Path
 
 from wghelper import settings as shared
 from wghelper.errors import ConfigError
+from wghelper.validate import IDENTIFIER, IDENTIFIER_RE
 
 PREFIX = shared.PREFIX
 
@@ -24,7 +24,7 @@ PLACEHOLDER_SECRETS = {
 MIN_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 16
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA")
-_USER_ID = re.compile(r"\A[A-Za-z0-9_.:@-]{1,128}\Z")  # a userUuid, as the API accepts it
+_USER_ID = IDENTIFIER_RE  # a userUuid, as the API accepts it
 
 __all__ = ["ConfigError", "SETTINGS", "load", "check_secrets"]
 
@@ -194,7 +194,7 @@ def _scoped_keys(items):
         if not equals or not key:
             problem = "is not KEY=userUuid"
         elif not _USER_ID.match(user):
-            problem = "has a userUuid outside [A-Za-z0-9_.:@-]{1,128}"
+            problem = "has a userUuid outside %s" % IDENTIFIER
         elif key in found:
             problem = "names the same key twice"
         if problem:

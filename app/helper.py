@@ -23,28 +23,13 @@ from flask import current_app
 from wghelper import protocol
 from wghelper.settings import IPV6_FORWARD, IPV6_OFF, address6
 
-from .errors import ApiError
-from .metrics import timed_helper_call
+from .failures import HelperFailed, HelperUnavailable  # noqa: F401 (importers ask the helper's module)
+from .ops.metrics import timed_helper_call
 
 log = logging.getLogger(__name__)
 
 # Full syncs of large pools take longer than a single peer change.
 SYNC_TIMEOUT = 120.0
-
-
-class HelperUnavailable(ApiError):
-    def __init__(self, message="WireGuard helper is unavailable"):
-        super().__init__("HELPER_UNAVAILABLE", message)
-
-
-class HelperFailed(ApiError):
-    def __init__(self, error):
-        details = {"helperCode": error.get("code")}
-        if isinstance(error.get("details"), dict):
-            details.update({k: v for k, v in error["details"].items() if k in ("command", "exit_code", "field")})
-        super().__init__("HELPER_ERROR", "WireGuard helper failed: %s" % error.get("message", "unknown error"),
-                         details)
-        self.helper_code = error.get("code")
 
 
 class Addressing:
@@ -103,7 +88,47 @@ def sync_spec(peer, addressing=None):
     return spec
 
 
-class HelperClient:
+class Said:
+    """What the helper said in its hello, kept in one place: its keys, pools and IPv6 mode.
+
+    One cache and one refresh: the first question asks once (`hello()`),
+    and every later hello (this client's own, or the reconcile watcher's,
+    passed on with `learn`: a helper restarted in another ipv6 mode has a
+    new generation, which only the watcher asks for) replaces it whole.
+    The key and the addresses never change while a helper runs, so a
+    connect reads them from here and asks nothing.
+    """
+    _said = None
+    _addressing = None
+
+    def learn(self, hello):
+        self._said = hello
+        self._addressing = Addressing(hello)
+
+    def said(self):
+        """The last hello; asked once when there was none."""
+        if self._said is None:
+            self.learn(self.hello())
+        return self._said
+
+    def addressing(self):
+        """The helper's pools (Addressing)."""
+        self.said()
+        return self._addressing
+
+    def server_key(self):
+        return self.said()["public_key"]
+
+    def own_keys(self):
+        """The helper's public keys (server and bridge), which no peer may use (root refuses them too)."""
+        return own_keys(self.said())
+
+    def bridge_key(self):
+        """The bridge key's public half, or None: a helper without one is asked again each time."""
+        return self.said().get("bridge_public_key") or self.hello().get("bridge_public_key")
+
+
+class HelperClient(Said):
     # Connections per process, open or kept idle (gevent patches the semaphore
     # below).  Not fewer: the helper merges the changes of the calls that
     # wait together into one `wg set`, so calls held back here cost more wg
@@ -117,7 +142,6 @@ class HelperClient:
         self._ids = itertools.count(1)
         self._idle = []
         self._pid = os.getpid()
-        self._addressing = None
         self._open = threading.BoundedSemaphore(self.MAX_OPEN)
 
     def _take(self):
@@ -191,20 +215,10 @@ class HelperClient:
         return reply.get("result") or {}
 
     def hello(self):
+        """Ask the helper now (its generation, whether it runs) and keep the answer as what it said."""
         result = self.call("hello")
         self.learn(result)
         return result
-
-    def learn(self, hello):
-        """Take the pools and IPv6 mode of a `hello` (this client's, or the reconcile watcher's: a helper
-        restarted in another ipv6 mode has a new generation, which only the watcher asks for)."""
-        self._addressing = Addressing(hello)
-
-    def addressing(self):
-        """The helper's pools (Addressing), from the last hello; asked once when there was none."""
-        if self._addressing is None:
-            self.hello()
-        return self._addressing
 
     def status(self):
         return self.call("status")
@@ -236,7 +250,7 @@ class HelperClient:
         return self.call("bridge_rules", {"add": list(add), "remove": list(remove), "exclusive": exclusive},
                          timeout=SYNC_TIMEOUT if exclusive else None)
 
-    # Usage, speed tiers and quotas (app/usage.py, wghelper/limits.py, wghelper/usage.py).
+    # Usage, speed tiers and quotas (app/peers/usage.py, wghelper/limits.py, wghelper/usage.py).
 
     def limits(self, users, replace=False):
         """The tiers and quotas of `users` (the helper's entries), or with `replace` of every user."""
@@ -252,14 +266,9 @@ def get_helper():
     return current_app.extensions["orbmesh_helper"]
 
 
-def own_keys(hello=None):
-    """The helper's public keys (server and bridge), which no peer may use; from `hello` or one hello per process."""
-    if hello is not None:
-        return frozenset(k for k in (hello.get("public_key"), hello.get("bridge_public_key")) if k)
-    cache = current_app.extensions["orbmesh_server_key"]
-    if "own" not in cache:
-        cache["own"] = own_keys(get_helper().hello())
-    return cache["own"]
+def own_keys(hello):
+    """The public keys (server and bridge) a `hello` names."""
+    return frozenset(k for k in (hello.get("public_key"), hello.get("bridge_public_key")) if k)
 
 
 def init_app(app):

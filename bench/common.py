@@ -218,10 +218,10 @@ def seed_peers(stack, total, batch=5000):
     """
     import time
 
-    from app import reconcile, store
-    from app.allocator import Allocator
-    from app.db import connect, write
     from app.helper import HelperClient
+    from app.peers import reconcile, store
+    from app.peers.allocator import Allocator
+    from app.peers.db import connect, write
 
     config = stack.env
     db = connect(config["ORBMESH_DB_PATH"])

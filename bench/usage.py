@@ -53,9 +53,9 @@ SETTLE = 3.0                      # seconds after a whole table write
 
 def set_tiers(stack, on):
     """Every user with a tier (or none), then one reconcile: the helper's table whole.  Returns its seconds."""
-    from app import reconcile
-    from app.db import connect, set_meta, write
     from app.helper import HelperClient
+    from app.peers import reconcile
+    from app.peers.db import connect, set_meta, write
 
     db = connect(stack.env["ORBMESH_DB_PATH"])
     helper = HelperClient(stack.env["ORBMESH_HELPER_SOCKET"], 120)
@@ -117,7 +117,7 @@ def iperf_to(ns, seconds, reverse=False):
 def collector_cpu(stack, interval, window):
     """CPU share of one core of the server namespace's processes over an idle `window`, counting every
     `interval` seconds (0: off), with the app restarted for it; and what the collector reported."""
-    from app.db import connect, get_meta
+    from app.peers.db import connect, get_meta
 
     stack.stop_app()
     stack.env["ORBMESH_USAGE_INTERVAL"] = str(interval)

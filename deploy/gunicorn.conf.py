@@ -19,7 +19,7 @@ bind = os.environ.get("ORBMESH_BIND", "") or "127.0.0.1:8081"
 worker_class = "gevent"
 workers = 1
 # Open HTTP requests per worker, parked tunnel long polls included.  A
-# WebSocket tunnel leaves this count once upgraded (app/tunnel.py runs it
+# WebSocket tunnel leaves this count once upgraded (app/tunnel/routes.py runs it
 # outside the request); sessions are bounded per device by
 # ORBMESH_TUNNEL_MAX_SESSIONS and in all by LimitNOFILE (one or two descriptors each).
 worker_connections = 10000
@@ -52,7 +52,7 @@ def child_exit(server, worker):
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
     try:
-        from app.metrics import child_exit as metrics_child_exit
+        from app.ops.metrics import child_exit as metrics_child_exit
     except ImportError:
         return
     metrics_child_exit(server, worker)

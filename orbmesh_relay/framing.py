@@ -1,4 +1,6 @@
-"""Datagram rules and the HTTP tunnel's batch framing (docs/tunnel-protocol.md).
+"""The tunnel wire contract both sides import: the server (app/tunnel/) and the relay (docs/tunnel-protocol.md).
+
+Datagram rules and the HTTP tunnel's batch framing.
 
 A batch body is records back to back, nothing else::
 
@@ -11,9 +13,9 @@ with 32 <= len <= 65,535: no WireGuard message is shorter than 32 bytes
 to walk for nothing (1 MiB of 1-byte records was 349,525 of them, 0.19 s of
 the worker's one loop).  The same records fill each binary message of a
 WebSocket session that negotiated the ``orbmesh.batch.v1`` subprotocol
-(BATCH_PROTOCOL), at most MAX_BATCH_MESSAGE bytes a message.  The one module the server (app/tunnel.py,
-app/sessions.py, ...) shares with the client relay: it imports only the
-standard library, so loading it from a web worker loads no relay code.
+(BATCH_PROTOCOL), at most MAX_BATCH_MESSAGE bytes a message.  It imports
+only the standard library, so loading it from a web worker (app/tunnel/routes.py,
+app/tunnel/sessions.py, app/tunnel/wsconn.py) loads no relay code.
 """
 import struct
 

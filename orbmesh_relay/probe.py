@@ -7,7 +7,7 @@ path whose answers are lost would take the session off the working
 transport.  So the relay asks a small echo the node's app serves beside
 WireGuard (ORBMESH_PROBE_PORT), from the very socket it would send
 WireGuard's datagrams from.  Shared by the relay (udp.py) and the server
-(app/probe.py); standard library only.
+(app/api/probe.py); standard library only.
 
 A device gets a ticket and a key over HTTPS (POST /wireguard/probe).  The
 server keeps no state: key = HMAC-SHA256(server secret, KEY_LABEL + ticket),

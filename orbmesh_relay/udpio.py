@@ -1,5 +1,8 @@
 """UDP in and out, fast where the kernel allows and plain everywhere else.
 
+The one UDP layer: the relay's ports (Port) and the server's tunnel pipe
+to WireGuard (app/tunnel/sessions.py UdpPipe) send through send_runs().
+
 On Linux a run of equal-sized datagrams goes out in one sendmsg() with
 UDP_SEGMENT (GSO), and a socket with UDP_GRO set can take several
 datagrams of one flow in one recvmsg().  Neither exists on macOS or
@@ -42,6 +45,41 @@ _GRO_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 # error on the next receive of an unconnected UDP socket; it means nothing
 # for the datagrams still to come.
 _RECEIVE_NOISE = (ConnectionResetError, ConnectionRefusedError)
+
+
+# A kernel without UDP segmentation refuses a GSO send with one of these.
+GSO_REFUSED = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
+
+def send_runs(sock, datagrams, gso, address=None, flags=0):
+    """Send `datagrams`, each run of equal-sized ones in one system call where `gso`, else one call each.
+
+    To `address`, or on a connected socket with None.  Returns (packets,
+    bytes, lost, gso): what went out; how many datagrams the kernel did not
+    take (nobody listening: an ICMP from an earlier send; a full buffer),
+    lost as on any UDP path; and whether GSO still works (False once the
+    kernel refused it: the caller keeps that, and the run went out one by one).
+    """
+    packets = size = lost = 0
+    to = () if address is None else (address,)
+    for segment, run in gso_runs(datagrams) if gso else [(0, [d]) for d in datagrams]:
+        try:
+            if len(run) == 1:
+                sock.sendto(run[0], flags, address) if to else sock.send(run[0], flags)
+            else:
+                sock.sendmsg([b"".join(run)], gso_control(segment), flags, *to)
+        except OSError as exc:
+            if len(run) > 1 and exc.errno in GSO_REFUSED:
+                gso = False
+                more = send_runs(sock, run, False, address, flags)
+                packets, size, lost = packets + more[0], size + more[1], lost + more[2]
+                continue
+            log.debug("udp send to %s failed: %s", address or "peer", exc)
+            lost += len(run)
+            continue
+        packets += len(run)
+        size += sum(map(len, run))
+    return packets, size, lost, gso
 
 
 def selector():
@@ -127,28 +165,11 @@ class Port:
             return [(data, address)]
 
     def send(self, datagrams, address):
-        """Send to `address`, equal-sized runs in one system call each where GSO works; (packets, bytes) sent.
+        """Send to `address` (send_runs); (packets, bytes) sent.
 
         A full socket buffer loses the datagrams, as any UDP path would.
         """
-        packets = size = 0
-        runs = gso_runs(datagrams) if self.gso else [(0, [d]) for d in datagrams]
-        for segment, run in runs:
-            try:
-                if len(run) == 1:
-                    self.sock.sendto(run[0], self._flags, address)
-                else:
-                    self.sock.sendmsg([b"".join(run)], gso_control(segment), self._flags, address)
-            except OSError as exc:
-                if len(run) > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                    self.gso = False  # no UDP segmentation here: one send per datagram from now on
-                    more = self.send(run, address)
-                    packets, size = packets + more[0], size + more[1]
-                    continue
-                log.debug("udp send to %s failed: %s", address, exc)
-                continue
-            packets += len(run)
-            size += sum(map(len, run))
+        packets, size, _, self.gso = send_runs(self.sock, datagrams, self.gso, address, self._flags)
         return packets, size
 
     def close(self):

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from app import create_app
-from app.auth import mint_device_token
-from app.helper import Addressing, HelperFailed, HelperUnavailable, peer_spec, sync_spec
+from app.peers import db as database
+from app.api.auth import mint_device_token
+from app.helper import Addressing, HelperFailed, HelperUnavailable, Said, peer_spec, sync_spec
 from wghelper.settings import address6
 
 SECRET = "unit-test-secret-" + "x" * 32
@@ -39,8 +40,9 @@ def make_key(seed):
     return base64.b64encode((seed + 1).to_bytes(4, "big") * 8).decode()
 
 
-class FakeHelper:
-    """Stands in for HelperClient: keeps peers in memory, records calls.
+class FakeHelper(Said):
+    """Stands in for HelperClient: keeps peers in memory, records calls; what its hello said is kept as
+    HelperClient keeps it (app/helper.py Said).
 
     Peers go in as store.Peer and are kept and recorded as the helper's wire
     format (app/helper.py peer_spec), as HelperClient would send them, with
@@ -199,7 +201,14 @@ def app(settings, monkeypatch):
     application = create_app(settings)
     application.extensions["orbmesh_helper"] = FakeHelper(application.config["POOL"], application.config["GATEWAY"])
     application.extensions["orbmesh_resolver"] = FakeResolver()
-    return application
+    yield application
+    # A worker keeps its idle database connections and the audit log open for its life; one test
+    # process makes hundreds of apps, which would otherwise run out of descriptors.
+    for db in database._idle.pop((application.config["DB_PATH"], os.getpid()), []):
+        db.close()
+    audit = application.extensions.get("orbmesh_audit")
+    if audit is not None:
+        audit.close()
 
 
 @pytest.fixture

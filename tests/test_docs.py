@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import config, errors
+from app import config
+from app.api import errors
 from tests.conftest import API_KEYS
 from wghelper import settings as helper_settings
 
@@ -19,6 +20,7 @@ ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs"
 README_MAX_LINES = 450
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+MODULE_PACKAGES = ("app", "orbmesh_relay", "wghelper")
 # Inline code that names a file of this repository: `app/...`, `tests/...`.
 CITED_PATH_RE = re.compile(r"(?:app|wghelper|tests|deploy|bench|scripts|docs)/[A-Za-z0-9_./@-]*")
 LINK_RE = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -255,7 +257,7 @@ def test_cited_paths_exist(page):
 
 
 def test_cited_path_check_reports_a_moved_file():
-    text = "see `tests/app/test_sweep.py` and `tests/unit/test_app_sweep.py`, `--flag` and `wg show`"
+    text = "see `tests/app/peers/test_sweep.py` and `tests/unit/test_app_sweep.py`, `--flag` and `wg show`"
     assert missing_cited_paths(text) == ["tests/unit/test_app_sweep.py"]
 
 
@@ -271,3 +273,50 @@ def test_readme_is_the_front_door():
     assert "```sh\n./scripts/run-local\n```" in text and "```sh\n./scripts/test\n```" in text
     for page in ("api", "configuration", "operations", "security", "benchmarks", "testing", "tunnel-protocol"):
         assert "(docs/%s.md)" % page in text
+
+
+def module_table(text):
+    """(named, implied): the files the README's module table names, and the package markers its rows imply.
+
+    A row names a file with a link to it, or, when its first cell links to a
+    directory, with `name.py` in its second cell; such a row implies the
+    directory's __init__.py and __main__.py.
+    """
+    named, implied = set(), set()
+    for _, rows in tables(section(text, "Where requests go")):
+        for row in rows:
+            targets = LINK_RE.findall(row[0])
+            named.update(target for target in targets if target.endswith(".py"))
+            for folder in (target for target in targets if target.endswith("/")):
+                named.update(folder + name for name in re.findall(r"`([A-Za-z0-9_]+\.py)`", row[1]))
+                implied.update(folder + name for name in ("__init__.py", "__main__.py"))
+    return named, implied
+
+
+def modules_in_tree():
+    return {str(path.relative_to(ROOT)) for package in MODULE_PACKAGES for path in (ROOT / package).rglob("*.py")}
+
+
+def module_table_mismatch(text, tree):
+    """Modules the table leaves out (package markers and entry points may go unnamed), and named files that are gone."""
+    named, implied = module_table(text)
+    markers = {path for path in tree if path.rsplit("/", 1)[-1] in ("__init__.py", "__main__.py")}
+    report = {"missing": sorted(tree - named - implied - markers), "gone": sorted(named - tree)}
+    return {key: value for key, value in report.items() if value}
+
+
+def test_readme_module_table_names_every_module_of_the_tree():
+    tree = modules_in_tree()
+    assert len(tree) > 60 and "app/peers/lifecycle.py" in tree and "app/dns/unbound.py" in tree
+    assert module_table_mismatch(read("README.md"), tree) == {}
+
+
+def test_module_table_check_reports_a_missing_or_moved_module():
+    text, tree = read("README.md"), modules_in_tree()
+    # The control: a module the table does not name, and a row that names a file no longer there.
+    assert module_table_mismatch(text, tree | {"app/dns/zones.py"}) == {"missing": ["app/dns/zones.py"]}
+    moved = text.replace("`unbound.py`: Unbound's config", "`unbound.py`: Unbound's config; `zones.py`: zones")
+    assert moved != text
+    assert module_table_mismatch(moved, tree) == {"gone": ["app/dns/zones.py"]}
+    row = next(line for line in text.splitlines() if line.startswith("| [`wghelper/bridge.py`]"))
+    assert module_table_mismatch(text.replace(row + "\n", ""), tree) == {"missing": ["wghelper/bridge.py"]}

@@ -85,7 +85,7 @@ def programs_run(source):
 def test_only_the_argv_file_runs_programs():
     running = {}
     for package in ("app", "wghelper", "orbmesh_relay"):
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             found = programs_run(path.read_text())
             if found:
                 running[str(path.relative_to(ROOT))] = found

@@ -303,7 +303,7 @@ def used_up(plans, written, counted):
 class Writer:
     """One thread applies the waiting ``limits`` requests together (Firewall.set_limits).
 
-    A connect of a tiered user names its new address (app/usage.py Pusher);
+    A connect of a tiered user names its new address (app/peers/usage.py Pusher);
     under a burst of connects the requests that wait together cost one nft
     run.  Each request waits for its own answer; when
     a merged run fails, the requests are applied one by one so that only

@@ -1,7 +1,7 @@
 """Per-peer byte counters for the app's usage accounting (the ``usage`` command).
 
 The app counts usage as deltas of the interface's per-peer counters
-(app/usage.py); this module hands it the counters, read with the same
+(app/peers/usage.py); this module hands it the counters, read with the same
 ``wg show dump`` the status cache makes (wghelper/statuscache.py feeds
 every dump it makes here too), so /health and the accounting share dumps.
 

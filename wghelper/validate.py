@@ -34,7 +34,7 @@ LOW_ORDER_KEYS = frozenset(base64.b64encode(raw[:31] + bytes([raw[31] | top])).d
 
 # Every range that is not the internet: what a client may never reach
 # through the node (wghelper/firewall.py) and what the node's resolver never
-# queries or hands back (app/unbound.py).  This network, RFC 1918, CGNAT,
+# queries or hands back (app/dns/unbound.py).  This network, RFC 1918, CGNAT,
 # loopback, link-local (the metadata service), IETF protocol assignments,
 # benchmarking, multicast, reserved and broadcast; IPv6 unspecified,
 # loopback, IPv4-mapped, NAT64 (well-known and local-use: they reach IPv4
@@ -282,7 +282,10 @@ def tunnel_address(value, networks, field="address"):
 
 # --- usage and limits (wghelper/limits.py, wghelper/usage.py) ---------------------
 
-USER_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")  # the app's userUuid
+# The one identifier pattern: a userUuid, a token's sub and device_id, an exit's id, in both processes.
+IDENTIFIER = "[A-Za-z0-9_.:@-]{1,128}"
+IDENTIFIER_RE = re.compile(r"\A%s\Z" % IDENTIFIER)
+USER_RE = IDENTIFIER_RE  # the app's userUuid
 BOOT_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MIN_RATE_MBPS, MAX_RATE_MBPS = 1, 100_000          # a tier from 1 Mbit/s to 100 Gbit/s
 MAX_QUOTA_BYTES = 10 ** 15                          # a petabyte a period: anything above is a typo

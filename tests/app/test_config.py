@@ -38,6 +38,6 @@ def test_bad_settings_name_the_variable(name, value):
 def test_dns_settings():
     defaults = settings.load({})
     assert (defaults["DNS"], defaults["DNS_RESOLVER"], defaults["DNS_UPSTREAM"], defaults["DNS_DNSSEC"]) == (
-        None, "on", [], "on")  # DNS None: app/resolver.py client_dns() derives it
+        None, "on", [], "on")  # DNS None: app/dns/resolver.py client_dns() derives it
     values = settings.load({"ORBMESH_DNS_UPSTREAM": " 9.9.9.9, 2620:fe::fe ", "ORBMESH_DNS_RESOLVER": "off"})
     assert values["DNS_UPSTREAM"] == ["9.9.9.9", "2620:fe::fe"] and values["DNS_RESOLVER"] == "off"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from app.helper import Addressing, HelperClient, HelperUnavailable, peer_spec
-from app.store import Peer
+from app.peers.store import Peer
 from tests.conftest import make_key
 from wghelper import protocol
 
@@ -161,6 +161,36 @@ def test_a_hello_someone_else_asked_is_learnt(path):
         client.close()
         helper.close()
     assert [r["cmd"] for r in helper.requests] == ["hello", "apply_peers"]
+
+
+def test_what_the_helper_said_is_asked_once_and_read_by_everyone(path):
+    """One cache of the hello: the server key, the keys no peer may use, the bridge key and the pools."""
+    helper = Helper(path, hello=dict(HELLO, public_key=make_key(1), bridge_public_key=make_key(2)))
+    client = HelperClient(path, 2)
+    try:
+        assert client.server_key() == make_key(1)
+        assert client.own_keys() == {make_key(1), make_key(2)}
+        assert client.bridge_key() == make_key(2)
+        assert client.addressing().gateway6 == "fd00:8::1"
+        client.hello()  # the control: a hello asked on purpose is one more request, and replaces the cache
+    finally:
+        client.close()
+        helper.close()
+    assert [r["cmd"] for r in helper.requests] == ["hello", "hello"]
+
+
+def test_a_helper_without_a_bridge_key_is_asked_again_until_it_has_one(path):
+    helper = Helper(path, hello=HELLO)
+    client = HelperClient(path, 2)
+    try:
+        assert client.bridge_key() is None and client.own_keys() == frozenset()
+        helper.hello = dict(HELLO, bridge_public_key=make_key(2))
+        assert client.bridge_key() == make_key(2)
+        assert client.bridge_key() == make_key(2) and client.own_keys() == {make_key(2)}  # kept now
+    finally:
+        client.close()
+        helper.close()
+    assert [r["cmd"] for r in helper.requests] == ["hello", "hello", "hello"]
 
 
 # --- connections kept per process ----------------------------------------------------

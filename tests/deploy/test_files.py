@@ -263,8 +263,8 @@ def test_rendered_site_content():
 
 
 def test_nginx_hashes_on_the_token_the_app_reads():
-    """The map takes the token out of Authorization with the app's own pattern (app/auth.py)."""
-    from app.auth import BEARER_PATTERN
+    """The map takes the token out of Authorization with the app's own pattern (app/api/auth.py)."""
+    from app.api.auth import BEARER_PATTERN
     site = render("--ports", "8081").stdout
     block = site[site.index("map $http_authorization $orbmesh_device_token {"):]
     block = block[:block.index("}")]
@@ -275,8 +275,8 @@ def test_nginx_hashes_on_the_token_the_app_reads():
 
 def test_a_padded_token_hashes_as_the_token():
     """The map's $1 leaves trailing "=" out, so "T=" (which the app refuses) meets T's instance."""
-    from app.auth import BEARER_PATTERN
-    from tests.app.test_auth_attacks import BEARER_SPELLINGS, PADDED_SPELLINGS
+    from app.api.auth import BEARER_PATTERN
+    from tests.app.api.test_auth_attacks import BEARER_SPELLINGS, PADDED_SPELLINGS
     token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJlLW9mLTMyLWJ5dGVzLi4uLi4uLi4uLi4uLi4"
     nginx = re.compile(BEARER_PATTERN, re.IGNORECASE)  # "~*": PCRE, case-insensitive
     hashed = {nginx.match(spelling.format(token)).group(1) for spelling in BEARER_SPELLINGS + PADDED_SPELLINGS}
@@ -323,12 +323,12 @@ def test_gunicorn_child_exit_hook_is_safe_without_metrics(monkeypatch):
     conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
     assert conf["bind"] and conf["workers"] == 1
     calls = []
-    fake = type(sys)("app.metrics")
+    fake = type(sys)("app.ops.metrics")
     fake.child_exit = lambda server, worker: calls.append((server, worker))
-    monkeypatch.setitem(sys.modules, "app.metrics", fake)
+    monkeypatch.setitem(sys.modules, "app.ops.metrics", fake)
     conf["child_exit"]("server", "worker")
     assert calls == [("server", "worker")]
-    monkeypatch.setitem(sys.modules, "app.metrics", None)  # import fails: the hook does nothing
+    monkeypatch.setitem(sys.modules, "app.ops.metrics", None)  # import fails: the hook does nothing
     conf["child_exit"]("server", "worker")
     assert len(calls) == 1
 

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.auth import mint_device_token
+from app.api.auth import mint_device_token
 from wghelper import firewall, settings
 
 from .conftest import wireguard_go_in

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 
-from app.auth import mint_device_token
+from app.api.auth import mint_device_token
 
 from .continuity import Pinger
 from .netns import stop_process, unique_ifname

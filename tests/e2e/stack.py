@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.auth import mint_device_token
+from app.api.auth import mint_device_token
 
 from .netns import children, unique_ifname
 

@@ -37,7 +37,7 @@ import socket
 
 import pytest
 
-from app.bridges import bridge_user
+from app.bridge.bridges import bridge_user
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
 from .internet import INTERNET_ADDR, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, Internet, UdpSink, _WhoAmI, add_address

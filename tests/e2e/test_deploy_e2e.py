@@ -20,7 +20,7 @@ from .deploy_stack import API_PORTS, HELPER_UNIT, HTTPS_PORT, ORBNET_ADDR, VENV_
 from .internet import SERVER_UPLINK_ADDR
 from .netns import unique_ifname
 from .stack import CLIENT_ADDR, SERVER_ADDR, wait_for
-from tests.app.test_auth_attacks import BEARER_SPELLINGS, PADDED_SPELLINGS
+from tests.app.api.test_auth_attacks import BEARER_SPELLINGS, PADDED_SPELLINGS
 from tests.need import need
 
 from .wgclient import WgClient, keypair

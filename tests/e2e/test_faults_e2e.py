@@ -400,7 +400,7 @@ def test_full_disk(small_disk_stack):
     assert set(stack.db_peers()) == before | ok_keys  # nothing half-written, nothing leaked
     assert interface == stack.db_peers()  # and the interface agreed while the disk was full
     errors = [json.loads(line)["message"] for line in stack.app_log.read_text().splitlines()
-              if line.startswith("{") and '"app.errors"' in line]
+              if line.startswith("{") and '"app.api.errors"' in line]
     failed_on = {"write": sum("disk is full" in m for m in errors), "open": sum("I/O error" in m for m in errors)}
 
     retried = [connect_raw(stack, *job) for job, _ in full]
@@ -418,7 +418,7 @@ def test_full_disk(small_disk_stack):
     # its first round during the first connects and may add a peer whose
     # connect sits between its commit and its helper call (``added: 1``);
     # that line once made this count 36 for 35 connects (shown step by step
-    # in tests/app/test_audit.py).
+    # in tests/app/peers/test_audit.py).
     others = [(e["event"], e["actor"]["type"]) for e in events if e["event"] != "connect"]
     assert set(others) <= {("reconcile", "system")}, others
     report("disk_full", requests=len(jobs), ok=len(ok_keys), database_unavailable=len(full),

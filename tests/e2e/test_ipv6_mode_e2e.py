@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import _remove_dead_sockets, _wireguard_sockets, requirements, wireguard_go_in
-from .internet import INTERNET_ADDR, INTERNET_ADDR6, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, UPLINK_ROUTER6, \
-    WHOAMI_PORT, Internet
+from .internet import (INTERNET_ADDR, INTERNET_ADDR6, SERVER_UPLINK_ADDR, SERVER_UPLINK_ADDR6, UPLINK_ROUTER6,
+                       WHOAMI_PORT, Internet)
 from .netns import creator, unique_ifname, veth
 from .stack import CLIENT_ADDR, SERVER_ADDR, Stack, wait_for
 from .wgclient import WgClient, keypair
@@ -81,7 +81,7 @@ class Topology:
 
     def restart(self, forwarding):
         """The operator sets the switch and restarts the helper; the app stays up and learns the mode
-        from the new generation (its one watcher tells the request path, app/reconcile.py)."""
+        from the new generation (its one watcher tells the request path, app/peers/reconcile.py)."""
         self.stack.ipv6_forwarding = forwarding
         self.stack.stop_helper()
         self.stack.start_helper()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main as wg_main
-from orbmesh_relay import cli, relay as relay_module
+from app.ops.cli import main as wg_main
+from orbmesh_relay import cli
+from orbmesh_relay import relay as relay_module
 from orbmesh_relay.cli import parse_listen
 from tests.relay.fakes import TOKEN, FakeNode, FakeTunnelServer, FakeWsServer, UdpPeer, wait_for, wg_datagram
 

@@ -125,3 +125,10 @@ def test_gso_runs_stay_within_the_kernels_limits():
     runs = gso_runs([bytes(1000)] * 200)
     assert all(len(run) <= GSO_MAX_SEGMENTS and sum(map(len, run)) <= GSO_MAX_BYTES for _, run in runs)
     assert sum(len(run) for _, run in runs) == 200
+
+
+def test_the_module_says_first_that_it_is_the_wire_contract_both_sides_import():
+    import orbmesh_relay.framing as module
+    first = module.__doc__.splitlines()[0]
+    assert "wire contract" in first and "server" in first and "relay" in first
+    assert "wire contract" not in __doc__.splitlines()[0]  # the control: another first line does not pass

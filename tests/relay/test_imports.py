@@ -87,6 +87,7 @@ def test_package_has_no_import_cycle():
     assert graph["ws"] == {"common", "framing", "route"} and graph["http"] == {"common", "framing", "route"}
     assert graph["auto"] == {"udp", "ws", "http"}  # the transports, never relay.py
     assert graph["probe"] == set() and graph["framing"] == set()  # the server loads these alone
+    assert graph["udpio"] == {"framing"}  # the one UDP layer, which the server's tunnel pipe loads too
     assert graph["__init__"] == set()  # so the server's import of framing loads nothing else
     assert find_cycle(graph) is None
 
@@ -155,14 +156,15 @@ def test_fresh_interpreter_loads_no_server_code():
     assert "flask" in polluted["server_side"] and "werkzeug" in polluted["server_side"]
 
 
-@pytest.mark.parametrize("module", ["framing", "probe"])
-def test_server_loads_only_the_wire_formats(module):
+@pytest.mark.parametrize("module,also", [("framing", []), ("probe", []), ("udpio", ["framing"])])
+def test_server_loads_only_the_wire_formats_and_the_udp_layer(module, also):
     done = subprocess.run([sys.executable, "-c", "import json, sys, orbmesh_relay.%s; "
                            "print(json.dumps(sorted(sys.modules)))" % module], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout)
-    assert [m for m in loaded if m.split(".")[0] == "orbmesh_relay"] == ["orbmesh_relay", "orbmesh_relay." + module]
+    assert [m for m in loaded if m.split(".")[0] == "orbmesh_relay"] == sorted(
+        ["orbmesh_relay"] + ["orbmesh_relay." + name for name in [module] + also])
     assert "websockets" not in loaded
 
 

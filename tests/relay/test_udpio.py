@@ -131,3 +131,45 @@ def test_take_waits_for_the_first_then_takes_what_is_there(linux, monkeypatch):
     finally:
         sender.close()
         receiver.close()
+
+
+class _RefusingConnected:
+    """A connected socket whose kernel has no UDP segmentation (the server's pipe to WireGuard)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.plain = []
+
+    def sendmsg(self, buffers, ancdata, flags):
+        raise OSError(errno.EIO, "no GSO here")
+
+    def send(self, data, flags):
+        self.plain.append(data)
+        return self.real.send(data, flags)
+
+
+def test_send_runs_on_a_connected_socket_counts_what_is_lost_and_falls_back():
+    """The server's tunnel pipe sends through the same loop: connected (no address), a refused GSO send
+    going out one by one, and datagrams to a port nobody listens on counted as lost."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(receiver.getsockname())
+    try:
+        sent = [wg_datagram(i, size=500) for i in range(4)]
+        assert udpio.send_runs(_RefusingConnected(sender), sent, True) == (4, 2000, 0, False)
+        assert [receiver.recv(2048) for _ in sent] == sent
+        assert udpio.send_runs(sender, sent[:1], False) == (1, 500, 0, False)  # the control: one goes out
+        assert receiver.recv(2048) == sent[0]
+        receiver.close()  # nobody listens now: the kernel's ICMP makes a later send fail
+        lost = 0
+        for _ in range(50):
+            lost += udpio.send_runs(sender, sent[:1], False)[2]
+            if lost:
+                break
+            time.sleep(0.01)
+        assert lost == 1
+    finally:
+        sender.close()
+        receiver.close()

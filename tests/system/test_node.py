@@ -328,7 +328,7 @@ def test_an_app_disconnects_through_its_full_tunnel_while_other_ports_stay_close
             access = (node.root / "var/log/nginx/access.log").read_text().splitlines()
             assert [line for line in access if "/wireguard/disconnect" in line][-1].startswith(
                 body["ip"].split("/")[0] + " "), access[-3:]
-            # The peer goes once the answer is out (a 0.5 s grace: app/wireguard.py THROUGH_TUNNEL_GRACE).
+            # The peer goes once the answer is out (a 0.5 s grace: app/api/wireguard.py THROUGH_TUNNEL_GRACE).
             assert wait_for(lambda: public not in node.run("wg", "show", IFACE, "peers").stdout, timeout=10,
                             what="the peer gone after the answer")
         finally:

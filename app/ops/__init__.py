@@ -1,0 +1,1 @@
+"""Running the service: health, metrics, logs, the orbmesh-wg command and graceful shutdown."""
