@@ -138,12 +138,31 @@ def main(argv=None):
         lab.on_exit(stop_process, iperf)
         for index, mode in enumerate(MODES):
             runs[mode] = run_mode(built, mode, schedule, duration, index)
+        versus = relay_versus_direct(built, *((1, 1) if args.smoke else (10, 2)))
     result = {"benchmark": NAME, "smoke": args.smoke, "duration_s": duration,
               "schedule": [{"at_s": at, "blocks": list(blocks), "what": what} for at, blocks, what in schedule],
-              "load_avg_before": load_before, "runs": runs, "phases": summarize(runs, schedule, duration)}
+              "load_avg_before": load_before, "runs": runs, "phases": summarize(runs, schedule, duration),
+              "relay_vs_direct": versus}
     common.write_result(args.out, NAME, result, render(result, args.smoke))
     common.chart(args.out, NAME, lambda figure: draw(figure, result))
     return 0
+
+
+def relay_versus_direct(lab, pairs, seconds):
+    """On UDP: iperf3 through the relay against WireGuard talking to the node directly (issue 24's
+    "within 5 %"), paired runs on one client; the median of the pairs' ratios."""
+    lab.block()
+    client = lab.client_through_relay("auto", "bench-versus")
+    try:
+        client.start_relay()
+        client.on("udp", timeout=60)
+        measured = client.relay_and_direct_mbps(pairs, seconds)
+    finally:
+        client.close()
+        lab.clients.remove(client)
+    ratios = [relay / direct for direct, relay in measured if direct > 0]
+    return {"pairs_mbps": [[round(d, 1), round(r, 1)] for d, r in measured], "seconds": seconds,
+            "median_ratio": round(common.median(ratios), 3) if ratios else None}
 
 
 def draw(figure, result):
@@ -185,6 +204,10 @@ def render(result, smoke):
                 for s in result["runs"]["auto"]["switches"]]
     text += "\n\nSwitches of --transport auto (loss window: longest gap in 20/s pings within 3 s of it)\n\n"
     text += common.table(["at s", "from", "to", "loss window s", "reason"], switches)
+    versus = result["relay_vs_direct"]
+    text += ("\n\nOn UDP, relay against WireGuard talking UDP directly: median ratio %s of %d paired %d s "
+             "runs, (direct, relay) Mbit/s %s" % (versus["median_ratio"], len(versus["pairs_mbps"]),
+                                                   versus["seconds"], versus["pairs_mbps"]))
     if not smoke:
         result["targets"] = [{"target": n, "met": ok, "value": v} for n, ok, v in targets(result)]
         text += "\n\nTargets (issue 24):\n" + common.targets_text(targets(result))
@@ -199,7 +222,10 @@ def targets(result):
         return next((s for s in switches if s["to"] == to and s["at_s"] >= after), None)
 
     to_ws, back, to_http = first("ws", 10), first("udp", 40), first("http", 85)
+    ratio = result["relay_vs_direct"]["median_ratio"]
     checks = [
+        ("on UDP, relay throughput within 5% of WireGuard talking UDP directly (median of pairs)",
+         ratio is not None and ratio >= 0.95, ratio),
         ("UDP blocked mid-transfer: on WebSocket with a loss window <= 2 s",
          bool(to_ws) and to_ws["loss_window_s"] <= 2.0, to_ws and to_ws["loss_window_s"]),
         ("back on UDP within 30 s of the unblock", bool(back) and back["at_s"] - 40 <= 30,

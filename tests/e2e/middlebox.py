@@ -304,6 +304,33 @@ class Client:
     def handshake(self):
         return self.lab.handshake_on_node(self.wg.public_key)
 
+    def relay_and_direct_mbps(self, pairs, seconds=2, port=IPERF_PORTS[2]):
+        """[(direct, relay) Mbit/s] of iperf3 uploads through this client's WireGuard interface, its
+        endpoint switched between the node itself and the relay before each run.  One run on a shared
+        machine varies by +-20 %, so they come in pairs, each pair in the other order than the last."""
+        server = self.lab.server.popen(["iperf3", "-s", "-B", GATEWAY, "-p", str(port)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        key = self.body["serverPublicKey"]
+        endpoints = {"direct": self.lab.endpoint(4), "relay": "127.0.0.1:%d" % self.port}
+
+        def mbps(path):
+            self.lab.client.run("wg", "set", self.wg.ifname, "peer", key, "endpoint", endpoints[path])
+            wait_for(lambda: self.wg.ping(GATEWAY, 1, 1), what="ping via %s" % path)
+            out = self.lab.client.run("iperf3", "-c", GATEWAY, "-p", str(port), "-t", str(seconds), "-J",
+                                      timeout=60).stdout
+            return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+
+        try:
+            wait_for(lambda: self.wg.ping(GATEWAY, 1, 1), what="ping before iperf3")
+            measured = []
+            for i in range(pairs):
+                order = ("direct", "relay") if i % 2 == 0 else ("relay", "direct")
+                got = {path: mbps(path) for path in order}
+                measured.append((got["direct"], got["relay"]))
+            return measured
+        finally:
+            stop_process(server)
+
     def transfer(self, direction, size=4 * 1024 * 1024):
         """`size` random bytes over TCP through this client's tunnel ("up": to the gateway, "down": from it);
         (sent digest, received digest).  The client's socket is bound to its WireGuard interface, so
