@@ -18,22 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from tests.e2e.netns import children  # noqa: E402
 from tests.e2e.stack import API_PORT, SERVER_ADDR, VENV_BIN  # noqa: E402
 
 NAME = "memory"
 
 
 def worker_pid(stack):
-    master = stack.app_proc.pid
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                return int(entry.name)
-    raise RuntimeError("no gunicorn worker found")
+    workers = children(stack.app_proc.pid)
+    if not workers:
+        raise RuntimeError("no gunicorn worker found")
+    return workers[0]
 
 
 def memory_kb(pid):

@@ -19,22 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common, control_plane  # noqa: E402
+from tests.e2e.netns import children  # noqa: E402
 
 NAME = "profile"
 OURS = ("app/", "wghelper/")
-
-
-def children(pid):
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def top_frames(path, count=12):
