@@ -209,15 +209,26 @@ UNDO_PATIENCE = 60.0
 @contextlib.contextmanager
 def write(db, patience=None):
     """One serialised write transaction; rolls back on any exception.  `patience`: seconds to wait for the
-    lock instead of db.busy_timeout."""
-    with _write_lock:
-        _begin(db, patience)
+    lock instead of db.busy_timeout.
+
+    The wait for this process's own lock counts against the same deadline: a
+    reconcile whose commit failed while another process held the database
+    waits up to UNDO_PATIENCE in undo(), holding it, and every request of the
+    worker queued behind it without a bound (one waited past a client's 60 s).
+    """
+    deadline = time.monotonic() + (getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT) if patience is None else patience)
+    if not _write_lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+        raise sqlite3.OperationalError("database is locked: another write of this process held it past the timeout")
+    try:
+        _begin(db, deadline)
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+    finally:
+        _write_lock.release()
 
 
 def undo(db):
@@ -225,8 +236,8 @@ def undo(db):
     return write(db, patience=max(UNDO_PATIENCE, getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT)))
 
 
-def _begin(db, patience=None):
-    """BEGIN IMMEDIATE, retried in yielding sleeps for up to db.busy_timeout.
+def _begin(db, deadline):
+    """BEGIN IMMEDIATE, retried in yielding sleeps until `deadline` (time.monotonic()).
 
     SQLite's own busy handler sleeps inside the C call, stalling every
     greenlet of a gevent worker, and backs off to steps of up to 100 ms even
@@ -236,7 +247,6 @@ def _begin(db, patience=None):
     retry sleeps 0.5-5 ms through time.sleep (a greenlet switch).  Past the
     deadline SQLite's "database is locked" goes up (a 503 for a request).
     """
-    deadline = time.monotonic() + (getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT) if patience is None else patience)
     delay = 0.0005
     waited_ms = db.execute("PRAGMA busy_timeout").fetchone()[0]
     db.execute("PRAGMA busy_timeout = 0")

@@ -79,6 +79,36 @@ def test_an_undo_outwaits_a_lock_that_a_write_gives_up_on(path):
     db.close()
 
 
+def test_a_write_gives_up_on_a_long_wait_of_this_process_too(path):
+    """A reconcile's undo may hold this process's lock for UNDO_PATIENCE while another process holds the
+    database: a request's write still answers within its own busy timeout instead of queueing behind it."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def long_holder():
+        holder = connect(path)
+        with write(holder):
+            entered.set()
+            leave.wait(30)
+        holder.close()
+    thread = threading.Thread(target=long_holder)
+    thread.start()
+    db = connect(path, busy_timeout=0.2)
+    try:
+        assert entered.wait(10)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with write(db):
+                set_meta(db, "k", "never")
+        assert thread.is_alive() and not leave.is_set()  # it gave up while the other still held the lock
+        assert not db.in_transaction
+    finally:
+        leave.set()
+        thread.join()
+    with write(db):
+        set_meta(db, "k", "later")
+    assert get_meta(db, "k") == "later"
+    db.close()
+
+
 def test_waiting_sleeps_in_python_so_other_greenlets_can_run(path, monkeypatch):
     # Under gevent, time.sleep is a greenlet switch; SQLite's busy handler would block the process.
     slept = []

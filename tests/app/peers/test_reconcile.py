@@ -182,7 +182,10 @@ def test_each_workers_watcher_tells_its_request_path(settings, monkeypatch):
     try:
         assert watcher.learner is app.extensions["orbmesh_helper"] and watcher.helper is not watcher.learner
     finally:
-        watcher.stop()
+        # The usage collector starts beside the watcher; left running it would log into every later test.
+        for job in (watcher, app.extensions.get("orbmesh_usage")):
+            if job is not None:
+                job.stop()
 
 
 def test_what_commits_while_the_sync_runs_is_not_undone_by_it(app, client, auth, fake_helper):
