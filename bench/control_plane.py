@@ -276,7 +276,7 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
             "slowest": sorted(sorted(timeline, key=lambda x: -x[1])[:max(1, len(timeline) // 50)])}
 
 
-def measure(stacks, clients, duration, level, run):
+def measure(stacks, clients, duration, level, run, reads=True):
     """One run on every side: saturation each, then the open loop at half their mean saturation.
 
     The same offered rate for both sides of an A/B, since the writer merges
@@ -288,7 +288,7 @@ def measure(stacks, clients, duration, level, run):
     rate = sum(s["cycles_per_s"] or 2 for s in sat.values()) / len(sat) / 2
     out = {}
     for name, stack in stacks.items():
-        opened = open_loop(stack, rate, duration, "%s-%d-%d" % (name, level, run), seed=run)
+        opened = open_loop(stack, rate, duration, "%s-%d-%d" % (name, level, run), seed=run, reads=reads)
         print("level %d run %d %s: saturation %.0f/s; open loop %.0f/s offered, p99 %s ms, %.2f ms CPU/cycle" % (
             level, run, name, sat[name]["cycles_per_s"] or 0, rate, opened["connect"]["p99_ms"],
             opened["cpu_ms_per_cycle"] or 0), file=sys.stderr)
@@ -325,6 +325,10 @@ def main(argv=None):
     p.add_argument("--levels", default=None, help="comma-separated pre-existing peer counts")
     p.add_argument("--base", type=Path, default=None,
                    help="another checkout (with its .venv) to measure back to back, e.g. the current main")
+    p.add_argument("--no-reads", action="store_true",
+                   help="no /wireguard/status and /health polling during the open loop (as before issue 27)")
+    p.add_argument("--ipv6-forwarding", choices=("on", "off"), default="on",
+                   help="the server namespace's IPv6 forwarding (off: clients get no IPv6, as before issue 23)")
     args = p.parse_args(argv)
     smoke = args.smoke
     levels = [int(x) for x in (args.levels or ("20" if smoke else "1000,10000,30000,60000")).split(",")]
@@ -336,11 +340,13 @@ def main(argv=None):
     if args.base is not None:
         sides["base"] = args.base
     result = {"benchmark": NAME, "smoke": smoke, "clients": clients, "duration_s": duration, "runs": runs,
-              "base": str(args.base) if args.base else None, "levels": {}}
+              "base": str(args.base) if args.base else None, "reads": not args.no_reads,
+              "ipv6_forwarding": args.ipv6_forwarding, "levels": {}}
     with common.Lab() as lab:
         stacks = {name: make_stack(lab, root, tag=name[0]) for name, root in sides.items()}
         for stack in stacks.values():
             lab.on_exit(stack.close)
+            stack.ipv6_forwarding = args.ipv6_forwarding == "on"
             stack.start_helper()
             stack.start_app()
         for level in levels:
@@ -351,7 +357,7 @@ def main(argv=None):
                 writer_counters(stack)
             per_side = {name: [] for name in stacks}
             for run in range(runs):  # interleaved, so both sides see the same noise
-                for name, got in measure(stacks, clients, duration, level, run).items():
+                for name, got in measure(stacks, clients, duration, level, run, reads=not args.no_reads).items():
                     per_side[name].append(got)
             for name, stack in stacks.items():
                 entry[name] = aggregate(per_side[name])

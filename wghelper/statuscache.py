@@ -5,7 +5,7 @@ wireguard-go, far too slow for /health and /wireguard/status on every
 probe (bench/read_paths.py).  The result is cached under a key of the
 interface generation and the writer's change counter, both read before the
 dump starts, so the peer count is never older than the last change the
-helper made: any change finished after the key was read changes the key,
+helper finished: any change finished after the key was read changes the key,
 and the next call dumps again.  What can go stale are the traffic
 counters: a cached value older than REFRESH seconds is still answered, and
 one background dump refreshes it (stale-while-revalidate); past MAX_AGE the
@@ -14,8 +14,9 @@ caller waits for a fresh dump.  Concurrent callers share one dump.
 A dump costs more the more peers there are (about 0.5 s of CPU at 60,000,
 in the helper and wireguard-go): REFRESH and MAX_AGE grow so that the
 background dumps take at most SHARE of a core (bench/profile.py).  The
-writer's exact peer count (Writer.peer_count) lets the status command key
-the cache by generation alone, so the counters are the only stale part.
+writer's exact peer count (Writer.peer_count: the count after its last
+finished `wg set`, also while the next one runs) lets the status command
+key the cache by generation alone, so the counters are the only stale part.
 """
 import logging
 import threading

@@ -57,6 +57,10 @@ class Writer:
         # kept by every wg set since; None after a failed one (what it did is unknown).  The status
         # command counts peers from it instead of dumping 60,000 of them after every change.
         self._keys, self._keys_generation = None, None
+        # len(_keys) as of the last wg set that finished: a status asked while one runs gets the count
+        # before it (its changes are not done: no request of them has its answer yet).  When the count
+        # went away for the whole wg set, nearly every status under steady connects found none and dumped.
+        self._count = None
         self._keys_lock = threading.Lock()
         self._setting = False  # a wg set is running
         self._queue = collections.deque()
@@ -191,11 +195,12 @@ class Writer:
         with self._keys_lock:
             if self.version == version and not self._setting:
                 self._keys, self._keys_generation = set(keys), generation
+                self._count = len(self._keys)
 
     def peer_count(self, generation):
         """How many peers the interface of `generation` holds, or None when unknown."""
-        keys = self._keys
-        return len(keys) if keys is not None and self._keys_generation == generation else None
+        count = self._count
+        return count if count is not None and self._keys_generation == generation else None
 
     def _apply(self, removes, adds):
         if removes or adds:
@@ -213,4 +218,5 @@ class Writer:
             finally:
                 with self._keys_lock:
                     self._keys, self._setting = keys, False
+                    self._count = None if keys is None else len(keys)
                     self.version += 1

@@ -140,3 +140,25 @@ def test_a_new_interface_generation_dumps_again(helper):
     helper.iface.generation = "another"
     helper.result("status")
     assert len([c for c in helper.runner.calls if c[:2] == ["wg", "show"]]) == 2
+
+
+def test_status_while_a_change_runs_counts_what_was_done_before_it_without_a_dump(helper):
+    """Under steady connects a wg set runs most of the time: a status then answers the count of the last
+    finished one (the running one's requests have no answer yet) instead of dumping the interface."""
+    import threading
+    helper.result("apply_peers", {"add": [peer(key(1))]})
+    assert helper.result("status")["peer_count"] == 1  # the one dump: the writer learns the keys
+    helper.result("apply_peers", {"add": [peer(key(2), "10.8.0.3/32")]})  # counted, no dump
+    assert helper.result("status")["peer_count"] == 2
+    dumps = len([c for c in helper.runner.calls if c[:2] == ["wg", "show"]])
+    helper.runner.gate = threading.Event()
+    running = threading.Thread(target=helper.result, args=("apply_peers", {"add": [peer(key(3), "10.8.0.4/32")]}))
+    running.start()
+    try:
+        assert helper.runner.entered.wait(5)
+        assert helper.result("status")["peer_count"] == 2
+        assert len([c for c in helper.runner.calls if c[:2] == ["wg", "show"]]) == dumps
+    finally:
+        helper.runner.gate.set()
+        running.join(5)
+    assert helper.result("status")["peer_count"] == 3
