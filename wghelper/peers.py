@@ -75,5 +75,8 @@ def plan_sync(current, desired):
         elif _differs(old, peer):
             updated += 1
             adds.append(peer)
+    # Peers with an endpoint (seen lately, or given one) first: a sync goes on in slices (writer.SLICE),
+    # and these are the devices in use; idle ones (no endpoint) can wait for the later slices.
+    adds.sort(key=lambda p: p["endpoint"] is None)
     return removes, adds, {"added": added, "removed": len(removes), "updated": updated,
                            "endpoints": {key: p["endpoint"] for key, p in have.items() if p["endpoint"]}}

@@ -117,8 +117,9 @@ def test_sync_applies_only_the_difference(helper):
         ["wg", "show", IF, "dump"],
         ["wg", "set", IF,
          "peer", key(9), "remove",
-         "peer", K2, "allowed-ips", "10.8.0.4/32", "persistent-keepalive", "0",
-         "peer", K3, "allowed-ips", "10.8.0.5/32", "endpoint", "192.0.2.7:9", "persistent-keepalive", "5"],
+         # A peer with an endpoint first (test_sync_adds_the_peers_with_an_endpoint_first).
+         "peer", K3, "allowed-ips", "10.8.0.5/32", "endpoint", "192.0.2.7:9", "persistent-keepalive", "5",
+         "peer", K2, "allowed-ips", "10.8.0.4/32", "persistent-keepalive", "0"],
     ]
     # A second sync finds nothing to do and runs no wg set at all.
     helper.runner.clear()
@@ -139,6 +140,19 @@ def test_sync_fixes_endpoint_and_keepalive():
     removes, adds, counts = plan_sync(current, desired)
     assert removes == [] and adds == desired
     assert counts == {"added": 0, "removed": 0, "updated": 2, "endpoints": {K1: "192.0.2.1:1"}}
+
+
+def test_sync_adds_the_peers_with_an_endpoint_first():
+    """After the interface was lost the sync goes back in slices of 1,000: the peers seen lately (a
+    stored endpoint) or given one come first, idle ones after, each group in the order asked."""
+    from wghelper.peers import plan_sync
+
+    desired = [{"public_key": key(i), "allowed_ips": ["10.8.1.%d/32" % i], "endpoint": None, "keepalive": 0,
+                "last_endpoint": "192.0.2.%d:5" % i if i % 3 == 0 else None} for i in range(1, 10)]
+    desired[1]["endpoint"] = "198.51.100.2:7"
+    _, adds, counts = plan_sync([], desired)
+    assert [p["public_key"] for p in adds] == [key(i) for i in (2, 3, 6, 9, 1, 4, 5, 7, 8)]
+    assert counts["added"] == 9
 
 
 def test_sync_puts_a_lost_peer_back_to_its_last_endpoint(helper):
