@@ -204,6 +204,8 @@ def init_app(app):
 # failed (a reconcile holds the lock for a whole helper call, and the helper
 # may be the reason the change failed).
 UNDO_PATIENCE = 60.0
+# Seconds beyond its own timeout a write waits for another write of this process (write()).
+LOCAL_GRACE = 10.0
 
 
 @contextlib.contextmanager
@@ -211,16 +213,19 @@ def write(db, patience=None):
     """One serialised write transaction; rolls back on any exception.  `patience`: seconds to wait for the
     lock instead of db.busy_timeout.
 
-    The wait for this process's own lock counts against the same deadline: a
-    reconcile whose commit failed while another process held the database
-    waits up to UNDO_PATIENCE in undo(), holding it, and every request of the
-    worker queued behind it without a bound (one waited past a client's 60 s).
+    The wait for this process's own lock is bounded too, by `patience` plus
+    LOCAL_GRACE (then the wait for the database's lock starts): a reconcile whose commit failed while another
+    process held the database waits up to UNDO_PATIENCE in undo(), holding
+    it, and every request of the worker queued behind it without a bound (one
+    waited past a client's 60 s).  The grace lets a holder finish one helper
+    call (ORBMESH_HELPER_TIMEOUT, 5 s by default): a request behind it then
+    meets the helper's own failure, not a busy database.
     """
-    deadline = time.monotonic() + (getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT) if patience is None else patience)
-    if not _write_lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+    patience = getattr(db, "busy_timeout", DEFAULT_BUSY_TIMEOUT) if patience is None else patience
+    if not _write_lock.acquire(timeout=patience + LOCAL_GRACE):
         raise sqlite3.OperationalError("database is locked: another write of this process held it past the timeout")
     try:
-        _begin(db, deadline)
+        _begin(db, time.monotonic() + patience)
         try:
             yield db
         except BaseException:

@@ -231,10 +231,12 @@ def test_everything_killed_at_once_and_interface_deleted(stack):
         wait_for(lambda: live_peers(stack) == expected, timeout=60, what="peers back after the interface was deleted")
         recreated_s = time.monotonic() - deleted
         assert hello_generation(stack) != generation
-        # The round that put them back; a later one may follow (an endpoint the client roamed to: "updated").
+        # The round that put them back, by the system.  A drift round may follow ("updated": an endpoint the
+        # client roamed to), and the link may be made again once more while the old wireguard-go goes away:
+        # then a second round puts all of them on that one too.
         repairs = [e for e in audit_events(stack)[seen:] if e["event"] == "reconcile"]
-        assert [(e.get("added"), e["actor"]) for e in repairs if e.get("added")] == \
-            [(len(expected), {"type": "system"})], repairs
+        added = [(e["added"], e["actor"]) for e in repairs if e.get("added")]
+        assert added and all(a == (len(expected), {"type": "system"}) for a in added), repairs
         assert wait_for(lambda: client.ping("10.8.0.1", count=1, timeout=2), timeout=60,
                         what="ping after interface re-creation")
         ping_back_after_delete_s = time.monotonic() - deleted

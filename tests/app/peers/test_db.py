@@ -79,9 +79,11 @@ def test_an_undo_outwaits_a_lock_that_a_write_gives_up_on(path):
     db.close()
 
 
-def test_a_write_gives_up_on_a_long_wait_of_this_process_too(path):
+def test_a_write_gives_up_on_a_long_wait_of_this_process_too(path, monkeypatch):
     """A reconcile's undo may hold this process's lock for UNDO_PATIENCE while another process holds the
-    database: a request's write still answers within its own busy timeout instead of queueing behind it."""
+    database: a request's write still answers within its busy timeout (plus LOCAL_GRACE, 0.3 s here) instead
+    of queueing behind it."""
+    monkeypatch.setattr("app.peers.db.LOCAL_GRACE", 0.3)
     entered, leave = threading.Event(), threading.Event()
 
     def long_holder():
