@@ -54,6 +54,8 @@ def main(argv=None):
     p.add_argument("--level", type=int, default=None, help="seeded peers")
     p.add_argument("--duration", type=float, default=None, help="seconds of the sampled open loop")
     p.add_argument("--py-spy", default=None, help="the py-spy binary (default: from PATH)")
+    p.add_argument("--tiers", action="store_true",
+                   help="every user with a speed tier, as bench/usage.py's tiered mode (issue 25's cost)")
     args = p.parse_args(argv)
     level = args.level or (20 if args.smoke else 60000)
     duration = args.duration or (2.0 if args.smoke else 30.0)
@@ -62,13 +64,16 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": NAME, "smoke": args.smoke, "level": level, "duration_s": duration,
-              "py_spy": bool(py_spy), "processes": {}}
+              "tiers": args.tiers, "py_spy": bool(py_spy), "processes": {}}
     with common.Lab() as lab:
         stack = control_plane.make_stack(lab, None, tag="p")
         lab.on_exit(stack.close)
         stack.start_helper()
         stack.start_app()
         result["seed_sync_s"] = round(control_plane.seed(stack, level), 2)
+        if args.tiers:
+            from bench.usage import set_tiers
+            result["tier_table_s"] = round(set_tiers(stack, True), 2)
         sat = control_plane.saturation(stack, 4 if args.smoke else 50, 1.0 if args.smoke else 10.0, "psat")
         rate = (sat["cycles_per_s"] or 2) / 2
         pids = {"helper": stack.helper_proc.pid}
@@ -81,8 +86,9 @@ def main(argv=None):
             result["processes"][name] = {"samples": total, "top": top, "file": path.name}
         result["saturation_per_s"] = sat["cycles_per_s"]
         result["open_loop"] = {k: opened[k] for k in ("offered_per_s", "cycles", "errors", "connect")}
-    lines = ["Profile at %d peers: open loop %s/s offered, p50 %s ms, p99 %s ms, %d errors" % (
-        level, result["open_loop"]["offered_per_s"], result["open_loop"]["connect"]["p50_ms"],
+    lines = ["Profile at %d peers%s: open loop %s/s offered, p50 %s ms, p99 %s ms, %d errors" % (
+        level, " (every user tiered)" if args.tiers else "", result["open_loop"]["offered_per_s"],
+        result["open_loop"]["connect"]["p50_ms"],
         result["open_loop"]["connect"]["p99_ms"], result["open_loop"]["errors"])]
     for name, proc in result["processes"].items():
         lines.append("\n%s (%d samples)" % (name, proc["samples"]))

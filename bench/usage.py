@@ -82,11 +82,10 @@ def set_tiers(stack, on):
 
 
 def table_size(stack):
-    """(elements in the limits maps, tiers in use) of the helper's table, as nft lists it."""
+    """(addresses in the tiers' sets, tiers in use) of the helper's table, as nft lists it."""
     listing = json.loads(stack.server.run("nft", "-j", "list", "table", "inet", "orbmesh").stdout)
-    maps = [item["map"] for item in listing["nftables"] if "map" in item and item["map"]["name"].startswith("limit_")]
-    chains = [item["chain"]["name"] for item in listing["nftables"] if "chain" in item]
-    return sum(len(m.get("elem", [])) for m in maps), len([c for c in chains if c.startswith("rate_")]) // 2
+    sets = [item["set"] for item in listing["nftables"] if "set" in item and item["set"]["name"].startswith("tier_")]
+    return sum(len(s.get("elem", [])) for s in sets), len(sets) // 2
 
 
 def forwarding_client(lab, stack):
@@ -237,7 +236,7 @@ def render(result, smoke):
         + common.table(["tiers", "forward down Mbit/s", "forward up Mbit/s", "saturation cycles/s",
                         "half of it /s", "its open p99 ms", "common rate /s", "open p50 ms", "open p99 ms",
                         "CPU ms/cycle", "errors"], rows)
-        + "\n\nforwarding with tiers / without: down %s, up %s; table: %s elements in the tier maps, %s tiers; "
+        + "\n\nforwarding with tiers / without: down %s, up %s; table: %s addresses in the tier sets, %s tiers; "
           "written whole in %s s" % (result["ratio_down"], result["ratio_up"], result.get("nft_table", {}).get("elements"),
                                      result.get("nft_table", {}).get("tiers"), result["tiers"]["table_write_s"])
         + "\ncollector: server namespace CPU %s%% of a core counting off, %s%% on (interval %s s, last count %s s): "

@@ -154,7 +154,9 @@ link() {  # link TARGET NAME
 # --- Debian packages ---------------------------------------------------------
 
 # dns-root-data: the DNSSEC root trust anchor (only recommended by unbound).
-DEBS=(wireguard-tools wireguard-go iproute2 nftables nginx python3-venv openssl unbound dns-root-data)
+# python3-nftables: libnftables' own Python binding, which the helper applies
+# its nftables table with (linked into the venv below).
+DEBS=(wireguard-tools wireguard-go iproute2 nftables python3-nftables nginx python3-venv openssl unbound dns-root-data)
 if [ -n "$ROOT" ]; then
     note "--root: skipping Debian packages (${DEBS[*]})"
 else
@@ -265,6 +267,10 @@ PY
         echo "$digest" > "$stamp"
         CHANGED=$((CHANGED + 1))
     fi
+    # libnftables' binding is Debian's (python3-nftables: not on PyPI, and it
+    # must match the installed library); the venv sees that one package only.
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    link /usr/lib/python3/dist-packages/nftables "${site#"$R"}/nftables"
 fi
 
 # --- settings: /etc/orbmesh/orbmesh.env, made once ----------------------------

@@ -3,7 +3,7 @@
 The web workers import only the helper's stdlib contract (frames, the
 command table, validators, the shared settings, the errors), never `sh`
 or code that runs as root; in the helper, wghelper/argv.py is the only
-module that runs programs.  Each check has a control that proves it can fail.
+module that runs programs or reaches libnftables.  Each check has a control that proves it can fail.
 """
 import ast
 import json
@@ -23,7 +23,7 @@ sys.path.insert(0, os.getcwd())
 import app
 app.create_app({"DB_PATH": sys.argv[1], "JWT_SECRET": "s" * 40, "RECONCILE_CHECK_INTERVAL": 0})
 def seen():
-    return sorted(m for m in sys.modules if m == "sh" or m.startswith(("sh.", "wghelper")))
+    return sorted(m for m in sys.modules if m in ("sh", "nftables") or m.startswith(("sh.", "nftables.", "wghelper")))
 first = seen()
 import wghelper.argv  # the control: root-side code, loaded on purpose
 print(json.dumps([first, seen()]))
@@ -68,13 +68,17 @@ def test_contract_modules_import_only_the_standard_library_and_each_other():
         "control imports sh", "control imports wghelper.argv"]
 
 
+RUNNERS = ("sh", "subprocess", "nftables")  # nftables: libnftables changes the ruleset from within the process
+
+
 def programs_run(source):
-    """What in `source` can start a program: sh, subprocess, os.system/exec*/spawn*/fork."""
+    """What in `source` can start a program (sh, subprocess, os.system/exec*/spawn*/fork) or change the
+    ruleset itself (nftables)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] in ("sh", "subprocess")]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("sh", "subprocess"):
+            found += [a.name for a in node.names if a.name.split(".")[0] in RUNNERS]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in RUNNERS:
             found.append(node.module)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             if (node.value.id, node.attr) in RUNS_PROGRAMS:
@@ -89,6 +93,6 @@ def test_only_the_argv_file_runs_programs():
             found = programs_run(path.read_text())
             if found:
                 running[str(path.relative_to(ROOT))] = found
-    assert running == {"wghelper/argv.py": ["sh"]}
-    assert sorted(programs_run("import subprocess\nimport os\nos.system('id')\nfrom sh import wg\n")) == [
-        "os.system", "sh", "subprocess"]
+    assert running == {"wghelper/argv.py": ["sh", "nftables"]}
+    assert sorted(programs_run("import subprocess\nimport os\nos.system('id')\nfrom sh import wg\nimport nftables\n")) \
+        == ["nftables", "os.system", "sh", "subprocess"]

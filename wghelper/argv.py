@@ -8,7 +8,9 @@ Secrets never go into an argv: private keys travel by path (``wg set ...
 private-key FILE``) or on stdin (``wg pubkey``).
 
 Commands is what the rest of the helper calls; Runner, below it, is the
-only code that imports ``sh``.
+only code that imports ``sh``, and the only code that reaches libnftables
+(Debian's python3-nftables binding: nftables text the helper rendered itself,
+applied in this process rather than by a run of ``nft -f -``).
 """
 import itertools
 import logging
@@ -36,6 +38,7 @@ def _family(cidr):
 class Commands:
     def __init__(self, runner):
         self.run = runner.run
+        self.nft_text = runner.nft_text
 
     # --- wg --------------------------------------------------------------
 
@@ -139,8 +142,8 @@ class Commands:
     # --- nftables and sysctl ------------------------------------------------
 
     def apply_nft(self, script):
-        # The ruleset holds no secret, and nft's errors quote it: keep them readable.
-        self.run("nft", ["-f", "-"], stdin=script, redact=False)
+        """The table whole, or changes to its elements: what `nft -f -` would read, as one transaction."""
+        self.nft_text(script)
 
     def delete_nft_table(self, name):
         self.run("nft", ["delete", "table", "inet", name])
@@ -238,6 +241,8 @@ class Runner:
         self._null = os.open(os.devnull, os.O_RDONLY)
         self._tools = {}
         self._deadlines = Deadlines()
+        self._nft = None
+        self._nft_lock = threading.Lock()  # one libnftables context; the library is not thread-safe
 
     def _tool(self, name):
         # Looked up on first use: a helper without NAT must start on a host without nft.
@@ -267,3 +272,34 @@ class Runner:
             raise CommandFailed(tool, exc.exit_code, clean_stderr(exc.stderr, stdin if redact else None)) from None
         finally:
             self._deadlines.forget(key)
+
+    def nft_text(self, text):
+        """Apply nftables `text` with libnftables in this process: one transaction, as `nft -f -`.
+
+        A run of nft cost ~12 ms of CPU (fork, exec, the library's start-up) however small the
+        change, and the limits writer makes one for every moment of tiered connects; in this
+        process the same change costs ~1 ms (docs/benchmarks.md, "Where the tiers' CPU went").
+        No deadline: a library call cannot be killed, but it only speaks netlink to this kernel.
+        The ruleset holds no secret, and its errors quote it: they are passed on as nft prints them.
+        """
+        with self._nft_lock:
+            if self._nft is None:
+                # Loaded on first use, like the programs: a helper without NAT or limits needs none.
+                try:
+                    import nftables
+                    self._nft = nftables.Nftables()
+                except (ImportError, OSError) as exc:
+                    raise CommandFailed("nft", None, "libnftables unavailable: %s" % exc) from None
+            # Read from a file, not a buffer: libnftables 1.0.6 quotes the buffer's first line for an
+            # error on any line; for a file it quotes the line that failed, as `nft -f -` does.
+            fd = os.memfd_create("nft", os.MFD_CLOEXEC)
+            try:
+                data = memoryview(text.encode())
+                while data:
+                    data = data[os.write(fd, data):]
+                path = "/proc/self/fd/%d" % fd
+                code, _, error = self._nft.cmd_from_file(path)
+            finally:
+                os.close(fd)
+        if code != 0:
+            raise CommandFailed("nft", code, clean_stderr(error.replace(path, "input")))

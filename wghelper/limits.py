@@ -6,13 +6,18 @@ reaches it (a quota is named by a hash).  What the part holds, for the
 users with a tier or a quota:
 
     quota q<hash> { over Q bytes used U bytes }           one per user with a quota
-    map limit_up4, limit_up6 { address : jump rate_<R>_up }   a tiered user's addresses
-    map limit_down4, limit_down6 { address : jump rate_<R>_down }
+    set tier_<R>_4, tier_<R>_6 { address }                the addresses held to R Mbit/s
     map quota4, quota6 { address : "q<hash>" }            a user's addresses share the quota
     set rate_<R>_up4 ... (dynamic)                        a token bucket per address: a meter
-    chain rate_<R>_up, rate_<R>_down                      one per tier in use, and direction
-    chain limits_in   prerouting, from the WireGuard interface: what clients send
+    chain limits_in   prerouting, from the WireGuard interface: what clients send;
+                      per tier in use and family, one rule: in the tier's set -> its meter
     chain limits_out  postrouting, into the WireGuard interface: what clients receive
+
+A tier is a plain set of addresses, not a verdict map of jumps: adding
+an element with a jump makes the kernel check the whole table for loops
+at the commit, every element of the map included (2.2 ms of system time
+per change at 40,000 addresses, against 0.03 ms for a plain set); a
+packet looks up one set per tier in use instead of one map.
 
 Speed tier: each address of a tiered user (IPv4 and IPv6) has its own
 bucket of R Mbit/s of IP packets in each direction, so every device of the
@@ -200,10 +205,14 @@ def objects(v):
     for name, (over, used) in sorted(v.quotas.items()):
         lines += ["\tquota %s {" % name, "\t\tover %d bytes%s" % (over, " used %d bytes" % used if used else ""),
                   "\t}", ""]
-    maps = [("limit_%s%d" % (d, f), "verdict", [(a, "jump rate_%d_%s" % (r, d)) for a, r in v.tiers.items()
-                                               if _family(a) == f]) for d in ("up", "down") for f in (4, 6)]
-    maps += [("quota%d" % f, "quota", [(a, '"%s"' % n) for a, n in v.quota_of.items() if _family(a) == f])
-             for f in (4, 6)]
+    for rate in sorted(v.rates):
+        for f in (4, 6):
+            members = _sorted([a for a, r in v.tiers.items() if r == rate and _family(a) == f])
+            lines += ["\tset tier_%d_%d {" % (rate, f), "\t\ttype ipv%d_addr" % f]
+            lines += ["\t\telements = { %s }" % ", ".join(members)] if members else []
+            lines += ["\t}", ""]
+    maps = [("quota%d" % f, "quota", [(a, '"%s"' % n) for a, n in v.quota_of.items() if _family(a) == f])
+            for f in (4, 6)]
     for name, kind, pairs in maps:
         order = {a: i for i, a in enumerate(_sorted([a for a, _ in pairs]))}
         pairs.sort(key=lambda pair: order[pair[0]])
@@ -220,20 +229,16 @@ def objects(v):
 
 
 def chains(v, ifname):
-    """The tiers' chains and the two hooked ones."""
+    """The two hooked chains: each tier's meters, then the quotas."""
     lines = []
-    for rate in sorted(v.rates):
-        for _, _, _, key, d in HOOKS:
-            lines += ["\tchain rate_%d_%s {" % (rate, d)]
-            for f, ip in ((4, "ip"), (6, "ip6")):
-                lines.append("\t\tupdate @rate_%d_%s%d { %s %s limit rate over %d bytes/second burst %d bytes } drop"
-                             % (rate, d, f, ip, key, rate * 125000, burst(rate)))
-            lines += ["\t}", ""]
     for name, hook, match, key, d in HOOKS:
         lines += ["\tchain limits_%s {" % name,
                   "\t\ttype filter hook %s priority filter; policy accept;" % hook]
-        for f, ip in ((4, "ip"), (6, "ip6")):
-            lines.append('\t\t%s "%s" %s %s vmap @limit_%s%d' % (match, ifname, ip, key, d, f))
+        for rate in sorted(v.rates):
+            for f, ip in ((4, "ip"), (6, "ip6")):
+                lines.append('\t\t%s "%s" %s %s @tier_%d_%d update @rate_%d_%s%d { %s %s limit rate over %d '
+                             'bytes/second burst %d bytes } drop'
+                             % (match, ifname, ip, key, rate, f, rate, d, f, ip, key, rate * 125000, burst(rate)))
         for f, ip in ((4, "ip"), (6, "ip6")):
             lines.append('\t\t%s "%s" quota name %s %s map @quota%d drop' % (match, ifname, ip, key, f))
         lines += ["\t}", ""]
@@ -251,15 +256,13 @@ def delta(table, old, new):
     changed): element and quota changes in one transaction; None when nothing changes.  Only where
     needs_whole() is false."""
     removes, adds = [], []
-    for d in ("up", "down"):
-        for address in _sorted(set(old.tiers) | set(new.tiers)):
-            was, now = old.tiers.get(address), new.tiers.get(address)
-            if was != now:
-                target = "limit_%s%d" % (d, _family(address))
-                if was is not None:
-                    removes.append("delete element inet %s %s { %s }" % (table, target, address))
-                if now is not None:
-                    adds.append("add element inet %s %s { %s : jump rate_%d_%s }" % (table, target, address, now, d))
+    for address in _sorted(set(old.tiers) | set(new.tiers)):
+        was, now = old.tiers.get(address), new.tiers.get(address)
+        if was != now:
+            if was is not None:
+                removes.append("delete element inet %s tier_%d_%d { %s }" % (table, was, _family(address), address))
+            if now is not None:
+                adds.append("add element inet %s tier_%d_%d { %s }" % (table, now, _family(address), address))
     for address in _sorted(set(old.quota_of) | set(new.quota_of)):
         was, now = old.quota_of.get(address), new.quota_of.get(address)
         if was != now:

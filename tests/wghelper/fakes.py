@@ -95,6 +95,10 @@ class FakeRunner:
         assert stdin is None
         return getattr(self, tool)(*args)
 
+    def nft_text(self, text):
+        """libnftables in the helper's process: the fake models it as the `nft -f -` it replaced."""
+        return self.nft("-f", "-", stdin=text)
+
     def wg(self, *args, stdin=None):
         argv = ["wg", *args]
         if args[:1] == ("set",) and self.gate is not None:

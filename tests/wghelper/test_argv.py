@@ -1,7 +1,10 @@
 """Everything root can run (wghelper/argv.py): each command shape's exact argv, and the real Runner."""
 import base64
+import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -9,9 +12,12 @@ from wghelper import keys
 from wghelper.argv import PEERS_PER_CALL, Commands, Deadlines, Runner, clean_stderr
 from wghelper.errors import CommandFailed
 
+from tests.need import need
+
 from .fakes import key
 
 K1, K2 = key(1), key(2)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Recorder:
@@ -23,6 +29,9 @@ class Recorder:
     def run(self, tool, args, stdin=None, redact=True):
         self.calls.append((tool, list(args), stdin))
         return ""
+
+    def nft_text(self, text):
+        self.calls.append(("libnftables", None, text))
 
 
 # Every method of Commands that runs a program, with the exact argv it runs.
@@ -63,7 +72,7 @@ SHAPES = [
                                                       "lookup", "51901"], None)]),
     ("delete_rule", (20000, "10.8.0.2"), [("ip", ["-4", "rule", "del", "pref", "20000", "from", "10.8.0.2/32"],
                                            None)]),
-    ("apply_nft", ("table inet orbmesh {}\n",), [("nft", ["-f", "-"], "table inet orbmesh {}\n")]),
+    ("apply_nft", ("table inet orbmesh {}\n",), [("libnftables", None, "table inet orbmesh {}\n")]),
     ("delete_nft_table", ("orbmesh",), [("nft", ["delete", "table", "inet", "orbmesh"], None)]),
     ("list_quotas", ("orbmesh",), [("nft", ["-j", "list", "quotas", "table", "inet", "orbmesh"], None)]),
     ("read_sysctl", ("net/ipv4/conf/wg0/forwarding",), [("sysctl", ["-n", "net/ipv4/conf/wg0/forwarding"], None)]),
@@ -184,3 +193,33 @@ def test_deadlines_outlive_an_expire_that_fails():
     deadlines.watch(0.01, fails)
     deadlines.watch(0.1, fired.set)
     assert fired.wait(5)
+
+
+NFT_IN_NETNS = r"""
+import json, sys
+from wghelper.argv import Runner
+from wghelper.errors import CommandFailed
+runner = Runner(timeout=5)
+runner.nft_text("table inet omtest {\n\tset s {\n\t\ttype ipv4_addr\n\t}\n}\n")
+runner.nft_text("add element inet omtest s { 192.0.2.7 }\n")
+try:
+    runner.nft_text("add element inet omtest s { 192.0.2.8 }\nadd element inet omtest nosuch { 192.0.2.9 }\n")
+    failed = None
+except CommandFailed as exc:
+    failed = [exc.command, exc.stderr]
+print(json.dumps(failed))
+"""
+
+
+def test_real_nft_text_applies_whole_transactions_in_its_own_namespace():
+    need("nft")
+    from tests.e2e.netns import Netns
+
+    with Netns("nftlib") as ns:
+        done = ns.run(sys.executable, "-c", NFT_IN_NETNS, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        command, stderr = json.loads(done.stdout.strip().splitlines()[-1])
+        listed = ns.run("nft", "list", "set", "inet", "omtest", "s").stdout
+    # The line that failed is the one quoted.
+    assert command == "nft" and stderr.startswith("input:2:") and "nosuch" in stderr and "No such file" in stderr
+    # The failed transaction added nothing, not even its first line (the control: the first change landed).
+    assert "192.0.2.7" in listed and "192.0.2.8" not in listed

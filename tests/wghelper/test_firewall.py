@@ -702,7 +702,7 @@ def test_limits_alone_write_a_table_with_only_them_then_change_elements(tmp_path
     fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False), ({"u2": tier("10.8.0.4")}, False)])
     assert runner.calls == [["nft", "-f", "-"]] and len(runner.nft_updates) == 1  # one transaction, two requests
     assert fw.rates == {20: 3} and fw.written.tiers == {"10.8.0.2": 20, "10.8.0.3": 20, "10.8.0.4": 20}
-    assert runner.nft_updates[0].count("add element") == 4 and "delete" not in runner.nft_updates[0]
+    assert runner.nft_updates[0].count("add element") == 2 and "delete" not in runner.nft_updates[0]  # one set each
     runner.clear()
     assert fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])["addresses"] == 3
     assert runner.calls == []  # nothing changed: no run
@@ -721,7 +721,7 @@ def test_a_new_tier_writes_the_table_whole_with_the_isolation_rules(tmp_path):
     fw.set_limits([({"u2": tier("10.8.0.3", rate=50)}, False)])
     assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]  # an uplink: no sysctl to read
     written = runner.stdins[-1][1]
-    assert "chain rate_50_up" in written and "chain rate_20_up" in written and "chain from_clients" in written
+    assert "set tier_50_4 {" in written and "set tier_20_4 {" in written and "chain from_clients" in written
     # The last limit gone: the table stays for the uplink, without the limits part.
     fw.set_limits([({}, True)])
     assert runner.stdins[-1][1] == SCRIPT_V4
@@ -777,7 +777,8 @@ def test_an_element_update_that_fails_falls_back_to_the_whole_table(tmp_path):
     runner.clear()
     fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])
     assert runner.calls == [["nft", "-f", "-"], ["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
-    assert "10.8.0.3 : jump rate_20_up" in runner.nft_tables["inet orbmesh"]
+    assert "\tset tier_20_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.2, 10.8.0.3 }\n" in \
+        runner.nft_tables["inet orbmesh"]
 
 
 def test_limits_come_back_after_the_interface_is_made_again_without_nat(tmp_path):
@@ -787,5 +788,5 @@ def test_limits_come_back_after_the_interface_is_made_again_without_nat(tmp_path
     fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
     runner.nft_tables.clear()
     fw.reapply()
-    assert "10.8.0.2 : jump rate_20_up" in runner.nft_tables["inet orbmesh"]
+    assert "\tset tier_20_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.2 }\n" in runner.nft_tables["inet orbmesh"]
     assert not any(c[:2] == ["sysctl", "-w"] for c in runner.calls)  # no uplink: forwarding untouched

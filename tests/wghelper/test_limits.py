@@ -26,24 +26,14 @@ table inet orbmesh {
 \t\tover 48076923 bytes used 961 bytes
 \t}
 
-\tmap limit_up4 {
-\t\ttype ipv4_addr : verdict
-\t\telements = { 10.8.0.2 : jump rate_20_up, 10.8.0.10 : jump rate_20_up }
+\tset tier_20_4 {
+\t\ttype ipv4_addr
+\t\telements = { 10.8.0.2, 10.8.0.10 }
 \t}
 
-\tmap limit_up6 {
-\t\ttype ipv6_addr : verdict
-\t\telements = { fd00:8::2 : jump rate_20_up }
-\t}
-
-\tmap limit_down4 {
-\t\ttype ipv4_addr : verdict
-\t\telements = { 10.8.0.2 : jump rate_20_down, 10.8.0.10 : jump rate_20_down }
-\t}
-
-\tmap limit_down6 {
-\t\ttype ipv6_addr : verdict
-\t\telements = { fd00:8::2 : jump rate_20_down }
+\tset tier_20_6 {
+\t\ttype ipv6_addr
+\t\telements = { fd00:8::2 }
 \t}
 
 \tmap quota4 {
@@ -83,28 +73,22 @@ table inet orbmesh {
 \t\ttimeout 1m
 \t}
 
-\tchain rate_20_up {
-\t\tupdate @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
-\t\tupdate @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
-\t}
-
-\tchain rate_20_down {
-\t\tupdate @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
-\t\tupdate @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
-\t}
-
 \tchain limits_in {
 \t\ttype filter hook prerouting priority filter; policy accept;
-\t\tiifname "wgt0" ip saddr vmap @limit_up4
-\t\tiifname "wgt0" ip6 saddr vmap @limit_up6
+\t\tiifname "wgt0" ip saddr @tier_20_4 update @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst \
+500000 bytes } drop
+\t\tiifname "wgt0" ip6 saddr @tier_20_6 update @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst \
+500000 bytes } drop
 \t\tiifname "wgt0" quota name ip saddr map @quota4 drop
 \t\tiifname "wgt0" quota name ip6 saddr map @quota6 drop
 \t}
 
 \tchain limits_out {
 \t\ttype filter hook postrouting priority filter; policy accept;
-\t\toifname "wgt0" ip daddr vmap @limit_down4
-\t\toifname "wgt0" ip6 daddr vmap @limit_down6
+\t\toifname "wgt0" ip daddr @tier_20_4 update @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second \
+burst 500000 bytes } drop
+\t\toifname "wgt0" ip6 daddr @tier_20_6 update @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second \
+burst 500000 bytes } drop
 \t\toifname "wgt0" quota name ip daddr map @quota4 drop
 \t\toifname "wgt0" quota name ip6 daddr map @quota6 drop
 \t}
@@ -167,18 +151,19 @@ def test_exact_limits_part_without_nat():
 def test_limits_go_around_the_isolation_chains():
     table = firewall.render(settings(nat_uplink="up0"), limits=limits.view(PLANS))
     chains = [line.split()[1] for line in table.splitlines() if line.startswith("\tchain ")]
-    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "rate_20_up", "rate_20_down",
-                      "limits_in", "limits_out"]
-    assert table.index("\tquota ") < table.index("\tmap limit_up4") < table.index("\tchain postrouting")
+    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "limits_in", "limits_out"]
+    assert table.index("\tquota ") < table.index("\tset tier_20_4") < table.index("\tchain postrouting")
     # Without limits, the table is the one it always was.
     assert firewall.render(settings(nat_uplink="up0"), limits=limits.view({})) == firewall.render(
         settings(nat_uplink="up0"))
 
 
-def test_each_tier_has_its_chains_and_meters():
+def test_each_tier_has_its_set_rules_and_meters():
     v = limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5), "b": Plan(("10.8.0.3",), rate_mbps=100000)})
     table = firewall.render(settings(), limits=v)
-    assert "10.8.0.2 : jump rate_5_up" in table and "10.8.0.3 : jump rate_100000_down" in table
+    assert "\tset tier_5_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.2 }" in table
+    assert "\tset tier_100000_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.3 }" in table
+    assert 'oifname "wgt0" ip daddr @tier_100000_4 update @rate_100000_down4 {' in table
     assert "limit rate over 625000 bytes/second burst 125000 bytes" in table
     assert "limit rate over 12500000000 bytes/second burst 2500000000 bytes" in table
     assert limits.burst(1) == 65536  # the smallest
@@ -187,12 +172,11 @@ def test_each_tier_has_its_chains_and_meters():
 
 # --- deltas ---------------------------------------------------------------------------
 
-def test_a_new_device_of_a_tiered_user_is_two_element_adds():
+def test_a_new_device_of_a_tiered_user_is_one_element_add():
     old = limits.view(PLANS)
     new = limits.view(dict(PLANS, bob=Plan(PLANS["bob"].addresses + ("10.8.0.11",), rate_mbps=20)))
     assert limits.delta("orbmesh", old, new) == (
-        "add element inet orbmesh limit_up4 { 10.8.0.11 : jump rate_20_up }\n"
-        "add element inet orbmesh limit_down4 { 10.8.0.11 : jump rate_20_down }\n")
+        "add element inet orbmesh tier_20_4 { 10.8.0.11 }\n")
     assert limits.delta("orbmesh", new, new) is None
 
 
@@ -211,8 +195,16 @@ def test_a_new_period_replaces_the_quota_object():
 def test_a_user_leaving_a_tier_that_others_keep():
     old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20)))
     assert limits.delta("orbmesh", old, limits.view(PLANS)) == (
-        "delete element inet orbmesh limit_up4 { 10.8.0.7 }\n"
-        "delete element inet orbmesh limit_down4 { 10.8.0.7 }\n")
+        "delete element inet orbmesh tier_20_4 { 10.8.0.7 }\n")
+
+
+def test_a_device_moving_to_another_tier_in_use_leaves_one_set_for_the_other():
+    old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=50)))
+    new = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20), dave=Plan(("10.8.0.8",), rate_mbps=50)))
+    assert limits.delta("orbmesh", old, new) == (
+        "delete element inet orbmesh tier_50_4 { 10.8.0.7 }\n"
+        "add element inet orbmesh tier_20_4 { 10.8.0.7 }\n"
+        "add element inet orbmesh tier_50_4 { 10.8.0.8 }\n")
 
 
 def test_a_new_or_gone_tier_needs_the_table_whole():
@@ -270,8 +262,8 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
                 alice=Plan(("10.8.0.3",), quota=50_000_000, period=1))
     second = limits.view(more)
     listed = _in_fresh_netns(tmp_path, firewall.script(s, limits=first), limits.delta("orbmesh", first, second))
-    elements = {item["map"]["name"]: item["map"].get("elem", []) for item in listed if "map" in item}
-    assert [e[0] for e in elements["limit_up4"]] == ["10.8.0.2", "10.8.0.10", "10.8.0.11"]
+    members = {item["set"]["name"]: item["set"].get("elem", []) for item in listed if "set" in item}
+    assert members["tier_20_4"] == ["10.8.0.2", "10.8.0.10", "10.8.0.11"]
     quotas = {item["quota"]["name"]: item["quota"] for item in listed if "quota" in item}
     assert list(quotas) == [limits.quota_name("alice", more["alice"])]
     assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 48_076_923
