@@ -243,7 +243,7 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
                         raise RuntimeError("disconnect %s %s" % (status, body))
                 except Exception as exc:  # counted, the run goes on
                     with lock:
-                        errors.append(repr(exc)[:200])
+                        errors.append("at %.1f s: %s" % (at, repr(exc)[:200]))
                     continue
                 with lock:
                     latencies_connect.append(connected - (start + at))
@@ -270,7 +270,7 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
             "achieved_per_s": round(cycles / elapsed, 1) if elapsed else None,
             "cpu_ms_per_cycle": total, "cpu_ms_per_cycle_by_process": split,
             "connect": common.latency_summary(latencies_connect), "errors": len(errors),
-            "error_samples": errors[:3], "reads": polled,
+            "error_samples": errors[:3] + errors[3:][-3:], "reads": polled,  # the first and the last
             # When the slowest 2% arrived (s into the phase, ms): a stall shows as one cluster, a busy
             # machine as a spread.
             "slowest": sorted(sorted(timeline, key=lambda x: -x[1])[:max(1, len(timeline) // 50)])}

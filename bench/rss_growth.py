@@ -62,6 +62,7 @@ def main(argv=None):
             growth = {k: common.ratio(last["rss_mb"].get(k), v, 3) for k, v in first["rss_mb"].items()}
             result["levels"][str(level)] = {
                 "offered_per_s": round(rate, 1), "cycles": opened["cycles"], "errors": opened["errors"],
+                "error_samples": opened["error_samples"], "slowest": opened["slowest"][-50:],
                 "connect": opened["connect"], "samples": samples, "rss_minute1_mb": first["rss_mb"],
                 "rss_end_mb": last["rss_mb"], "growth": growth, "load_avg_before": load_before,
                 "load_avg_after": [round(x, 2) for x in os.getloadavg()]}

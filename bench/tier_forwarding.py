@@ -10,17 +10,13 @@ user and none, the two alternating run by run (each going first in turn),
 so that the paired ratios and their median say what the per-packet work of
 the tier rules costs.
 """
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.control_plane import make_stack  # noqa: E402
-from bench.usage import IPERF_PORT, MODES, forward, forwarding_client, set_tiers, table_size  # noqa: E402
-from tests.e2e.internet import INTERNET_ADDR, Internet  # noqa: E402
-from tests.e2e.netns import stop_process  # noqa: E402
+from bench.usage import MODES, forward, forwarding_stack, set_tiers, table_size  # noqa: E402
 
 NAME = "tier_forwarding"
 
@@ -35,18 +31,7 @@ def main(argv=None):
     runs = args.runs or (1 if args.smoke else 8)
     result = {"benchmark": NAME, "smoke": args.smoke, "level": level, "iperf_seconds": seconds, "runs": runs}
     with common.Lab() as lab:
-        stack = make_stack(lab, None, tag="f")
-        internet = Internet(lab.netns, stack.server)
-        lab.on_exit(internet.close)
-        stack.env["ORBMESH_NAT_UPLINK"] = internet.uplink
-        lab.on_exit(stack.close)
-        stack.start_helper()
-        stack.start_app()
-        server = internet.ns.popen(["iperf3", "-s", "-B", INTERNET_ADDR, "-p", str(IPERF_PORT)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lab.on_exit(stop_process, server)
-        common.seed_peers(stack, level)
-        forwarding_client(lab, stack)
+        stack, internet, result["seed_sync_s"] = forwarding_stack(lab, "f", level)
         samples = {mode: {"down": [], "up": []} for mode in MODES}
         for run in range(runs):
             for mode in (MODES if run % 2 == 0 else MODES[::-1]):

@@ -88,6 +88,24 @@ def table_size(stack):
     return sum(len(s.get("elem", [])) for s in sets), len(sets) // 2
 
 
+def forwarding_stack(lab, tag, level):
+    """(stack, internet, seconds to seed): the stack with NAT to the simulated internet and an iperf3
+    server there, `level` seeded peers and the forwarding client up."""
+    stack = make_stack(lab, None, tag=tag)
+    internet = Internet(lab.netns, stack.server)
+    lab.on_exit(internet.close)
+    stack.env["ORBMESH_NAT_UPLINK"] = internet.uplink
+    lab.on_exit(stack.close)
+    stack.start_helper()
+    stack.start_app()
+    server = internet.ns.popen(["iperf3", "-s", "-B", INTERNET_ADDR, "-p", str(IPERF_PORT)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.on_exit(stop_process, server)
+    seeded = round(common.seed_peers(stack, level), 2)
+    forwarding_client(lab, stack)
+    return stack, internet, seeded
+
+
 def forwarding_client(lab, stack):
     client = WgClient(stack.client, unique_ifname("omf"))
     lab.on_exit(client.close)
@@ -153,18 +171,7 @@ def main(argv=None):
     result = {"benchmark": NAME, "smoke": smoke, "level": level, "iperf_seconds": seconds, "duration_s": duration,
               "window_s": window, "runs": runs, "plans_mbps": list(PLANS)}
     with common.Lab() as lab:
-        stack = make_stack(lab, None, tag="u")
-        internet = Internet(lab.netns, stack.server)
-        lab.on_exit(internet.close)
-        stack.env["ORBMESH_NAT_UPLINK"] = internet.uplink
-        lab.on_exit(stack.close)
-        stack.start_helper()
-        stack.start_app()
-        server = internet.ns.popen(["iperf3", "-s", "-B", INTERNET_ADDR, "-p", str(IPERF_PORT)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lab.on_exit(stop_process, server)
-        result["seed_sync_s"] = round(common.seed_peers(stack, level), 2)
-        forwarding_client(lab, stack)
+        stack, internet, result["seed_sync_s"] = forwarding_stack(lab, "u", level)
         samples = {mode: {"down": [], "up": [], "table_s": [], "control": [], "own": []} for mode in MODES}
         for run in range(runs):
             order = MODES if run % 2 == 0 else MODES[::-1]

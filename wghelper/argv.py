@@ -253,7 +253,7 @@ class Runner:
                 raise CommandFailed(name, None, "not found in PATH") from None
         return self._tools[name]
 
-    def run(self, tool, args, stdin=None, redact=True):
+    def run(self, tool, args, stdin=None):
         running = self._tool(tool)(*args, _in=self._null if stdin is None else stdin, _bg=True, _bg_exc=False)
         fired = []
 
@@ -269,7 +269,7 @@ class Runner:
         except sh.ErrorReturnCode as exc:
             if fired:
                 raise CommandFailed(tool, None, "timed out after %gs" % self.timeout) from None
-            raise CommandFailed(tool, exc.exit_code, clean_stderr(exc.stderr, stdin if redact else None)) from None
+            raise CommandFailed(tool, exc.exit_code, clean_stderr(exc.stderr, stdin)) from None
         finally:
             self._deadlines.forget(key)
 

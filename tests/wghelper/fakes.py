@@ -87,7 +87,7 @@ class FakeRunner:
 
     # --- the Runner interface -------------------------------------------
 
-    def run(self, tool, args, stdin=None, redact=True):
+    def run(self, tool, args, stdin=None):
         if tool == "wireguard-go":
             return self.wireguard_go(*args)
         if tool in ("wg", "nft"):

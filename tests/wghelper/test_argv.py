@@ -26,7 +26,7 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def run(self, tool, args, stdin=None, redact=True):
+    def run(self, tool, args, stdin=None):
         self.calls.append((tool, list(args), stdin))
         return ""
 
