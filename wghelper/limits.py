@@ -205,9 +205,12 @@ def objects(v):
     for name, (over, used) in sorted(v.quotas.items()):
         lines += ["\tquota %s {" % name, "\t\tover %d bytes%s" % (over, " used %d bytes" % used if used else ""),
                   "\t}", ""]
+    tiered = {}
+    for address, rate in v.tiers.items():
+        tiered.setdefault((rate, _family(address)), []).append(address)
     for rate in sorted(v.rates):
         for f in (4, 6):
-            members = _sorted([a for a, r in v.tiers.items() if r == rate and _family(a) == f])
+            members = _sorted(tiered.get((rate, f), []))
             lines += ["\tset tier_%d_%d {" % (rate, f), "\t\ttype ipv%d_addr" % f]
             lines += ["\t\telements = { %s }" % ", ".join(members)] if members else []
             lines += ["\t}", ""]
