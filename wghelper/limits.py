@@ -6,18 +6,28 @@ reaches it (a quota is named by a hash).  What the part holds, for the
 users with a tier or a quota:
 
     quota q<hash> { over Q bytes used U bytes }           one per user with a quota
-    set tier_<R>_4, tier_<R>_6 { address }                the addresses held to R Mbit/s
+    map tier4, tier6 { address : R }                      the addresses held to R Mbit/s
     map quota4, quota6 { address : "q<hash>" }            a user's addresses share the quota
     set rate_<R>_up4 ... (dynamic)                        a token bucket per address: a meter
+    chain tier_<R>_up4 ...                                a tier's meter, per direction and family
     chain limits_in   prerouting, from the WireGuard interface: what clients send;
-                      per tier in use and family, one rule: in the tier's set -> its meter
+                      per family one rule: the address's tier (a mark) -> jump to that tier's meter
     chain limits_out  postrouting, into the WireGuard interface: what clients receive
 
-A tier is a plain set of addresses, not a verdict map of jumps: adding
-an element with a jump makes the kernel check the whole table for loops
-at the commit, every element of the map included (2.2 ms of system time
-per change at 40,000 addresses, against 0.03 ms for a plain set); a
-packet looks up one set per tier in use instead of one map.
+A packet of a tiered address costs two lookups whatever the number of
+tiers: the address in the tier map (the tier lands in the packet's mark)
+and the mark in the rule's own verdict map of the tiers in use; the
+tier's chain puts the mark back to 0 before its meter.  Before, each tier
+in use had a set of addresses and a rule per family, and a packet looked
+in every set until its own: with six tiers a packet of the last one paid
+twelve rules (bench/tier_rules.py measures both layouts).  Not a verdict
+map from address to jump (one lookup): adding an element with a jump
+makes the kernel check the whole table for loops at the commit, every
+element of the map included (2.2 ms of system time per change at 40,000
+addresses, against 0.09 ms for an element of the tier map).  The mark is
+scratch only on packets that carry none: the node marks nothing, and a
+packet an operator's own rules marked keeps its mark and is not held to a
+tier (docs/operations.md).
 
 Speed tier: each address of a tiered user (IPv4 and IPv6) has its own
 bucket of R Mbit/s of IP packets in each direction, so every device of the
@@ -43,8 +53,9 @@ counted, also when the table is written whole again (Firewall reads the
 kernel's counts first) and across helper restarts.
 
 Writing: the part goes into the table written whole (firewall.render) at
-start, after the interface is re-created, when a bridge comes or goes and
-whenever the set of tiers in use changes.  Otherwise a change of members
+start, after the interface is re-created, when a bridge comes or goes,
+whenever the set of tiers in use changes and when the first quota comes or
+the last goes.  Otherwise a change of members
 (a device connects, a user gets a tier that is already in use) is one
 ``nft -f -`` of element adds and deletes.  Either is one atomic
 transaction: on an error nothing of it is applied, and what the helper
@@ -205,17 +216,9 @@ def objects(v):
     for name, (over, used) in sorted(v.quotas.items()):
         lines += ["\tquota %s {" % name, "\t\tover %d bytes%s" % (over, " used %d bytes" % used if used else ""),
                   "\t}", ""]
-    tiered = {}
-    for address, rate in v.tiers.items():
-        tiered.setdefault((rate, _family(address)), []).append(address)
-    for rate in sorted(v.rates):
-        for f in (4, 6):
-            members = _sorted(tiered.get((rate, f), []))
-            lines += ["\tset tier_%d_%d {" % (rate, f), "\t\ttype ipv%d_addr" % f]
-            lines += ["\t\telements = { %s }" % ", ".join(members)] if members else []
-            lines += ["\t}", ""]
-    maps = [("quota%d" % f, "quota", [(a, '"%s"' % n) for a, n in v.quota_of.items() if _family(a) == f])
-            for f in (4, 6)]
+    maps = [("tier%d" % f, "mark", [(a, r) for a, r in v.tiers.items() if _family(a) == f]) for f in (4, 6)]
+    maps += [("quota%d" % f, "quota", [(a, '"%s"' % n) for a, n in v.quota_of.items() if _family(a) == f])
+             for f in (4, 6)]
     for name, kind, pairs in maps:
         order = {a: i for i, a in enumerate(_sorted([a for a, _ in pairs]))}
         pairs.sort(key=lambda pair: order[pair[0]])
@@ -232,40 +235,40 @@ def objects(v):
 
 
 def chains(v, ifname):
-    """The two hooked chains: each tier's meters, then the quotas."""
+    """Each tier's meters, then the two hooked chains: the dispatch to the tiers, then the quotas (each part
+    only when in use)."""
     lines = []
+    for _, _, _, key, d in HOOKS:
+        for rate in sorted(v.rates):
+            for f, ip in ((4, "ip"), (6, "ip6")):
+                lines += ["\tchain tier_%d_%s%d {" % (rate, d, f),
+                          "\t\tmeta mark set 0 update @rate_%d_%s%d { %s %s limit rate over %d bytes/second burst %d "
+                          "bytes } drop" % (rate, d, f, ip, key, rate * 125000, burst(rate)), "\t}", ""]
     for name, hook, match, key, d in HOOKS:
         lines += ["\tchain limits_%s {" % name,
                   "\t\ttype filter hook %s priority filter; policy accept;" % hook]
-        for rate in sorted(v.rates):
-            for f, ip in ((4, "ip"), (6, "ip6")):
-                lines.append('\t\t%s "%s" %s %s @tier_%d_%d update @rate_%d_%s%d { %s %s limit rate over %d '
-                             'bytes/second burst %d bytes } drop'
-                             % (match, ifname, ip, key, rate, f, rate, d, f, ip, key, rate * 125000, burst(rate)))
-        for f, ip in ((4, "ip"), (6, "ip6")):
+        for f, ip in ((4, "ip"), (6, "ip6")) if v.rates else ():
+            jumps = ", ".join("%d : jump tier_%d_%s%d" % (rate, rate, d, f) for rate in sorted(v.rates))
+            lines.append('\t\t%s "%s" meta mark 0 meta mark set %s %s map @tier%d meta mark vmap { %s }'
+                         % (match, ifname, ip, key, f, jumps))
+        for f, ip in ((4, "ip"), (6, "ip6")) if v.quota_of else ():
             lines.append('\t\t%s "%s" quota name %s %s map @quota%d drop' % (match, ifname, ip, key, f))
         lines += ["\t}", ""]
     return lines
 
 
-def needs_whole(old, new):
-    """Whether going from View `old` to `new` adds or removes a tier (chains and meters change: the table
-    is written whole) or the limits part itself comes or goes."""
-    return old.empty or new.empty or old.rates != new.rates
-
-
 def delta(table, old, new):
     """`nft -f -` input turning what `old` wrote into `new` (Views, or the parts of the users that
-    changed): element and quota changes in one transaction; None when nothing changes.  Only where
-    needs_whole() is false."""
+    changed): element and quota changes in one transaction; None when nothing changes.  Only where the
+    table need not be written whole (Firewall.set_limits)."""
     removes, adds = [], []
     for address in _sorted(set(old.tiers) | set(new.tiers)):
         was, now = old.tiers.get(address), new.tiers.get(address)
         if was != now:
             if was is not None:
-                removes.append("delete element inet %s tier_%d_%d { %s }" % (table, was, _family(address), address))
+                removes.append("delete element inet %s tier%d { %s }" % (table, _family(address), address))
             if now is not None:
-                adds.append("add element inet %s tier_%d_%d { %s }" % (table, now, _family(address), address))
+                adds.append("add element inet %s tier%d { %s : %d }" % (table, _family(address), address, now))
     for address in _sorted(set(old.quota_of) | set(new.quota_of)):
         was, now = old.quota_of.get(address), new.quota_of.get(address)
         if was != now:

@@ -109,7 +109,7 @@ def test_usage_smoke(tmp_path):
     for mode in ("none", "tiers"):
         assert result[mode]["median_down_mbps"] > 0 and result[mode]["median_up_mbps"] > 0, mode
         assert result[mode]["errors"] == 0 and result[mode]["p99_ms"] is not None, mode
-    # Every seeded user and the forwarding client, IPv4 and IPv6, in its tier's sets; five plans and the line.
+    # Every seeded user and the forwarding client, IPv4 and IPv6, in the tier maps; five plans and the line.
     assert result["nft_table"]["elements"] >= 2 * 51 and result["nft_table"]["tiers"] == 6
     assert result["collector"]["on"]["interval_s"] == 2.0 and result["collector"]["off"]["interval_s"] == 0
 
@@ -120,6 +120,14 @@ def test_tier_forwarding_smoke(tmp_path):
     for way in ("down", "up"):
         assert len(result[way]["paired_ratios"]) == 1 and result[way]["median_paired_ratio"] > 0, way
     assert result["nft_table"]["addresses"] >= 2 * 51 and result["nft_table"]["tiers"] == 6
+
+
+def test_tier_rules_smoke(tmp_path):
+    need("iperf3")
+    need("taskset")
+    result = run_smoke("tier_rules", tmp_path)
+    for mode in ("none", "sets", "map", "dispatch", "quotas"):
+        assert result["modes"][mode]["median_up"] > 0 and result["modes"][mode]["median_down"] > 0, mode
 
 
 def test_recovery_smoke(tmp_path):

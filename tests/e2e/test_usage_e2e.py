@@ -182,21 +182,62 @@ def test_a_20_mbit_tier_each_way_while_an_untiered_user_runs_at_full_rate(topo):
     for port in (5201, 5202):
         t.iperf_server(INTERNET_ADDR, port)
     t.iperf_server(INTERNET_ADDR6, 5203)
-    measured = {}
-    for name, reverse in (("up", False), ("down", True)):
-        ours, theirs = parallel(lambda: iperf(t.client, INTERNET_ADDR, 5201, reverse=reverse),
-                                lambda: iperf(t.free, INTERNET_ADDR, 5202, reverse=reverse))
-        measured[name] = (mbps(ours), mbps(theirs))
-    measured["up6"] = (mbps(iperf(t.client, INTERNET_ADDR6, 5203)), None)
-    measured["down6"] = (mbps(iperf(t.client, INTERNET_ADDR6, 5203, reverse=True)), None)
-    alone = mbps(iperf(t.free, INTERNET_ADDR, 5202, reverse=True))
-    with_burst = mbps(iperf(t.client, INTERNET_ADDR, 5201, seconds=10, omit=0))
-    print("TIER %s, untiered alone %.1f Mbit/s, tiered 10 s from the first byte %.1f Mbit/s" % (
-        measured, alone, with_burst))
+    marks = MarkProbe(t.server, t.stack.interface)
+    try:
+        measured = {}
+        for name, reverse in (("up", False), ("down", True)):
+            ours, theirs = parallel(lambda: iperf(t.client, INTERNET_ADDR, 5201, reverse=reverse),
+                                    lambda: iperf(t.free, INTERNET_ADDR, 5202, reverse=reverse))
+            measured[name] = (mbps(ours), mbps(theirs))
+        measured["up6"] = (mbps(iperf(t.client, INTERNET_ADDR6, 5203)), None)
+        measured["down6"] = (mbps(iperf(t.client, INTERNET_ADDR6, 5203, reverse=True)), None)
+        alone = mbps(iperf(t.free, INTERNET_ADDR, 5202, reverse=True))
+        with_burst = mbps(iperf(t.client, INTERNET_ADDR, 5201, seconds=10, omit=0))
+        counted = marks.counts()
+    finally:
+        marks.close()
+    print("TIER %s, untiered alone %.1f Mbit/s, tiered 10 s from the first byte %.1f Mbit/s, marks %s" % (
+        measured, alone, with_burst, counted))
     for name, (ours, theirs) in measured.items():
         assert BAND[0] <= ours <= BAND[1], (name, ours)
         if theirs is not None:  # the control: the same path without a tier, in the same run
             assert theirs > 3 * BAND[1], (name, theirs)
+    # The tier rides in the packet's mark only inside the helper's chains: every packet leaves them with
+    # none (counted after them, both ways; the control: the same hooks saw the tiered traffic).
+    assert counted["marked_in"] == 0 and counted["marked_out"] == 0, counted
+    assert counted["seen_in"] > 1000 and counted["seen_out"] > 1000, counted
+
+
+class MarkProbe:
+    """Counters in a table of the test's own, hooked after the helper's: packets from and into the
+    WireGuard interface that still carry a mark, and all of them."""
+
+    def __init__(self, ns, ifname):
+        self.ns = ns
+        ns.run("nft", "-f", "-", input="""table inet markprobe {
+  counter marked_in { packets 0 bytes 0 }
+  counter seen_in { packets 0 bytes 0 }
+  counter marked_out { packets 0 bytes 0 }
+  counter seen_out { packets 0 bytes 0 }
+  chain pre {
+    type filter hook prerouting priority 10;
+    iifname "%(i)s" meta mark != 0 counter name marked_in
+    iifname "%(i)s" counter name seen_in
+  }
+  chain post {
+    type filter hook postrouting priority 10;
+    oifname "%(i)s" meta mark != 0 counter name marked_out
+    oifname "%(i)s" counter name seen_out
+  }
+}
+""" % {"i": ifname})
+
+    def counts(self):
+        listing = json.loads(self.ns.run("nft", "-j", "list", "counters", "table", "inet", "markprobe").stdout)
+        return {c["counter"]["name"]: c["counter"]["packets"] for c in listing["nftables"] if "counter" in c}
+
+    def close(self):
+        self.ns.run("nft", "delete", "table", "inet", "markprobe", check=False)
 
 
 def rx_bytes(client):

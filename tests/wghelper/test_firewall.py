@@ -711,10 +711,29 @@ def test_a_new_tier_writes_the_table_whole_with_the_isolation_rules(tmp_path):
     fw.set_limits([({"u2": tier("10.8.0.3", rate=50)}, False)])
     assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]  # an uplink: no sysctl to read
     written = runner.stdins[-1][1]
-    assert "set tier_50_4 {" in written and "set tier_20_4 {" in written and "chain from_clients" in written
+    assert "vmap { 20 : jump tier_20_up4, 50 : jump tier_50_up4 }" in written and "chain from_clients" in written
     # The last limit gone: the table stays for the uplink, without the limits part.
     fw.set_limits([({}, True)])
     assert runner.stdins[-1][1] == SCRIPT_V4
+
+
+def test_the_first_quota_and_the_last_write_the_table_whole(tmp_path):
+    # The quota rules are in the table only while some user has a quota: an element change alone would
+    # leave the first quota without its rules (no kernel backstop), or the rules after the last quota.
+    fw, runner = make(tmp_path)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])  # a tier only: no quota rules
+    assert "quota name" not in runner.nft_tables["inet orbmesh"]
+    runner.clear()
+    fw.set_limits([({"u2": tier("10.8.0.3", quota=1000)}, False)])
+    assert runner.calls[-2:] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]] and not runner.nft_updates
+    assert 'iifname "wgt0" quota name ip saddr map @quota4 drop' in runner.nft_tables["inet orbmesh"]
+    runner.clear()
+    fw.set_limits([({"u3": tier("10.8.0.4", quota=2000)}, False)])  # a second quota: elements only
+    assert runner.calls == [["nft", "-f", "-"]] and len(runner.nft_updates) == 1
+    for user in ("u2", "u3"):
+        fw.set_limits([({user: tier(user == "u2" and "10.8.0.3" or "10.8.0.4")}, False)])
+    assert "quota name" not in runner.nft_tables["inet orbmesh"]  # the last quota went: its rules too
 
 
 def test_a_quota_keeps_what_the_kernel_counted_when_the_table_is_written_again(tmp_path):
@@ -767,7 +786,7 @@ def test_an_element_update_that_fails_falls_back_to_the_whole_table(tmp_path):
     runner.clear()
     fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])
     assert runner.calls == [["nft", "-f", "-"], ["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
-    assert "\tset tier_20_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.2, 10.8.0.3 }\n" in \
+    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20, 10.8.0.3 : 20 }\n" in \
         runner.nft_tables["inet orbmesh"]
 
 
@@ -778,5 +797,5 @@ def test_limits_come_back_after_the_interface_is_made_again_without_nat(tmp_path
     fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
     runner.nft_tables.clear()
     fw.reapply()
-    assert "\tset tier_20_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.2 }\n" in runner.nft_tables["inet orbmesh"]
+    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20 }\n" in runner.nft_tables["inet orbmesh"]
     assert not any(c[:2] == ["sysctl", "-w"] for c in runner.calls)  # no uplink: forwarding untouched

@@ -26,14 +26,14 @@ table inet orbmesh {
 \t\tover 48076923 bytes used 961 bytes
 \t}
 
-\tset tier_20_4 {
-\t\ttype ipv4_addr
-\t\telements = { 10.8.0.2, 10.8.0.10 }
+\tmap tier4 {
+\t\ttype ipv4_addr : mark
+\t\telements = { 10.8.0.2 : 20, 10.8.0.10 : 20 }
 \t}
 
-\tset tier_20_6 {
-\t\ttype ipv6_addr
-\t\telements = { fd00:8::2 }
+\tmap tier6 {
+\t\ttype ipv6_addr : mark
+\t\telements = { fd00:8::2 : 20 }
 \t}
 
 \tmap quota4 {
@@ -73,22 +73,37 @@ table inet orbmesh {
 \t\ttimeout 1m
 \t}
 
+\tchain tier_20_up4 {
+\t\tmeta mark set 0 update @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t}
+
+\tchain tier_20_up6 {
+\t\tmeta mark set 0 update @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 500000 bytes } \
+drop
+\t}
+
+\tchain tier_20_down4 {
+\t\tmeta mark set 0 update @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 500000 bytes } \
+drop
+\t}
+
+\tchain tier_20_down6 {
+\t\tmeta mark set 0 update @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 500000 bytes } \
+drop
+\t}
+
 \tchain limits_in {
 \t\ttype filter hook prerouting priority filter; policy accept;
-\t\tiifname "wgt0" ip saddr @tier_20_4 update @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst \
-500000 bytes } drop
-\t\tiifname "wgt0" ip6 saddr @tier_20_6 update @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst \
-500000 bytes } drop
+\t\tiifname "wgt0" meta mark 0 meta mark set ip saddr map @tier4 meta mark vmap { 20 : jump tier_20_up4 }
+\t\tiifname "wgt0" meta mark 0 meta mark set ip6 saddr map @tier6 meta mark vmap { 20 : jump tier_20_up6 }
 \t\tiifname "wgt0" quota name ip saddr map @quota4 drop
 \t\tiifname "wgt0" quota name ip6 saddr map @quota6 drop
 \t}
 
 \tchain limits_out {
 \t\ttype filter hook postrouting priority filter; policy accept;
-\t\toifname "wgt0" ip daddr @tier_20_4 update @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second \
-burst 500000 bytes } drop
-\t\toifname "wgt0" ip6 daddr @tier_20_6 update @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second \
-burst 500000 bytes } drop
+\t\toifname "wgt0" meta mark 0 meta mark set ip daddr map @tier4 meta mark vmap { 20 : jump tier_20_down4 }
+\t\toifname "wgt0" meta mark 0 meta mark set ip6 daddr map @tier6 meta mark vmap { 20 : jump tier_20_down6 }
 \t\toifname "wgt0" quota name ip daddr map @quota4 drop
 \t\toifname "wgt0" quota name ip6 daddr map @quota6 drop
 \t}
@@ -151,23 +166,31 @@ def test_exact_limits_part_without_nat():
 def test_limits_go_around_the_isolation_chains():
     table = firewall.render(settings(nat_uplink="up0"), limits=limits.view(PLANS))
     chains = [line.split()[1] for line in table.splitlines() if line.startswith("\tchain ")]
-    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "limits_in", "limits_out"]
-    assert table.index("\tquota ") < table.index("\tset tier_20_4") < table.index("\tchain postrouting")
+    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "tier_20_up4", "tier_20_up6",
+                      "tier_20_down4", "tier_20_down6", "limits_in", "limits_out"]
+    assert table.index("\tquota ") < table.index("\tmap tier4") < table.index("\tchain postrouting")
     # Without limits, the table is the one it always was.
     assert firewall.render(settings(nat_uplink="up0"), limits=limits.view({})) == firewall.render(
         settings(nat_uplink="up0"))
 
 
-def test_each_tier_has_its_set_rules_and_meters():
+def test_each_tier_has_its_meters_and_one_dispatch_rule_per_family_and_way():
     v = limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5), "b": Plan(("10.8.0.3",), rate_mbps=100000)})
     table = firewall.render(settings(), limits=v)
-    assert "\tset tier_5_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.2 }" in table
-    assert "\tset tier_100000_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.8.0.3 }" in table
-    assert 'oifname "wgt0" ip daddr @tier_100000_4 update @rate_100000_down4 {' in table
+    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 5, 10.8.0.3 : 100000 }" in table
+    assert ('oifname "wgt0" meta mark 0 meta mark set ip daddr map @tier4 meta mark vmap { 5 : jump tier_5_down4, '
+            '100000 : jump tier_100000_down4 }') in table
+    assert "\tchain tier_100000_down4 {\n\t\tmeta mark set 0 update @rate_100000_down4 { ip daddr limit rate" in table
     assert "limit rate over 625000 bytes/second burst 125000 bytes" in table
     assert "limit rate over 12500000000 bytes/second burst 2500000000 bytes" in table
     assert limits.burst(1) == 65536  # the smallest
-    assert table.count("\tset rate_") == 8
+    assert table.count("\tset rate_") == 8 and table.count("\tchain tier_") == 8
+    assert table.count("meta mark vmap") == 4  # two ways, two families: not one rule per tier
+    assert "quota name" not in table  # no quota: no quota rule for every packet to pass
+    # Only quotas: no tier rules and no meters, the (empty) tier maps stay.
+    only = firewall.render(settings(), limits=limits.view({"a": Plan(("10.8.0.2",), quota=5)}))
+    assert "meta mark" not in only and "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t}" in only
+    assert only.count("quota name") == 4
 
 
 # --- deltas ---------------------------------------------------------------------------
@@ -176,7 +199,7 @@ def test_a_new_device_of_a_tiered_user_is_one_element_add():
     old = limits.view(PLANS)
     new = limits.view(dict(PLANS, bob=Plan(PLANS["bob"].addresses + ("10.8.0.11",), rate_mbps=20)))
     assert limits.delta("orbmesh", old, new) == (
-        "add element inet orbmesh tier_20_4 { 10.8.0.11 }\n")
+        "add element inet orbmesh tier4 { 10.8.0.11 : 20 }\n")
     assert limits.delta("orbmesh", new, new) is None
 
 
@@ -195,23 +218,16 @@ def test_a_new_period_replaces_the_quota_object():
 def test_a_user_leaving_a_tier_that_others_keep():
     old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20)))
     assert limits.delta("orbmesh", old, limits.view(PLANS)) == (
-        "delete element inet orbmesh tier_20_4 { 10.8.0.7 }\n")
+        "delete element inet orbmesh tier4 { 10.8.0.7 }\n")
 
 
-def test_a_device_moving_to_another_tier_in_use_leaves_one_set_for_the_other():
+def test_a_device_moving_to_another_tier_in_use_changes_its_element():
     old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=50)))
     new = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20), dave=Plan(("10.8.0.8",), rate_mbps=50)))
     assert limits.delta("orbmesh", old, new) == (
-        "delete element inet orbmesh tier_50_4 { 10.8.0.7 }\n"
-        "add element inet orbmesh tier_20_4 { 10.8.0.7 }\n"
-        "add element inet orbmesh tier_50_4 { 10.8.0.8 }\n")
-
-
-def test_a_new_or_gone_tier_needs_the_table_whole():
-    assert limits.needs_whole(limits.view(PLANS), limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), 30))))
-    assert limits.needs_whole(limits.view(PLANS), limits.view({"alice": PLANS["alice"]}))
-    assert limits.needs_whole(limits.view({}), limits.view(PLANS))  # the part itself comes
-    assert not limits.needs_whole(limits.view(PLANS), limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), 20))))
+        "delete element inet orbmesh tier4 { 10.8.0.7 }\n"
+        "add element inet orbmesh tier4 { 10.8.0.7 : 20 }\n"
+        "add element inet orbmesh tier4 { 10.8.0.8 : 50 }\n")
 
 
 def test_carried_keeps_what_the_kernel_counted():
@@ -262,8 +278,8 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
                 alice=Plan(("10.8.0.3",), quota=50_000_000, period=1))
     second = limits.view(more)
     listed = _in_fresh_netns(tmp_path, firewall.script(s, limits=first), limits.delta("orbmesh", first, second))
-    members = {item["set"]["name"]: item["set"].get("elem", []) for item in listed if "set" in item}
-    assert members["tier_20_4"] == ["10.8.0.2", "10.8.0.10", "10.8.0.11"]
+    members = {item["map"]["name"]: item["map"].get("elem", []) for item in listed if "map" in item}
+    assert members["tier4"] == [["10.8.0.2", 20], ["10.8.0.10", 20], ["10.8.0.11", 20]]
     quotas = {item["quota"]["name"]: item["quota"] for item in listed if "quota" in item}
     assert list(quotas) == [limits.quota_name("alice", more["alice"])]
     assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 48_076_923
