@@ -56,6 +56,10 @@ def main(argv=None):
     p.add_argument("--py-spy", default=None, help="the py-spy binary (default: from PATH)")
     p.add_argument("--tiers", action="store_true",
                    help="every user with a speed tier, as bench/usage.py's tiered mode (issue 25's cost)")
+    p.add_argument("--rate", type=float, default=None, help="connects/s offered (default: half the saturation)")
+    p.add_argument("--rounds", type=float, default=None,
+                   help="drift check and stale sweep every this many seconds (default: the app's 300), so that "
+                        "rounds land inside the sampled loop")
     args = p.parse_args(argv)
     level = args.level or (20 if args.smoke else 60000)
     duration = args.duration or (2.0 if args.smoke else 30.0)
@@ -64,10 +68,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": NAME, "smoke": args.smoke, "level": level, "duration_s": duration,
-              "tiers": args.tiers, "py_spy": bool(py_spy), "processes": {}}
+              "tiers": args.tiers, "rounds_s": args.rounds, "py_spy": bool(py_spy), "processes": {}}
     with common.Lab() as lab:
         stack = control_plane.make_stack(lab, None, tag="p")
         lab.on_exit(stack.close)
+        if args.rounds:
+            stack.env.update(ORBMESH_RECONCILE_INTERVAL=str(args.rounds), ORBMESH_SWEEP_INTERVAL=str(args.rounds))
         stack.start_helper()
         stack.start_app()
         result["seed_sync_s"] = round(control_plane.seed(stack, level), 2)
@@ -75,7 +81,7 @@ def main(argv=None):
             from bench.usage import set_tiers
             result["tier_table_s"] = round(set_tiers(stack, True), 2)
         sat = control_plane.saturation(stack, 4 if args.smoke else 50, 1.0 if args.smoke else 10.0, "psat")
-        rate = (sat["cycles_per_s"] or 2) / 2
+        rate = args.rate or (sat["cycles_per_s"] or 2) / 2
         pids = {"helper": stack.helper_proc.pid}
         pids.update(("worker%d" % i, pid) for i, pid in enumerate(sorted(children(stack.app_proc.pid))))
         procs = record(py_spy, pids, duration, out) if py_spy else {}
@@ -85,7 +91,7 @@ def main(argv=None):
             total, top = top_frames(path) if path.exists() else (0, [])
             result["processes"][name] = {"samples": total, "top": top, "file": path.name}
         result["saturation_per_s"] = sat["cycles_per_s"]
-        result["open_loop"] = {k: opened[k] for k in ("offered_per_s", "cycles", "errors", "connect")}
+        result["open_loop"] = {k: opened[k] for k in ("offered_per_s", "cycles", "errors", "connect", "slowest")}
     lines = ["Profile at %d peers%s: open loop %s/s offered, p50 %s ms, p99 %s ms, %d errors" % (
         level, " (every user tiered)" if args.tiers else "", result["open_loop"]["offered_per_s"],
         result["open_loop"]["connect"]["p50_ms"],

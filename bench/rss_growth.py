@@ -36,6 +36,7 @@ def main(argv=None):
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--levels", default=None, help="comma-separated seeded peer counts")
     p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--rate", type=float, default=None, help="connects/s offered (default: half the saturation)")
     args = p.parse_args(argv)
     levels = [int(x) for x in (args.levels or ("20" if args.smoke else "60000")).split(",")]
     minutes = args.minutes or (0.25 if args.smoke else 5.0)
@@ -50,7 +51,7 @@ def main(argv=None):
             control_plane.seed(stack, level)
             sat = control_plane.saturation(stack, 4 if args.smoke else 50, 1.0 if args.smoke else 10.0,
                                            "gsat-%d" % level)
-            rate = (sat["cycles_per_s"] or 2) / 2
+            rate = args.rate or (sat["cycles_per_s"] or 2) / 2
             samples, stop = [], threading.Event()
             sampler = threading.Thread(target=sample, args=(stack, every, stop, samples), daemon=True)
             load_before = [round(x, 2) for x in os.getloadavg()]

@@ -214,8 +214,8 @@ class Stack:
 
     # API, called from the client namespace
 
-    def token(self, user, device):
-        return mint_device_token(self.config, user, device, ttl=600)
+    def token(self, user, device, ttl=600):
+        return mint_device_token(self.config, user, device, ttl=ttl)
 
     def request(self, method, path, body=None, headers=None, timeout=10):
         headers = dict(headers or {})
