@@ -27,6 +27,9 @@ worker_connections = 10000
 # helper connection) after the fork; preloading would start it in the master.
 preload_app = False
 graceful_timeout = int(os.environ.get("ORBMESH_GRACEFUL_TIMEOUT", "") or "10")
+# Request lines up to gunicorn's largest (8190 bytes), as nginx's default buffers (8k) pass them: a long
+# query then reaches the app, which answers 400 in the API's envelope instead of gunicorn's HTML 414.
+limit_request_line = 8190
 # gevent workers heartbeat from their own loop; 30 s is gunicorn's default.
 timeout = 30
 # Longer than nginx's upstream keepalive_timeout (60 s) so that gunicorn never

@@ -313,6 +313,7 @@ def test_gunicorn_conf_loads(tmp_path):
     config = dict(re.findall(r"^(\w+)\s+= (.*)$", result.stdout, re.M))
     assert config["bind"] == "['127.0.0.1:18099']"
     assert config["worker_class"] == "gevent" and config["workers"] == "1"
+    assert config["limit_request_line"] == "8190"  # a long query reaches the app: a 400 in the envelope
     assert config["preload_app"] == "False" and config["accesslog"] == "None"
     assert config.get("control_socket_disable", "True") == "True"
 

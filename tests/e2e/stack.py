@@ -119,7 +119,8 @@ class Stack:
         argv = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(self.workers),
                 "--bind", "%s:%d" % (self.addr, API_PORT), "--chdir", str(Path(__file__).parents[2]),
                 "--access-logfile", str(self.access_log), "--access-logformat", '%(p)s "%(r)s" %(s)s',
-                "--graceful-timeout", "5", "--no-control-socket", "app:create_app()"]
+                "--graceful-timeout", "5", "--no-control-socket", "--limit-request-line", "8190",
+                "app:create_app()"]
         for bind in self.extra_binds:  # say, the server's IPv6 address too
             argv[-1:-1] = ["--bind", bind]
         self.app_proc = self.server.popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)

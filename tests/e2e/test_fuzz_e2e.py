@@ -124,3 +124,12 @@ def test_oversized_headers_are_refused_and_the_service_keeps_serving(stack):
     assert stack.db_peers() == {}
     status, body = stack.connect("big-headers", "dev", keypair()[1])
     assert status == 200, body
+
+
+def test_a_long_query_gets_the_apis_own_400(stack):
+    """A request line up to 8 KB (what nginx's default buffers pass) reaches the app: a bad query answers
+    400 in the envelope, not gunicorn's HTML 414 (the fuzzer found one at 5,475 bytes)."""
+    status, _, raw = stack.request("GET", "/wireguard/usage?cursor=" + "%C3%89" * 900 + "&limit=x",
+                                   headers={"X-API-Key": stack.api_key})
+    body = json.loads(raw)
+    assert status == 400 and body["success"] is False and body["error"]["code"] == "VALIDATION_ERROR", raw[:300]
