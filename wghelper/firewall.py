@@ -293,8 +293,7 @@ class Firewall:
 
     def set_limits(self, batch):
         """Apply `batch` (a list of (users, replace) from `limits` requests, in order) in one nft run:
-        element changes while the limits part stays, its tiers stay the same and quotas stay (or stay
-        absent), else the table whole.
+        element changes while the limits part stays and its tiers stay the same, else the table whole.
         On a failure nothing changes, here or in the kernel."""
         with self._lock:
             plans, owners, changed = self.plans, _Owners(self.owners), set()
@@ -311,11 +310,8 @@ class Firewall:
             old_part = limits_part.view({u: self.plans[u] for u in changed if u in self.plans})
             new_part = limits_part.view({u: plans[u] for u in changed if u in plans})
             rates = self._rates_after(old_part, new_part)
-            quotas = self._quota_addresses_after(old_part, new_part)
-            # The tier rules list the tiers in use, and the quota rules are there only while a quota is:
-            # a change of either is the table whole.
-            if self.written.empty or not (rates or quotas) or set(rates) != set(self.rates) or \
-                    bool(quotas) != bool(self.written.quota_of):
+            empty = not any(rates) and not self._quota_addresses_after(old_part, new_part)
+            if self.written.empty or empty or set(rates) != set(self.rates):
                 wanted = limits_part.patch(self.written, old_part, new_part)
                 if not (self.written.empty and wanted.empty):
                     self._write(wanted)  # on a failure nothing below runs: plans and owners stay

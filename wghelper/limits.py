@@ -53,9 +53,8 @@ counted, also when the table is written whole again (Firewall reads the
 kernel's counts first) and across helper restarts.
 
 Writing: the part goes into the table written whole (firewall.render) at
-start, after the interface is re-created, when a bridge comes or goes,
-whenever the set of tiers in use changes and when the first quota comes or
-the last goes.  Otherwise a change of members
+start, after the interface is re-created, when a bridge comes or goes and
+whenever the set of tiers in use changes.  Otherwise a change of members
 (a device connects, a user gets a tier that is already in use) is one
 ``nft -f -`` of element adds and deletes.  Either is one atomic
 transaction: on an error nothing of it is applied, and what the helper
@@ -235,8 +234,8 @@ def objects(v):
 
 
 def chains(v, ifname):
-    """Each tier's meters, then the two hooked chains: the dispatch to the tiers, then the quotas (each part
-    only when in use)."""
+    """Each tier's meters, then the two hooked chains: the dispatch to the tiers (while a tier is in use),
+    then the quotas."""
     lines = []
     for _, _, _, key, d in HOOKS:
         for rate in sorted(v.rates):
@@ -251,7 +250,7 @@ def chains(v, ifname):
             jumps = ", ".join("%d : jump tier_%d_%s%d" % (rate, rate, d, f) for rate in sorted(v.rates))
             lines.append('\t\t%s "%s" meta mark 0 meta mark set %s %s map @tier%d meta mark vmap { %s }'
                          % (match, ifname, ip, key, f, jumps))
-        for f, ip in ((4, "ip"), (6, "ip6")) if v.quota_of else ():
+        for f, ip in ((4, "ip"), (6, "ip6")):
             lines.append('\t\t%s "%s" quota name %s %s map @quota%d drop' % (match, ifname, ip, key, f))
         lines += ["\t}", ""]
     return lines

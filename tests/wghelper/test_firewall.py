@@ -717,25 +717,6 @@ def test_a_new_tier_writes_the_table_whole_with_the_isolation_rules(tmp_path):
     assert runner.stdins[-1][1] == SCRIPT_V4
 
 
-def test_the_first_quota_and_the_last_write_the_table_whole(tmp_path):
-    # The quota rules are in the table only while some user has a quota: an element change alone would
-    # leave the first quota without its rules (no kernel backstop), or the rules after the last quota.
-    fw, runner = make(tmp_path)
-    fw.start()
-    fw.set_limits([({"u1": tier("10.8.0.2")}, False)])  # a tier only: no quota rules
-    assert "quota name" not in runner.nft_tables["inet orbmesh"]
-    runner.clear()
-    fw.set_limits([({"u2": tier("10.8.0.3", quota=1000)}, False)])
-    assert runner.calls[-2:] == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]] and not runner.nft_updates
-    assert 'iifname "wgt0" quota name ip saddr map @quota4 drop' in runner.nft_tables["inet orbmesh"]
-    runner.clear()
-    fw.set_limits([({"u3": tier("10.8.0.4", quota=2000)}, False)])  # a second quota: elements only
-    assert runner.calls == [["nft", "-f", "-"]] and len(runner.nft_updates) == 1
-    for user in ("u2", "u3"):
-        fw.set_limits([({user: tier(user == "u2" and "10.8.0.3" or "10.8.0.4")}, False)])
-    assert "quota name" not in runner.nft_tables["inet orbmesh"]  # the last quota went: its rules too
-
-
 def test_a_quota_keeps_what_the_kernel_counted_when_the_table_is_written_again(tmp_path):
     fw, runner = make(tmp_path)
     fw.start()
