@@ -5,7 +5,8 @@ minutes before the kernel gives up; a UDP path that is blocked says
 nothing at all.  So each transport keeps a Liveness: the moment it sent
 something that is not yet answered, and a smoothed round-trip time.
 Anything from the server is an answer (a datagram, a pong, a probe
-reply, an HTTP response).  Unanswered for SUSPECT_AFTER: the transport
+reply, an HTTP response); a probe's reply only for what was sent before
+the probe.  Unanswered for SUSPECT_AFTER: the transport
 sends its own check (a WebSocket ping, a UDP probe; an HTTP request in
 flight is one already).  Unanswered for the deadline, max(DEAD_MIN,
 RTT_FACTOR x smoothed RTT) up to DEAD_MAX: the path is dead.  A path
@@ -34,9 +35,12 @@ class Liveness:
         if self.unanswered_since is None:
             self.unanswered_since = now
 
-    def answered(self, now):
-        self.unanswered_since = None
+    def answered(self, now, asked_at=None):
+        """Something came from the server; a probe's reply (`asked_at`: when the probe went) answers only
+        what was sent before the probe: a late reply must not hide a send the blocked path swallowed."""
         self.last_answer = now
+        if asked_at is None or self.unanswered_since is None or self.unanswered_since <= asked_at:
+            self.unanswered_since = None
 
     def sample(self, rtt):
         """A measured round trip, seconds."""

@@ -222,7 +222,7 @@ class UdpTransport(Transport):
         if sent is None:
             return  # a duplicate, or one given up on
         sent_at, in_check = sent
-        self.live.answered(now)
+        self.live.answered(now, asked_at=sent_at)
         self.live.sample(now - sent_at)
         if in_check and self.check is not None and now - sent_at <= PROBE_WAIT:
             self.check.answered += 1

@@ -10,14 +10,22 @@ users with a tier or a quota:
     map quota4, quota6 { address : "q<hash>" }            a user's addresses share the quota
     set rate_<R>_up4 ... (dynamic)                        a token bucket per address: a meter
     chain tier_<R>_up4 ...                                a tier's meter, per direction and family
-    chain limits_in   prerouting, from the WireGuard interface: what clients send;
-                      per family one rule: the address's tier (a mark) -> jump to that tier's meter
-    chain limits_out  postrouting, into the WireGuard interface: what clients receive
+    chain tiers_in    per family one rule: the address's tier (a mark) -> goto that tier's meter;
+                      then the mark back to 0
+    chain limits_in   prerouting, from the WireGuard interface: what clients send; a packet
+                      without a mark jumps to tiers_in, then the quotas
+    chain tiers_out, limits_out   the same in postrouting, into the interface: what clients receive
 
 A packet of a tiered address costs two lookups whatever the number of
 tiers: the address in the tier map (the tier lands in the packet's mark)
 and the mark in the rule's own verdict map of the tiers in use; the
-tier's chain puts the mark back to 0 before its meter.  Before, each tier
+tier's chain puts the mark back to 0 before its meter.  The dispatch is a
+chain of its own that ends by putting the mark back to 0 too, for the
+packet whose mark found no tier: while a commit replaces the table, the
+kernel's lookups see set elements of the new generation while a packet
+walks the old rules, and without that last rule a packet could leave the
+chains with the tier in its mark (1-3 packets in 1,040,000 under a whole
+rewrite every ~40 ms; none with it: docs/benchmarks.md).  Before, each tier
 in use had a set of addresses and a rule per family, and a packet looked
 in every set until its own: with six tiers a packet of the last one paid
 twelve rules (bench/tier_rules.py measures both layouts).  Not a verdict
@@ -234,8 +242,8 @@ def objects(v):
 
 
 def chains(v, ifname):
-    """Each tier's meters, then the two hooked chains: the dispatch to the tiers (while a tier is in use),
-    then the quotas."""
+    """Each tier's meters and the dispatch to them (while a tier is in use), then the two hooked chains:
+    the dispatch, then the quotas."""
     lines = []
     for _, _, _, key, d in HOOKS:
         for rate in sorted(v.rates):
@@ -243,13 +251,17 @@ def chains(v, ifname):
                 lines += ["\tchain tier_%d_%s%d {" % (rate, d, f),
                           "\t\tmeta mark set 0 update @rate_%d_%s%d { %s %s limit rate over %d bytes/second burst %d "
                           "bytes } drop" % (rate, d, f, ip, key, rate * 125000, burst(rate)), "\t}", ""]
+    for name, _, _, key, d in HOOKS if v.rates else ():
+        lines.append("\tchain tiers_%s {" % name)
+        for f, ip in ((4, "ip"), (6, "ip6")):
+            gotos = ", ".join("%d : goto tier_%d_%s%d" % (rate, rate, d, f) for rate in sorted(v.rates))
+            lines.append("\t\tmeta mark set %s %s map @tier%d meta mark vmap { %s }" % (ip, key, f, gotos))
+        lines += ["\t\tmeta mark set 0", "\t}", ""]
     for name, hook, match, key, d in HOOKS:
         lines += ["\tchain limits_%s {" % name,
                   "\t\ttype filter hook %s priority filter; policy accept;" % hook]
-        for f, ip in ((4, "ip"), (6, "ip6")) if v.rates else ():
-            jumps = ", ".join("%d : jump tier_%d_%s%d" % (rate, rate, d, f) for rate in sorted(v.rates))
-            lines.append('\t\t%s "%s" meta mark 0 meta mark set %s %s map @tier%d meta mark vmap { %s }'
-                         % (match, ifname, ip, key, f, jumps))
+        if v.rates:
+            lines.append('\t\t%s "%s" meta mark 0 jump tiers_%s' % (match, ifname, name))
         for f, ip in ((4, "ip"), (6, "ip6")):
             lines.append('\t\t%s "%s" quota name %s %s map @quota%d drop' % (match, ifname, ip, key, f))
         lines += ["\t}", ""]

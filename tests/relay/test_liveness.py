@@ -25,6 +25,16 @@ def test_sent_and_unanswered_needs_a_check_then_is_dead():
     assert not live.dead(20.0) and live.silent_for(20.0) == 0.0
 
 
+def test_a_late_probe_reply_answers_only_what_was_sent_before_the_probe():
+    live = Liveness()
+    live.sent(10.0)
+    live.answered(10.2, asked_at=9.9)  # the probe went before the send: it says nothing of it
+    assert live.silent_for(10.5) == 0.5 and live.last_answer == 10.2
+    assert live.dead(10.0 + liveness.DEAD_MIN + 0.01)
+    live.answered(11.5, asked_at=10.0)  # asked after it: the path carried what was sent before
+    assert live.silent_for(11.5) == 0.0
+
+
 def test_the_deadline_grows_with_the_round_trip_time_within_bounds():
     live = Liveness()
     assert live.deadline() == liveness.DEAD_MIN

@@ -711,7 +711,7 @@ def test_a_new_tier_writes_the_table_whole_with_the_isolation_rules(tmp_path):
     fw.set_limits([({"u2": tier("10.8.0.3", rate=50)}, False)])
     assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]  # an uplink: no sysctl to read
     written = runner.stdins[-1][1]
-    assert "vmap { 20 : jump tier_20_up4, 50 : jump tier_50_up4 }" in written and "chain from_clients" in written
+    assert "vmap { 20 : goto tier_20_up4, 50 : goto tier_50_up4 }" in written and "chain from_clients" in written
     # The last limit gone: the table stays for the uplink, without the limits part.
     fw.set_limits([({}, True)])
     assert runner.stdins[-1][1] == SCRIPT_V4

@@ -92,18 +92,28 @@ drop
 drop
 \t}
 
+\tchain tiers_in {
+\t\tmeta mark set ip saddr map @tier4 meta mark vmap { 20 : goto tier_20_up4 }
+\t\tmeta mark set ip6 saddr map @tier6 meta mark vmap { 20 : goto tier_20_up6 }
+\t\tmeta mark set 0
+\t}
+
+\tchain tiers_out {
+\t\tmeta mark set ip daddr map @tier4 meta mark vmap { 20 : goto tier_20_down4 }
+\t\tmeta mark set ip6 daddr map @tier6 meta mark vmap { 20 : goto tier_20_down6 }
+\t\tmeta mark set 0
+\t}
+
 \tchain limits_in {
 \t\ttype filter hook prerouting priority filter; policy accept;
-\t\tiifname "wgt0" meta mark 0 meta mark set ip saddr map @tier4 meta mark vmap { 20 : jump tier_20_up4 }
-\t\tiifname "wgt0" meta mark 0 meta mark set ip6 saddr map @tier6 meta mark vmap { 20 : jump tier_20_up6 }
+\t\tiifname "wgt0" meta mark 0 jump tiers_in
 \t\tiifname "wgt0" quota name ip saddr map @quota4 drop
 \t\tiifname "wgt0" quota name ip6 saddr map @quota6 drop
 \t}
 
 \tchain limits_out {
 \t\ttype filter hook postrouting priority filter; policy accept;
-\t\toifname "wgt0" meta mark 0 meta mark set ip daddr map @tier4 meta mark vmap { 20 : jump tier_20_down4 }
-\t\toifname "wgt0" meta mark 0 meta mark set ip6 daddr map @tier6 meta mark vmap { 20 : jump tier_20_down6 }
+\t\toifname "wgt0" meta mark 0 jump tiers_out
 \t\toifname "wgt0" quota name ip daddr map @quota4 drop
 \t\toifname "wgt0" quota name ip6 daddr map @quota6 drop
 \t}
@@ -167,7 +177,7 @@ def test_limits_go_around_the_isolation_chains():
     table = firewall.render(settings(nat_uplink="up0"), limits=limits.view(PLANS))
     chains = [line.split()[1] for line in table.splitlines() if line.startswith("\tchain ")]
     assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "tier_20_up4", "tier_20_up6",
-                      "tier_20_down4", "tier_20_down6", "limits_in", "limits_out"]
+                      "tier_20_down4", "tier_20_down6", "tiers_in", "tiers_out", "limits_in", "limits_out"]
     assert table.index("\tquota ") < table.index("\tmap tier4") < table.index("\tchain postrouting")
     # Without limits, the table is the one it always was.
     assert firewall.render(settings(nat_uplink="up0"), limits=limits.view({})) == firewall.render(
@@ -178,14 +188,17 @@ def test_each_tier_has_its_meters_and_one_dispatch_rule_per_family_and_way():
     v = limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5), "b": Plan(("10.8.0.3",), rate_mbps=100000)})
     table = firewall.render(settings(), limits=v)
     assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 5, 10.8.0.3 : 100000 }" in table
-    assert ('oifname "wgt0" meta mark 0 meta mark set ip daddr map @tier4 meta mark vmap { 5 : jump tier_5_down4, '
-            '100000 : jump tier_100000_down4 }') in table
+    assert ('\tchain tiers_out {\n\t\tmeta mark set ip daddr map @tier4 meta mark vmap { 5 : goto tier_5_down4, '
+            '100000 : goto tier_100000_down4 }') in table
+    assert 'oifname "wgt0" meta mark 0 jump tiers_out' in table
     assert "\tchain tier_100000_down4 {\n\t\tmeta mark set 0 update @rate_100000_down4 { ip daddr limit rate" in table
     assert "limit rate over 625000 bytes/second burst 125000 bytes" in table
     assert "limit rate over 12500000000 bytes/second burst 2500000000 bytes" in table
     assert limits.burst(1) == 65536  # the smallest
     assert table.count("\tset rate_") == 8 and table.count("\tchain tier_") == 8
     assert table.count("meta mark vmap") == 4  # two ways, two families: not one rule per tier
+    # A packet whose mark found no tier (a commit under way) leaves the dispatch without one.
+    assert table.count("\t\tmeta mark set 0\n\t}") == 2
     # Only quotas: no tier rules and no meters, the (empty) tier maps stay.
     only = firewall.render(settings(), limits=limits.view({"a": Plan(("10.8.0.2",), quota=5)}))
     assert "meta mark" not in only and "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t}" in only
