@@ -55,7 +55,7 @@ def main(argv=None):
             % (level, runs, seconds)
             + common.table(["direction", "none Mbit/s (median)", "tiers Mbit/s (median)", "median paired ratio",
                             "paired ratios"], rows)
-            + "\n\ntable: %s addresses in the tier maps, %s tiers" % (
+            + "\n\ntable: %s addresses in the plan maps, %s tiers" % (
                 result.get("nft_table", {}).get("addresses"), result.get("nft_table", {}).get("tiers")))
     if not args.smoke:
         checks = [("forwarding with tiers within 5%% of without (%s, median paired ratio)" % way,

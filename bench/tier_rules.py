@@ -13,10 +13,10 @@ per packet.  The router holds, in turn:
   tier and family in each hooked chain; a packet of the last tier walks
   them all);
 - map: the helper's own limits part (wghelper/limits.py, rendered by it):
-  the tier from one map into the packet's mark, then the tier's meter;
+  the plan from one map into the packet's mark, then the tier's meter;
 - dispatch: the same without the meters (what the lookups alone cost);
-- quotas: map, and every address with a quota too (the quota rules and
-  their map, as a node that sells plans with both would have).
+- quotas: map, and every address with a quota too (the quota looked up
+  after the meter, as a node that sells plans with both would have).
 
 10,000 tiered addresses over five plans; the client's own address is in
 the sixth tier (100 Gbit/s, last in order, never over its rate), so every
@@ -88,7 +88,7 @@ def map_table(tiered, ifname, quotas=False):
 
 def dispatch_table(tiered, ifname):
     """map_table with each tier's chain only putting the mark back: the lookups without the meters."""
-    return re.sub(r"meta mark set 0 update @\S+ \{[^}]*\} drop", "meta mark set 0", map_table(tiered, ifname))
+    return re.sub(r"\t\tupdate @\S+ \{[^}]*\} drop\n", "", map_table(tiered, ifname))
 
 
 def flood(client, seconds, reverse):

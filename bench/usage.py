@@ -82,9 +82,9 @@ def set_tiers(stack, on):
 
 
 def table_size(stack):
-    """(addresses in the tier maps, tiers in use) of the helper's table, as nft lists it."""
+    """(addresses in the plan maps, plans in use) of the helper's table, as nft lists it."""
     listing = json.loads(stack.server.run("nft", "-j", "list", "table", "inet", "orbmesh").stdout)
-    elements = [e for item in listing["nftables"] if "map" in item and item["map"]["name"] in ("tier4", "tier6")
+    elements = [e for item in listing["nftables"] if "map" in item and item["map"]["name"] in ("plan4", "plan6")
                 for e in item["map"].get("elem", [])]
     return len(elements), len({rate for _, rate in elements})
 
@@ -244,7 +244,7 @@ def render(result, smoke):
         + common.table(["tiers", "forward down Mbit/s", "forward up Mbit/s", "saturation cycles/s",
                         "half of it /s", "its open p99 ms", "common rate /s", "open p50 ms", "open p99 ms",
                         "CPU ms/cycle", "errors"], rows)
-        + "\n\nforwarding with tiers / without: down %s, up %s; table: %s addresses in the tier maps, %s tiers; "
+        + "\n\nforwarding with tiers / without: down %s, up %s; table: %s addresses in the plan maps, %s tiers; "
           "written whole in %s s" % (result["ratio_down"], result["ratio_up"], result.get("nft_table", {}).get("elements"),
                                      result.get("nft_table", {}).get("tiers"), result["tiers"]["table_write_s"])
         + "\ncollector: server namespace CPU %s%% of a core counting off, %s%% on (interval %s s, last count %s s): "

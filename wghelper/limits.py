@@ -6,36 +6,43 @@ reaches it (a quota is named by a hash).  What the part holds, for the
 users with a tier or a quota:
 
     quota q<hash> { over Q bytes used U bytes }           one per user with a quota
-    map tier4, tier6 { address : R }                      the addresses held to R Mbit/s
+    map plan4, plan6 { address : mark }                   every limited address: its tier R, and
+                                                          QUOTA_BIT when it has a quota
     map quota4, quota6 { address : "q<hash>" }            a user's addresses share the quota
     set rate_<R>_up4 ... (dynamic)                        a token bucket per address: a meter
-    chain tier_<R>_up4 ...                                a tier's meter, per direction and family
-    chain tiers_in    per family one rule: the address's tier (a mark) -> goto that tier's meter;
-                      then the mark back to 0
+    chain tier_<R>_up4 ...                                a tier's meter, then the quota if the
+                                                          mark says so, per direction and family
+    chain quota_up4 ...                                   the quota alone (an address without tier)
+    chain plans_in    per family one rule: the address's plan (a mark) -> goto its tier's chain
+                      (or the quota's); then the mark back to 0
     chain limits_in   prerouting, from the WireGuard interface: what clients send; a packet
-                      without a mark jumps to tiers_in, then the quotas
-    chain tiers_out, limits_out   the same in postrouting, into the interface: what clients receive
+                      without a mark jumps to plans_in
+    chain plans_out, limits_out   the same in postrouting, into the interface: what clients receive
 
-A packet of a tiered address costs two lookups whatever the number of
-tiers: the address in the tier map (the tier lands in the packet's mark)
-and the mark in the rule's own verdict map of the tiers in use; the
-tier's chain puts the mark back to 0 before its meter.  The dispatch is a
-chain of its own that ends by putting the mark back to 0 too, for the
-packet whose mark found no tier: while a commit replaces the table, the
-kernel's lookups see set elements of the new generation while a packet
-walks the old rules, and without that last rule a packet could leave the
-chains with the tier in its mark (1-3 packets in 1,040,000 under a whole
-rewrite every ~40 ms; none with it: docs/benchmarks.md).  Before, each tier
-in use had a set of addresses and a rule per family, and a packet looked
-in every set until its own: with six tiers a packet of the last one paid
-twelve rules (bench/tier_rules.py measures both layouts).  Not a verdict
-map from address to jump (one lookup): adding an element with a jump
-makes the kernel check the whole table for loops at the commit, every
-element of the map included (2.2 ms of system time per change at 40,000
-addresses, against 0.09 ms for an element of the tier map).  The mark is
-scratch only on packets that carry none: the node marks nothing, and a
-packet an operator's own rules marked keeps its mark and is not held to a
-tier (docs/operations.md).
+A packet of a limited address costs two lookups whatever the number of
+tiers: the address in the plan map (the plan lands in the packet's mark)
+and the mark's tier in the rule's own verdict map of the tiers in use
+(the quota-only chain under 0); a packet of an address without a plan
+costs one (a miss).  The quota is looked up only for the addresses that
+have one (the mark's QUOTA_BIT): before, every packet of the interface
+paid the quota maps' lookup too, about 5% of the forwarding rate
+(bench/tier_rules.py).  Earlier still, each tier in use had a set of
+addresses and a rule per family, and a packet looked in every set until
+its own: with six tiers a packet of the last one paid twelve rules.  Not
+a verdict map from address to jump (one lookup): adding an element with a
+jump makes the kernel check the whole table for loops at the commit,
+every element of the map included (2.2 ms of system time per change at
+40,000 addresses, against 0.09 ms for an element of the plan map).
+
+The mark is scratch only on packets that carry none: the node marks
+nothing, and a packet an operator's own rules marked keeps its mark and
+is not held to a plan (docs/operations.md).  Every chain a dispatched
+packet can leave puts the mark back to 0, the dispatch itself last, for
+the packet whose mark found no chain: while a commit replaces the table,
+the kernel's lookups see set elements of the new generation while a
+packet walks the old rules, and without that last rule a packet could
+leave the chains with its plan in its mark (1-3 packets in 1,040,000
+under a whole rewrite every ~40 ms; none with it: docs/benchmarks.md).
 
 Speed tier: each address of a tiered user (IPv4 and IPv6) has its own
 bucket of R Mbit/s of IP packets in each direction, so every device of the
@@ -82,6 +89,7 @@ METER_TIMEOUT = "1m"    # an idle address's bucket goes (it comes back full)
 BURST_SECONDS = 0.2     # what a bucket holds beyond its one second of rate (nft adds that), at least MIN_BURST
 MIN_BURST = 65536
 QUOTA_SIZE = 24         # hex digits of the hash in a quota's name
+QUOTA_BIT = 0x80000000  # in a plan's mark: the address has a quota (a tier is at most 100,000: 17 bits)
 KERNEL_SHARE = (25, 26)  # the kernel's quota object holds 25/26 (1/1.04) of the usage's bytes (see above)
 
 
@@ -115,6 +123,13 @@ class View:
     @property
     def rates(self):
         return frozenset(self.tiers.values())
+
+    def marks(self):
+        """{address: its plan's mark}: the tier (0: none), with QUOTA_BIT when the address has a quota."""
+        marks = dict(self.tiers)
+        for address in self.quota_of:
+            marks[address] = marks.get(address, 0) | QUOTA_BIT
+        return marks
 
     @property
     def empty(self):
@@ -223,7 +238,8 @@ def objects(v):
     for name, (over, used) in sorted(v.quotas.items()):
         lines += ["\tquota %s {" % name, "\t\tover %d bytes%s" % (over, " used %d bytes" % used if used else ""),
                   "\t}", ""]
-    maps = [("tier%d" % f, "mark", [(a, r) for a, r in v.tiers.items() if _family(a) == f]) for f in (4, 6)]
+    marks = v.marks()
+    maps = [("plan%d" % f, "mark", [(a, _mark(m)) for a, m in marks.items() if _family(a) == f]) for f in (4, 6)]
     maps += [("quota%d" % f, "quota", [(a, '"%s"' % n) for a, n in v.quota_of.items() if _family(a) == f])
              for f in (4, 6)]
     for name, kind, pairs in maps:
@@ -241,30 +257,35 @@ def objects(v):
     return lines
 
 
+def _mark(value):
+    return "0x%08x" % value if value & QUOTA_BIT else str(value)
+
+
 def chains(v, ifname):
-    """Each tier's meters and the dispatch to them (while a tier is in use), then the two hooked chains:
-    the dispatch, then the quotas."""
+    """Each tier's chain and the quota's, the dispatch to them, then the two hooked chains."""
     lines = []
     for _, _, _, key, d in HOOKS:
-        for rate in sorted(v.rates):
-            for f, ip in ((4, "ip"), (6, "ip6")):
-                lines += ["\tchain tier_%d_%s%d {" % (rate, d, f),
-                          "\t\tmeta mark set 0 update @rate_%d_%s%d { %s %s limit rate over %d bytes/second burst %d "
-                          "bytes } drop" % (rate, d, f, ip, key, rate * 125000, burst(rate)), "\t}", ""]
-    for name, _, _, key, d in HOOKS if v.rates else ():
-        lines.append("\tchain tiers_%s {" % name)
         for f, ip in ((4, "ip"), (6, "ip6")):
-            gotos = ", ".join("%d : goto tier_%d_%s%d" % (rate, rate, d, f) for rate in sorted(v.rates))
-            lines.append("\t\tmeta mark set %s %s map @tier%d meta mark vmap { %s }" % (ip, key, f, gotos))
+            quota = "quota name %s %s map @quota%d drop" % (ip, key, f)
+            for rate in sorted(v.rates):
+                lines += ["\tchain tier_%d_%s%d {" % (rate, d, f),
+                          "\t\tupdate @rate_%d_%s%d { %s %s limit rate over %d bytes/second burst %d bytes } drop"
+                          % (rate, d, f, ip, key, rate * 125000, burst(rate)),
+                          "\t\tmeta mark & 0x%08x != 0 meta mark set 0 %s" % (QUOTA_BIT, quota),
+                          "\t\tmeta mark set 0", "\t}", ""]
+            lines += ["\tchain quota_%s%d {" % (d, f), "\t\tmeta mark set 0 %s" % quota, "\t}", ""]
+    for name, _, _, key, d in HOOKS:
+        lines.append("\tchain plans_%s {" % name)
+        for f, ip in ((4, "ip"), (6, "ip6")):
+            gotos = ", ".join(["0 : goto quota_%s%d" % (d, f)] +
+                              ["%d : goto tier_%d_%s%d" % (rate, rate, d, f) for rate in sorted(v.rates)])
+            lines.append("\t\tmeta mark set %s %s map @plan%d meta mark & 0x%08x vmap { %s }"
+                         % (ip, key, f, QUOTA_BIT - 1, gotos))
         lines += ["\t\tmeta mark set 0", "\t}", ""]
     for name, hook, match, key, d in HOOKS:
         lines += ["\tchain limits_%s {" % name,
-                  "\t\ttype filter hook %s priority filter; policy accept;" % hook]
-        if v.rates:
-            lines.append('\t\t%s "%s" meta mark 0 jump tiers_%s' % (match, ifname, name))
-        for f, ip in ((4, "ip"), (6, "ip6")):
-            lines.append('\t\t%s "%s" quota name %s %s map @quota%d drop' % (match, ifname, ip, key, f))
-        lines += ["\t}", ""]
+                  "\t\ttype filter hook %s priority filter; policy accept;" % hook,
+                  '\t\t%s "%s" meta mark 0 jump plans_%s' % (match, ifname, name), "\t}", ""]
     return lines
 
 
@@ -273,13 +294,15 @@ def delta(table, old, new):
     changed): element and quota changes in one transaction; None when nothing changes.  Only where the
     table need not be written whole (Firewall.set_limits)."""
     removes, adds = [], []
-    for address in _sorted(set(old.tiers) | set(new.tiers)):
-        was, now = old.tiers.get(address), new.tiers.get(address)
+    old_marks, new_marks = old.marks(), new.marks()
+    for address in _sorted(set(old_marks) | set(new_marks)):
+        was, now = old_marks.get(address), new_marks.get(address)
         if was != now:
             if was is not None:
-                removes.append("delete element inet %s tier%d { %s }" % (table, _family(address), address))
+                removes.append("delete element inet %s plan%d { %s }" % (table, _family(address), address))
             if now is not None:
-                adds.append("add element inet %s tier%d { %s : %d }" % (table, _family(address), address, now))
+                adds.append("add element inet %s plan%d { %s : %s }" % (table, _family(address), address,
+                                                                        _mark(now)))
     for address in _sorted(set(old.quota_of) | set(new.quota_of)):
         was, now = old.quota_of.get(address), new.quota_of.get(address)
         if was != now:

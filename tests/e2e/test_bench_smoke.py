@@ -109,7 +109,7 @@ def test_usage_smoke(tmp_path):
     for mode in ("none", "tiers"):
         assert result[mode]["median_down_mbps"] > 0 and result[mode]["median_up_mbps"] > 0, mode
         assert result[mode]["errors"] == 0 and result[mode]["p99_ms"] is not None, mode
-    # Every seeded user and the forwarding client, IPv4 and IPv6, in the tier maps; five plans and the line.
+    # Every seeded user and the forwarding client, IPv4 and IPv6, in the plan maps; five plans and the line.
     assert result["nft_table"]["elements"] >= 2 * 51 and result["nft_table"]["tiers"] == 6
     assert result["collector"]["on"]["interval_s"] == 2.0 and result["collector"]["off"]["interval_s"] == 0
 

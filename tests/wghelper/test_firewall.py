@@ -711,7 +711,7 @@ def test_a_new_tier_writes_the_table_whole_with_the_isolation_rules(tmp_path):
     fw.set_limits([({"u2": tier("10.8.0.3", rate=50)}, False)])
     assert runner.calls == [["ip", "-o", "address", "show"], ["nft", "-f", "-"]]  # an uplink: no sysctl to read
     written = runner.stdins[-1][1]
-    assert "vmap { 20 : goto tier_20_up4, 50 : goto tier_50_up4 }" in written and "chain from_clients" in written
+    assert "vmap { 0 : goto quota_up4, 20 : goto tier_20_up4, 50 : goto tier_50_up4 }" in written and "chain from_clients" in written
     # The last limit gone: the table stays for the uplink, without the limits part.
     fw.set_limits([({}, True)])
     assert runner.stdins[-1][1] == SCRIPT_V4
@@ -767,7 +767,7 @@ def test_an_element_update_that_fails_falls_back_to_the_whole_table(tmp_path):
     runner.clear()
     fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3")}, False)])
     assert runner.calls == [["nft", "-f", "-"], ["ip", "-o", "address", "show"], ["nft", "-f", "-"]]
-    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20, 10.8.0.3 : 20 }\n" in \
+    assert "\tmap plan4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20, 10.8.0.3 : 20 }\n" in \
         runner.nft_tables["inet orbmesh"]
 
 
@@ -778,5 +778,5 @@ def test_limits_come_back_after_the_interface_is_made_again_without_nat(tmp_path
     fw.set_limits([({"u1": tier("10.8.0.2")}, False)])
     runner.nft_tables.clear()
     fw.reapply()
-    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20 }\n" in runner.nft_tables["inet orbmesh"]
+    assert "\tmap plan4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20 }\n" in runner.nft_tables["inet orbmesh"]
     assert not any(c[:2] == ["sysctl", "-w"] for c in runner.calls)  # no uplink: forwarding untouched

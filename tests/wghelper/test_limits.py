@@ -26,12 +26,12 @@ table inet orbmesh {
 \t\tover 48076923 bytes used 961 bytes
 \t}
 
-\tmap tier4 {
+\tmap plan4 {
 \t\ttype ipv4_addr : mark
-\t\telements = { 10.8.0.2 : 20, 10.8.0.10 : 20 }
+\t\telements = { 10.8.0.2 : 20, 10.8.0.3 : 0x80000000, 10.8.0.10 : 20 }
 \t}
 
-\tmap tier6 {
+\tmap plan6 {
 \t\ttype ipv6_addr : mark
 \t\telements = { fd00:8::2 : 20 }
 \t}
@@ -74,48 +74,65 @@ table inet orbmesh {
 \t}
 
 \tchain tier_20_up4 {
-\t\tmeta mark set 0 update @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
-\t}
-
-\tchain tier_20_up6 {
-\t\tmeta mark set 0 update @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 500000 bytes } \
-drop
-\t}
-
-\tchain tier_20_down4 {
-\t\tmeta mark set 0 update @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 500000 bytes } \
-drop
-\t}
-
-\tchain tier_20_down6 {
-\t\tmeta mark set 0 update @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 500000 bytes } \
-drop
-\t}
-
-\tchain tiers_in {
-\t\tmeta mark set ip saddr map @tier4 meta mark vmap { 20 : goto tier_20_up4 }
-\t\tmeta mark set ip6 saddr map @tier6 meta mark vmap { 20 : goto tier_20_up6 }
+\t\tupdate @rate_20_up4 { ip saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t\tmeta mark & 0x80000000 != 0 meta mark set 0 quota name ip saddr map @quota4 drop
 \t\tmeta mark set 0
 \t}
 
-\tchain tiers_out {
-\t\tmeta mark set ip daddr map @tier4 meta mark vmap { 20 : goto tier_20_down4 }
-\t\tmeta mark set ip6 daddr map @tier6 meta mark vmap { 20 : goto tier_20_down6 }
+\tchain quota_up4 {
+\t\tmeta mark set 0 quota name ip saddr map @quota4 drop
+\t}
+
+\tchain tier_20_up6 {
+\t\tupdate @rate_20_up6 { ip6 saddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t\tmeta mark & 0x80000000 != 0 meta mark set 0 quota name ip6 saddr map @quota6 drop
+\t\tmeta mark set 0
+\t}
+
+\tchain quota_up6 {
+\t\tmeta mark set 0 quota name ip6 saddr map @quota6 drop
+\t}
+
+\tchain tier_20_down4 {
+\t\tupdate @rate_20_down4 { ip daddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t\tmeta mark & 0x80000000 != 0 meta mark set 0 quota name ip daddr map @quota4 drop
+\t\tmeta mark set 0
+\t}
+
+\tchain quota_down4 {
+\t\tmeta mark set 0 quota name ip daddr map @quota4 drop
+\t}
+
+\tchain tier_20_down6 {
+\t\tupdate @rate_20_down6 { ip6 daddr limit rate over 2500000 bytes/second burst 500000 bytes } drop
+\t\tmeta mark & 0x80000000 != 0 meta mark set 0 quota name ip6 daddr map @quota6 drop
+\t\tmeta mark set 0
+\t}
+
+\tchain quota_down6 {
+\t\tmeta mark set 0 quota name ip6 daddr map @quota6 drop
+\t}
+
+\tchain plans_in {
+\t\tmeta mark set ip saddr map @plan4 meta mark & 0x7fffffff vmap { 0 : goto quota_up4, 20 : goto tier_20_up4 }
+\t\tmeta mark set ip6 saddr map @plan6 meta mark & 0x7fffffff vmap { 0 : goto quota_up6, 20 : goto tier_20_up6 }
+\t\tmeta mark set 0
+\t}
+
+\tchain plans_out {
+\t\tmeta mark set ip daddr map @plan4 meta mark & 0x7fffffff vmap { 0 : goto quota_down4, 20 : goto tier_20_down4 }
+\t\tmeta mark set ip6 daddr map @plan6 meta mark & 0x7fffffff vmap { 0 : goto quota_down6, 20 : goto tier_20_down6 }
 \t\tmeta mark set 0
 \t}
 
 \tchain limits_in {
 \t\ttype filter hook prerouting priority filter; policy accept;
-\t\tiifname "wgt0" meta mark 0 jump tiers_in
-\t\tiifname "wgt0" quota name ip saddr map @quota4 drop
-\t\tiifname "wgt0" quota name ip6 saddr map @quota6 drop
+\t\tiifname "wgt0" meta mark 0 jump plans_in
 \t}
 
 \tchain limits_out {
 \t\ttype filter hook postrouting priority filter; policy accept;
-\t\toifname "wgt0" meta mark 0 jump tiers_out
-\t\toifname "wgt0" quota name ip daddr map @quota4 drop
-\t\toifname "wgt0" quota name ip6 daddr map @quota6 drop
+\t\toifname "wgt0" meta mark 0 jump plans_out
 \t}
 }
 """ % {"qa": QA}
@@ -176,9 +193,10 @@ def test_exact_limits_part_without_nat():
 def test_limits_go_around_the_isolation_chains():
     table = firewall.render(settings(nat_uplink="up0"), limits=limits.view(PLANS))
     chains = [line.split()[1] for line in table.splitlines() if line.startswith("\tchain ")]
-    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "tier_20_up4", "tier_20_up6",
-                      "tier_20_down4", "tier_20_down6", "tiers_in", "tiers_out", "limits_in", "limits_out"]
-    assert table.index("\tquota ") < table.index("\tmap tier4") < table.index("\tchain postrouting")
+    assert chains == ["postrouting", "input", "forward", "to_node", "from_clients", "tier_20_up4", "quota_up4",
+                      "tier_20_up6", "quota_up6", "tier_20_down4", "quota_down4", "tier_20_down6", "quota_down6",
+                      "plans_in", "plans_out", "limits_in", "limits_out"]
+    assert table.index("\tquota ") < table.index("\tmap plan4") < table.index("\tchain postrouting")
     # Without limits, the table is the one it always was.
     assert firewall.render(settings(nat_uplink="up0"), limits=limits.view({})) == firewall.render(
         settings(nat_uplink="up0"))
@@ -187,22 +205,30 @@ def test_limits_go_around_the_isolation_chains():
 def test_each_tier_has_its_meters_and_one_dispatch_rule_per_family_and_way():
     v = limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5), "b": Plan(("10.8.0.3",), rate_mbps=100000)})
     table = firewall.render(settings(), limits=v)
-    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 5, 10.8.0.3 : 100000 }" in table
-    assert ('\tchain tiers_out {\n\t\tmeta mark set ip daddr map @tier4 meta mark vmap { 5 : goto tier_5_down4, '
-            '100000 : goto tier_100000_down4 }') in table
-    assert 'oifname "wgt0" meta mark 0 jump tiers_out' in table
-    assert "\tchain tier_100000_down4 {\n\t\tmeta mark set 0 update @rate_100000_down4 { ip daddr limit rate" in table
+    assert "\tmap plan4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 5, 10.8.0.3 : 100000 }" in table
+    assert ('\tchain plans_out {\n\t\tmeta mark set ip daddr map @plan4 meta mark & 0x7fffffff vmap '
+            '{ 0 : goto quota_down4, 5 : goto tier_5_down4, 100000 : goto tier_100000_down4 }') in table
+    assert 'oifname "wgt0" meta mark 0 jump plans_out' in table
+    assert "\tchain tier_100000_down4 {\n\t\tupdate @rate_100000_down4 { ip daddr limit rate" in table
     assert "limit rate over 625000 bytes/second burst 125000 bytes" in table
     assert "limit rate over 12500000000 bytes/second burst 2500000000 bytes" in table
     assert limits.burst(1) == 65536  # the smallest
     assert table.count("\tset rate_") == 8 and table.count("\tchain tier_") == 8
-    assert table.count("meta mark vmap") == 4  # two ways, two families: not one rule per tier
-    # A packet whose mark found no tier (a commit under way) leaves the dispatch without one.
-    assert table.count("\t\tmeta mark set 0\n\t}") == 2
-    # Only quotas: no tier rules and no meters, the (empty) tier maps stay.
+    assert table.count("vmap") == 4  # two ways, two families: not one rule per tier
+    # Every chain a packet can leave with its plan in the mark ends by putting it back to 0: each tier's,
+    # and the dispatch's (a mark that found no chain: a commit under way).
+    assert table.count("\t\tmeta mark set 0\n\t}") == 8 + 2
+    # Only quotas: no tier chains and no meters; the quota is looked up only for its addresses.
     only = firewall.render(settings(), limits=limits.view({"a": Plan(("10.8.0.2",), quota=5)}))
-    assert "meta mark" not in only and "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t}" in only
-    assert only.count("quota name") == 4 and table.count("quota name") == 4
+    assert "\tchain tier_" not in only and "\tset rate_" not in only
+    assert "\tmap plan4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 0x80000000 }" in only
+    assert "vmap { 0 : goto quota_down4 }" in only and only.count("quota name") == 4
+    # A tier with a quota: the meter first, then the quota for the marks that carry its bit.
+    both = firewall.render(settings(), limits=limits.view({"a": Plan(("10.8.0.2",), rate_mbps=5, quota=5)}))
+    assert "elements = { 10.8.0.2 : 0x80000005 }" in both
+    assert ("\tchain tier_5_down4 {\n\t\tupdate @rate_5_down4 { ip daddr limit rate over 625000 bytes/second burst "
+            "125000 bytes } drop\n\t\tmeta mark & 0x80000000 != 0 meta mark set 0 quota name ip daddr map @quota4 "
+            "drop\n\t\tmeta mark set 0\n\t}") in both
 
 
 # --- deltas ---------------------------------------------------------------------------
@@ -211,7 +237,7 @@ def test_a_new_device_of_a_tiered_user_is_one_element_add():
     old = limits.view(PLANS)
     new = limits.view(dict(PLANS, bob=Plan(PLANS["bob"].addresses + ("10.8.0.11",), rate_mbps=20)))
     assert limits.delta("orbmesh", old, new) == (
-        "add element inet orbmesh tier4 { 10.8.0.11 : 20 }\n")
+        "add element inet orbmesh plan4 { 10.8.0.11 : 20 }\n")
     assert limits.delta("orbmesh", new, new) is None
 
 
@@ -223,6 +249,7 @@ def test_a_new_period_replaces_the_quota_object():
         "delete element inet orbmesh quota4 { 10.8.0.3 }\n"
         "delete quota inet orbmesh %s\n"
         "add quota inet orbmesh %s { over 48076923 bytes used 0 bytes }\n"
+        "add element inet orbmesh plan6 { fd00:8::3 : 0x80000000 }\n"
         'add element inet orbmesh quota4 { 10.8.0.3 : "%s" }\n'
         'add element inet orbmesh quota6 { fd00:8::3 : "%s" }\n' % (QA, q1, q1, q1))
 
@@ -230,16 +257,16 @@ def test_a_new_period_replaces_the_quota_object():
 def test_a_user_leaving_a_tier_that_others_keep():
     old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20)))
     assert limits.delta("orbmesh", old, limits.view(PLANS)) == (
-        "delete element inet orbmesh tier4 { 10.8.0.7 }\n")
+        "delete element inet orbmesh plan4 { 10.8.0.7 }\n")
 
 
 def test_a_device_moving_to_another_tier_in_use_changes_its_element():
     old = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=50)))
     new = limits.view(dict(PLANS, carol=Plan(("10.8.0.7",), rate_mbps=20), dave=Plan(("10.8.0.8",), rate_mbps=50)))
     assert limits.delta("orbmesh", old, new) == (
-        "delete element inet orbmesh tier4 { 10.8.0.7 }\n"
-        "add element inet orbmesh tier4 { 10.8.0.7 : 20 }\n"
-        "add element inet orbmesh tier4 { 10.8.0.8 : 50 }\n")
+        "delete element inet orbmesh plan4 { 10.8.0.7 }\n"
+        "add element inet orbmesh plan4 { 10.8.0.7 : 20 }\n"
+        "add element inet orbmesh plan4 { 10.8.0.8 : 50 }\n")
 
 
 def test_carried_keeps_what_the_kernel_counted():
@@ -291,7 +318,7 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
     second = limits.view(more)
     listed = _in_fresh_netns(tmp_path, firewall.script(s, limits=first), limits.delta("orbmesh", first, second))
     members = {item["map"]["name"]: item["map"].get("elem", []) for item in listed if "map" in item}
-    assert members["tier4"] == [["10.8.0.2", 20], ["10.8.0.10", 20], ["10.8.0.11", 20]]
+    assert members["plan4"] == [["10.8.0.2", 20], ["10.8.0.3", 0x80000000], ["10.8.0.10", 20], ["10.8.0.11", 20]]
     quotas = {item["quota"]["name"]: item["quota"] for item in listed if "quota" in item}
     assert list(quotas) == [limits.quota_name("alice", more["alice"])]
     assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 48_076_923

@@ -115,7 +115,7 @@ def test_status_dumps_feed_the_usage_samples(helper):
 def test_limits_command_writes_the_table(helper):
     got = helper.result("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "rate_mbps": 20}]})
     assert got == {"users": 1, "addresses": 1, "tiers": [20], "quotas": 0}
-    assert "\tmap tier4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20 }\n" in \
+    assert "\tmap plan4 {\n\t\ttype ipv4_addr : mark\n\t\telements = { 10.8.0.2 : 20 }\n" in \
         helper.runner.nft_tables["inet orbmesh"]
     assert "u1" not in helper.runner.nft_tables["inet orbmesh"]  # no user id in the table
     reply = helper.call("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.1"], "rate_mbps": 20}]})
