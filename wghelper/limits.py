@@ -41,7 +41,7 @@ packet can leave puts the mark back to 0, the dispatch itself last, for
 the packet whose mark found no chain: while a commit replaces the table,
 the kernel's lookups see set elements of the new generation while a
 packet walks the old rules, and without that last rule a packet could
-leave the chains with its plan in its mark (1-3 packets in 1,040,000
+leave the chains with its plan in its mark (0-3 packets in ~1,040,000 per run
 under a whole rewrite every ~40 ms; none with it: docs/benchmarks.md).
 
 Speed tier: each address of a tiered user (IPv4 and IPv6) has its own

@@ -212,7 +212,7 @@ def test_a_20_mbit_tier_each_way_while_an_untiered_user_runs_at_full_rate(topo):
 
 def test_no_packet_leaves_the_tier_chains_marked_while_the_table_is_rewritten(netns):
     """A whole rewrite under a flood: packets walking the old rules meet the new generation's elements.
-    The tier rules alone (the helper's renderer) on a router between two namespaces; 1-3 packets of a
+    The tier rules alone (the helper's renderer) on a router between two namespaces; 0-3 packets of a
     million left marked with the dispatch in the hooked chain (the layout before, docs/benchmarks.md)."""
     client, router, server = netns("mkc"), netns("mkr"), netns("mks")
     _, towards_client = veth(client, "10.8.200.2/24", router, "10.8.200.1/24")
