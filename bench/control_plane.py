@@ -28,10 +28,14 @@ and workers, wireguard-go) over the open-loop phase, divided by the
 cycles completed.
 
 --base DIR runs the same on a second checkout (its own .venv) in its own
-namespaces, run by run interleaved with ours: the A/B of a change
+namespaces, run by run interleaved with ours (each side first in turn): the A/B of a change
 measured back to back on one machine.  The "panel" baseline of earlier
 versions (whole-file `wg syncconf` per change) is gone: it measured
 throughput, which the open loop does not chase.
+
+--tiers gives every user a speed tier after seeding (bench/usage.py's
+set_tiers), so that each connect and disconnect also changes the helper's
+nftables table: the A/B of a change to the limits path.
 """
 import json
 import os
@@ -329,6 +333,9 @@ def main(argv=None):
                    help="another checkout (with its .venv) to measure back to back, e.g. the current main")
     p.add_argument("--no-reads", action="store_true",
                    help="no /wireguard/status and /health polling during the open loop (as before issue 27)")
+    p.add_argument("--tiers", action="store_true",
+                   help="every user with a speed tier (bench/usage.py's plans), so each connect and disconnect "
+                        "also changes the helper's nftables table")
     p.add_argument("--ipv6-forwarding", choices=("on", "off"), default="on",
                    help="the server namespace's IPv6 forwarding (off: clients get no IPv6, as before issue 23)")
     args = p.parse_args(argv)
@@ -343,7 +350,7 @@ def main(argv=None):
         sides["base"] = args.base
     result = {"benchmark": NAME, "smoke": smoke, "clients": clients, "duration_s": duration, "runs": runs,
               "base": str(args.base) if args.base else None, "reads": not args.no_reads,
-              "ipv6_forwarding": args.ipv6_forwarding, "levels": {}}
+              "ipv6_forwarding": args.ipv6_forwarding, "tiers": args.tiers, "levels": {}}
     with common.Lab() as lab:
         stacks = {name: make_stack(lab, root, tag=name[0]) for name, root in sides.items()}
         for stack in stacks.values():
@@ -355,11 +362,15 @@ def main(argv=None):
             entry = {}
             for name, stack in stacks.items():
                 entry[name + "_seed_sync_s"] = round(seed(stack, level), 2)
+                if args.tiers:
+                    from bench.usage import set_tiers  # it imports this module
+                    entry[name + "_tiers_s"] = round(set_tiers(stack, True), 2)
                 # A node's status is asked all the time; the first ask after seeding waits for a dump.
                 writer_counters(stack)
             per_side = {name: [] for name in stacks}
-            for run in range(runs):  # interleaved, so both sides see the same noise
-                for name, got in measure(stacks, clients, duration, level, run, reads=not args.no_reads).items():
+            for run in range(runs):  # interleaved, each side first in turn, so both see the same noise
+                order = stacks if run % 2 == 0 else dict(reversed(stacks.items()))
+                for name, got in measure(order, clients, duration, level, run, reads=not args.no_reads).items():
                     per_side[name].append(got)
             for name, stack in stacks.items():
                 entry[name] = aggregate(per_side[name])

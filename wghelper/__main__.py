@@ -18,7 +18,6 @@ from .errors import CommandFailed, ConfigError
 from .firewall import STATE_FILE, Firewall
 from .handlers import Context
 from .interface import Interface
-from .limits import Writer as LimitsWriter
 from .server import Server
 from .usage import Samples, read_boot_id
 from .writer import Writer
@@ -47,7 +46,7 @@ def main(argv=None):
 
 
 def run(cfg, cmd, firewall):
-    server = iface = writer = limits = None
+    server = iface = writer = None
     stopping = []
 
     def on_signal(signum, _frame):
@@ -72,12 +71,10 @@ def run(cfg, cmd, firewall):
         iface.up()
         firewall.forward()
         iface.on_up = firewall.reapply
-        writer = Writer(cmd, cfg.interface)
+        writer = Writer(cmd, cfg.interface, firewall)
         writer.start()
-        limits = LimitsWriter(firewall)
-        limits.start()
         iface.start_watcher()
-        server = Server(cfg, Context(cfg, cmd, iface, writer, public_key, bridges=bridges, limits=limits,
+        server = Server(cfg, Context(cfg, cmd, iface, writer, public_key, bridges=bridges,
                                      samples=Samples(read_boot_id())))
         server.bind()
         if stopping:
@@ -90,7 +87,7 @@ def run(cfg, cmd, firewall):
     finally:
         if server is not None:
             server.close()
-        for part in (limits, writer, iface):
+        for part in (writer, iface):
             if part is not None:
                 part.stop()
     return code

@@ -194,6 +194,7 @@ class Deadlines:
         """Call expire() in `seconds` unless forget(key) comes first; returns the key."""
         with self._cond:
             if self._thread is None:
+                # Its own thread because the runs it guards block their callers in the wait for the child.
                 self._thread = threading.Thread(target=self._loop, name="run-deadlines", daemon=True)
                 self._thread.start()
             key = next(self._keys)

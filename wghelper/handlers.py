@@ -25,7 +25,6 @@ class Context:
     public_key: str
     status_cache: StatusCache = field(default_factory=StatusCache)
     bridges: object = None  # wghelper/bridge.py Bridges; None in tests that need none
-    limits: object = None   # wghelper/limits.py Writer; None in tests that need none
     samples: object = None  # wghelper/usage.py Samples; None in tests that need none
 
 
@@ -137,16 +136,14 @@ def bridge_rules(ctx, args):
 
 
 def limits(ctx, args):
-    if ctx.limits is None:
-        raise HelperError(protocol.INTERFACE_DOWN, "limits are not available in this helper")
-    return ctx.limits.submit(args["users"], args["replace"])
+    return ctx.writer.set_limits(args["users"], args["replace"])
 
 
 def usage(ctx, args):
     if ctx.samples is None:
         raise HelperError(protocol.INTERFACE_DOWN, "usage is not available in this helper")
     dump = lambda: (_epoch(ctx), _peers_now(ctx))  # noqa: E731
-    over = ctx.limits.firewall.over_quota if ctx.limits is not None else None
+    over = ctx.writer.firewall.over_quota if ctx.writer.firewall is not None else None
     return _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"], over))
 
 

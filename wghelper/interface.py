@@ -211,6 +211,8 @@ class Interface:
                 except Exception:
                     log.exception("interface watcher failed; it keeps running")
 
+        # Its own thread because check() blocks: `ip link show` every tick, `ip link add` and `wg setconf` to
+        # re-create the interface.
         self._watcher = threading.Thread(target=watch, name="wg-watcher", daemon=True)
         self._watcher.start()
 

@@ -77,11 +77,7 @@ believes is written stays what it was.
 """
 import hashlib
 import socket
-import threading
 from dataclasses import dataclass
-
-from . import protocol
-from .errors import HelperError
 
 HOOKS = (("in", "prerouting", "iifname", "saddr", "up"), ("out", "postrouting", "oifname", "daddr", "down"))
 METER_SIZE = 65535      # a bucket for every address of a /16 pool
@@ -342,86 +338,3 @@ def used_up(plans, written, counted):
                   and (name := quota_name(user, plan)) in written.quotas and name in counted
                   and counted[name] >= written.quotas[name][0])
 
-
-class Writer:
-    """One thread applies the waiting ``limits`` requests together (Firewall.set_limits).
-
-    A connect of a tiered user names its new address (app/peers/usage.py Pusher);
-    under a burst of connects the requests that wait together cost one nft
-    run.  Each request waits for its own answer; when
-    a merged run fails, the requests are applied one by one so that only
-    the bad one fails.
-    """
-
-    def __init__(self, firewall):
-        self.firewall = firewall
-        self._cond = threading.Condition()
-        self._queue = []
-        self._stopping = False
-        self._thread = None
-
-    def start(self):
-        self._thread = threading.Thread(target=self._loop, name="limits-writer", daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        with self._cond:
-            pending, self._queue = self._queue, []
-        for job in pending:
-            job.finish(error=stopped())
-
-    def submit(self, users, replace=False):
-        job = _Job(users, replace)
-        with self._cond:
-            if self._stopping or self._thread is None:
-                raise stopped()
-            self._queue.append(job)
-            self._cond.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def _loop(self):
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                batch, self._queue = self._queue, []
-            try:
-                result = self.firewall.set_limits([(job.users, job.replace) for job in batch])
-            except Exception as exc:
-                if len(batch) == 1:
-                    batch[0].finish(error=exc)
-                    continue
-                for job in batch:
-                    try:
-                        job.finish(result=self.firewall.set_limits([(job.users, job.replace)]))
-                    except Exception as single:
-                        job.finish(error=single)
-                continue
-            for job in batch:
-                job.finish(result=result)
-
-
-class _Job:
-    def __init__(self, users, replace):
-        self.users, self.replace = users, replace
-        self.done = threading.Event()
-        self.result = self.error = None
-
-    def finish(self, result=None, error=None):
-        self.result, self.error = result, error
-        self.done.set()
-
-
-def stopped():
-    return HelperError(protocol.INTERFACE_DOWN, "the helper is stopping")

@@ -114,6 +114,8 @@ class Server:
                 log.warning("refusing a connection: %d already open", self.settings.helper_max_connections)
                 conn.close()
                 continue
+            # A thread per connection because its requests block: on the writer's round, a dump, a bridge's
+            # `ip` and `wg` runs.
             threading.Thread(target=self._serve, args=(conn,), name="wg-conn", daemon=True).start()
 
     def _serve(self, conn):

@@ -59,6 +59,7 @@ class StatusCache:
         stale = self._fresh(key, max_age) if value is None else None
         if stale is not None and not self._background:
             self._background = True  # a second thread starting too only costs one more dump
+            # Its own thread because the dump blocks (1 s at 60,000 peers) and the stale value answers meanwhile.
             threading.Thread(target=self._refresh, args=(key, compute), name="status-refresh", daemon=True).start()
         value = value if value is not None else stale
         if value is not None:

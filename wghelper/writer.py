@@ -1,9 +1,11 @@
-"""One thread makes every peer change, merging queued requests.
+"""One thread makes every change the helper's commands ask for, merging queued requests.
 
 Each ``wg set`` is a fork+exec and, with wireguard-go, a full UAPI
 round-trip; a burst of 500 device registrations becomes one or a few calls
-instead of 500.  Requests block until their own job is done, and a merged
-call that fails is retried job by job so each request gets its own answer.
+instead of 500.  The ``limits`` requests that wait in the same round become
+one nft run (Firewall.set_limits).  Requests block until their own job is
+done, and a merged call that fails is retried job by job so each request
+gets its own answer.
 """
 import collections
 import logging
@@ -36,6 +38,14 @@ class Job:
         return {"removed": len(self.removes), "applied": len(self.adds)}
 
 
+class LimitsJob(Job):
+    """A ``limits`` request: the users' plans, for Firewall.set_limits; no peer changes."""
+
+    def __init__(self, users, replace):
+        super().__init__()
+        self.users, self.replace = users, replace
+
+
 def merge(jobs):
     """Merge jobs into (removes, adds), the last operation on a key winning."""
     ops = {}
@@ -47,9 +57,10 @@ def merge(jobs):
 
 
 class Writer:
-    def __init__(self, cmd, ifname):
+    def __init__(self, cmd, ifname, firewall=None):
         self.cmd = cmd
         self.ifname = ifname
+        self.firewall = firewall  # wghelper/firewall.py Firewall, for limits; None in tests that need none
         self.wg_set_calls = 0
         self.version = 0  # bumped after every wg set has finished, failed or not (statuscache.py)
         self.jobs_applied = 0
@@ -69,6 +80,7 @@ class Writer:
         self._thread = None
 
     def start(self):
+        # A thread of its own because what it runs blocks: `wg set` (fork, exec, wait) and nft's commit.
         self._thread = threading.Thread(target=self._loop, name="wg-writer", daemon=True)
         self._thread.start()
 
@@ -100,6 +112,12 @@ class Writer:
         """
         return self._submit(Job(plan=plan))
 
+    def set_limits(self, users, replace=False):
+        """Firewall.set_limits for one ``limits`` request, merged with those waiting beside it."""
+        if self.firewall is None:
+            raise HelperError(protocol.INTERFACE_DOWN, "limits are not available in this helper")
+        return self._submit(LimitsJob(users, replace))
+
     def _submit(self, job):
         with self._cond:
             if self._stopping or self._thread is None:
@@ -127,7 +145,7 @@ class Writer:
                     self._run_planned(batch[0])
                     break
                 size = next((i for i, job in enumerate(batch) if job.plan), len(batch))
-                self._run_group(batch[:size])
+                self._run_round(batch[:size])
                 batch = batch[size:]
 
     def _plain_waiting(self):
@@ -151,7 +169,7 @@ class Writer:
                 self._apply([k for k, op in part if op is None], [op for _, op in part if op is not None])
                 waiting = self._plain_waiting() if ops else []
                 if waiting:
-                    self._run_group(waiting)
+                    self._run_round(waiting)
                     touched = {k for w in waiting for k in list(w.removes) + [p["public_key"] for p in w.adds]}
                     ops = [(k, op) for k, op in ops if k not in touched]
         except Exception as exc:
@@ -159,6 +177,31 @@ class Writer:
             return
         self.jobs_applied += 1
         job.finish(result=result)
+
+    def _run_round(self, jobs):
+        """Plain jobs that waited together: their peer changes as one `wg set`, their limits as one nft run."""
+        peers = [job for job in jobs if not isinstance(job, LimitsJob)]
+        if peers:
+            self._run_group(peers)
+        limits = [job for job in jobs if isinstance(job, LimitsJob)]
+        if limits:
+            self._run_limits(limits)
+
+    def _run_limits(self, jobs):
+        try:
+            result = self.firewall.set_limits([(job.users, job.replace) for job in jobs])
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].finish(error=exc)
+                return
+            for job in jobs:  # one by one, so that only the bad request fails
+                try:
+                    job.finish(result=self.firewall.set_limits([(job.users, job.replace)]))
+                except Exception as single:
+                    job.finish(error=single)
+            return
+        for job in jobs:
+            job.finish(result=result)
 
     def _run_group(self, jobs):
         if len(jobs) == 1:

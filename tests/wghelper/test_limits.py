@@ -2,13 +2,11 @@
 import json
 import os
 import subprocess
-import threading
 
 import pytest
 
 from tests.need import missing, need
 from wghelper import firewall, limits
-from wghelper.errors import CommandFailed
 from wghelper.limits import Plan
 
 from .fakes import settings
@@ -323,52 +321,3 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
     assert list(quotas) == [limits.quota_name("alice", more["alice"])]
     assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 48_076_923
 
-
-# --- the writer -------------------------------------------------------------------------
-
-class FakeFirewall:
-    def __init__(self):
-        self.batches = []
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.bad = set()  # users whose request fails
-
-    def set_limits(self, batch):
-        self.entered.set()
-        assert self.gate.wait(10)
-        self.batches.append(batch)
-        if any(user in self.bad for users, _ in batch for user in users):
-            raise CommandFailed("nft", 1, "Error: bad")
-        return {"users": len(batch)}
-
-
-def test_writer_merges_requests_that_wait_together_and_isolates_a_failure():
-    fw = FakeFirewall()
-    writer = limits.Writer(fw)
-    writer.start()
-    results = {}
-
-    def call(user):
-        try:
-            results[user] = writer.submit({user: entry("10.8.0.2", rate=1)})
-        except CommandFailed as exc:
-            results[user] = exc
-
-    first = threading.Thread(target=call, args=("u0",))
-    first.start()
-    assert fw.entered.wait(5)  # u0's run is under way; the next three wait together
-    fw.bad.add("u2")
-    others = [threading.Thread(target=call, args=("u%d" % i,)) for i in (1, 2, 3)]
-    for thread in others:
-        thread.start()
-    while len(writer._queue) < 3:
-        threading.Event().wait(0.01)
-    fw.gate.set()
-    for thread in [first] + others:
-        thread.join(5)
-    writer.stop()
-    assert [len(b) for b in fw.batches] == [1, 3, 1, 1, 1]  # the merged run failed, then one by one
-    assert isinstance(results["u2"], CommandFailed)
-    assert results["u1"] == results["u3"] == {"users": 1}
-    with pytest.raises(Exception):
-        writer.submit({"u9": entry()})  # stopped

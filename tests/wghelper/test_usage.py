@@ -2,7 +2,6 @@
 import pytest
 
 from wghelper import limits, usage
-from wghelper.limits import Writer as LimitsWriter
 from wghelper.firewall import Firewall
 from wghelper.usage import Samples
 
@@ -85,10 +84,8 @@ def helper(tmp_path):
     h = Helper(tmp_path).start()
     h.ctx.samples = Samples(BOOT)
     firewall = Firewall(h.settings, h.cmd)
-    h.ctx.limits = LimitsWriter(firewall)
-    h.ctx.limits.start()
+    h.writer.firewall = firewall
     yield h
-    h.ctx.limits.stop()
     h.writer.stop()
 
 
@@ -126,7 +123,7 @@ def test_limits_command_writes_the_table(helper):
 def test_usage_names_the_users_whose_quota_object_is_used_up(helper):
     helper.result("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "quota": 1000}]})
     assert helper.result("usage", {})["over_quota"] == []
-    plan = helper.ctx.limits.firewall.plans["u1"]
+    plan = helper.writer.firewall.plans["u1"]
     helper.runner.quota_used = {limits.quota_name("u1", plan): 961}
     assert helper.result("usage", {})["over_quota"] == ["u1"]
 

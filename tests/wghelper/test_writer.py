@@ -1,4 +1,5 @@
-"""The writer (wghelper/writer.py): concurrent changes merged into few `wg set` calls, failures kept apart."""
+"""The writer (wghelper/writer.py): concurrent changes merged into few `wg set` calls and nft runs, failures
+kept apart."""
 import threading
 import time
 
@@ -102,6 +103,60 @@ def test_failed_merge_is_retried_job_by_job(tmp_path):
     assert set(h.runner.peers) >= {K1, K2}
     assert h.writer.jobs_applied == 3  # the blocked one, K1 and K2
     h.writer.stop()
+
+
+class FakeFirewall:
+    """Firewall.set_limits as the writer sees it: the batches it was given; a user in `bad` fails one."""
+
+    def __init__(self):
+        self.batches = []
+        self.bad = set()
+
+    def set_limits(self, batch):
+        self.batches.append(batch)
+        if any(user in self.bad for users, _ in batch for user in users):
+            raise CommandFailed("nft", 1, "Error: bad")
+        return {"users": len(batch)}
+
+
+def test_limits_waiting_together_are_one_nft_run_beside_the_rounds_wg_set_and_a_failure_stays_alone(tmp_path):
+    h, first = _blocked_writer(tmp_path)
+    h.writer.firewall = fw = FakeFirewall()
+    fw.bad.add("u2")
+    results = {}
+
+    def call(user):
+        try:
+            results[user] = h.writer.set_limits({user: {"addresses": ["10.8.0.2"], "rate_mbps": 1}})
+        except CommandFailed as exc:
+            results[user] = exc
+
+    threads = []
+    for user in ("u1", "u2", "u3"):
+        threads.append(threading.Thread(target=call, args=(user,)))
+        threads[-1].start()
+    threads.append(threading.Thread(target=h.writer.apply, args=([], [peer(K1, "10.8.0.5/32")])))
+    threads[-1].start()
+    deadline = time.monotonic() + 5
+    while h.writer.pending() < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    h.runner.gate.set()
+    for t in threads + [first]:
+        t.join(5)
+    assert [len(b) for b in fw.batches] == [3, 1, 1, 1]  # the merged run failed, then one by one
+    assert [users for b in fw.batches[1:] for users, _ in b] == [{"u%d" % i: {"addresses": ["10.8.0.2"],
+                                                                               "rate_mbps": 1}} for i in (1, 2, 3)]
+    assert isinstance(results["u2"], CommandFailed)
+    assert results["u1"] == results["u3"] == {"users": 1}
+    assert [s.count("peer") for s in h.runner.wg_sets()] == [1, 1]  # the blocked one, then the round's
+    h.writer.stop()
+    with pytest.raises(Exception):
+        h.writer.set_limits({"u9": {"addresses": []}})  # stopped
+
+
+def test_limits_need_a_firewall(helper):
+    reply = helper.call("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "rate_mbps": 20}]})
+    assert reply["error"]["code"] == protocol.INTERFACE_DOWN
 
 
 def test_stopped_writer_refuses_work(helper):
