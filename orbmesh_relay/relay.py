@@ -231,7 +231,7 @@ class Relay:
             self._refresh_connected()
             if self.status_file is not None and now >= next_status:
                 next_status = now + STATUS_EVERY
-                self.status_file.write(self.status())
+                self.status_file.write(self.status)
 
     def deliver(self, datagrams, transport=None):
         """Datagrams from the server, to local WireGuard."""
@@ -252,7 +252,7 @@ class Relay:
             self.switch_count += 1
         log.info("switch %s -> %s: %s", old or "none", new, reason)
         if self.status_file is not None:
-            self.status_file.write(self.status())
+            self.status_file.write(self.status)
 
     def fail(self, message):
         if self.fatal is None:
@@ -270,7 +270,7 @@ class Relay:
         self.local.close()
         self.stats.set_connected(False)
         if self.status_file is not None:
-            self.status_file.write(self.status())
+            self.status_file.write(self.status)
 
 
 def _host_of(url):

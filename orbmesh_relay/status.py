@@ -4,11 +4,15 @@ Relay.status() when embedded).  Its fields are documented in docs/api.md
 
 The file is written whole to a temporary name beside it and renamed over
 it, so a reader never sees half of one; a rename that fails (Windows, while
-a reader holds the file open) is tried again at the next write.
+a reader holds the file open) is tried again at the next write.  The relay's
+monitor and a switch both write it: one at a time, each taking its snapshot
+inside the turn, so an older snapshot never lands after a newer one (a
+switch's count once lost to the monitor's write begun just before it).
 """
 import json
 import logging
 import os
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -42,8 +46,14 @@ class StatusFile:
         self.path = str(path)
         self.temporary = "%s.%d.tmp" % (self.path, os.getpid())
         self._warned = False
+        self._turn = threading.Lock()
 
-    def write(self, status):
+    def write(self, snapshot):
+        """Write snapshot(), taken once this write's turn has come."""
+        with self._turn:
+            self._write(snapshot())
+
+    def _write(self, status):
         try:
             with open(self.temporary, "w") as handle:
                 json.dump(status, handle, indent=1)

@@ -278,7 +278,7 @@ class Runner:
         """Apply nftables `text` with libnftables in this process: one transaction, as `nft -f -`.
 
         A run of nft cost ~12 ms of CPU (fork, exec, the library's start-up) however small the
-        change, and the limits writer makes one for every moment of tiered connects; in this
+        change, and the writer makes one for every round that holds tiered connects; in this
         process the same change costs ~1 ms (docs/benchmarks.md, "Where the tiers' CPU went").
         No deadline: a library call cannot be killed, but it only speaks netlink to this kernel.
         The ruleset holds no secret, and its errors quote it: they are passed on as nft prints them.

@@ -1,5 +1,6 @@
 """The relay's JSON status: what it holds, and the file written whole."""
 import json
+import threading
 
 from orbmesh_relay.relay import Relay
 from orbmesh_relay.status import StatusFile
@@ -54,11 +55,34 @@ def test_switches_kept_are_bounded(monkeypatch):
 def test_the_file_is_replaced_whole_and_a_failure_is_only_warned_once(tmp_path, caplog):
     path = tmp_path / "status.json"
     status_file = StatusFile(path)
-    status_file.write({"a": 1})
-    status_file.write({"a": 2})
+    status_file.write(lambda: {"a": 1})
+    status_file.write(lambda: {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary left behind
     broken = StatusFile(tmp_path / "missing" / "status.json")
-    broken.write({"a": 1})
-    broken.write({"a": 1})
+    broken.write(lambda: {"a": 1})
+    broken.write(lambda: {"a": 1})
     assert sum("cannot write the status file" in r.message for r in caplog.records) == 1
+
+
+def test_a_snapshot_taken_before_another_never_lands_after_it(tmp_path):
+    """The monitor's write and a switch's write at once (CI once read a switch count one behind)."""
+    path = tmp_path / "status.json"
+    status_file = StatusFile(path)
+    taking, go = threading.Event(), threading.Event()
+
+    def slow_snapshot():  # the monitor's: taken, then held up before it is written
+        taking.set()
+        assert go.wait(5)
+        return {"switch_count": 2}
+
+    monitor = threading.Thread(target=status_file.write, args=(slow_snapshot,))
+    monitor.start()
+    assert taking.wait(5)
+    switch = threading.Thread(target=status_file.write, args=(lambda: {"switch_count": 3},))
+    switch.start()
+    switch.join(0.2)  # it waits for the monitor's turn (without the turn it would write now, and lose)
+    go.set()
+    monitor.join(5)
+    switch.join(5)
+    assert json.loads(path.read_text()) == {"switch_count": 3}
