@@ -439,7 +439,10 @@ def test_a_50_mb_quota_cuts_then_a_new_period_brings_the_user_back(topo):
     # What the client got (TCP payload) and what the node counted: at most 52 MB crossed.  The usage
     # counts each packet with WireGuard's header and every retransmission, so the client gets less.
     assert QUOTA // 2 <= received <= CUT_BOUND, received
-    assert 0.99 * QUOTA <= used["total"]["bytes"] <= CUT_BOUND, used["total"]
+    # Not cut earlier than the kernel's object can: it holds 25/26 of the quota in IP bytes, and a
+    # full-size packet is 2.25% more in WireGuard's count (1,420 -> 1,452 bytes on 2026-12-07, TUN bytes
+    # against the usage), so when the object cuts, the usage is 98.3% of the quota (49.2 MB once).
+    assert 0.97 * QUOTA <= used["total"]["bytes"] <= CUT_BOUND, used["total"]
     assert used["devices"][0]["state"] == "quota" and used["devices"][0]["connected"]
     # The peer is off the interface, its row kept; connect and the tunnels answer 403 with the numbers.
     assert capped.public_key not in t.stack.wg_peers() and capped.public_key in t.stack.db_peers()
