@@ -58,14 +58,12 @@ between two counts, and the helper tells the app which objects are used up
 (over_quota; the app cuts those users too).  The kernel counts what
 nftables sees (IP packets, a TCP burst as one segmentation-offload packet),
 the usage counts what WireGuard counts (each packet with its 32 bytes of
-header and tag): for a bulk transfer the second is 3.7% (one packet at a
-time) to 7.4% (offloaded bursts) more, so the object holds KERNEL_SHARE of
-the quota and of the usage: the cut lands within -0.3% and +3.3% of the
-quota as the app counts it.  Measured again on 2026-12-07: full-size
-packets of a download are 2.25% more in WireGuard's count (the TUN's bytes
-against the usage: 1,420 -> 1,452), so a cut by the object can land at
-98.3% of the quota (49.2 MB of 50 once); no share keeps both that above
-99% and offloaded bursts under +4%.  The object starts at the usage the app
+header and tag): for a bulk transfer the second is 2.25% (full-size
+packets one at a time: 1,420 -> 1,452 bytes, the TUN's bytes against the
+usage on 2026-12-07) to 7.4% (offloaded bursts) more, so the object holds
+KERNEL_SHARE of the quota and of the usage: the cut lands within -1.7% and
++3.3% of the quota as the app counts it (49.2 MB of 50 once).  No share
+keeps both ends within 1% below and 4% above.  The object starts at the usage the app
 counted (``used``); its name holds the user, the quota and the period: a new
 period or quota is a new object; anything else keeps it and what it
 counted, also when the table is written whole again (Firewall reads the
