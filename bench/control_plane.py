@@ -80,9 +80,10 @@ class CheckoutStack(Stack):
                               what="gunicorn")
 
 
-def make_stack(lab, root, tag):
-    """Namespaces and a stack running the code of `root` (this checkout when None)."""
+def make_stack(lab, root, tag, extra_env=()):
+    """Namespaces and a stack running the code of `root` (this checkout when None), with `extra_env` (KEY=VALUE)."""
     env = {"ORBMESH_LOG_LEVEL": "WARNING", "ORBMESH_CONNECT_RATE_LIMIT": "0"}
+    env.update(item.split("=", 1) for item in extra_env)
     stack = lab.stack(workers=2, env=env, tag=tag)
     # The tests' fast watchers (every 0.5 s) would be charged to every cycle: production defaults here.
     for name in ("ORBMESH_RECONCILE_CHECK_INTERVAL", "ORBMESH_HELPER_WATCH_INTERVAL"):
@@ -97,7 +98,7 @@ SEED = """
 import json, sys, types
 sys.path.insert(0, sys.argv[1])
 from bench import common
-print(common.seed_peers(types.SimpleNamespace(env=json.loads(sys.argv[2])), int(sys.argv[3])))
+print(common.seed_peers(types.SimpleNamespace(env=json.load(sys.stdin)), int(sys.argv[2])))
 """
 
 
@@ -106,8 +107,9 @@ def seed(stack, level):
     root = getattr(stack, "root", None)
     if root is None:
         return common.seed_peers(stack, level)
-    done = subprocess.run([str(root / ".venv" / "bin" / "python"), "-c", SEED, str(root), json.dumps(stack.env),
-                           str(level)], capture_output=True, text=True, check=True, cwd=root)
+    # The environment (the stack's JWT secret and API key among it) on stdin: never in an argv.
+    done = subprocess.run([str(root / ".venv" / "bin" / "python"), "-c", SEED, str(root), str(level)],
+                          input=json.dumps(stack.env), capture_output=True, text=True, check=True, cwd=root)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -271,6 +273,7 @@ def open_loop(stack, rate, duration, tag, seed, reads=True):
     total, split = per_cycle(cpu, stack_cpu(stack), cycles)
     runs, jobs = (after - before for after, before in zip(writer_counters(stack), counters))
     return {"offered_per_s": round(rate, 1), "arrivals": len(arrivals), "cycles": cycles,
+            "zero_at": round(time.time() - (time.perf_counter() - start), 3),  # wall clock of 0 s, to line up logs
             "wg_set_per_cycle": round(runs / cycles, 2) if cycles else None,
             "changes_per_wg_set": round(jobs / runs, 2) if runs else None,
             "achieved_per_s": round(cycles / elapsed, 1) if elapsed else None,
@@ -331,6 +334,10 @@ def main(argv=None):
     p.add_argument("--levels", default=None, help="comma-separated pre-existing peer counts")
     p.add_argument("--base", type=Path, default=None,
                    help="another checkout (with its .venv) to measure back to back, e.g. the current main")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for our stack (repeatable); with --base the same checkout twice is a config A/B")
+    p.add_argument("--base-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for the --base stack (repeatable)")
     p.add_argument("--no-reads", action="store_true",
                    help="no /wireguard/status and /health polling during the open loop (as before issue 27)")
     p.add_argument("--tiers", action="store_true",
@@ -350,9 +357,11 @@ def main(argv=None):
         sides["base"] = args.base
     result = {"benchmark": NAME, "smoke": smoke, "clients": clients, "duration_s": duration, "runs": runs,
               "base": str(args.base) if args.base else None, "reads": not args.no_reads,
-              "ipv6_forwarding": args.ipv6_forwarding, "tiers": args.tiers, "levels": {}}
+              "ipv6_forwarding": args.ipv6_forwarding, "tiers": args.tiers, "env": args.env,
+              "base_env": args.base_env, "levels": {}}
     with common.Lab() as lab:
-        stacks = {name: make_stack(lab, root, tag=name[0]) for name, root in sides.items()}
+        envs = {"ours": args.env, "base": args.base_env}
+        stacks = {name: make_stack(lab, root, tag=name[0], extra_env=envs[name]) for name, root in sides.items()}
         for stack in stacks.values():
             lab.on_exit(stack.close)
             stack.ipv6_forwarding = args.ipv6_forwarding == "on"

@@ -49,11 +49,25 @@ def _on_interface(ctx, work):
         raise
 
 
-def _dump(ctx):
-    """parse_dump of the interface now; the writer learns its keys from it (Writer.learn)."""
+def _counters(info, peers):
+    return {"public_key": info["public_key"], "peer_count": len(peers),
+            "rx_bytes": sum(p["rx_bytes"] for p in peers), "tx_bytes": sum(p["tx_bytes"] for p in peers)}
+
+
+def _dump(ctx, samples=True):
+    """parse_dump of the interface now, kept by every reader of the interface: the writer learns its keys
+    (Writer.learn), the status cache its counters and the usage samples (unless the caller, Samples.sample,
+    keeps it: `samples` False) the peers' counters.  One dump serves them all because on wireguard-go each
+    holds the device's IPC lock until it is written out, and every `wg set` waits (0.4-1 s at 60,000 peers)."""
     generation, version = ctx.interface.generation, ctx.writer.version
+    taken_at, cached_at, epoch = time.monotonic(), ctx.status_cache.clock(), _epoch(ctx)
+    started = time.perf_counter()
     info, peers = parse_dump(ctx.cmd.dump(ctx.interface.name))
+    seconds = time.perf_counter() - started
     ctx.writer.learn([p["public_key"] for p in peers], generation, version)
+    ctx.status_cache.offer((generation, version), cached_at, _counters(info, peers), seconds)
+    if samples and ctx.samples is not None:
+        ctx.samples.record(taken_at, epoch, peers, seconds)
     return info, peers
 
 
@@ -82,14 +96,8 @@ def _epoch(ctx):
 
 
 def status(ctx, args):
-    def live():
-        taken_at, epoch = time.monotonic(), _epoch(ctx)
-        info, peers = _dump(ctx)
-        if ctx.samples is not None:  # the usage accounting reads the same dumps
-            ctx.samples.record(taken_at, epoch, peers)
-        # What the interface really uses, read back from wg.
-        return {"public_key": info["public_key"], "peer_count": len(peers),
-                "rx_bytes": sum(p["rx_bytes"] for p in peers), "tx_bytes": sum(p["tx_bytes"] for p in peers)}
+    def live():  # what the interface really uses, read back from wg
+        return _counters(*_dump(ctx))
 
     _require_up(ctx)
     generation = ctx.interface.generation
@@ -142,7 +150,7 @@ def limits(ctx, args):
 def usage(ctx, args):
     if ctx.samples is None:
         raise HelperError(protocol.INTERFACE_DOWN, "usage is not available in this helper")
-    dump = lambda: (_epoch(ctx), _peers_now(ctx))  # noqa: E731
+    dump = lambda: (_epoch(ctx), _dump(ctx, samples=False)[1])  # noqa: E731
     over = ctx.writer.firewall.over_quota if ctx.writer.firewall is not None else None
     return _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"], over))
 

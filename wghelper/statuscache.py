@@ -4,7 +4,8 @@
 wireguard-go, far too slow for /health and /wireguard/status on every
 probe (bench/read_paths.py).  The result is cached under a key of the
 interface generation and the writer's change counter, both read before the
-dump starts, so the peer count is never older than the last change the
+dump starts (every dump the helper makes is offered here, whichever command
+made it: wghelper/handlers.py _dump), so the peer count is never older than the last change the
 helper finished: any change finished after the key was read changes the key,
 and the next call dumps again.  What can go stale are the traffic
 counters: a cached value older than REFRESH seconds is still answered, and
@@ -66,6 +67,16 @@ class StatusCache:
             return value
         with self._lock:  # another caller may have just dumped
             return self._fresh(key, self._ages()[0]) or self._compute(key, compute)
+
+    def offer(self, key, taken_at, value, cost):
+        """A value from a dump another command made (usage, dump_peers, sync_peers): kept unless a newer one
+        is, so status needs no dump of its own while others dump often enough.  Not under _lock, which a
+        dump holds for its whole run: a race can keep the older of two values, whose counters are then one
+        dump older, never its peer count (the key says which changes it saw)."""
+        entry = self._entry
+        if entry is None or taken_at > entry[1]:
+            self.cost = cost
+            self._entry = (key, taken_at, value)
 
     def _compute(self, key, compute):
         taken_at = self.clock()

@@ -2,8 +2,10 @@
 
 The app counts usage as deltas of the interface's per-peer counters
 (app/peers/usage.py); this module hands it the counters, read with the same
-``wg show dump`` the status cache makes (wghelper/statuscache.py feeds
-every dump it makes here too), so /health and the accounting share dumps.
+``wg show dump`` as every other reader of the interface: each dump the
+helper makes, for whichever command, is kept here and in the status cache
+(wghelper/handlers.py ``_dump``), so /health, the drift check, the sweep
+and the accounting share dumps.
 
 A sample is stamped with the host's monotonic clock (``taken_at``), the
 boot it belongs to and the interface's epoch (its ifindex: a link deleted

@@ -81,6 +81,16 @@ def test_concurrent_callers_share_one_dump():
     assert compute.calls == 1 and got == [{"n": 1}] * 8
 
 
+def test_an_offered_value_is_kept_only_when_newer():
+    clock, compute = Clock(), Counting()
+    cache = StatusCache(refresh=1, max_age=30, clock=clock)
+    cache.offer(("gen", 1), 100.0, {"n": "offered"}, 0.2)
+    assert cache.get(("gen", None), compute) == {"n": "offered"} and compute.calls == 0
+    cache.offer(("gen", 1), 99.0, {"n": "older"}, 0.2)
+    assert cache.get(("gen", None), compute) == {"n": "offered"}
+    assert cache.get(("gen", 2), compute) == {"n": 1}  # it saw change 1 only: no exact count after change 2
+
+
 def test_a_failed_dump_is_raised_and_not_cached():
     cache = StatusCache(refresh=1, max_age=30)
 

@@ -109,6 +109,18 @@ def test_status_dumps_feed_the_usage_samples(helper):
     assert helper.runner.calls == []  # the status dump was young enough
 
 
+def test_every_dump_serves_status_and_usage_alike(helper):
+    # Each dump holds wireguard-go's IPC lock while every `wg set` waits: the usage command's, the drift
+    # check's and the sweep's (dump_peers) spare status its own, and the other way round.
+    helper.result("apply_peers", {"add": [peer(key(1))]})
+    helper.runner.clear()
+    helper.result("usage", {})
+    assert helper.result("status")["rx_bytes"] == 100
+    helper.result("dump_peers")
+    assert helper.result("usage", {})["peers"] == [[key(1), 100, 200, 0, None]]
+    assert helper.runner.calls == [["wg", "show", "wgt0", "dump"]] * 2  # usage's, dump_peers'; none for status
+
+
 def test_limits_command_writes_the_table(helper):
     got = helper.result("limits", {"users": [{"user": "u1", "addresses": ["10.8.0.2"], "rate_mbps": 20}]})
     assert got == {"users": 1, "addresses": 1, "tiers": [20], "quotas": 0}
