@@ -253,7 +253,7 @@ class Firewall:
         with self._lock:
             if links is not None:
                 self.links = tuple(sorted(links))
-            self._write(limits_part.view(self.plans))
+            self._write(limits_part.held(limits_part.view(self.plans), self.written))
 
     def _write(self, limits):
         """The whole table with `limits` (a View; each quota keeps what the kernel counted in it), its
@@ -309,14 +309,15 @@ class Firewall:
             # (and holds the helper's interpreter no longer: its peer changes wait for it).
             old_part = limits_part.view({u: self.plans[u] for u in changed if u in self.plans})
             new_part = limits_part.view({u: plans[u] for u in changed if u in plans})
+            aims = self._aims(limits_part.stepped(self.plans, plans, changed, self.written))
             rates = self._rates_after(old_part, new_part)
             empty = not any(rates) and not self._quota_addresses_after(old_part, new_part)
             if self.written.empty or empty or set(rates) != set(self.rates):
-                wanted = limits_part.patch(self.written, old_part, new_part)
+                wanted = limits_part.patch(self.written, old_part, new_part, aims)
                 if not (self.written.empty and wanted.empty):
                     self._write(wanted)  # on a failure nothing below runs: plans and owners stay
             else:
-                self._update(old_part, new_part)
+                self._update(old_part, new_part, aims)
             self.plans, self.owners = plans, owners.commit()
             return {"users": len(plans), "addresses": len(self.owners), "tiers": sorted(self.rates),
                     "quotas": len(self.written.quotas)}
@@ -345,18 +346,27 @@ class Firewall:
         return len(self.written.quota_of) - sum(a in self.written.quota_of for a in old_part.quota_of) + \
             len(new_part.quota_of)
 
-    def _update(self, old_part, new_part):
-        """Element changes; the written view is changed in place once the kernel took them."""
-        change = limits_part.delta(self.s.nat_table, old_part, new_part)
+    def _aims(self, stepped):
+        """{name: (over, used)} for the kept quota objects of `stepped` (limits.stepped): each aimed at
+        the app's new count from what the kernel has counted in it, so the object cuts where the app's
+        count would (within the share's error on the bytes since), not up to 1.7% of the quota early."""
+        if not stepped:
+            return {}
+        counted = self._counted_quotas()
+        return {name: limits_part.aim(plan, counted[name]) for name, plan in stepped.items() if name in counted}
+
+    def _update(self, old_part, new_part, aims):
+        """Element and quota changes; the written view is changed in place once the kernel took them."""
+        change = limits_part.delta(self.s.nat_table, old_part, new_part, aims)
         if change is not None:
             try:
                 self.cmd.apply_nft(change)
             except CommandFailed as exc:  # the kernel's table is not what we wrote (say, flushed by hand)
                 log.warning("limits: element update failed (%s); writing the table whole", exc.stderr)
-                self._write(limits_part.patch(self.written, old_part, new_part))
+                self._write(limits_part.patch(self.written, old_part, new_part, aims))
                 return
         rates = collections.Counter(self._rates_after(old_part, new_part))  # before the view changes
-        limits_part.patch_in_place(self.written, old_part, new_part)
+        limits_part.patch_in_place(self.written, old_part, new_part, aims)
         self._rates = rates
 
     def _plan(self):

@@ -60,14 +60,20 @@ nftables sees (IP packets, a TCP burst as one segmentation-offload packet),
 the usage counts what WireGuard counts (each packet with its 32 bytes of
 header and tag): for a bulk transfer the second is 2.25% (full-size
 packets one at a time: 1,420 -> 1,452 bytes, the TUN's bytes against the
-usage on 2026-12-07) to 7.4% (offloaded bursts) more, so the object holds
-KERNEL_SHARE of the quota and of the usage: the cut lands within -1.7% and
-+3.3% of the quota as the app counts it (49.2 MB of 50 once).  No share
-keeps both ends within 1% below and 4% above.  The object starts at the usage the app
-counted (``used``); its name holds the user, the quota and the period: a new
-period or quota is a new object; anything else keeps it and what it
-counted, also when the table is written whole again (Firewall reads the
-kernel's counts first) and across helper restarts.
+usage on 2026-12-07) to 7.4% (offloaded bursts) more, so the object lets
+through KERNEL_SHARE of what is left of the quota: the cut lands within
+-1.7% and +3.3% of what was left when the object was last aimed (49.2 MB
+of 50 once, when it was aimed only at the start).  No share keeps both
+ends within 1% below and 4% above, so the app aims it again: a request
+whose ``used`` grew (the app pushes one after each count once half the
+quota is used: app/peers/usage.py aim) moves the object's limit to what
+the kernel has counted in it plus the share of what is left (aim()), and
+the early end shrinks to 1.7% of what was left at the last count.  The
+object starts at the usage the app counted (``used``); its name holds the
+user, the quota and the period: a new period or quota is a new object;
+anything else keeps it and what it counted, also when the table is
+written whole again (Firewall reads the kernel's counts first) and across
+helper restarts.
 
 Writing: the part goes into the table written whole (firewall.render) at
 start, after the interface is re-created, when a bridge comes or goes and
@@ -180,7 +186,7 @@ def owners_of(plans):
     return {a: user for user, plan in plans.items() for a in plan.addresses}
 
 
-def patch_in_place(full, old_part, new_part):
+def patch_in_place(full, old_part, new_part, aims=None):
     """patch(), changing `full`'s dicts themselves (the common path: no copy of 10,000 users' entries)."""
     for address in old_part.tiers:
         full.tiers.pop(address, None)
@@ -193,11 +199,13 @@ def patch_in_place(full, old_part, new_part):
     full.quota_of.update(new_part.quota_of)
     full.quotas.update(new_part.quotas)
     full.quotas.update(kept)
+    full.quotas.update(aims or {})
 
 
-def patch(full, old_part, new_part):
+def patch(full, old_part, new_part, aims=None):
     """`full` (a View) with the entries of the changed users' `old_part` replaced by their `new_part`; a
-    quota object that stays keeps what `full` holds for it (what the kernel counted)."""
+    quota object that stays keeps what `full` holds for it (what the kernel counted), aimed again if it
+    is in `aims`."""
     tiers, quotas, quota_of = dict(full.tiers), dict(full.quotas), dict(full.quota_of)
     for address in old_part.tiers:
         tiers.pop(address, None)
@@ -209,6 +217,7 @@ def patch(full, old_part, new_part):
     quota_of.update(new_part.quota_of)
     for name, value in new_part.quotas.items():
         quotas[name] = full.quotas[name] if name in full.quotas and name in old_part.quotas else value
+    quotas.update(aims or {})
     return View(tiers, quotas, quota_of)
 
 
@@ -287,10 +296,11 @@ def chains(v, ifname):
     return lines
 
 
-def delta(table, old, new):
+def delta(table, old, new, aims=None):
     """`nft -f -` input turning what `old` wrote into `new` (Views, or the parts of the users that
-    changed): element and quota changes in one transaction; None when nothing changes.  Only where the
-    table need not be written whole (Firewall.set_limits)."""
+    changed) and moving the limits of the kept quota objects in `aims` ({name: (over, used)}: aim()):
+    element and quota changes in one transaction; None when nothing changes.  Only where the table
+    need not be written whole (Firewall.set_limits)."""
     removes, adds = [], []
     old_marks, new_marks = old.marks(), new.marks()
     for address in _sorted(set(old_marks) | set(new_marks)):
@@ -313,8 +323,35 @@ def delta(table, old, new):
     gone = ["delete quota inet %s %s" % (table, n) for n in sorted(set(old.quotas) - set(new.quotas))]
     made = ["add quota inet %s %s { over %d bytes used %d bytes }" % (table, n, *new.quotas[n])
             for n in sorted(set(new.quotas) - set(old.quotas))]
-    lines = removes + gone + made + adds
+    aimed = ["add quota inet %s %s { over %d bytes }" % (table, n, aims[n][0]) for n in sorted(aims or ())]
+    lines = removes + gone + made + aimed + adds
     return "\n".join(lines) + "\n" if lines else None
+
+
+def stepped(before, after, users, written):
+    """{quota name: plan} of the `users` whose quota object stays (same quota and period, in `written`)
+    while the app counted more since it last said (plan.used grew): the objects to aim again."""
+    found = {}
+    for user in users:
+        old, new = before.get(user), after.get(user)
+        if old is None or new is None or old.quota is None or new.quota is None or new.used <= old.used:
+            continue
+        name = quota_name(user, new)
+        if name == quota_name(user, old) and name in written.quotas:
+            found[name] = new
+    return found
+
+
+def aim(plan, counted):
+    """(over, used) of a kept quota object aimed at the app's count: from what the kernel has counted in it
+    (`counted`), it lets through the kernel's share of what is left of the quota (plan.used, the app's
+    count now).  Only the limit moves (``add quota`` on an existing object keeps its count)."""
+    return counted + kernel_bytes(max(0, plan.quota - plan.used)), counted
+
+
+def held(v, written):
+    """`v` with each quota object that `written` holds as it holds it (its limit may have been aimed)."""
+    return View(v.tiers, {n: written.quotas.get(n, value) for n, value in v.quotas.items()}, v.quota_of)
 
 
 def carried(v, counted):

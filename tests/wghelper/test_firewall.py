@@ -743,6 +743,28 @@ def test_a_quota_keeps_what_the_kernel_counted_when_the_table_is_written_again(t
     assert fw.over_quota() == [] and runner.calls == []  # no quota left: nothing run
 
 
+def test_a_quota_object_follows_the_usage_the_app_counted(tmp_path):
+    fw, runner = make(tmp_path)
+    fw.start()
+    fw.set_limits([({"u1": tier("10.8.0.2", quota=1000, used=100)}, False)])
+    name = limits.quota_name("u1", limits.Plan((), quota=1000))
+    runner.quota_used = {name: 500}  # IP bytes the kernel counted since
+    runner.clear()
+    # The app counted 600 in all: from the kernel's 500, the object lets through 25/26 of the 400 left.
+    fw.set_limits([({"u1": tier("10.8.0.2", quota=1000, used=600)}, False)])
+    assert runner.calls == [["nft", "-j", "list", "quotas", "table", "inet", "orbmesh"], ["nft", "-f", "-"]]
+    assert runner.nft_updates[-1] == "add quota inet orbmesh %s { over 884 bytes }\n" % name
+    assert fw.written.quotas == {name: (884, 500)}
+    runner.quota_used = {name: 884}
+    assert fw.over_quota() == ["u1"]
+    # The same count again (a connect's push) moves nothing; a whole write keeps the aimed limit.
+    runner.clear()
+    fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3", quota=1000, used=600)}, False)])
+    assert [c for c in runner.calls if c[:2] == ["nft", "-j"]] == [] and "add quota" not in runner.nft_updates[-1]
+    fw.apply(["wgt0b1"])
+    assert "over 884 bytes used 884 bytes" in runner.stdins[-1][1], runner.stdins[-1][1][:200]
+
+
 def test_a_failed_write_changes_nothing(tmp_path):
     fw, runner = make(tmp_path)
     fw.start()

@@ -290,6 +290,36 @@ def test_used_up_names_the_users_whose_object_the_kernel_filled():
     assert limits.used_up(plans, limits.view({}), {name["alice"]: 5000}) == []  # not written: not ours to judge
 
 
+def test_a_kept_quota_object_is_aimed_at_the_usage_the_app_counted_since():
+    before = {"alice": Plan(("10.8.0.3",), quota=1000, used=100), "bob": Plan(("10.8.0.4",), quota=1000, used=100),
+              "carol": Plan(("10.8.0.5",), quota=1000, used=100), "dave": Plan(("10.8.0.6",), rate_mbps=5)}
+    after = dict(before, alice=Plan(("10.8.0.3",), quota=1000, used=600),           # counted more: aimed
+                 bob=Plan(("10.8.0.4",), quota=1000, used=100),                     # no more: left alone
+                 carol=Plan(("10.8.0.5",), quota=1000, used=600, period=1),         # a new object instead
+                 dave=Plan(("10.8.0.6",), rate_mbps=5, quota=1000, used=600))       # a new object too
+    written = limits.view(before)
+    stepped = limits.stepped(before, after, set(after), written)
+    assert stepped == {limits.quota_name("alice", after["alice"]): after["alice"]}
+    assert limits.stepped(before, after, {"bob", "carol"}, written) == {}           # only the users that changed
+    assert limits.stepped(before, after, {"alice"}, limits.view({})) == {}         # not written: nothing to aim
+    # What the kernel counted so far (IP bytes) plus its share of what is left of the quota (400 of 1,000).
+    assert limits.aim(after["alice"], 480) == (480 + 384, 480)
+    assert limits.aim(Plan((), quota=1000, used=1200), 990) == (990, 990)          # over: used up at once
+
+
+def test_aiming_moves_only_the_limit_in_the_same_transaction_and_in_what_was_written():
+    old, new = limits.view(PLANS), limits.view(PLANS)
+    aims = {QA: (30_000_000, 20_000_000)}
+    assert limits.delta("orbmesh", old, new, aims) == "add quota inet orbmesh %s { over 30000000 bytes }\n" % QA
+    full = limits.carried(limits.view(PLANS), {QA: 5555})
+    assert limits.patch(full, old, new, aims).quotas == {QA: (30_000_000, 20_000_000)}
+    assert full.quotas == {QA: (48_076_923, 5555)}                                   # patch() copies
+    limits.patch_in_place(full, old, new, aims)
+    assert full.quotas == {QA: (30_000_000, 20_000_000)}
+    assert limits.used_up({"alice": PLANS["alice"]}, full, {QA: 29_999_999}) == []
+    assert limits.used_up({"alice": PLANS["alice"]}, full, {QA: 30_000_000}) == ["alice"]
+
+
 # --- with the real nft, in a network namespace of its own ---------------------------
 
 def _in_fresh_netns(tmp_path, *scripts):
@@ -321,3 +351,11 @@ def test_the_real_nft_takes_the_table_and_the_deltas(tmp_path):
     assert list(quotas) == [limits.quota_name("alice", more["alice"])]
     assert quotas[limits.quota_name("alice", more["alice"])]["bytes"] == 48_076_923
 
+
+
+def test_the_real_kernel_moves_an_aimed_objects_limit_and_keeps_its_count(tmp_path):
+    first = limits.view(PLANS)
+    aimed = limits.delta("orbmesh", first, first, {QA: (30_000_000, 961)})
+    listed = _in_fresh_netns(tmp_path, firewall.script(settings(), limits=first, isolating=False), aimed)
+    quota = next(item["quota"] for item in listed if "quota" in item)
+    assert (quota["name"], quota["bytes"], quota["used"]) == (QA, 30_000_000, 961)

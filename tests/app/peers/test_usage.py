@@ -285,6 +285,35 @@ def test_a_higher_quota_lets_them_back_and_a_lower_one_cuts_at_once(app, client,
     assert list(fake_helper.peers) == [make_key(1)]
 
 
+def test_a_count_aims_the_quota_objects_of_users_past_half_their_quota(app, client, auth, internal, fake_helper,
+                                                                        cfg, db):
+    limits(client, internal, quotaBytes=1000)
+    limits(client, internal, userUuid="t", rateMbps=5)  # a tier alone: no object to aim
+    connect(client, auth, 1)
+    connect(client, auth, 2, user="t")
+    aimed = lambda: [[(e["user"], e.get("used")) for e in call[1]] for call in fake_helper.calls  # noqa: E731
+                     if call[0] == "limits"]
+    fake_helper.calls.clear()
+    fake_helper.counters.update({make_key(1): (200, 299), make_key(2): (10 ** 6, 0)})
+    count(db, fake_helper, cfg)
+    assert aimed() == []  # 499 of 1,000: the object as it was made still cuts within 0.85% of the quota
+    fake_helper.counters[make_key(1)] = (200, 300)
+    count(db, fake_helper, cfg)
+    assert aimed() == [[("u", 500)]]
+    peer = fake_helper.peers[make_key(1)]
+    assert fake_helper.limited["u"]["addresses"] == [a.split("/")[0] for a in peer["allowed_ips"]]
+    fake_helper.calls.clear()
+    count(db, fake_helper, cfg)
+    assert aimed() == []  # nothing moved: nothing to aim
+    fake_helper.counters[make_key(1)] = (200, 700)
+    fake_helper.fail = "failed"
+    with pytest.raises(HelperFailed):
+        count(db, fake_helper, cfg)  # the sample itself fails: nothing counted
+    fake_helper.fail = None
+    count(db, fake_helper, cfg)
+    assert aimed() == [[("u", 900)]]
+
+
 def test_a_user_whose_kernel_quota_is_used_up_is_cut_a_little_short(app, client, auth, internal, fake_helper, cfg,
                                                                       db, tmp_path):
     """The helper's quota object counts IP packets; when it is used up the usage may be just short of it."""
