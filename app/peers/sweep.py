@@ -1,8 +1,9 @@
 """Stale client peers: off the interface after STALE_AFTER idle, freed after QUARANTINE.
 
 A client (device) peer is idle since the newest of: its latest handshake
-(read from the interface, and remembered in ``handshake_at`` because an
-interface re-created by the helper starts every peer at "never"), its
+(read from the interface: from the usage count the round starts with, or
+a dump where usage is not counted; remembered in ``handshake_at`` because
+an interface re-created by the helper starts every peer at "never"), its
 creation or last change, and the moment the sweep first saw the current
 interface generation (so a helper restart gives every peer a fresh grace
 period rather than making them all look idle).
@@ -30,7 +31,7 @@ import logging
 import time
 
 from ..ops import metrics
-from . import store
+from . import store, usage
 from .audit import SYSTEM
 from .db import get_meta, set_meta, write
 
@@ -69,9 +70,8 @@ def sweep(db, helper, config, audit_log=None, now=None):
     if not _claim(db, config["SWEEP_INTERVAL"], now):
         return None
     generation = helper.hello()["generation"]
-    dump = helper.dump()
-    handshakes = {p["public_key"]: p["latest_handshake"] for p in dump}
-    endpoints = {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")}
+    handshakes, endpoints = _seen(db, helper, config, audit_log)
+    counted = endpoints is None
     quarantined, freed = [], []
     with write(db):
         since = _interface_since(db, generation, now)
@@ -83,13 +83,29 @@ def sweep(db, helper, config, audit_log=None, now=None):
                 if not rows:
                     break
                 after = rows[-1].addr
-                more = _slice(db, helper, config, rows, handshakes, endpoints, since, now)
+                if counted:
+                    handshakes.update(usage.handshakes_of(db, rows))
+                more = _slice(db, helper, config, rows, handshakes, endpoints or {}, since, now)
             quarantined += more[0]
             freed += more[1]
             time.sleep(0)  # a yield (gevent): connects waiting for the lock go first
     finally:
         _report(quarantined, freed, handshakes, since, now, audit_log)
     return {"quarantined": quarantined, "freed": freed}
+
+
+def _seen(db, helper, config, audit_log):
+    """What the interface saw: ({key: latest handshake}, {key: endpoint}).  While usage counts, one fresh
+    count first: it writes both to the database (usage_devices, the rows' last endpoints), read a slice
+    at a time; the dump it takes serves the usage and the status too, and only the peers that moved
+    cross the socket, where the sweep's own dump sent all 60,000 (10 MB) to be read here.  Then
+    ({}, None).  Without counting: a dump."""
+    if config.get("USAGE_INTERVAL"):
+        usage.collect(db, helper, config, force=True, fresh=True, audit_log=audit_log)
+        return {}, None
+    dump = helper.dump()
+    return ({p["public_key"]: p["latest_handshake"] for p in dump},
+            {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")})
 
 
 def _slice(db, helper, config, rows, handshakes, endpoints, since, now):

@@ -428,6 +428,19 @@ def _chunked(db, query, keys, size=900):
         yield from db.execute(query % ", ".join("?" * len(part)), part)
 
 
+def handshakes_of(db, peers):
+    """{public key: the latest handshake counted for its device} of client `peers` that ever had one."""
+    devices = {(p.user_id, p.source, p.device_id or p.public_key): p.public_key for p in peers}
+    found = {}
+    for user_id, source, device, at in _chunked(db, "SELECT user_id, source, device, handshake_at FROM usage_devices "
+                                                    "WHERE handshake_at IS NOT NULL AND user_id IN (%s)",
+                                                sorted({p.user_id for p in peers})):
+        key = devices.get((user_id, source, device))
+        if key is not None:
+            found[key] = at
+    return found
+
+
 def note_tunnel(db, user_id, device_id, transport):
     """A device opened a tunnel session (ws or http): its bytes on loopback are that transport's."""
     with write(db):

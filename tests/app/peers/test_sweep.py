@@ -16,9 +16,10 @@ from tests.conftest import make_key
 STALE, QUARANTINE, INTERVAL = 100.0, 50.0, 10.0
 
 
-@pytest.fixture
-def cfg(app):
-    app.config.update(STALE_AFTER=STALE, QUARANTINE=QUARANTINE, SWEEP_INTERVAL=INTERVAL)
+@pytest.fixture(params=[2.0, 0], ids=["usage-counted", "dumped"])
+def cfg(app, request):
+    """Every test twice: handshakes from the usage count the round starts with, and (no counting) a dump."""
+    app.config.update(STALE_AFTER=STALE, QUARANTINE=QUARANTINE, SWEEP_INTERVAL=INTERVAL, USAGE_INTERVAL=request.param)
     return app.config
 
 
@@ -61,7 +62,12 @@ def test_idle_client_is_quarantined_then_freed_orbnet_and_active_peers_stay(app,
 
     fake_helper.handshakes[make_key(2)] = t0 + STALE  # device 2 is in use
     fake_helper.endpoints[make_key(2)] = "198.51.100.2:5000"
+    fake_helper.calls.clear()
     result = run(db, fake_helper, cfg, t0 + STALE + 1, audit_log)
+    # While usage counts, the round's one read of the interface is a fresh count (no dump of every peer).
+    reads = [c[0] for c in fake_helper.calls if c[0] in ("usage", "dump")]
+    assert reads == (["usage"] if cfg["USAGE_INTERVAL"] else ["dump"])
+    assert [c[2] for c in fake_helper.calls if c[0] == "usage"] in ([], [True])
     assert [p.public_key for p in result["quarantined"]] == [make_key(1)]
     assert sorted(fake_helper.peers) == sorted([make_key(2), make_key(3)])
     held = rows(db)[make_key(1)]
