@@ -99,6 +99,10 @@ class FakeRunner:
         """libnftables in the helper's process: the fake models it as the `nft -f -` it replaced."""
         return self.nft("-f", "-", stdin=text)
 
+    def nft_json(self, words):
+        """A libnftables listing: modelled as the `nft -j` it replaced."""
+        return self.nft("-j", *words)
+
     def wg(self, *args, stdin=None):
         argv = ["wg", *args]
         if args[:1] == ("set",) and self.gate is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wghelper import keys
+from wghelper import firewall, keys
 from wghelper.argv import PEERS_PER_CALL, Commands, Deadlines, Runner, clean_stderr
 from wghelper.errors import CommandFailed
 
@@ -32,6 +32,10 @@ class Recorder:
 
     def nft_text(self, text):
         self.calls.append(("libnftables", None, text))
+
+    def nft_json(self, words):
+        self.calls.append(("libnftables -j", list(words), None))
+        return ""
 
 
 # Every method of Commands that runs a program, with the exact argv it runs.
@@ -74,7 +78,7 @@ SHAPES = [
                                            None)]),
     ("apply_nft", ("table inet orbmesh {}\n",), [("libnftables", None, "table inet orbmesh {}\n")]),
     ("delete_nft_table", ("orbmesh",), [("nft", ["delete", "table", "inet", "orbmesh"], None)]),
-    ("list_quotas", ("orbmesh",), [("nft", ["-j", "list", "quotas", "table", "inet", "orbmesh"], None)]),
+    ("list_quotas", ("orbmesh",), [("libnftables -j", ["list", "quotas", "table", "inet", "orbmesh"], None)]),
     ("read_sysctl", ("net/ipv4/conf/wg0/forwarding",), [("sysctl", ["-n", "net/ipv4/conf/wg0/forwarding"], None)]),
     ("start_wireguard_go", ("wg0",), [("wireguard-go", ["wg0"], None)]),
     ("write_sysctl", ("net/ipv4/conf/wg0/forwarding", "1"),
@@ -207,7 +211,15 @@ try:
     failed = None
 except CommandFailed as exc:
     failed = [exc.command, exc.stderr]
-print(json.dumps(failed))
+runner.nft_text("add quota inet omtest q1 { over 1000 bytes used 7 bytes }\n")
+listed = json.loads(runner.nft_json(["list", "quotas", "table", "inet", "omtest"]))
+try:
+    runner.nft_json(["list", "quotas", "table", "inet", "omnosuch"])
+    missing = None
+except CommandFailed as exc:
+    missing = exc.stderr
+runner.nft_text("add element inet omtest s { 192.0.2.10 }\n")  # text output again after a listing
+print(json.dumps([failed, listed, missing]))
 """
 
 
@@ -217,9 +229,12 @@ def test_real_nft_text_applies_whole_transactions_in_its_own_namespace():
 
     with Netns("nftlib") as ns:
         done = ns.run(sys.executable, "-c", NFT_IN_NETNS, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-        command, stderr = json.loads(done.stdout.strip().splitlines()[-1])
+        (command, stderr), quotas, missing = json.loads(done.stdout.strip().splitlines()[-1])
         listed = ns.run("nft", "list", "set", "inet", "omtest", "s").stdout
     # The line that failed is the one quoted.
     assert command == "nft" and stderr.startswith("input:2:") and "nosuch" in stderr and "No such file" in stderr
     # The failed transaction added nothing, not even its first line (the control: the first change landed).
-    assert "192.0.2.7" in listed and "192.0.2.8" not in listed
+    assert "192.0.2.7" in listed and "192.0.2.8" not in listed and "192.0.2.10" in listed
+    # A listing is the JSON `nft -j` prints; a missing table is the error firewall.py looks for.
+    assert [(q["quota"]["name"], q["quota"]["used"]) for q in quotas["nftables"] if "quota" in q] == [("q1", 7)]
+    assert firewall._NO_TABLE in missing
