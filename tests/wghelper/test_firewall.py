@@ -763,6 +763,10 @@ def test_a_quota_object_follows_the_usage_the_app_counted(tmp_path):
     assert [c for c in runner.calls if c[:2] == ["nft", "-j"]] == [] and "add quota" not in runner.nft_updates[-1]
     fw.apply(["wgt0b1"])
     assert "over 884 bytes used 884 bytes" in runner.stdins[-1][1], runner.stdins[-1][1][:200]
+    # A listing that fails leaves the object where it was aimed; the request's other changes still go in.
+    runner.fail = lambda argv: "Error: netlink: out of memory" if argv[:2] == ["nft", "-j"] else None
+    fw.set_limits([({"u1": tier("10.8.0.2", "10.8.0.3", "10.8.0.4", quota=1000, used=700)}, False)])
+    assert fw.written.quotas == {name: (884, 884)} and "10.8.0.4" in fw.owners
 
 
 def test_a_failed_write_changes_nothing(tmp_path):
