@@ -523,23 +523,33 @@ class PacedSource:
         self.sock.close()
 
 
+def tun_dropped(t):
+    """Packets the server's WireGuard interface dropped on their way out (to wireguard-go)."""
+    path = "/sys/class/net/%s/statistics/tx_dropped" % t.stack.interface
+    return int(t.server.run("cat", path).stdout)
+
+
 def test_a_quota_of_full_size_packets_is_not_cut_early(topo):
     """Each full-size packet is 2.25% more in WireGuard's count than in the kernel's quota object, which
     lets through 25/26 of what is left: aimed only when it was made, the object cut this user at 98.3% of
-    the quota; aimed at the usage of every count past half the quota, within 1% of it."""
+    the quota (at 50 Mbit/s); aimed at the usage of every count past half the quota, within 1% of it."""
     t = topo
     paced = t.client_of(t.client, "paced", "laptop")
     limits(t, "paced", quotaBytes=QUOTA)
-    source = PacedSource(t.internet.ns, INTERNET_ADDR, size=paced.body["mtu"], mbps=50)
+    # A pace wireguard-go keeps up with on a busy machine: a packet the kernel counted and then dropped
+    # before WireGuard (the TUN's queue full) would make the object cut early, whatever its aim.
+    dropped = tun_dropped(t)
+    source = PacedSource(t.internet.ns, INTERNET_ADDR, size=paced.body["mtu"], mbps=25)
     try:
         received = source.download(t.client)
     finally:
         source.close()
     wait_for(lambda: usage_of(t, "paced")["state"] == "quota_exceeded", timeout=10, what="the cut")
     used = usage_of(t, "paced")["total"]["bytes"]
-    print("QUOTA PACED: %d bytes of UDP payload reached the client, usage %d (%.2f%% of the quota)" % (
-        received, used, 100.0 * used / QUOTA))
-    assert 0.99 * QUOTA <= used <= CUT_BOUND, used
+    dropped = tun_dropped(t) - dropped
+    print("QUOTA PACED: %d bytes of UDP payload reached the client, usage %d (%.2f%% of the quota), %d packets "
+          "dropped at the TUN" % (received, used, 100.0 * used / QUOTA, dropped))
+    assert 0.99 * QUOTA <= used <= CUT_BOUND, (used, dropped)
     assert received <= used
 
 
