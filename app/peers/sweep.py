@@ -70,8 +70,8 @@ def sweep(db, helper, config, audit_log=None, now=None):
     if not _claim(db, config["SWEEP_INTERVAL"], now):
         return None
     generation = helper.hello()["generation"]
-    handshakes, endpoints = _seen(db, helper, config, audit_log)
-    counted = endpoints is None
+    counted = bool(config.get("USAGE_INTERVAL"))
+    handshakes, endpoints = _seen(db, helper, config, counted, audit_log)
     quarantined, freed = [], []
     with write(db):
         since = _interface_since(db, generation, now)
@@ -85,7 +85,7 @@ def sweep(db, helper, config, audit_log=None, now=None):
                 after = rows[-1].addr
                 if counted:
                     handshakes.update(usage.handshakes_of(db, rows))
-                more = _slice(db, helper, config, rows, handshakes, endpoints or {}, since, now)
+                more = _slice(db, helper, config, rows, handshakes, endpoints, since, now)
             quarantined += more[0]
             freed += more[1]
             time.sleep(0)  # a yield (gevent): connects waiting for the lock go first
@@ -94,15 +94,15 @@ def sweep(db, helper, config, audit_log=None, now=None):
     return {"quarantined": quarantined, "freed": freed}
 
 
-def _seen(db, helper, config, audit_log):
+def _seen(db, helper, config, counted, audit_log):
     """What the interface saw: ({key: latest handshake}, {key: endpoint}).  While usage counts, one fresh
     count first: it writes both to the database (usage_devices, the rows' last endpoints), read a slice
     at a time; the dump it takes serves the usage and the status too, and only the peers that moved
     cross the socket, where the sweep's own dump sent all 60,000 (10 MB) to be read here.  Then
-    ({}, None).  Without counting: a dump."""
-    if config.get("USAGE_INTERVAL"):
+    ({}, {}).  Without counting: a dump."""
+    if counted:
         usage.collect(db, helper, config, force=True, fresh=True, audit_log=audit_log)
-        return {}, None
+        return {}, {}
     dump = helper.dump()
     return ({p["public_key"]: p["latest_handshake"] for p in dump},
             {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")})
