@@ -231,11 +231,15 @@ class HelperClient(Said):
     def dump(self):
         return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
 
-    def sync(self, peers):
-        """Make the interface hold exactly `peers` (store.Peer); the result's "endpoints" are
-        where the interface saw each peer."""
+    def sync(self, peers, since=None):
+        """Make the interface hold exactly `peers` (store.Peer), as read at `since` (time.monotonic()):
+        what a connect or disconnect applied after that stays.  The result's "endpoints" are where the
+        interface saw each peer."""
         addressing = self.addressing()
-        return self.call("sync_peers", {"peers": [sync_spec(p, addressing) for p in peers]}, timeout=SYNC_TIMEOUT)
+        args = {"peers": [sync_spec(p, addressing) for p in peers]}
+        if since is not None:
+            args["since"] = since
+        return self.call("sync_peers", args, timeout=SYNC_TIMEOUT)
 
     # Bridge mode (wghelper/bridge.py); the helper names interfaces and tables.
 

@@ -68,6 +68,7 @@ class FakeHelper(Said):
         self.taken_at = 1000.0
         self.limited = {}     # user -> the limits entry the helper holds
         self.over_quota = []  # users whose quota object in the helper's table is used up
+        self.sync_since = []  # the `since` of each sync, in order
 
     def _maybe_fail(self):
         if self.fail == "unavailable":
@@ -108,9 +109,10 @@ class FakeHelper(Said):
                  "endpoint": self.endpoints.get(key), "allowed_ips": list(peer["allowed_ips"]),
                  "keepalive": peer["keepalive"]} for key, peer in self.peers.items()]
 
-    def sync(self, peers):
+    def sync(self, peers, since=None):
         peers = [sync_spec(p, self.addressing()) for p in peers]
         self.calls.append(("sync", peers))
+        self.sync_since.append(since)
         self._maybe_fail()
         self.peers = {p["public_key"]: p for p in peers}
         return {"added": 0, "removed": 0, "updated": 0, "endpoints": dict(self.endpoints)}

@@ -122,7 +122,10 @@ def dump_peers(ctx, args):
 
 
 def sync_peers(ctx, args):
-    return _on_interface(ctx, lambda: ctx.writer.run_planned(lambda: plan_sync(_peers_now(ctx), args["peers"])))
+    def plan():  # on the writer thread: the changes that ran before it are all in changed_since
+        return plan_sync(_peers_now(ctx), args["peers"], ctx.writer.changed_since(args.get("since")))
+
+    return _on_interface(ctx, lambda: ctx.writer.run_planned(plan))
 
 
 def _bridges(ctx):

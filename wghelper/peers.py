@@ -57,16 +57,21 @@ def _differs(have, want):
         return True
 
 
-def plan_sync(current, desired):
+def plan_sync(current, desired, newer=frozenset()):
     """What to remove and add to turn `current` peers into `desired`; the
-    result also says where the interface saw each peer ("endpoints")."""
+    result also says where the interface saw each peer ("endpoints").  The
+    keys in `newer` were changed after `desired` was read (Writer.changed_since):
+    they stay as they are, so a sync never undoes, even for a moment, a connect
+    or disconnect that came after its snapshot."""
     have = {p["public_key"]: p for p in current}
     wanted = {p["public_key"] for p in desired}
-    removes = [key for key in have if key not in wanted]
+    removes = [key for key in have if key not in wanted and key not in newer]
     adds = []
     added = updated = 0
     for peer in desired:
         old = have.get(peer["public_key"])
+        if peer["public_key"] in newer:
+            continue
         if old is None:
             added += 1
             back = peer.get("last_endpoint") and not peer["endpoint"]
@@ -78,5 +83,6 @@ def plan_sync(current, desired):
     # Peers with an endpoint (seen lately, or given one) first: a sync goes on in slices (writer.SLICE),
     # and these are the devices in use; idle ones (no endpoint) can wait for the later slices.
     adds.sort(key=lambda p: p["endpoint"] is None)
-    return removes, adds, {"added": added, "removed": len(removes), "updated": updated,
+    kept = len(newer & (have.keys() | wanted))
+    return removes, adds, {"added": added, "removed": len(removes), "updated": updated, "kept": kept,
                            "endpoints": {key: p["endpoint"] for key, p in have.items() if p["endpoint"]}}

@@ -40,9 +40,12 @@ def apply_peers(args, s, own=()):
 
 
 def sync_peers(args, s, own=()):
-    """{"peers": [peer]}: the complete set the interface must hold."""
-    validate.obj(args, "", ("peers",), ("peers",))
-    return {"peers": validate.peers(args["peers"], _pools(s), own=own)}
+    """{"peers": [peer], "since"?: seconds}: the complete set the interface must hold, as the app read it
+    at `since` (the host's monotonic clock); what an apply_peers changed after that stays."""
+    validate.obj(args, "", ("peers", "since"), ("peers",))
+    since = args.get("since")
+    return {"peers": validate.peers(args["peers"], _pools(s), own=own),
+            "since": None if since is None else validate.seconds_mark(since, "since")}
 
 
 def bridge_up(args, s, own=()):

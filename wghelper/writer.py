@@ -10,6 +10,7 @@ gets its own answer.
 import collections
 import logging
 import threading
+import time
 
 from . import protocol
 from .errors import CommandFailed, HelperError
@@ -17,6 +18,7 @@ from .errors import CommandFailed, HelperError
 log = logging.getLogger(__name__)
 
 SLICE = 1000  # changes of a planned job per `wg set` before the plain jobs waiting get their turn
+REMEMBER = 600  # seconds a plain job's change is remembered against a sync read before it (changed_since)
 
 
 def stopped():
@@ -78,6 +80,26 @@ class Writer:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = None
+        # key -> when a plain job last changed it (monotonic), on the writer thread only: a sync of rows
+        # the app read before that leaves the key alone (changed_since).  Pruned past REMEMBER seconds.
+        self._changed, self._prune_at = {}, 4096
+
+    def changed_since(self, since):
+        """The keys a plain job changed at or after `since` (the host's monotonic clock; None: none).
+        A connect that commits after a reconcile read its rows reaches the interface before the sync
+        does: without this the sync took it off until its repair, and the client's handshake was lost."""
+        if since is None:
+            return frozenset()
+        return frozenset(key for key, at in self._changed.items() if at >= since)
+
+    def _remember(self, jobs):
+        now = time.monotonic()
+        for job in jobs:
+            for key in list(job.removes) + [p["public_key"] for p in job.adds]:
+                self._changed[key] = now
+        if len(self._changed) > self._prune_at:
+            self._changed = {k: at for k, at in self._changed.items() if at >= now - REMEMBER}
+            self._prune_at = max(4096, 2 * len(self._changed))
 
     def start(self):
         # A thread of its own because what it runs blocks: `wg set` (fork, exec, wait) and nft's commit.
@@ -204,6 +226,7 @@ class Writer:
             job.finish(result=result)
 
     def _run_group(self, jobs):
+        self._remember(jobs)  # before the wg set: a change that failed part-way may still be on the interface
         if len(jobs) == 1:
             return self._run(jobs[0])
         try:

@@ -7,7 +7,9 @@ interface).  The rows are read under the write lock and the sync runs
 without it (at 60,000 peers it takes seconds, bench/recovery.py); then,
 under the lock again, what committed meanwhile is compared with what was
 sent and put right (_repair), so no connect or disconnect that slipped in
-between is undone by the sync.  Several workers share the work through
+between is undone by the sync.  The helper leaves alone what such a change
+applied before the sync reached it (the sync's ``since``), so the peer of a
+connect that lands in between is never taken off, not even until the repair.  Several workers share the work through
 ``meta``: whoever takes a generation first records it, and the others see
 that and skip.
 """
@@ -50,6 +52,7 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
         if generation is not None:  # taken, so the other workers do not sync it too meanwhile
             set_meta(db, "reconciled_generation", generation)
             set_meta(db, "reconciled_at", time.time())
+        since = time.monotonic()  # under the lock: every change after it commits, and reaches the helper, later
         peers = store.live_peers(db)
         for bad in [p for p in peers if p.public_key in LOW_ORDER_KEYS or p.public_key in own]:
             log.warning("reconcile quarantined addr=%s: its key is a low-order point or the server's own", bad.address)
@@ -61,7 +64,7 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
     # them all, and no connect could commit meanwhile (bench/recovery.py).  What committed during it is
     # put right below, under the lock; the helper's writer lets changes in between its slices.
     try:
-        result = helper.sync(peers)
+        result = helper.sync(peers, since)
         with write(db):
             _repair(db, helper, peers, own)
             store.set_endpoints(db, result.pop("endpoints", None) or {})
@@ -76,8 +79,8 @@ def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_lo
         with undo(db):
             schedule(db)  # every worker syncs again
         raise
-    log.info("reconcile peers=%d added=%s removed=%s updated=%s", len(peers),
-             result.get("added"), result.get("removed"), result.get("updated"))
+    log.info("reconcile peers=%d added=%s removed=%s updated=%s kept=%s", len(peers),
+             result.get("added"), result.get("removed"), result.get("updated"), result.get("kept"))
     repairs = {k: result.get(k) for k in ("added", "removed", "updated") if result.get(k)}
     if repairs and audit_log is not None:
         audit_log.write("reconcile", SYSTEM, None, None, peers=len(peers), generation=generation, **repairs)

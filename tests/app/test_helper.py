@@ -113,6 +113,7 @@ def test_apply_and_sync_send_peers_in_the_wire_format(path):
         client.apply(remove=[make_key(3)])
         client.sync([peer(2), peer(4, endpoint="198.51.100.4:4000", keepalive=25, mode="bridge", exit_id="x",
                           last_endpoint="192.0.2.4:9")])
+        client.sync([], since=1234.5)
     finally:
         client.close()
         helper.close()
@@ -128,6 +129,7 @@ def test_apply_and_sync_send_peers_in_the_wire_format(path):
             # The last endpoint goes to sync only, and only when known; a bridged peer has no /128.
             {"public_key": make_key(4), "allowed_ips": ["10.0.0.4/32"], "endpoint": "198.51.100.4:4000",
              "keepalive": 25, "last_endpoint": "192.0.2.4:9"}]}),
+        ("sync_peers", {"peers": [], "since": 1234.5}),  # when the app read its rows, if it says
     ]
 
 

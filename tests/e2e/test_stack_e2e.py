@@ -3,6 +3,7 @@ import concurrent.futures
 import json
 import re
 import socket
+import time
 
 import pytest
 
@@ -112,6 +113,27 @@ def helper_exchange(stack, frames):
             line = stream.readline()
             replies.append(json.loads(line) if line else None)
     return replies
+
+
+def test_a_sync_read_before_a_connect_leaves_its_peer_and_session_alone(stack):
+    """Found by a full run: a worker's first reconcile read no rows, a connect's peer reached the interface,
+    then that sync took it off until the reconcile's repair put it back, and the client's ping through its
+    new tunnel failed (its session was gone).  The helper now leaves alone what changed after the rows
+    were read; the control: a sync read after the connect takes the peer off."""
+    since = time.monotonic()  # the host's clock, as the app's reconcile reads it under its lock
+    client, body = bring_up_client(stack, "user-1", "dev001")
+    try:
+        assert wait_for(lambda: client.ping(body["gateway"], timeout=1), timeout=20, what="the tunnel")
+        stale, = helper_exchange(stack, [protocol.encode({"id": 1, "cmd": "sync_peers",
+                                                          "args": {"peers": [], "since": since}})])
+        assert (stale["result"]["removed"], stale["result"]["kept"]) == (0, 1), stale
+        assert client.public_key in stack.wg_peers()
+        assert client.ping(body["gateway"], count=1, timeout=2), "the session did not survive the sync"
+        fresh, = helper_exchange(stack, [protocol.encode({"id": 2, "cmd": "sync_peers",
+                                                          "args": {"peers": [], "since": time.monotonic()}})])
+        assert (fresh["result"]["removed"], fresh["result"]["kept"]) == (1, 0), fresh
+    finally:
+        client.close()
 
 
 def test_helper_refuses_what_a_compromised_app_sends(stack):

@@ -1,5 +1,6 @@
 """The commands (wghelper/handlers.py) through dispatch: replies and the exact argv, via the fake runner."""
 import json
+import time
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_sync_applies_only_the_difference(helper):
         peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5),
     ]})
     # K1's endpoint is reported: the app keeps it as the peer's last endpoint.
-    assert result == {"added": 1, "removed": 1, "updated": 1, "endpoints": {K1: "192.0.2.1:1"}}
+    assert result == {"added": 1, "removed": 1, "updated": 1, "kept": 0, "endpoints": {K1: "192.0.2.1:1"}}
     assert helper.runner.calls == [
         ["wg", "show", IF, "dump"],
         ["wg", "set", IF,
@@ -126,7 +127,8 @@ def test_sync_applies_only_the_difference(helper):
     again = helper.result("sync_peers", {"peers": [
         peer(K1, "10.8.0.2/32", keepalive=25, last_endpoint="192.0.2.1:1"), peer(K2, "10.8.0.4/32"),
         peer(K3, "10.8.0.5/32", endpoint="192.0.2.7:9", keepalive=5, last_endpoint="192.0.2.7:9")]})
-    assert again == {"added": 0, "removed": 0, "updated": 0, "endpoints": {K1: "192.0.2.1:1", K3: "192.0.2.7:9"}}
+    assert again == {"added": 0, "removed": 0, "updated": 0, "kept": 0,
+                     "endpoints": {K1: "192.0.2.1:1", K3: "192.0.2.7:9"}}
     assert helper.runner.calls == [["wg", "show", IF, "dump"]]
 
 
@@ -139,7 +141,7 @@ def test_sync_fixes_endpoint_and_keepalive():
                {"public_key": K2, "allowed_ips": ["10.8.0.3/32"], "endpoint": None, "keepalive": 0}]
     removes, adds, counts = plan_sync(current, desired)
     assert removes == [] and adds == desired
-    assert counts == {"added": 0, "removed": 0, "updated": 2, "endpoints": {K1: "192.0.2.1:1"}}
+    assert counts == {"added": 0, "removed": 0, "updated": 2, "kept": 0, "endpoints": {K1: "192.0.2.1:1"}}
 
 
 def test_sync_adds_the_peers_with_an_endpoint_first():
@@ -165,7 +167,7 @@ def test_sync_puts_a_lost_peer_back_to_its_last_endpoint(helper):
         peer(K2, "10.8.0.3/32", last_endpoint="192.0.2.51:999"),   # recorded before it roamed
         peer(K3, "10.8.0.4/32", endpoint="192.0.2.7:9", keepalive=5, last_endpoint="192.0.2.8:1"),
     ]})
-    assert result == {"added": 2, "removed": 0, "updated": 0, "endpoints": {K2: "198.51.100.9:4000"}}
+    assert result == {"added": 2, "removed": 0, "updated": 0, "kept": 0, "endpoints": {K2: "198.51.100.9:4000"}}
     assert helper.runner.wg_sets() == [
         ["wg", "set", IF,
          "peer", K1, "allowed-ips", "10.8.0.2/32", "endpoint", "192.0.2.50:1234",
@@ -185,8 +187,36 @@ def test_sync_puts_a_lost_peer_back_to_its_last_endpoint(helper):
 
 def test_sync_empty_set_removes_everything(helper):
     add(helper, peer(K1), peer(K2, "10.8.0.3/32"))
-    assert helper.result("sync_peers", {"peers": []}) == {"added": 0, "removed": 2, "updated": 0, "endpoints": {}}
+    assert helper.result("sync_peers", {"peers": []}) == {"added": 0, "removed": 2, "updated": 0, "kept": 0,
+                                                          "endpoints": {}}
     assert helper.runner.peers == {}
+
+
+def test_a_sync_leaves_alone_what_an_apply_changed_after_its_rows_were_read(helper):
+    """A reconcile read its rows at `since`; a connect (K2) and a disconnect (K1) committed after that
+    and reached the interface before the sync did.  The sync neither takes K2 off nor puts K1 back; the
+    change it was read for (K3, stale) still goes.  The control: a sync read after them does its all."""
+    add(helper, peer(K1), peer(K3, "10.8.0.4/32"))
+    since = time.monotonic()
+    add(helper, peer(K2, "10.8.0.3/32"))
+    assert helper.result("apply_peers", {"remove": [K1]}) == {"removed": 1, "applied": 0}
+    helper.runner.clear()
+    result = helper.result("sync_peers", {"peers": [peer(K1)], "since": since})
+    assert (result["removed"], result["added"], result["kept"]) == (1, 0, 2)
+    assert helper.runner.wg_sets() == [["wg", "set", IF, "peer", K3, "remove"]]
+    assert set(helper.runner.peers) == {K2}
+    late = helper.result("sync_peers", {"peers": [peer(K1)], "since": time.monotonic()})
+    assert (late["removed"], late["added"], late["kept"]) == (1, 1, 0)
+    assert set(helper.runner.peers) == {K1}
+
+
+@pytest.mark.parametrize("since", [-1, "5", True, float("nan"), float("inf"), 2 ** 53, [1]])
+def test_a_sync_refuses_a_since_that_is_not_a_clock_reading(helper, since):
+    add(helper, peer(K1))
+    helper.runner.clear()
+    reply = helper.call("sync_peers", {"peers": [], "since": since})
+    assert reply["error"]["code"] == protocol.INVALID_ARGUMENT and reply["error"]["details"]["field"] == "since"
+    assert helper.runner.wg_sets() == [] and set(helper.runner.peers) == {K1}
 
 
 def test_dump_and_status_never_return_the_private_key(helper):

@@ -50,7 +50,7 @@ def test_lifecycle_events_say_who_what_when_and_request_id(app, client, auth, in
 
 def test_reconcile_repairs_are_audited(app, client, auth, fake_helper, audit_path):
     assert client.post("/wireguard/connect", json={"publicKey": make_key(1)}, headers=auth()).status_code == 200
-    fake_helper.sync = lambda peers: {"added": 1, "removed": 2, "updated": 0}
+    fake_helper.sync = lambda peers, since=None: {"added": 1, "removed": 2, "updated": 0}
     reconcile.Watcher(app.config, helper=fake_helper, audit_log=app.extensions["orbmesh_audit"]).check_once()
     event = lines(audit_path)[-1]
     assert (event["event"], event["actor"], event["added"], event["removed"]) == ("reconcile", {"type": "system"}, 1, 2)
@@ -159,9 +159,9 @@ def test_a_reconcile_between_a_connects_commit_and_its_helper_call_adds_that_pee
     """
     real_sync, real_apply = fake_helper.sync, fake_helper.apply
 
-    def counting_sync(peers):
+    def counting_sync(peers, since=None):
         added = [p for p in peers if p.public_key not in fake_helper.peers]
-        real_sync(peers)
+        real_sync(peers, since)
         return {"added": len(added), "removed": 0, "updated": 0}
 
     def apply_after_a_late_workers_first_round(add=(), remove=()):

@@ -3,6 +3,7 @@ import base64
 import ipaddress
 import os
 import sqlite3
+import time
 
 from app.peers import reconcile, store
 from tests.conftest import POOL6, SERVER_KEY, make_key
@@ -26,6 +27,16 @@ def test_first_round_syncs_the_whole_database(app, client, auth, fake_helper):
     assert watcher.check_once() is not None
     assert sorted(fake_helper.peers) == sorted(make_key(i) for i in range(3))
     assert fake_helper.peers[make_key(0)]["allowed_ips"] == ["10.8.0.2/32", "fd00:8::2/128"]
+
+
+def test_the_sync_says_when_its_rows_were_read(app, client, auth, fake_helper):
+    """The helper leaves alone what an apply changed after `since` (wghelper/writer.py changed_since): it
+    is a reading of the host's monotonic clock, taken under the lock with the rows, before the sync."""
+    connect(client, auth, 2)
+    before = time.monotonic()
+    reconcile.Watcher(app.config, helper=fake_helper).check_once()
+    after = time.monotonic()
+    assert len(fake_helper.sync_since) == 1 and before <= fake_helper.sync_since[0] <= after
 
 
 def test_rows_with_keys_no_peer_may_use_are_quarantined_not_synced(app, client, auth, fake_helper):
@@ -194,11 +205,11 @@ def test_what_commits_while_the_sync_runs_is_not_undone_by_it(app, client, auth,
     connect(client, auth, 2)
     real_sync = fake_helper.sync
 
-    def slow_sync(peers):
+    def slow_sync(peers, since=None):
         assert client.post("/wireguard/connect", json={"publicKey": make_key(5)},
                            headers=auth("u", "d5")).status_code == 200
         assert client.post("/wireguard/disconnect", json={}, headers=auth("u", "d0")).status_code == 200
-        return real_sync(peers)  # plans from the rows read before: would re-add d0 and drop d5
+        return real_sync(peers, since)  # plans from the rows read before: would re-add d0 and drop d5
     fake_helper.sync = slow_sync
     reconcile.Watcher(app.config, helper=fake_helper).check_once()
     assert sorted(fake_helper.peers) == sorted([make_key(1), make_key(5)])
