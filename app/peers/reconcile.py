@@ -9,9 +9,9 @@ under the lock again, what committed meanwhile is compared with what was
 sent and put right (_repair), so no connect or disconnect that slipped in
 between is undone by the sync.  The helper leaves alone what such a change
 applied before the sync reached it (the sync's ``since``), so the peer of a
-connect that lands in between is never taken off, not even until the repair.  Several workers share the work through
-``meta``: whoever takes a generation first records it, and the others see
-that and skip.
+connect that lands in between is never taken off, not even until the
+repair.  Several workers share the work through ``meta``: whoever takes a
+generation first records it, and the others see that and skip.
 """
 import dataclasses
 import logging
