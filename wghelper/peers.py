@@ -57,13 +57,17 @@ def _differs(have, want):
         return True
 
 
-def plan_sync(current, desired, newer=frozenset()):
+def plan_sync(current, desired, newer=None):
     """What to remove and add to turn `current` peers into `desired`; the
     result also says where the interface saw each peer ("endpoints").  The
-    keys in `newer` were changed after `desired` was read (Writer.changed_since):
-    they stay as they are, so a sync never undoes, even for a moment, a connect
-    or disconnect that came after its snapshot."""
+    keys of `newer` ({key: added?}, Writer.changed_since) were changed after
+    `desired` was read: while the interface shows what that change did (the
+    key on it after an add, off it after a remove) they stay as they are, so a
+    sync never undoes, even for a moment, a connect or disconnect that came
+    after its snapshot.  An interface made again since has lost them: the
+    sync then does its all."""
     have = {p["public_key"]: p for p in current}
+    newer = {key for key, added in (newer or {}).items() if (key in have) == added}
     wanted = {p["public_key"] for p in desired}
     removes = [key for key in have if key not in wanted and key not in newer]
     adds = []

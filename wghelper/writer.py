@@ -85,20 +85,21 @@ class Writer:
         self._changed, self._prune_at = {}, 4096
 
     def changed_since(self, since):
-        """The keys a plain job changed at or after `since` (the host's monotonic clock; None: none).
+        """{key: added?} of the keys a plain job changed at or after `since` (the host's monotonic clock;
+        None: none), each by its last change.
         A connect that commits after a reconcile read its rows reaches the interface before the sync
         does: without this the sync took it off until its repair, and the client's handshake was lost."""
         if since is None:
-            return frozenset()
-        return frozenset(key for key, at in self._changed.items() if at >= since)
+            return {}
+        return {key: added for key, (at, added) in self._changed.items() if at >= since}
 
     def _remember(self, jobs):
         now = time.monotonic()
         for job in jobs:
-            for key in list(job.removes) + [p["public_key"] for p in job.adds]:
-                self._changed[key] = now
+            for key, added in [(k, False) for k in job.removes] + [(p["public_key"], True) for p in job.adds]:
+                self._changed[key] = (now, added)
         if len(self._changed) > self._prune_at:
-            self._changed = {k: at for k, at in self._changed.items() if at >= now - REMEMBER}
+            self._changed = {k: v for k, v in self._changed.items() if v[0] >= now - REMEMBER}
             self._prune_at = max(4096, 2 * len(self._changed))
 
     def start(self):

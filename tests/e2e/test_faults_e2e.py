@@ -234,6 +234,9 @@ def test_everything_killed_at_once_and_interface_deleted(stack):
         # The round that put them back, by the system.  A drift round may follow ("updated": an endpoint the
         # client roamed to), and the link may be made again once more while the old wireguard-go goes away:
         # then a second round puts all of them on that one too.
+        # Its audit line comes after the sync has returned: the peers can be back before it is written.
+        wait_for(lambda: any(e["event"] == "reconcile" and e.get("added") for e in audit_events(stack)[seen:]),
+                 timeout=30, what="the reconcile's audit line")
         repairs = [e for e in audit_events(stack)[seen:] if e["event"] == "reconcile"]
         added = [(e["added"], e["actor"]) for e in repairs if e.get("added")]
         assert added and all(a == (len(expected), {"type": "system"}) for a in added), repairs

@@ -192,7 +192,7 @@ def test_sync_removes_unknown_and_adds_missing(helper):
     helper.result("apply_peers", {"add": [peer(a, "10.8.0.2/32"), peer(b, "10.8.0.3/32")]})
     result = helper.result("sync_peers", {"peers": [
         peer(b, "10.8.0.5/32", keepalive=10), peer(c, "10.8.0.6/32")]})
-    assert result == {"added": 1, "removed": 1, "updated": 1, "endpoints": {}}  # no peer has been seen
+    assert result == {"added": 1, "removed": 1, "updated": 1, "kept": 0, "endpoints": {}}  # none seen yet
     dump = {p["public_key"]: (p["allowed_ips"], p["keepalive"]) for p in helper.result("dump_peers")["peers"]}
     assert dump == {b: (["10.8.0.5/32"], 10), c: (["10.8.0.6/32"], 0)}
     again = helper.result("sync_peers", {"peers": [

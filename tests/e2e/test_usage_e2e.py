@@ -34,6 +34,7 @@ pytestmark = pytest.mark.e2e
 TIER = 20            # Mbit/s
 BAND = (18.0, 21.0)  # what iperf3 must measure for it, each way (the issue's bound)
 RUNS = 3             # of each tier measurement: no run over the band, the median in it
+UNTIERED = "150M"    # what the untiered user's iperf3 sends beside it: far over the tier, short of the CPU
 QUOTA = 50_000_000
 CUT_BOUND = 52_000_000
 SECONDS = 8          # each iperf3 run
@@ -180,9 +181,10 @@ def usage_of(t, user):
 
 def test_a_20_mbit_tier_each_way_while_an_untiered_user_runs_at_full_rate(topo):
     """Every run stays under the band's top (the tier is enforced), the median of each direction's runs
-    reaches its bottom (the user gets the tier).  The tier is a policer, and over the lab's
-    sub-millisecond round trip an upload lives on its drops and the retransmission timer: one run in
-    CI measured 8.4 Mbit/s beside a saturating untiered upload (docs/operations.md, speed tiers)."""
+    reaches its bottom (the user gets the tier); the untiered user beside it gets all of its 150 Mbit/s.
+    The tier is a policer, and over the lab's sub-millisecond round trip an upload lives on its drops and
+    the retransmission timer: beside an untiered upload that took both of CI's CPUs, one run measured
+    8.4 Mbit/s, and 4 of 13 runs on 2026-12-07 fell under 18 (docs/operations.md, speed tiers)."""
     t = topo
     limits(t, "tier20", rateMbps=TIER)
     t.client_of(t.client, "tier20", "laptop")
@@ -195,7 +197,8 @@ def test_a_20_mbit_tier_each_way_while_an_untiered_user_runs_at_full_rate(topo):
         measured = {}
         for name, reverse in (("up", False), ("down", True)):
             runs = [parallel(lambda: iperf(t.client, INTERNET_ADDR, 5201, reverse=reverse),
-                             lambda: iperf(t.free, INTERNET_ADDR, 5202, reverse=reverse)) for _ in range(RUNS)]
+                             lambda: iperf(t.free, INTERNET_ADDR, 5202, reverse=reverse, extra=("-b", UNTIERED)))
+                    for _ in range(RUNS)]
             measured[name] = ([mbps(ours) for ours, _ in runs], [mbps(theirs) for _, theirs in runs])
         for name, reverse in (("up6", False), ("down6", True)):
             measured[name] = ([mbps(iperf(t.client, INTERNET_ADDR6, 5203, reverse=reverse)) for _ in range(RUNS)],

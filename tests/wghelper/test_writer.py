@@ -198,14 +198,15 @@ def test_a_sync_lets_changes_in_between_its_slices_and_a_later_change_wins(tmp_p
 # --- what a sync leaves alone -------------------------------------------------
 
 def test_a_change_is_remembered_for_the_syncs_read_before_it(helper, monkeypatch):
-    """changed_since: the keys a plain job changed at or after a clock reading; a failed wg set counts (what
+    """changed_since: the keys a plain job changed at or after a clock reading, each with whether its last
+    change added it; a failed wg set counts (what
     it did is unknown); after REMEMBER seconds and enough keys, a change is forgotten."""
     from wghelper import writer as writer_module
 
     clock = [100.0]
     monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
     w = helper.writer
-    assert w.changed_since(None) == frozenset() and w.changed_since(0) == frozenset()
+    assert w.changed_since(None) == {} and w.changed_since(0) == {}
     w.apply([], [peer(K1)])
     clock[0] = 200.0
     w.apply([K1], [])
@@ -213,9 +214,9 @@ def test_a_change_is_remembered_for_the_syncs_read_before_it(helper, monkeypatch
     with pytest.raises(CommandFailed):
         w.apply([], [peer(K2, "10.8.0.3/32")])
     helper.runner.fail = None
-    assert w.changed_since(100.0) == {K1, K2} and w.changed_since(150.0) == {K1, K2}
-    assert w.changed_since(200.5) == frozenset()
+    assert w.changed_since(100.0) == {K1: False, K2: True} and w.changed_since(150.0) == {K1: False, K2: True}
+    assert w.changed_since(200.5) == {}
     monkeypatch.setattr(w, "_prune_at", 1)
     clock[0] = 200.0 + writer_module.REMEMBER + 1
     w.apply([], [peer(key(7), "10.8.0.7/32")])
-    assert set(w._changed) == {key(7)} and w.changed_since(0) == {key(7)}
+    assert set(w._changed) == {key(7)} and w.changed_since(0) == {key(7): True}
