@@ -197,7 +197,7 @@ def test_sync_removes_unknown_and_adds_missing(helper):
     assert dump == {b: (["10.8.0.5/32"], 10), c: (["10.8.0.6/32"], 0)}
     again = helper.result("sync_peers", {"peers": [
         peer(b, "10.8.0.5/32", keepalive=10), peer(c, "10.8.0.6/32")]})
-    assert again == {"added": 0, "removed": 0, "updated": 0, "endpoints": {}}
+    assert again == {"added": 0, "removed": 0, "updated": 0, "kept": 0, "endpoints": {}}
 
 
 def test_concurrent_adds_all_land(helper):
