@@ -181,8 +181,10 @@ def saturation(stack, clients, duration, tag):
 
 
 def processes(stack):
-    """{name: pid} of the helper, each gunicorn worker and wireguard-go in the server namespace."""
-    found, workers = {}, []
+    """{name: pid} of the helper, its command spawner, each gunicorn worker and wireguard-go in the
+    server namespace.  The spawner is the helper's fork (wghelper/argv.py Spawner): same argv, the
+    helper its parent."""
+    found, workers, helpers = {}, [], {}
     for pid in stack.server.pids():
         try:
             argv = Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
@@ -190,11 +192,13 @@ def processes(stack):
         except OSError:
             continue
         if "wghelper" in argv:
-            found["helper"] = pid
+            helpers[pid] = ppid
         elif "wireguard-go" in argv:
             found["wireguard-go"] = pid
         elif "gunicorn" in argv and stack.app_proc is not None and ppid == stack.app_proc.pid:
             workers.append(pid)
+    for pid, ppid in helpers.items():
+        found["spawner" if ppid in helpers else "helper"] = pid
     found.update(("worker%d" % i, pid) for i, pid in enumerate(sorted(workers)))
     return found
 
@@ -463,7 +467,7 @@ def render(result, smoke):
                              o["load_avg_max"]])
         rss, per = e.get("ours_rss_mb", {}), e.get("ours_rss_kb_per_peer", {})
         mem.append([level] + ["%s (%s kB/peer)" % (rss[k], per[k]) if k in rss else None
-                              for k in ("helper", "worker0", "worker1", "wireguard-go")])
+                              for k in ("helper", "spawner", "worker0", "worker1", "wireguard-go")])
     text = ("Control plane: saturation with %d closed-loop clients, then Poisson arrivals at half of it; "
             "median of %d runs of %gs per phase; status and health polled during the open loop\n\n"
             % (result["clients"], result["runs"], result["duration_s"])
@@ -471,7 +475,7 @@ def render(result, smoke):
                             "open p50 ms", "open p99 ms", "status p99 ms", "health p99 ms", "CPU ms/cycle",
                             "by process", "changes per wg set", "errors", "db=wg", "max load avg"], rows)
             + "\n\nRSS in MB after the runs of each level (RSS / peers)\n\n"
-            + common.table(["peers", "helper", "worker0", "worker1", "wireguard-go"], mem))
+            + common.table(["peers", "helper", "spawner", "worker0", "worker1", "wireguard-go"], mem))
     levels = result["levels"]
     if not smoke:
         checks = []

@@ -83,6 +83,8 @@ def main(argv=None):
         sat = control_plane.saturation(stack, 4 if args.smoke else 50, 1.0 if args.smoke else 10.0, "psat")
         rate = args.rate or (sat["cycles_per_s"] or 2) / 2
         pids = {"helper": stack.helper_proc.pid}
+        pids.update(("spawner", pid) for pid in children(stack.helper_proc.pid)  # wghelper/argv.py Spawner
+                    if b"wghelper" in Path("/proc/%d/cmdline" % pid).read_bytes())
         pids.update(("worker%d" % i, pid) for i, pid in enumerate(sorted(children(stack.app_proc.pid))))
         procs = record(py_spy, pids, duration, out) if py_spy else {}
         opened = control_plane.open_loop(stack, rate, duration, "popen", seed=0)

@@ -40,9 +40,13 @@ def main(argv=None):
     except ConfigError as exc:
         print("orbmesh-wghelper: %s" % exc, file=sys.stderr)
         return 2
-    cmd = Commands(Runner(cfg.helper_command_timeout, cfg.wireguard_go))
+    runner = Runner(cfg.helper_command_timeout, cfg.wireguard_go)
+    cmd = Commands(runner)
     firewall = Firewall(cfg, cmd, os.path.join(cfg.helper_state_dir, STATE_FILE))
-    return (down if opts.action == "down" else run)(cfg, cmd, firewall)
+    try:
+        return (down if opts.action == "down" else run)(cfg, cmd, firewall)
+    finally:
+        runner.close()
 
 
 def run(cfg, cmd, firewall):

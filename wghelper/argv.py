@@ -10,12 +10,17 @@ private-key FILE``) or on stdin (``wg pubkey``).
 Commands is what the rest of the helper calls; Runner, below it, is the
 only code that imports ``sh``, and the only code that reaches libnftables
 (Debian's python3-nftables binding: nftables text the helper rendered itself,
-applied in this process rather than by a run of ``nft -f -``).
+applied in this process rather than by a run of ``nft -f -``).  Runner runs
+each argv in its Spawner, a small process forked from the helper at its
+first command.
 """
 import itertools
+import json
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 
@@ -246,6 +251,7 @@ class Runner:
         self._deadlines = Deadlines()
         self._nft = None
         self._nft_lock = threading.Lock()  # one libnftables context; the library is not thread-safe
+        self._spawner, self._spawner_lock = None, threading.Lock()
 
     def _tool(self, name):
         # Looked up on first use: a helper without NAT must start on a host without nft.
@@ -257,7 +263,29 @@ class Runner:
         return self._tools[name]
 
     def run(self, tool, args, stdin=None):
-        running = self._tool(tool)(*args, _in=self._null if stdin is None else stdin, _bg=True, _bg_exc=False)
+        """Run one argv in the spawner (started on the first call): its stdout, or CommandFailed."""
+        with self._spawner_lock:
+            if self._spawner is None or not self._spawner.alive():
+                if self._spawner is not None:
+                    log.warning("the command spawner is gone; starting another")
+                    self._spawner.close()
+                self._spawner = Spawner(self)
+            spawner = self._spawner
+        return spawner.call(tool, args, stdin, self.timeout + SPAWNER_GRACE)
+
+    def close(self):
+        """End the spawner, if one runs: its commands still running are left to finish on their own."""
+        with self._spawner_lock:
+            spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.close()
+
+    def run_here(self, tool, args, stdin=None, out=None):
+        """Run one argv with sh in this process, killed past the deadline: what the spawner does.
+        With `out` (a descriptor), the command's stdout goes there and this returns ""."""
+        extra = {} if out is None else {"_out": out}
+        running = self._tool(tool)(*args, _in=self._null if stdin is None else stdin, _bg=True, _bg_exc=False,
+                                   **extra)
         fired = []
 
         def expire():
@@ -326,3 +354,141 @@ class Runner:
             except (ImportError, OSError) as exc:
                 raise CommandFailed("nft", None, "libnftables unavailable: %s" % exc) from None
         return self._nft
+
+
+FD_SIZE = 4  # an int in SCM_RIGHTS
+SPAWNER_GRACE = 5.0  # seconds past a command's own deadline before the helper stops waiting for its answer
+
+
+class Spawner:
+    """A child of the helper that runs each argv with sh, forked at the helper's first command.
+
+    sh forks the process that calls it and runs Python in the child before the exec, so a run costs
+    more CPU the more memory that process maps: 5.0 ms from a 24 MB process, 7.1 ms from a 110 MB one
+    (docs/benchmarks.md, "What a run of wg costs").  The helper grows with the peer count (156 MB at
+    60,000 peers); the spawner stays the size it was forked at, so a `wg set` costs the same at any
+    peer count.  Each command comes with a socket pair of its own for the request and the answer,
+    and a memfd for its stdout (both by SCM_RIGHTS): concurrent commands need no ids.  It exits when
+    the helper's end of the control socket closes, with the helper or on close().
+    """
+
+    def __init__(self, runner):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child; tests see it through call()
+            try:
+                parent.close()
+                serve_spawner(child, runner)
+            finally:
+                os._exit(0)
+        child.close()
+        self._control, self._lock = parent, threading.Lock()
+        self._gone = False  # it closed its end: run() starts another even before it can be reaped
+
+    def alive(self):
+        if self._gone:
+            return False
+        try:
+            return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return False
+
+    def call(self, tool, args, stdin, wait):
+        # The command's stdout goes to a memfd the helper reads: a 60,000-peer dump (10 MB) never passes
+        # through the spawner's heap, which would keep it (glibc) and make every later fork dearer.
+        out = os.memfd_create("wghelper-out", os.MFD_CLOEXEC)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with theirs:
+                try:
+                    with self._lock:
+                        socket.send_fds(self._control, [b"r"], [theirs.fileno(), out])
+                except OSError as exc:
+                    self._gone = True
+                    raise CommandFailed(tool, None, "the command spawner is gone: %s" % exc.strerror) from None
+            mine.settimeout(wait)
+            mine.sendall(json.dumps({"tool": tool, "args": list(args), "stdin": stdin}).encode())
+            mine.shutdown(socket.SHUT_WR)
+            answer = _read_all(mine)
+            if not answer:
+                self._gone = True
+                raise CommandFailed(tool, None, "the command spawner ended during the command")
+            answer = json.loads(answer)
+            if "exit_code" in answer:
+                raise CommandFailed(tool, answer["exit_code"], answer["stderr"])
+            return _read_file(out).decode("utf-8", "replace")
+        except socket.timeout:
+            raise CommandFailed(tool, None, "no answer from the command spawner in %gs" % wait) from None
+        except OSError as exc:
+            raise CommandFailed(tool, None, "the command spawner failed: %s" % exc.strerror) from None
+        finally:
+            mine.close()
+            os.close(out)
+
+    def close(self):
+        self._control.close()
+        try:
+            os.waitpid(self.pid, 0)  # it exits on the closed control socket; nothing else to wait for
+        except ChildProcessError:
+            pass
+
+
+def _read_file(fd):
+    # One read of the size the command wrote: a 10 MB dump is held once as bytes, not as chunks too.
+    data, size = b"", os.fstat(fd).st_size
+    while len(data) < size:
+        chunk = os.pread(fd, size - len(data), len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_all(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def serve_spawner(control, runner):
+    """The spawner's loop: one thread per command, as the helper's threads each wait for their own."""
+    # The helper decides when to stop; the spawner ends with the helper's end of the control socket.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        # Close-on-exec as it arrives (socket.recv_fds drops its flags on 3.11): a command forked by
+        # another thread meanwhile must not hold this socket open, or its answer would never end.
+        _, ancillary, _, _ = control.recvmsg(1, socket.CMSG_SPACE(2 * FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+        fds = [int.from_bytes(data[i:i + FD_SIZE], sys.byteorder) for level, kind, data in ancillary
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for i in range(0, len(data) - len(data) % FD_SIZE, FD_SIZE)]
+        if len(fds) != 2:  # the helper's end closed (no descriptors), or not the helper: nothing to serve
+            for fd in fds:
+                os.close(fd)
+            if not fds:
+                return
+            continue
+        # A thread because the command blocks this one (fork, exec, wait) and others must run meanwhile.
+        threading.Thread(target=_serve_command, args=(socket.socket(fileno=fds[0]), fds[1], runner),
+                         daemon=True).start()
+
+
+def _serve_command(sock, out, runner):
+    with sock:
+        try:
+            request = json.loads(_read_all(sock))
+            runner.run_here(request["tool"], request["args"], request["stdin"], out=out)
+            answer = {}
+        except CommandFailed as exc:
+            answer = {"exit_code": exc.exit_code, "stderr": exc.stderr}
+        except Exception as exc:  # the helper must get an answer whatever went wrong here
+            answer = {"exit_code": None, "stderr": "the command spawner failed: %s" % type(exc).__name__}
+        finally:
+            os.close(out)
+        try:
+            sock.sendall(json.dumps(answer).encode())
+        except OSError:
+            pass  # the helper stopped waiting

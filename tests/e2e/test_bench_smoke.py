@@ -44,7 +44,7 @@ def test_control_plane_smoke(tmp_path):
     reads = run["open_loop"]["reads"]
     assert reads["status"]["n"] > 0 and reads["health"]["n"] > 0 and reads["errors"] == 0
     assert len(run["load_avg_before"]) == 3 and len(run["load_avg_after"]) == 3
-    assert {"helper", "worker0", "worker1", "wireguard-go"} <= set(level["ours_rss_mb"])
+    assert {"helper", "spawner", "worker0", "worker1", "wireguard-go"} <= set(level["ours_rss_mb"])
     assert (tmp_path / "control_plane_rss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,7 +142,7 @@ def test_rss_growth_smoke(tmp_path):
     result = run_smoke("rss_growth", tmp_path)
     level = result["levels"]["20"]
     assert level["errors"] == 0 and level["cycles"] > 0 and len(level["samples"]) >= 2
-    assert {"helper", "worker0", "worker1", "wireguard-go"} <= set(level["growth"])
+    assert {"helper", "spawner", "worker0", "worker1", "wireguard-go"} <= set(level["growth"])
 
 
 def test_profile_smoke(tmp_path):
@@ -150,4 +150,4 @@ def test_profile_smoke(tmp_path):
     result = run_smoke("profile", tmp_path)
     assert result["open_loop"]["errors"] == 0 and result["open_loop"]["cycles"] > 0
     if result["py_spy"]:
-        assert {"helper", "worker0", "worker1"} <= set(result["processes"])
+        assert {"helper", "spawner", "worker0", "worker1"} <= set(result["processes"])

@@ -1,6 +1,10 @@
 """Everything root can run (wghelper/argv.py): each command shape's exact argv, and the real Runner."""
 import base64
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -144,13 +148,14 @@ def test_real_runner_kills_a_command_past_its_timeout():
     assert info.value.stderr == "timed out after 0.5s"
 
 
-def test_one_runner_kills_only_the_run_past_its_deadline():
+@pytest.mark.parametrize("where", ["run", "run_here"])
+def test_one_runner_kills_only_the_run_past_its_deadline(where):
     runner = Runner(timeout=0.5)
     outcomes = {}
 
     def run(name, args):
         try:
-            outcomes[name] = runner.run("ip", args).split(":")[0]
+            outcomes[name] = getattr(runner, where)("ip", args).split(":")[0]
         except CommandFailed as exc:
             outcomes[name] = exc.stderr
 
@@ -161,7 +166,109 @@ def test_one_runner_kills_only_the_run_past_its_deadline():
     for thread in threads:
         thread.join(10)
     assert outcomes == {"monitor": "timed out after 0.5s", "show": "1"}
-    assert list(runner._deadlines._runs) == []  # every run forgotten once over
+    assert list(runner._deadlines._runs) == []  # every run forgotten once over (in this process: run_here)
+    runner.close()
+
+
+# --- the spawner: the commands run in a small child of the helper ------------
+
+def rss_kb(pid):
+    line = next(l for l in Path("/proc/%d/status" % pid).read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def test_commands_run_in_one_spawner_that_keeps_its_size():
+    runner = Runner(timeout=5)
+    first = int(runner.run("sh", ["-c", "echo $PPID"]))
+    spawner = runner._spawner.pid
+    assert first == spawner != os.getpid()
+    ballast = bytearray(200 << 20)  # the helper grows, as it does with its peers
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    assert int(runner.run("sh", ["-c", "echo $PPID"])) == spawner  # the same spawner, still small
+    assert rss_kb(spawner) < rss_kb(os.getpid()) - (150 << 10)
+    runner.close()
+    assert not Path("/proc/%d" % spawner).exists()  # ended and reaped
+
+
+def test_a_large_output_reaches_the_helper_without_growing_the_spawner():
+    runner = Runner(timeout=5)
+    runner.run("true", [])
+    before = rss_kb(runner._spawner.pid)
+    out = runner.run("sh", ["-c", "head -c 30000000 /dev/zero | tr '\\0' a; echo"])  # a 60,000-peer dump is ~10 MB
+    assert len(out) == 30000001 and set(out) == {"a", "\n"}
+    assert rss_kb(runner._spawner.pid) < before + (5 << 10)  # it went to the helper's memfd, not through here
+    runner.close()
+
+
+def _inheritable(fd):
+    try:
+        return os.get_inheritable(fd)
+    except OSError:  # the listing's own descriptor, closed by now
+        return False
+
+
+def test_a_command_sees_no_descriptor_of_the_helper_or_the_spawner():
+    runner = Runner(timeout=5)
+    opened = [socket.socketpair() for _ in range(3)]  # busy descriptors in the helper, as its clients'
+    # What this test process inherited open from whoever started it (systemd starts the helper with none).
+    outside = {fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and _inheritable(fd)}
+    seen = {int(fd) for fd in runner.run("sh", ["-c", "ls /proc/$$/fd"]).split()}
+    assert seen - outside == {0, 1, 2}
+    runner.close()
+    for a, b in opened:
+        a.close()
+        b.close()
+
+
+def test_a_spawner_that_died_is_replaced_and_its_command_fails_as_data():
+    runner = Runner(timeout=5)
+    runner.run("true", [])
+    dead = runner._spawner.pid
+    outcome = {}
+
+    def slow():
+        try:
+            runner.run("sleep", ["3"])
+        except CommandFailed as exc:
+            outcome["error"] = (exc.command, exc.exit_code, exc.stderr)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.5)
+    os.kill(dead, signal.SIGKILL)
+    thread.join(10)
+    assert outcome["error"] == ("sleep", None, "the command spawner ended during the command")
+    assert int(runner.run("sh", ["-c", "echo $PPID"])) == runner._spawner.pid != dead
+    runner.close()
+
+
+SPAWNER_OUTLIVED = r"""
+import sys
+from wghelper.argv import Runner
+runner = Runner(timeout=5)
+runner.run("true", [])
+print(runner._spawner.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_spawner_ends_with_the_helper_even_when_it_is_killed():
+    helper = subprocess.Popen([sys.executable, "-c", SPAWNER_OUTLIVED], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        spawner = int(helper.stdout.readline())
+        assert Path("/proc/%d" % spawner).exists()
+        helper.send_signal(signal.SIGTERM)  # the helper's own stop signal does not end the spawner first...
+        helper.wait(10)
+        gone = time.monotonic() + 10
+        while Path("/proc/%d" % spawner).exists() and time.monotonic() < gone:
+            time.sleep(0.05)
+        assert not Path("/proc/%d" % spawner).exists()  # ...the helper's end of its socket does
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
 
 
 def test_deadlines_fire_in_order_and_not_once_forgotten():
