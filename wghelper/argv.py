@@ -473,7 +473,7 @@ def serve_spawner(control, runner):
             continue
         # A thread because the command blocks this one (fork, exec, wait) and others must run meanwhile.
         threading.Thread(target=_serve_command, args=(socket.socket(fileno=fds[0]), fds[1], runner),
-                         daemon=True).start()
+                         name="spawner-command", daemon=True).start()
 
 
 def _serve_command(sock, out, runner):

@@ -244,27 +244,30 @@ def test_a_spawner_that_died_is_replaced_and_its_command_fails_as_data():
 
 
 SPAWNER_OUTLIVED = r"""
-import sys
+import os, signal, sys, time
 from wghelper.argv import Runner
 runner = Runner(timeout=5)
 runner.run("true", [])
-print(runner._spawner.pid, flush=True)
+spawner = runner._spawner.pid
+os.kill(spawner, signal.SIGTERM)  # as a stop signal to the whole group would: the helper decides when
+time.sleep(0.2)
+print(spawner, int(runner.run("sh", ["-c", "echo $PPID"])), flush=True)
 sys.stdin.read()
 """
 
 
-def test_the_spawner_ends_with_the_helper_even_when_it_is_killed():
+def test_the_spawner_outlives_a_stop_signal_and_ends_with_the_helper_even_a_killed_one():
     helper = subprocess.Popen([sys.executable, "-c", SPAWNER_OUTLIVED], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
-        spawner = int(helper.stdout.readline())
-        assert Path("/proc/%d" % spawner).exists()
-        helper.send_signal(signal.SIGTERM)  # the helper's own stop signal does not end the spawner first...
+        spawner, ran_from = map(int, helper.stdout.readline().split())
+        assert ran_from == spawner and Path("/proc/%d" % spawner).exists()
+        helper.kill()  # no close(), no cleanup: only its end of the socket goes
         helper.wait(10)
         gone = time.monotonic() + 10
         while Path("/proc/%d" % spawner).exists() and time.monotonic() < gone:
             time.sleep(0.05)
-        assert not Path("/proc/%d" % spawner).exists()  # ...the helper's end of its socket does
+        assert not Path("/proc/%d" % spawner).exists()
     finally:
         if helper.poll() is None:
             helper.kill()
