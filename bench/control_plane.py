@@ -197,8 +197,12 @@ def processes(stack):
             found["wireguard-go"] = pid
         elif "gunicorn" in argv and stack.app_proc is not None and ppid == stack.app_proc.pid:
             workers.append(pid)
-    for pid, ppid in helpers.items():
-        found["spawner" if ppid in helpers else "helper"] = pid
+    # The helper is the one whose parent is no helper; the spawner's parent is the helper. A child the
+    # spawner has forked but not yet exec'd shows the same argv, with the spawner as its parent.
+    helper = next((pid for pid, ppid in helpers.items() if ppid not in helpers), None)
+    if helper is not None:
+        found["helper"] = helper
+        found.update(("spawner", pid) for pid, ppid in helpers.items() if ppid == helper)
     found.update(("worker%d" % i, pid) for i, pid in enumerate(sorted(workers)))
     return found
 

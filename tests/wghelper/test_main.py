@@ -145,3 +145,36 @@ def test_a_down_that_cannot_remove_the_link_keeps_the_table_and_forwarding(node)
     runner.fail = None  # control: the same down, able to delete the link, removes everything
     assert down() == 0
     assert IF not in runner.links and runner.nft_tables == {} and runner.sysctls[K_WG] == "0"
+
+
+LARGE_BUFFER_PROBE = r"""
+import sys
+from wghelper.__main__ import map_large_buffers
+if sys.argv[1] == "mapped":
+    map_large_buffers()
+def rss_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+first = b"x" * (8 << 20)
+del first  # a dump before: freeing it raises glibc's sliding threshold past 8 MB
+before = rss_kb()
+dump = b"y" * (5 << 20)
+held = rss_kb()
+del dump
+print(held - before, rss_kb() - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["mapped", "default"])
+def test_a_freed_large_buffer_goes_back_to_the_system(mode):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", LARGE_BUFFER_PROBE, mode], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    held, kept = map(int, done.stdout.split())
+    assert held > 4 << 10  # the 5 MB buffer was resident
+    if mode == "mapped":
+        assert kept < 1 << 10  # the helper's setting: its pages are gone once it is freed
+    else:
+        assert kept > 4 << 10  # the control: glibc's default keeps them
