@@ -364,9 +364,9 @@ class Spawner:
     """A child of the helper that runs each argv with sh, forked at the helper's first command.
 
     sh forks the process that calls it and runs Python in the child before the exec, so a run costs
-    more CPU the more memory that process maps: 5.0 ms from a 24 MB process, 7.1 ms from a 110 MB one
-    (docs/benchmarks.md, "What a run of wg costs").  The helper grows with the peer count (156 MB at
-    60,000 peers); the spawner stays the size it was forked at, so a `wg set` costs the same at any
+    more CPU the more memory that process maps: 5.2 ms from a 22 MB process, 8.3-8.8 ms from a 168 MB
+    one (docs/benchmarks.md, "What a run of wg costs").  The helper grows with the peer count (145-171 MB
+    at 60,000 peers); the spawner stays the size it was forked at, so a `wg set` costs the same at any
     peer count.  Each command comes with a socket pair of its own for the request and the answer,
     and a memfd for its stdout (both by SCM_RIGHTS): concurrent commands need no ids.  It exits when
     the helper's end of the control socket closes, with the helper or on close().

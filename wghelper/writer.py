@@ -93,11 +93,11 @@ class Writer:
             return {}
         return {key: added for key, (at, added) in self._changed.items() if at >= since}
 
-    def _remember(self, jobs):
+    def _remember(self, removes, adds):
+        """Record merge()'s result: each key's last change is what the interface is to show."""
         now = time.monotonic()
-        for job in jobs:
-            for key, added in [(k, False) for k in job.removes] + [(p["public_key"], True) for p in job.adds]:
-                self._changed[key] = (now, added)
+        for key, added in [(k, False) for k in removes] + [(p["public_key"], True) for p in adds]:
+            self._changed[key] = (now, added)
         if len(self._changed) > self._prune_at:
             self._changed = {k: v for k, v in self._changed.items() if v[0] >= now - REMEMBER}
             self._prune_at = max(4096, 2 * len(self._changed))
@@ -227,11 +227,12 @@ class Writer:
             job.finish(result=result)
 
     def _run_group(self, jobs):
-        self._remember(jobs)  # before the wg set: a change that failed part-way may still be on the interface
+        removes, adds = merge(jobs)
+        self._remember(removes, adds)  # before the wg set: a change that failed part-way may still be on it
         if len(jobs) == 1:
             return self._run(jobs[0])
         try:
-            self._apply(*merge(jobs))
+            self._apply(removes, adds)
         except CommandFailed as exc:
             log.warning("merged wg set for %d jobs failed (%s); retrying them one by one", len(jobs), exc.stderr)
             for job in jobs:
