@@ -68,6 +68,7 @@ class FakeHelper(Said):
         self.taken_at = 1000.0
         self.limited = {}     # user -> the limits entry the helper holds
         self.over_quota = []  # users whose quota object in the helper's table is used up
+        self.dump_seconds, self.dump_blocks = 0.001, True  # what usage() says its dump took and held
         self.sync_since = []  # the `since` of each sync, in order
 
     def _maybe_fail(self):
@@ -161,7 +162,7 @@ class FakeHelper(Said):
         self._maybe_fail()
         self.taken_at += 1
         return {"boot": FAKE_BOOT, "epoch": self.epoch, "taken_at": self.taken_at, "complete": True,
-                "dump_seconds": 0.001, "over_quota": list(self.over_quota),
+                "dump_seconds": self.dump_seconds, "dump_blocks": self.dump_blocks, "over_quota": list(self.over_quota),
                 "peers": [[key, *self.counters.get(key, (0, 0)), self.handshakes.get(key, 0), self.endpoints.get(key)]
                           for key in self.peers]}
 

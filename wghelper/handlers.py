@@ -155,7 +155,10 @@ def usage(ctx, args):
         raise HelperError(protocol.INTERFACE_DOWN, "usage is not available in this helper")
     dump = lambda: (_epoch(ctx), _dump(ctx, samples=False)[1])  # noqa: E731
     over = ctx.writer.firewall.over_quota if ctx.writer.firewall is not None else None
-    return _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"], over))
+    answer = _on_interface(ctx, lambda: ctx.samples.sample(dump, args["since"], args["fresh"], over))
+    # Whether a dump held every change while it ran: wireguard-go's IPC lock does, the kernel's netlink
+    # dump takes its lock a message at a time.  The app spaces its counts by it (app/peers/usage.py).
+    return dict(answer, dump_blocks=ctx.interface.backend != "kernel")
 
 
 HANDLERS = {

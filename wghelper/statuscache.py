@@ -29,8 +29,9 @@ REFRESH = 1.0
 MAX_AGE = 30.0
 # Of one core, at most, for background dumps.  Small: on wireguard-go a dump holds the device's IPC
 # lock until it is written out, so every `wg set` waits for it (about 1 s at 60,000 peers); the
-# counters in status are up to MAX_AGE (then 3 x cost / SHARE) old at that size.
-SHARE = 0.005
+# counters in status are up to MAX_AGE (then 3 x cost / SHARE) old at that size.  Below the app's
+# usage.STALL_SHARE, so that at scale the usage counts' dumps (offered here) keep it fresh.
+SHARE = 0.002
 
 
 class StatusCache:

@@ -19,7 +19,13 @@ loopback): they are counted once, here, and only name the transport.
 Collection runs in the reconcile watcher of every worker, once per
 USAGE_INTERVAL across them (a time lease in ``meta``, as the sweep's), and
 less often when a sample costs more (a dump of 10,000 peers): at most
-COST_SHARE of one core.
+COST_SHARE of one core.  On wireguard-go a dump also holds every change of
+the interface until it is read out (0.7-1 s at 60,000 peers under load),
+so every connect that arrives meanwhile waits for it: counts whose dump
+blocks longer than STALL_FREE are spaced so that they hold the interface
+at most STALL_SHARE of the time, also while a user nears the quota (the
+quota object in the helper's table stops the user at the quota between
+counts).  The kernel's dump takes its lock a message at a time.
 
 Limits.  A user's speed tier and quota are OrbNET's (POST /wireguard/limits:
 ``rate_from``/``quota_from`` 'api') or, until OrbNET sets them, the device
@@ -64,6 +70,8 @@ HELPER_ERRORS = (HelperUnavailable, HelperFailed)
 
 COST_SHARE = 0.01          # the collector's part of one core, by the wall time of a count (its CPU ran 1.35x that)
 NEAR_SHARE = 0.25          # ... and while a user nears the quota
+STALL_SHARE = 0.0025       # of the time, at most, that counts' dumps hold the interface's changes
+STALL_FREE = 0.05          # seconds: a dump that holds them no longer than a `wg set` takes is not spaced
 MIN_GAP = 0.05             # seconds: the shortest time between two counts
 FRESH_BELOW = 1.0          # a count due sooner than this asks the helper for a new dump (its own are reused 1 s)
 ACTIVE_BYTES = 16384       # a peer that moved this much in a sample moved lately (settle counts afresh)
@@ -281,9 +289,20 @@ def _since(db):
     return json.loads(raw) if raw else None
 
 
+def _stall_gap(db):
+    """Seconds between two counts for their dumps to hold the interface at most STALL_SHARE of the time."""
+    stall = float(get_meta(db, "usage_stall", 0))
+    return stall / STALL_SHARE if stall > STALL_FREE else 0.0
+
+
+def _spacing(db):
+    return max(float(get_meta(db, "usage_cost", 0)) / COST_SHARE, _stall_gap(db))
+
+
 def interval(db, config):
-    """Seconds between two counts: USAGE_INTERVAL, or more when a count costs more than COST_SHARE of it."""
-    return max(config["USAGE_INTERVAL"], float(get_meta(db, "usage_cost", 0)) / COST_SHARE)
+    """Seconds between two counts: USAGE_INTERVAL, or more when a count costs more than COST_SHARE of a core
+    or holds the interface more than STALL_SHARE of the time."""
+    return max(config["USAGE_INTERVAL"], _spacing(db))
 
 
 def _claim(db, config, now):
@@ -314,6 +333,7 @@ def collect(db, helper, config, force=False, fresh=False, audit_log=None):
         elapsed = sample["taken_at"] - last["taken_at"] if last and last["boot"] == sample["boot"] else 0
         set_meta(db, "usage_sample", json.dumps({"boot": sample["boot"], "taken_at": sample["taken_at"]}))
         set_meta(db, "usage_cost", round(sample.get("dump_seconds", 0) + time.perf_counter() - started, 4))
+        set_meta(db, "usage_stall", sample.get("dump_seconds", 0) if sample.get("dump_blocks") else 0)
         gap = _next_gap(db, config, moved["users"], elapsed)
         set_meta(db, "usage_next_at", now + gap)
         set_meta(db, "usage_fresh", "1" if gap < FRESH_BELOW else "")
@@ -351,9 +371,9 @@ def _next_gap(db, config, moved, elapsed):
     """Seconds to the next count: the interval, or, while a user with a quota moves towards it, half the
     time the user would take to reach it at this pace (the counters are read often enough to cut near
     the quota; the helper's quota object stops what runs past it in between).  Never more often than
-    NEAR_SHARE of a core allows."""
+    NEAR_SHARE of a core and STALL_SHARE of the interface's time allow."""
     gap = interval(db, config)
-    floor = max(MIN_GAP, float(get_meta(db, "usage_cost", 0)) / NEAR_SHARE)
+    floor = max(MIN_GAP, float(get_meta(db, "usage_cost", 0)) / NEAR_SHARE, _stall_gap(db))
     for user_id, size in moved.items():
         plan = plan_of(db, user_id)
         if elapsed > 0 and size > 0 and plan.quota_bytes is not None and plan.cut_at is None:
@@ -456,7 +476,7 @@ def settle(db, helper, config, peers, audit_log=None):  # config None: the app's
     lately, so what it moved since the last count is not lost.  Best effort."""
     keys = [p.public_key for p in peers if p.quarantined_at is None]
     # Moved within the last few counts (each at most SETTLE_WINDOW apart, or what the cost stretches them to).
-    recent = time.time() - 3 * max(SETTLE_WINDOW, float(get_meta(db, "usage_cost", 0)) / COST_SHARE)
+    recent = time.time() - 3 * max(SETTLE_WINDOW, _spacing(db))
     if not keys or not any(r[0] and r[0] >= recent for r in _chunked(
             db, "SELECT active_at FROM usage_seen WHERE public_key IN (%s)", keys)):
         return

@@ -1,4 +1,7 @@
 """Per-peer counters for the app's accounting (wghelper/usage.py), and the usage and limits commands."""
+import threading
+import time
+
 import pytest
 
 from wghelper import limits, usage
@@ -73,6 +76,54 @@ def test_fresh_dumps_now_and_concurrent_callers_share_nothing_stale():
     assert samples.sample(dump, fresh=True)["peers"][0][1] == 2 and samples.taken_at == 100.2
 
 
+def test_a_peer_that_never_did_anything_is_no_change_until_it_does():
+    # After a bulk add, a helper restart or a new link: not 50,000 idle rows to a worker (the app has no
+    # baseline for them, or counts from zero when it sees them move).
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    samples.record(100.0, "5", dumped((key(1), 10, 20, 0, None)))
+    since = {"boot": BOOT, "taken_at": 100.0}
+    samples.record(101.0, "5", dumped((key(1), 10, 20, 0, None), (key(2), 0, 0, 0, None)))
+    assert samples.sample(lambda: None, since)["peers"] == []
+    assert len(samples.sample(lambda: None)["peers"]) == 2  # a caller without a since still gets every peer
+    samples.record(102.0, "6", dumped((key(1), 10, 20, 0, None), (key(2), 0, 0, 0, None)))  # a new link
+    assert samples.sample(lambda: None, since)["peers"] == [[key(1), 10, 20, 0, None]]
+    samples.record(103.0, "6", dumped((key(1), 0, 0, 0, None), (key(2), 0, 0, 0, "192.0.2.9:5")))
+    moved = samples.sample(lambda: None, {"boot": BOOT, "taken_at": 102.0})["peers"]
+    assert sorted(moved) == sorted([[key(1), 0, 0, 0, None], [key(2), 0, 0, 0, "192.0.2.9:5"]])  # a reset too
+
+
+def test_fresh_callers_waiting_together_share_the_next_dump():
+    # The app settles before each disconnect: those that arrive while a dump runs need one begun after
+    # they asked, and one is enough for all of them.
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    started, release, dumps = threading.Event(), threading.Event(), []
+
+    def dump():
+        dumps.append(clock.now)
+        if len(dumps) == 1:
+            started.set()
+            release.wait(5)
+        return "5", dumped((key(1), len(dumps), 0, 0, None))
+
+    first = threading.Thread(target=samples.sample, args=(dump,), kwargs={"fresh": True})
+    first.start()
+    assert started.wait(5)
+    clock.now = 100.1  # these ask while the first dump runs: it began before them
+    answers = []
+    waiting = [threading.Thread(target=lambda: answers.append(samples.sample(dump, fresh=True))) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.1)
+    clock.now = 100.2
+    release.set()
+    for thread in [first, *waiting]:
+        thread.join(5)
+    assert dumps == [100.0, 100.2]
+    assert [a["peers"][0][1] for a in answers] == [2, 2, 2] and {a["taken_at"] for a in answers} == {100.2}
+
+
 def test_boot_id_is_read_from_the_kernel():
     assert usage.read_boot_id().count("-") == 4
 
@@ -99,6 +150,12 @@ def test_usage_command_reads_the_interface(helper):
     since = {"boot": BOOT, "taken_at": got["taken_at"]}
     assert helper.result("usage", {"since": since})["peers"] == []  # nothing changed, and no new dump
     assert helper.runner.calls == [["wg", "show", "wgt0", "dump"]]
+
+
+@pytest.mark.parametrize("backend, blocks", [("wireguard-go", True), ("kernel", False)])
+def test_usage_says_whether_its_dump_held_the_interface(helper, backend, blocks):
+    helper.iface.backend = backend
+    assert helper.result("usage", {})["dump_blocks"] is blocks
 
 
 def test_status_dumps_feed_the_usage_samples(helper):

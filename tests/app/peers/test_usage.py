@@ -1,6 +1,7 @@
 """Usage accounting, limits and the quota (app/peers/usage.py), with the fake helper."""
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -99,6 +100,41 @@ def test_one_worker_counts_per_interval(app, client, auth, fake_helper, cfg, db)
     assert calls == 1
     assert usage.collect(db, fake_helper, cfg) is None  # not due yet: no helper call
     assert len([c for c in fake_helper.calls if c[0] == "usage"]) == calls
+
+
+@pytest.mark.parametrize("dump, blocks, gap", [
+    (0.001, True, 2.0),     # USAGE_INTERVAL: a small node counts as configured
+    (1.0, False, 100.0),    # a kernel dump of 60,000 peers: COST_SHARE of a core (its wall time, ~1 s)
+    (1.0, True, 400.0),     # wireguard-go's: every change waits for it, so STALL_SHARE of the time
+    (0.04, True, 4.0),      # shorter than STALL_FREE: as long as a `wg set`, not spaced for the stall
+])
+def test_the_next_count_is_spaced_by_what_the_dump_cost_and_held(app, client, auth, fake_helper, cfg, db, dump,
+                                                                   blocks, gap):
+    cfg["USAGE_INTERVAL"] = 2.0
+    connect(client, auth, 1)
+    fake_helper.dump_seconds, fake_helper.dump_blocks = dump, blocks
+    before = time.time()
+    count(db, fake_helper, cfg)
+    assert float(get_meta(db, "usage_next_at")) - before == pytest.approx(gap, rel=0.05, abs=0.5)
+
+
+def test_a_user_near_the_quota_is_counted_sooner_but_not_past_the_stall_share(app, client, auth, internal,
+                                                                             fake_helper, cfg, db):
+    cfg["USAGE_INTERVAL"] = 30.0
+    limits(client, internal, quotaBytes=10 ** 6)
+    connect(client, auth, 1)
+    count(db, fake_helper, cfg)
+    fake_helper.taken_at += 9  # 10 s after the last sample, 400,000 bytes: the quota is 15 s away at this pace
+    fake_helper.counters[make_key(1)] = (200000, 200000)
+    before = time.time()
+    count(db, fake_helper, cfg)
+    assert float(get_meta(db, "usage_next_at")) - before == pytest.approx(7.5, abs=0.5)  # half of it
+    fake_helper.dump_seconds = 1.0  # wireguard-go at 60,000 peers: the quota object stops the user meanwhile
+    fake_helper.taken_at += 9
+    fake_helper.counters[make_key(1)] = (400000, 400000)
+    before = time.time()
+    count(db, fake_helper, cfg)
+    assert float(get_meta(db, "usage_next_at")) - before == pytest.approx(400, rel=0.05)
 
 
 def test_the_next_count_asks_only_for_what_moved_since(app, client, auth, fake_helper, cfg, db):
