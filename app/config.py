@@ -125,7 +125,7 @@ APP = {
     "STALE_AFTER": (_float(0, 365 * 86400), 604800.0, "Quarantine a client peer after this long without a handshake, seconds (0 = never sweep)"),
     "QUARANTINE": (_float(0, 365 * 86400), 86400.0, "A quarantined peer keeps its address this long before it is freed, seconds"),
     "SWEEP_INTERVAL": (_float(1, 86400), 300.0, "Stale-peer sweep runs at most this often (once across all workers), seconds"),
-    "USAGE_INTERVAL": (_float(0, 3600), 2.0, "Count usage from the interface's counters this often (once across all workers; longer when a count would take more than 1% of a core), seconds (0 = no counting, no quota cuts)"),
+    "USAGE_INTERVAL": (_float(0, 3600), 2.0, "Count usage from the interface's counters this often (once across all workers; longer when a count would take more than 1% of a core, or its wireguard-go dump hold the interface's changes more than 0.25% of the time), seconds (0 = no counting, no quota cuts)"),
     "AUDIT_LOG": (_str, None, "Audit log file, JSON lines (default: audit.log beside DB_PATH; off: no audit log)"),
     "AUDIT_MAX_BYTES": (_int(1024, 2 ** 40), 10485760, "Rotate the audit log when it would pass this size, bytes"),
     "AUDIT_BACKUPS": (_int(1, 1000), 10, "Rotated audit log files kept (audit.log.1 is the newest)"),
