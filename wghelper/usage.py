@@ -69,8 +69,9 @@ class Samples:
 
     def sample(self, dump, since=None, fresh=False, over_quota=None):
         """The counters changed after `since` ({"boot", "taken_at"}; None: all), from a sample no older than
-        REFRESH (or, `fresh`, one begun after this call).  dump() -> (epoch, peers) makes a new one; over_quota() -> the
-        users whose quota object in the nftables table is used up (wghelper/limits.py), asked every time."""
+        REFRESH (or, `fresh`, one begun after this call).  dump() -> (epoch, peers) makes a new one;
+        over_quota() -> the users whose quota object in the nftables table is used up (wghelper/limits.py),
+        asked every time."""
         asked = self.clock()
         if fresh or self._age() >= self.refresh:
             with self._dumping:
