@@ -16,6 +16,13 @@ last sample (``since``): at 10,000 peers most are idle, and the app
 compares few.  A sample older than a newer one is never answered, so
 samples reach the app in order.
 
+A sample is answered as it is while younger than REFRESH, or than REUSE
+times what its dump took (10-15 s at 60,000 peers on wireguard-go, where
+each dump holds every change of the interface for 1-1.5 s): so the count
+that follows another reader's dump in the same round (the app's drift
+check, then its sweep: app/peers/reconcile.py Watcher.round) is counted
+from that dump instead of making a second one.
+
 A peer that has never moved a byte, made a handshake or had an endpoint
 (IDLE) is not a change when it first appears: the app counts a peer it has
 no baseline for from zero anyway (and forgets the baseline of a peer it
@@ -28,6 +35,7 @@ import time
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 REFRESH = 1.0  # a sample younger than this is answered as it is
+REUSE = 10.0   # ... or younger than this many times what its dump took
 IDLE = (0, 0, 0, None)  # rx, tx, latest handshake, endpoint of a peer that never did anything
 NEVER = 0.0  # the "changed at" of a peer that never changed: before any sample's taken_at
 
@@ -69,17 +77,17 @@ class Samples:
 
     def sample(self, dump, since=None, fresh=False, over_quota=None):
         """The counters changed after `since` ({"boot", "taken_at"}; None: all), from a sample no older than
-        REFRESH (or, `fresh`, one begun after this call).  dump() -> (epoch, peers) makes a new one;
+        _reuse() (or, `fresh`, one begun after this call).  dump() -> (epoch, peers) makes a new one;
         over_quota() -> the users whose quota object in the nftables table is used up (wghelper/limits.py),
         asked every time."""
         asked = self.clock()
-        if fresh or self._age() >= self.refresh:
+        if fresh or self._age() >= self._reuse():
             with self._dumping:
                 # Fresh: from a dump that began after the caller asked.  Callers that waited here for
                 # the same dump share the next one (the app settles before each disconnect, and on
                 # wireguard-go each dump holds every change: 0.7-1 s at 60,000 peers).
                 if fresh and not (self.taken_at is not None and self.taken_at > asked) or \
-                        self._age() >= self.refresh:
+                        self._age() >= self._reuse():
                     taken_at = self.clock()
                     started = time.perf_counter()
                     epoch, peers = dump()
@@ -93,6 +101,10 @@ class Samples:
             return {"boot": self.boot, "epoch": self.epoch, "taken_at": self.taken_at, "complete": after is None,
                     "dump_seconds": round(self.dump_seconds + time.perf_counter() - started, 4), "peers": rows,
                     "over_quota": over}
+
+    def _reuse(self):
+        """How old a sample may be and still be answered to a caller that does not ask for a fresh one."""
+        return max(self.refresh, REUSE * self.dump_seconds)
 
     def _age(self):
         return float("inf") if self.taken_at is None else self.clock() - self.taken_at

@@ -11,7 +11,9 @@ lost): the helper's dump and the rows are read without the lock and
 compared here; the few keys that differ are read again under the lock, and
 only the ones that still differ are repaired there, so a connect or
 disconnect that committed in between is never undone.  One worker does it
-per interval (``meta.reconciled_at`` is taken first, as a lease).
+per interval (``meta.reconciled_at`` is taken first, as a lease), or up to
+half an interval early when the sweep is due: then both run on one dump
+(reconcile.Watcher.round).
 """
 import dataclasses
 import ipaddress
@@ -30,12 +32,13 @@ log = logging.getLogger(__name__)
 RESTORE_KEEPALIVE = 25  # as wghelper/peers.py: a peer the interface lost goes back to its last endpoint
 
 
-def _claim(db, generation, interval, now):
-    """Take this round (one worker per interval); False when it is not due or not ours to do."""
+def _claim(db, generation, interval, now, early=0.0):
+    """Take this round (one worker per interval, or up to `early` seconds before); False when it is not due
+    or not ours to do."""
     with write(db):
         if get_meta(db, "reconciled_generation") != generation:
             return False  # a new interface: the full sync's (reconcile.reconcile)
-        if not interval or now - float(get_meta(db, "reconciled_at", 0)) < interval:
+        if not interval or now - float(get_meta(db, "reconciled_at", 0)) < interval - early:
             return False
         set_meta(db, "reconciled_at", now)
         return True
@@ -82,10 +85,11 @@ def _live_by_key(db, keys, size=900):
     return rows
 
 
-def check(db, helper, generation, interval, hello, bridges=None, audit_log=None, own=(), now=None):
-    """One periodic round if due and ours: returns the repairs made ({} when none), or None."""
+def check(db, helper, generation, interval, hello, bridges=None, audit_log=None, own=(), now=None, early=0.0):
+    """One periodic round if due (or due within `early` seconds) and ours: returns the repairs made ({} when
+    none), or None."""
     now = time.time() if now is None else now
-    if not _claim(db, generation, interval, now):
+    if not _claim(db, generation, interval, now, early):
         return None
     dump = helper.dump()
     addressing = Addressing(hello)

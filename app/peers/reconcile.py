@@ -27,6 +27,10 @@ from .db import DEFAULT_BUSY_TIMEOUT, connect, get_meta, set_meta, undo, write
 
 log = logging.getLogger(__name__)
 
+# Seconds a worker leaves a due sweep to the worker whose drift check brought it forward (Watcher.round):
+# that one sweeps right after its check, seconds later even at 60,000 peers.
+SWEEP_GRACE = 60.0
+
 
 def reconcile(db, helper, generation=None, interval=None, bridges=None, audit_log=None, own=(),
               forget_refused=False):
@@ -184,9 +188,11 @@ class Watcher:
                 result = reconcile(db, self.helper, generation, bridges=self.bridges, audit_log=self.audit_log,
                                    own=own_keys(hello), forget_refused=True)
             elif get_meta(db, "reconciled_generation") == generation:
-                # The same interface: look for drift without holding the lock (app/drift.py).
+                # The same interface: look for drift without holding the lock (app/drift.py); early when
+                # the sweep is due, so that the two share one dump (round()).
+                early = self._slack() if sweep.due(db, self.config["SWEEP_INTERVAL"], time.time()) else 0.0
                 result = drift.check(db, self.helper, generation, self.interval, hello, bridges=self.bridges,
-                                     audit_log=self.audit_log, own=own_keys(hello))
+                                     audit_log=self.audit_log, own=own_keys(hello), early=early)
             elif due(db, generation, self.interval):
                 result = reconcile(db, self.helper, generation, self.interval, bridges=self.bridges,
                                    audit_log=self.audit_log, own=own_keys(hello))
@@ -202,21 +208,46 @@ class Watcher:
     def _connect(self):
         return connect(self.db_path, self.config.get("DB_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT))
 
-    def sweep_once(self):
-        """The stale-peer sweep, when it is on and this worker wins the round."""
+    def _slack(self):
+        """Seconds by which the drift check and the sweep may each run early to run in one round."""
+        if not self.interval or not self.config.get("STALE_AFTER"):
+            return 0.0
+        return min(self.interval, self.config["SWEEP_INTERVAL"]) / 2
+
+    def sweep_once(self, shared=False):
+        """The stale-peer sweep, when it is on and this worker wins the round; `shared`: this round's
+        check_once has just had the helper dump the interface (app/peers/sweep.py)."""
         if not self.config.get("STALE_AFTER"):
             return None
         db = self._connect()
         try:
-            return sweep.sweep(db, self.helper, self.config, self.audit_log)
+            if not shared and self._drift_sweeps(db, time.time()):
+                return None
+            return sweep.sweep(db, self.helper, self.config, self.audit_log, early=self._slack() if shared else 0.0,
+                               shared=shared)
         finally:
             db.close()
 
+    def _drift_sweeps(self, db, now):
+        """Whether another worker has just taken a drift check that brings the sweep forward: it sweeps
+        right after, from the same dump (unless it has not within SWEEP_GRACE: then it failed or died)."""
+        slack = self._slack()
+        drift_at = float(get_meta(db, "reconciled_at", 0))
+        sweep_due_at = float(get_meta(db, "swept_at", 0)) + self.config["SWEEP_INTERVAL"]
+        return bool(slack) and drift_at >= sweep_due_at - slack and now - drift_at < min(slack, SWEEP_GRACE)
+
     def round(self):
-        """check_once and sweep_once, with every failure logged instead of raised."""
+        """check_once and sweep_once, with every failure logged instead of raised.
+
+        The drift check and the sweep each read the whole interface every 300 s by default; on
+        wireguard-go each dump holds every change of the interface until it is read out (1-1.5 s at
+        60,000 peers: every connect meanwhile waits).  Whichever of the two falls due first brings the
+        other forward by up to half an interval, so that from then on they run in the same round, the
+        drift check first: the sweep's count is made from its dump (wghelper/usage.py REUSE).
+        """
         try:
-            self.check_once()
-            self.sweep_once()
+            dumped = self.check_once() is not None
+            self.sweep_once(shared=dumped)
             self.last_error = None
         except (HelperUnavailable, HelperFailed) as exc:
             if self.last_error != exc.code:

@@ -40,12 +40,17 @@ log = logging.getLogger(__name__)
 SLICE = 1000  # rows per write transaction
 
 
-def _claim(db, interval, now):
+def due(db, interval, now, early=0.0):
+    """Whether a round is due (or due within `early` seconds), judged from meta."""
+    return now - float(get_meta(db, "swept_at", 0)) >= interval - early
+
+
+def _claim(db, interval, now, early=0.0):
     """Take this round if it is due (one worker per interval); False otherwise."""
-    if now - float(get_meta(db, "swept_at", 0)) < interval:
+    if not due(db, interval, now, early):
         return False  # the common case, answered without the write lock
     with write(db):
-        if now - float(get_meta(db, "swept_at", 0)) < interval:
+        if not due(db, interval, now, early):
             return False
         set_meta(db, "swept_at", now)
         return True
@@ -64,14 +69,16 @@ def idle_since(peer, live_handshake, interface_since):
     return max(live_handshake or 0, peer.handshake_at or 0, peer.created_at, peer.updated_at, interface_since)
 
 
-def sweep(db, helper, config, audit_log=None, now=None):
-    """One round if due: returns {"quarantined": [...], "freed": [...]} or None when not due."""
+def sweep(db, helper, config, audit_log=None, now=None, early=0.0, shared=False):
+    """One round if due (or due within `early` seconds): returns {"quarantined": [...], "freed": [...]} or
+    None when not due.  `shared`: the helper has just dumped the interface for this worker (a drift check
+    or a sync in the same watcher round), and the count the round starts with may come from that dump."""
     now = time.time() if now is None else now
-    if not _claim(db, config["SWEEP_INTERVAL"], now):
+    if not _claim(db, config["SWEEP_INTERVAL"], now, early):
         return None
     generation = helper.hello()["generation"]
     counted = bool(config.get("USAGE_INTERVAL"))
-    handshakes, endpoints = _seen(db, helper, config, counted, audit_log)
+    handshakes, endpoints = _seen(db, helper, config, counted, audit_log, shared)
     quarantined, freed = [], []
     with write(db):
         since = _interface_since(db, generation, now)
@@ -94,14 +101,16 @@ def sweep(db, helper, config, audit_log=None, now=None):
     return {"quarantined": quarantined, "freed": freed}
 
 
-def _seen(db, helper, config, counted, audit_log):
+def _seen(db, helper, config, counted, audit_log, shared=False):
     """What the interface saw: ({key: latest handshake}, {key: endpoint}).  While usage counts, one fresh
     count first: it writes both to the database (usage_devices, the rows' last endpoints), read a slice
     at a time; the dump it takes serves the usage and the status too, and only the peers that moved
     cross the socket, where the sweep's own dump sent all 60,000 (10 MB) to be read here.  Then
-    ({}, {}).  Without counting: a dump."""
+    ({}, {}).  `shared`: a count from the dump the helper has just made for this round (seconds old;
+    the helper keeps it for ten times what it took, wghelper/usage.py) is fresh enough: a peer the
+    round quarantines has had no handshake for STALE_AFTER.  Without counting: a dump."""
     if counted:
-        usage.collect(db, helper, config, force=True, fresh=True, audit_log=audit_log)
+        usage.collect(db, helper, config, force=True, fresh=not shared, audit_log=audit_log)
         return {}, {}
     dump = helper.dump()
     return ({p["public_key"]: p["latest_handshake"] for p in dump},

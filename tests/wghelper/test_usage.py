@@ -76,6 +76,24 @@ def test_fresh_dumps_now_and_concurrent_callers_share_nothing_stale():
     assert samples.sample(dump, fresh=True)["peers"][0][1] == 2 and samples.taken_at == 100.2
 
 
+def test_a_sample_serves_later_callers_for_ten_times_what_its_dump_took():
+    # The drift check's dump (1-1.5 s of the interface at 60,000 peers on wireguard-go) serves the sweep's
+    # count a few seconds later; a caller that asks for a fresh one still gets a new dump.
+    clock = Clock()
+    samples = Samples(BOOT, clock)
+    samples.record(100.0, "5", dumped((key(1), 10, 0, 0, None)), seconds=1.2)
+    clock.now = 100.0 + 11.9
+    assert samples.sample(lambda: pytest.fail("dumped"))["taken_at"] == 100.0
+    clock.now = 100.0 + usage.REUSE * 1.2
+    assert samples.sample(lambda: ("5", dumped((key(1), 20, 0, 0, None))))["taken_at"] == clock.now
+    # A cheap dump is reused no longer than REFRESH.
+    samples.record(200.0, "5", dumped((key(1), 30, 0, 0, None)), seconds=0.01)
+    clock.now = 200.0 + usage.REFRESH
+    assert samples.sample(lambda: ("5", dumped((key(1), 40, 0, 0, None))))["taken_at"] == clock.now
+    clock.now += 0.5
+    assert samples.sample(lambda: ("5", dumped((key(1), 50, 0, 0, None))), fresh=True)["peers"][0][1] == 50
+
+
 def test_a_peer_that_never_did_anything_is_no_change_until_it_does():
     # After a bulk add, a helper restart or a new link: not 50,000 idle rows to a worker (the app has no
     # baseline for them, or counts from zero when it sees them move).

@@ -5,6 +5,8 @@ import os
 import sqlite3
 import time
 
+import pytest
+
 from app.peers import reconcile, store
 from tests.conftest import POOL6, SERVER_KEY, make_key
 from wghelper import validate
@@ -226,3 +228,90 @@ def test_a_failed_sync_makes_every_worker_sync_again(app, client, auth, fake_hel
     other = reconcile.Watcher(app.config, helper=fake_helper)
     other._eager = False  # another worker, past its first round
     assert other.check_once() is not None  # the generation was not left marked as synced
+
+
+@pytest.fixture
+def periodic(app, fake_helper):
+    """A watcher past its first sync, with the drift check and the sweep each every 300 s, and set(db,
+    drift_age, sweep_age) saying how long ago each last ran."""
+    app.config.update(RECONCILE_INTERVAL=300.0, SWEEP_INTERVAL=300.0, STALE_AFTER=86400.0, USAGE_INTERVAL=2.0)
+    watcher = reconcile.Watcher(app.config, helper=fake_helper)
+    watcher.check_once()
+    db = sqlite3.connect(app.config["DB_PATH"])
+
+    def ran(drift_age, sweep_age):
+        now = time.time()
+        with db:
+            db.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                           "value = excluded.value", [("reconciled_at", now - drift_age), ("swept_at", now - sweep_age)])
+        fake_helper.calls.clear()
+
+    yield watcher, ran
+    db.close()
+
+
+def reads(helper):
+    """What the round read of the interface: its dumps, and its counts with whether they asked a new dump."""
+    return [c if c[0] == "dump" else ("usage", c[2]) for c in helper.calls if c[0] in ("dump", "usage")]
+
+
+@pytest.mark.parametrize("drift_age, sweep_age", [(281, 301), (301, 281)], ids=["sweep-first", "drift-first"])
+def test_the_drift_check_and_the_sweep_share_one_dump(periodic, fake_helper, drift_age, sweep_age):
+    """On wireguard-go a dump holds every change of the interface (1-1.5 s at 60,000 peers): whichever
+    falls due first brings the other forward, and the sweep counts from the drift check's dump."""
+    watcher, ran = periodic
+    ran(drift_age, sweep_age)
+    watcher.round()
+    assert reads(fake_helper) == [("dump",), ("usage", False)]
+    ran(0, 0)
+    watcher.round()  # neither is due again
+    assert reads(fake_helper) == []
+
+
+def test_a_sweep_alone_still_counts_from_a_new_dump(periodic, app, fake_helper):
+    watcher, ran = periodic
+    app.config["SWEEP_INTERVAL"] = 60.0  # they share a round every fifth sweep
+    ran(60, 61)  # the drift check is due in 240 s, more than half the sweep's interval
+    watcher.round()
+    assert reads(fake_helper) == [("usage", True)]
+
+
+def test_a_drift_check_alone_does_not_bring_a_recent_sweep_forward(periodic, fake_helper):
+    watcher, ran = periodic
+    ran(301, 10)
+    watcher.round()
+    assert reads(fake_helper) == [("dump",)]
+
+
+def test_without_the_sweep_the_drift_check_keeps_its_interval(periodic, app, fake_helper):
+    watcher, ran = periodic
+    app.config["STALE_AFTER"] = 0
+    ran(281, 301)
+    watcher.round()
+    assert reads(fake_helper) == []
+
+
+def test_a_worker_leaves_the_sweep_to_the_one_whose_drift_check_brought_it_forward(periodic, app, fake_helper):
+    """Two workers' rounds a moment apart: the second must not sweep on a dump of its own while the first
+    is still reading the drift check's; it does once the first has had half an interval to."""
+    watcher, ran = periodic
+    ran(301, 301)
+    other = reconcile.Watcher(app.config, helper=fake_helper)
+    other._eager = False
+    drift_check = fake_helper.dump
+
+    def meanwhile():  # the other worker's round, while this worker's drift check reads the dump
+        other.round()
+        return drift_check()
+    fake_helper.dump = meanwhile
+    watcher.round()
+    assert reads(fake_helper) == [("dump",), ("usage", False)]
+    fake_helper.dump = drift_check
+    db = sqlite3.connect(app.config["DB_PATH"])
+    with db:  # the first worker took the drift check more than SWEEP_GRACE ago and never swept
+        db.execute("UPDATE meta SET value = ? WHERE key = 'reconciled_at'", (time.time() - reconcile.SWEEP_GRACE - 1,))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'swept_at'", (time.time() - 301,))
+    db.close()
+    fake_helper.calls.clear()
+    other.round()
+    assert reads(fake_helper) == [("usage", True)]
