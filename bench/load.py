@@ -34,6 +34,13 @@ class Client:
 
         self.conn = Connection(SERVER_ADDR, API_PORT, timeout=timeout)
 
+    def connect(self):
+        """Open the connection now, not on the first request (whose timing would then include it)."""
+        if self.conn is None:
+            self._open()
+        self.conn.connect()
+        return self
+
     def request(self, method, path, body=None, headers=None):
         """(status, parsed JSON or None, seconds); reconnects once if the server closed the connection."""
         data = json.dumps(body).encode() if body is not None else None
