@@ -233,8 +233,8 @@ class Watcher:
         right after, from the same dump (unless it has not within SWEEP_GRACE: then it failed or died)."""
         slack = self._slack()
         drift_at = float(get_meta(db, "reconciled_at", 0))
-        sweep_due_at = float(get_meta(db, "swept_at", 0)) + self.config["SWEEP_INTERVAL"]
-        return bool(slack) and drift_at >= sweep_due_at - slack and now - drift_at < min(slack, SWEEP_GRACE)
+        return bool(slack) and now - drift_at < min(slack, SWEEP_GRACE) and \
+            sweep.due(db, self.config["SWEEP_INTERVAL"], drift_at, slack)  # due within slack at the check
 
     def round(self):
         """check_once and sweep_once, with every failure logged instead of raised.
