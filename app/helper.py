@@ -231,6 +231,19 @@ class HelperClient(Said):
     def dump(self):
         return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
 
+    def dump_pages(self, limit):
+        """The interface's peers by key, `limit` at a time, from one dump the helper keeps for the walk
+        (wghelper/peers.py Pages): yields (peers, through), `through` the page's last key, None on the
+        last page (which covers every key after the one before)."""
+        page, offset = self.call("dump_peers", {"limit": limit}, timeout=SYNC_TIMEOUT), 0
+        while True:
+            offset += len(page["peers"])
+            if offset >= page["total"] or not page["peers"]:
+                yield page["peers"], None
+                return
+            yield page["peers"], page["peers"][-1]["public_key"]
+            page = self.call("dump_peers", {"dump": page["dump"], "offset": offset, "limit": limit})
+
     def sync(self, peers, since=None):
         """Make the interface hold exactly `peers` (store.Peer), as read at `since` (time.monotonic()):
         what a connect or disconnect applied after that stays.  The result's "endpoints" are where the

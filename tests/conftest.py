@@ -110,6 +110,15 @@ class FakeHelper(Said):
                  "endpoint": self.endpoints.get(key), "allowed_ips": list(peer["allowed_ips"]),
                  "keepalive": peer["keepalive"]} for key, peer in self.peers.items()]
 
+    def dump_pages(self, limit):
+        """As HelperClient.dump_pages, from one dump()."""
+        peers = sorted(self.dump(), key=lambda p: p["public_key"])
+        for start in range(0, len(peers), limit):
+            page = peers[start:start + limit]
+            yield page, page[-1]["public_key"] if start + limit < len(peers) else None
+        if not peers:
+            yield [], None
+
     def sync(self, peers, since=None):
         peers = [sync_spec(p, self.addressing()) for p in peers]
         self.calls.append(("sync", peers))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import protocol, requests
 from .errors import CommandFailed, HelperError, Invalid
-from .peers import parse_dump, plan_sync
+from .peers import Pages, parse_dump, plan_sync
 from .statuscache import StatusCache
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class Context:
     status_cache: StatusCache = field(default_factory=StatusCache)
     bridges: object = None  # wghelper/bridge.py Bridges; None in tests that need none
     samples: object = None  # wghelper/usage.py Samples; None in tests that need none
+    pages: Pages = field(default_factory=Pages)
 
 
 def _require_up(ctx):
@@ -118,7 +119,11 @@ def apply_peers(ctx, args):
 
 
 def dump_peers(ctx, args):
-    return {"peers": _on_interface(ctx, lambda: _peers_now(ctx))}
+    if "limit" not in args:
+        return {"peers": _on_interface(ctx, lambda: _peers_now(ctx))}
+    if "dump" not in args:  # a walk's first page: a new dump
+        return ctx.pages.page(ctx.pages.keep(_on_interface(ctx, lambda: _peers_now(ctx))), 0, args["limit"])
+    return ctx.pages.page(args["dump"], args["offset"], args["limit"])
 
 
 def sync_peers(ctx, args):

@@ -1,5 +1,7 @@
-"""Reading `wg show IF dump` and planning a sync: pure functions, no privilege needed."""
+"""Reading `wg show IF dump`, planning a sync and paging a dump: no privilege needed."""
 import ipaddress
+import itertools
+import threading
 
 from . import validate
 from .errors import Invalid
@@ -90,3 +92,37 @@ def plan_sync(current, desired, newer=None):
     kept = len(newer & (have.keys() | wanted))
     return removes, adds, {"added": added, "removed": len(removes), "updated": updated, "kept": kept,
                            "endpoints": {key: p["endpoint"] for key, p in have.items() if p["endpoint"]}}
+
+
+class Pages:
+    """The dump a walk reads a page at a time (``dump_peers`` with ``limit``: app/peers/drift.py), by key.
+
+    At 60,000 peers a whole dump is a 10 MB answer that one worker decoded
+    at once, its requests waiting and its RSS 22 MB higher after
+    (docs/benchmarks.md); pages of a few thousand keep both small.  One dump
+    is kept, for one walk: its first page replaces the one before, its last
+    lets it go.  Only one walk runs at a time (the drift check's lease), so
+    a page of a dump no longer kept means a helper out of step: it is
+    refused, and the app's next round syncs in full.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._kept = None  # (id, peers sorted by key)
+
+    def keep(self, peers):
+        """Keep `peers` (parse_dump's) for a walk; returns the dump's id."""
+        with self._lock:
+            self._kept = (next(self._ids), sorted(peers, key=lambda p: p["public_key"]))
+            return self._kept[0]
+
+    def page(self, dump, offset, limit):
+        """{"peers": the `limit` after the first `offset` of dump `dump`, "dump", "total"}."""
+        with self._lock:
+            kept = self._kept
+            if kept is None or kept[0] != dump:
+                raise Invalid("dump", "is no longer kept: start again from its first page")
+            if offset + limit >= len(kept[1]):
+                self._kept = None
+        return {"peers": kept[1][offset:offset + limit], "dump": dump, "total": len(kept[1])}

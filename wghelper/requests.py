@@ -116,6 +116,20 @@ def limits(args, s, own=()):
     return {"users": users, "replace": validate.boolean(args.get("replace", False), "replace")}
 
 
+def dump_peers(args, s, own=()):
+    """{}: every peer.  {"limit"}: a walk's first page (wghelper/peers.py Pages); {"dump", "offset",
+    "limit"}: a later one."""
+    allowed = ("limit", "dump", "offset")
+    if not validate.obj(args, "", allowed):
+        return {}
+    validate.obj(args, "", allowed, allowed if "dump" in args or "offset" in args else ("limit",))
+    result = {"limit": validate.integer(args["limit"], 1, validate.MAX_PEERS, "limit")}
+    if "dump" in args:
+        result.update(dump=validate.integer(args["dump"], 1, validate.MAX_COUNTER, "dump"),
+                      offset=validate.integer(args["offset"], 0, validate.MAX_PEERS, "offset"))
+    return result
+
+
 def usage(args, s, own=()):
     """{"since"?: {"boot", "taken_at"}, "fresh"?: bool}: per-peer counters changed since an earlier answer."""
     validate.obj(args, "", ("since", "fresh"))
@@ -131,7 +145,7 @@ COMMANDS = {
     "hello": no_args,        # who the helper is: key, interface, generation
     "status": no_args,       # hello plus live peer count and traffic
     "apply_peers": apply_peers,
-    "dump_peers": no_args,   # every peer with handshake and traffic (never the private key)
+    "dump_peers": dump_peers,  # every peer with handshake and traffic (never the private key), or a page
     "sync_peers": sync_peers,
     "bridge_up": bridge_up,
     "bridge_down": bridge_down,

@@ -8,9 +8,11 @@ a new interface generation, where the interface may be missing anything.
 The round every RECONCILE_INTERVAL on the same interface only looks for
 drift (a peer changed behind the helper's back, a change whose answer was
 lost): the helper's dump and the rows are read without the lock and
-compared here; the few keys that differ are read again under the lock, and
-only the ones that still differ are repaired there, so a connect or
-disconnect that committed in between is never undone.  One worker does it
+compared here, a PAGE of keys at a time (the helper keeps the dump for the
+walk: wghelper/peers.py Pages); the few keys that differ are read again
+under the lock, and only the ones that still differ are repaired there,
+so a connect or disconnect that committed in between is never undone.
+One worker does it
 per interval (``meta.reconciled_at`` is taken first, as a lease), or up to
 half an interval early when the sweep is due: then both run on one dump
 (reconcile.Watcher.round).
@@ -30,6 +32,9 @@ from ..helper import Addressing, peer_spec
 log = logging.getLogger(__name__)
 
 RESTORE_KEEPALIVE = 25  # as wghelper/peers.py: a peer the interface lost goes back to its last endpoint
+# Peers per page of the dump and of the rows.  The whole dump of 60,000 peers was 10 MB that one worker
+# decoded at once, its requests waiting, and its RSS 22 MB higher after (docs/benchmarks.md).
+PAGE = 2000
 
 
 def _claim(db, generation, interval, now, early=0.0):
@@ -91,10 +96,16 @@ def check(db, helper, generation, interval, hello, bridges=None, audit_log=None,
     now = time.time() if now is None else now
     if not _claim(db, generation, interval, now, early):
         return None
-    dump = helper.dump()
     addressing = Addressing(hello)
-    fix, stray, moved = plan(dump, store.live_peers(db), addressing)
-    have = {p["public_key"]: p for p in dump}
+    fix, stray, moved, have, count, after = [], [], {}, {}, 0, None
+    for page, through in helper.dump_pages(PAGE):
+        fixing, straying, moving = plan(page, store.live_peers_between(db, after, through), addressing)
+        fix += fixing
+        stray += straying
+        moved.update(moving)
+        fixing = set(fixing)
+        have.update((p["public_key"], p) for p in page if p["public_key"] in fixing)
+        count, after = count + len(page), through
     added = removed = updated = 0
     with write(db):
         if fix or stray:
@@ -124,7 +135,7 @@ def check(db, helper, generation, interval, hello, bridges=None, audit_log=None,
         usage.sync_limits(db, helper)
         usage.prune(db)
     repairs = {k: v for k, v in (("added", added), ("removed", removed), ("updated", updated)) if v}
-    log.info("reconcile check peers=%d added=%d removed=%d updated=%d", len(dump), added, removed, updated)
+    log.info("reconcile check peers=%d added=%d removed=%d updated=%d", count, added, removed, updated)
     if repairs and audit_log is not None:
-        audit_log.write("reconcile", SYSTEM, None, None, peers=len(dump), generation=generation, **repairs)
+        audit_log.write("reconcile", SYSTEM, None, None, peers=count, generation=generation, **repairs)
     return repairs

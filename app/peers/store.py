@@ -84,6 +84,16 @@ def live_peers(db):
                                              % (_COLUMNS, ON_INTERFACE))]
 
 
+def live_peers_between(db, after, through):
+    """live_peers with a key after `after` and up to `through` (None: no bound), by key: a page of a walk
+    (app/peers/drift.py), read through the key's index."""
+    bounds = [(clause, key) for clause, key in (("public_key > ?", after), ("public_key <= ?", through))
+              if key is not None]
+    where = " AND ".join([clause for clause, _ in bounds] + [ON_INTERFACE])
+    return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE %s" % (_COLUMNS, where),
+                                             [key for _, key in bounds])]
+
+
 def client_peers(db):
     return [Peer(*row) for row in db.execute("SELECT %s FROM peers WHERE source = 'client' ORDER BY addr"
                                              % _COLUMNS)]

@@ -11,13 +11,15 @@ from app.helper import Addressing, HelperClient, HelperUnavailable, peer_spec
 from app.peers.store import Peer
 from tests.conftest import make_key
 from wghelper import protocol
+from wghelper.peers import Pages
 
 
 class Helper:
     """A helper socket that answers every request; records them, counts connections; can hang up or stall."""
 
-    def __init__(self, path, replies_per_conn=None, stall=False, hello=None):
-        self.hello = hello  # the result of hello; other commands answer {"n": request id}
+    def __init__(self, path, replies_per_conn=None, stall=False, hello=None, answer=None):
+        self.hello = hello  # the result of hello; other commands answer {"n": request id}, or answer(args)
+        self.answer = answer
         self.accepts = 0
         self.requests = []
         self.replies_per_conn = replies_per_conn
@@ -48,7 +50,8 @@ class Helper:
                 if self.stall:
                     time.sleep(1.0)
                 try:
-                    result = self.hello if request["cmd"] == "hello" and self.hello else {"n": request["id"]}
+                    result = self.hello if request["cmd"] == "hello" and self.hello else \
+                        self.answer(request["args"]) if self.answer else {"n": request["id"]}
                     conn.sendall(protocol.encode({"id": request["id"], "ok": True, "result": result}))
                 except BrokenPipeError:  # the client gave up waiting (the timeout test)
                     return
@@ -131,6 +134,27 @@ def test_apply_and_sync_send_peers_in_the_wire_format(path):
              "keepalive": 25, "last_endpoint": "192.0.2.4:9"}]}),
         ("sync_peers", {"peers": [], "since": 1234.5}),  # when the app read its rows, if it says
     ]
+
+
+@pytest.mark.parametrize("count, walked", [(5, [(0, 2, 1), (2, 4, 3), (4, 5, None)]),
+                                           (4, [(0, 2, 1), (2, 4, None)]), (0, [(0, 0, None)])])
+def test_a_dump_is_walked_in_pages_each_named_by_its_last_key(path, count, walked):
+    """The helper's paging (wghelper/peers.py Pages) answers; the last page covers every key after the one
+    before it."""
+    pages, peers = Pages(), [{"public_key": make_key(n)} for n in range(count)]
+    helper = Helper(path, answer=lambda args: pages.page(args.get("dump") or pages.keep(peers),
+                                                         args.get("offset", 0), args["limit"]))
+    client = HelperClient(path, 2)
+    try:
+        got = list(client.dump_pages(2))
+    finally:
+        client.close()
+        helper.close()
+    keys = sorted(p["public_key"] for p in peers)
+    assert [([p["public_key"] for p in page], through) for page, through in got] == [
+        (keys[start:end], None if last is None else keys[last]) for start, end, last in walked]
+    assert [r["args"] for r in helper.requests] == [{"limit": 2}] + [
+        {"dump": 1, "offset": start, "limit": 2} for start, _, _ in walked[1:]]
 
 
 def test_each_hello_refreshes_the_pools(path):

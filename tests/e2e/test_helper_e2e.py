@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from app.helper import HelperClient
+
 from .netns import unique_ifname, veth
 from .wgclient import WgClient
 
@@ -185,6 +187,24 @@ def test_add_update_remove_and_dump(helper):
     bad = helper.call("apply_peers", {"add": [peer(a, "10.9.0.2/32")]})
     assert bad["error"]["code"] == "INVALID_ARGUMENT"
     assert helper.ns.run("wg", "show", helper.ifname, "peers").stdout.split() == [c]
+
+
+def test_the_app_walks_a_dump_in_pages_by_key(helper):
+    """The app's client (app/helper.py dump_pages) against the root helper and wireguard-go: the pages
+    hold the whole dump, by key, and the last one lets the helper's copy go."""
+    keys = [genkey() for _ in range(7)]
+    helper.result("apply_peers", {"add": [peer(k, "10.8.2.%d/32" % (n + 2)) for n, k in enumerate(keys)]})
+    whole = {p["public_key"]: p for p in helper.result("dump_peers")["peers"]}
+    client = HelperClient(helper.socket, 10)
+    try:
+        walked = list(client.dump_pages(3))
+    finally:
+        client.close()
+    assert [len(page) for page, _ in walked] == [3, 3, 1]
+    assert [through for _, through in walked] == [sorted(keys)[2], sorted(keys)[5], None]
+    assert [p for page, _ in walked for p in page] == [whole[k] for k in sorted(keys)]
+    gone = helper.call("dump_peers", {"dump": 1, "offset": 0, "limit": 3})
+    assert gone["error"]["code"] == "INVALID_ARGUMENT" and gone["error"]["details"]["field"] == "dump"
 
 
 def test_sync_removes_unknown_and_adds_missing(helper):

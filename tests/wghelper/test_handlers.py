@@ -245,6 +245,34 @@ def test_dump_and_status_never_return_the_private_key(helper):
         assert DUMP_PRIVATE not in text
 
 
+def test_a_dump_is_walked_a_page_at_a_time_by_key_from_one_wg_show(helper):
+    keys = [key(n) for n in range(1, 8)]
+    add(helper, *[peer(k, "10.8.0.%d/32" % (n + 2)) for n, k in enumerate(keys)])
+    helper.runner.clear()
+    first = helper.result("dump_peers", {"limit": 3})
+    pages, offset = [first], 3
+    while offset < first["total"]:
+        pages.append(helper.result("dump_peers", {"dump": first["dump"], "offset": offset, "limit": 3}))
+        offset += 3
+    assert [p["total"] for p in pages] == [7, 7, 7] and [len(p["peers"]) for p in pages] == [3, 3, 1]
+    assert [p["public_key"] for page in pages for p in page["peers"]] == sorted(keys)
+    assert helper.runner.calls == [["wg", "show", IF, "dump"]]
+    # The last page let the dump go.
+    reply = helper.call("dump_peers", {"dump": first["dump"], "offset": 0, "limit": 3})
+    assert reply["error"]["code"] == protocol.INVALID_ARGUMENT and reply["error"]["details"]["field"] == "dump"
+
+
+def test_a_new_walk_replaces_the_kept_dump(helper):
+    add(helper, peer(K1), peer(K2, "10.8.0.3/32"))
+    old = helper.result("dump_peers", {"limit": 1})
+    new = helper.result("dump_peers", {"limit": 1})
+    assert new["dump"] != old["dump"]
+    reply = helper.call("dump_peers", {"dump": old["dump"], "offset": 1, "limit": 1})
+    assert reply["error"]["code"] == protocol.INVALID_ARGUMENT and reply["error"]["details"]["field"] == "dump"
+    assert helper.result("dump_peers", {"dump": new["dump"], "offset": 1, "limit": 1})["peers"][0][
+        "public_key"] == sorted([K1, K2])[1]
+
+
 def test_hello_runs_no_command(helper):
     result = helper.result("hello")
     assert result == {"generation": helper.iface.generation, "interface": IF, "public_key": SERVER_PUBLIC,

@@ -24,12 +24,25 @@ def test_arguments_come_back_normalised():
         "add": {"10.8.0.2": 3}, "remove": [], "exclusive": False}
     assert requests.COMMANDS["bridge_up"]({"slot": 1, "public_key": key(9), "endpoint": "198.51.100.1:51820",
                                            "address": "10.9.255.1"}, S)["keepalive"] == 25
+    assert requests.COMMANDS["dump_peers"]({}, S) == {}
+    assert requests.COMMANDS["dump_peers"]({"limit": 5}, S) == {"limit": 5}
+    assert requests.COMMANDS["dump_peers"]({"dump": 3, "offset": 10, "limit": 5}, S) == {
+        "dump": 3, "offset": 10, "limit": 5}
 
 
 @pytest.mark.parametrize("cmd, args, field", [
     ("hello", {"x": 1}, "x"),
     ("status", {"verbose": True}, "verbose"),
     ("dump_peers", {"all": True}, "all"),
+    ("dump_peers", {"limit": 0}, "limit"),
+    ("dump_peers", {"limit": 65537}, "limit"),
+    ("dump_peers", {"limit": True}, "limit"),
+    ("dump_peers", {"dump": 1, "limit": 5}, "offset"),
+    ("dump_peers", {"offset": 0, "limit": 5}, "dump"),
+    ("dump_peers", {"dump": 1, "offset": 0}, "limit"),
+    ("dump_peers", {"dump": 0, "offset": 0, "limit": 5}, "dump"),
+    ("dump_peers", {"dump": 1, "offset": -1, "limit": 5}, "offset"),
+    ("dump_peers", {"dump": "1", "offset": 0, "limit": 5}, "dump"),
     ("apply_peers", {}, "remove"),
     ("apply_peers", {"remove": [key(1)], "add": [peer(key(1))]}, "add[0].public_key"),
     ("apply_peers", {"add": [peer(key(1))], "interface": "eth0"}, "interface"),

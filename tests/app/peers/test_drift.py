@@ -68,14 +68,14 @@ def test_a_disconnect_between_the_dump_and_the_lock_is_not_undone(app, client, a
     connect(client, auth, 2)
     watcher = first_round(app, fake_helper)
     fake_helper.peers.pop(make_key(1))  # its disconnect took it off ...
-    read = store.live_peers
+    read = store.live_peers_between
 
-    def then_disconnect(db):
-        rows = read(db)
+    def then_disconnect(db, after, through):
+        rows = read(db, after, through)
         # ... and its row goes right after the snapshot outside the lock was read
         assert client.post("/wireguard/disconnect", json={}, headers=auth("u", "d1")).status_code == 200
         return rows
-    monkeypatch.setattr(store, "live_peers", then_disconnect)
+    monkeypatch.setattr(store, "live_peers_between", then_disconnect)
     age(app, app.config["RECONCILE_INTERVAL"] + 1)
     assert watcher.check_once() == {}
     assert list(fake_helper.peers) == [make_key(0)]
@@ -103,3 +103,38 @@ def test_a_new_generation_still_gets_the_full_sync(app, client, auth, fake_helpe
     fake_helper.peers.clear()
     watcher.check_once()
     assert len(calls(fake_helper, "sync")) == syncs + 1 and len(fake_helper.peers) == 2
+
+
+def test_a_walk_in_pages_finds_what_the_whole_dump_did(app, client, auth, fake_helper, monkeypatch):
+    """Pages of two: a peer lost before the first key, one after the last, one in the middle, a stray
+    and a wrong address are found whichever page their keys fall in."""
+    monkeypatch.setattr(drift, "PAGE", 2)
+    connect(client, auth, 7)
+    watcher = first_round(app, fake_helper)
+    keys = sorted(fake_helper.peers)
+    for lost in (keys[0], keys[3], keys[-1]):
+        fake_helper.peers.pop(lost)
+    fake_helper.peers[make_key(99)] = dict(fake_helper.peers[keys[1]], public_key=make_key(99))
+    fake_helper.peers[keys[4]] = dict(fake_helper.peers[keys[4]], allowed_ips=["10.8.7.7/32"])
+    dumps = len(calls(fake_helper, "dump"))
+    age(app, app.config["RECONCILE_INTERVAL"] + 1)
+    assert watcher.check_once() == {"added": 3, "removed": 1, "updated": 1}
+    assert sorted(fake_helper.peers) == keys
+    assert len(calls(fake_helper, "dump")) == dumps + 1  # one dump for the whole walk
+
+
+def test_each_page_reads_only_the_rows_of_its_keys(app, client, auth, fake_helper, monkeypatch):
+    monkeypatch.setattr(drift, "PAGE", 2)
+    connect(client, auth, 5)
+    watcher = first_round(app, fake_helper)
+    read, ranges = store.live_peers_between, []
+
+    def between(db, after, through):
+        rows = read(db, after, through)
+        ranges.append((after, through, sorted(p.public_key for p in rows)))
+        return rows
+    monkeypatch.setattr(store, "live_peers_between", between)
+    age(app, app.config["RECONCILE_INTERVAL"] + 1)
+    assert watcher.check_once() == {}
+    keys = sorted(fake_helper.peers)
+    assert ranges == [(None, keys[1], keys[0:2]), (keys[1], keys[3], keys[2:4]), (keys[3], None, keys[4:])]
