@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # Full syncs of large pools take longer than a single peer change.
 SYNC_TIMEOUT = 120.0
+# Peers per page of a walk through a dump (dump_pages).  The whole dump of 60,000 peers was a 13 MB answer
+# that one worker decoded at once (72 ms, 54 MB at its peak), its requests waiting, and its RSS 22-34 MB
+# higher after (docs/benchmarks.md); a page of 2,000 is 0.4 MB and 3-4 ms.
+DUMP_PAGE = 2000
 
 
 class Addressing:
@@ -228,13 +232,11 @@ class HelperClient(Said):
         addressing = self.addressing() if add else None
         return self.call("apply_peers", {"add": [peer_spec(p, addressing) for p in add], "remove": list(remove)})
 
-    def dump(self):
-        return self.call("dump_peers", timeout=SYNC_TIMEOUT)["peers"]
-
-    def dump_pages(self, limit):
-        """The interface's peers by key, `limit` at a time, from one dump the helper keeps for the walk
-        (wghelper/peers.py Pages): yields (peers, through), `through` the page's last key, None on the
-        last page (which covers every key after the one before)."""
+    def dump_pages(self, limit=None):
+        """The interface's peers by key, `limit` (DUMP_PAGE) at a time, from one dump the helper keeps for
+        the walk (wghelper/peers.py Pages): yields (peers, through), `through` the page's last key, None
+        on the last page (which covers every key after the one before)."""
+        limit = limit or DUMP_PAGE
         page, offset = self.call("dump_peers", {"limit": limit}, timeout=SYNC_TIMEOUT), 0
         while True:
             offset += len(page["peers"])

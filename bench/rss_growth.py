@@ -55,6 +55,7 @@ def main(argv=None):
             samples, stop = [], threading.Event()
             sampler = threading.Thread(target=sample, args=(stack, every, stop, samples), daemon=True)
             load_before = [round(x, 2) for x in os.getloadavg()]
+            began_at = time.time()  # the wall clock of sample t_s 0, to place other logs (a dump's) in the run
             sampler.start()
             opened = control_plane.open_loop(stack, rate, minutes * 60, "gopen-%d" % level, seed=level, reads=False)
             stop.set()
@@ -62,7 +63,7 @@ def main(argv=None):
             first, last = at(samples, minutes * 60 / 5), samples[-1]
             growth = {k: common.ratio(last["rss_mb"].get(k), v, 3) for k, v in first["rss_mb"].items()}
             result["levels"][str(level)] = {
-                "offered_per_s": round(rate, 1), "cycles": opened["cycles"], "errors": opened["errors"],
+                "offered_per_s": round(rate, 1), "began_at": round(began_at, 3), "cycles": opened["cycles"], "errors": opened["errors"],
                 "error_samples": opened["error_samples"], "slowest": opened["slowest"][-50:],
                 "connect": opened["connect"], "samples": samples, "rss_minute1_mb": first["rss_mb"],
                 "rss_end_mb": last["rss_mb"], "growth": growth, "load_avg_before": load_before,

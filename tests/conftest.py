@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from app import create_app
+from app import helper as app_helper
 from app.peers import db as database
 from app.api.auth import mint_device_token
 from app.helper import Addressing, HelperFailed, HelperUnavailable, Said, peer_spec, sync_spec
@@ -110,8 +111,9 @@ class FakeHelper(Said):
                  "endpoint": self.endpoints.get(key), "allowed_ips": list(peer["allowed_ips"]),
                  "keepalive": peer["keepalive"]} for key, peer in self.peers.items()]
 
-    def dump_pages(self, limit):
+    def dump_pages(self, limit=None):
         """As HelperClient.dump_pages, from one dump()."""
+        limit = limit or app_helper.DUMP_PAGE
         peers = sorted(self.dump(), key=lambda p: p["public_key"])
         for start in range(0, len(peers), limit):
             page = peers[start:start + limit]

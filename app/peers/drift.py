@@ -8,7 +8,7 @@ a new interface generation, where the interface may be missing anything.
 The round every RECONCILE_INTERVAL on the same interface only looks for
 drift (a peer changed behind the helper's back, a change whose answer was
 lost): the helper's dump and the rows are read without the lock and
-compared here, a PAGE of keys at a time (the helper keeps the dump for the
+compared here, a page of keys at a time (the helper keeps the dump for the
 walk: wghelper/peers.py Pages); the few keys that differ are read again
 under the lock, and only the ones that still differ are repaired there,
 so a connect or disconnect that committed in between is never undone.
@@ -32,9 +32,6 @@ from ..helper import Addressing, peer_spec
 log = logging.getLogger(__name__)
 
 RESTORE_KEEPALIVE = 25  # as wghelper/peers.py: a peer the interface lost goes back to its last endpoint
-# Peers per page of the dump and of the rows.  The whole dump of 60,000 peers was 10 MB that one worker
-# decoded at once, its requests waiting, and its RSS 22 MB higher after (docs/benchmarks.md).
-PAGE = 2000
 
 
 def _claim(db, generation, interval, now, early=0.0):
@@ -98,7 +95,7 @@ def check(db, helper, generation, interval, hello, bridges=None, audit_log=None,
         return None
     addressing = Addressing(hello)
     fix, stray, moved, have, count, after = [], [], {}, {}, 0, None
-    for page, through in helper.dump_pages(PAGE):
+    for page, through in helper.dump_pages():
         fixing, straying, moving = plan(page, store.live_peers_between(db, after, through), addressing)
         fix += fixing
         stray += straying

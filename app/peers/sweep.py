@@ -108,13 +108,16 @@ def _seen(db, helper, config, counted, audit_log, shared=False):
     cross the socket, where the sweep's own dump sent all 60,000 (10 MB) to be read here.  Then
     ({}, {}).  `shared`: a count from the dump the helper has just made for this round (seconds old;
     the helper keeps it for ten times what it took, wghelper/usage.py) is fresh enough: a peer the
-    round quarantines has had no handshake for STALE_AFTER.  Without counting: a dump."""
+    round quarantines has had no handshake for STALE_AFTER.  Without counting: a dump, read a page at a
+    time."""
     if counted:
         usage.collect(db, helper, config, force=True, fresh=not shared, audit_log=audit_log)
         return {}, {}
-    dump = helper.dump()
-    return ({p["public_key"]: p["latest_handshake"] for p in dump},
-            {p["public_key"]: p["endpoint"] for p in dump if p.get("endpoint")})
+    handshakes, endpoints = {}, {}
+    for page, _ in helper.dump_pages():
+        handshakes.update((p["public_key"], p["latest_handshake"]) for p in page)
+        endpoints.update((p["public_key"], p["endpoint"]) for p in page if p.get("endpoint"))
+    return handshakes, endpoints
 
 
 def _slice(db, helper, config, rows, handshakes, endpoints, since, now):

@@ -1,6 +1,7 @@
 """The periodic reconcile (app/peers/drift.py): drift found outside the lock, repaired under it, nothing undone."""
 import sqlite3
 
+from app import helper as app_helper
 from app.peers import drift, reconcile, store
 from tests.conftest import make_key
 
@@ -108,7 +109,7 @@ def test_a_new_generation_still_gets_the_full_sync(app, client, auth, fake_helpe
 def test_a_walk_in_pages_finds_what_the_whole_dump_did(app, client, auth, fake_helper, monkeypatch):
     """Pages of two: a peer lost before the first key, one after the last, one in the middle, a stray
     and a wrong address are found whichever page their keys fall in."""
-    monkeypatch.setattr(drift, "PAGE", 2)
+    monkeypatch.setattr(app_helper, "DUMP_PAGE", 2)
     connect(client, auth, 7)
     watcher = first_round(app, fake_helper)
     keys = sorted(fake_helper.peers)
@@ -124,7 +125,7 @@ def test_a_walk_in_pages_finds_what_the_whole_dump_did(app, client, auth, fake_h
 
 
 def test_each_page_reads_only_the_rows_of_its_keys(app, client, auth, fake_helper, monkeypatch):
-    monkeypatch.setattr(drift, "PAGE", 2)
+    monkeypatch.setattr(app_helper, "DUMP_PAGE", 2)
     connect(client, auth, 5)
     watcher = first_round(app, fake_helper)
     read, ranges = store.live_peers_between, []
