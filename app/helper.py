@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Full syncs of large pools take longer than a single peer change.
 SYNC_TIMEOUT = 120.0
 # Peers per page of a walk through a dump (dump_pages).  The whole dump of 60,000 peers was a 13 MB answer
-# that one worker decoded at once (72 ms, 54 MB at its peak), its requests waiting, and its RSS 22-34 MB
+# that one worker decoded at once (72 ms, 54 MB at its peak), its requests waiting, and its RSS 12-22 MB
 # higher after (docs/benchmarks.md); a page of 2,000 is 0.4 MB and 3-4 ms.
 DUMP_PAGE = 2000
 

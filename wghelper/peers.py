@@ -95,34 +95,40 @@ def plan_sync(current, desired, newer=None):
 
 
 class Pages:
-    """The dump a walk reads a page at a time (``dump_peers`` with ``limit``: app/peers/drift.py), by key.
+    """The dumps walks read a page at a time (``dump_peers`` with ``limit``: app/peers/drift.py), by key.
 
-    At 60,000 peers a whole dump is a 10 MB answer that one worker decoded
-    at once, its requests waiting and its RSS 22 MB higher after
-    (docs/benchmarks.md); pages of a few thousand keep both small.  One dump
-    is kept, for one walk: its first page replaces the one before, its last
-    lets it go.  Only one walk runs at a time (the drift check's lease), so
-    a page of a dump no longer kept means a helper out of step: it is
-    refused, and the app's next round syncs in full.
+    At 60,000 peers a whole dump is a 10-13 MB answer that one worker
+    decoded at once, its requests waiting and its RSS 12-22 MB higher after
+    (docs/benchmarks.md); pages of a few thousand keep both small.  A dump
+    is kept from a walk's first page to its last.  Two walks may overlap
+    (the drift check's and, where usage is not counted, another worker's
+    sweep), so KEEP dumps are kept and a new one drops the oldest; a page of
+    a dump no longer kept is refused, and the app's next round syncs in full.
     """
+
+    KEEP = 2
 
     def __init__(self):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._kept = None  # (id, peers sorted by key)
+        self._kept = {}  # id -> peers sorted by key, oldest first
 
     def keep(self, peers):
         """Keep `peers` (parse_dump's) for a walk; returns the dump's id."""
+        ordered = sorted(peers, key=lambda p: p["public_key"])
         with self._lock:
-            self._kept = (next(self._ids), sorted(peers, key=lambda p: p["public_key"]))
-            return self._kept[0]
+            dump = next(self._ids)
+            self._kept[dump] = ordered
+            while len(self._kept) > self.KEEP:
+                del self._kept[next(iter(self._kept))]
+            return dump
 
     def page(self, dump, offset, limit):
         """{"peers": the `limit` after the first `offset` of dump `dump`, "dump", "total"}."""
         with self._lock:
-            kept = self._kept
-            if kept is None or kept[0] != dump:
+            peers = self._kept.get(dump)
+            if peers is None:
                 raise Invalid("dump", "is no longer kept: start again from its first page")
-            if offset + limit >= len(kept[1]):
-                self._kept = None
-        return {"peers": kept[1][offset:offset + limit], "dump": dump, "total": len(kept[1])}
+            if offset + limit >= len(peers):
+                del self._kept[dump]
+        return {"peers": peers[offset:offset + limit], "dump": dump, "total": len(peers)}
