@@ -100,8 +100,8 @@ def check(db, helper, generation, interval, hello, bridges=None, audit_log=None,
         fix += fixing
         stray += straying
         moved.update(moving)
-        fixing = set(fixing)
-        have.update((p["public_key"], p) for p in page if p["public_key"] in fixing)
+        to_fix = set(fixing)
+        have.update((p["public_key"], p) for p in page if p["public_key"] in to_fix)
         count, after = count + len(page), through
     added = removed = updated = 0
     with write(db):
