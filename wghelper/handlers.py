@@ -119,11 +119,12 @@ def apply_peers(ctx, args):
 
 
 def dump_peers(ctx, args):
+    if "dump" in args:  # a later page of a walk
+        return ctx.pages.page(args["dump"], args["offset"], args["limit"])
+    peers = _on_interface(ctx, lambda: _peers_now(ctx))
     if "limit" not in args:
-        return {"peers": _on_interface(ctx, lambda: _peers_now(ctx))}
-    if "dump" not in args:  # a walk's first page: a new dump
-        return ctx.pages.page(ctx.pages.keep(_on_interface(ctx, lambda: _peers_now(ctx))), 0, args["limit"])
-    return ctx.pages.page(args["dump"], args["offset"], args["limit"])
+        return {"peers": peers}
+    return ctx.pages.page(ctx.pages.keep(peers), 0, args["limit"])  # a walk's first page
 
 
 def sync_peers(ctx, args):
